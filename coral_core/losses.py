@@ -43,9 +43,9 @@ __all__ = [
     "flatten_views",
 ]
 
-#: Distances are rounded to this grid so that two slices equally far from an anchor on
-#: either side tie even when their float positions differ by rounding. Relative positions
-#: lie in [0, 1]; real slice spacings are orders of magnitude larger than this.
+#: Positions are rounded to this grid before distances are taken, so that two slices equally
+#: far from an anchor on either side tie even when their float positions differ by rounding.
+#: Relative positions lie in [0, 1]; real slice spacings are orders of magnitude larger.
 DISTANCE_RESOLUTION = 1e-6
 
 #: A difference vector z_b - z_a shorter than this has no direction; its OAL term is 0.
@@ -89,9 +89,15 @@ def _no_autocast(device: torch.device):
 
 
 def slice_distances(p_rows: Tensor, p_cols: Tensor) -> Tensor:
-    """Anatomical distances ``|p_a - p_b|`` (rows x cols), rounded to DISTANCE_RESOLUTION."""
-    d = (p_rows[:, None] - p_cols[None, :]).abs()  # (n, N)
-    return torch.round(d / DISTANCE_RESOLUTION) * DISTANCE_RESOLUTION
+    """Anatomical distances ``|p_a - p_b|`` (rows x cols) on the DISTANCE_RESOLUTION grid."""
+    return _grid_distances(p_rows, p_cols).to(p_rows.dtype) * DISTANCE_RESOLUTION
+
+
+def _grid_distances(p_rows: Tensor, p_cols: Tensor) -> Tensor:
+    """Distances in units of DISTANCE_RESOLUTION as exact integers, so ties are exact."""
+    q_rows = torch.round(p_rows.double() / DISTANCE_RESOLUTION).long()  # (n,)
+    q_cols = torch.round(p_cols.double() / DISTANCE_RESOLUTION).long()  # (N,)
+    return (q_rows[:, None] - q_cols[None, :]).abs()  # (n, N)
 
 
 @dataclass
@@ -142,6 +148,36 @@ def _prepare(
 # --------------------------------------------------------------------------- RAL
 
 
+class _RankingTerms(torch.autograd.Function):
+    """sum over rows and k of w_k * (LSE_{g(k)} - s_k), rows sorted from far to near.
+
+    ``s_sorted`` (n, N) similarities per anchor ordered by decreasing distance, the anchor
+    itself in the last column (weight 0); LSE_j = log sum_{i <= j} exp(s_i) is the running
+    log-sum-exp and g(k) the last column of k's tie group, so LSE_{g(k)} is the log of the
+    RAL denominator of term k. The backward is analytic and stays in the log domain:
+
+        d/ds_i = -w_i + sum_{j >= i} W_j exp(s_i - LSE_j),   W_j = sum_{k: g(k) = j} w_k,
+
+    which costs one reverse running log-sum-exp instead of autograd's many elementwise passes.
+    """
+
+    @staticmethod
+    def forward(ctx, s_sorted: Tensor, group_last: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
+        running_lse = torch.logcumsumexp(s_sorted, dim=1)  # (n, N)
+        terms = running_lse.gather(1, group_last) - s_sorted  # (n, N) l_ab in sorted order
+        ctx.save_for_backward(s_sorted, running_lse, group_last, weights)
+        return (weights * terms).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):  # type: ignore[override]
+        s_sorted, running_lse, group_last, weights = ctx.saved_tensors
+        group_weight = torch.zeros_like(weights).scatter_add_(1, group_last, weights)  # (n, N) W_j
+        log_share = group_weight.log() - running_lse  # (n, N) log(W_j) - LSE_j, -inf where W_j = 0
+        log_tail = torch.logcumsumexp(log_share.flip(1), dim=1).flip(1)  # (n, N) over j >= i
+        grad = torch.exp(s_sorted + log_tail) - weights  # (n, N)
+        return grad * grad_total, None, None
+
+
 def _ral_sum(b: _Batch, temperature: float, soft_weights: bool, sigmoid_scale: float) -> Tensor:
     """Sum over this process's anchors a and all b != a of w_ab * l_ab.
 
@@ -153,19 +189,17 @@ def _ral_sum(b: _Batch, temperature: float, soft_weights: bool, sigmoid_scale: f
     u = nn.functional.normalize(b.z, dim=1)  # (N, D)
     s = nn.functional.normalize(b.z_anchor, dim=1) @ u.T / temperature  # (n, N)
     with torch.no_grad():
-        d = slice_distances(b.p_anchor, b.p)  # (n, N)
-        key = (-d).masked_fill(b.self_mask(), 1.0)  # (n, N) far first; the anchor itself last
+        d = _grid_distances(b.p_anchor, b.p)  # (n, N) int64
+        key = (-d).masked_fill_(b.self_mask(), 1)  # (n, N) far first; the anchor itself last
         key_sorted, order = torch.sort(key, dim=1)  # (n, N)
         group_last = torch.searchsorted(key_sorted, key_sorted, right=True) - 1  # (n, N)
         if soft_weights:
-            weights = torch.sigmoid(-sigmoid_scale * key_sorted[:, :-1])  # (n, N-1) uses d_ab
+            d_sorted = key_sorted.to(s.dtype).neg_().mul_(DISTANCE_RESOLUTION)  # (n, N)
+            weights = torch.sigmoid(sigmoid_scale * d_sorted)
         else:
-            weights = torch.ones_like(key_sorted[:, :-1])
-    s_sorted = s.gather(1, order)  # (n, N)
-    running_lse = torch.logcumsumexp(s_sorted, dim=1)  # (n, N)
-    log_denominator = running_lse.gather(1, group_last)  # (n, N)
-    terms = log_denominator - s_sorted  # (n, N) l_ab; last column is the anchor itself
-    return (weights * terms[:, :-1]).sum()
+            weights = torch.ones_like(s)
+        weights[:, -1] = 0.0  # the anchor itself: b != a
+    return _RankingTerms.apply(s.gather(1, order), group_last, weights)
 
 
 def ral_loss(

@@ -11,13 +11,13 @@ import math
 
 import torch
 
-RESOLUTION = 1e-6  # LOSSES.md ties: distances equal up to rounding are one tie group
+RESOLUTION = 1e-6  # ties: positions equal on a 1e-6 grid give equal distances
 EPS = 1e-8
 
 
 def distances(p):
-    d = (p[:, None] - p[None, :]).abs()
-    return torch.round(d / RESOLUTION) * RESOLUTION
+    q = torch.round(p.double() / RESOLUTION)  # positions on the tie grid
+    return (q[:, None] - q[None, :]).abs().to(p.dtype) * RESOLUTION
 
 
 def unit(z):
