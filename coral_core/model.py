@@ -1,0 +1,143 @@
+"""2-D U-Net with a projection head for slice embeddings.
+
+The encoder is what CORAL pretrains; the projection head maps its pooled bottleneck to the
+embedding space the pretraining losses act on (and that the embedding panel shows); the
+decoder and segmentation head are trained during fine-tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["UNetConfig", "UNet", "build_model"]
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of :class:`UNet`; stored in every checkpoint.
+
+    ``base_filters`` 16 suits a CPU; the CORAL paper uses 48.
+    """
+
+    in_channels: int = 1
+    n_classes: int = 4
+    base_filters: int = 16
+    depth: int = 4  # number of down-sampling steps
+    embedding_dim: int = 128  # projection-head output size
+    norm: str = "batch"  # "batch" or "instance"
+    image_size: int = 128  # slices are resampled to this square size
+    class_names: list[str] = field(default_factory=lambda: ["background", "RV", "myocardium", "LV"])
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("batch", "instance"):
+            raise ValueError(f"norm must be 'batch' or 'instance', got {self.norm!r}")
+        if len(self.class_names) != self.n_classes:
+            raise ValueError(f"{len(self.class_names)} class names given for {self.n_classes} classes")
+        if self.image_size % (2**self.depth):
+            raise ValueError(f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.InstanceNorm2d(channels, affine=True)
+
+
+class ConvBlock(nn.Sequential):
+    """(3x3 conv, norm, ReLU) twice."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            _norm(norm, c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            _norm(norm, c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        widths = [cfg.base_filters * 2**i for i in range(cfg.depth + 1)]
+        self.widths = widths
+        self.blocks = nn.ModuleList(
+            [ConvBlock(cfg.in_channels, widths[0], cfg.norm)]
+            + [ConvBlock(widths[i], widths[i + 1], cfg.norm) for i in range(cfg.depth)]
+        )
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Feature maps from full resolution down to the bottleneck."""
+        skips = [self.blocks[0](x)]
+        for block in self.blocks[1:]:
+            skips.append(block(self.pool(skips[-1])))
+        return skips
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: UNetConfig, widths: list[int]) -> None:
+        super().__init__()
+        self.up = nn.ModuleList(
+            [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(cfg.depth))]
+        )
+        self.blocks = nn.ModuleList(
+            [ConvBlock(2 * widths[i], widths[i], cfg.norm) for i in reversed(range(cfg.depth))]
+        )
+        self.head = nn.Conv2d(widths[0], cfg.n_classes, 1)
+
+    def forward(self, skips: list[Tensor]) -> Tensor:
+        x = skips[-1]
+        for up, block, skip in zip(self.up, self.blocks, reversed(skips[:-1])):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+class ProjectionHead(nn.Sequential):
+    """Global average pool of the bottleneck, then a 2-layer MLP."""
+
+    def __init__(self, c_in: int, dim: int) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c_in, c_in),
+            nn.ReLU(inplace=True),
+            nn.Linear(c_in, dim),
+        )
+
+
+class UNet(nn.Module):
+    """2-D U-Net: ``forward`` gives class logits, ``embed`` per-slice embeddings.
+
+    ``canonical_direction`` is the unit direction CORAL pretraining learned in embedding
+    space (all zeros when the model was not CORAL-pretrained).
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config, self.encoder.widths)
+        self.projection = ProjectionHead(self.encoder.widths[-1], config.embedding_dim)
+        self.register_buffer("canonical_direction", torch.zeros(config.embedding_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, embedding_dim) projection-head outputs."""
+        return self.projection(self.encoder(x)[-1])
+
+    @property
+    def has_direction(self) -> bool:
+        return bool(self.canonical_direction.abs().sum() > 0)
+
+
+def build_model(config: UNetConfig | None = None) -> UNet:
+    """A freshly initialised :class:`UNet`."""
+    return UNet(config or UNetConfig())

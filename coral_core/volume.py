@@ -1,0 +1,293 @@
+"""Volumes on disk and in memory: loading, saving with the source geometry, normalisation.
+
+A :class:`Volume` holds voxels as a (z, y, x) array where z is the *last* voxel axis of the
+file (k, the slice axis of an axial or short-axis stack), plus the geometry needed to write
+a result that overlays the input in any viewer: the 4x4 affine from file voxel indices
+(i, j, k) to world coordinates in RAS (NIfTI's convention; ITK's LPS is converted).
+
+NIfTI goes through nibabel; MHA/MHD/NRRD and DICOM series folders through SimpleITK.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coral_core.errors import UserError
+
+__all__ = [
+    "Volume",
+    "load_volume",
+    "save_volume",
+    "save_like",
+    "normalise_intensity",
+    "is_volume_path",
+    "VOLUME_SUFFIXES",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """Voxels in (z, y, x) order with the geometry of the file they came from.
+
+    Attributes
+    ----------
+    array : ndarray
+        (z, y, x) voxels; z is the file's last voxel axis k.
+    affine : ndarray
+        (4, 4) map from file voxel indices (i, j, k) = (x, y, z) to RAS world millimetres.
+    path : Path or None
+        Where the volume was read from.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in millimetres in (z, y, x) order."""
+        sizes = np.linalg.norm(self.affine[:3, :3], axis=0)  # (i, j, k)
+        return float(sizes[2]), float(sizes[1]), float(sizes[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def name(self) -> str:
+        if self.path is None:
+            return "volume"
+        name = self.path.name
+        for suffix in VOLUME_SUFFIXES:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """A volume with the same geometry and new voxels of the same (z, y, x) shape."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"shape {array.shape} does not match the volume's {self.array.shape}")
+        return Volume(array, self.affine.copy(), self.path)
+
+
+def is_volume_path(path: str | os.PathLike) -> bool:
+    """True for a file with a known volume suffix or a folder holding DICOM files."""
+    p = Path(path)
+    if p.is_dir():
+        return any(_looks_like_dicom(f) for f in sorted(p.iterdir())[:20] if f.is_file())
+    return p.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _looks_like_dicom(f: Path) -> bool:
+    if f.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3-D volume (NIfTI, MHA/MHD, NRRD, or a DICOM series folder).
+
+    A 4-D file is refused with a message naming how to pick one frame; a 2-D image becomes a
+    single-slice volume. Raises :class:`UserError` with one sentence for anything unreadable.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or folder; check the path")
+    if p.is_dir():
+        if not is_volume_path(p):
+            raise UserError(f"{p}: folder holds no DICOM files; give a volume file or a DICOM series folder")
+        array, affine = _read_itk(p, dicom=True)
+    elif p.name.lower().endswith(NIFTI_SUFFIXES):
+        array, affine = _read_nifti(p)
+    elif p.name.lower().endswith(ITK_SUFFIXES):
+        array, affine = _read_itk(p, dicom=False)
+    else:
+        raise UserError(
+            f"{p}: unknown volume format; use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM folder"
+        )
+    return Volume(_as_zyx_3d(array, p), affine, p)
+
+
+def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    if p.stat().st_size == 0:
+        raise UserError(f"{p}: file is empty; re-export the volume")
+    try:
+        img = nib.load(str(p))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise UserError(f"{p}: not a readable NIfTI file ({_short(exc)}); re-export the volume") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    # nibabel arrays are indexed (i, j, k[, t]); present them as (z=k, y=j, x=i).
+    if data.ndim >= 3:
+        data = np.moveaxis(data, (0, 1, 2), (2, 1, 0))
+    elif data.ndim == 2:
+        data = data.T
+    return data, affine
+
+
+def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    try:
+        if dicom:
+            reader = sitk.ImageSeriesReader()
+            ids = reader.GetGDCMSeriesIDs(str(p))
+            if not ids:
+                raise UserError(f"{p}: no DICOM series found in this folder")
+            if len(ids) > 1:
+                raise UserError(
+                    f"{p}: folder holds {len(ids)} DICOM series; put each series in its own folder"
+                )
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), ids[0]))
+            img = reader.Execute()
+        else:
+            if p.stat().st_size == 0:
+                raise UserError(f"{p}: file is empty; re-export the volume")
+            img = sitk.ReadImage(str(p))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{p}: not a readable volume ({_short(exc)}); re-export it") from None
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{p}: has {img.GetNumberOfComponentsPerPixel()} channels per voxel; give a grey-scale volume")
+    array = sitk.GetArrayFromImage(img)  # (k, j, i) already = (z, y, x)
+    dim = img.GetDimension()
+    spacing = np.ones(3)
+    origin = np.zeros(3)
+    direction = np.eye(3)
+    n = min(dim, 3)
+    spacing[:n] = img.GetSpacing()[:n]
+    origin[:n] = img.GetOrigin()[:n]
+    direction[:n, :n] = np.asarray(img.GetDirection()).reshape(dim, dim)[:n, :n]
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing[None, :]
+    lps[:3, 3] = origin
+    if dim == 4:
+        array = np.moveaxis(array, 0, -1)  # (t, z, y, x) -> (z, y, x, t) like NIfTI
+    return array, _LPS_TO_RAS @ lps
+
+
+def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim == 4:
+        raise UserError(
+            f"{p}: is a 4-D series with {array.shape[3]} frames; save the frame you want as a 3-D file"
+        )
+    if array.ndim != 3:
+        raise UserError(f"{p}: has {array.ndim} dimensions; give a 3-D volume")
+    if 0 in array.shape:
+        raise UserError(f"{p}: holds no voxels (shape {array.shape})")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise UserError(f"{p}: voxel type {array.dtype} is not numeric")
+    return np.ascontiguousarray(array)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:120] if text else type(exc).__name__
+
+
+def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a (z, y, x) array with ``affine`` (file voxel (i, j, k) -> RAS), atomically.
+
+    The format follows the suffix (.nii, .nii.gz, .mha, .mhd, .nrrd). The file appears
+    complete or not at all: it is written to a temporary name in the same folder, then renamed.
+    """
+    p = Path(path)
+    lower = p.name.lower()
+    if not lower.endswith(VOLUME_SUFFIXES):
+        raise UserError(f"{p}: unknown output format; end the name with .nii.gz, .nii, .mha or .nrrd")
+    if not p.parent.exists():
+        raise UserError(f"{p.parent}: output folder does not exist; create it first")
+    if not os.access(p.parent, os.W_OK):
+        raise UserError(f"{p.parent}: output folder is not writable; choose another --out")
+    if array.ndim != 3:
+        raise ValueError(f"save_volume needs a (z, y, x) array, got shape {array.shape}")
+    suffix = next(s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if lower.endswith(s))
+    if suffix == ".mhd":
+        # An .mhd header points at a separate raw file by name; write the pair directly.
+        _write_itk(p, array, affine)
+        return p
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            _write_nifti(Path(tmp), array, affine)
+        else:
+            _write_itk(Path(tmp), array, affine)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def save_like(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
+    """Write ``array`` (same shape as ``like``) with ``like``'s geometry."""
+    if array.shape != like.array.shape:
+        raise ValueError(f"array shape {array.shape} differs from the reference volume's {like.shape}")
+    return save_volume(path, array, like.affine)
+
+
+def _write_nifti(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    data = np.moveaxis(array, (0, 1, 2), (2, 1, 0))  # (z, y, x) -> (i, j, k)
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(p))
+
+
+def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    lps = np.linalg.inv(_LPS_TO_RAS) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing[None, :]
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
+    img.SetDirection(tuple(float(d) for d in direction.ravel()))
+    sitk.WriteImage(img, str(p), useCompression=True)
+
+
+def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Scale intensities to about [0, 1] by robust percentiles, as float32.
+
+    NaN and infinite voxels become the lowest finite value; a constant (or all non-finite)
+    image becomes zeros instead of dividing by zero.
+    """
+    a = np.asarray(array, dtype=np.float32)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros_like(a)
+    values = a[finite]
+    lo, hi = np.percentile(values, [low, high])
+    if not hi > lo:
+        lo, hi = float(values.min()), float(values.max())
+    out = np.where(finite, a, lo)
+    if not hi > lo:
+        return np.zeros_like(a)
+    out = (np.clip(out, lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32)
