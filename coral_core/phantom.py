@@ -78,12 +78,12 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
     heart_cy = body_cy + rng.normal(-2, 5)
     heart_cx = body_cx + rng.normal(6, 5)
     rv_angle = np.pi + rng.uniform(-0.5, 0.5)  # RV sits to the image left of the LV, roughly
-    r_lv_base = 11.0 * scale * rng.uniform(0.85, 1.15)
+    r_lv_base = 12.5 * scale * rng.uniform(0.85, 1.15)
     wall = rng.uniform(3.0, 5.5) * scale
     lv_ecc = rng.uniform(0.8, 1.0)
     lv_tilt = rng.uniform(0, np.pi)
     rv_end = rng.uniform(0.6, 0.85)  # fraction of the stack where the RV disappears
-    rv_size = rng.uniform(0.9, 1.3)
+    rv_size = rng.uniform(0.75, 1.05)
     apex_drift = rng.normal(0, 3, size=2)  # the long axis is not exactly through-plane
     liver_start = rng.uniform(0.3, 0.6)
     pap_angles = rng.uniform(0, 2 * np.pi, size=2)
@@ -121,7 +121,7 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
                 sl[vessel] = blood
         if t > liver_start:  # liver enters below the heart toward the apex
             grow = (t - liver_start) / (1 - liver_start + 1e-6)
-            liver, _ = _ellipse(yy, xx, cy + 18 + 10 * (1 - grow), cx + 18, 22 * grow + 4, 30 * grow + 6, 0.3)
+            liver, _ = _ellipse(yy, xx, body_cy + 30 - 8 * grow, body_cx + 20, 14 * grow + 4, 24 * grow + 6, 0.3)
             sl[liver & body] = liver_int
 
         outer_lv, _ = _ellipse(yy, xx, cy, cx, r_lv + w, (r_lv + w) * lv_ecc, lv_tilt)
@@ -132,9 +132,9 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
         if t < rv_end:
             shrink = 1.0 - (t / rv_end) ** 2
             r_rv = (r_lv_base + wall) * rv_size * max(shrink, 0.15)
-            d = r_lv + w + r_rv * 0.25
+            d = r_lv + w + r_rv * 0.05
             rv_ell, _ = _ellipse(
-                yy, xx, cy + d * np.sin(rv_angle), cx + d * np.cos(rv_angle), r_rv * 0.75, r_rv * 1.5, rv_angle + np.pi / 2
+                yy, xx, cy + d * np.sin(rv_angle), cx + d * np.cos(rv_angle), r_rv * 1.25, r_rv * 0.55, rv_angle
             )
             rv = rv_ell & ~ndimage.binary_dilation(outer_lv, iterations=2)
 

@@ -11,13 +11,13 @@ NIfTI goes through nibabel; MHA/MHD/NRRD and DICOM series folders through Simple
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from coral_core.errors import UserError
+from coral_core.fileio import atomic_target
 
 __all__ = [
     "Volume",
@@ -210,35 +210,21 @@ def _short(exc: BaseException) -> str:
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write a (z, y, x) array with ``affine`` (file voxel (i, j, k) -> RAS), atomically.
 
-    The format follows the suffix (.nii, .nii.gz, .mha, .mhd, .nrrd). The file appears
-    complete or not at all: it is written to a temporary name in the same folder, then renamed.
+    The format follows the suffix (.nii, .nii.gz, .mha, .nrrd). The file appears complete or
+    not at all: it is written to a temporary name in the same folder, then renamed.
     """
     p = Path(path)
     lower = p.name.lower()
-    if not lower.endswith(VOLUME_SUFFIXES):
+    if not lower.endswith(VOLUME_SUFFIXES) or lower.endswith((".mhd", ".nhdr")):
         raise UserError(f"{p}: unknown output format; end the name with .nii.gz, .nii, .mha or .nrrd")
-    if not p.parent.exists():
-        raise UserError(f"{p.parent}: output folder does not exist; create it first")
-    if not os.access(p.parent, os.W_OK):
-        raise UserError(f"{p.parent}: output folder is not writable; choose another --out")
     if array.ndim != 3:
         raise ValueError(f"save_volume needs a (z, y, x) array, got shape {array.shape}")
     suffix = next(s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if lower.endswith(s))
-    if suffix == ".mhd":
-        # An .mhd header points at a separate raw file by name; write the pair directly.
-        _write_itk(p, array, affine)
-        return p
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_target(p, suffix=suffix) as tmp:
         if suffix in NIFTI_SUFFIXES:
-            _write_nifti(Path(tmp), array, affine)
+            _write_nifti(tmp, array, affine)
         else:
-            _write_itk(Path(tmp), array, affine)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            _write_itk(tmp, array, affine)
     return p
 
 

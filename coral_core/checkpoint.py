@@ -1,0 +1,147 @@
+"""Model checkpoints: one ``.safetensors`` file, weights plus a JSON description.
+
+The JSON (safetensors metadata key ``coral``) says what the file is and how to rebuild the
+model from it alone: format name and version, the architecture, class names, intensity
+normalisation and how the model was trained. Loading never unpickles: a legacy ``.pth``
+is read only through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from coral_core.errors import UserError
+from coral_core.fileio import atomic_target
+from coral_core.model import UNet, UNetConfig
+
+__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_NAME", "FORMAT_VERSION", "NORMALISATION"]
+
+FORMAT_NAME = "napari-coral"
+FORMAT_VERSION = 1
+NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5, "range": [0.0, 1.0]}
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: UNet, training: dict | None = None, half: bool = False
+) -> Path:
+    """Write ``model`` with its description, atomically.
+
+    Parameters
+    ----------
+    training : dict, optional
+        Provenance (method, epochs, data, seed, ...), stored as given (JSON-serialisable).
+    half : bool
+        Store floating tensors as float16 (half the size; loaded back as float32).
+    """
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "architecture": model.config.to_dict(),
+        "class_names": list(model.config.class_names),
+        "normalisation": NORMALISATION,
+        "training": training or {},
+    }
+    tensors = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        if half and t.is_floating_point():
+            t = t.half()
+        tensors[name] = t.contiguous()
+    with atomic_target(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"coral": json.dumps(meta)})
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    """Rebuild a model from a checkpoint file; returns ``(model, metadata)``.
+
+    Anything that is not a well-formed checkpoint of this format raises :class:`UserError`
+    with one sentence; no code in the file is ever executed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such checkpoint file; check the path")
+    if p.suffix == ".pth" or p.suffix == ".pt":
+        state, meta = _read_legacy(p)
+    else:
+        state, meta = _read_safetensors(p)
+    config = _config_from(meta, p)
+    model = UNet(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected.keys() & state.keys() if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        what = (
+            f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected else f"wrong shapes for {wrong[:3]}"
+        )
+        raise UserError(f"{p}: tensors do not match the architecture its header describes ({what}); the file is damaged or not a napari-coral model")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(map_location).eval(), meta
+
+
+def _read_safetensors(p: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    size = p.stat().st_size
+    if len(head) < 8:
+        raise UserError(f"{p}: file is too short to be a checkpoint; it is truncated or empty")
+    header_len = int.from_bytes(head, "little")
+    if header_len > min(_MAX_HEADER_BYTES, size - 8):
+        raise UserError(f"{p}: checkpoint header claims {header_len} bytes, more than the file holds; the file is damaged")
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(8)
+            header = json.loads(fh.read(header_len))
+        meta_json = (header.get("__metadata__") or {}).get("coral")
+        state = load_file(str(p))
+    except (SafetensorError, ValueError, OSError, UnicodeDecodeError, AttributeError) as exc:
+        raise UserError(f"{p}: not a readable safetensors checkpoint ({str(exc)[:100]}); the file is damaged") from None
+    if meta_json is None:
+        raise UserError(f"{p}: safetensors file has no napari-coral description; it was not written by napari-coral")
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError:
+        raise UserError(f"{p}: checkpoint description is not valid JSON; the file is damaged") from None
+    return state, meta
+
+
+def _read_legacy(p: Path) -> tuple[dict, dict]:
+    """A ``.pth`` holding ``{"state_dict": ..., "config": {...}}`` or a bare state dict."""
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses any pickle that would build objects or run code
+        raise UserError(f"{p}: refused to load this .pth: it is not plain tensors ({str(exc).splitlines()[0][:100]}); convert it to .safetensors") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{p}: .pth does not hold a dictionary of tensors")
+    state = obj.get("state_dict", obj)
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "architecture": obj.get("config", {})}
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return state, meta
+
+
+def _config_from(meta: dict, p: Path) -> UNetConfig:
+    if meta.get("format") != FORMAT_NAME:
+        raise UserError(f"{p}: checkpoint format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise UserError(f"{p}: checkpoint format version {version!r} is not supported (this napari-coral reads up to {FORMAT_VERSION}); upgrade napari-coral")
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise UserError(f"{p}: checkpoint does not describe its architecture")
+    known = {f.name for f in fields(UNetConfig)}
+    try:
+        return UNetConfig(**{k: v for k, v in arch.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{p}: checkpoint architecture is invalid ({exc})") from None

@@ -1,0 +1,210 @@
+"""Slice datasets for pretraining and fine-tuning, and discovery of dataset folders.
+
+Volumes are normalised once, and their slices resampled to the model's square input size
+and kept as one float tensor, so a training step indexes a batch instead of collating
+items. ``PretrainSlices`` carries what every pretraining method needs per slice (relative
+position, partition index, volume id); ``LabelledSlices`` carries slices with labels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from coral_core.errors import UserError
+from coral_core.losses import partition_index
+from coral_core.volume import VOLUME_SUFFIXES, is_volume_path, normalise_intensity
+
+__all__ = [
+    "slice_positions",
+    "resize_slices",
+    "resize_labels",
+    "PretrainSlices",
+    "LabelledSlices",
+    "Case",
+    "discover_acdc",
+    "discover_pairs",
+    "discover_volumes",
+]
+
+
+def slice_positions(n_slices: int) -> Tensor:
+    """Relative position (i + 1) / S of each slice i of an S-slice volume."""
+    return (torch.arange(n_slices, dtype=torch.float32) + 1) / n_slices
+
+
+def resize_slices(array: np.ndarray, size: int) -> Tensor:
+    """(S, H, W) intensities -> (S, 1, size, size) normalised float32 slices."""
+    x = torch.from_numpy(normalise_intensity(array)).unsqueeze(1)
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_labels(labels: np.ndarray, size: int) -> Tensor:
+    """(S, H, W) integer labels -> (S, size, size) int64 by nearest neighbour."""
+    y = torch.from_numpy(np.asarray(labels).astype(np.int64)).unsqueeze(1).float()
+    if y.shape[-2:] != (size, size):
+        y = F.interpolate(y, size=(size, size), mode="nearest")
+    return y.squeeze(1).long()
+
+
+class PretrainSlices(Dataset):
+    """Every slice of a set of unlabeled volumes with its relative position.
+
+    Items are ``(slice (1, H, W), position, partition, volume_id)``; the whole set is also
+    available as tensors (``images``, ``positions``, ``partitions``, ``volume_ids``).
+    """
+
+    def __init__(self, volumes: list[np.ndarray], image_size: int, n_partitions: int = 4) -> None:
+        if not volumes:
+            raise UserError("no volumes to pretrain on; give at least one image or --phantom N")
+        images, positions, partitions, ids = [], [], [], []
+        for vid, vol in enumerate(volumes):
+            n = vol.shape[0]
+            images.append(resize_slices(vol, image_size))
+            positions.append(slice_positions(n))
+            partitions.append(partition_index(torch.arange(n), n, n_partitions))
+            ids.append(torch.full((n,), vid, dtype=torch.long))
+        self.images = torch.cat(images)  # (M, 1, H, W)
+        self.positions = torch.cat(positions)  # (M,)
+        self.partitions = torch.cat(partitions)  # (M,)
+        self.volume_ids = torch.cat(ids)  # (M,)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.positions[i], self.partitions[i], self.volume_ids[i]
+
+
+class LabelledSlices(Dataset):
+    """Annotated slices of one or more volumes: items are ``(slice (1, H, W), label (H, W))``."""
+
+    def __init__(
+        self,
+        volumes: list[np.ndarray],
+        labels: list[np.ndarray],
+        annotated: list[list[int]],
+        image_size: int,
+    ) -> None:
+        if not (len(volumes) == len(labels) == len(annotated)):
+            raise ValueError("volumes, labels and annotated slice lists must have the same length")
+        images, targets = [], []
+        for vol, lab, idx in zip(volumes, labels, annotated):
+            if lab.shape != vol.shape:
+                raise UserError(f"labels of shape {lab.shape} do not match the image's {vol.shape}; give the labels drawn on this image")
+            bad = [i for i in idx if not 0 <= i < vol.shape[0]]
+            if bad:
+                raise UserError(f"annotated slice(s) {bad} outside the image's {vol.shape[0]} slices")
+            if not idx:
+                continue
+            images.append(resize_slices(vol, image_size)[list(idx)])
+            targets.append(resize_labels(lab[list(idx)], image_size))
+        if not images:
+            raise UserError("no annotated slices; paint at least one slice or pass --slices")
+        self.images = torch.cat(images)  # (M, 1, H, W)
+        self.labels = torch.cat(targets)  # (M, H, W)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass
+class Case:
+    """One image file, its label file if any, and the subject it belongs to."""
+
+    image: Path
+    label: Path | None
+    subject: str
+
+
+_ACDC_FRAME = re.compile(r"^(?P<subject>patient\d+)_frame(?P<frame>\d+)(?P<gt>_gt)?\.nii(\.gz)?$")
+
+
+def discover_acdc(root: str | os.PathLike) -> list[Case]:
+    """ACDC layout: ``root/patientXXX/patientXXX_frameYY.nii.gz`` with ``..._gt.nii.gz`` labels.
+
+    The 4-D cine file (``_4d``) is skipped; frames without ``_gt`` get ``label=None``.
+    """
+    root = Path(root)
+    cases = []
+    for patient in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = {f.name: f for f in patient.iterdir() if f.is_file()}
+        for name, f in sorted(files.items()):
+            m = _ACDC_FRAME.match(name)
+            if not m or m.group("gt"):
+                continue
+            stem = name.split(".nii")[0]
+            ext = name[len(stem):]
+            gt = files.get(f"{stem}_gt{ext}")
+            cases.append(Case(f, gt, m.group("subject")))
+    return cases
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def discover_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> list[Case]:
+    """An images folder and a labels folder whose files share names (suffix and an optional
+    ``_gt``/``_label``/``_seg`` ending aside)."""
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    labels = {}
+    for f in sorted(labels_dir.iterdir()):
+        if is_volume_path(f):
+            labels[re.sub(r"(_gt|_label|_labels|_seg)$", "", _stem(f))] = f
+    cases = []
+    for f in sorted(images_dir.iterdir()):
+        if is_volume_path(f):
+            key = re.sub(r"(_0000|_img|_image)$", "", _stem(f))
+            cases.append(Case(f, labels.get(key), key))
+    return cases
+
+
+def discover_volumes(paths: list[str | os.PathLike]) -> list[Case]:
+    """Expand the inputs a user gives (volume files, DICOM folders, dataset folders) into cases.
+
+    A folder that is an ACDC root, or an ``imagesTr``/``labelsTr`` (or ``images``/``labels``)
+    parent, is read with its labels; any other folder contributes the volumes directly in it.
+    """
+    cases: list[Case] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise UserError(f"{p}: no such file or folder; check the path")
+        if p.is_file() or is_volume_path(p):
+            cases.append(Case(p, None, _stem(p)))
+            continue
+        acdc = discover_acdc(p)
+        if acdc:
+            cases.extend(acdc)
+            continue
+        for img_name, lab_name in (("imagesTr", "labelsTr"), ("images", "labels")):
+            if (p / img_name).is_dir() and (p / lab_name).is_dir():
+                cases.extend(discover_pairs(p / img_name, p / lab_name))
+                break
+        else:
+            found = [Case(f, None, _stem(f)) for f in sorted(p.iterdir()) if is_volume_path(f)]
+            if not found:
+                raise UserError(f"{p}: folder holds no volumes (.nii.gz, .mha, .nrrd or DICOM series)")
+            cases.extend(found)
+    return cases

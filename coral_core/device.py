@@ -1,0 +1,33 @@
+"""Choosing the compute device."""
+
+from __future__ import annotations
+
+import torch
+
+from coral_core.errors import UserError
+
+__all__ = ["resolve_device", "DEVICE_CHOICES"]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; a named device must be available."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available here; use --device auto or cpu")
+        return torch.device(name)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError("--device mps: Apple MPS is not available here; use --device auto or cpu")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"--device {name}: unknown device; use one of {', '.join(DEVICE_CHOICES)}")

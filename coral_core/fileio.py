@@ -1,0 +1,43 @@
+"""Atomic file writes: a result appears complete under its name, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from coral_core.errors import UserError
+
+__all__ = ["atomic_target", "check_output_path"]
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an output whose folder is missing or not writable, before any work is done."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder; give a file name for the output")
+    if not parent.is_dir():
+        raise UserError(f"{parent}: output folder does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: output folder is not writable; choose another location")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    On any exception (Ctrl-C included) the temporary file is removed and ``path`` is left as
+    it was. ``suffix`` is kept on the temporary name for writers that pick a format by it.
+    """
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix or "".join(p.suffixes[-2:]), dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,152 @@
+"""Self-supervised pretraining of the U-Net encoder: CORAL and the baselines.
+
+Every method sees the same data, model, augmentation and budget: each step draws a batch
+of slices, augments each twice on the device, embeds both views with encoder and
+projection head, and applies the method's loss. Only the encoder, projection head (and
+CORAL's direction) are trained; the decoder is left for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from coral_core.augment import AugmentConfig, augment_batch
+from coral_core.data import PretrainSlices
+from coral_core.errors import UserError
+from coral_core.losses import CoralLoss, GCLLoss, PCLLoss, SimCLRLoss
+from coral_core.model import UNet, UNetConfig, build_model
+from coral_core.training import History, StepCallback, TrainingRun
+
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "METHODS"]
+
+METHODS = ("coral", "ral", "oal", "pcl", "gcl", "simclr")
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "coral"
+    epochs: int = 10
+    batch_size: int = 32  # slices per step; each gives 2 views
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    alpha: float = 1.0  # OAL weight (coral)
+    pcl_threshold: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    model: UNetConfig = field(default_factory=UNetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown pretraining method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise UserError("pretraining needs --epochs >= 1 and a batch size >= 2")
+
+
+@dataclass
+class PretrainResult:
+    model: UNet
+    history: History
+
+
+class _MethodLoss(torch.nn.Module):
+    """One call signature for every method: (features (B, 2, D), positions, partitions)."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        super().__init__()
+        dim, tau = cfg.model.embedding_dim, cfg.temperature
+        self.method = cfg.method
+        if cfg.method in ("coral", "ral", "oal"):
+            alpha = {"coral": cfg.alpha, "ral": 0.0, "oal": 1.0}[cfg.method]
+            self.loss = CoralLoss(dim, temperature=tau, alpha=alpha)
+        elif cfg.method == "pcl":
+            self.loss = PCLLoss(cfg.pcl_threshold, tau)
+        elif cfg.method == "gcl":
+            self.loss = GCLLoss(tau)
+        else:
+            self.loss = SimCLRLoss(tau)
+
+    def forward(self, features, positions, partitions) -> dict[str, torch.Tensor]:
+        if self.method in ("coral", "ral", "oal"):
+            out = self.loss(features, positions)
+            total = out.oal if self.method == "oal" else out.total
+            return {"loss": total, "ral": out.ral, "oal": out.oal}
+        if self.method == "pcl":
+            return {"loss": self.loss(features, positions)}
+        if self.method == "gcl":
+            return {"loss": self.loss(features, partitions)}
+        return {"loss": self.loss(features)}
+
+
+def pretrain(
+    config: PretrainConfig,
+    volumes: list[np.ndarray],
+    callback: StepCallback | None = None,
+    stop_event: threading.Event | None = None,
+    model: UNet | None = None,
+) -> PretrainResult:
+    """Pretrain an encoder on unlabeled (z, y, x) volumes.
+
+    Parameters
+    ----------
+    config : PretrainConfig
+    volumes : list of ndarray
+        Unlabeled volumes; any in-plane size (slices are resampled to the model's size).
+    callback : callable, optional
+        ``callback(step, total, metrics)`` after every step.
+    stop_event : threading.Event, optional
+        Set it to stop after the current step; the model trained so far is returned.
+    model : UNet, optional
+        Continue from this model instead of a fresh one.
+
+    Returns
+    -------
+    PretrainResult
+        The model (with ``canonical_direction`` set for CORAL and OAL) and its history.
+    """
+    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event)
+    data = PretrainSlices(volumes, config.model.image_size)
+    if len(data) < 2:
+        raise UserError("pretraining needs at least 2 slices in total")
+    model = (model or build_model(config.model)).to(run.device)
+    objective = _MethodLoss(config).to(run.device)
+    params = list(model.encoder.parameters()) + list(model.projection.parameters()) + list(objective.parameters())
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    batch = min(config.batch_size, len(data))
+    steps_per_epoch = max(1, len(data) // batch)
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    model.train()
+    step = 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(data), generator=run.cpu_generator)
+        for i in range(steps_per_epoch):
+            if run.should_stop():
+                break
+            idx = order[i * batch : (i + 1) * batch]
+            x = data.images[idx].to(run.device, non_blocking=True)
+            views, _ = augment_batch(torch.cat([x, x]), config=config.augment, generator=run.generator)
+            with run.autocast():
+                z = model.embed(views)  # (2B, D), view-major
+            features = z.view(2, len(idx), -1).transpose(0, 1)  # (B, 2, D)
+            losses = objective(features, data.positions[idx].to(run.device), data.partitions[idx].to(run.device))
+            optimiser.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimiser.step()
+            scheduler.step()
+            step += 1
+            run.report(step, total, {k: float(v.detach()) for k, v in losses.items()})
+        if run.history.stopped:
+            break
+
+    if isinstance(objective.loss, CoralLoss) and config.method != "ral":
+        model.canonical_direction.copy_(objective.loss.unit_direction)
+    return PretrainResult(model.eval(), run.history)
