@@ -46,8 +46,8 @@ def augment_batch(
     images : Tensor
         (B, C, H, W) float images, intensities about [0, 1].
     labels : Tensor, optional
-        (B, H, W) integer labels, warped like the images. Pixels warped in from outside
-        the slice get label -1 (ignored by the fine-tuning loss) rather than background.
+        (B, H, W) integer labels, warped like the images. Both are padded by reflection, so
+        the border of a warped slice looks like a border of a real one and stays supervised.
     config : AugmentConfig
     generator : torch.Generator
         On the images' device; a fresh unseeded one when omitted.
@@ -70,7 +70,7 @@ def augment_batch(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )  # (B, 2, 3)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     gamma = _uniform(b, *cfg.gamma, g, device).view(b, 1, 1, 1)
     contrast = _uniform(b, *cfg.contrast, g, device).view(b, 1, 1, 1)
@@ -82,6 +82,6 @@ def augment_batch(
     if labels is None:
         return out, None
     warped = F.grid_sample(
-        (labels.to(images.dtype) + 1).unsqueeze(1), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        labels.to(images.dtype).unsqueeze(1), grid, mode="nearest", padding_mode="reflection", align_corners=False
     )
-    return out, warped.squeeze(1).round().long() - 1
+    return out, warped.squeeze(1).round().long()

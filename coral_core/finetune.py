@@ -1,8 +1,8 @@
 """Fine-tuning a (pretrained) U-Net on the few slices a user annotated.
 
 Only annotated slices enter the loss: unannotated slices of a volume are not read as
-background. Pixels that augmentation moved in from outside the slice carry label -1 and are
-ignored too. The loss is cross-entropy plus soft Dice over the foreground classes.
+background. Within a slice, label -1 marks pixels to ignore. The loss is cross-entropy
+plus soft Dice over the foreground classes.
 """
 
 from __future__ import annotations

@@ -141,3 +141,18 @@ class UNet(nn.Module):
 def build_model(config: UNetConfig | None = None) -> UNet:
     """A freshly initialised :class:`UNet`."""
     return UNet(config or UNetConfig())
+
+
+def resize_head(model: UNet, n_classes: int, class_names: list[str] | None = None) -> UNet:
+    """A copy of ``model`` with a new, freshly initialised segmentation head for ``n_classes``.
+
+    Encoder, decoder body, projection head and canonical direction are kept: this is how a
+    pretrained model (or one trained for other classes) starts fine-tuning on new labels.
+    """
+    from dataclasses import replace
+
+    names = class_names or ["background"] + [f"class {c}" for c in range(1, n_classes)]
+    new = UNet(replace(model.config, n_classes=n_classes, class_names=names))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.head.")}
+    new.load_state_dict(state, strict=False)
+    return new.to(next(model.parameters()).device)

@@ -1,0 +1,390 @@
+"""The ``coral`` command: pretrain, finetune, segment, embed, evaluate, demo.
+
+Every command takes ``--device auto|cpu|cuda|mps`` and ``--json`` (one JSON object on
+stdout; progress bars go to stderr). A user mistake exits with status 2 and one line
+``error: ...`` on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from coral_core.errors import UserError
+
+BUNDLED_MODEL = "demo_model.safetensors"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ``error:`` line and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr and the ``callback(step, total, metrics)`` that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=quiet or None, dynamic_ncols=True)
+
+    def callback(step: int, total_: int, metrics: dict) -> None:
+        bar.total = total_
+        bar.update(step - bar.n)
+        if metrics:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()}, refresh=False)
+
+    return bar, callback
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("coral_core") / "assets" / BUNDLED_MODEL))
+
+
+def _load_model(path: str | None, device):
+    from coral_core.checkpoint import load_checkpoint
+
+    if path is None:
+        p = bundled_model_path()
+        if not p.is_file():
+            raise UserError("this installation has no bundled demo model; pass --model CKPT")
+        return load_checkpoint(p, device)
+    return load_checkpoint(path, device)
+
+
+def _parse_slices(text: str, n_slices: int, image: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise UserError(f"--slices {text!r}: not a list of slice numbers such as 3,7,9 or 2-5") from None
+    bad = [i for i in out if not 0 <= i < n_slices]
+    if bad:
+        raise UserError(f"--slices {bad}: outside the {n_slices} slices (0..{n_slices - 1}) of {image}")
+    return sorted(set(out))
+
+
+def _auto_image_size(volumes, requested: int | None) -> int:
+    if requested:
+        if requested % 16:
+            raise UserError(f"--image-size {requested}: must be a multiple of 16")
+        return requested
+    largest = max(max(v.shape[1:]) for v in volumes)
+    return int(min(256, max(64, -(-largest // 16) * 16)))
+
+
+def _read_inputs(inputs: list[str], phantom: int, seed: int):
+    """Volumes from files/folders and ``--phantom N`` synthetic subjects, with names."""
+    from coral_core.data import discover_volumes
+    from coral_core.phantom import make_cohort
+    from coral_core.volume import load_volume
+
+    volumes, names = [], []
+    for case in discover_volumes(inputs) if inputs else []:
+        volumes.append(load_volume(case.image).array)
+        names.append(case.subject)
+    for i, (img, _) in enumerate(make_cohort(phantom, seed=seed) if phantom else []):
+        volumes.append(img.array)
+        names.append(f"phantom{seed + i}")
+    if not volumes:
+        raise UserError("no input volumes; give image files or folders, or --phantom N")
+    return volumes, names
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_pretrain(args) -> tuple[dict, str]:
+    from coral_core.checkpoint import save_checkpoint
+    from coral_core.fileio import check_output_path
+    from coral_core.model import UNetConfig
+    from coral_core.pretrain import PretrainConfig, pretrain
+
+    check_output_path(args.out)
+    volumes, names = _read_inputs(args.inputs, args.phantom, args.seed)
+    model_cfg = UNetConfig(
+        base_filters=args.base_filters,
+        image_size=_auto_image_size(volumes, args.image_size),
+        embedding_dim=args.embedding_dim,
+    )
+    cfg = PretrainConfig(
+        method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, device=args.device, model=model_cfg,
+    )
+    bar, callback = _progress(0, f"pretrain {args.method}", args.json)
+    t0 = time.perf_counter()
+    with bar:
+        result = pretrain(cfg, volumes, callback)
+    seconds = time.perf_counter() - t0
+    training = {
+        "stage": "pretrain", "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "seed": args.seed, "volumes": len(volumes), "final_loss": result.history.last("loss"),
+    }
+    save_checkpoint(args.out, result.model, training)
+    out = {"checkpoint": str(args.out), "method": args.method, "volumes": len(volumes),
+           "steps": len(result.history.steps), "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
+    return out, f"pretrained {args.method} on {len(volumes)} volumes in {seconds:.0f} s; saved {args.out}"
+
+
+def cmd_finetune(args) -> tuple[dict, str]:
+    import numpy as np
+
+    from coral_core.checkpoint import load_checkpoint, save_checkpoint
+    from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
+    from coral_core.fileio import check_output_path
+    from coral_core.model import UNetConfig, build_model, resize_head
+    from coral_core.volume import load_volume
+
+    check_output_path(args.out)
+    image = load_volume(args.image)
+    labels = load_volume(args.labels)
+    if labels.shape != image.shape:
+        raise UserError(f"{args.labels}: labels of shape {labels.shape} do not match {args.image} of shape {image.shape}; give the labels drawn on this image")
+    lab = np.rint(labels.array).astype(np.int64)
+    if lab.min() < 0:
+        raise UserError(f"{args.labels}: holds negative label values; labels must be 0 (background), 1, 2, ...")
+    slices = _parse_slices(args.slices, image.shape[0], args.image) if args.slices else annotated_from_labels(lab)
+    if not slices:
+        raise UserError(f"{args.labels}: no slice holds any label; paint some slices or pass --slices")
+    n_classes = int(lab.max()) + 1 if args.classes is None else args.classes
+    if n_classes < 2:
+        raise UserError(f"{args.labels}: holds only background; at least one foreground class is needed")
+    if int(lab.max()) >= n_classes:
+        raise UserError(f"{args.labels}: holds label {int(lab.max())} but --classes is {n_classes}; raise --classes")
+    if args.init:
+        model, meta = load_checkpoint(args.init)
+        init = str(args.init)
+        if model.config.n_classes != n_classes:
+            model = resize_head(model, n_classes)
+    else:
+        model = build_model(UNetConfig(
+            n_classes=n_classes, class_names=["background"] + [f"class {c}" for c in range(1, n_classes)],
+            base_filters=args.base_filters, image_size=_auto_image_size([image.array], args.image_size),
+        ))
+        init = "random"
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    bar, callback = _progress(cfg.steps, "fine-tune", args.json)
+    t0 = time.perf_counter()
+    with bar:
+        result = finetune(cfg, model, [image.array], [lab], [slices], callback)
+    seconds = time.perf_counter() - t0
+    training = {"stage": "finetune", "init": init, "image": str(args.image), "slices": slices, "steps": args.steps,
+                "lr": args.lr, "seed": args.seed, "final_loss": result.history.last("loss")}
+    save_checkpoint(args.out, result.model, training)
+    out = {"checkpoint": str(args.out), "init": init, "slices": slices, "steps": len(result.history.steps),
+           "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
+    return out, f"fine-tuned on slices {slices} of {args.image} in {seconds:.0f} s; saved {args.out}"
+
+
+def cmd_segment(args) -> tuple[dict, str]:
+    import numpy as np
+
+    from coral_core.device import resolve_device
+    from coral_core.fileio import check_output_path
+    from coral_core.infer import segment_volume
+    from coral_core.volume import load_volume, save_like
+
+    check_output_path(args.out)
+    image = load_volume(args.image)
+    device = resolve_device(args.device)
+    model, meta = _load_model(args.model, device)
+    bar, _ = _progress(image.shape[0], "segment", args.json)
+    t0 = time.perf_counter()
+    with bar:
+        labels = segment_volume(model, image.array, device, args.batch_size, progress=lambda d, t: bar.update(d - bar.n))
+    seconds = time.perf_counter() - t0
+    save_like(args.out, labels, image)
+    counts = np.bincount(labels.ravel(), minlength=model.config.n_classes)
+    voxels = {name: int(counts[c]) for c, name in enumerate(model.config.class_names)}
+    out = {"labels": str(args.out), "shape": list(labels.shape), "voxels": voxels, "seconds": round(seconds, 2),
+           "device": str(device)}
+    return out, f"segmented {args.image} ({image.shape[0]} slices) on {device} in {seconds:.1f} s; wrote {args.out}"
+
+
+def cmd_embed(args) -> tuple[dict, str]:
+    import csv
+
+    from coral_core.device import resolve_device
+    from coral_core.embedding import project_trajectories
+    from coral_core.fileio import atomic_target, check_output_path
+    from coral_core.infer import embed_volume
+    from coral_core.plotting import save_trajectory_png
+    from coral_core.volume import load_volume
+
+    check_output_path(args.out)
+    if args.plot:
+        check_output_path(args.plot)
+    device = resolve_device(args.device)
+    model, _ = _load_model(args.model, device)
+    volumes = [load_volume(p) for p in args.images]
+    features = [embed_volume(model, v.array, device) for v in volumes]
+    names = [v.name for v in volumes]
+    direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
+    trajectories, _, score = project_trajectories(features, names, direction)
+    with atomic_target(args.out, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["volume", "slice", "position", "axis1", "axis2", "volume_score"])
+        for t in trajectories:
+            for i, ((x, y), p) in enumerate(zip(t.xy, t.positions)):
+                writer.writerow([t.name, i, f"{p:.6f}", f"{x:.6f}", f"{y:.6f}", f"{t.score:.6f}"])
+    if args.plot:
+        save_trajectory_png(args.plot, trajectories, score, direction is not None)
+    out = {"table": str(args.out), "plot": args.plot, "ordinal_consistency": score,
+           "volumes": {t.name: t.score for t in trajectories}, "axis": "coral" if direction is not None else "pca"}
+    text = f"embedded {len(volumes)} volume(s); ordinal consistency {score:.3f}; wrote {args.out}"
+    return out, text + (f" and {args.plot}" if args.plot else "")
+
+
+def cmd_evaluate(args) -> tuple[dict, str]:
+    import numpy as np
+
+    from coral_core.metrics import evaluate_segmentation
+    from coral_core.volume import load_volume
+
+    pred, truth = load_volume(args.pred), load_volume(args.truth)
+    if pred.shape != truth.shape:
+        raise UserError(f"{args.pred}: shape {pred.shape} differs from {args.truth} shape {truth.shape}; compare a segmentation with the labels of the same image")
+    p, t = np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64)
+    n_classes = int(max(p.max(), t.max())) + 1
+    result = evaluate_segmentation(p, t, max(n_classes, 2), truth.spacing)
+    lines = [f"{'class':>12} {'Dice':>7} {'HD95 mm':>9}"]
+    for name in result["dice"]:
+        lines.append(f"{name:>12} {result['dice'][name]:7.3f} {result['hd95'][name]:9.2f}")
+    lines.append(f"{'mean':>12} {result['mean_dice']:7.3f} {result['mean_hd95']:9.2f}")
+    return result, "\n".join(lines)
+
+
+def cmd_demo(args) -> tuple[dict, str]:
+    from coral_core.checkpoint import save_checkpoint
+    from coral_core.demo import DemoConfig, run_demo
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = DemoConfig(n_unlabelled=args.phantom, epochs=args.epochs, steps=args.steps, seed=args.seed, device=args.device)
+    stages = {}
+
+    def make_callback(stage, total):
+        bar, cb = _progress(total, stage, args.json)
+        stages[stage] = bar
+        return cb
+
+    result = run_demo(cfg, out_dir, make_callback)
+    for bar in stages.values():
+        bar.close()
+    if args.save_model:
+        save_checkpoint(args.save_model, result.model, result.training, half=True)
+    out = {"dice": result.metrics["dice"], "mean_dice": result.metrics["mean_dice"],
+           "mean_hd95": result.metrics["mean_hd95"], "figure": str(result.figure), "seconds": round(result.seconds, 1),
+           "model": args.save_model}
+    lines = [f"CORAL demo on the phantom cohort ({result.seconds:.0f} s)"]
+    lines += [f"  Dice {name:<11} {d:.3f}" for name, d in result.metrics["dice"].items()]
+    lines.append(f"  mean Dice {result.metrics['mean_dice']:.3f}, mean HD95 {result.metrics['mean_hd95']:.1f} mm")
+    lines.append(f"  figure: {result.figure}")
+    if args.save_model:
+        lines.append(f"  model: {args.save_model}")
+    return out, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from coral_core import __version__
+
+    parser = _Parser(prog="coral", description="CORAL pretraining and few-slice segmentation for 3-D medical volumes.")
+    parser.add_argument("--version", action="version", version=f"napari-coral {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name, help_, func):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default: auto)")
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        return p
+
+    p = command("pretrain", "Self-supervised pretraining of the encoder on unlabeled volumes.", cmd_pretrain)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
+    p.add_argument("--method", default="coral", choices=["coral", "ral", "oal", "pcl", "gcl", "simclr"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write (.safetensors)")
+    p.add_argument("--phantom", type=int, default=0, metavar="N", help="add N synthetic phantom subjects")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--base-filters", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=None, help="model input size (default: from the data, at most 256)")
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("finetune", "Fine-tune on the annotated slices of one image.", cmd_finetune)
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--labels", required=True, metavar="LABELS", help="label volume drawn on IMAGE")
+    p.add_argument("--slices", default=None, help="annotated slices, e.g. 3,7,9 or 2-5 (default: slices with any label)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint (default: random init)")
+    p.add_argument("--out", required=True, metavar="CKPT")
+    p.add_argument("--classes", type=int, default=None, help="number of classes incl. background (default: from the labels)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--base-filters", type=int, default=16, help="without --init only")
+    p.add_argument("--image-size", type=int, default=None, help="without --init only")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("segment", "Segment a volume; labels keep the input's shape and geometry.", cmd_segment)
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--out", required=True, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd)")
+    p.add_argument("--batch-size", type=int, default=16)
+
+    p = command("embed", "Per-slice embeddings, their 2-D trajectory and ordinal consistency.", cmd_embed)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--out", required=True, metavar="TABLE.csv")
+    p.add_argument("--plot", default=None, metavar="FIG.png")
+
+    p = command("evaluate", "Dice and HD95 of a segmentation against ground truth.", cmd_evaluate)
+    p.add_argument("pred", metavar="PRED")
+    p.add_argument("truth", metavar="TRUTH")
+
+    p = command("demo", "Phantom cohort -> CORAL pretraining -> fine-tune on 2 subjects -> segment a held-out one.", cmd_demo)
+    p.add_argument("--out-dir", default="coral-demo", help="where the figure goes (default: ./coral-demo)")
+    p.add_argument("--phantom", type=int, default=16, metavar="N", help="unlabelled subjects for pretraining")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-model", default=None, metavar="CKPT", help="also save the fine-tuned model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        result, text = args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    print(json.dumps(result, default=float) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

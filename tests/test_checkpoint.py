@@ -1,0 +1,121 @@
+"""Checkpoints rebuild the model from the file alone and refuse anything unsafe or damaged."""
+
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+
+from coral_core.checkpoint import load_checkpoint, save_checkpoint
+from coral_core.errors import UserError
+from coral_core.model import UNetConfig, build_model, resize_head
+
+SMALL = UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=8)
+
+
+def _model():
+    torch.manual_seed(0)
+    m = build_model(SMALL)
+    m.canonical_direction.copy_(torch.nn.functional.normalize(torch.randn(8), dim=0))
+    return m.eval()
+
+
+def test_round_trip_gives_the_same_outputs_and_metadata(tmp_path):
+    m = _model()
+    path = save_checkpoint(tmp_path / "m.safetensors", m, {"method": "coral", "epochs": 3})
+    loaded, meta = load_checkpoint(path)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x))
+        torch.testing.assert_close(loaded.embed(x), m.embed(x))
+    assert meta["format"] == "napari-coral" and meta["version"] == 1
+    assert meta["architecture"]["base_filters"] == 4 and meta["training"]["method"] == "coral"
+    assert meta["class_names"] == ["background", "RV", "myocardium", "LV"]
+    assert loaded.has_direction
+
+
+def test_half_precision_file_is_smaller_and_loads_as_float32(tmp_path):
+    m = _model()
+    full = save_checkpoint(tmp_path / "f.safetensors", m)
+    half = save_checkpoint(tmp_path / "h.safetensors", m, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    assert next(loaded.parameters()).dtype == torch.float32
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": _Exploit(marker)}, fh)
+    with pytest.raises(UserError, match="refused to load"):
+        load_checkpoint(path)
+    torch.save({"state_dict": {"x": _Exploit(marker)}}, tmp_path / "evil2.pth")
+    with pytest.raises(UserError, match="refused to load"):
+        load_checkpoint(tmp_path / "evil2.pth")
+    assert not marker.exists()
+
+
+def test_legacy_plain_tensor_pth_loads(tmp_path):
+    m = _model()
+    torch.save({"state_dict": m.state_dict(), "config": SMALL.to_dict()}, tmp_path / "old.pth")
+    loaded, _ = load_checkpoint(tmp_path / "old.pth")
+    torch.testing.assert_close(loaded.state_dict()["decoder.head.weight"], m.state_dict()["decoder.head.weight"])
+
+
+def test_damaged_files_are_refused_with_a_sentence(tmp_path):
+    good = save_checkpoint(tmp_path / "good.safetensors", _model()).read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="trunc.safetensors"):
+        load_checkpoint(tmp_path / "trunc.safetensors")
+    (tmp_path / "absurd.safetensors").write_bytes(struct.pack("<Q", 2**60) + b"{}")
+    with pytest.raises(UserError, match="claims"):
+        load_checkpoint(tmp_path / "absurd.safetensors")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="too short"):
+        load_checkpoint(tmp_path / "empty.safetensors")
+
+
+def _rewrite_meta(src, dst, change):
+    from safetensors.torch import load_file, save_file
+
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = json.loads(f.metadata()["coral"])
+    change(meta)
+    save_file(load_file(str(src)), str(dst), metadata={"coral": json.dumps(meta)})
+
+
+def test_wrong_shapes_and_unknown_version_are_refused(tmp_path):
+    src = save_checkpoint(tmp_path / "good.safetensors", _model())
+    _rewrite_meta(src, tmp_path / "v9.safetensors", lambda m: m.update(version=9))
+    with pytest.raises(UserError, match="version 9 is not supported"):
+        load_checkpoint(tmp_path / "v9.safetensors")
+    _rewrite_meta(src, tmp_path / "shape.safetensors", lambda m: m["architecture"].update(base_filters=8))
+    with pytest.raises(UserError, match="do not match the architecture"):
+        load_checkpoint(tmp_path / "shape.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(UserError, match="no napari-coral description"):
+        load_checkpoint(tmp_path / "foreign.safetensors")
+
+
+def test_resize_head_keeps_the_pretrained_encoder():
+    m = _model()
+    r = resize_head(m, 3)
+    assert r.config.n_classes == 3 and r.decoder.head.out_channels == 3
+    torch.testing.assert_close(r.encoder.blocks[0][0].weight, m.encoder.blocks[0][0].weight)
+    torch.testing.assert_close(r.canonical_direction, m.canonical_direction)
+    assert r(torch.rand(1, 1, 32, 32)).shape == (1, 3, 32, 32)

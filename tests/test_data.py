@@ -1,0 +1,86 @@
+"""Slice datasets and dataset-folder discovery, on files the tests write."""
+
+import numpy as np
+import pytest
+import torch
+
+from coral_core.data import (
+    LabelledSlices,
+    PretrainSlices,
+    discover_acdc,
+    discover_pairs,
+    discover_volumes,
+    slice_positions,
+)
+from coral_core.errors import UserError
+from helpers import write_nifti_ijk
+
+
+def test_slice_positions_follow_the_paper():
+    assert slice_positions(4).tolist() == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_pretrain_slices_carry_position_partition_and_volume():
+    vols = [np.random.rand(8, 20, 30).astype(np.float32), np.random.rand(4, 32, 32).astype(np.float32)]
+    ds = PretrainSlices(vols, image_size=16)
+    assert len(ds) == 12 and ds.images.shape == (12, 1, 16, 16)
+    assert ds.partitions[:8].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert ds.volume_ids.tolist() == [0] * 8 + [1] * 4
+    image, position, partition, vid = ds[9]
+    assert position.item() == pytest.approx(0.5) and partition.item() == 1 and vid.item() == 1
+    assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0 + 1e-6
+
+
+def test_labelled_slices_hold_only_the_annotated_slices():
+    vol = np.random.rand(6, 16, 16).astype(np.float32)
+    lab = np.zeros((6, 16, 16), np.int64)
+    lab[2, 4:8, 4:8] = 1
+    lab[5, :, :] = 2
+    ds = LabelledSlices([vol], [lab], [[2, 5]], image_size=16)
+    assert len(ds) == 2
+    assert ds.labels[0].unique().tolist() == [0, 1] and ds.labels[1].unique().tolist() == [2]
+    with pytest.raises(UserError, match="outside"):
+        LabelledSlices([vol], [lab], [[7]], image_size=16)
+    with pytest.raises(UserError, match="do not match"):
+        LabelledSlices([vol], [lab[:3]], [[1]], image_size=16)
+
+
+def _write(path, shape=(10, 12, 4)):
+    write_nifti_ijk(path, np.random.rand(*shape).astype(np.float32), np.eye(4))
+    return path
+
+
+def test_discover_acdc_layout(tmp_path):
+    for pid in ("patient001", "patient002"):
+        d = tmp_path / pid
+        d.mkdir()
+        _write(d / f"{pid}_4d.nii.gz", (10, 12, 4, 3))
+        for frame in ("01", "12"):
+            _write(d / f"{pid}_frame{frame}.nii.gz")
+            if pid == "patient001":
+                _write(d / f"{pid}_frame{frame}_gt.nii.gz")
+        (d / "Info.cfg").write_text("ED: 1\nES: 12\n")
+    cases = discover_acdc(tmp_path)
+    assert [(c.subject, c.image.name, c.label.name if c.label else None) for c in cases] == [
+        ("patient001", "patient001_frame01.nii.gz", "patient001_frame01_gt.nii.gz"),
+        ("patient001", "patient001_frame12.nii.gz", "patient001_frame12_gt.nii.gz"),
+        ("patient002", "patient002_frame01.nii.gz", None),
+        ("patient002", "patient002_frame12.nii.gz", None),
+    ]
+    assert len(discover_volumes([tmp_path])) == 4
+
+
+def test_discover_image_label_folder_pairs(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for name in ("case_a", "case_b"):
+        _write(tmp_path / "imagesTr" / f"{name}_0000.nii.gz")
+    _write(tmp_path / "labelsTr" / "case_a.nii.gz")
+    cases = discover_pairs(tmp_path / "imagesTr", tmp_path / "labelsTr")
+    assert [(c.subject, c.label is not None) for c in cases] == [("case_a", True), ("case_b", False)]
+    assert [c.subject for c in discover_volumes([tmp_path])] == ["case_a", "case_b"]
+
+
+def test_discover_rejects_empty_folder(tmp_path):
+    with pytest.raises(UserError, match="holds no volumes"):
+        discover_volumes([tmp_path])

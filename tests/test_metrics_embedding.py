@@ -1,0 +1,58 @@
+"""Dice, HD95 (spacing-aware), trajectory projection, ordinal consistency, suggestions."""
+
+import numpy as np
+import pytest
+
+from coral_core.embedding import ordinal_consistency, project_trajectories, suggest_slices
+from coral_core.metrics import dice_per_class, evaluate_segmentation, hd95_per_class
+
+
+def test_dice_by_hand():
+    truth = np.zeros((1, 4, 4), int)
+    pred = np.zeros((1, 4, 4), int)
+    truth[0, :2, :2] = 1  # 4 voxels
+    pred[0, :2, :1] = 1  # 2 voxels, both inside
+    d = dice_per_class(pred, truth, 3)
+    assert d[1] == pytest.approx(2 * 2 / 6) and np.isnan(d[2])
+
+
+def test_hd95_uses_spacing():
+    truth = np.zeros((10, 10, 10), bool)
+    pred = np.zeros((10, 10, 10), bool)
+    truth[2:5, 3:7, 3:7] = True
+    pred[4:7, 3:7, 3:7] = True  # shifted by 2 voxels along z
+    hd = hd95_per_class(pred.astype(int), truth.astype(int), 2, spacing=(3.0, 1.0, 1.0))
+    assert hd[1] == pytest.approx(6.0)
+    assert hd95_per_class(pred.astype(int), np.zeros_like(truth, int), 2)[1] == float("inf")
+    result = evaluate_segmentation(pred.astype(int), truth.astype(int), 2, (3.0, 1.0, 1.0), ["bg", "fg"])
+    assert result["mean_dice"] == pytest.approx(1 / 3) and result["hd95"]["fg"] == pytest.approx(6.0)
+
+
+def test_ordered_trajectories_score_one_and_follow_the_direction():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+    feats = []
+    for n in (8, 12):
+        t = np.linspace(0, 1, n)[:, None]
+        feats.append(t * direction[None] * 3 + rng.normal(scale=0.01, size=(n, 16)))
+    traj, basis, score = project_trajectories(feats, ["a", "b"], direction)
+    assert score > 0.99 and all(t.score == pytest.approx(1.0) for t in traj)  # pooled: tied positions
+    np.testing.assert_allclose(basis[0], direction / np.linalg.norm(direction))
+    assert traj[0].xy.shape == (8, 2) and traj[1].positions[-1] == 1.0
+    # Reversed order scores -1 against the same direction.
+    _, _, rev = project_trajectories([f[::-1] for f in feats], direction=direction)
+    assert rev < -0.99
+    # Without a direction the first principal component is oriented base -> apex.
+    _, _, pca_score = project_trajectories(feats)
+    assert pca_score > 0.99
+
+
+def test_shuffled_slices_score_near_zero():
+    rng = np.random.default_rng(1)
+    assert abs(ordinal_consistency(rng.normal(size=200), np.linspace(0, 1, 200))) < 0.2
+
+
+def test_suggestions_are_far_from_annotated_slices():
+    feats = np.array([[0.0], [0.1], [0.2], [5.0], [9.0], [9.1]])
+    assert suggest_slices(feats, annotated=[0], k=2) == [5, 3]
+    assert len(suggest_slices(feats, annotated=[], k=3)) == 3

@@ -1,0 +1,96 @@
+"""Volume loading and saving keep voxels, axis order and geometry; bad files give one sentence."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from coral_core.errors import UserError
+from coral_core.volume import load_volume, normalise_intensity, save_like, save_volume
+from helpers import oblique_affine, write_dicom_series, write_nifti_ijk
+
+
+def test_nifti_last_voxel_axis_becomes_axis_0_with_geometry(tmp_path):
+    rng = np.random.default_rng(0)
+    data_ijk = rng.normal(size=(20, 16, 7)).astype(np.float32)  # i, j, k: k is the slice axis
+    affine = oblique_affine()
+    vol = load_volume(write_nifti_ijk(tmp_path / "img.nii.gz", data_ijk, affine))
+    assert vol.shape == (7, 16, 20)
+    np.testing.assert_array_equal(vol.array[3], data_ijk[:, :, 3].T)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
+    assert vol.spacing == pytest.approx((3.5, 0.9, 0.7), abs=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_segmentation_written_for_an_input_keeps_shape_and_affine(tmp_path, suffix):
+    rng = np.random.default_rng(1)
+    affine = oblique_affine()
+    src = load_volume(write_nifti_ijk(tmp_path / "in.nii.gz", rng.normal(size=(12, 10, 5)).astype(np.float32), affine))
+    labels = rng.integers(0, 4, size=src.shape).astype(np.uint8)
+    out = save_like(tmp_path / f"seg{suffix}", labels, src)
+    back = load_volume(out)
+    assert back.shape == src.shape
+    np.testing.assert_array_equal(back.array, labels)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_dicom_series_folder_reads_with_slice_spacing(tmp_path):
+    vol = (np.arange(5 * 6 * 8).reshape(5, 6, 8) % 300).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "series", vol, spacing_zyx=(4.0, 0.8, 0.8))
+    loaded = load_volume(folder)
+    assert loaded.shape == (5, 6, 8)
+    np.testing.assert_array_equal(loaded.array, vol)
+    assert loaded.spacing == pytest.approx((4.0, 0.8, 0.8), abs=1e-4)
+
+
+def test_itk_and_nifti_agree_on_world_geometry(tmp_path):
+    affine = oblique_affine()
+    src = load_volume(write_nifti_ijk(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), affine))
+    save_volume(tmp_path / "a.mha", src.array, src.affine)
+    np.testing.assert_allclose(load_volume(tmp_path / "a.mha").affine, affine, atol=1e-4)
+
+
+def test_2d_image_becomes_one_slice_and_4d_is_refused(tmp_path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.ones((9, 8), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
+    assert load_volume(tmp_path / "flat.nii.gz").shape == (1, 8, 9)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 3, 5), np.float32), np.eye(4)), str(tmp_path / "cine.nii.gz"))
+    with pytest.raises(UserError, match="4-D series with 5 frames"):
+        load_volume(tmp_path / "cine.nii.gz")
+
+
+def test_unreadable_files_give_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        load_volume(tmp_path / "missing.nii.gz")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        load_volume(tmp_path / "empty.nii.gz")
+    (tmp_path / "text.nii.gz").write_text("this is not an image\n")
+    with pytest.raises(UserError, match="not a readable NIfTI"):
+        load_volume(tmp_path / "text.nii.gz")
+    good = write_nifti_ijk(tmp_path / "good.nii.gz", np.ones((30, 30, 30), np.float32), np.eye(4)).read_bytes()
+    (tmp_path / "trunc.nii.gz").write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="trunc.nii.gz"):
+        load_volume(tmp_path / "trunc.nii.gz")
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(UserError, match="unknown volume format"):
+        load_volume(tmp_path / "x.png")
+
+
+def test_save_refuses_missing_folder_without_leaving_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        save_volume(tmp_path / "nope" / "seg.nii.gz", np.zeros((2, 3, 4), np.uint8), np.eye(4))
+
+
+def test_normalisation_survives_nan_inf_and_constant_images():
+    a = np.array([[[np.nan, 1.0, 2.0], [np.inf, -np.inf, 3.0]]], np.float32)
+    out = normalise_intensity(a)
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert np.array_equal(normalise_intensity(np.full((2, 3, 3), 7.0)), np.zeros((2, 3, 3), np.float32))
+    assert np.array_equal(normalise_intensity(np.full((1, 2, 2), np.nan)), np.zeros((1, 2, 2), np.float32))
+    ramp = normalise_intensity(np.arange(1000, dtype=np.float32).reshape(10, 10, 10))
+    assert ramp.min() == 0.0 and ramp.max() == 1.0
