@@ -1,0 +1,143 @@
+"""The `coral` command as a user runs it: a subprocess, on small files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from coral_core.phantom import make_phantom
+from coral_core.volume import load_volume, save_volume
+from helpers import oblique_affine
+
+TINY = ["--base-filters", "4", "--image-size", "32"]
+
+
+def coral(*args, cwd=None, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "coral_core.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"coral {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def user_error(proc, *fragments):
+    """Exit status 2, exactly one `error:` line naming the problem, and no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """A phantom written as NIfTI with an oblique, anisotropic, non-square geometry."""
+    d = tmp_path_factory.mktemp("subject")
+    img, lab = make_phantom(11, n_slices=8)
+    img_arr = img.array[:, :, 10:110]  # 128 x 100 slices: not square
+    lab_arr = lab.array[:, :, 10:110]
+    affine = oblique_affine((1.8, 1.8, 10.0))
+    save_volume(d / "img.nii.gz", img_arr, affine)
+    save_volume(d / "lab.nii.gz", lab_arr, affine)
+    return d
+
+
+@pytest.fixture(scope="module")
+def workflow(subject):
+    """pretrain -> finetune -> segment on the subject, through the CLI."""
+    d = subject
+    pre = coral("pretrain", d / "img.nii.gz", "--phantom", 2, "--epochs", 1, "--batch-size", 8, *TINY,
+                "--out", d / "pre.safetensors", "--json", "--device", "cpu")
+    ft = coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--slices", "1,4,6",
+               "--init", d / "pre.safetensors", "--steps", 5, "--batch-size", 2, "--out", d / "ft.safetensors", "--json")
+    seg = coral("segment", d / "img.nii.gz", "--model", d / "ft.safetensors", "--out", d / "seg.nii.gz", "--json")
+    return d, json.loads(pre.stdout), json.loads(ft.stdout), json.loads(seg.stdout)
+
+
+def test_help_lists_every_command_and_each_has_help():
+    out = coral("--help").stdout
+    for name in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo"):
+        assert name in out
+        assert "--device" in coral(name, "--help").stdout
+
+
+def test_workflow_writes_labels_with_the_input_geometry(workflow):
+    d, pre, ft, seg = workflow
+    assert pre["volumes"] == 3 and pre["steps"] >= 1 and np.isfinite(pre["final_loss"])
+    assert ft["slices"] == [1, 4, 6] and ft["init"].endswith("pre.safetensors")
+    src, out = load_volume(d / "img.nii.gz"), load_volume(d / "seg.nii.gz")
+    assert out.shape == src.shape == (8, 128, 100)
+    np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)
+    assert seg["shape"] == [8, 128, 100] and set(np.unique(out.array)) <= {0, 1, 2, 3}
+
+
+def test_evaluate_reports_dice_and_hd95(workflow):
+    d = workflow[0]
+    res = json.loads(coral("evaluate", d / "lab.nii.gz", d / "lab.nii.gz", "--json").stdout)
+    assert res["mean_dice"] == 1.0 and res["mean_hd95"] == 0.0
+    text = coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz").stdout
+    assert "Dice" in text and "mean" in text
+
+
+def test_embed_writes_table_and_plot(workflow):
+    d = workflow[0]
+    res = json.loads(coral("embed", d / "img.nii.gz", d / "lab.nii.gz", "--model", d / "pre.safetensors",
+                           "--out", d / "emb.csv", "--plot", d / "emb.png", "--json").stdout)
+    rows = list(csv.DictReader(open(d / "emb.csv")))
+    assert len(rows) == 16 and rows[0]["volume"] == "img" and rows[0]["position"] == "0.125000"
+    assert (d / "emb.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["axis"] == "coral" and -1 <= res["ordinal_consistency"] <= 1
+
+
+def test_finetune_from_random_init_uses_the_label_classes(subject):
+    d = subject
+    res = json.loads(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 2, *TINY,
+                           "--out", d / "rand.safetensors", "--json").stdout)
+    assert res["init"] == "random" and len(res["slices"]) == 8
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = json.loads(coral("demo", "--phantom", 2, "--epochs", 1, "--steps", 2, "--out-dir", tmp_path / "demo",
+                           "--save-model", tmp_path / "demo.safetensors", "--json").stdout)
+    assert 0.0 <= res["mean_dice"] <= 1.0 and set(res["dice"]) == {"RV", "myocardium", "LV"}
+    assert (tmp_path / "demo" / "demo_segmentation.png").stat().st_size > 10_000
+    assert (tmp_path / "demo.safetensors").is_file()
+
+
+def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
+    d = subject
+    user_error(coral("segment", tmp_path / "missing.nii.gz", "--out", tmp_path / "s.nii.gz", check=False), "missing.nii.gz", "no such file")
+    (tmp_path / "fake.nii.gz").write_text("not an image")
+    user_error(coral("segment", tmp_path / "fake.nii.gz", "--out", tmp_path / "s.nii.gz", check=False), "fake.nii.gz")
+    user_error(coral("segment", d / "img.nii.gz", "--out", tmp_path / "no" / "dir" / "s.nii.gz", check=False), "does not exist")
+    user_error(coral("segment", d / "img.nii.gz", "--out", tmp_path / "s.nii.gz", "--bogus", check=False), "unrecognized arguments")
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--slices", "1,99",
+                     "--out", tmp_path / "x.safetensors", check=False), "99")
+    other = tmp_path / "other.nii.gz"
+    save_volume(other, np.zeros((3, 4, 5), np.uint8), np.eye(4))
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", other, "--out", tmp_path / "x.safetensors", check=False), "do not match")
+    user_error(coral("segment", d / "img.nii.gz", "--model", tmp_path / "nope.safetensors", "--out", tmp_path / "s.nii.gz", check=False), "nope.safetensors")
+    user_error(coral("pretrain", "--epochs", 1, "--out", tmp_path / "p.safetensors", check=False), "no input volumes")
+    assert not list(tmp_path.glob("s.nii.gz")) and not list(tmp_path.glob("x.safetensors"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_segment_and_embed_default_to_the_bundled_demo_model(tmp_path):
+    img, lab = make_phantom(4242)
+    save_volume(tmp_path / "img.nii.gz", img.array, img.affine)
+    save_volume(tmp_path / "lab.nii.gz", lab.array, lab.affine)
+    res = json.loads(coral("segment", tmp_path / "img.nii.gz", "--out", tmp_path / "seg.nii.gz", "--json").stdout)
+    assert res["shape"] == list(img.shape)
+    score = json.loads(coral("evaluate", tmp_path / "seg.nii.gz", tmp_path / "lab.nii.gz", "--json").stdout)
+    assert score["dice"]["3"] > 0.8  # the LV of an unseen phantom subject
+    emb = json.loads(coral("embed", tmp_path / "img.nii.gz", "--out", tmp_path / "e.csv", "--json").stdout)
+    assert emb["axis"] == "coral"
