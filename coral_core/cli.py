@@ -59,24 +59,6 @@ def _load_model(path: str | None, device):
     return load_checkpoint(path, device)
 
 
-def _parse_slices(text: str, n_slices: int, image: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                out.extend(range(lo, hi + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise UserError(f"--slices {text!r}: not a list of slice numbers such as 3,7,9 or 2-5") from None
-    bad = [i for i in out if not 0 <= i < n_slices]
-    if bad:
-        raise UserError(f"--slices {bad}: outside the {n_slices} slices (0..{n_slices - 1}) of {image}")
-    return sorted(set(out))
-
-
 def _auto_image_size(volumes, requested: int | None) -> int:
     if requested:
         if requested % 16:
@@ -143,6 +125,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     import numpy as np
 
     from coral_core.checkpoint import load_checkpoint, save_checkpoint
+    from coral_core.data import parse_slices
     from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
@@ -156,7 +139,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     lab = np.rint(labels.array).astype(np.int64)
     if lab.min() < 0:
         raise UserError(f"{args.labels}: holds negative label values; labels must be 0 (background), 1, 2, ...")
-    slices = _parse_slices(args.slices, image.shape[0], args.image) if args.slices else annotated_from_labels(lab)
+    slices = parse_slices(args.slices, image.shape[0], args.image) if args.slices else annotated_from_labels(lab)
     if not slices:
         raise UserError(f"{args.labels}: no slice holds any label; paint some slices or pass --slices")
     n_classes = int(lab.max()) + 1 if args.classes is None else args.classes

@@ -33,6 +33,7 @@ __all__ = [
     "discover_acdc",
     "discover_pairs",
     "discover_volumes",
+    "parse_slices",
 ]
 
 
@@ -55,6 +56,25 @@ def resize_labels(labels: np.ndarray, size: int) -> Tensor:
     if y.shape[-2:] != (size, size):
         y = F.interpolate(y, size=(size, size), mode="nearest")
     return y.squeeze(1).long()
+
+
+def parse_slices(text: str, n_slices: int, source: str = "the image") -> list[int]:
+    """Slice numbers from text such as ``3,7,9`` or ``2-5`` (0-based), checked against ``n_slices``."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise UserError(f"slices {text!r}: not a list of slice numbers such as 3,7,9 or 2-5") from None
+    bad = [i for i in out if not 0 <= i < n_slices]
+    if bad:
+        raise UserError(f"slices {bad}: outside the {n_slices} slices (0..{n_slices - 1}) of {source}")
+    return sorted(set(out))
 
 
 class PretrainSlices(Dataset):

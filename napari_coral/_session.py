@@ -1,0 +1,68 @@
+"""Per-viewer state shared by the dock widgets: the current model and where it came from.
+
+No Qt here: widgets subscribe with ``session.subscribe(callback)`` and are told when the
+model changes.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from coral_core.checkpoint import load_checkpoint
+from coral_core.cli import bundled_model_path
+from coral_core.model import UNet
+
+_SESSIONS: "weakref.WeakKeyDictionary[object, CoralSession]" = weakref.WeakKeyDictionary()
+
+
+def data_home() -> Path:
+    """Where autosaved annotations and trained models go (``NAPARI_CORAL_HOME`` overrides)."""
+    home = Path(os.environ.get("NAPARI_CORAL_HOME", Path.home() / ".napari-coral"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@dataclass
+class CoralSession:
+    model: UNet | None = None
+    meta: dict = field(default_factory=dict)
+    source: str = "none"
+    annotated: dict[str, list[int]] = field(default_factory=dict)  # image layer name -> slices
+    _listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    def ensure_model(self) -> UNet:
+        """The current model, loading the bundled demo model on first use."""
+        if self.model is None:
+            model, meta = load_checkpoint(bundled_model_path())
+            self.set_model(model, meta, "bundled demo model")
+        return self.model
+
+    def set_model(self, model: UNet, meta: dict, source: str) -> None:
+        self.model, self.meta, self.source = model.eval(), meta, source
+        for listener in list(self._listeners):
+            listener()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def describe(self) -> str:
+        if self.model is None:
+            return "no model loaded yet (the bundled demo model is used)"
+        cfg = self.model.config
+        classes = ", ".join(cfg.class_names[1:])
+        return f"{self.source}: {cfg.n_classes - 1} classes ({classes}), input {cfg.image_size} px"
+
+
+def session_for(viewer) -> CoralSession:
+    """The one session of a viewer (created on first use)."""
+    if viewer not in _SESSIONS:
+        _SESSIONS[viewer] = CoralSession()
+    return _SESSIONS[viewer]

@@ -1,0 +1,141 @@
+"""Qt pieces the dock widgets share: layer pickers, device picker, job runner, plot canvas."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtWidgets import QComboBox, QLabel, QSizePolicy
+
+from coral_core.device import resolve_device
+from napari_coral._jobs import Job
+
+
+class LayerPicker(QComboBox):
+    """A combo box of the viewer's layers of one type, kept in step with the layer list."""
+
+    def __init__(self, viewer, layer_type: str, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer, self.layer_type = viewer, layer_type
+        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.removed.connect(self.refresh)
+        viewer.layers.events.reordered.connect(self.refresh)
+        self.refresh()
+
+    def layers(self):
+        from napari import layers
+
+        kind = {"image": layers.Image, "labels": layers.Labels}[self.layer_type]
+        return [layer for layer in self.viewer.layers if isinstance(layer, kind) and layer.ndim == 3]
+
+    def refresh(self, *_):
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        self.addItems([layer.name for layer in self.layers()])
+        if current in [self.itemText(i) for i in range(self.count())]:
+            self.setCurrentText(current)
+        self.blockSignals(False)
+        self.currentTextChanged.emit(self.currentText())
+
+    def layer(self):
+        name = self.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+
+class DevicePicker(QComboBox):
+    """auto (CUDA, then MPS, then CPU) or a named device."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.addItems(["auto", "cpu", "cuda", "mps"])
+        self.setToolTip(f"auto uses {resolve_device('auto').type} on this machine")
+
+    def device(self):
+        return resolve_device(self.currentText())
+
+
+class JobRunner(QObject):
+    """Polls a background :class:`Job` from the Qt event loop and re-emits its messages."""
+
+    progressed = Signal(int, int, dict)
+    finished = Signal(str, bool)
+    failed = Signal(str)
+
+    def __init__(self, job: Job, description: str, parent=None) -> None:
+        super().__init__(parent)
+        from napari.utils import progress
+
+        self.job = job
+        self._bar = progress(total=0, desc=description)
+        self._timer = QTimer(self)
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._poll)
+
+    def start(self) -> "JobRunner":
+        self.job.start()
+        self._timer.start()
+        return self
+
+    def cancel(self) -> None:
+        self.job.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self._timer.isActive()
+
+    def _poll(self) -> None:
+        messages = self.job.poll()
+        progress_msgs = [m for m in messages if m[0] == "progress"]
+        if progress_msgs:
+            _, step, total, metrics = progress_msgs[-1]
+            if self._bar.total != total:
+                self._bar.total = total
+            self._bar.update(step - self._bar.n)
+            for _, s, t, m in progress_msgs:
+                self.progressed.emit(s, t, m)
+        for message in messages:
+            if message[0] == "done":
+                self._stop()
+                self.finished.emit(message[1], bool(message[2]))
+            elif message[0] == "error":
+                self._stop()
+                self.failed.emit(message[1])
+
+    def _stop(self) -> None:
+        self._timer.stop()
+        self._bar.close()
+
+
+def status_label(text: str = "") -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+    return label
+
+
+class PlotCanvas:
+    """A small matplotlib figure embedded in Qt."""
+
+    def __init__(self, height: float = 2.4) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4, height), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(int(height * 70))
+        self.ax = self.figure.add_subplot(1, 1, 1)
+
+    def draw(self) -> None:
+        self.canvas.draw_idle()
+
+
+def class_colormap(n_classes: int):
+    """napari colours for labels 1..n-1 matching coral_core's figures."""
+    from napari.utils import DirectLabelColormap
+
+    from coral_core.plotting import LABEL_COLOURS
+
+    colours = {0: np.zeros(4), None: np.zeros(4)}
+    for c in range(1, n_classes):
+        colours[c] = LABEL_COLOURS[c % len(LABEL_COLOURS)] if c < len(LABEL_COLOURS) else "white"
+    return DirectLabelColormap(color_dict=colours)

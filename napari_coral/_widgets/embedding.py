@@ -1,0 +1,176 @@
+"""Embedding dock widget: every slice as a point, volumes as trajectories, click to navigate."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout, QWidget
+
+from coral_core.embedding import Trajectory, project_trajectories, suggest_slices
+from napari_coral._session import session_for
+from napari_coral._widgets._common import DevicePicker, PlotCanvas, status_label
+
+
+class EmbeddingWidget(QWidget):
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.volumes = QListWidget()
+        self.volumes.setMaximumHeight(80)
+        self.device_picker = DevicePicker()
+        self.embed_button = QPushButton("Embed")
+        self.embed_button.clicked.connect(self.embed)
+        self.suggest_button = QPushButton("Suggest slices")
+        self.suggest_button.clicked.connect(self.suggest)
+        self.n_suggest = QSpinBox()
+        self.n_suggest.setRange(1, 20)
+        self.n_suggest.setValue(3)
+        self.suggestions = QListWidget()
+        self.suggestions.setMaximumHeight(80)
+        self.suggestions.itemClicked.connect(lambda item: self.go_to(item.data(Qt.ItemDataRole.UserRole)[0], item.data(Qt.ItemDataRole.UserRole)[1]))
+        self.plot = PlotCanvas(height=3.4)
+        self.status = status_label("Check the volumes to compare and press Embed.")
+        row = QHBoxLayout()
+        row.addWidget(self.embed_button)
+        row.addWidget(self.suggest_button)
+        row.addWidget(self.n_suggest)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.volumes)
+        layout.addWidget(self.device_picker)
+        layout.addLayout(row)
+        layout.addWidget(self.plot.canvas)
+        layout.addWidget(self.status)
+        layout.addWidget(self.suggestions)
+
+        self.trajectories: list[Trajectory] = []
+        self.features: dict[str, np.ndarray] = {}
+        self.score = float("nan")
+        self.worker = None
+        self._artists = []
+        self._highlight = []
+        self.plot.canvas.mpl_connect("pick_event", self._picked)
+        napari_viewer.dims.events.current_step.connect(self._highlight_current)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._list_volumes)
+        self._list_volumes()
+
+    def _list_volumes(self, *_):
+        from napari.layers import Image
+
+        checked = {self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked}
+        self.volumes.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image) and layer.ndim == 3:
+                item = QListWidgetItem(layer.name)
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setCheckState(Qt.CheckState.Checked if (not checked or layer.name in checked) else Qt.CheckState.Unchecked)
+                self.volumes.addItem(item)
+
+    def checked(self) -> list[str]:
+        return [self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked]
+
+    # ------------------------------------------------------------------ computing
+    def embed(self):
+        from napari.qt.threading import thread_worker
+        from napari.utils.notifications import show_error
+
+        from coral_core.infer import embed_volume
+
+        names = self.checked()
+        if not names:
+            show_error("Check at least one open 3-D image to embed.")
+            return None
+        model = self.session.ensure_model()
+        device = self.device_picker.device()
+        arrays = {n: np.asarray(self.viewer.layers[n].data) for n in names}
+        direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
+
+        @thread_worker
+        def work():
+            feats = {n: embed_volume(model, a, device) for n, a in arrays.items()}
+            return feats, project_trajectories(list(feats.values()), list(feats), direction)
+
+        def done(result):
+            self.features, (self.trajectories, _, self.score) = result[0], result[1]
+            self.embed_button.setEnabled(True)
+            self.draw(direction is not None)
+
+        self.embed_button.setEnabled(False)
+        self.status.setText("Embedding slices...")
+        self.worker = work()
+        self.worker.returned.connect(done)
+        self.worker.errored.connect(lambda exc: (self.embed_button.setEnabled(True), show_error(f"Embedding failed: {exc}")))
+        self.worker.start()
+        return self.worker
+
+    # ------------------------------------------------------------------ drawing
+    def draw(self, has_direction: bool) -> None:
+        ax = self.plot.ax
+        ax.clear()
+        self._artists = []
+        for t in self.trajectories:
+            ax.plot(t.xy[:, 0], t.xy[:, 1], "-", color="0.65", lw=0.8, zorder=1)
+            sc = ax.scatter(t.xy[:, 0], t.xy[:, 1], c=t.positions, cmap="viridis", vmin=0, vmax=1, s=22, zorder=2, picker=True, pickradius=6)
+            self._artists.append((sc, t))
+            ax.annotate(t.name, t.xy[0], fontsize=7, color="0.3")
+        span = max((np.ptp(t.xy[:, 0]) for t in self.trajectories), default=1.0) or 1.0
+        label = "CORAL direction" if has_direction else "first principal axis"
+        ax.annotate("", xy=(0.35 * span, 0), xytext=(-0.35 * span, 0), arrowprops={"arrowstyle": "->", "color": "crimson", "lw": 1.5})
+        ax.text(0.35 * span, 0, f" {label}", color="crimson", fontsize=7, va="bottom")
+        ax.set_title(f"ordinal consistency {self.score:.2f} (base -> apex along the arrow)", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        self.status.setText(
+            "Colour: slice position (dark = first slice). Click a point to go to that slice. "
+            + "; ".join(f"{t.name}: {t.score:.2f}" for t in self.trajectories)
+        )
+        self._highlight_current()
+
+    def _current_slice(self, name: str) -> int:
+        layer = self.viewer.layers[name]
+        z = layer.world_to_data(self.viewer.dims.point)[0]
+        return int(np.clip(round(z), 0, layer.data.shape[0] - 1))
+
+    def _highlight_current(self, *_):
+        for artist in self._highlight:
+            artist.remove()
+        self._highlight = []
+        for t in self.trajectories:
+            if t.name in self.viewer.layers:
+                k = self._current_slice(t.name)
+                (ring,) = self.plot.ax.plot(t.xy[k, 0], t.xy[k, 1], "o", ms=11, mfc="none", mec="red", mew=1.6, zorder=3)
+                self._highlight.append(ring)
+        self.plot.draw()
+
+    # ------------------------------------------------------------------ navigation
+    def go_to(self, name: str, index: int) -> None:
+        """Show slice ``index`` of layer ``name`` and select that layer."""
+        layer = self.viewer.layers[name]
+        world_z = layer.data_to_world((index, 0, 0))[0]
+        self.viewer.dims.set_point(0, world_z)
+        self.viewer.layers.selection.active = layer
+
+    def _picked(self, event) -> None:
+        for artist, t in self._artists:
+            if event.artist is artist and len(event.ind):
+                self.go_to(t.name, int(event.ind[0]))
+                return
+
+    def suggest(self) -> list[tuple[str, int]]:
+        """Propose the slices whose annotation would help most, and list them to jump to."""
+        from napari.utils.notifications import show_error
+
+        if not self.features:
+            show_error("Press Embed first.")
+            return []
+        self.suggestions.clear()
+        out = []
+        for name, feats in self.features.items():
+            annotated = self.session.annotated.get(name, [])
+            for k in suggest_slices(feats, annotated, self.n_suggest.value()):
+                item = QListWidgetItem(f"{name}: slice {k}" + (" (farthest from annotated)" if annotated else ""))
+                item.setData(Qt.ItemDataRole.UserRole, (name, int(k)))
+                self.suggestions.addItem(item)
+                out.append((name, int(k)))
+        return out

@@ -1,0 +1,254 @@
+"""Fine-tune dock widget: paint a few slices, train in the background, re-segment, save."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget
+
+from coral_core.checkpoint import load_checkpoint, save_checkpoint
+from coral_core.data import parse_slices
+from coral_core.errors import UserError
+from coral_core.finetune import FinetuneConfig
+from napari_coral._jobs import Job, config_dict, write_inputs
+from napari_coral._session import data_home, session_for
+from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, status_label
+from napari_coral._widgets.segment import start_segmentation
+from napari_coral._writer import write_labels
+
+
+class FinetuneWidget(QWidget):
+    """The annotated slices are those the user painted in the Labels layer (compared with the
+    layer as it was when chosen), plus any listed under "Also use slices"."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.mode = "process"  # or "thread"; see docs/plugin.md for the measurement behind the default
+        self.image_picker = LayerPicker(napari_viewer, "image")
+        self.labels_picker = LayerPicker(napari_viewer, "labels")
+        self.extra_slices = QLineEdit()
+        self.extra_slices.setPlaceholderText("e.g. 3,7,9 or 2-5")
+        self.validation_slices = QLineEdit()
+        self.validation_slices.setPlaceholderText("optional, annotated slices to score")
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 100000)
+        self.steps.setValue(200)
+        self.device_picker = DevicePicker()
+        self.annotated_label = status_label()
+        self.finetune_button = QPushButton("Fine-tune")
+        self.cancel_button = QPushButton("Cancel")
+        self.save_button = QPushButton("Save model")
+        self.cancel_button.setEnabled(False)
+        self.save_button.setEnabled(False)
+        self.finetune_button.clicked.connect(lambda: self.finetune())
+        self.cancel_button.clicked.connect(self.cancel)
+        self.save_button.clicked.connect(self._ask_save)
+        self.plot = PlotCanvas()
+        self.status = status_label("Paint a few slices in the Labels layer, then press Fine-tune.")
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_picker)
+        form.addRow("Labels", self.labels_picker)
+        form.addRow("Annotated", self.annotated_label)
+        form.addRow("Also use slices", self.extra_slices)
+        form.addRow("Validation slices", self.validation_slices)
+        form.addRow("Steps", self.steps)
+        form.addRow("Device", self.device_picker)
+        buttons = QHBoxLayout()
+        for b in (self.finetune_button, self.cancel_button, self.save_button):
+            buttons.addWidget(b)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.plot.canvas)
+        layout.addWidget(self.status)
+
+        self.runner: JobRunner | None = None
+        self.segment_worker = None
+        self.autosaved: Path | None = None
+        self.losses: list[tuple[int, float]] = []
+        self.val_dice: list[tuple[int, float]] = []
+        self._watched = None
+        self._baseline: np.ndarray | None = None
+        self._touched: set[int] = set()
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(250)
+        self._debounce.timeout.connect(self.update_touched)
+        self.labels_picker.currentTextChanged.connect(self._watch_labels)
+        self.extra_slices.textChanged.connect(self._show_annotated)
+        self._watch_labels()
+
+    # ------------------------------------------------------------------ annotated slices
+    def _watch_labels(self, *_):
+        if self._watched is not None:
+            self._watched.events.paint.disconnect(self._labels_edited)
+            self._watched.events.data.disconnect(self._labels_edited)
+        layer = self.labels_picker.layer()
+        self._watched = layer
+        self._touched = set()
+        self._baseline = None if layer is None else np.array(layer.data, copy=True)
+        if layer is not None:
+            layer.events.paint.connect(self._labels_edited)
+            layer.events.data.connect(self._labels_edited)
+        self._show_annotated()
+
+    def _labels_edited(self, event=None) -> None:
+        self._debounce.start()  # recompute once the user pauses, not on every brush stroke
+
+    def update_touched(self) -> list[int]:
+        """Slices whose labels differ from the layer as it was when chosen."""
+        layer = self._watched
+        if layer is None or self._baseline is None:
+            return []
+        data = np.asarray(layer.data)
+        if data.shape != self._baseline.shape:
+            self._baseline = np.zeros_like(data)
+        changed = (data != self._baseline).reshape(data.shape[0], -1).any(axis=1)
+        self._touched |= {int(i) for i in np.flatnonzero(changed)}
+        self._show_annotated()
+        return sorted(self._touched)
+
+    def annotated_slices(self) -> list[int]:
+        layer = self.labels_picker.layer()
+        extra = []
+        if layer is not None and self.extra_slices.text().strip():
+            extra = parse_slices(self.extra_slices.text(), layer.data.shape[0], layer.name)
+        return sorted(self._touched | set(extra))
+
+    def _show_annotated(self, *_):
+        try:
+            slices = self.annotated_slices()
+        except UserError as exc:
+            self.annotated_label.setText(str(exc))
+            return
+        text = ", ".join(map(str, slices)) if slices else "none yet: paint a slice or list slices below"
+        self.annotated_label.setText(text)
+        image = self.image_picker.currentText()
+        if image:
+            self.session.annotated[image] = slices
+
+    # ------------------------------------------------------------------ training
+    def _inputs(self):
+        image, labels = self.image_picker.layer(), self.labels_picker.layer()
+        if image is None or labels is None:
+            raise UserError("choose an image layer and the Labels layer painted on it")
+        if tuple(image.data.shape) != tuple(labels.data.shape):
+            raise UserError(f"labels layer {labels.name!r} has shape {labels.data.shape} but image {image.name!r} has {image.data.shape}")
+        self.update_touched()
+        slices = self.annotated_slices()
+        if not slices:
+            raise UserError("no annotated slices yet: paint at least one slice, or list slices under 'Also use slices'")
+        val = parse_slices(self.validation_slices.text(), image.data.shape[0], image.name) if self.validation_slices.text().strip() else []
+        model = self.session.ensure_model()
+        lab = np.asarray(labels.data).astype(np.int64)
+        top = int(lab[slices].max())
+        if top >= model.config.n_classes:
+            raise UserError(f"labels layer uses label {top} but the model has classes 0..{model.config.n_classes - 1} ({', '.join(model.config.class_names)}); paint with those labels")
+        return image, labels, lab, slices, [v for v in val if v not in slices], model
+
+    def autosave(self, labels_layer) -> Path:
+        """Write the annotations with their geometry before any training starts."""
+        folder = data_home() / "annotations"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in labels_layer.name)
+        path = folder / f"{safe}-{stamp}.nii.gz"
+        write_labels(str(path), labels_layer.data, {"metadata": labels_layer.metadata, "scale": labels_layer.scale})
+        return path
+
+    def finetune(self, mode: str | None = None):
+        from napari.utils.notifications import show_error
+
+        if self.runner is not None and self.runner.running:
+            return None
+        try:
+            image, labels_layer, lab, slices, val, model = self._inputs()
+            device = self.device_picker.device()
+        except UserError as exc:
+            show_error(str(exc))
+            self.status.setText(str(exc))
+            return None
+        self.autosaved = self.autosave(labels_layer)
+        tmp = Path(tempfile.mkdtemp(prefix="napari-coral-"))
+        save_checkpoint(tmp / "start.safetensors", model, self.session.meta.get("training", {}))
+        data = write_inputs(tmp, image=np.asarray(image.data, dtype=np.float32), labels=lab,
+                            slices=np.asarray(slices), val_slices=np.asarray(val, dtype=np.int64))
+        cfg = FinetuneConfig(steps=self.steps.value(), device=device.type, validate_every=max(1, self.steps.value() // 10))
+        spec = {
+            "model": str(tmp / "start.safetensors"), "data": str(data), "out": str(tmp / "finetuned.safetensors"),
+            "config": config_dict(cfg),
+            "training": {"stage": "finetune", "init": self.session.source, "image": image.name, "slices": slices, "steps": cfg.steps},
+        }
+        self.losses, self.val_dice = [], []
+        self.runner = JobRunner(Job("finetune", spec, mode or self.mode), f"Fine-tuning on {len(slices)} slices", self)
+        self.runner.progressed.connect(self._progress)
+        self.runner.finished.connect(lambda path, stopped: self._finished(path, stopped, image))
+        self.runner.failed.connect(self._failed)
+        self.finetune_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"Annotations saved to {self.autosaved}. Fine-tuning on slices {slices}...")
+        return self.runner.start()
+
+    def cancel(self) -> None:
+        if self.runner is not None and self.runner.running:
+            self.runner.cancel()
+            self.status.setText("Cancelling after the current step; the previous model will be kept...")
+
+    def _progress(self, step: int, total: int, metrics: dict) -> None:
+        self.losses.append((step, metrics["loss"]))
+        if "val_dice" in metrics:
+            self.val_dice.append((step, metrics["val_dice"]))
+        if step % 5 == 0 or step == total:
+            self._draw_curve()
+
+    def _draw_curve(self) -> None:
+        ax = self.plot.ax
+        ax.clear()
+        if self.losses:
+            s, v = zip(*self.losses)
+            ax.plot(s, v, color="tab:blue", lw=1, label="loss")
+        if self.val_dice:
+            s, v = zip(*self.val_dice)
+            ax.plot(s, v, "o-", color="tab:green", ms=3, label="validation Dice")
+        ax.set_xlabel("step")
+        ax.legend(loc="upper right", fontsize=7)
+        self.plot.draw()
+
+    def _finished(self, path: str, stopped: bool, image) -> None:
+        self.finetune_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self._draw_curve()
+        if stopped:
+            self.status.setText(f"Cancelled; kept the previous model ({self.session.source}). Annotations are in {self.autosaved}.")
+            return
+        model, meta = load_checkpoint(path)
+        self.session.set_model(model, meta, f"fine-tuned on {image.name}")
+        self.save_button.setEnabled(True)
+        self.status.setText("Fine-tuned. Re-segmenting the volume...")
+        device = self.device_picker.device()
+        self.segment_worker = start_segmentation(
+            self.viewer, image, device, on_done=lambda layer: self.status.setText(f"Fine-tuned and re-segmented into {layer.name}. Save the model if it looks right.")
+        )
+
+    def _failed(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.finetune_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.status.setText(f"{message} The previous model is kept.")
+        show_error(message)
+
+    def save_model_file(self, path: str) -> Path:
+        return save_checkpoint(path, self.session.ensure_model(), self.session.meta.get("training", {}))
+
+    def _ask_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", "coral-finetuned.safetensors", "Models (*.safetensors)")
+        if path:
+            self.save_model_file(path)

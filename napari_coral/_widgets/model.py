@@ -1,0 +1,193 @@
+"""Model dock widget: the bundled demo model, a checkpoint from disk, or CORAL pretraining."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+from qtpy.QtCore import Qt
+
+from coral_core.checkpoint import load_checkpoint, save_checkpoint
+from coral_core.cli import bundled_model_path
+from coral_core.errors import UserError
+from coral_core.pretrain import METHODS, PretrainConfig
+from napari_coral._jobs import Job, config_dict
+from napari_coral._session import session_for
+from napari_coral._widgets._common import DevicePicker, JobRunner, status_label
+
+
+class ModelWidget(QWidget):
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.current = status_label()
+
+        self.demo_button = QPushButton("Use demo model")
+        self.load_button = QPushButton("Load checkpoint...")
+        self.save_button = QPushButton("Save model")
+        self.demo_button.clicked.connect(self.use_demo_model)
+        self.load_button.clicked.connect(self._ask_load)
+        self.save_button.clicked.connect(self._ask_save)
+        buttons = QHBoxLayout()
+        for b in (self.demo_button, self.load_button, self.save_button):
+            buttons.addWidget(b)
+
+        self.method = QComboBox()
+        self.method.addItems(list(METHODS))
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 1000)
+        self.epochs.setValue(3)
+        self.volumes = QListWidget()
+        self.volumes.setMaximumHeight(90)
+        self.device_picker = DevicePicker()
+        self.pretrain_button = QPushButton("Pretrain")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.pretrain_button.clicked.connect(self.pretrain)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.pretrain_status = status_label("Self-supervised: no labels needed. Uses the checked image layers.")
+        form = QFormLayout()
+        form.addRow("Method", self.method)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Device", self.device_picker)
+        form.addRow("Volumes", self.volumes)
+        row = QHBoxLayout()
+        row.addWidget(self.pretrain_button)
+        row.addWidget(self.cancel_button)
+        group = QGroupBox("Pretrain on open images")
+        group_layout = QVBoxLayout(group)
+        group_layout.addLayout(form)
+        group_layout.addLayout(row)
+        group_layout.addWidget(self.pretrain_status)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.current)
+        layout.addLayout(buttons)
+        layout.addWidget(group)
+        layout.addStretch(1)
+
+        self.runner: JobRunner | None = None
+        self._tmp = None
+        self.session.subscribe(self._show_model)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._list_volumes)
+        self._list_volumes()
+        self._show_model()
+
+    # ------------------------------------------------------------------ model source
+    def _show_model(self) -> None:
+        self.current.setText(f"Current model: {self.session.describe()}")
+
+    def use_demo_model(self) -> None:
+        model, meta = load_checkpoint(bundled_model_path())
+        self.session.set_model(model, meta, "bundled demo model")
+
+    def load_checkpoint_file(self, path: str) -> bool:
+        from napari.utils.notifications import show_error
+
+        try:
+            model, meta = load_checkpoint(path)
+        except UserError as exc:
+            show_error(str(exc))
+            return False
+        self.session.set_model(model, meta, Path(path).name)
+        return True
+
+    def save_model_file(self, path: str) -> Path:
+        model = self.session.ensure_model()
+        training = dict(self.session.meta.get("training", {}))
+        return save_checkpoint(path, model, training)
+
+    def _ask_load(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load a napari-coral model", "", "Models (*.safetensors *.pth)")
+        if path:
+            self.load_checkpoint_file(path)
+
+    def _ask_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", "coral-model.safetensors", "Models (*.safetensors)")
+        if path:
+            self.save_model_file(path)
+
+    # ------------------------------------------------------------------ pretraining
+    def _list_volumes(self, *_):
+        from napari.layers import Image
+
+        checked = {self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked}
+        self.volumes.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image) and layer.ndim == 3:
+                item = QListWidgetItem(layer.name)
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setCheckState(Qt.CheckState.Checked if (not checked or layer.name in checked) else Qt.CheckState.Unchecked)
+                self.volumes.addItem(item)
+
+    def checked_volumes(self) -> list[str]:
+        return [self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked]
+
+    def pretrain(self, mode: str = "process"):
+        from napari.utils.notifications import show_error
+
+        names = self.checked_volumes()
+        if not names:
+            show_error("Check at least one open 3-D image to pretrain on.")
+            return None
+        try:
+            device = self.device_picker.device()
+        except UserError as exc:
+            show_error(str(exc))
+            return None
+        base = self.session.ensure_model().config
+        cfg = PretrainConfig(method=self.method.currentText(), epochs=self.epochs.value(), device=device.type, model=base)
+        self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")
+        folder = Path(self._tmp.name)
+        np.savez(folder / "inputs.npz", **{f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)})
+        spec = {
+            "data": str(folder / "inputs.npz"), "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
+            "training": {"stage": "pretrain", "method": cfg.method, "epochs": cfg.epochs, "volumes": names},
+        }
+        self.runner = JobRunner(Job("pretrain", spec, mode), f"Pretraining ({cfg.method})", self)
+        self.runner.progressed.connect(lambda s, t, m: self.pretrain_status.setText(f"step {s}/{t}, loss {m.get('loss', float('nan')):.3f}"))
+        self.runner.finished.connect(self._pretrained)
+        self.runner.failed.connect(self._failed)
+        self.pretrain_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.pretrain_status.setText("Starting pretraining...")
+        return self.runner.start()
+
+    def cancel(self) -> None:
+        if self.runner is not None:
+            self.runner.cancel()
+            self.pretrain_status.setText("Cancelling after the current step...")
+
+    def _pretrained(self, path: str, stopped: bool) -> None:
+        self.pretrain_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if stopped:
+            self.pretrain_status.setText("Pretraining cancelled; the previous model is kept.")
+            return
+        model, meta = load_checkpoint(path)
+        self.session.set_model(model, meta, f"{meta['training'].get('method', '')}-pretrained encoder (fine-tune before segmenting)")
+        self.pretrain_status.setText("Pretraining finished. Paint a few slices and fine-tune.")
+
+    def _failed(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.pretrain_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.pretrain_status.setText(message)
+        show_error(message)

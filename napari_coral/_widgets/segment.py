@@ -1,0 +1,118 @@
+"""Segment dock widget: label the chosen image with the current model, in the background."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import QFormLayout, QPushButton, QVBoxLayout, QWidget
+
+from napari_coral._session import session_for
+from napari_coral._widgets._common import DevicePicker, LayerPicker, class_colormap, status_label
+
+
+def labels_layer_name(image_name: str) -> str:
+    return f"{image_name} labels"
+
+
+def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]):
+    """Add, or update in place, the Labels layer that belongs to ``image_layer``."""
+    name = labels_layer_name(image_layer.name)
+    features = {"class": list(class_names)}
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        layer.data = labels
+    else:
+        layer = viewer.add_labels(
+            labels, name=name, scale=image_layer.scale, translate=image_layer.translate,
+            metadata=dict(image_layer.metadata),
+        )
+    layer.colormap = class_colormap(len(class_names))
+    layer.features = features
+    return layer
+
+
+def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None):
+    """Run :func:`coral_core.infer.segment_volume` in a napari thread worker."""
+    from napari.qt.threading import thread_worker
+    from napari.utils import progress
+
+    from coral_core.infer import segment_volume
+
+    session = session_for(viewer)
+    model = session.ensure_model()
+    volume = np.asarray(image_layer.data)
+    bar = progress(total=volume.shape[0], desc=f"Segmenting {image_layer.name}")
+
+    @thread_worker
+    def work():
+        done = []
+        labels = segment_volume(model, volume, device, progress=lambda d, t: done.append(d))
+        return labels
+
+    worker = work()
+
+    def finished(labels):
+        bar.update(volume.shape[0] - bar.n)
+        bar.close()
+        layer = put_labels(viewer, image_layer, labels, model.config.class_names)
+        if on_done:
+            on_done(layer)
+
+    def errored(exc):
+        bar.close()
+        if on_error:
+            on_error(exc)
+
+    worker.returned.connect(finished)
+    worker.errored.connect(errored)
+    worker.start()
+    return worker
+
+
+class SegmentWidget(QWidget):
+    """Pick an image and a device, press Segment: a Labels layer appears with class names."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.image_picker = LayerPicker(napari_viewer, "image")
+        self.device_picker = DevicePicker()
+        self.segment_button = QPushButton("Segment")
+        self.segment_button.clicked.connect(self.segment)
+        self.status = status_label("Choose an image and press Segment.")
+        form = QFormLayout()
+        form.addRow("Image", self.image_picker)
+        form.addRow("Device", self.device_picker)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.segment_button)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self.worker = None
+
+    def segment(self):
+        from napari.utils.notifications import show_error
+
+        image = self.image_picker.layer()
+        if image is None:
+            show_error("Open a 3-D image first (File > Open, or File > Open Sample > Cardiac phantom).")
+            return None
+        try:
+            device = self.device_picker.device()
+        except Exception as exc:
+            show_error(str(exc))
+            return None
+        self.segment_button.setEnabled(False)
+        self.status.setText(f"Segmenting {image.name} on {device.type}...")
+
+        def done(layer):
+            self.segment_button.setEnabled(True)
+            self.status.setText(f"Wrote {layer.name} ({self.session.source}).")
+
+        def failed(exc):
+            self.segment_button.setEnabled(True)
+            self.status.setText(f"Segmentation failed: {exc}")
+            show_error(f"Segmentation failed: {exc}")
+
+        self.worker = start_segmentation(self.viewer, image, device, done, failed)
+        return self.worker
