@@ -1,16 +1,21 @@
 """Training jobs that run off the GUI thread: in a child process (default) or a thread.
 
-A job runs a coral_core trainer and streams messages through a queue:
+A job runs a coral_core trainer and streams messages:
 ``("progress", step, total, metrics)``, then ``("done", checkpoint_path, stopped)`` or
-``("error", sentence)``. Inputs travel as files (a checkpoint and an .npz), so a child
-process needs nothing pickled but paths and plain settings. A crash in a child process
-cannot take napari down: the parent sees the process gone without "done" and reports it.
+``("error", sentence)``. Inputs travel as files (a checkpoint, an .npz and a JSON spec).
+The child is a plain ``python -m napari_coral._jobs`` process rather than a
+multiprocessing one, whose "spawn" start would re-import the user's ``__main__`` (a
+script that opened napari without a main guard would run again). A crash in the child
+cannot take napari down: the parent sees its output end without "done" and says so.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
 import queue as queue_module
+import subprocess
+import sys
 import threading
 import traceback
 from dataclasses import asdict
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coral_core.augment import AugmentConfig
 from coral_core.errors import UserError
 
 
@@ -31,7 +37,9 @@ def _finetune(spec: dict, messages, stop) -> None:
     validation = None
     if data["val_slices"].size:
         validation = ([data["image"]], [data["labels"]], [[int(i) for i in data["val_slices"]]])
-    cfg = FinetuneConfig(**spec["config"])
+    settings = dict(spec["config"])
+    settings["augment"] = AugmentConfig(**settings["augment"])
+    cfg = FinetuneConfig(**settings)
     result = finetune(
         cfg, model, [data["image"]], [data["labels"]], [slices],
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,
@@ -49,12 +57,14 @@ def _pretrain(spec: dict, messages, stop) -> None:
     volumes = [data[k] for k in sorted(data.files)]
     settings = dict(spec["config"])
     settings["model"] = UNetConfig(**settings["model"])
+    settings["augment"] = AugmentConfig(**settings["augment"])
     result = pretrain(PretrainConfig(**settings), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop)
     save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
     messages.put(("done", spec["out"], result.history.stopped))
 
 
 JOBS = {"finetune": _finetune, "pretrain": _pretrain}
+MESSAGE_PREFIX = "@coral "
 
 
 def _run(kind: str, spec: dict, messages, stop) -> None:
@@ -67,26 +77,86 @@ def _run(kind: str, spec: dict, messages, stop) -> None:
         messages.put(("error", f"training failed: {type(exc).__name__}: {exc}"))
 
 
+class _StdoutMessages:
+    """The child's side of the pipe: one JSON message per line on stdout."""
+
+    def put(self, message: tuple) -> None:
+        sys.stdout.write(MESSAGE_PREFIX + json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+
+def child_main(argv: list[str]) -> int:
+    """Entry point of the child process: ``python -m napari_coral._jobs SPEC.json``.
+
+    A line "stop" on stdin, or stdin closing (napari went away), stops training after the
+    current step.
+    """
+    spec = json.loads(Path(argv[0]).read_text())
+    if hasattr(os, "nice"):
+        os.nice(10)  # yield the CPU to napari when both want it; full speed when napari is idle
+    stop = threading.Event()
+
+    def watch_stdin() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    _run(spec["kind"], spec, _StdoutMessages(), stop)
+    return 0
+
+
 class Job:
-    """A running training job; ``poll()`` returns the messages that arrived since last time."""
+    """A running training job; ``poll()`` returns, without blocking, the messages so far.
+
+    ``mode="process"`` runs ``python -m napari_coral._jobs`` as a child process (a crash
+    there cannot take napari down, and the GUI thread never competes with it for the GIL);
+    ``mode="thread"`` runs the same code in a thread of this process.
+    """
 
     def __init__(self, kind: str, spec: dict, mode: str = "process") -> None:
-        if mode == "process":
-            ctx = mp.get_context("spawn")
-            self._messages, self._stop = ctx.Queue(), ctx.Event()
-            self._worker = ctx.Process(target=_run, args=(kind, spec, self._messages, self._stop), daemon=True)
-        else:
-            self._messages, self._stop = queue_module.Queue(), threading.Event()
-            self._worker = threading.Thread(target=_run, args=(kind, spec, self._messages, self._stop), daemon=True)
-        self.mode = mode
+        if mode not in ("process", "thread"):
+            raise ValueError(f"mode must be 'process' or 'thread', got {mode!r}")
+        self.kind, self.spec, self.mode = kind, {**spec, "kind": kind}, mode
+        self._messages: queue_module.Queue = queue_module.Queue()
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
         self.finished = False
+        self.log: list[str] = []
 
     def start(self) -> "Job":
-        self._worker.start()
+        if self.mode == "thread":
+            self._reader = threading.Thread(target=_run, args=(self.kind, self.spec, self._messages, self._stop), daemon=True)
+        else:
+            spec_path = Path(self.spec["out"]).with_suffix(".job.json")
+            spec_path.write_text(json.dumps(self.spec))
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "napari_coral._jobs", str(spec_path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            )
+            self._reader = threading.Thread(target=self._read_child, daemon=True)
+        self._reader.start()
         return self
+
+    def _read_child(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(MESSAGE_PREFIX):
+                self._messages.put(tuple(json.loads(line[len(MESSAGE_PREFIX):])))
+            else:
+                self.log.append(line.rstrip())
+        self._proc.wait()
 
     def cancel(self) -> None:
         self._stop.set()
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._proc.stdin.write("stop\n")
+                self._proc.stdin.flush()
+            except OSError:  # the child is already gone
+                pass
 
     def poll(self) -> list[tuple]:
         out = []
@@ -97,18 +167,17 @@ class Job:
                 break
         if any(m[0] in ("done", "error") for m in out):
             self.finished = True
-        elif not self.finished and not self._worker.is_alive():
-            # The worker is gone: give the queue a moment for a last message, then call it a crash.
-            try:
-                out.append(self._messages.get(timeout=1.0))
-            except queue_module.Empty:
-                code = getattr(self._worker, "exitcode", None)
-                out.append(("error", f"the training process stopped unexpectedly (exit code {code}); the previous model is kept"))
+        elif not self.finished and self._reader is not None and not self._reader.is_alive() and self._messages.empty():
+            # Everything the worker said has been read and it said neither done nor error.
+            code = self._proc.returncode if self._proc is not None else None
+            tail = f": {self.log[-1]}" if self.log else ""
+            out.append(("error", f"the training process stopped unexpectedly (exit code {code}{tail}); the previous model is kept"))
             self.finished = True
         return out
 
     def join(self, timeout: float | None = None) -> None:
-        self._worker.join(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
 
 
 def write_inputs(folder: Path, **arrays) -> Path:
@@ -121,3 +190,7 @@ def write_inputs(folder: Path, **arrays) -> Path:
 def config_dict(config) -> dict:
     """A dataclass config as plain values for a job spec."""
     return asdict(config)
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

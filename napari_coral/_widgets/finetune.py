@@ -50,6 +50,14 @@ class FinetuneWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(self._ask_save)
         self.plot = PlotCanvas()
+        self._loss_line, = self.plot.ax.plot([], [], color="tab:blue", lw=1, label="loss")
+        self._dice_line, = self.plot.ax.plot([], [], "o-", color="tab:green", ms=3, label="validation Dice")
+        self.plot.ax.set_xlabel("step")
+        self.plot.ax.legend(loc="upper right", fontsize=7)
+        self._redraw = QTimer(self)  # at most one curve redraw a second while training
+        self._redraw.setSingleShot(True)
+        self._redraw.setInterval(1000)
+        self._redraw.timeout.connect(self._draw_curve)
         self.status = status_label("Paint a few slices in the Labels layer, then press Fine-tune.")
 
         form = QFormLayout()
@@ -205,20 +213,14 @@ class FinetuneWidget(QWidget):
         self.losses.append((step, metrics["loss"]))
         if "val_dice" in metrics:
             self.val_dice.append((step, metrics["val_dice"]))
-        if step % 5 == 0 or step == total:
-            self._draw_curve()
+        if not self._redraw.isActive():
+            self._redraw.start()
 
     def _draw_curve(self) -> None:
-        ax = self.plot.ax
-        ax.clear()
-        if self.losses:
-            s, v = zip(*self.losses)
-            ax.plot(s, v, color="tab:blue", lw=1, label="loss")
-        if self.val_dice:
-            s, v = zip(*self.val_dice)
-            ax.plot(s, v, "o-", color="tab:green", ms=3, label="validation Dice")
-        ax.set_xlabel("step")
-        ax.legend(loc="upper right", fontsize=7)
+        for line, points in ((self._loss_line, self.losses), (self._dice_line, self.val_dice)):
+            line.set_data(*(zip(*points) if points else ([], [])))
+        self.plot.ax.relim()
+        self.plot.ax.autoscale_view()
         self.plot.draw()
 
     def _finished(self, path: str, stopped: bool, image) -> None:
@@ -228,14 +230,22 @@ class FinetuneWidget(QWidget):
         if stopped:
             self.status.setText(f"Cancelled; kept the previous model ({self.session.source}). Annotations are in {self.autosaved}.")
             return
-        model, meta = load_checkpoint(path)
-        self.session.set_model(model, meta, f"fine-tuned on {image.name}")
-        self.save_button.setEnabled(True)
-        self.status.setText("Fine-tuned. Re-segmenting the volume...")
-        device = self.device_picker.device()
-        self.segment_worker = start_segmentation(
-            self.viewer, image, device, on_done=lambda layer: self.status.setText(f"Fine-tuned and re-segmented into {layer.name}. Save the model if it looks right.")
-        )
+        from napari.qt.threading import thread_worker
+
+        self.status.setText("Fine-tuned. Loading the model and re-segmenting the volume...")
+        loader = thread_worker(load_checkpoint)(path)  # off the GUI thread
+
+        def loaded(result):
+            model, meta = result
+            self.session.set_model(model, meta, f"fine-tuned on {image.name}")
+            self.save_button.setEnabled(True)
+            self.segment_worker = start_segmentation(
+                self.viewer, image, self.device_picker.device(),
+                on_done=lambda layer: self.status.setText(f"Fine-tuned and re-segmented into {layer.name}. Save the model if it looks right."),
+            )
+
+        loader.returned.connect(loaded)
+        loader.start()
 
     def _failed(self, message: str) -> None:
         from napari.utils.notifications import show_error

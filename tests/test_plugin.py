@@ -1,0 +1,225 @@
+"""The plugin in a real napari viewer (pytest-qt; CI runs it under xvfb)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+from qtpy.QtCore import QTimer  # noqa: E402
+
+from coral_core.metrics import dice_per_class  # noqa: E402
+from coral_core.model import UNetConfig, build_model  # noqa: E402
+from coral_core.phantom import make_phantom  # noqa: E402
+from coral_core.volume import load_volume, save_volume  # noqa: E402
+from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
+from napari_coral._reader import get_reader  # noqa: E402
+from napari_coral._session import session_for  # noqa: E402
+
+WIDGETS = ("Model", "Segment", "Fine-tune", "Embedding")
+
+
+@pytest.fixture(autouse=True)
+def coral_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_CORAL_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    v = make_napari_viewer()
+    v.open_sample("napari-coral", "phantom")
+    return v
+
+
+def dock(viewer, name):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-coral", name)
+    return widget
+
+
+def mean_dice(pred, truth, slices):
+    d = dice_per_class(pred[slices], truth[slices], 4)
+    return float(np.nanmean(list(d.values())))
+
+
+# --------------------------------------------------------------------------- reader / writer / sample
+
+
+def test_reader_keeps_anisotropic_spacing_and_opens_label_maps_as_labels(tmp_path, make_napari_viewer):
+    affine = oblique_affine((0.7, 0.9, 3.5))
+    write_nifti_ijk(tmp_path / "scan.nii.gz", np.random.rand(20, 16, 6).astype(np.float32), affine)
+    write_nifti_ijk(tmp_path / "scan_seg.nii.gz", np.random.randint(0, 3, (20, 16, 6)).astype(np.uint8), affine)
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+    data, kwargs, kind = get_reader(str(tmp_path / "scan.nii.gz"))(str(tmp_path / "scan.nii.gz"))[0]
+    assert kind == "image" and data.shape == (6, 16, 20)
+    assert kwargs["scale"] == pytest.approx((3.5, 0.9, 0.7), abs=1e-5)
+    np.testing.assert_allclose(kwargs["metadata"]["affine"], affine, atol=1e-5)
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "scan.nii.gz"), plugin="napari-coral")
+    viewer.open(str(tmp_path / "scan_seg.nii.gz"), plugin="napari-coral")
+    image, seg = viewer.layers
+    assert image.scale == pytest.approx([3.5, 0.9, 0.7], abs=1e-5)
+    assert type(seg).__name__ == "Labels"
+
+
+def test_writer_round_trip_restores_source_geometry(tmp_path, make_napari_viewer):
+    affine = oblique_affine((1.1, 1.1, 5.0))
+    labels = np.random.randint(0, 4, (12, 10, 5)).astype(np.uint8)
+    write_nifti_ijk(tmp_path / "lab_seg.nii.gz", labels, affine)
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "lab_seg.nii.gz"), plugin="napari-coral")
+    layer = viewer.layers[0]
+    layer.data[0, 0, 0] = 3
+    layer.save(str(tmp_path / "saved.nii.gz"), plugin="napari-coral")
+    back = load_volume(tmp_path / "saved.nii.gz")
+    np.testing.assert_array_equal(back.array, layer.data)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+
+
+def test_sample_has_image_and_ground_truth(viewer):
+    image, truth = viewer.layers
+    assert image.data.ndim == 3 and truth.data.shape == image.data.shape
+    assert type(truth).__name__ == "Labels" and set(np.unique(truth.data)) == {0, 1, 2, 3}
+    assert list(truth.features["class"]) == ["background", "RV", "myocardium", "LV"]
+
+
+def test_every_widget_opens_with_the_sample(viewer):
+    for name in WIDGETS:
+        assert dock(viewer, name) is not None
+    assert len(viewer.window.dock_widgets) == 4
+
+
+# --------------------------------------------------------------------------- segment
+
+
+def test_segment_adds_a_labels_layer_with_class_names(viewer, qtbot):
+    widget = dock(viewer, "Segment")
+    assert widget.image_picker.currentText() == "phantom"
+    widget.segment()
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)
+    layer = viewer.layers["phantom labels"]
+    assert layer.data.shape == viewer.layers["phantom"].data.shape
+    assert list(layer.features["class"]) == ["background", "RV", "myocardium", "LV"]
+    assert tuple(layer.scale) == tuple(viewer.layers["phantom"].scale)
+    truth = viewer.layers["phantom ground truth"].data
+    assert mean_dice(layer.data, truth, list(range(truth.shape[0]))) > 0.6  # bundled demo model
+
+
+# --------------------------------------------------------------------------- fine-tune
+
+
+def _paint_from_truth(viewer, slices):
+    """Paint the ground truth of ``slices`` into a new Labels layer, as a user would."""
+    truth = viewer.layers["phantom ground truth"].data
+    layer = viewer.add_labels(np.zeros_like(truth), name="my annotations", scale=viewer.layers["phantom"].scale,
+                              metadata=dict(viewer.layers["phantom"].metadata))
+    return layer, truth
+
+
+def _fresh_model(viewer):
+    session = session_for(viewer)
+    session.set_model(build_model(UNetConfig(base_filters=8, image_size=64)), {"training": {}}, "fresh test model")
+    return session
+
+
+def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewer, qtbot, coral_home, tmp_path):
+    from coral_core.infer import segment_volume
+
+    session = _fresh_model(viewer)
+    widget = dock(viewer, "Fine-tune")
+    layer, truth = _paint_from_truth(viewer, [])
+    widget.labels_picker.setCurrentText("my annotations")
+    widget.image_picker.setCurrentText("phantom")
+    annotated = [1, truth.shape[0] // 2, truth.shape[0] - 2]
+    for k in annotated:
+        idx = np.nonzero(truth[k])
+        layer.data_setitem((np.full_like(idx[0], k), *idx), truth[k][idx])
+    qtbot.waitUntil(lambda: widget.annotated_slices() == annotated, timeout=5000)
+    unannotated = [k for k in range(truth.shape[0]) if k not in annotated]
+    image = viewer.layers["phantom"].data
+    before = mean_dice(segment_volume(session.model, image), truth, unannotated)
+
+    widget.steps.setValue(120)
+    beats = []
+    heartbeat = QTimer()
+    heartbeat.setInterval(20)
+    heartbeat.timeout.connect(lambda: beats.append(time.perf_counter()))
+    heartbeat.start()
+    runner = widget.finetune()
+    assert runner is not None
+    qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
+    heartbeat.stop()
+    assert session.source == "fine-tuned on phantom", widget.status.text()
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)
+
+    longest_pause = max(np.diff(beats))
+    assert longest_pause < 0.25, f"event loop paused {longest_pause * 1000:.0f} ms"
+    assert widget.autosaved.is_file()  # annotations were saved before training
+    np.testing.assert_array_equal(load_volume(widget.autosaved).array, layer.data)
+    assert widget.losses and widget.losses[-1][0] == 120
+    after = mean_dice(viewer.layers["phantom labels"].data, truth, unannotated)
+    assert after > before + 0.2, (before, after)
+    assert session.source == "fine-tuned on phantom"
+    saved = widget.save_model_file(str(tmp_path / "mine.safetensors"))
+    assert saved.is_file()
+
+
+def test_cancel_keeps_the_previous_model(viewer, qtbot):
+    session = _fresh_model(viewer)
+    previous = session.model
+    widget = dock(viewer, "Fine-tune")
+    layer, truth = _paint_from_truth(viewer, [])
+    widget.labels_picker.setCurrentText("my annotations")
+    k = truth.shape[0] // 2
+    idx = np.nonzero(truth[k])
+    layer.data_setitem((np.full_like(idx[0], k), *idx), truth[k][idx])
+    widget.steps.setValue(100_000)
+    runner = widget.finetune()
+    qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)
+    with qtbot.waitSignal(runner.finished, timeout=60_000) as blocker:
+        widget.cancel()
+    assert blocker.args[1] is True  # stopped
+    assert session.model is previous
+    assert "kept the previous model" in widget.status.text()
+    assert widget.finetune_button.isEnabled()
+
+
+def test_finetune_without_annotations_says_what_to_do(viewer):
+    widget = dock(viewer, "Fine-tune")
+    viewer.add_labels(np.zeros_like(viewer.layers["phantom ground truth"].data), name="empty")
+    widget.labels_picker.setCurrentText("empty")
+    assert widget.finetune() is None
+    assert "paint at least one slice" in widget.status.text()
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
+    from matplotlib.backend_bases import MouseEvent
+
+    widget = dock(viewer, "Embedding")
+    viewer.layers.remove("phantom ground truth")
+    worker = widget.embed()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: len(widget.trajectories) == 1, timeout=10_000)
+    t = widget.trajectories[0]
+    assert t.xy.shape == (viewer.layers["phantom"].data.shape[0], 2)
+    assert widget.score > 0.5  # the demo model was CORAL-pretrained
+    widget.plot.canvas.draw()
+    target = len(t.xy) - 2
+    x, y = widget.plot.ax.transData.transform(t.xy[target])
+    MouseEvent("button_press_event", widget.plot.canvas, x, y, button=1)._process()
+    assert widget._current_slice("phantom") == target
+    ring = widget._highlight[0]
+    np.testing.assert_allclose([ring.get_xdata()[0], ring.get_ydata()[0]], t.xy[target])
+    widget.go_to("phantom", 1)
+    np.testing.assert_allclose([widget._highlight[0].get_xdata()[0]], [t.xy[1, 0]])
+
+    session_for(viewer).annotated["phantom"] = [0]
+    suggested = widget.suggest()
+    assert len(suggested) == 3 and all(name == "phantom" and k != 0 for name, k in suggested)
+    assert widget.suggestions.count() == 3
