@@ -132,11 +132,16 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     layer, truth = _paint_from_truth(viewer, [])
     widget.labels_picker.setCurrentText("my annotations")
     widget.image_picker.setCurrentText("phantom")
-    annotated = [1, truth.shape[0] // 2, truth.shape[0] - 2]
+    held_out = truth.shape[0] // 2 + 1
+    annotated = [1, truth.shape[0] // 2, held_out, truth.shape[0] - 2]
     for k in annotated:
         idx = np.nonzero(truth[k])
         layer.data_setitem((np.full_like(idx[0], k), *idx), truth[k][idx])
     qtbot.waitUntil(lambda: widget.annotated_slices() == annotated, timeout=5000)
+    viewer.add_image(np.zeros((2, 2, 2)), name="unrelated")  # the layer list changing keeps what was painted
+    viewer.layers.remove("unrelated")
+    assert widget.annotated_slices() == annotated
+    widget.validation_slices.setText(str(held_out))
     unannotated = [k for k in range(truth.shape[0]) if k not in annotated]
     image = viewer.layers["phantom"].data
     before = mean_dice(segment_volume(session.model, image), truth, unannotated)
@@ -150,15 +155,16 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     runner = widget.finetune()
     assert runner is not None
     qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
+    assert "failed" not in widget.status.text() and "stopped" not in widget.status.text(), widget.status.text()
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)  # re-segmented
     heartbeat.stop()
-    assert session.source == "fine-tuned on phantom", widget.status.text()
-    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)
 
     longest_pause = max(np.diff(beats))
     assert longest_pause < 0.25, f"event loop paused {longest_pause * 1000:.0f} ms"
     assert widget.autosaved.is_file()  # annotations were saved before training
     np.testing.assert_array_equal(load_volume(widget.autosaved).array, layer.data)
     assert widget.losses and widget.losses[-1][0] == 120
+    assert len(widget.val_dice) == 10 and widget.val_dice[-1][1] > widget.val_dice[0][1]  # held-out slice scored
     after = mean_dice(viewer.layers["phantom labels"].data, truth, unannotated)
     assert after > before + 0.2, (before, after)
     assert session.source == "fine-tuned on phantom"
@@ -192,6 +198,10 @@ def test_finetune_without_annotations_says_what_to_do(viewer):
     widget.labels_picker.setCurrentText("empty")
     assert widget.finetune() is None
     assert "paint at least one slice" in widget.status.text()
+    widget.extra_slices.setText("2")
+    widget.validation_slices.setText("5")
+    assert widget.finetune() is None
+    assert "validation slice(s) [5] are not annotated" in widget.status.text()
 
 
 # --------------------------------------------------------------------------- embedding

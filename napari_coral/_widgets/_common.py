@@ -106,6 +106,15 @@ class JobRunner(QObject):
         self._bar.close()
 
 
+def alive(widget) -> bool:
+    """False once Qt has deleted the widget (its dock was closed): late callbacks skip it."""
+    try:
+        widget.isVisible()
+    except RuntimeError:
+        return False
+    return True
+
+
 def status_label(text: str = "") -> QLabel:
     label = QLabel(text)
     label.setWordWrap(True)
@@ -125,7 +134,7 @@ class PlotCanvas:
         from matplotlib.figure import Figure
 
         self.figure = Figure(figsize=(4, height))
-        self.figure.subplots_adjust(left=0.14, right=0.97, bottom=0.17, top=0.9)
+        self.figure.subplots_adjust(left=0.14, right=0.97, bottom=0.2, top=0.88)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(int(height * 70))
         self.ax = self.figure.add_subplot(1, 1, 1)

@@ -117,8 +117,8 @@ class EmbeddingWidget(QWidget):
         span = max((np.ptp(t.xy[:, 0]) for t in self.trajectories), default=1.0) or 1.0
         label = "CORAL direction" if has_direction else "first principal axis"
         ax.annotate("", xy=(0.35 * span, 0), xytext=(-0.35 * span, 0), arrowprops={"arrowstyle": "->", "color": "crimson", "lw": 1.5})
-        ax.text(0.35 * span, 0, f" {label}", color="crimson", fontsize=7, va="bottom")
-        ax.set_title(f"ordinal consistency {self.score:.2f} (base -> apex along the arrow)", fontsize=8)
+        ax.text(-0.35 * span, 0, f"{label} ", color="crimson", fontsize=7, va="bottom", ha="left")
+        ax.set_title(f"ordinal consistency {self.score:.2f}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
         self.status.setText(

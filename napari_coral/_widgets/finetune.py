@@ -16,7 +16,7 @@ from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
 from napari_coral._jobs import Job, config_dict, write_inputs
 from napari_coral._session import data_home, session_for
-from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, status_label
+from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import start_segmentation
 from napari_coral._writer import write_labels
 
@@ -35,7 +35,7 @@ class FinetuneWidget(QWidget):
         self.extra_slices = QLineEdit()
         self.extra_slices.setPlaceholderText("e.g. 3,7,9 or 2-5")
         self.validation_slices = QLineEdit()
-        self.validation_slices.setPlaceholderText("optional, annotated slices to score")
+        self.validation_slices.setPlaceholderText("optional: annotated slices held out and scored")
         self.steps = QSpinBox()
         self.steps.setRange(1, 100000)
         self.steps.setValue(200)
@@ -95,10 +95,13 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------------ annotated slices
     def _watch_labels(self, *_):
+        layer = self.labels_picker.layer()
+        # `==`, not `is`: napari gives plugins a proxy viewer whose every access returns a new proxy.
+        if layer is not None and self._watched is not None and layer == self._watched:
+            return  # the layer list changed around the same layer: keep what was painted
         if self._watched is not None:
             self._watched.events.paint.disconnect(self._labels_edited)
             self._watched.events.data.disconnect(self._labels_edited)
-        layer = self.labels_picker.layer()
         self._watched = layer
         self._touched = set()
         self._baseline = None if layer is None else np.array(layer.data, copy=True)
@@ -154,12 +157,18 @@ class FinetuneWidget(QWidget):
         if not slices:
             raise UserError("no annotated slices yet: paint at least one slice, or list slices under 'Also use slices'")
         val = parse_slices(self.validation_slices.text(), image.data.shape[0], image.name) if self.validation_slices.text().strip() else []
+        unannotated = [v for v in val if v not in slices]
+        if unannotated:
+            raise UserError(f"validation slice(s) {unannotated} are not annotated; validation needs annotated slices to score against")
+        train = [k for k in slices if k not in val]
+        if not train:
+            raise UserError("every annotated slice is a validation slice; keep at least one for training")
         model = self.session.ensure_model()
         lab = np.asarray(labels.data).astype(np.int64)
         top = int(lab[slices].max())
         if top >= model.config.n_classes:
             raise UserError(f"labels layer uses label {top} but the model has classes 0..{model.config.n_classes - 1} ({', '.join(model.config.class_names)}); paint with those labels")
-        return image, labels, lab, slices, [v for v in val if v not in slices], model
+        return image, labels, lab, train, val, model
 
     def autosave(self, labels_layer) -> Path:
         """Write the annotations with their geometry before any training starts."""
@@ -201,7 +210,8 @@ class FinetuneWidget(QWidget):
         self.runner.failed.connect(self._failed)
         self.finetune_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.status.setText(f"Annotations saved to {self.autosaved}. Fine-tuning on slices {slices}...")
+        held_out = f", validating on {val}" if val else ""
+        self.status.setText(f"Annotations saved to {self.autosaved}. Fine-tuning on slices {slices}{held_out}...")
         return self.runner.start()
 
     def cancel(self) -> None:
@@ -238,10 +248,12 @@ class FinetuneWidget(QWidget):
         def loaded(result):
             model, meta = result
             self.session.set_model(model, meta, f"fine-tuned on {image.name}")
+            if not alive(self):  # the dock was closed while the model loaded
+                return
             self.save_button.setEnabled(True)
             self.segment_worker = start_segmentation(
                 self.viewer, image, self.device_picker.device(),
-                on_done=lambda layer: self.status.setText(f"Fine-tuned and re-segmented into {layer.name}. Save the model if it looks right."),
+                on_done=lambda layer: alive(self) and self.status.setText(f"Fine-tuned and re-segmented into {layer.name}. Save the model if it looks right."),
             )
 
         loader.returned.connect(loaded)

@@ -6,7 +6,7 @@ import numpy as np
 from qtpy.QtWidgets import QFormLayout, QPushButton, QVBoxLayout, QWidget
 
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, LayerPicker, class_colormap, status_label
+from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
 
 
 def labels_layer_name(image_name: str) -> str:
@@ -53,6 +53,8 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     def finished(labels):
         bar.update(volume.shape[0] - bar.n)
         bar.close()
+        if image_layer not in viewer.layers:  # closed or removed while segmenting
+            return
         layer = put_labels(viewer, image_layer, labels, model.config.class_names)
         if on_done:
             on_done(layer)
@@ -106,10 +108,14 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Segmenting {image.name} on {device.type}...")
 
         def done(layer):
+            if not alive(self):
+                return
             self.segment_button.setEnabled(True)
             self.status.setText(f"Wrote {layer.name} ({self.session.source}).")
 
         def failed(exc):
+            if not alive(self):
+                return
             self.segment_button.setEnabled(True)
             self.status.setText(f"Segmentation failed: {exc}")
             show_error(f"Segmentation failed: {exc}")
