@@ -59,6 +59,22 @@ def _load_model(path: str | None, device):
     return load_checkpoint(path, device)
 
 
+def _class_names(text: str | None, n_classes: int) -> list[str]:
+    if not text:
+        return ["background"] + [f"class {c}" for c in range(1, n_classes)]
+    names = [n.strip() for n in text.split(",")]
+    if len(names) == n_classes - 1:
+        names = ["background"] + names
+    if len(names) != n_classes:
+        raise UserError(f"--class-names gives {len(names)} names for {n_classes} classes (0..{n_classes - 1}); name each foreground class, e.g. GM,WM")
+    return names
+
+
+def _rename(model, names: list[str]):
+    model.config.class_names = list(names)
+    return model
+
+
 def _auto_image_size(volumes, requested: int | None) -> int:
     if requested:
         if requested % 16:
@@ -147,14 +163,18 @@ def cmd_finetune(args) -> tuple[dict, str]:
         raise UserError(f"{args.labels}: holds only background; at least one foreground class is needed")
     if int(lab.max()) >= n_classes:
         raise UserError(f"{args.labels}: holds label {int(lab.max())} but --classes is {n_classes}; raise --classes")
+    names = _class_names(args.class_names, n_classes)
     if args.init:
         model, meta = load_checkpoint(args.init)
         init = str(args.init)
-        if model.config.n_classes != n_classes:
-            model = resize_head(model, n_classes)
+        # A pretrained encoder has no trained head: give it one for these labels. A fine-tuned
+        # model keeps its head (and names) when the classes match.
+        fresh_head = meta.get("training", {}).get("stage") == "pretrain" or model.config.n_classes != n_classes
+        if fresh_head or args.class_names:
+            model = resize_head(model, n_classes, names) if fresh_head else _rename(model, names)
     else:
         model = build_model(UNetConfig(
-            n_classes=n_classes, class_names=["background"] + [f"class {c}" for c in range(1, n_classes)],
+            n_classes=n_classes, class_names=names,
             base_filters=args.base_filters, image_size=_auto_image_size([image.array], args.image_size),
         ))
         init = "random"
@@ -318,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint (default: random init)")
     p.add_argument("--out", required=True, metavar="CKPT")
     p.add_argument("--classes", type=int, default=None, help="number of classes incl. background (default: from the labels)")
+    p.add_argument("--class-names", default=None, help="names of the foreground classes in label order, e.g. GM,WM")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -98,6 +98,20 @@ def test_embed_writes_table_and_plot(workflow):
     assert res["axis"] == "coral" and -1 <= res["ordinal_consistency"] <= 1
 
 
+def test_finetune_from_a_pretrained_encoder_names_the_new_classes(workflow):
+    from coral_core.checkpoint import load_checkpoint
+
+    d = workflow[0]
+    coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--init", d / "pre.safetensors", "--steps", 1,
+          "--class-names", "RV,Myo,LV", "--out", d / "named.safetensors")
+    model, meta = load_checkpoint(d / "named.safetensors")
+    assert model.config.class_names == ["background", "RV", "Myo", "LV"]
+    plain, _ = load_checkpoint(d / "ft.safetensors")  # from the pretrain stage, no names given
+    assert plain.config.class_names == ["background", "class 1", "class 2", "class 3"]
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--class-names", "a,b",
+                     "--out", d / "bad.safetensors", check=False), "2 names for 4 classes")
+
+
 def test_finetune_from_random_init_uses_the_label_classes(subject):
     d = subject
     res = json.loads(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 2, *TINY,

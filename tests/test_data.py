@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from coral_core.data import (
     LabelledSlices,

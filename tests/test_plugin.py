@@ -12,8 +12,7 @@ from qtpy.QtCore import QTimer  # noqa: E402
 
 from coral_core.metrics import dice_per_class  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
-from coral_core.phantom import make_phantom  # noqa: E402
-from coral_core.volume import load_volume, save_volume  # noqa: E402
+from coral_core.volume import load_volume  # noqa: E402
 from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
 from napari_coral._reader import get_reader  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
@@ -190,6 +189,23 @@ def test_cancel_keeps_the_previous_model(viewer, qtbot):
     assert session.model is previous
     assert "kept the previous model" in widget.status.text()
     assert widget.finetune_button.isEnabled()
+
+
+def test_finetune_works_with_default_choices_on_the_sample(viewer, qtbot):
+    widget = dock(viewer, "Fine-tune")
+    truth = viewer.layers["phantom ground truth"].data
+    assert widget.labels_picker.currentText() == "phantom ground truth"
+    assert widget.annotated_slices() == list(range(truth.shape[0]))  # a label layer: its labelled slices
+    runner = widget.finetune()
+    assert runner is not None
+    qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
+    segment = dock(viewer, "Segment")
+    segment.segment()
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)
+    widget.labels_picker.setCurrentText("phantom labels")
+    assert widget.annotated_slices() == []  # a prediction counts only where corrected
 
 
 def test_finetune_without_annotations_says_what_to_do(viewer):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from qtpy.QtCore import QObject, QTimer, Signal
-from qtpy.QtWidgets import QComboBox, QLabel, QSizePolicy
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QLabel, QListWidget, QListWidgetItem, QSizePolicy
 
 from coral_core.device import resolve_device
 from napari_coral._jobs import Job
@@ -40,6 +41,33 @@ class LayerPicker(QComboBox):
     def layer(self):
         name = self.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
+
+
+class VolumeChecklist(QListWidget):
+    """The viewer's 3-D image layers as a checkable list (new layers start checked)."""
+
+    def __init__(self, viewer, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.setMaximumHeight(85)
+        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.removed.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, *_):
+        from napari.layers import Image
+
+        before = {self.item(i).text(): self.item(i).checkState() for i in range(self.count())}
+        self.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image) and layer.ndim == 3:
+                item = QListWidgetItem(layer.name)
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setCheckState(before.get(layer.name, Qt.CheckState.Checked))
+                self.addItem(item)
+
+    def checked(self) -> list[str]:
+        return [self.item(i).text() for i in range(self.count()) if self.item(i).checkState() == Qt.CheckState.Checked]
 
 
 class DevicePicker(QComboBox):

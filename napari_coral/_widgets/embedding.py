@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButto
 
 from coral_core.embedding import Trajectory, project_trajectories, suggest_slices
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, PlotCanvas, status_label
+from napari_coral._widgets._common import DevicePicker, PlotCanvas, VolumeChecklist, status_label
 
 
 class EmbeddingWidget(QWidget):
@@ -16,8 +16,7 @@ class EmbeddingWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        self.volumes = QListWidget()
-        self.volumes.setMaximumHeight(80)
+        self.volumes = VolumeChecklist(napari_viewer)
         self.device_picker = DevicePicker()
         self.embed_button = QPushButton("Embed")
         self.embed_button.clicked.connect(self.embed)
@@ -51,24 +50,6 @@ class EmbeddingWidget(QWidget):
         self._highlight = []
         self.plot.canvas.mpl_connect("pick_event", self._picked)
         napari_viewer.dims.events.current_step.connect(self._highlight_current)
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(self._list_volumes)
-        self._list_volumes()
-
-    def _list_volumes(self, *_):
-        from napari.layers import Image
-
-        checked = {self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked}
-        self.volumes.clear()
-        for layer in self.viewer.layers:
-            if isinstance(layer, Image) and layer.ndim == 3:
-                item = QListWidgetItem(layer.name)
-                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                item.setCheckState(Qt.CheckState.Checked if (not checked or layer.name in checked) else Qt.CheckState.Unchecked)
-                self.volumes.addItem(item)
-
-    def checked(self) -> list[str]:
-        return [self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked]
 
     # ------------------------------------------------------------------ computing
     def embed(self):
@@ -77,7 +58,7 @@ class EmbeddingWidget(QWidget):
 
         from coral_core.infer import embed_volume
 
-        names = self.checked()
+        names = self.volumes.checked()
         if not names:
             show_error("Check at least one open 3-D image to embed.")
             return None

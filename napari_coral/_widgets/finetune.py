@@ -23,7 +23,9 @@ from napari_coral._writer import write_labels
 
 class FinetuneWidget(QWidget):
     """The annotated slices are those the user painted in the Labels layer (compared with the
-    layer as it was when chosen), plus any listed under "Also use slices"."""
+    layer as it was when chosen), plus any listed under "Also use slices". Until something is
+    painted, a Labels layer that is not a segmentation of ours (a label file, the sample's
+    ground truth) counts with every slice that holds a label."""
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
@@ -131,7 +133,11 @@ class FinetuneWidget(QWidget):
         extra = []
         if layer is not None and self.extra_slices.text().strip():
             extra = parse_slices(self.extra_slices.text(), layer.data.shape[0], layer.name)
-        return sorted(self._touched | set(extra))
+        touched = self._touched
+        if not touched and layer is not None and not layer.metadata.get("coral_prediction"):
+            data = np.asarray(layer.data)
+            touched = {int(i) for i in np.flatnonzero(data.reshape(data.shape[0], -1).any(axis=1))}
+        return sorted(touched | set(extra))
 
     def _show_annotated(self, *_):
         try:

@@ -12,14 +12,11 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QListWidget,
-    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
-from qtpy.QtCore import Qt
 
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.cli import bundled_model_path
@@ -27,7 +24,7 @@ from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
 from napari_coral._jobs import Job, config_dict
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, JobRunner, status_label
+from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, status_label
 
 
 class ModelWidget(QWidget):
@@ -52,8 +49,7 @@ class ModelWidget(QWidget):
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 1000)
         self.epochs.setValue(3)
-        self.volumes = QListWidget()
-        self.volumes.setMaximumHeight(90)
+        self.volumes = VolumeChecklist(napari_viewer)
         self.device_picker = DevicePicker()
         self.pretrain_button = QPushButton("Pretrain")
         self.cancel_button = QPushButton("Cancel")
@@ -84,9 +80,6 @@ class ModelWidget(QWidget):
         self.runner: JobRunner | None = None
         self._tmp = None
         self.session.subscribe(self._show_model)
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(self._list_volumes)
-        self._list_volumes()
         self._show_model()
 
     # ------------------------------------------------------------------ model source
@@ -124,25 +117,10 @@ class ModelWidget(QWidget):
             self.save_model_file(path)
 
     # ------------------------------------------------------------------ pretraining
-    def _list_volumes(self, *_):
-        from napari.layers import Image
-
-        checked = {self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked}
-        self.volumes.clear()
-        for layer in self.viewer.layers:
-            if isinstance(layer, Image) and layer.ndim == 3:
-                item = QListWidgetItem(layer.name)
-                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                item.setCheckState(Qt.CheckState.Checked if (not checked or layer.name in checked) else Qt.CheckState.Unchecked)
-                self.volumes.addItem(item)
-
-    def checked_volumes(self) -> list[str]:
-        return [self.volumes.item(i).text() for i in range(self.volumes.count()) if self.volumes.item(i).checkState() == Qt.CheckState.Checked]
-
     def pretrain(self, mode: str = "process"):
         from napari.utils.notifications import show_error
 
-        names = self.checked_volumes()
+        names = self.volumes.checked()
         if not names:
             show_error("Check at least one open 3-D image to pretrain on.")
             return None

@@ -23,10 +23,11 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]):
     else:
         layer = viewer.add_labels(
             labels, name=name, scale=image_layer.scale, translate=image_layer.translate,
-            metadata=dict(image_layer.metadata),
+            metadata={**image_layer.metadata},
         )
     layer.colormap = class_colormap(len(class_names))
     layer.features = features
+    layer.metadata["coral_prediction"] = True  # its labelled slices are predictions, not annotations
     return layer
 
 
