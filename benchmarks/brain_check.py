@@ -90,7 +90,7 @@ def main():
     t0 = time.perf_counter()
     pre = coral("pretrain", d / "t1.nii.gz", "--epochs", 3, "--out", d / "pre.safetensors", "--json")
     t1 = time.perf_counter()
-    ft = coral("finetune", d / "t1.nii.gz", "--labels", d / "gt.nii.gz", "--slices", ",".join(map(str, annotated)),
+    coral("finetune", d / "t1.nii.gz", "--labels", d / "gt.nii.gz", "--slices", ",".join(map(str, annotated)),
                "--init", d / "pre.safetensors", "--class-names", "GM,WM", "--out", d / "ft.safetensors", "--json")
     t2 = time.perf_counter()
     coral("segment", d / "t1.nii.gz", "--model", d / "ft.safetensors", "--out", d / "seg.nii.gz", "--json")

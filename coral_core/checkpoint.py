@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import fields
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -19,12 +20,17 @@ from coral_core.errors import UserError
 from coral_core.fileio import atomic_target
 from coral_core.model import UNet, UNetConfig
 
-__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_NAME", "FORMAT_VERSION", "NORMALISATION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "bundled_model_path", "FORMAT_NAME", "FORMAT_VERSION", "NORMALISATION"]
 
 FORMAT_NAME = "napari-coral"
 FORMAT_VERSION = 1
 NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5, "range": [0.0, 1.0]}
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+def bundled_model_path() -> Path:
+    """The small CORAL-pretrained, phantom-fine-tuned demo model shipped in the package."""
+    return Path(str(resources.files("coral_core") / "assets" / "demo_model.safetensors"))
 
 
 def save_checkpoint(

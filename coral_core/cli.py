@@ -11,13 +11,9 @@ import argparse
 import json
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 from coral_core.errors import UserError
-
-BUNDLED_MODEL = "demo_model.safetensors"
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -44,12 +40,8 @@ def _progress(total: int, desc: str, quiet: bool):
     return bar, callback
 
 
-def bundled_model_path() -> Path:
-    return Path(str(resources.files("coral_core") / "assets" / BUNDLED_MODEL))
-
-
 def _load_model(path: str | None, device):
-    from coral_core.checkpoint import load_checkpoint
+    from coral_core.checkpoint import bundled_model_path, load_checkpoint
 
     if path is None:
         p = bundled_model_path()

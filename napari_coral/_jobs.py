@@ -175,11 +175,6 @@ class Job:
             self.finished = True
         return out
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._reader is not None:
-            self._reader.join(timeout)
-
-
 def write_inputs(folder: Path, **arrays) -> Path:
     """Save the arrays a job needs as one .npz in ``folder``."""
     path = folder / "inputs.npz"

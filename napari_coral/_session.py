@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from coral_core.checkpoint import load_checkpoint
-from coral_core.cli import bundled_model_path
+from coral_core.checkpoint import bundled_model_path, load_checkpoint
 from coral_core.model import UNet
 
 _SESSIONS: "weakref.WeakKeyDictionary[object, CoralSession]" = weakref.WeakKeyDictionary()
@@ -37,9 +36,12 @@ class CoralSession:
     def ensure_model(self) -> UNet:
         """The current model, loading the bundled demo model on first use."""
         if self.model is None:
-            model, meta = load_checkpoint(bundled_model_path())
-            self.set_model(model, meta, "bundled demo model")
+            self.use_bundled_model()
         return self.model
+
+    def use_bundled_model(self) -> None:
+        model, meta = load_checkpoint(bundled_model_path())
+        self.set_model(model, meta, "bundled demo model")
 
     def set_model(self, model: UNet, meta: dict, source: str) -> None:
         self.model, self.meta, self.source = model.eval(), meta, source

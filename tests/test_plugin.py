@@ -249,3 +249,25 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
     suggested = widget.suggest()
     assert len(suggested) == 3 and all(name == "phantom" and k != 0 for name, k in suggested)
     assert widget.suggestions.count() == 3
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
+    widget = dock(viewer, "Model")
+    session = session_for(viewer)
+    assert widget.volumes.checked() == ["phantom"]
+    runner = widget.pretrain()  # default choices: CORAL, 3 epochs, the open image
+    qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
+    assert "pretrained encoder" in session.source, widget.pretrain_status.text()
+    assert session.model.has_direction and session.meta["training"]["method"] == "coral"
+    saved = widget.save_model_file(str(tmp_path / "pre.safetensors"))
+    widget.use_demo_model()
+    assert session.source == "bundled demo model"
+    assert widget.load_checkpoint_file(str(saved)) and session.source == "pre.safetensors"
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 40)
+    before = session.model
+    assert not widget.load_checkpoint_file(str(tmp_path / "broken.safetensors"))
+    assert session.model is before  # a bad file changes nothing
+    assert "Current model: pre.safetensors" in widget.current.text()

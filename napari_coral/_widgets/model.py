@@ -19,10 +19,9 @@ from qtpy.QtWidgets import (
 )
 
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
-from coral_core.cli import bundled_model_path
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
-from napari_coral._jobs import Job, config_dict
+from napari_coral._jobs import Job, config_dict, write_inputs
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, status_label
 
@@ -87,8 +86,7 @@ class ModelWidget(QWidget):
         self.current.setText(f"Current model: {self.session.describe()}")
 
     def use_demo_model(self) -> None:
-        model, meta = load_checkpoint(bundled_model_path())
-        self.session.set_model(model, meta, "bundled demo model")
+        self.session.use_bundled_model()
 
     def load_checkpoint_file(self, path: str) -> bool:
         from napari.utils.notifications import show_error
@@ -133,9 +131,9 @@ class ModelWidget(QWidget):
         cfg = PretrainConfig(method=self.method.currentText(), epochs=self.epochs.value(), device=device.type, model=base)
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")
         folder = Path(self._tmp.name)
-        np.savez(folder / "inputs.npz", **{f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)})
+        data = write_inputs(folder, **{f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)})
         spec = {
-            "data": str(folder / "inputs.npz"), "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
+            "data": str(data), "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
             "training": {"stage": "pretrain", "method": cfg.method, "epochs": cfg.epochs, "volumes": names},
         }
         self.runner = JobRunner(Job("pretrain", spec, mode), f"Pretraining ({cfg.method})", self)
