@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -378,8 +379,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was written", file=sys.stderr)
         return 130
-    print(json.dumps(result, default=float) if args.json else text)
+    print(json.dumps(_finite(result), allow_nan=False) if args.json else text)
     return 0
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: such numbers (an absent class's Dice or HD95) become null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ def test_evaluate_reports_dice_and_hd95(workflow):
     assert res["mean_dice"] == 1.0 and res["mean_hd95"] == 0.0
     text = coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz").stdout
     assert "Dice" in text and "mean" in text
+    empty = d / "empty_seg.nii.gz"
+    save_volume(empty, np.zeros(load_volume(d / "lab.nii.gz").shape, np.uint8), load_volume(d / "lab.nii.gz").affine)
+    strict = json.loads(coral("evaluate", empty, d / "lab.nii.gz", "--json").stdout, parse_constant=lambda c: 1 / 0)
+    assert strict["hd95"]["1"] is None and strict["dice"]["1"] == 0.0  # no NaN/Infinity in the JSON
 
 
 def test_embed_writes_table_and_plot(workflow):
