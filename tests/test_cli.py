@@ -159,3 +159,22 @@ def test_segment_and_embed_default_to_the_bundled_demo_model(tmp_path):
     assert score["dice"]["3"] > 0.8  # the LV of an unseen phantom subject
     emb = json.loads(coral("embed", tmp_path / "img.nii.gz", "--out", tmp_path / "e.csv", "--json").stdout)
     assert emb["axis"] == "coral"
+
+
+def test_ctrl_c_exits_cleanly_without_partial_output(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "pre.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coral_core.cli", "pretrain", "--phantom", "4", "--epochs", "100000", *TINY, "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's background job ignores it
+    )
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "error: interrupted; no partial output was written"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
