@@ -35,7 +35,6 @@ __all__ = [
     "SimCLRLoss",
     "PCLLoss",
     "GCLLoss",
-    "slice_distances",
     "simclr_positive_mask",
     "pcl_positive_mask",
     "gcl_positive_mask",
@@ -86,11 +85,6 @@ def _no_autocast(device: torch.device):
     if device.type in ("cuda", "cpu", "mps", "xpu"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def slice_distances(p_rows: Tensor, p_cols: Tensor) -> Tensor:
-    """Anatomical distances ``|p_a - p_b|`` (rows x cols) on the DISTANCE_RESOLUTION grid."""
-    return _grid_distances(p_rows, p_cols).to(p_rows.dtype) * DISTANCE_RESOLUTION
 
 
 def _grid_distances(p_rows: Tensor, p_cols: Tensor) -> Tensor:

@@ -73,12 +73,6 @@ class Volume:
                 return name[: -len(suffix)]
         return name
 
-    def with_array(self, array: np.ndarray) -> "Volume":
-        """A volume with the same geometry and new voxels of the same (z, y, x) shape."""
-        if array.shape != self.array.shape:
-            raise ValueError(f"shape {array.shape} does not match the volume's {self.array.shape}")
-        return Volume(array, self.affine.copy(), self.path)
-
 
 def is_volume_path(path: str | os.PathLike) -> bool:
     """True for a file with a known volume suffix or a folder holding DICOM files."""

@@ -51,10 +51,6 @@ class CoralSession:
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
-    def unsubscribe(self, callback: Callable[[], None]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-
     def describe(self) -> str:
         if self.model is None:
             return "no model loaded yet (the bundled demo model is used)"
