@@ -261,7 +261,8 @@ def _oal_sum(b: _Batch, direction: Tensor) -> Tensor:
     sq_anchor = (z_anchor * z_anchor).sum(dim=1)  # (n,)
     sq_dist = sq_anchor[:, None] + sq_all[None, :] - 2.0 * (z_anchor @ z_all.T)  # (n, N)
     dist = sq_dist.clamp_min(OAL_EPS * OAL_EPS).sqrt()  # (n, N)
-    cosine = (along_all[None, :] - along_anchor[:, None]) / dist  # (n, N)
+    # Cancellation in the Gram form can underestimate a tiny distance; a cosine is in [-1, 1].
+    cosine = ((along_all[None, :] - along_anchor[:, None]) / dist).clamp(-1.0, 1.0)  # (n, N)
     with torch.no_grad():
         counted = (b.p_anchor[:, None] < b.p[None, :]) & (sq_dist > OAL_EPS * OAL_EPS)  # (n, N)
     return torch.where(counted, cosine, torch.zeros_like(cosine)).sum()

@@ -199,6 +199,19 @@ def test_edge_cases_stay_finite(dtype):
     assert out.oal.item() == 0.0  # no difference vector has a direction
 
 
+def test_oal_stays_finite_when_features_nearly_coincide():
+    # float32 features of norm ~100 whose differences are ~1e-4: the Gram form cancels badly
+    # (some squared distances come out 0 or negative), yet loss and gradients stay finite.
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(1, 32, generator=g) * 100
+    z = (base + 1e-4 * torch.randn(24, 32, generator=g)).requires_grad_(True)
+    v = torch.randn(32, generator=g, requires_grad=True)
+    loss = oal_loss(z, torch.linspace(0.1, 1.0, 24), v)
+    loss.backward()
+    assert -1.0 <= loss.item() <= 1.0
+    assert torch.isfinite(z.grad).all() and torch.isfinite(v.grad).all()
+
+
 def test_oal_zero_length_pairs_match_direct_form():
     g = torch.Generator().manual_seed(11)
     z = torch.randn(7, 4, generator=g, dtype=torch.float64)
