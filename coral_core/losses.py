@@ -228,11 +228,15 @@ def ral_loss(
         Scalar loss, float32 (float64 for float64 input).
     """
     with _no_autocast(features.device):
-        b = _prepare(features, positions, distributed)
-        n = b.z.shape[0]
-        if n < 2:
-            raise ValueError(f"RAL needs at least 2 feature vectors, got {n}")
-        return _ral_sum(b, temperature, soft_weights, sigmoid_scale) / (n * (n - 1))
+        return _ral_mean(_prepare(features, positions, distributed), temperature, soft_weights, sigmoid_scale)
+
+
+def _ral_mean(b: _Batch, temperature: float, soft_weights: bool, sigmoid_scale: float) -> Tensor:
+    """This process's share of L_RAL: its sum over the global number of (a, b) terms."""
+    n = b.z.shape[0]
+    if n < 2:
+        raise ValueError(f"RAL needs at least 2 feature vectors, got {n}")
+    return _ral_sum(b, temperature, soft_weights, sigmoid_scale) / (n * (n - 1))
 
 
 # --------------------------------------------------------------------------- OAL
@@ -295,8 +299,13 @@ def oal_loss(
             raise ValueError(
                 f"direction must have shape ({b.z.shape[1]},), got {tuple(direction.shape)}"
             )
-        count = _ordered_pair_count(b.p).clamp_min(1).to(b.z.dtype)
-        return -_oal_sum(b, direction) / count
+        return _oal_mean(b, direction)
+
+
+def _oal_mean(b: _Batch, direction: Tensor) -> Tensor:
+    """This process's share of L_OAL: minus its cosine sum over the global pair count."""
+    count = _ordered_pair_count(b.p).clamp_min(1).to(b.z.dtype)
+    return -_oal_sum(b, direction) / count
 
 
 class CoralLossOutput(NamedTuple):
@@ -347,12 +356,8 @@ class CoralLoss(nn.Module):
     def forward(self, features: Tensor, positions: Tensor) -> CoralLossOutput:
         with _no_autocast(features.device):
             b = _prepare(features, positions, self.distributed)
-            n = b.z.shape[0]
-            if n < 2:
-                raise ValueError(f"CORAL needs at least 2 feature vectors, got {n}")
-            ral = _ral_sum(b, self.temperature, self.soft_weights, self.sigmoid_scale) / (n * (n - 1))
-            count = _ordered_pair_count(b.p).clamp_min(1).to(b.z.dtype)
-            oal = -_oal_sum(b, self.direction) / count
+            ral = _ral_mean(b, self.temperature, self.soft_weights, self.sigmoid_scale)
+            oal = _oal_mean(b, self.direction)
             return CoralLossOutput(ral + self.alpha * oal, ral, oal)
 
     def extra_repr(self) -> str:
