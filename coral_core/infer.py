@@ -8,22 +8,15 @@ shape.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from coral_core.data import resize_slices
+from coral_core.device import mixed_precision
 from coral_core.model import UNet
 
-__all__ = ["segment_volume", "embed_volume"]
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+__all__ = ["segment_volume", "iter_segment_volume", "embed_volume"]
 
 
 def _batches(model: UNet, array: np.ndarray, batch_size: int):
@@ -34,6 +27,22 @@ def _batches(model: UNet, array: np.ndarray, batch_size: int):
         yield slices[start : start + batch_size]
 
 
+def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16):
+    """Segment batch by batch, yielding ``(slices done, labels)``; ``labels`` (uint8, the
+    volume's shape) is complete after the last yield."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    out = np.zeros(volume.shape, dtype=np.uint8)
+    done = 0
+    with torch.inference_mode(), mixed_precision(device):
+        for batch in _batches(model, volume, batch_size):
+            logits = model(batch.to(device, non_blocking=True))
+            logits = F.interpolate(logits.float(), size=volume.shape[1:], mode="bilinear", align_corners=False)
+            out[done : done + batch.shape[0]] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            done += batch.shape[0]
+            yield done, out
+
+
 def segment_volume(
     model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16, progress=None
 ) -> np.ndarray:
@@ -41,19 +50,11 @@ def segment_volume(
 
     ``progress``, if given, is called with (slices done, total).
     """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    out = np.empty(volume.shape, dtype=np.uint8)
-    done = 0
-    with torch.inference_mode(), _autocast(device):
-        for batch in _batches(model, volume, batch_size):
-            logits = model(batch.to(device, non_blocking=True))
-            logits = F.interpolate(logits.float(), size=volume.shape[1:], mode="bilinear", align_corners=False)
-            out[done : done + batch.shape[0]] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            done += batch.shape[0]
-            if progress is not None:
-                progress(done, volume.shape[0])
-    return out
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    for done, labels in iter_segment_volume(model, volume, device, batch_size):
+        if progress is not None:
+            progress(done, volume.shape[0])
+    return labels
 
 
 def embed_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 32) -> np.ndarray:
@@ -61,7 +62,7 @@ def embed_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "
     device = torch.device(device)
     model = model.to(device).eval()
     rows = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), mixed_precision(device):
         for batch in _batches(model, volume, batch_size):
             rows.append(model.embed(batch.to(device, non_blocking=True)).float().cpu())
     return torch.cat(rows).numpy()

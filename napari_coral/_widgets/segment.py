@@ -36,7 +36,7 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     from napari.qt.threading import thread_worker
     from napari.utils import progress
 
-    from coral_core.infer import segment_volume
+    from coral_core.infer import iter_segment_volume
 
     session = session_for(viewer)
     model = session.ensure_model()
@@ -45,11 +45,13 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
 
     @thread_worker
     def work():
-        done = []
-        labels = segment_volume(model, volume, device, progress=lambda d, t: done.append(d))
+        labels = None
+        for done, labels in iter_segment_volume(model, volume, device):
+            yield done  # handed to the GUI thread, which advances the bar
         return labels
 
     worker = work()
+    worker.yielded.connect(lambda done: bar.update(done - bar.n))
 
     def finished(labels):
         bar.update(volume.shape[0] - bar.n)
