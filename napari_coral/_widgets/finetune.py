@@ -82,6 +82,7 @@ class FinetuneWidget(QWidget):
         self.runner: JobRunner | None = None
         self.segment_worker = None
         self.autosaved: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None  # the running job's files
         self.losses: list[tuple[int, float]] = []
         self.val_dice: list[tuple[int, float]] = []
         self._watched = None
@@ -199,7 +200,8 @@ class FinetuneWidget(QWidget):
             self.status.setText(str(exc))
             return None
         self.autosaved = self.autosave(labels_layer)
-        tmp = Path(tempfile.mkdtemp(prefix="napari-coral-"))
+        self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")  # replaces (and removes) the last run's
+        tmp = Path(self._tmp.name)
         save_checkpoint(tmp / "start.safetensors", model, self.session.meta.get("training", {}))
         data = write_inputs(tmp, image=np.asarray(image.data, dtype=np.float32), labels=lab,
                             slices=np.asarray(slices), val_slices=np.asarray(val, dtype=np.int64))
@@ -240,10 +242,10 @@ class FinetuneWidget(QWidget):
         self.plot.draw()
 
     def _finished(self, path: str, stopped: bool, image) -> None:
-        self.finetune_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self._draw_curve()
         if stopped:
+            self.finetune_button.setEnabled(True)
             self.status.setText(f"Cancelled; kept the previous model ({self.session.source}). Annotations are in {self.autosaved}.")
             return
         from napari.qt.threading import thread_worker
@@ -256,6 +258,7 @@ class FinetuneWidget(QWidget):
             self.session.set_model(model, meta, f"fine-tuned on {image.name}")
             if not alive(self):  # the dock was closed while the model loaded
                 return
+            self.finetune_button.setEnabled(True)  # only now: a new run would replace the files read here
             self.save_button.setEnabled(True)
             self.segment_worker = start_segmentation(
                 self.viewer, image, self.device_picker.device(),
@@ -263,6 +266,7 @@ class FinetuneWidget(QWidget):
             )
 
         loader.returned.connect(loaded)
+        loader.errored.connect(lambda exc: alive(self) and self._failed(f"could not load the fine-tuned model: {exc}."))
         loader.start()
 
     def _failed(self, message: str) -> None:
