@@ -42,9 +42,13 @@ def slice_positions(n_slices: int) -> Tensor:
     return (torch.arange(n_slices, dtype=torch.float32) + 1) / n_slices
 
 
-def resize_slices(array: np.ndarray, size: int) -> Tensor:
-    """(S, H, W) intensities -> (S, 1, size, size) normalised float32 slices."""
-    x = torch.from_numpy(normalise_intensity(array)).unsqueeze(1)
+def resize_slices(array: np.ndarray, size: int, slices: list[int] | None = None) -> Tensor:
+    """(S, H, W) intensities -> (S, 1, size, size) normalised float32 slices.
+
+    Normalisation uses the whole volume; only ``slices`` (all by default) are resampled.
+    """
+    x = normalise_intensity(array)
+    x = torch.from_numpy(x if slices is None else x[list(slices)]).unsqueeze(1)
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -127,7 +131,7 @@ class LabelledSlices(Dataset):
                 raise UserError(f"annotated slice(s) {bad} outside the image's {vol.shape[0]} slices")
             if not idx:
                 continue
-            images.append(resize_slices(vol, image_size)[list(idx)])
+            images.append(resize_slices(vol, image_size, idx))
             targets.append(resize_labels(lab[list(idx)], image_size))
         if not images:
             raise UserError("no annotated slices; paint at least one slice or pass --slices")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from coral_core.errors import UserError
 
-__all__ = ["resolve_device", "DEVICE_CHOICES"]
+__all__ = ["resolve_device", "mixed_precision", "DEVICE_CHOICES"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -31,3 +33,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise UserError(f"--device {name}: unknown device; use one of {', '.join(DEVICE_CHOICES)}")
+
+
+def mixed_precision(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (when enabled); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

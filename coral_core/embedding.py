@@ -64,11 +64,10 @@ def project_trajectories(
     rest = centred - np.outer(centred @ axis1, axis1)
     axis2 = _principal(rest)
     basis = np.stack([axis1, axis2])  # (2, D)
-    trajectories, start = [], 0
+    trajectories = []
     for name, f, pos in zip(names, features, positions):
         xy = (f.astype(np.float64) - centre) @ basis.T
         trajectories.append(Trajectory(name, xy, pos, ordinal_consistency(xy[:, 0], pos)))
-        start += len(f)
     return trajectories, basis, ordinal_consistency(centred @ axis1, pooled_pos)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from coral_core.device import resolve_device
+from coral_core.device import mixed_precision, resolve_device
 
 __all__ = ["StepCallback", "TrainingRun", "History"]
 
@@ -60,9 +59,7 @@ class TrainingRun:
         self.history = History()
 
     def autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return mixed_precision(self.device, self.amp)
 
     def should_stop(self) -> bool:
         if self.stop_event is not None and self.stop_event.is_set():

@@ -36,7 +36,7 @@ def volume_to_layer(volume: Volume, as_labels: bool | None = None, name: str | N
     return volume.array, kwargs, "image"
 
 
-def affine_from_layer(data_shape, metadata: dict | None, scale=None) -> np.ndarray:
+def affine_from_layer(metadata: dict | None, scale=None) -> np.ndarray:
     """The source affine kept in a layer's metadata, or a diagonal one from its scale."""
     meta = metadata or {}
     if meta.get("affine") is not None:

@@ -12,7 +12,7 @@ def _write(path: str, data, meta: dict, dtype) -> list[str]:
     array = np.asarray(data)
     if array.ndim != 3:
         raise ValueError(f"{path}: only 3-D layers can be saved as NIfTI (this one has {array.ndim} dimensions)")
-    affine = affine_from_layer(array.shape, meta.get("metadata"), meta.get("scale"))
+    affine = affine_from_layer(meta.get("metadata"), meta.get("scale"))
     save_volume(path, array.astype(dtype), affine)
     return [path]
 
