@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from coral_core.errors import UserError
@@ -95,11 +98,57 @@ def _read_inputs(inputs: list[str], phantom: int, seed: int):
     return volumes, names
 
 
+class _Interrupted(Exception):
+    """Ctrl-C stopped a training run after a step; its progress is in the resume file."""
+
+
+_STOP = threading.Event()
+
+
+def _stop_on_ctrl_c() -> None:
+    """First Ctrl-C: finish the current step, save progress, exit 130. Second: stop at once."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a background job: leave it so
+        return
+
+    def handler(signum, frame):
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+        _STOP.set()
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def _resume_state(args, fingerprint: dict, every: int):
+    """The run's resume file; without --resume an old one is replaced, not continued."""
+    from coral_core.resume import ResumeState, resume_path
+
+    state = ResumeState(resume_path(args.out), fingerprint, every)
+    if args.resume and not state.exists():
+        print(f"note: {state.path} not found; starting from the beginning", file=sys.stderr)
+    elif not args.resume:
+        state.remove()
+    return state
+
+
+def _resumed_from(history) -> int:
+    """The step a resumed run started after (0 for a fresh run)."""
+    return history.steps[0] - 1 if history.steps else 0
+
+
+def _finish(state, history, total: int) -> None:
+    if history.stopped:
+        raise _Interrupted(
+            f"interrupted after step {history.steps[-1] if history.steps else 'none'} of {total}; progress is kept "
+            f"in {state.path}; run the same command with --resume to continue"
+        )
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.checkpoint import save_checkpoint
+    from coral_core.device import resolve_device
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig
     from coral_core.pretrain import PretrainConfig, pretrain
@@ -115,18 +164,24 @@ def cmd_pretrain(args) -> tuple[dict, str]:
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, device=args.device, model=model_cfg,
     )
+    fingerprint = {"command": "pretrain", "config": asdict(cfg) | {"device": resolve_device(args.device).type},
+                   "inputs": [[n, int(v.shape[0])] for n, v in zip(names, volumes)]}
+    state = _resume_state(args, fingerprint, every=0)  # saved at every epoch's end and on Ctrl-C
     bar, callback = _progress(0, f"pretrain {args.method}", args.json)
     t0 = time.perf_counter()
     with bar:
-        result = pretrain(cfg, volumes, callback)
+        result = pretrain(cfg, volumes, callback, _STOP, resume=state)
+    _finish(state, result.history, bar.total)
     seconds = time.perf_counter() - t0
     training = {
         "stage": "pretrain", "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "volumes": len(volumes), "final_loss": result.history.last("loss"),
     }
     save_checkpoint(args.out, result.model, training)
+    state.remove()
     out = {"checkpoint": str(args.out), "method": args.method, "volumes": len(volumes),
-           "steps": len(result.history.steps), "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
+           "steps": len(result.history.steps), "resumed_from": _resumed_from(result.history),
+           "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
     return out, f"pretrained {args.method} on {len(volumes)} volumes in {seconds:.0f} s; saved {args.out}"
 
 
@@ -135,6 +190,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
 
     from coral_core.checkpoint import load_checkpoint, save_checkpoint
     from coral_core.data import parse_slices
+    from coral_core.device import resolve_device
     from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
@@ -172,15 +228,23 @@ def cmd_finetune(args) -> tuple[dict, str]:
         ))
         init = "random"
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    fingerprint = {"command": "finetune", "config": asdict(cfg) | {"device": resolve_device(args.device).type},
+                   "image": str(Path(args.image).resolve()), "labels": str(Path(args.labels).resolve()),
+                   "slices": slices, "init": str(Path(init).resolve()) if args.init else init,
+                   "classes": n_classes, "model": model.config.to_dict()}
+    state = _resume_state(args, fingerprint, every=50)
     bar, callback = _progress(cfg.steps, "fine-tune", args.json)
     t0 = time.perf_counter()
     with bar:
-        result = finetune(cfg, model, [image.array], [lab], [slices], callback)
+        result = finetune(cfg, model, [image.array], [lab], [slices], callback, _STOP, resume=state)
+    _finish(state, result.history, cfg.steps)
     seconds = time.perf_counter() - t0
     training = {"stage": "finetune", "init": init, "image": str(args.image), "slices": slices, "steps": args.steps,
                 "lr": args.lr, "seed": args.seed, "final_loss": result.history.last("loss")}
     save_checkpoint(args.out, result.model, training)
+    state.remove()
     out = {"checkpoint": str(args.out), "init": init, "slices": slices, "steps": len(result.history.steps),
+           "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
     return out, f"fine-tuned on slices {slices} of {args.image} in {seconds:.0f} s; saved {args.out}"
 
@@ -297,6 +361,12 @@ def cmd_demo(args) -> tuple[dict, str]:
 # --------------------------------------------------------------------------- parser
 
 
+RESUME_HELP = (
+    "continue from OUT's resume file (OUT with .resume.safetensors), which is written as the run goes and "
+    "when Ctrl-C stops it; the options must be the same"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from coral_core import __version__
 
@@ -323,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: from the data, at most 256)")
     p.add_argument("--embedding-dim", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
 
     p = command("finetune", "Fine-tune on the annotated slices of one image.", cmd_finetune)
     p.add_argument("image", metavar="IMAGE")
@@ -338,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-filters", type=int, default=16, help="without --init only")
     p.add_argument("--image-size", type=int, default=None, help="without --init only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
 
     p = command("segment", "Segment a volume; labels keep the input's shape and geometry.", cmd_segment)
     p.add_argument("image", metavar="IMAGE")
@@ -371,11 +443,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _STOP.clear()
+    if args.command in ("pretrain", "finetune"):
+        _stop_on_ctrl_c()
     try:
         result, text = args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _Interrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was written", file=sys.stderr)
         return 130

@@ -19,7 +19,8 @@ from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.data import LabelledSlices
 from coral_core.errors import UserError
 from coral_core.model import UNet
-from coral_core.training import History, StepCallback, TrainingRun
+from coral_core.resume import ResumeState
+from coral_core.training import History, StepCallback, TrainingRun, accumulate
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "segmentation_loss", "annotated_from_labels"]
 
@@ -91,6 +92,7 @@ def finetune(
     callback: StepCallback | None = None,
     stop_event: threading.Event | None = None,
     validation: tuple[list[np.ndarray], list[np.ndarray], list[list[int]]] | None = None,
+    resume: ResumeState | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a copy; the argument is not modified) on annotated slices.
 
@@ -107,13 +109,16 @@ def finetune(
         Set it to stop after the current step.
     validation : (images, labels, slices), optional
         Held-out annotated slices scored with mean foreground Dice.
+    resume : ResumeState, optional
+        Where to keep progress: restored from when it exists, written every ``resume.every``
+        steps and when stopped. (The caller removes it when done.)
 
     Returns
     -------
     FinetuneResult
         The fine-tuned copy and its history (``history.stopped`` if stopped early).
     """
-    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event)
+    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event, resume)
     size = model.config.image_size
     n_classes = model.config.n_classes
     for lab in labels:
@@ -127,21 +132,33 @@ def finetune(
     model = copy.deepcopy(model).to(run.device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
+    run.track({"model": model}, optimiser, scheduler)
+    restored = run.restore()
+    done = restored[0] if restored is not None else 0
     x_all, y_all = data.images.to(run.device), data.labels.to(run.device)
-    for step in range(1, config.steps + 1):
+    step = done
+    for step in range(done + 1, config.steps + 1):
         if run.should_stop():
+            step -= 1
             break
         idx = torch.randint(0, len(data), (config.batch_size,), generator=run.cpu_generator).to(run.device)
         x, y = augment_batch(x_all[idx], y_all[idx], config.augment, run.generator)
-        with run.autocast():
-            logits = model(x)
-        loss = segmentation_loss(logits, y, config.dice_weight)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+
+        def step_loss(part: slice, weight: float) -> dict[str, torch.Tensor]:
+            with run.autocast():
+                logits = model(x[part])
+            loss = segmentation_loss(logits, y[part], config.dice_weight)
+            (weight * loss).backward()
+            return {"loss": loss.detach()}
+
+        loss = accumulate(run, optimiser, len(idx), step_loss)["loss"]
         optimiser.step()
         scheduler.step()
-        metrics = {"loss": float(loss.detach())}
+        metrics = {"loss": float(loss)}
         if val is not None and config.validate_every and (step % config.validate_every == 0 or step == config.steps):
             metrics["val_dice"] = _dice_on(model, val.images, val.labels, run.device)
         run.report(step, config.steps, metrics)
+        run.save(step)
+    if run.history.stopped:
+        run.save(step, force=True)
     return FinetuneResult(model.eval(), run.history)

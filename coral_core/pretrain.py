@@ -20,7 +20,8 @@ from coral_core.data import PretrainSlices
 from coral_core.errors import UserError
 from coral_core.losses import CoralLoss, GCLLoss, PCLLoss, SimCLRLoss
 from coral_core.model import UNet, UNetConfig, build_model
-from coral_core.training import History, StepCallback, TrainingRun
+from coral_core.resume import ResumeState
+from coral_core.training import History, StepCallback, TrainingRun, accumulate
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "METHODS"]
 
@@ -91,6 +92,7 @@ def pretrain(
     callback: StepCallback | None = None,
     stop_event: threading.Event | None = None,
     model: UNet | None = None,
+    resume: ResumeState | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder on unlabeled (z, y, x) volumes.
 
@@ -105,13 +107,16 @@ def pretrain(
         Set it to stop after the current step; the model trained so far is returned.
     model : UNet, optional
         Continue from this model instead of a fresh one.
+    resume : ResumeState, optional
+        Where to keep progress: restored from when it exists, written at every epoch's end,
+        every ``resume.every`` steps and when stopped. (The caller removes it when done.)
 
     Returns
     -------
     PretrainResult
         The model (with ``canonical_direction`` set for CORAL and OAL) and its history.
     """
-    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event)
+    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event, resume)
     data = PretrainSlices(volumes, config.model.image_size)
     if len(data) < 2:
         raise UserError("pretraining needs at least 2 slices in total")
@@ -123,29 +128,50 @@ def pretrain(
     steps_per_epoch = max(1, len(data) // batch)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    run.track({"model": model, "objective": objective}, optimiser, scheduler)
+
+    step, first_epoch, first_index, order = 0, 0, 0, None
+    restored = run.restore()
+    if restored is not None:
+        step, extra, tensors = restored
+        first_epoch, first_index, order = extra["epoch"], extra["index"], tensors.get("order")
 
     model.train()
-    step = 0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(data), generator=run.cpu_generator)
-        for i in range(steps_per_epoch):
+    positions, partitions = data.positions.to(run.device), data.partitions.to(run.device)
+    epoch, i = first_epoch, first_index
+    for epoch in range(first_epoch, config.epochs):
+        if order is None:
+            order = torch.randperm(len(data), generator=run.cpu_generator)
+        for i in range(first_index if epoch == first_epoch else 0, steps_per_epoch):
             if run.should_stop():
                 break
             idx = order[i * batch : (i + 1) * batch]
             x = data.images[idx].to(run.device, non_blocking=True)
             views, _ = augment_batch(torch.cat([x, x]), config=config.augment, generator=run.generator)
-            with run.autocast():
-                z = model.embed(views)  # (2B, D), view-major
-            features = z.view(2, len(idx), -1).transpose(0, 1)  # (B, 2, D)
-            losses = objective(features, data.positions[idx].to(run.device), data.partitions[idx].to(run.device))
-            optimiser.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            views = views.view(2, len(idx), *views.shape[1:])
+            idx_dev = idx.to(run.device)
+
+            def step_loss(part: slice, weight: float) -> dict[str, torch.Tensor]:
+                with run.autocast():
+                    z = model.embed(views[:, part].flatten(0, 1))  # (2b, D), view-major
+                features = z.view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
+                losses = objective(features, positions[idx_dev[part]], partitions[idx_dev[part]])
+                (weight * losses["loss"]).backward()
+                return {k: v.detach() for k, v in losses.items()}
+
+            losses = accumulate(run, optimiser, len(idx), step_loss)
             optimiser.step()
             scheduler.step()
             step += 1
-            run.report(step, total, {k: float(v.detach()) for k, v in losses.items()})
-        if run.history.stopped:
-            break
+            run.report(step, total, {k: float(v) for k, v in losses.items()})
+            run.save(step, {"epoch": epoch, "index": i + 1}, {"order": order})
+        else:
+            order = None
+            run.save(step, {"epoch": epoch + 1, "index": 0}, force=True)  # every epoch's end
+            continue
+        break
+    if run.history.stopped:
+        run.save(step, {"epoch": epoch, "index": i}, {"order": order}, force=True)
 
     if isinstance(objective.loss, CoralLoss) and config.method != "ral":
         model.canonical_direction.copy_(objective.loss.unit_direction)

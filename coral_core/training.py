@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -11,8 +12,10 @@ import numpy as np
 import torch
 
 from coral_core.device import mixed_precision, resolve_device
+from coral_core.errors import UserError
+from coral_core.resume import ResumeState
 
-__all__ = ["StepCallback", "TrainingRun", "History"]
+__all__ = ["StepCallback", "TrainingRun", "History", "is_out_of_memory", "accumulate"]
 
 
 class StepCallback(Protocol):
@@ -46,6 +49,7 @@ class TrainingRun:
         amp: bool,
         callback: StepCallback | Callable | None,
         stop_event: threading.Event | None,
+        resume: ResumeState | None = None,
     ) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -57,6 +61,9 @@ class TrainingRun:
         self.callback = callback
         self.stop_event = stop_event
         self.history = History()
+        self.resume = resume
+        self._tracked: tuple | None = None
+        self.micro_batch: int | None = None  # set after an out-of-memory error halves the batch
 
     def autocast(self):
         return mixed_precision(self.device, self.amp)
@@ -71,3 +78,77 @@ class TrainingRun:
         self.history.add(step, metrics)
         if self.callback is not None:
             self.callback(step, total, metrics)
+
+    # ----------------------------------------------------------------- resume files
+
+    def track(self, modules: dict[str, torch.nn.Module], optimiser, scheduler) -> None:
+        """What a resume file saves and restores."""
+        self._tracked = (modules, optimiser, scheduler, {"device": self.generator, "cpu": self.cpu_generator})
+
+    def restore(self) -> tuple[int, dict, dict[str, torch.Tensor]] | None:
+        """Load the resume file if there is one: (step, extra, tensors), else None."""
+        if self.resume is None or not self.resume.exists():
+            return None
+        step, extra, tensors = self.resume.load(*self._tracked)
+        self.micro_batch = extra.get("micro_batch")
+        return step, extra, tensors
+
+    def save(self, step: int, extra: dict | None = None, tensors: dict | None = None, force: bool = False) -> None:
+        """Write the resume file when forced or every ``resume.every`` steps."""
+        if self.resume is None:
+            return
+        if force or (self.resume.every and step % self.resume.every == 0):
+            extra = dict(extra or {}, micro_batch=self.micro_batch)
+            self.resume.save(step, *self._tracked, extra=extra, tensors=tensors)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device out-of-memory error (CUDA or MPS), which a smaller batch can avoid."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and "mps" in str(exc).lower()
+    )
+
+
+def accumulate(
+    run: TrainingRun, optimiser: torch.optim.Optimizer, n: int, step_loss: Callable[[slice, float], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Zero the gradients and run one step's forward and backward passes over ``n`` samples.
+
+    ``step_loss(part, weight)`` computes the losses of the samples ``part``, calls backward on
+    ``weight * losses["loss"]`` and returns the detached losses. The whole batch goes in one
+    piece until the device runs out of memory; then the piece size halves (for the rest of the
+    run) and the pieces' gradients add up, so the step still covers every sample. (For the
+    contrastive losses a piece is a smaller batch: fewer negatives per anchor.)
+    """
+    while True:
+        size = min(run.micro_batch or n, n)
+        optimiser.zero_grad(set_to_none=True)
+        try:
+            totals: dict[str, torch.Tensor] = {}
+            for start in range(0, n, size):
+                part = slice(start, min(start + size, n))
+                weight = (part.stop - part.start) / n
+                for key, value in step_loss(part, weight).items():
+                    totals[key] = totals.get(key, 0.0) + weight * value
+            return totals
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if size <= 1:
+                raise UserError(
+                    f"the {run.device.type} device ran out of memory even for one sample; "
+                    "use a smaller --image-size or --base-filters, or --device cpu"
+                ) from None
+            run.micro_batch = max(1, size // 2)
+            print(f"warning: out of memory on {run.device}; continuing with batches of {run.micro_batch}", file=sys.stderr)
+        _free_device_memory(run.device)  # outside the except block, so the failed pass's tensors are gone
+
+
+def _free_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()

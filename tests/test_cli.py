@@ -161,20 +161,50 @@ def test_segment_and_embed_default_to_the_bundled_demo_model(tmp_path):
     assert emb["axis"] == "coral"
 
 
-def test_ctrl_c_exits_cleanly_without_partial_output(tmp_path):
+def _interrupt_when(proc, path, timeout=120):
+    """Ctrl-C the process once ``path`` exists (its first saved progress)."""
     import signal
     import time
 
-    out = tmp_path / "pre.safetensors"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coral_core.cli", "pretrain", "--phantom", "4", "--epochs", "100000", *TINY, "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's background job ignores it
-    )
-    time.sleep(8)
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    return err
+
+
+def _popen_coral(*args):
+    import signal
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "coral_core.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's background job ignores it
+    )
+
+
+def test_ctrl_c_keeps_the_progress_and_no_partial_output(tmp_path):
+    out = tmp_path / "pre.safetensors"
+    proc = _popen_coral("pretrain", "--phantom", 4, "--epochs", 100000, *TINY, "--out", out)
+    err = _interrupt_when(proc, tmp_path / "pre.resume.safetensors")
     assert proc.returncode == 130
-    assert err.strip().splitlines()[-1] == "error: interrupted; no partial output was written"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted after step ") and "run the same command with --resume" in last
     assert "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["pre.resume.safetensors"]  # no partial pre.safetensors
+
+
+def test_finetune_resumes_after_ctrl_c_and_cleans_up(subject, tmp_path):
+    d = subject
+    args = ["finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 600, "--batch-size", 2, *TINY,
+            "--out", tmp_path / "ft.safetensors", "--json"]
+    proc = _popen_coral(*args)
+    _interrupt_when(proc, tmp_path / "ft.resume.safetensors")
+    assert proc.returncode == 130 and not (tmp_path / "ft.safetensors").exists()
+    user_error(coral(*args[:-1], "--steps", 700, "--resume", check=False), "other options")
+    res = json.loads(coral(*args, "--resume").stdout)
+    assert 50 <= res["resumed_from"] < 600
+    assert res["resumed_from"] + res["steps"] == 600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.safetensors"]

@@ -1,0 +1,196 @@
+"""The bad-input catalog through the plugin: its reader, writer and widgets in a real viewer.
+
+Each bad input ends in a sound result or one clear sentence, and leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from coral_core.model import UNetConfig, build_model  # noqa: E402
+from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
+from napari_coral._reader import get_reader, read_volume  # noqa: E402
+from napari_coral._session import session_for  # noqa: E402
+from napari_coral._writer import write_labels  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def coral_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_CORAL_HOME", str(tmp_path / "home"))
+
+
+def one_sentence(message: str, *fragments: str) -> None:
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    for f in fragments:
+        assert f in message, message
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def _bad_files(tmp_path):
+    """(name, file, words the message must hold) for files the reader must refuse."""
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    (tmp_path / "text.nii.gz").write_text("this is not an image")
+    write_nifti_ijk(tmp_path / "good.nii.gz", np.random.rand(16, 16, 8).astype(np.float32), np.eye(4))
+    raw = (tmp_path / "good.nii.gz").read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    write_nifti_ijk(tmp_path / "cine.nii.gz", np.random.rand(8, 8, 4, 5).astype(np.float32), np.eye(4))
+    return [
+        ("missing", tmp_path / "missing.nii.gz", ["missing.nii.gz", "no such file"]),
+        ("empty", tmp_path / "empty.nii.gz", ["empty.nii.gz", "empty"]),
+        ("text", tmp_path / "text.nii.gz", ["text.nii.gz"]),
+        ("truncated", tmp_path / "truncated.nii.gz", ["truncated.nii.gz"]),
+        ("4-D", tmp_path / "cine.nii.gz", ["cine.nii.gz", "4-D"]),
+    ]
+
+
+def test_reader_refuses_bad_files_with_one_sentence(tmp_path, make_napari_viewer):
+    for _, path, words in _bad_files(tmp_path):
+        reader = get_reader(str(path))
+        assert reader is not None  # the suffix is ours: napari must show our message, not "no reader"
+        with pytest.raises(ValueError) as info:
+            reader(str(path))
+        one_sentence(str(info.value), *words)
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception) as info:
+        viewer.open(str(tmp_path / "truncated.nii.gz"), plugin="napari-coral")
+    assert "truncated.nii.gz" in str(info.value)
+    assert len(viewer.layers) == 0
+
+
+def test_reader_opens_odd_but_valid_volumes(tmp_path):
+    cases = {
+        "flat.nii.gz": np.random.rand(12, 10).astype(np.float32),  # 2-D: one slice
+        "one.nii.gz": np.random.rand(12, 10, 1).astype(np.float32),  # a single slice
+        "constant.nii.gz": np.full((12, 10, 4), 7.0, np.float32),
+        "nan.nii.gz": np.where(np.random.rand(12, 10, 4) > 0.9, np.nan, 1.0).astype(np.float32),
+    }
+    for name, data in cases.items():
+        write_nifti_ijk(tmp_path / name, data, oblique_affine())
+        (layer_data, kwargs, kind), = read_volume(str(tmp_path / name))
+        assert kind == "image" and layer_data.ndim == 3, name
+        assert layer_data.shape[1:] == (10, 12) and len(kwargs["scale"]) == 3, name
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def test_writer_to_a_missing_or_read_only_folder_is_one_sentence_and_no_file(tmp_path):
+    labels = np.zeros((4, 8, 8), np.uint8)
+    with pytest.raises(Exception) as info:
+        write_labels(str(tmp_path / "nowhere" / "x.nii.gz"), labels, {"metadata": {}, "scale": (1, 1, 1)})
+    one_sentence(str(info.value), "does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not _writable(locked):  # root can write anywhere; the check needs an ordinary user
+            with pytest.raises(Exception) as info:
+                write_labels(str(locked / "x.nii.gz"), labels, {"metadata": {}, "scale": (1, 1, 1)})
+            one_sentence(str(info.value), "not writable")
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == []
+
+
+def _writable(folder) -> bool:
+    probe = folder / ".probe"
+    try:
+        probe.write_bytes(b"")
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+def test_writer_refuses_a_2d_layer_with_one_sentence(tmp_path):
+    with pytest.raises(ValueError) as info:
+        write_labels(str(tmp_path / "x.nii.gz"), np.zeros((8, 8), np.uint8), {"metadata": {}, "scale": (1, 1)})
+    one_sentence(str(info.value), "3-D")
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- widgets
+
+
+def _dock(viewer, name):
+    return viewer.window.add_plugin_dock_widget("napari-coral", name)[1]
+
+
+def _small_model(viewer, n_classes=4):
+    names = ["background"] + [f"c{i}" for i in range(1, n_classes)]
+    model = build_model(UNetConfig(base_filters=4, depth=2, image_size=32, n_classes=n_classes, class_names=names))
+    session_for(viewer).set_model(model, {"training": {}}, "tiny test model")
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("nan", np.where(np.random.default_rng(0).random((5, 40, 40)) > 0.95, np.nan, 1.0).astype(np.float32)),
+        ("inf", np.where(np.random.default_rng(1).random((5, 40, 40)) > 0.95, np.inf, 1.0).astype(np.float32)),
+        ("constant", np.full((5, 40, 40), 3.0, np.float32)),
+        ("single", np.random.default_rng(2).random((1, 40, 40)).astype(np.float32)),
+    ],
+)
+def test_segment_widget_gives_a_labels_layer_for_odd_images(make_napari_viewer, qtbot, name, data):
+    viewer = make_napari_viewer()
+    viewer.add_image(data, name=name)
+    _small_model(viewer)
+    widget = _dock(viewer, "Segment")
+    widget.segment()
+    qtbot.waitUntil(lambda: f"{name} labels" in viewer.layers, timeout=60_000)
+    labels = viewer.layers[f"{name} labels"].data
+    assert labels.shape == data.shape and labels.max() < 4
+
+
+def test_2d_and_4d_layers_are_not_offered_and_segment_says_what_to_open(make_napari_viewer):
+    from unittest.mock import patch
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.rand(32, 32).astype(np.float32), name="photo")
+    viewer.add_image(np.random.rand(3, 4, 32, 32).astype(np.float32), name="cine")
+    widget = _dock(viewer, "Segment")
+    assert widget.image_picker.count() == 0
+    with patch("napari.utils.notifications.show_error") as shown:
+        assert widget.segment() is None
+    one_sentence(shown.call_args.args[0], "3-D image")
+
+
+def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.rand(6, 32, 32).astype(np.float32), name="scan")
+    _small_model(viewer, n_classes=3)
+    widget = _dock(viewer, "Fine-tune")
+    other = viewer.add_labels(np.zeros((6, 30, 32), np.uint8), name="other shape")
+    other.data[2, 5:10, 5:10] = 1
+    widget.image_picker.setCurrentText("scan")
+    widget.labels_picker.setCurrentText("other shape")
+    assert widget.finetune() is None
+    one_sentence(widget.status.text(), "other shape", "(6, 30, 32)", "(6, 32, 32)")
+    beyond = np.zeros((6, 32, 32), np.uint8)
+    beyond[3, 4:12, 4:12] = 5
+    viewer.add_labels(beyond, name="too many classes")
+    widget.labels_picker.setCurrentText("too many classes")
+    assert widget.finetune() is None
+    one_sentence(widget.status.text(), "label 5", "classes 0..2")
+    assert not (session_for(viewer).meta.get("training") or {})  # the model was not touched
+
+
+def test_gzip_bomb_like_header_is_refused(tmp_path):
+    """A .nii.gz whose header claims a huge volume but holds no data: refused, not allocated."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.float32)
+    with gzip.open(tmp_path / "huge.nii.gz", "wb") as fh:
+        fh.write(header.binaryblock + b"\x00" * 4)
+    with pytest.raises(ValueError) as info:
+        read_volume(str(tmp_path / "huge.nii.gz"))
+    one_sentence(str(info.value), "huge.nii.gz")

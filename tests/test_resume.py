@@ -1,0 +1,151 @@
+"""Resuming stopped runs, and carrying on when the device runs out of memory."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from coral_core.errors import UserError
+from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
+from coral_core.infer import embed_volume, segment_volume
+from coral_core.model import UNet, UNetConfig, build_model
+from coral_core.phantom import make_cohort
+from coral_core.pretrain import PretrainConfig, pretrain
+from coral_core.resume import ResumeState, resume_path
+
+TINY = UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=16)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return make_cohort(3, seed=5)
+
+
+def _stop_at(step_to_stop: int):
+    event = threading.Event()
+
+    def callback(step, total, metrics):
+        if step == step_to_stop:
+            event.set()
+
+    return event, callback
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_path_sits_next_to_the_output(tmp_path):
+    assert resume_path(tmp_path / "m.safetensors") == tmp_path / "m.resume.safetensors"
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_stopped_pretraining_resumes_to_the_uninterrupted_result(cohort, tmp_path, every):
+    images = [img.array for img, _ in cohort]
+    cfg = PretrainConfig(method="coral", epochs=3, batch_size=8, device="cpu", model=TINY)
+    full = pretrain(cfg, images)
+    total = len(full.history.steps)
+    state = ResumeState(tmp_path / "r.safetensors", {"method": "coral"}, every=every)
+    event, callback = _stop_at(total // 2 + 1)  # mid-epoch
+    first = pretrain(cfg, images, callback, event, resume=state)
+    assert first.history.stopped and state.exists()
+    second = pretrain(cfg, images, resume=state)
+    assert second.history.steps[0] == total // 2 + 2 and second.history.steps[-1] == total
+    assert _same_weights(second.model, full.model)
+    assert np.allclose(second.history.metrics["loss"], full.history.metrics["loss"][total // 2 + 1 :])
+
+
+def test_stopped_finetuning_resumes_to_the_uninterrupted_result(cohort, tmp_path):
+    img, lab = cohort[0]
+    args = ([img.array], [lab.array], [annotated_from_labels(lab.array)])
+    model = build_model(TINY)
+    cfg = FinetuneConfig(steps=12, batch_size=4, device="cpu")
+    full = finetune(cfg, model, *args)
+    state = ResumeState(tmp_path / "r.safetensors", {"steps": 12}, every=5)
+    event, callback = _stop_at(7)
+    first = finetune(cfg, model, *args, callback=callback, stop_event=event, resume=state)
+    assert first.history.steps[-1] == 7 and first.history.stopped
+    second = finetune(cfg, model, *args, resume=state)
+    assert second.history.steps == list(range(8, 13))
+    assert _same_weights(second.model, full.model)
+
+
+def test_resume_refuses_a_file_from_other_options_or_a_damaged_one(cohort, tmp_path):
+    img, lab = cohort[0]
+    args = ([img.array], [lab.array], [annotated_from_labels(lab.array)])
+    path = tmp_path / "r.safetensors"
+    event, callback = _stop_at(2)
+    finetune(FinetuneConfig(steps=5, batch_size=2, device="cpu"), build_model(TINY), *args,
+             callback=callback, stop_event=event, resume=ResumeState(path, {"lr": 0.001}))
+    with pytest.raises(UserError, match=r"r\.safetensors: was written by a run with other options \(lr\)"):
+        finetune(FinetuneConfig(steps=5, batch_size=2, device="cpu"), build_model(TINY), *args,
+                 resume=ResumeState(path, {"lr": 0.01}))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match=r"r\.safetensors: .*delete it to start afresh"):
+        finetune(FinetuneConfig(steps=5, batch_size=2, device="cpu"), build_model(TINY), *args,
+                 resume=ResumeState(path, {"lr": 0.001}))
+
+
+class _SmallDevice:
+    """Makes UNet's forward raise CUDA's out-of-memory error above ``limit`` samples."""
+
+    def __init__(self, monkeypatch, limit: int) -> None:
+        self.sizes: list[int] = []
+        original_forward, original_embed = UNet.forward, UNet.embed
+
+        def guard(x):
+            self.sizes.append(x.shape[0])
+            if x.shape[0] > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def forward(model, x):
+            guard(x)
+            return original_forward(model, x)
+
+        def embed(model, x):
+            guard(x)
+            return original_embed(model, x)
+
+        monkeypatch.setattr(UNet, "forward", forward)
+        monkeypatch.setattr(UNet, "embed", embed)
+
+
+def test_out_of_memory_halves_the_finetuning_batch_and_goes_on(cohort, monkeypatch, capsys):
+    img, lab = cohort[0]
+    device = _SmallDevice(monkeypatch, limit=3)
+    result = finetune(FinetuneConfig(steps=4, batch_size=8, device="cpu"), build_model(TINY),
+                      [img.array], [lab.array], [annotated_from_labels(lab.array)])
+    assert len(result.history.steps) == 4 and np.isfinite(result.history.metrics["loss"]).all()
+    assert device.sizes[:4] == [8, 4, 2, 2]  # 8 fails, 4 fails, then pieces of 2 cover all 8
+    assert set(device.sizes[4:]) == {2} and len(device.sizes) == 2 + 4 * 4
+    assert "out of memory" in capsys.readouterr().err
+
+
+def test_out_of_memory_halves_the_pretraining_batch_and_goes_on(cohort, monkeypatch):
+    device = _SmallDevice(monkeypatch, limit=8)  # 2 views x 8 slices = 16 fail; 2 x 4 fit
+    result = pretrain(PretrainConfig(method="coral", epochs=1, batch_size=8, device="cpu", model=TINY),
+                      [img.array for img, _ in cohort])
+    assert np.isfinite(result.history.metrics["loss"]).all()
+    assert device.sizes[:3] == [16, 8, 8]
+
+
+def test_out_of_memory_on_one_sample_is_one_clear_sentence(cohort, monkeypatch):
+    img, lab = cohort[0]
+    _SmallDevice(monkeypatch, limit=0)
+    with pytest.raises(UserError, match="ran out of memory even for one sample; use a smaller"):
+        finetune(FinetuneConfig(steps=2, batch_size=2, device="cpu"), build_model(TINY),
+                 [img.array], [lab.array], [annotated_from_labels(lab.array)])
+
+
+def test_inference_in_chunks_and_after_out_of_memory_matches_one_big_batch(cohort, monkeypatch):
+    img, _ = cohort[1]
+    volume = np.concatenate([img.array] * 3)  # a long volume
+    model = build_model(TINY).eval()
+    reference = segment_volume(model, volume, batch_size=len(volume))
+    reference_emb = embed_volume(model, volume, batch_size=len(volume))
+    device = _SmallDevice(monkeypatch, limit=5)
+    assert np.array_equal(segment_volume(model, volume, batch_size=64), reference)
+    assert device.sizes[:4] == [len(volume), 32, 16, 8] and max(s for s in device.sizes if s <= 5) == 4
+    assert np.allclose(embed_volume(model, volume, batch_size=16), reference_emb, atol=1e-5)
