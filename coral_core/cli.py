@@ -1,4 +1,4 @@
-"""The ``coral`` command: pretrain, finetune, segment, embed, evaluate, demo.
+"""The ``coral`` command: pretrain, finetune, segment, embed, evaluate, demo, bench.
 
 Every command takes ``--device auto|cpu|cuda|mps`` and ``--json`` (one JSON object on
 stdout; progress bars go to stderr). A user mistake exits with status 2 and one line
@@ -98,6 +98,9 @@ def _read_inputs(inputs: list[str], phantom: int, seed: int):
     return volumes, names
 
 
+MAX_CLASSES = 255
+
+
 class _Interrupted(Exception):
     """Ctrl-C stopped a training run after a step; its progress is in the resume file."""
 
@@ -130,6 +133,22 @@ def _resume_state(args, fingerprint: dict, every: int):
     return state
 
 
+def _init_ddp(device: str) -> int:
+    """Join the process group torchrun set up; returns this process's rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError("--ddp runs under torchrun: torchrun --nproc-per-node K -m coral_core.cli pretrain --ddp ...")
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank()
+
+
 def _resumed_from(history) -> int:
     """The step a resumed run started after (0 for a fresh run)."""
     return history.steps[0] - 1 if history.steps else 0
@@ -154,6 +173,7 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.pretrain import PretrainConfig, pretrain
 
     check_output_path(args.out)
+    rank = _init_ddp(args.device) if args.ddp else 0
     volumes, names = _read_inputs(args.inputs, args.phantom, args.seed)
     model_cfg = UNetConfig(
         base_filters=args.base_filters,
@@ -167,10 +187,12 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     fingerprint = {"command": "pretrain", "config": asdict(cfg) | {"device": resolve_device(args.device).type},
                    "inputs": [[n, int(v.shape[0])] for n, v in zip(names, volumes)]}
     state = _resume_state(args, fingerprint, every=0)  # saved at every epoch's end and on Ctrl-C
-    bar, callback = _progress(0, f"pretrain {args.method}", args.json)
+    bar, callback = _progress(0, f"pretrain {args.method}", args.json or rank != 0)
     t0 = time.perf_counter()
     with bar:
         result = pretrain(cfg, volumes, callback, _STOP, resume=state)
+    if rank != 0:  # rank 0 alone reports and writes
+        return None, ""
     _finish(state, result.history, bar.total)
     seconds = time.perf_counter() - t0
     training = {
@@ -201,7 +223,11 @@ def cmd_finetune(args) -> tuple[dict, str]:
     labels = load_volume(args.labels)
     if labels.shape != image.shape:
         raise UserError(f"{args.labels}: labels of shape {labels.shape} do not match {args.image} of shape {image.shape}; give the labels drawn on this image")
-    lab = np.rint(labels.array).astype(np.int64)
+    if not np.array_equal(labels.array, np.rint(labels.array)):
+        raise UserError(f"{args.labels}: holds non-integer values, so it is an image, not a label map; give the labels (0 background, 1, 2, ...)")
+    lab = labels.array.astype(np.int64)
+    if lab.max() > MAX_CLASSES:
+        raise UserError(f"{args.labels}: holds label {int(lab.max())}; label maps of up to {MAX_CLASSES} classes are supported")
     if lab.min() < 0:
         raise UserError(f"{args.labels}: holds negative label values; labels must be 0 (background), 1, 2, ...")
     slices = parse_slices(args.slices, image.shape[0], args.image) if args.slices else annotated_from_labels(lab)
@@ -358,6 +384,72 @@ def cmd_demo(args) -> tuple[dict, str]:
     return out, "\n".join(lines)
 
 
+def _stage_printer(quiet: bool):
+    t0 = time.perf_counter()
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(f"[{time.perf_counter() - t0:6.0f} s] {text}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def cmd_bench_lowlabel(args) -> tuple[dict, str]:
+    from coral_core.lowlabel import LowLabelConfig, format_table, load_labelled_cases, run_lowlabel
+
+    options = {
+        "methods": tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
+        "labeled": _int_list(args.labeled, "--labeled") if args.labeled else None,
+        "folds": args.folds, "seeds": args.seeds, "device": args.device,
+        "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
+    }
+    if args.quick:
+        cfg = LowLabelConfig.quick(**options)
+    else:
+        cfg = LowLabelConfig(**{k: v for k, v in options.items() if v is not None})
+    if args.data is None and not args.phantom:
+        args.phantom = 20 if args.quick else 100
+    cases = load_labelled_cases(args.data, args.phantom or 0)
+    if args.table:
+        from coral_core.fileio import check_output_path
+
+        check_output_path(args.table)
+    result = run_lowlabel(cfg, cases, _stage_printer(args.json))
+    out = {"rows": result.rows, "config": result.config, "runs": result.runs, "seconds": round(result.seconds, 1)}
+    if args.table:
+        from coral_core.fileio import atomic_target
+
+        with atomic_target(args.table, suffix=".json") as tmp:
+            Path(tmp).write_text(json.dumps(_finite(out), indent=1, allow_nan=False))
+    source = args.data or f"{args.phantom} phantom subjects"
+    text = (f"low-label benchmark on {source}: {cfg.folds} folds x {cfg.seeds} seeds, mean foreground Dice "
+            f"+- std over folds and seeds (mean HD95 mm), {result.seconds:.0f} s on {result.config['device']}\n"
+            + format_table(result.rows))
+    return out, text
+
+
+def cmd_bench_embedding(args) -> tuple[dict, str]:
+    from coral_core.fileio import check_output_path
+    from coral_core.lowlabel import EmbeddingFigureConfig, run_embedding_figure
+
+    check_output_path(args.out)
+    cfg = EmbeddingFigureConfig(device=args.device, seed=args.seed, pretrain_subjects=args.phantom,
+                                pretrain_epochs=args.epochs, shown_subjects=args.show)
+    scores = run_embedding_figure(cfg, args.out, _stage_printer(args.json))
+    lines = [f"wrote {args.out}; ordinal consistency on {cfg.shown_subjects} unseen subjects:"]
+    for method, s in scores.items():
+        per = ", ".join(f"{v:.2f}" for v in s["subjects"].values())
+        lines.append(f"  {method:<6} pooled {s['pooled']:.3f} (per subject {per})")
+    return {"figure": str(args.out), "scores": scores}, "\n".join(lines)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give whole numbers separated by commas, e.g. 1,2,6") from None
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -374,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-coral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def command(name, help_, func):
-        p = sub.add_parser(name, help=help_, description=help_)
+    def command(name, help_, func, parent=None):
+        p = (parent or sub).add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default: auto)")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -394,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    p.add_argument("--ddp", action="store_true",
+                   help="distributed over the processes torchrun starts (--batch-size is the global batch)")
 
     p = command("finetune", "Fine-tune on the annotated slices of one image.", cmd_finetune)
     p.add_argument("image", metavar="IMAGE")
@@ -434,6 +528,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-model", default=None, metavar="CKPT", help="also save the fine-tuned model")
+
+    bench = sub.add_parser("bench", help="Benchmarks: low-label segmentation, embedding figure.",
+                           description="Benchmarks that reproduce the CORAL paper's experiments with this engine.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=_Parser, required=True)
+    p = command("lowlabel", "Pretrain every method, fine-tune on M labelled volumes per fold, score held-out Dice.",
+                cmd_bench_lowlabel, bench_sub)
+    p.add_argument("--quick", action="store_true", help="small model and schedules: under 10 minutes on a 2-core CPU")
+    p.add_argument("--data", default=None, metavar="DIR", help="ACDC-style folder, or one with imagesTr/labelsTr")
+    p.add_argument("--phantom", type=int, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
+    p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
+    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 2 quick, 3 full)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
+    p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--table", default=None, metavar="FILE.json", help="also write rows, runs and config to this file")
+    p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
+                cmd_bench_embedding, bench_sub)
+    p.add_argument("--out", required=True, metavar="FIG.png")
+    p.add_argument("--phantom", type=int, default=20, metavar="N", help="phantom subjects to pretrain on")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--show", type=int, default=5, help="unseen subjects drawn")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -457,8 +574,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was written", file=sys.stderr)
         return 130
-    print(json.dumps(_finite(result), allow_nan=False) if args.json else text)
+    finally:
+        _leave_ddp()
+    if result is not None:
+        print(json.dumps(_finite(result), allow_nan=False) if args.json else text)
     return 0
+
+
+def _leave_ddp() -> None:
+    dist = sys.modules.get("torch.distributed")  # not imported: nothing to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _finite(value):

@@ -9,7 +9,7 @@ import numpy as np
 from coral_core.embedding import Trajectory
 from coral_core.fileio import atomic_target
 
-__all__ = ["save_overlay_png", "save_trajectory_png"]
+__all__ = ["save_overlay_png", "save_trajectory_png", "save_trajectory_panels_png"]
 
 LABEL_COLOURS = ["none", "#1f77b4", "#ffbf00", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 
@@ -63,21 +63,43 @@ def save_overlay_png(
     plt.close(fig)
 
 
-def save_trajectory_png(path: str | os.PathLike, trajectories: list[Trajectory], score: float, has_direction: bool) -> None:
-    """Each volume's slices joined in order, coloured by position, with the first axis drawn."""
-    plt, fig = _figure(figsize=(6.4, 5.2))
-    ax = fig.add_subplot(1, 1, 1)
+def _draw_trajectories(ax, trajectories: list[Trajectory], score: float, has_direction: bool, title: str = ""):
+    """Each volume's slices joined in order and coloured by position; returns the scatter."""
+    sc = None
     for t in trajectories:
         ax.plot(t.xy[:, 0], t.xy[:, 1], "-", color="0.6", lw=0.8, zorder=1)
         sc = ax.scatter(t.xy[:, 0], t.xy[:, 1], c=t.positions, cmap="viridis", vmin=0, vmax=1, s=18, zorder=2)
         ax.annotate(t.name, t.xy[0], fontsize=7, color="0.3")
-    fig.colorbar(sc, ax=ax, label="slice position (base 0 -> apex 1)")
     ax.axhline(0, color="k", lw=0.5, ls=":")
     axis = "CORAL direction" if has_direction else "first principal component"
     ax.set_xlabel(f"projection on {axis}")
     ax.set_ylabel("principal component of the rest")
-    ax.set_title(f"slice-embedding trajectories, ordinal consistency {score:.2f}", fontsize=10)
+    ax.set_title(f"{title}{': ' if title else ''}ordinal consistency {score:.2f}", fontsize=10)
+    return sc
+
+
+def save_trajectory_png(path: str | os.PathLike, trajectories: list[Trajectory], score: float, has_direction: bool) -> None:
+    """Each volume's slices joined in order, coloured by position, with the first axis drawn."""
+    plt, fig = _figure(figsize=(6.4, 5.2))
+    ax = fig.add_subplot(1, 1, 1)
+    sc = _draw_trajectories(ax, trajectories, score, has_direction, "slice-embedding trajectories")
+    fig.colorbar(sc, ax=ax, label="slice position (base 0 -> apex 1)")
     fig.tight_layout()
     with atomic_target(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def save_trajectory_panels_png(path: str | os.PathLike, panels: list[tuple[str, list[Trajectory], float, bool]], title: str = "") -> None:
+    """Several methods' trajectories side by side: ``(name, trajectories, score, has_direction)`` each."""
+    plt, fig = _figure(figsize=(5.6 * len(panels) + 0.8, 5.0))
+    axes = [fig.add_subplot(1, len(panels), i + 1) for i in range(len(panels))]
+    sc = None
+    for ax, (name, trajectories, score, has_direction) in zip(axes, panels):
+        sc = _draw_trajectories(ax, trajectories, score, has_direction, name)
+    fig.colorbar(sc, ax=axes, label="slice position (base 0 -> apex 1)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    with atomic_target(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
     plt.close(fig)

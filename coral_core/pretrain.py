@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from coral_core import distributed as cdist
 from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.data import PretrainSlices
 from coral_core.errors import UserError
@@ -60,19 +61,19 @@ class PretrainResult:
 class _MethodLoss(torch.nn.Module):
     """One call signature for every method: (features (B, 2, D), positions, partitions)."""
 
-    def __init__(self, cfg: PretrainConfig) -> None:
+    def __init__(self, cfg: PretrainConfig, distributed: bool = False) -> None:
         super().__init__()
         dim, tau = cfg.model.embedding_dim, cfg.temperature
         self.method = cfg.method
         if cfg.method in ("coral", "ral", "oal"):
             alpha = {"coral": cfg.alpha, "ral": 0.0, "oal": 1.0}[cfg.method]
-            self.loss = CoralLoss(dim, temperature=tau, alpha=alpha)
+            self.loss = CoralLoss(dim, temperature=tau, alpha=alpha, distributed=distributed)
         elif cfg.method == "pcl":
-            self.loss = PCLLoss(cfg.pcl_threshold, tau)
+            self.loss = PCLLoss(cfg.pcl_threshold, tau, distributed=distributed)
         elif cfg.method == "gcl":
-            self.loss = GCLLoss(tau)
+            self.loss = GCLLoss(tau, distributed=distributed)
         else:
-            self.loss = SimCLRLoss(tau)
+            self.loss = SimCLRLoss(tau, distributed=distributed)
 
     def forward(self, features, positions, partitions) -> dict[str, torch.Tensor]:
         if self.method in ("coral", "ral", "oal"):
@@ -84,6 +85,24 @@ class _MethodLoss(torch.nn.Module):
         if self.method == "gcl":
             return {"loss": self.loss(features, partitions)}
         return {"loss": self.loss(features)}
+
+
+class _Embedder(torch.nn.Module):
+    """Encoder + projection head as one module (what DDP wraps: the decoder takes no part)."""
+
+    def __init__(self, model: UNet) -> None:
+        super().__init__()
+        self.encoder, self.projection = model.encoder, model.projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.encoder(x)[-1])
+
+
+def _rank_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """This process's contiguous block of a global batch of ``n`` (sizes differ by at most 1)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
 
 
 def pretrain(
@@ -116,15 +135,26 @@ def pretrain(
     PretrainResult
         The model (with ``canonical_direction`` set for CORAL and OAL) and its history.
     """
-    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event, resume)
+    ddp, world, rank = cdist.is_distributed(), cdist.world_size(), cdist.rank()
+    run = TrainingRun(config.seed, config.device, config.amp, callback if rank == 0 else None, stop_event,
+                      resume, saver=rank == 0)
     data = PretrainSlices(volumes, config.model.image_size)
     if len(data) < 2:
         raise UserError("pretraining needs at least 2 slices in total")
     model = (model or build_model(config.model)).to(run.device)
-    objective = _MethodLoss(config).to(run.device)
+    if ddp and run.device.type == "cuda":  # batch statistics over the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    embedder = _Embedder(model)
+    if ddp:
+        embedder = torch.nn.parallel.DistributedDataParallel(
+            embedder, device_ids=[run.device] if run.device.type == "cuda" else None
+        )
+    objective = _MethodLoss(config, distributed=ddp).to(run.device)
     params = list(model.encoder.parameters()) + list(model.projection.parameters()) + list(objective.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    batch = min(config.batch_size, len(data))
+    batch = min(config.batch_size, len(data))  # the global batch: each process takes a block of it
+    if batch < 2 * world:
+        raise UserError(f"a global batch of {batch} slices is too small for {world} processes; raise --batch-size")
     steps_per_epoch = max(1, len(data) // batch)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -143,23 +173,33 @@ def pretrain(
         if order is None:
             order = torch.randperm(len(data), generator=run.cpu_generator)
         for i in range(first_index if epoch == first_epoch else 0, steps_per_epoch):
-            if run.should_stop():
+            if run.should_stop(all_processes=ddp):
                 break
             idx = order[i * batch : (i + 1) * batch]
             x = data.images[idx].to(run.device, non_blocking=True)
+            # Every process draws the augmentation of the whole global batch (same generator
+            # state everywhere) and keeps its block: the step equals the single-process one.
             views, _ = augment_batch(torch.cat([x, x]), config=config.augment, generator=run.generator)
-            views = views.view(2, len(idx), *views.shape[1:])
-            idx_dev = idx.to(run.device)
+            lo, hi = _rank_bounds(len(idx), world, rank)
+            views = views.view(2, len(idx), *views.shape[1:])[:, lo:hi]
+            idx_dev = idx[lo:hi].to(run.device)
 
             def step_loss(part: slice, weight: float) -> dict[str, torch.Tensor]:
                 with run.autocast():
-                    z = model.embed(views[:, part].flatten(0, 1))  # (2b, D), view-major
+                    z = embedder(views[:, part].flatten(0, 1))  # (2b, D), view-major
                 features = z.view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
                 losses = objective(features, positions[idx_dev[part]], partitions[idx_dev[part]])
-                (weight * losses["loss"]).backward()
+                # Under DDP each process's loss is its share of the global loss and DDP averages
+                # gradients, so the share is scaled by the world size (the sum is what we want).
+                (weight * world * losses["loss"]).backward()
                 return {k: v.detach() for k, v in losses.items()}
 
-            losses = accumulate(run, optimiser, len(idx), step_loss)
+            losses = accumulate(run, optimiser, hi - lo, step_loss)
+            if ddp:
+                for p in objective.parameters():  # not in DDP: average its (world-scaled) gradients
+                    if p.grad is not None:
+                        p.grad = cdist.all_reduce_sum(p.grad) / world
+                losses = {k: cdist.all_reduce_sum(v) for k, v in losses.items()}  # shares -> global loss
             optimiser.step()
             scheduler.step()
             step += 1
@@ -173,6 +213,21 @@ def pretrain(
     if run.history.stopped:
         run.save(step, {"epoch": epoch, "index": i}, {"order": order}, force=True)
 
+    if ddp and run.device.type == "cuda":
+        model = _plain_batchnorm(model)
     if isinstance(objective.loss, CoralLoss) and config.method != "ral":
         model.canonical_direction.copy_(objective.loss.unit_direction)
     return PretrainResult(model.eval(), run.history)
+
+
+def _plain_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``convert_sync_batchnorm`` (same parameters and buffers, no process group)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.SyncBatchNorm):
+            bn = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats).to(child.weight.device)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            _plain_batchnorm(child)
+    return module

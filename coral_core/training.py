@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import threading
@@ -50,11 +51,17 @@ class TrainingRun:
         callback: StepCallback | Callable | None,
         stop_event: threading.Event | None,
         resume: ResumeState | None = None,
+        saver: bool = True,
     ) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # one GPU per process under torchrun; the current device otherwise
+            local = os.environ.get("LOCAL_RANK")
+            self.device = torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed)
         self.amp = amp and self.device.type == "cuda"
@@ -62,17 +69,24 @@ class TrainingRun:
         self.stop_event = stop_event
         self.history = History()
         self.resume = resume
+        self.saver = saver  # under DDP only rank 0 writes the resume file
         self._tracked: tuple | None = None
         self.micro_batch: int | None = None  # set after an out-of-memory error halves the batch
 
     def autocast(self):
         return mixed_precision(self.device, self.amp)
 
-    def should_stop(self) -> bool:
-        if self.stop_event is not None and self.stop_event.is_set():
+    def should_stop(self, all_processes: bool = False) -> bool:
+        """Whether to stop before the next step; with ``all_processes`` (DDP) every process
+        stops at the same step when any of them was asked to."""
+        stop = self.stop_event is not None and self.stop_event.is_set()
+        if all_processes:
+            from coral_core.distributed import all_reduce_sum
+
+            stop = bool(all_reduce_sum(torch.tensor([float(stop)], device=self.device)).item() > 0)
+        if stop:
             self.history.stopped = True
-            return True
-        return False
+        return stop
 
     def report(self, step: int, total: int, metrics: dict[str, float]) -> None:
         self.history.add(step, metrics)
@@ -95,7 +109,7 @@ class TrainingRun:
 
     def save(self, step: int, extra: dict | None = None, tensors: dict | None = None, force: bool = False) -> None:
         """Write the resume file when forced or every ``resume.every`` steps."""
-        if self.resume is None:
+        if self.resume is None or not self.saver:
             return
         if force or (self.resume.every and step % self.resume.every == 0):
             extra = dict(extra or {}, micro_batch=self.micro_batch)

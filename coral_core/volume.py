@@ -124,8 +124,12 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{p}: file is empty; re-export the volume")
     try:
         img = nib.load(str(p))
-        data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
+        raise UserError(f"{p}: not a readable NIfTI file ({_short(exc)}); re-export the volume") from None
+    _check_claimed_size(p, img)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
         raise UserError(f"{p}: not a readable NIfTI file ({_short(exc)}); re-export the volume") from None
     affine = np.asarray(img.affine, dtype=np.float64)
     # nibabel arrays are indexed (i, j, k[, t]); present them as (z=k, y=j, x=i).
@@ -134,6 +138,29 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
     elif data.ndim == 2:
         data = data.T
     return data, affine
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _check_claimed_size(p: Path, img) -> None:
+    """Refuse a header whose shape needs more memory than the machine has, or more bytes than
+    an uncompressed file holds, before anything is allocated."""
+    shape = tuple(int(n) for n in img.shape)
+    claimed = int(np.prod(shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
+    if claimed > _memory_bytes():
+        raise UserError(
+            f"{p}: header claims a {' x '.join(map(str, shape))} volume ({claimed / 2**30:.0f} GiB), more than this "
+            "machine's memory; the file is damaged or needs a bigger machine"
+        )
+    if not p.name.lower().endswith(".gz"):
+        offset = int(getattr(img.dataobj, "offset", 0) or 0)
+        if p.stat().st_size < offset + claimed:
+            raise UserError(f"{p}: file is truncated (holds {p.stat().st_size} of {offset + claimed} bytes); re-export the volume")
 
 
 def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -208,3 +208,34 @@ def test_finetune_resumes_after_ctrl_c_and_cleans_up(subject, tmp_path):
     assert 50 <= res["resumed_from"] < 600
     assert res["resumed_from"] + res["steps"] == 600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.safetensors"]
+
+
+def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
+    proc = coral("bench", "lowlabel", "--quick", "--phantom", 6, "--folds", 2, "--seeds", 2, "--labeled", "1,2",
+                 "--methods", "random,coral,pcl", "--pretrain-epochs", 1, "--finetune-steps", 3,
+                 "--table", tmp_path / "t.json", "--json", "--device", "cpu")
+    res = json.loads(proc.stdout)
+    assert [(r["method"], r["labeled"]) for r in res["rows"]] == [
+        ("random", 1), ("random", 2), ("coral", 1), ("coral", 2), ("pcl", 1), ("pcl", 2)]
+    assert all(0 <= r["dice"] <= 1 and r["dice_std"] >= 0 and r["n"] == 4 for r in res["rows"])
+    assert res["config"]["subjects"] == 6 and res["config"]["folds"] == 2
+    # the same labelled subjects for every method in a (fold, seed, M) cell: a paired comparison
+    draws = {}
+    for run in res["runs"]:
+        draws.setdefault((run["fold"], run["seed"], run["labeled"]), set()).add(tuple(run["train"]))
+    assert all(len(v) == 1 for v in draws.values())
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == res["rows"]
+    text = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
+                 "--methods", "random", "--finetune-steps", 2, "--device", "cpu").stdout
+    assert "random" in text and "M=1" in text
+    user_error(coral("bench", "lowlabel", "--phantom", 4, "--folds", 2, "--labeled", "3", "--methods", "random",
+                     check=False), "--labeled 3 exceeds the 2 training subjects")
+    user_error(coral("bench", "lowlabel", "--phantom", 4, "--methods", "random,byol", check=False), "byol")
+
+
+def test_bench_embedding_draws_both_methods(tmp_path):
+    res = json.loads(coral("bench", "embedding", "--out", tmp_path / "fig.png", "--phantom", 3, "--epochs", 1,
+                           "--show", 2, "--json", "--device", "cpu").stdout)
+    assert set(res["scores"]) == {"pcl", "coral"}
+    assert all(-1 <= s["pooled"] <= 1 and len(s["subjects"]) == 2 for s in res["scores"].values())
+    assert (tmp_path / "fig.png").stat().st_size > 20_000

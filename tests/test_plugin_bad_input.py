@@ -193,4 +193,4 @@ def test_gzip_bomb_like_header_is_refused(tmp_path):
         fh.write(header.binaryblock + b"\x00" * 4)
     with pytest.raises(ValueError) as info:
         read_volume(str(tmp_path / "huge.nii.gz"))
-    one_sentence(str(info.value), "huge.nii.gz")
+    one_sentence(str(info.value), "huge.nii.gz", "header claims a 30000 x 30000 x 30000 volume")

@@ -9,7 +9,7 @@ import torch
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
 from coral_core.infer import embed_volume, segment_volume
-from coral_core.model import UNet, UNetConfig, build_model
+from coral_core.model import Encoder, UNetConfig, build_model
 from coral_core.phantom import make_cohort
 from coral_core.pretrain import PretrainConfig, pretrain
 from coral_core.resume import ResumeState, resume_path
@@ -89,27 +89,22 @@ def test_resume_refuses_a_file_from_other_options_or_a_damaged_one(cohort, tmp_p
 
 
 class _SmallDevice:
-    """Makes UNet's forward raise CUDA's out-of-memory error above ``limit`` samples."""
+    """Makes the U-Net encoder raise CUDA's out-of-memory error above ``limit`` samples.
+
+    Every path (segmentation, embedding, the pretraining embedder) runs the encoder once per batch.
+    """
 
     def __init__(self, monkeypatch, limit: int) -> None:
         self.sizes: list[int] = []
-        original_forward, original_embed = UNet.forward, UNet.embed
+        original_forward = Encoder.forward
 
-        def guard(x):
+        def forward(encoder, x):
             self.sizes.append(x.shape[0])
             if x.shape[0] > limit:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return original_forward(encoder, x)
 
-        def forward(model, x):
-            guard(x)
-            return original_forward(model, x)
-
-        def embed(model, x):
-            guard(x)
-            return original_embed(model, x)
-
-        monkeypatch.setattr(UNet, "forward", forward)
-        monkeypatch.setattr(UNet, "embed", embed)
+        monkeypatch.setattr(Encoder, "forward", forward)
 
 
 def test_out_of_memory_halves_the_finetuning_batch_and_goes_on(cohort, monkeypatch, capsys):

@@ -93,3 +93,21 @@ def test_normalisation_survives_nan_inf_and_constant_images():
     assert np.array_equal(normalise_intensity(np.full((1, 2, 2), np.nan)), np.zeros((1, 2, 2), np.float32))
     ramp = normalise_intensity(np.arange(1000, dtype=np.float32).reshape(10, 10, 10))
     assert ramp.min() == 0.0 and ramp.max() == 1.0
+
+
+def test_headers_claiming_more_than_the_file_or_the_machine_are_refused_before_reading(tmp_path):
+    import gzip
+
+    import nibabel as nib
+
+    good = write_nifti_ijk(tmp_path / "good.nii", np.ones((30, 30, 30), np.float32), np.eye(4)).read_bytes()
+    (tmp_path / "cut.nii").write_bytes(good[: len(good) // 3])
+    with pytest.raises(UserError, match=r"cut.nii: file is truncated \(holds \d+ of \d+ bytes\)"):
+        load_volume(tmp_path / "cut.nii")
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.float32)
+    with gzip.open(tmp_path / "huge.nii.gz", "wb") as fh:
+        fh.write(header.binaryblock + b"\x00" * 4)
+    with pytest.raises(UserError, match="header claims a 30000 x 30000 x 30000 volume .* more than this machine's memory"):
+        load_volume(tmp_path / "huge.nii.gz")
