@@ -133,8 +133,8 @@ def _resume_state(args, fingerprint: dict, every: int):
     return state
 
 
-def _init_ddp(device: str) -> int:
-    """Join the process group torchrun set up; returns this process's rank."""
+def _init_ddp(device: str) -> tuple[int, int]:
+    """Join the process group torchrun set up; returns this process's rank and the number of processes."""
     import os
 
     import torch
@@ -146,7 +146,7 @@ def _init_ddp(device: str) -> int:
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank()
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _resumed_from(history) -> int:
@@ -173,7 +173,7 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.pretrain import PretrainConfig, pretrain
 
     check_output_path(args.out)
-    rank = _init_ddp(args.device) if args.ddp else 0
+    rank, processes = _init_ddp(args.device) if args.ddp else (0, 1)
     volumes, names = _read_inputs(args.inputs, args.phantom, args.seed)
     model_cfg = UNetConfig(
         base_filters=args.base_filters,
@@ -197,11 +197,12 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     seconds = time.perf_counter() - t0
     training = {
         "stage": "pretrain", "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "volumes": len(volumes), "final_loss": result.history.last("loss"),
+        "lr": args.lr, "seed": args.seed, "volumes": len(volumes), "processes": processes,
+        "final_loss": result.history.last("loss"),
     }
     save_checkpoint(args.out, result.model, training)
     state.remove()
-    out = {"checkpoint": str(args.out), "method": args.method, "volumes": len(volumes),
+    out = {"checkpoint": str(args.out), "method": args.method, "volumes": len(volumes), "processes": processes,
            "steps": len(result.history.steps), "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
     return out, f"pretrained {args.method} on {len(volumes)} volumes in {seconds:.0f} s; saved {args.out}"

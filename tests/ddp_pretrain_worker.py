@@ -3,6 +3,7 @@
 usage: python ddp_pretrain_worker.py RANK WORLD INIT_FILE METHOD OUTPUT.safetensors
 """
 
+import json
 import sys
 
 import torch.distributed as dist
@@ -21,7 +22,7 @@ def main(rank: int, world: int, init_file: str, method: str, output: str) -> Non
         tensors = {k: v.contiguous() for k, v in result.model.state_dict().items()}
         tensors |= {f"grad.{n}": p.grad.contiguous() for n, p in result.model.named_parameters() if p.grad is not None}
         save_file(tensors, output,
-                  metadata={"loss": repr(result.history.metrics["loss"])})
+                  metadata={"loss": json.dumps(list(map(float, result.history.metrics["loss"])))})
     dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """Distributed pretraining: 2 CPU processes (gloo) take the same step as one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def test_two_processes_take_the_single_process_step(tmp_path, method):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     with safe_open(str(tmp_path / "ddp.safetensors"), framework="pt") as fh:
         ddp = {k: fh.get_tensor(k) for k in fh.keys()}
-        ddp_loss = eval(fh.metadata()["loss"])  # a repr of a list of floats written by the worker
+        ddp_loss = json.loads(fh.metadata()["loss"])
     reference = single.model.state_dict()
     # the last step's gradients stay on the parameters: compare them too (AdamW's first steps
     # hardly depend on the gradients' scale, so equal weights alone would miss a scaling error)
@@ -52,3 +53,30 @@ def test_two_processes_take_the_single_process_step(tmp_path, method):
         moved += int(key.startswith("encoder.") and value.dtype.is_floating_point)
     assert moved > 0
     assert np.allclose(ddp_loss, single.history.metrics["loss"], rtol=1e-5)
+
+
+def test_torchrun_cli_pretrain_writes_one_checkpoint_and_one_report(tmp_path):
+    """What a user types: torchrun with 2 CPU processes; only rank 0 prints and saves."""
+    out = tmp_path / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "coral_core.cli", "pretrain", "--ddp", "--phantom", "2", "--epochs", "1", "--batch-size", "8",
+           "--base-filters", "4", "--image-size", "32", "--embedding-dim", "16", "--device", "cpu",
+           "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1
+    report = json.loads(reports[0])
+    assert report["method"] == "coral" and report["processes"] == 2 and np.isfinite(report["final_loss"])
+    from coral_core.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(out)
+    assert meta["training"]["stage"] == "pretrain" and meta["training"]["processes"] == 2 and model.has_direction
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors"]  # no resume file, no temp file left
+
+
+def test_ddp_flag_outside_torchrun_is_one_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "coral_core.cli", "pretrain", "--ddp", "--phantom", "2",
+                           "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --ddp runs under torchrun")
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
