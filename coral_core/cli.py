@@ -396,7 +396,9 @@ def _stage_printer(quiet: bool):
 
 
 def cmd_bench_lowlabel(args) -> tuple[dict, str]:
-    from coral_core.lowlabel import LowLabelConfig, format_table, load_labelled_cases, run_lowlabel
+    from coral_core.lowlabel import (
+        LowLabelConfig, format_paired, format_table, load_labelled_cases, paired_differences, run_lowlabel,
+    )
 
     options = {
         "methods": tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
@@ -416,7 +418,9 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
 
         check_output_path(args.table)
     result = run_lowlabel(cfg, cases, _stage_printer(args.json))
-    out = {"rows": result.rows, "config": result.config, "runs": result.runs, "seconds": round(result.seconds, 1)}
+    paired = paired_differences(result.runs, "random") + paired_differences(result.runs, "coral")
+    out = {"rows": result.rows, "paired": paired, "config": result.config, "runs": result.runs,
+           "seconds": round(result.seconds, 1)}
     if args.table:
         from coral_core.fileio import atomic_target
 
@@ -426,6 +430,10 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     text = (f"low-label benchmark on {source}: {cfg.folds} folds x {cfg.seeds} seeds, mean foreground Dice "
             f"+- std over folds and seeds (mean HD95 mm), {result.seconds:.0f} s on {result.config['device']}\n"
             + format_table(result.rows))
+    for reference in ("random", "coral"):
+        table = format_paired([r for r in paired if r["reference"] == reference])
+        if table:
+            text += f"\n\npaired with {reference} (same folds, seeds and labelled volumes; wins/runs):\n" + table
     return out, text
 
 

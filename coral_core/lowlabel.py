@@ -41,6 +41,8 @@ __all__ = [
     "make_folds",
     "run_lowlabel",
     "format_table",
+    "paired_differences",
+    "format_paired",
     "EmbeddingFigureConfig",
     "run_embedding_figure",
 ]
@@ -91,7 +93,7 @@ class LowLabelConfig:
     def quick(cls, **overrides) -> "LowLabelConfig":
         """A small model at 64 x 64 with short schedules: minutes on a laptop CPU."""
         base = dict(
-            labeled=(1,), folds=2, seeds=2, image_size=64, base_filters=8,
+            labeled=(1,), folds=2, seeds=3, image_size=64, base_filters=8,
             pretrain_epochs=8, pretrain_batch=32, finetune_steps=100, finetune_batch=8,
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -250,6 +252,43 @@ def format_table(rows: list[dict]) -> str:
             r = cell.get((method, m))
             parts.append(f"{r['dice']:.3f} +- {r['dice_std']:.3f} ({r['hd95']:5.1f})" if r else "-")
         lines.append(f"{method:<8}" + "".join(f"{p:>26}" for p in parts))
+    return "\n".join(lines)
+
+
+def paired_differences(runs: list[dict], reference: str = "random") -> list[dict]:
+    """Each method's Dice minus ``reference``'s on the same fold, seed and labelled volumes.
+
+    The folds and the labelled draw are shared by all methods, so a paired difference removes
+    the spread that comes from which subject happened to be labelled; ``wins`` counts the runs
+    where the method scored higher.
+    """
+    ref = {(r["labeled"], r["fold"], r["seed"]): r["dice"] for r in runs if r["method"] == reference}
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        for m in sorted({r["labeled"] for r in runs}):
+            d = np.array([r["dice"] - ref[(m, r["fold"], r["seed"])] for r in runs
+                          if r["method"] == method and r["labeled"] == m and (m, r["fold"], r["seed"]) in ref])
+            if method == reference or not len(d):
+                continue
+            rows.append({"method": method, "reference": reference, "labeled": m, "diff": float(d.mean()),
+                         "diff_std": float(d.std()), "wins": int((d > 0).sum()), "n": len(d)})
+    return rows
+
+
+def format_paired(rows: list[dict]) -> str:
+    """Paired Dice differences: ``mean +- std (wins/runs)`` per method and labelled count."""
+    if not rows:
+        return ""
+    labeled = sorted({r["labeled"] for r in rows})
+    cell = {(r["method"], r["labeled"]): r for r in rows}
+    head = f"{'vs ' + rows[0]['reference']:<12}" + "".join(f"{f'M={m}: Dice difference':>28}" for m in labeled)
+    lines = [head, "-" * len(head)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        parts = []
+        for m in labeled:
+            r = cell.get((method, m))
+            parts.append(f"{r['diff']:+.3f} +- {r['diff_std']:.3f} ({r['wins']}/{r['n']})" if r else "-")
+        lines.append(f"{method:<12}" + "".join(f"{p:>28}" for p in parts))
     return "\n".join(lines)
 
 

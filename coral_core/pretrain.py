@@ -194,7 +194,7 @@ def pretrain(
                 (weight * world * losses["loss"]).backward()
                 return {k: v.detach() for k, v in losses.items()}
 
-            losses = accumulate(run, optimiser, hi - lo, step_loss)
+            losses = accumulate(run, optimiser, hi - lo, step_loss, distributed=ddp)
             if ddp:
                 for p in objective.parameters():  # not in DDP: average its (world-scaled) gradients
                     if p.grad is not None:

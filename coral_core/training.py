@@ -124,7 +124,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def accumulate(
-    run: TrainingRun, optimiser: torch.optim.Optimizer, n: int, step_loss: Callable[[slice, float], dict[str, torch.Tensor]]
+    run: TrainingRun,
+    optimiser: torch.optim.Optimizer,
+    n: int,
+    step_loss: Callable[[slice, float], dict[str, torch.Tensor]],
+    distributed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Zero the gradients and run one step's forward and backward passes over ``n`` samples.
 
@@ -133,6 +137,9 @@ def accumulate(
     piece until the device runs out of memory; then the piece size halves (for the rest of the
     run) and the pieces' gradients add up, so the step still covers every sample. (For the
     contrastive losses a piece is a smaller batch: fewer negatives per anchor.)
+
+    With ``distributed`` (one of several DDP processes) out of memory is an error instead: the
+    processes must run the same collective operations, and one that halved alone would hang the rest.
     """
     while True:
         size = min(run.micro_batch or n, n)
@@ -148,6 +155,11 @@ def accumulate(
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
+            if distributed:
+                raise UserError(
+                    f"the {run.device.type} device ran out of memory with {n} samples per process; "
+                    "lower --batch-size or run more processes"
+                ) from None
             if size <= 1:
                 raise UserError(
                     f"the {run.device.type} device ran out of memory even for one sample; "

@@ -225,6 +225,14 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
         draws.setdefault((run["fold"], run["seed"], run["labeled"]), set()).add(tuple(run["train"]))
     assert all(len(v) == 1 for v in draws.values())
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == res["rows"]
+    # paired differences: recomputed here from the runs, as a reader of the table would
+    dice = {(r["method"], r["labeled"], r["fold"], r["seed"]): r["dice"] for r in res["runs"]}
+    for row in res["paired"]:
+        diffs = [d - dice[(row["reference"], *key[1:])] for key, d in dice.items()
+                 if key[0] == row["method"] and key[1] == row["labeled"]]
+        assert row["n"] == 4 and np.isclose(row["diff"], np.mean(diffs)) and row["wins"] == sum(x > 0 for x in diffs)
+    assert {(r["method"], r["reference"]) for r in res["paired"]} == {
+        ("coral", "random"), ("pcl", "random"), ("random", "coral"), ("pcl", "coral")}
     text = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                  "--methods", "random", "--finetune-steps", 2, "--device", "cpu").stdout
     assert "random" in text and "M=1" in text

@@ -13,6 +13,7 @@ from coral_core.model import Encoder, UNetConfig, build_model
 from coral_core.phantom import make_cohort
 from coral_core.pretrain import PretrainConfig, pretrain
 from coral_core.resume import ResumeState, resume_path
+from coral_core.training import TrainingRun, accumulate
 
 TINY = UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=16)
 
@@ -124,6 +125,21 @@ def test_out_of_memory_halves_the_pretraining_batch_and_goes_on(cohort, monkeypa
                       [img.array for img, _ in cohort])
     assert np.isfinite(result.history.metrics["loss"]).all()
     assert device.sizes[:3] == [16, 8, 8]
+
+
+def test_out_of_memory_under_ddp_is_an_error_not_a_lone_halving():
+    """One DDP process halving its batch alone would leave the others waiting in a collective."""
+    run = TrainingRun(0, "cpu", False, None, None)
+    weight = torch.nn.Parameter(torch.ones(3))
+    calls = []
+
+    def step_loss(part, w):
+        calls.append(part)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(UserError, match="ran out of memory with 16 samples per process; lower --batch-size"):
+        accumulate(run, torch.optim.SGD([weight], lr=0.1), 16, step_loss, distributed=True)
+    assert calls == [slice(0, 16)] and run.micro_batch is None
 
 
 def test_out_of_memory_on_one_sample_is_one_clear_sentence(cohort, monkeypatch):
