@@ -452,6 +452,18 @@ def cmd_bench_embedding(args) -> tuple[dict, str]:
     return {"figure": str(args.out), "scores": scores}, "\n".join(lines)
 
 
+def cmd_bench_speed(args) -> tuple[dict, str]:
+    from coral_core.speedbench import SpeedConfig, format_speed_table, run_speed
+
+    options = {"device": args.device, "baseline": not args.no_baseline, "peak_tflops": args.peak_tflops}
+    cfg = SpeedConfig.quick(**options) if args.quick else SpeedConfig(**options)
+    result = run_speed(cfg, _stage_printer(args.json))
+    info = result["device"]
+    text = (f"speed on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} CPU threads); "
+            f"baseline: float32, eager, augmentation slice by slice on the CPU\n" + format_speed_table(result))
+    return result, text
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -538,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-model", default=None, metavar="CKPT", help="also save the fine-tuned model")
 
-    bench = sub.add_parser("bench", help="Benchmarks: low-label segmentation, embedding figure.",
-                           description="Benchmarks that reproduce the CORAL paper's experiments with this engine.")
+    bench = sub.add_parser("bench", help="Benchmarks: low-label segmentation, embedding figure, speed.",
+                           description="Benchmarks that reproduce the CORAL paper's experiments with this engine, and its speed.")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=_Parser, required=True)
     p = command("lowlabel", "Pretrain every method, fine-tune on M labelled volumes per fold, score held-out Dice.",
                 cmd_bench_lowlabel, bench_sub)
@@ -548,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", type=int, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
-    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 2 quick, 3 full)")
+    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3 quick, 3 full)")
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-steps", type=int, default=None)
@@ -560,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--show", type=int, default=5, help="unseen subjects drawn")
     p.add_argument("--seed", type=int, default=0)
+    p = command("speed", "Pretraining and inference slices/s and fine-tuning time, ours next to a published-code-like baseline.",
+                cmd_bench_speed, bench_sub)
+    p.add_argument("--quick", action="store_true", help="small images and model: about 3 minutes on a 2-core CPU")
+    p.add_argument("--no-baseline", action="store_true", help="measure our engine only")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs are looked up)")
     return parser
 
 

@@ -1,0 +1,301 @@
+"""Speed of the engine where users feel it, next to a baseline run the way the published code runs.
+
+Three measurements, each taken for our engine and for the baseline in the same process, on
+the same data and model:
+
+* pretraining throughput (slices/s, two views per slice), end to end per step: taking the
+  batch from the preloaded slices, moving it to the device, augmenting, forward, CORAL loss,
+  backward, optimiser step; measured over the steps after a warm-up;
+* inference throughput (slices/s) of :func:`coral_core.infer.segment_volume` on a volume
+  whose slices are the model's input size (NumPy in, labels of the volume's shape out);
+* fine-tuning wall time for a number of steps on a few annotated slices.
+
+The baseline is configured like the published CORAL/PCL code: float32, eager, and the same
+augmentation transforms applied slice by slice on the CPU before the batch moves to the device.
+It uses our loss (the published O(N^3) form would measure the loss, which
+``benchmarks/loss_bench.py`` already does) so that the difference is the engine's.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from coral_core.augment import AugmentConfig, augment_batch
+from coral_core.data import PretrainSlices, resize_slices
+from coral_core.device import resolve_device
+from coral_core.finetune import FinetuneConfig, finetune, segmentation_loss
+from coral_core.infer import segment_volume
+from coral_core.losses import CoralLoss
+from coral_core.model import UNet, UNetConfig, build_model
+from coral_core.pretrain import PretrainConfig, pretrain
+
+__all__ = ["SpeedConfig", "run_speed", "format_speed_table", "model_flops", "peak_flops"]
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU.
+_PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200": 989.4e12,
+              "A100": 312e12}
+
+
+@dataclass
+class SpeedConfig:
+    """The defaults are the GPU protocol (issue 6); :meth:`quick` fits a 2-core CPU."""
+
+    image_size: int = 352
+    base_filters: int = 48
+    pretrain_batch: int = 64
+    pretrain_steps: int = 30  # timed steps, after the warm-up
+    warmup_steps: int = 5
+    infer_sizes: tuple[int, ...] = (352, 512)
+    infer_slices: int = 200
+    infer_batch: int = 50
+    repeats: int = 3  # inference passes timed (the median is reported), after one warm-up pass
+    finetune_steps: int = 200
+    finetune_slices: int = 3
+    finetune_batch: int = 8
+    finetune_size: int = 128  # the bundled demo model's input size
+    finetune_base_filters: int = 16
+    baseline: bool = True
+    device: str = "auto"
+    peak_tflops: float | None = None  # overrides the table above (MFU); CPUs have no entry
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @classmethod
+    def quick(cls, **overrides) -> "SpeedConfig":
+        base = dict(image_size=128, base_filters=16, pretrain_batch=16, pretrain_steps=8, warmup_steps=2,
+                    infer_sizes=(128, 256), infer_slices=32, infer_batch=16, repeats=2)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, when known (for MFU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in _PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def model_flops(config: UNetConfig, training: bool) -> float:
+    """FLOPs of one slice through the model: the embedder, forward and backward, for
+    pretraining; the full U-Net forward for inference (counted by PyTorch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(config)
+    x = torch.zeros(1, config.in_channels, config.image_size, config.image_size, requires_grad=training)
+    with FlopCounterMode(display=False) as counter:
+        if training:
+            model.embed(x).sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return float(counter.get_total_flops())
+
+
+def _cohort(n_slices: int, seed: int) -> list[np.ndarray]:
+    """Phantom volumes with at least ``n_slices`` slices in all (the content does not change speed)."""
+    from coral_core.phantom import make_phantom
+
+    volumes, total, i = [], 0, 0
+    while total < n_slices:
+        volumes.append(make_phantom(seed + i)[0].array)
+        total += volumes[-1].shape[0]
+        i += 1
+    return volumes
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def _pretrain_ours(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: UNetConfig) -> float:
+    stamps: list[float] = []
+    n_slices = sum(v.shape[0] for v in volumes)
+    steps = cfg.warmup_steps + cfg.pretrain_steps
+    epochs = -(-(steps + 1) // max(1, n_slices // cfg.pretrain_batch))
+    stop = threading.Event()
+
+    def on_step(step, total, metrics):  # metrics are floats: the step has finished on the device
+        stamps.append(time.perf_counter())
+        if len(stamps) > steps:
+            stop.set()
+
+    pre = PretrainConfig(method="coral", epochs=epochs, batch_size=cfg.pretrain_batch, seed=cfg.seed,
+                         device=cfg.device, model=model_cfg, augment=cfg.augment)
+    pretrain(pre, volumes, on_step, stop)
+    timed = stamps[cfg.warmup_steps : steps + 1]
+    return cfg.pretrain_batch * (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def _pretrain_baseline(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: UNetConfig, device) -> float:
+    torch.manual_seed(cfg.seed)
+    data = PretrainSlices(volumes, model_cfg.image_size)
+    model = build_model(model_cfg).to(device).train()
+    loss_fn = CoralLoss(model_cfg.embedding_dim).to(device)
+    params = list(model.encoder.parameters()) + list(model.projection.parameters()) + list(loss_fn.parameters())
+    optimiser = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    cpu_gen = torch.Generator().manual_seed(cfg.seed)
+    stamps = []
+    for step in range(cfg.warmup_steps + cfg.pretrain_steps + 1):
+        idx = torch.randint(0, len(data), (cfg.pretrain_batch,), generator=cpu_gen)
+        # slice by slice on the CPU, as a Dataset's __getitem__ would, two views each
+        views = [augment_batch(data.images[i : i + 1], config=cfg.augment, generator=cpu_gen)[0]
+                 for _ in range(2) for i in idx.tolist()]
+        x = torch.cat(views).to(device)
+        z = model.embed(x)
+        features = z.view(2, cfg.pretrain_batch, -1).transpose(0, 1)
+        loss = loss_fn(features, data.positions[idx].to(device)).total
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        float(loss)  # the published loop logs the loss every step
+        stamps.append(time.perf_counter())
+    timed = stamps[cfg.warmup_steps :]
+    return cfg.pretrain_batch * (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _segment_baseline(model: UNet, volume: np.ndarray, device, batch_size: int) -> np.ndarray:
+    out = np.zeros(volume.shape, dtype=np.uint8)
+    slices = resize_slices(volume, model.config.image_size)
+    with torch.no_grad():
+        for start in range(0, len(slices), batch_size):
+            logits = model(slices[start : start + batch_size].to(device))
+            logits = F.interpolate(logits, size=volume.shape[1:], mode="bilinear", align_corners=False)
+            out[start : start + batch_size] = logits.argmax(1).cpu().numpy()
+    return out
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, device) -> float:
+    fn()  # warm-up: kernels chosen, memory pools filled
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def _finetune_baseline(cfg: SpeedConfig, model: UNet, image, labels, slices, device) -> None:
+    torch.manual_seed(cfg.seed)
+    model = copy.deepcopy(model).to(device).train()
+    x_all = resize_slices(image, model.config.image_size, slices)
+    y_all = F.interpolate(torch.from_numpy(labels[slices]).float()[:, None], size=x_all.shape[-2:],
+                          mode="nearest")[:, 0].long()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    cpu_gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.finetune_steps):
+        idx = torch.randint(0, len(x_all), (cfg.finetune_batch,), generator=cpu_gen).tolist()
+        pairs = [augment_batch(x_all[i : i + 1], y_all[i : i + 1], cfg.augment, cpu_gen) for i in idx]
+        x = torch.cat([p[0] for p in pairs]).to(device)
+        y = torch.cat([p[1] for p in pairs]).to(device)
+        loss = segmentation_loss(model(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        float(loss)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure everything; returns ``{"rows": [...], "config": {...}, "device": ...}``."""
+    say = progress or (lambda text: None)
+    device = resolve_device(cfg.device)
+    peak = peak_flops(device, cfg.peak_tflops)
+    rows = []
+
+    def row(task, size, unit, ours, baseline, flops_per_item=None):
+        r = {"task": task, "size": size, "unit": unit, "ours": ours, "baseline": baseline,
+             "speedup": (ours / baseline if unit == "slices/s" else baseline / ours) if baseline else None}
+        if flops_per_item and unit == "slices/s":
+            r["tflops"] = ours * flops_per_item / 1e12
+            r["mfu"] = r["tflops"] * 1e12 / peak if peak else None
+        rows.append(r)
+
+    model_cfg = UNetConfig(base_filters=cfg.base_filters, image_size=cfg.image_size)
+    volumes = _cohort(cfg.pretrain_batch * 4, cfg.seed)
+    say(f"pretraining, ours: {cfg.image_size} px, {cfg.base_filters} filters, batch {cfg.pretrain_batch}")
+    ours = _pretrain_ours(cfg, volumes, model_cfg)
+    base = None
+    if cfg.baseline:
+        say("pretraining, baseline")
+        base = _pretrain_baseline(cfg, volumes, model_cfg, device)
+    # two views per slice: a slice costs two embedder passes
+    row("pretrain", cfg.image_size, "slices/s", ours, base, 2 * model_flops(model_cfg, training=True))
+
+    for size in cfg.infer_sizes:
+        say(f"inference at {size} px, {cfg.infer_slices} slices")
+        torch.manual_seed(cfg.seed)
+        net = build_model(UNetConfig(base_filters=cfg.base_filters, image_size=size, n_classes=4)).to(device).eval()
+        volume = np.random.default_rng(cfg.seed).random((cfg.infer_slices, size, size), dtype=np.float32)
+        ours_s = _median_seconds(lambda: segment_volume(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+        base_s = None
+        if cfg.baseline:
+            base_s = _median_seconds(lambda: _segment_baseline(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+        row("inference", size, "slices/s", cfg.infer_slices / ours_s, cfg.infer_slices / base_s if base_s else None,
+            model_flops(net.config, training=False))
+        row("segment volume", size, "s", ours_s, base_s)
+
+    say(f"fine-tuning {cfg.finetune_steps} steps on {cfg.finetune_slices} slices")
+    from coral_core.phantom import make_phantom
+
+    image, labels = (v.array for v in make_phantom(cfg.seed + 1000))
+    slices = np.linspace(1, image.shape[0] - 2, cfg.finetune_slices).round().astype(int).tolist()
+    torch.manual_seed(cfg.seed)
+    net = build_model(UNetConfig(base_filters=cfg.finetune_base_filters, image_size=cfg.finetune_size, n_classes=4))
+    ft = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, validate_every=0, seed=cfg.seed,
+                        device=cfg.device, augment=cfg.augment)
+    t = time.perf_counter()
+    finetune(ft, net, [image], [labels], [slices])
+    ours_s = time.perf_counter() - t
+    base_s = None
+    if cfg.baseline:
+        t = time.perf_counter()
+        _finetune_baseline(cfg, net, image, labels, slices, device)
+        base_s = time.perf_counter() - t
+    row(f"fine-tune {cfg.finetune_steps} steps", cfg.finetune_size, "s", ours_s, base_s)
+
+    info = {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "peak_tflops": peak / 1e12 if peak else None}
+    return {"rows": rows, "config": asdict(cfg), "device": info}
+
+
+def format_speed_table(result: dict) -> str:
+    head = f"{'task':<22}{'size':>6}{'unit':>10}{'ours':>12}{'baseline':>12}{'speed-up':>10}{'TFLOP/s':>10}{'MFU':>8}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        fmt = (lambda v: f"{v:.1f}") if r["unit"] == "slices/s" else (lambda v: f"{v:.3f}")
+        base = fmt(r["baseline"]) if r["baseline"] else "-"
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        tflops = f"{r['tflops']:.2f}" if r.get("tflops") is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        lines.append(f"{r['task']:<22}{r['size']:>6}{r['unit']:>10}{fmt(r['ours']):>12}{base:>12}{speedup:>10}"
+                     f"{tflops:>10}{mfu:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""The speed benchmark measures what it says, on a tiny configuration (figures come from benchmarks/)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from coral_core.model import UNetConfig, build_model
+from coral_core.speedbench import SpeedConfig, format_speed_table, model_flops, peak_flops, run_speed
+
+
+def test_training_flops_are_forward_plus_backward_of_the_embedder():
+    cfg = UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=16)
+    model = build_model(cfg)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.embed(torch.zeros(1, 1, 32, 32))
+    forward = counter.get_total_flops()
+    # backward costs about twice the forward (input and weight gradients of every layer)
+    assert 2.5 * forward < model_flops(cfg, training=True) <= 3 * forward
+    assert model_flops(cfg, training=False) > forward  # the decoder adds to the encoder
+
+
+def test_peak_is_known_only_where_it_is_published():
+    assert peak_flops(torch.device("cpu")) is None
+    assert peak_flops(torch.device("cpu"), 2.0) == 2e12
+
+
+def test_run_measures_every_task_for_ours_and_the_baseline():
+    cfg = SpeedConfig(image_size=32, base_filters=4, pretrain_batch=4, pretrain_steps=2, warmup_steps=1,
+                      infer_sizes=(32, 48), infer_slices=4, infer_batch=2, repeats=1, finetune_steps=3,
+                      finetune_batch=2, finetune_size=32, finetune_base_filters=4, device="cpu")
+    result = run_speed(cfg)
+    tasks = [(r["task"], r["size"], r["unit"]) for r in result["rows"]]
+    assert tasks == [("pretrain", 32, "slices/s"), ("inference", 32, "slices/s"), ("segment volume", 32, "s"),
+                     ("inference", 48, "slices/s"), ("segment volume", 48, "s"), ("fine-tune 3 steps", 32, "s")]
+    for r in result["rows"]:
+        assert r["ours"] > 0 and r["baseline"] > 0
+        ratio = r["ours"] / r["baseline"] if r["unit"] == "slices/s" else r["baseline"] / r["ours"]
+        assert r["speedup"] == pytest.approx(ratio)
+    inference = result["rows"][1]
+    assert inference["ours"] == pytest.approx(4 / result["rows"][2]["ours"])  # slices/s from the volume time
+    assert inference["tflops"] == pytest.approx(inference["ours"] * model_flops(
+        UNetConfig(base_filters=4, image_size=32, n_classes=4), training=False) / 1e12)
+    assert inference["mfu"] is None  # no published peak for a CPU
+    text = format_speed_table(result)
+    assert "pretrain" in text and "fine-tune 3 steps" in text
