@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = command("speed", "Pretraining and inference slices/s and fine-tuning time, ours next to a published-code-like baseline.",
                 cmd_bench_speed, bench_sub)
-    p.add_argument("--quick", action="store_true", help="small images and model: about 3 minutes on a 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="small images and model: about 2 minutes on a 2-core CPU")
     p.add_argument("--no-baseline", action="store_true", help="measure our engine only")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs are looked up)")
     return parser

@@ -38,7 +38,10 @@ from coral_core.losses import CoralLoss
 from coral_core.model import UNet, UNetConfig, build_model
 from coral_core.pretrain import PretrainConfig, pretrain
 
-__all__ = ["SpeedConfig", "run_speed", "format_speed_table", "model_flops", "peak_flops"]
+__all__ = [
+    "SpeedConfig", "run_speed", "format_speed_table", "model_flops", "peak_flops", "measure_pretrain",
+    "measure_inference",
+]
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU.
 _PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200": 989.4e12,
@@ -224,6 +227,29 @@ def _finetune_baseline(cfg: SpeedConfig, model: UNet, image, labels, slices, dev
 # --------------------------------------------------------------------------- the run
 
 
+def measure_pretrain(cfg: SpeedConfig) -> tuple[float, float | None]:
+    """Pretraining slices/s at ``cfg.image_size`` and ``cfg.pretrain_batch``: ours, and the
+    baseline's (None without ``cfg.baseline``)."""
+    device = resolve_device(cfg.device)
+    model_cfg = UNetConfig(base_filters=cfg.base_filters, image_size=cfg.image_size)
+    volumes = _cohort(cfg.pretrain_batch * 4, cfg.seed)
+    ours = _pretrain_ours(cfg, volumes, model_cfg)
+    return ours, _pretrain_baseline(cfg, volumes, model_cfg, device) if cfg.baseline else None
+
+
+def measure_inference(cfg: SpeedConfig, size: int) -> tuple[float, float | None]:
+    """Seconds to segment ``cfg.infer_slices`` slices of ``size`` x ``size`` (median of
+    ``cfg.repeats``): ours, and the baseline's (None without ``cfg.baseline``)."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    net = build_model(UNetConfig(base_filters=cfg.base_filters, image_size=size, n_classes=4)).to(device).eval()
+    volume = np.random.default_rng(cfg.seed).random((cfg.infer_slices, size, size), dtype=np.float32)
+    ours = _median_seconds(lambda: segment_volume(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+    if not cfg.baseline:
+        return ours, None
+    return ours, _median_seconds(lambda: _segment_baseline(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+
+
 def run_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Measure everything; returns ``{"rows": [...], "config": {...}, "device": ...}``."""
     say = progress or (lambda text: None)
@@ -240,27 +266,17 @@ def run_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -
         rows.append(r)
 
     model_cfg = UNetConfig(base_filters=cfg.base_filters, image_size=cfg.image_size)
-    volumes = _cohort(cfg.pretrain_batch * 4, cfg.seed)
-    say(f"pretraining, ours: {cfg.image_size} px, {cfg.base_filters} filters, batch {cfg.pretrain_batch}")
-    ours = _pretrain_ours(cfg, volumes, model_cfg)
-    base = None
-    if cfg.baseline:
-        say("pretraining, baseline")
-        base = _pretrain_baseline(cfg, volumes, model_cfg, device)
+    say(f"pretraining: {cfg.image_size} px, {cfg.base_filters} filters, batch {cfg.pretrain_batch}")
+    ours, base = measure_pretrain(cfg)
     # two views per slice: a slice costs two embedder passes
     row("pretrain", cfg.image_size, "slices/s", ours, base, 2 * model_flops(model_cfg, training=True))
 
     for size in cfg.infer_sizes:
         say(f"inference at {size} px, {cfg.infer_slices} slices")
-        torch.manual_seed(cfg.seed)
-        net = build_model(UNetConfig(base_filters=cfg.base_filters, image_size=size, n_classes=4)).to(device).eval()
-        volume = np.random.default_rng(cfg.seed).random((cfg.infer_slices, size, size), dtype=np.float32)
-        ours_s = _median_seconds(lambda: segment_volume(net, volume, device, cfg.infer_batch), cfg.repeats, device)
-        base_s = None
-        if cfg.baseline:
-            base_s = _median_seconds(lambda: _segment_baseline(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+        ours_s, base_s = measure_inference(cfg, size)
+        flops = model_flops(UNetConfig(base_filters=cfg.base_filters, image_size=size, n_classes=4), training=False)
         row("inference", size, "slices/s", cfg.infer_slices / ours_s, cfg.infer_slices / base_s if base_s else None,
-            model_flops(net.config, training=False))
+            flops)
         row("segment volume", size, "s", ours_s, base_s)
 
     say(f"fine-tuning {cfg.finetune_steps} steps on {cfg.finetune_slices} slices")
