@@ -405,6 +405,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "labeled": _int_list(args.labeled, "--labeled") if args.labeled else None,
         "folds": args.folds, "seeds": args.seeds, "device": args.device,
         "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
+        "finetune_lr": args.finetune_lr,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -564,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--table", default=None, metavar="FILE.json", help="also write rows, runs and config to this file")
     p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
                 cmd_bench_embedding, bench_sub)
