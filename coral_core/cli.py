@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", type=int, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
-    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3 quick, 3 full)")
+    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 2 quick, 3 full)")
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-steps", type=int, default=None)

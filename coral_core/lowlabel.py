@@ -93,8 +93,8 @@ class LowLabelConfig:
     def quick(cls, **overrides) -> "LowLabelConfig":
         """A small model at 64 x 64 with short schedules: minutes on a laptop CPU."""
         base = dict(
-            labeled=(1,), folds=2, seeds=3, image_size=64, base_filters=8,
-            pretrain_epochs=8, pretrain_batch=32, finetune_steps=100, finetune_batch=8,
+            labeled=(1,), folds=2, seeds=2, image_size=64, base_filters=8,
+            pretrain_epochs=8, pretrain_batch=32, finetune_steps=300, finetune_batch=8,
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
