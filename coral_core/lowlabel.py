@@ -221,7 +221,7 @@ def run_lowlabel(
                     dice, hd95 = _score(model, test, n_classes, device)
                     timings[f"finetune {method}"] = timings.get(f"finetune {method}", 0.0) + time.perf_counter() - t
                     runs.append({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
-                                 "train": sorted(chosen)})
+                                 "train": sorted(chosen), "test": sorted(test_subjects)})
                     say(f"seed {seed}: {method}, {m} labelled, fold {k + 1}: Dice {dice:.3f}")
     rows = []
     for method in cfg.methods:

@@ -169,7 +169,7 @@ def _pretrain_baseline(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: U
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        float(loss)  # the published loop logs the loss every step
+        float(loss.detach())  # the published loop logs the loss every step
         stamps.append(time.perf_counter())
     timed = stamps[cfg.warmup_steps :]
     return cfg.pretrain_batch * (len(timed) - 1) / (timed[-1] - timed[0])
@@ -221,7 +221,7 @@ def _finetune_baseline(cfg: SpeedConfig, model: UNet, image, labels, slices, dev
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        float(loss)
+        float(loss.detach())
 
 
 # --------------------------------------------------------------------------- the run

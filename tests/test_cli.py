@@ -241,6 +241,27 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--methods", "random,byol", check=False), "byol")
 
 
+def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_path):
+    root = tmp_path / "ACDC"
+    for i in range(4):  # 4 patients with two labelled frames each, as ACDC's ED and ES
+        patient = root / f"patient{i + 1:03d}"
+        patient.mkdir(parents=True)
+        for frame, seed in (("01", i), ("12", i + 100)):
+            img, lab = make_phantom(seed, n_slices=6)
+            save_volume(patient / f"{patient.name}_frame{frame}.nii.gz", img.array, img.affine)
+            save_volume(patient / f"{patient.name}_frame{frame}_gt.nii.gz", lab.array.astype(np.uint8), lab.affine)
+    res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--folds", 2, "--seeds", 1, "--labeled", 1,
+                           "--methods", "random", "--finetune-steps", 2, "--json", "--device", "cpu").stdout)
+    assert res["config"]["subjects"] == 4 and res["config"]["cases"] == 8
+    patients = {f"patient{i + 1:03d}" for i in range(4)}
+    assert len(res["runs"]) == 2
+    for run in res["runs"]:  # folds hold patients; the labelled one is never a test patient
+        assert set(run["test"]) <= patients and len(run["test"]) == 2
+        assert len(run["train"]) == 1 and run["train"][0] in patients - set(run["test"])
+    assert set(res["runs"][0]["test"]) | set(res["runs"][1]["test"]) == patients
+    user_error(coral("bench", "lowlabel", "--data", tmp_path / "nothing", check=False), "nothing")
+
+
 def test_bench_embedding_draws_both_methods(tmp_path):
     res = json.loads(coral("bench", "embedding", "--out", tmp_path / "fig.png", "--phantom", 3, "--epochs", 1,
                            "--show", 2, "--json", "--device", "cpu").stdout)
