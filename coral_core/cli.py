@@ -456,12 +456,19 @@ def cmd_bench_embedding(args) -> tuple[dict, str]:
 def cmd_bench_speed(args) -> tuple[dict, str]:
     from coral_core.speedbench import SpeedConfig, format_speed_table, run_speed
 
+    from coral_core.device import resolve_device
+
     options = {"device": args.device, "baseline": not args.no_baseline, "peak_tflops": args.peak_tflops}
-    cfg = SpeedConfig.quick(**options) if args.quick else SpeedConfig(**options)
+    quick = args.quick or resolve_device(args.device).type != "cuda"
+    if quick and not args.quick:
+        _stage_printer(args.json)("no CUDA device: measuring the --quick configuration (the full one is for a GPU)")
+    cfg = SpeedConfig.quick(**options) if quick else SpeedConfig(**options)
     result = run_speed(cfg, _stage_printer(args.json))
+    result["configuration"] = "quick" if quick else "full"
     info = result["device"]
-    text = (f"speed on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} CPU threads); "
-            f"baseline: float32, eager, augmentation slice by slice on the CPU\n" + format_speed_table(result))
+    text = (f"speed on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} CPU threads), "
+            f"{result['configuration']} configuration; baseline: float32, eager, augmentation slice by slice on "
+            f"the CPU\n" + format_speed_table(result))
     return result, text
 
 
@@ -576,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = command("speed", "Pretraining and inference slices/s and fine-tuning time, ours next to a published-code-like baseline.",
                 cmd_bench_speed, bench_sub)
-    p.add_argument("--quick", action="store_true", help="small images and model: about 2 minutes on a 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="small images and model: about 2 minutes on a 2-core CPU (the default without CUDA)")
     p.add_argument("--no-baseline", action="store_true", help="measure our engine only")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs are looked up)")
     return parser

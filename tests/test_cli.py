@@ -65,9 +65,11 @@ def workflow(subject):
 
 def test_help_lists_every_command_and_each_has_help():
     out = coral("--help").stdout
-    for name in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo"):
+    for name in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo", "bench"):
         assert name in out
-        assert "--device" in coral(name, "--help").stdout
+    for command in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo", "bench lowlabel",
+                    "bench embedding", "bench speed"):
+        assert "--device" in coral(*command.split(), "--help").stdout
 
 
 def test_workflow_writes_labels_with_the_input_geometry(workflow):
