@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", default=None, help="names of the foreground classes in label order, e.g. GM,WM")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 0.003, as FinetuneConfig)")
     p.add_argument("--base-filters", type=int, default=16, help="without --init only")
     p.add_argument("--image-size", type=int, default=None, help="without --init only")
     p.add_argument("--seed", type=int, default=0)

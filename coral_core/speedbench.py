@@ -210,7 +210,7 @@ def _finetune_baseline(cfg: SpeedConfig, model: UNet, image, labels, slices, dev
     x_all = resize_slices(image, model.config.image_size, slices)
     y_all = F.interpolate(torch.from_numpy(labels[slices]).float()[:, None], size=x_all.shape[-2:],
                           mode="nearest")[:, 0].long()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=FinetuneConfig.lr, weight_decay=1e-4)
     cpu_gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.finetune_steps):
         idx = torch.randint(0, len(x_all), (cfg.finetune_batch,), generator=cpu_gen).tolist()
