@@ -1,10 +1,12 @@
 """Inference: segment a volume slice by slice, and embed each slice.
 
-Slices are normalised and resampled to the model's input size on the CPU, then moved to
-the device one batch at a time, so the device never holds the whole volume (a volume of any
-length is processed in chunks), and a batch that runs out of device memory is split in two. Logits are
-resampled back to the slice's own size before the arg-max, so labels have the input's exact
-shape.
+On a CUDA GPU with room for it, the volume moves to the device once and is normalised and
+resampled there: on the host, NumPy's percentiles and the resampling of a 200-slice 512 x 512
+volume take longer than segmenting it on an H100. Otherwise (the CPU, or a volume too large
+for the GPU's free memory) slices are normalised and resampled on the CPU and moved to the
+device one batch at a time, so the device never holds the whole volume. Either way a batch
+that runs out of device memory is split in two, and logits are resampled back to the slice's
+own size before the arg-max, so labels have the input's exact shape.
 """
 
 from __future__ import annotations
@@ -16,27 +18,73 @@ from torch.nn import functional as F
 from coral_core.data import resize_slices
 from coral_core.device import mixed_precision
 from coral_core.model import UNet
+from coral_core.volume import normalise_intensity_tensor
 
-__all__ = ["segment_volume", "iter_segment_volume", "embed_volume"]
+__all__ = ["segment_volume", "iter_segment_volume", "embed_volume", "preprocess_on_device"]
 
 
-def _run_in_batches(model: UNet, volume: np.ndarray, device: torch.device, batch_size: int, fn):
-    """Resample the slices on the CPU, then apply ``fn`` to device batches of them, in order.
+# Dtypes moved to the GPU as they are (fewer bytes to copy) and converted to float32 there.
+_DEVICE_DTYPES = (np.uint8, np.int8, np.int16, np.int32, np.float16, np.float32)
+# Device memory the on-device path needs, in units of the volume's float32 size: the volume,
+# the sort of its values for the percentiles (values and int64 indices) and the normalised copy.
+_DEVICE_COPIES = 6
 
-    Yields ``(start, stop, fn(batch))``. Only one batch is on the device at a time, so any
-    number of slices fits; if the device runs out of memory the batch halves and the same
-    slices are tried again.
+
+def preprocess_on_device(volume: np.ndarray, device: torch.device) -> bool:
+    """Whether to normalise and resample ``volume`` on ``device``: on a CUDA GPU whose free
+    memory holds the work with half to spare."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return _DEVICE_COPIES * 4 * volume.size <= free // 2
+
+
+def _device_volume(volume: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(S, 1, H, W) normalised float32 slices of the whole volume, on ``device``."""
+    array = volume if volume.dtype in _DEVICE_DTYPES else volume.astype(np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    return normalise_intensity_tensor(x).unsqueeze(1)
+
+
+def _resample(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """The same resampling as :func:`coral_core.data.resize_slices`, on the batch's device."""
+    if batch.shape[-2:] == (size, size):
+        return batch
+    return F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _run_in_batches(model: UNet, volume: np.ndarray, device: torch.device, batch_size: int, fn,
+                    on_device: bool | None = None):
+    """Normalise and resample the slices (on the device or the CPU, see the module's text),
+    then apply ``fn`` to device batches of them, in order.
+
+    Yields ``(start, stop, fn(batch))``. ``on_device`` None decides by
+    :func:`preprocess_on_device`. If the device runs out of memory the batch halves and the
+    same slices are tried again.
     """
     from coral_core.training import is_out_of_memory
 
     if volume.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
-    slices = resize_slices(volume, model.config.image_size)  # (S, 1, size, size) on the CPU
+    size_px = model.config.image_size
+    if on_device is None:
+        on_device = preprocess_on_device(volume, device)
+    if on_device:
+        slices = _device_volume(volume, device)  # resampled batch by batch below
+
+        def batch_of(lo, hi):
+            return _resample(slices[lo:hi], size_px)
+    else:
+        slices = resize_slices(volume, size_px)  # (S, 1, size, size) on the CPU
+
+        def batch_of(lo, hi):
+            return slices[lo:hi].to(device, non_blocking=True)
+
     start, size = 0, max(1, batch_size)
     while start < slices.shape[0]:
         stop = min(start + size, slices.shape[0])
         try:
-            out = fn(slices[start:stop].to(device, non_blocking=True))
+            out = fn(batch_of(start, stop))
         except Exception as exc:
             if not is_out_of_memory(exc) or size == 1:
                 raise
@@ -56,9 +104,11 @@ def _empty_cache(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16):
+def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16,
+                        on_device: bool | None = None):
     """Segment batch by batch, yielding ``(slices done, labels)``; ``labels`` (uint8, the
-    volume's shape) is complete after the last yield."""
+    volume's shape) is complete after the last yield. ``on_device``: where to normalise and
+    resample (None: on a CUDA GPU when it has room, see :func:`preprocess_on_device`)."""
     device = torch.device(device)
     model = model.to(device).eval()
     out = np.zeros(volume.shape, dtype=np.uint8)
@@ -69,20 +119,22 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
         return logits.argmax(1).to(torch.uint8).cpu().numpy()
 
     with torch.inference_mode(), mixed_precision(device):
-        for start, stop, labels in _run_in_batches(model, volume, device, batch_size, labels_of):
+        for start, stop, labels in _run_in_batches(model, volume, device, batch_size, labels_of, on_device):
             out[start:stop] = labels
             yield stop, out
 
 
 def segment_volume(
-    model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16, progress=None
+    model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16, progress=None,
+    on_device: bool | None = None,
 ) -> np.ndarray:
     """Label every slice of a (z, y, x) volume; returns uint8 labels of the same shape.
 
-    ``progress``, if given, is called with (slices done, total).
+    ``progress``, if given, is called with (slices done, total); ``on_device`` as in
+    :func:`iter_segment_volume`.
     """
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    for done, labels in iter_segment_volume(model, volume, device, batch_size):
+    for done, labels in iter_segment_volume(model, volume, device, batch_size, on_device):
         if progress is not None:
             progress(done, volume.shape[0])
     return labels

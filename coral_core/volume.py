@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from coral_core.errors import UserError
 from coral_core.fileio import atomic_target
@@ -25,6 +26,7 @@ __all__ = [
     "save_volume",
     "save_like",
     "normalise_intensity",
+    "normalise_intensity_tensor",
     "is_volume_path",
     "VOLUME_SUFFIXES",
 ]
@@ -298,3 +300,38 @@ def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5)
         return np.zeros_like(a)
     out = (np.clip(out, lo, hi) - lo) / (hi - lo)
     return out.astype(np.float32)
+
+
+def _percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """NumPy's default (linear) percentiles of a 1-D tensor, by one sort on its device."""
+    ordered = torch.sort(values).values
+    n = ordered.numel()
+    out = []
+    for q in qs:
+        pos = q / 100 * (n - 1)
+        k = int(pos)
+        frac = pos - k
+        a, b = ordered[k], ordered[min(k + 1, n - 1)]
+        out.append(a + (b - a) * frac)
+    return out
+
+
+def normalise_intensity_tensor(x: torch.Tensor, low: float = 0.5, high: float = 99.5) -> torch.Tensor:
+    """:func:`normalise_intensity` computed by torch on the tensor's own device (float32 out).
+
+    Used by inference on a GPU, where the NumPy version on the host would take longer than
+    the segmentation itself (a 200-slice 512 x 512 volume: about a second of one CPU core).
+    """
+    x = x.float()
+    finite = torch.isfinite(x)
+    all_finite = bool(finite.all())
+    values = x.flatten() if all_finite else x[finite]
+    if values.numel() == 0:
+        return torch.zeros_like(x)
+    lo, hi = _percentiles(values, (low, high))
+    if not bool(hi > lo):
+        lo, hi = values.min(), values.max()
+    if not bool(hi > lo):
+        return torch.zeros_like(x)
+    out = x if all_finite else torch.where(finite, x, lo)
+    return (out.clamp(lo, hi) - lo) / (hi - lo)

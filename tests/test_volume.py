@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from coral_core.errors import UserError
-from coral_core.volume import load_volume, normalise_intensity, save_like, save_volume
+from coral_core.volume import load_volume, normalise_intensity, normalise_intensity_tensor, save_like, save_volume
 from helpers import oblique_affine, write_dicom_series, write_nifti_ijk
 
 
@@ -93,6 +93,27 @@ def test_normalisation_survives_nan_inf_and_constant_images():
     assert np.array_equal(normalise_intensity(np.full((1, 2, 2), np.nan)), np.zeros((1, 2, 2), np.float32))
     ramp = normalise_intensity(np.arange(1000, dtype=np.float32).reshape(10, 10, 10))
     assert ramp.min() == 0.0 and ramp.max() == 1.0
+
+
+@pytest.mark.parametrize("case", ["normal", "nan_inf", "constant", "all_nan", "ramp", "int16", "two_values"])
+def test_normalisation_on_a_tensor_equals_the_numpy_one(case):
+    """The GPU inference path normalises with torch; it must match the host's NumPy version."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    a = {
+        "normal": rng.normal(size=(5, 17, 13)).astype(np.float32) * 100 + 40,
+        "nan_inf": np.array([[[np.nan, 1.0, 2.0], [np.inf, -np.inf, 3.0]]], np.float32),
+        "constant": np.full((2, 3, 3), 7.0),
+        "all_nan": np.full((1, 2, 2), np.nan, np.float32),
+        "ramp": np.arange(1000, dtype=np.float32).reshape(10, 10, 10),
+        "int16": rng.integers(-1024, 3000, (4, 30, 30)).astype(np.int16),
+        "two_values": np.where(rng.random((3, 9, 9)) < 0.999, 0, 5).astype(np.uint8),
+    }[case]
+    expected = normalise_intensity(a)
+    got = normalise_intensity_tensor(torch.from_numpy(np.ascontiguousarray(a))).numpy()
+    assert got.dtype == np.float32 and got.shape == a.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
 def test_headers_claiming_more_than_the_file_or_the_machine_are_refused_before_reading(tmp_path):
