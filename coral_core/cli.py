@@ -162,12 +162,28 @@ def _finish(state, history, total: int) -> None:
         )
 
 
+def _levers(args):
+    from coral_core.levers import Levers
+
+    return Levers(channels_last=args.channels_last, compile=args.compile,
+                  data_on_device=getattr(args, "data_on_device", False))
+
+
+def _fingerprint_config(cfg, device: str) -> dict:
+    """What a resumed run must share with the first: the config, less the speed levers
+    (they change results by rounding at most, so a run may resume with other ones)."""
+    from coral_core.device import resolve_device
+
+    config = asdict(cfg)
+    config.pop("levers")
+    return config | {"device": resolve_device(device).type}
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.checkpoint import save_checkpoint
-    from coral_core.device import resolve_device
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig
     from coral_core.pretrain import PretrainConfig, pretrain
@@ -182,9 +198,9 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     )
     cfg = PretrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, device=args.device, model=model_cfg,
+        seed=args.seed, device=args.device, model=model_cfg, levers=_levers(args),
     )
-    fingerprint = {"command": "pretrain", "config": asdict(cfg) | {"device": resolve_device(args.device).type},
+    fingerprint = {"command": "pretrain", "config": _fingerprint_config(cfg, args.device),
                    "inputs": [[n, int(v.shape[0])] for n, v in zip(names, volumes)]}
     state = _resume_state(args, fingerprint, every=0)  # saved at every epoch's end and on Ctrl-C
     bar, callback = _progress(0, f"pretrain {args.method}", args.json or rank != 0)
@@ -213,7 +229,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
 
     from coral_core.checkpoint import load_checkpoint, save_checkpoint
     from coral_core.data import parse_slices
-    from coral_core.device import resolve_device
     from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
@@ -254,8 +269,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
             base_filters=args.base_filters, image_size=_auto_image_size([image.array], args.image_size),
         ))
         init = "random"
-    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
-    fingerprint = {"command": "finetune", "config": asdict(cfg) | {"device": resolve_device(args.device).type},
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                         levers=_levers(args))
+    fingerprint = {"command": "finetune", "config": _fingerprint_config(cfg, args.device),
                    "image": str(Path(args.image).resolve()), "labels": str(Path(args.labels).resolve()),
                    "slices": slices, "init": str(Path(init).resolve()) if args.init else init,
                    "classes": n_classes, "model": model.config.to_dict()}
@@ -291,7 +307,8 @@ def cmd_segment(args) -> tuple[dict, str]:
     bar, _ = _progress(image.shape[0], "segment", args.json)
     t0 = time.perf_counter()
     with bar:
-        labels = segment_volume(model, image.array, device, args.batch_size, progress=lambda d, t: bar.update(d - bar.n))
+        labels = segment_volume(model, image.array, device, args.batch_size, progress=lambda d, t: bar.update(d - bar.n),
+                                levers=_levers(args))
     seconds = time.perf_counter() - t0
     save_like(args.out, labels, image)
     counts = np.bincount(labels.ravel(), minlength=model.config.n_classes)
@@ -454,20 +471,27 @@ def cmd_bench_embedding(args) -> tuple[dict, str]:
 
 
 def cmd_bench_speed(args) -> tuple[dict, str]:
-    from coral_core.speedbench import SpeedConfig, format_speed_table, run_speed
-
     from coral_core.device import resolve_device
+    from coral_core.speedbench import SpeedConfig, format_levers_table, format_speed_table, run_levers, run_speed
 
-    options = {"device": args.device, "baseline": not args.no_baseline, "peak_tflops": args.peak_tflops}
+    options = {"device": args.device, "baseline": not args.no_baseline, "peak_tflops": args.peak_tflops,
+               "levers": _levers(args)}
     quick = args.quick or resolve_device(args.device).type != "cuda"
     if quick and not args.quick:
         _stage_printer(args.json)("no CUDA device: measuring the --quick configuration (the full one is for a GPU)")
     cfg = SpeedConfig.quick(**options) if quick else SpeedConfig(**options)
+    where = "quick" if quick else "full"
+    if args.levers is not None:
+        result = run_levers(cfg, args.levers, _stage_printer(args.json))
+        result["configuration"] = where
+        info = result["device"]
+        return result, (f"speed levers on {info['name']} ({info['device']}, torch {info['torch']}), {where} "
+                        f"configuration; our engine with each lever, ratios against none\n" + format_levers_table(result))
     result = run_speed(cfg, _stage_printer(args.json))
-    result["configuration"] = "quick" if quick else "full"
+    result["configuration"] = where
     info = result["device"]
     text = (f"speed on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} CPU threads), "
-            f"{result['configuration']} configuration; baseline: float32, eager, augmentation slice by slice on "
+            f"{where} configuration; baseline: float32, eager, augmentation slice by slice on "
             f"the CPU\n" + format_speed_table(result))
     return result, text
 
@@ -488,8 +512,21 @@ RESUME_HELP = (
 )
 
 
+def _lever_options(p, data: bool = False) -> None:
+    from coral_core.levers import COMPILE_MODES
+
+    g = p.add_argument_group("speed levers (off by default; docs/performance.md)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC layout for the convolutions")
+    g.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch.compile mode (reduce-overhead adds CUDA graphs); costs time up front (default: off)")
+    if data:
+        g.add_argument("--data-on-device", action="store_true",
+                       help="keep every slice on the GPU when they take at most a quarter of its free memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from coral_core import __version__
+    from coral_core.levers import LEVER_VARIANTS
 
     parser = _Parser(prog="coral", description="CORAL pretraining and few-slice segmentation for 3-D medical volumes.")
     parser.add_argument("--version", action="version", version=f"napari-coral {__version__}")
@@ -517,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--ddp", action="store_true",
                    help="distributed over the processes torchrun starts (--batch-size is the global batch)")
+    _lever_options(p, data=True)
 
     p = command("finetune", "Fine-tune on the annotated slices of one image.", cmd_finetune)
     p.add_argument("image", metavar="IMAGE")
@@ -533,12 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="without --init only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    _lever_options(p)
 
     p = command("segment", "Segment a volume; labels keep the input's shape and geometry.", cmd_segment)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--out", required=True, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd)")
     p.add_argument("--batch-size", type=int, default=16)
+    _lever_options(p)
 
     p = command("embed", "Per-slice embeddings, their 2-D trajectory and ordinal consistency.", cmd_embed)
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -586,6 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small images and model: about 2 minutes on a 2-core CPU (the default without CUDA)")
     p.add_argument("--no-baseline", action="store_true", help="measure our engine only")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs are looked up)")
+    p.add_argument("--levers", nargs="*", default=None, metavar="VARIANT",
+                   help="instead of the baseline table, our engine with each speed lever (or the VARIANTs named: "
+                        + ", ".join(repr(v) for v in LEVER_VARIANTS) + ")")
+    _lever_options(p)
     return parser
 
 

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.data import LabelledSlices
+from coral_core.levers import Levers, apply_levers, contiguous_layout
 from coral_core.errors import UserError
 from coral_core.model import UNet
 from coral_core.resume import ResumeState
@@ -37,6 +38,7 @@ class FinetuneConfig:
     device: str = "auto"
     amp: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    levers: Levers = field(default_factory=Levers)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -130,6 +132,7 @@ def finetune(
     data = LabelledSlices(images, labels, annotated_slices, size)
     val = LabelledSlices(*validation, size) if validation else None
     model = copy.deepcopy(model).to(run.device).train()
+    net = apply_levers(model, config.levers)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     run.track({"model": model}, optimiser, scheduler)
@@ -146,7 +149,7 @@ def finetune(
 
         def step_loss(part: slice, weight: float) -> dict[str, torch.Tensor]:
             with run.autocast():
-                logits = model(x[part])
+                logits = net(x[part])
             loss = segmentation_loss(logits, y[part], config.dice_weight)
             (weight * loss).backward()
             return {"loss": loss.detach()}
@@ -161,4 +164,4 @@ def finetune(
         run.save(step)
     if run.history.stopped:
         run.save(step, force=True)
-    return FinetuneResult(model.eval(), run.history)
+    return FinetuneResult(contiguous_layout(model).eval(), run.history)

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from coral_core.data import resize_slices
 from coral_core.device import mixed_precision
+from coral_core.levers import Levers, apply_levers
 from coral_core.model import UNet
 from coral_core.volume import normalise_intensity_tensor
 
@@ -105,16 +106,18 @@ def _empty_cache(device: torch.device) -> None:
 
 
 def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16,
-                        on_device: bool | None = None):
+                        on_device: bool | None = None, levers: Levers | None = None):
     """Segment batch by batch, yielding ``(slices done, labels)``; ``labels`` (uint8, the
     volume's shape) is complete after the last yield. ``on_device``: where to normalise and
-    resample (None: on a CUDA GPU when it has room, see :func:`preprocess_on_device`)."""
+    resample (None: on a CUDA GPU when it has room, see :func:`preprocess_on_device`);
+    ``levers``: channels_last and ``torch.compile`` (the model is converted in place)."""
     device = torch.device(device)
     model = model.to(device).eval()
+    net = apply_levers(model, levers)
     out = np.zeros(volume.shape, dtype=np.uint8)
 
     def labels_of(batch: torch.Tensor) -> np.ndarray:
-        logits = model(batch)
+        logits = net(batch)
         logits = F.interpolate(logits.float(), size=volume.shape[1:], mode="bilinear", align_corners=False)
         return logits.argmax(1).to(torch.uint8).cpu().numpy()
 
@@ -126,15 +129,15 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
 
 def segment_volume(
     model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16, progress=None,
-    on_device: bool | None = None,
+    on_device: bool | None = None, levers: Levers | None = None,
 ) -> np.ndarray:
     """Label every slice of a (z, y, x) volume; returns uint8 labels of the same shape.
 
-    ``progress``, if given, is called with (slices done, total); ``on_device`` as in
-    :func:`iter_segment_volume`.
+    ``progress``, if given, is called with (slices done, total); ``on_device`` and ``levers``
+    as in :func:`iter_segment_volume`.
     """
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    for done, labels in iter_segment_volume(model, volume, device, batch_size, on_device):
+    for done, labels in iter_segment_volume(model, volume, device, batch_size, on_device, levers):
         if progress is not None:
             progress(done, volume.shape[0])
     return labels

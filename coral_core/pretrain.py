@@ -18,6 +18,7 @@ import torch
 from coral_core import distributed as cdist
 from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.data import PretrainSlices
+from coral_core.levers import Levers, apply_compile, apply_layout, contiguous_layout, fits_on_device
 from coral_core.errors import UserError
 from coral_core.losses import CoralLoss, GCLLoss, PCLLoss, SimCLRLoss
 from coral_core.model import UNet, UNetConfig, build_model
@@ -44,6 +45,7 @@ class PretrainConfig:
     amp: bool = True
     model: UNetConfig = field(default_factory=UNetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    levers: Levers = field(default_factory=Levers)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -143,11 +145,16 @@ def pretrain(
     model = (model or build_model(config.model)).to(run.device)
     if ddp and run.device.type == "cuda":  # batch statistics over the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    apply_layout(model, config.levers)
     embedder = _Embedder(model)
     if ddp:
         embedder = torch.nn.parallel.DistributedDataParallel(
             embedder, device_ids=[run.device] if run.device.type == "cuda" else None
         )
+    embedder = apply_compile(embedder, config.levers)
+    images = data.images
+    if config.levers.data_on_device and fits_on_device(images.numel() * images.element_size(), run.device):
+        images = images.to(run.device)
     objective = _MethodLoss(config, distributed=ddp).to(run.device)
     params = list(model.encoder.parameters()) + list(model.projection.parameters()) + list(objective.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -175,7 +182,7 @@ def pretrain(
             if run.should_stop(all_processes=ddp):
                 break
             idx = order[i * batch : (i + 1) * batch]
-            x = data.images[idx].to(run.device, non_blocking=True)
+            x = images[idx.to(images.device)].to(run.device, non_blocking=True)
             # Every process draws the augmentation of the whole global batch (same generator
             # state everywhere) and keeps its block: the step equals the single-process one.
             views, _ = augment_batch(torch.cat([x, x]), config=config.augment, generator=run.generator)
@@ -214,6 +221,7 @@ def pretrain(
 
     if ddp and run.device.type == "cuda":
         model = _plain_batchnorm(model)
+    contiguous_layout(model)
     if isinstance(objective.loss, CoralLoss) and config.method != "ral":
         model.canonical_direction.copy_(objective.loss.unit_direction)
     return PretrainResult(model.eval(), run.history)

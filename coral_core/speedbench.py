@@ -22,7 +22,7 @@ import copy
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -32,15 +32,17 @@ from torch.nn import functional as F
 from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.data import PretrainSlices, resize_slices
 from coral_core.device import resolve_device
+from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune, segmentation_loss
 from coral_core.infer import segment_volume
+from coral_core.levers import LEVER_VARIANTS, Levers
 from coral_core.losses import CoralLoss
 from coral_core.model import UNet, UNetConfig, build_model
 from coral_core.pretrain import PretrainConfig, pretrain
 
 __all__ = [
     "SpeedConfig", "run_speed", "format_speed_table", "model_flops", "peak_flops", "measure_pretrain",
-    "measure_inference",
+    "measure_inference", "measure_finetune", "LEVER_VARIANTS", "run_levers", "format_levers_table",
 ]
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU.
@@ -71,6 +73,7 @@ class SpeedConfig:
     peak_tflops: float | None = None  # overrides the table above (MFU); CPUs have no entry
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    levers: Levers = field(default_factory=Levers)  # ours only; the baseline is eager fp32
 
     @classmethod
     def quick(cls, **overrides) -> "SpeedConfig":
@@ -142,7 +145,7 @@ def _pretrain_ours(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: UNetC
             stop.set()
 
     pre = PretrainConfig(method="coral", epochs=epochs, batch_size=cfg.pretrain_batch, seed=cfg.seed,
-                         device=cfg.device, model=model_cfg, augment=cfg.augment)
+                         device=cfg.device, model=model_cfg, augment=cfg.augment, levers=cfg.levers)
     pretrain(pre, volumes, on_step, stop)
     timed = stamps[cfg.warmup_steps : steps + 1]
     return cfg.pretrain_batch * (len(timed) - 1) / (timed[-1] - timed[0])
@@ -244,10 +247,37 @@ def measure_inference(cfg: SpeedConfig, size: int) -> tuple[float, float | None]
     torch.manual_seed(cfg.seed)
     net = build_model(UNetConfig(base_filters=cfg.base_filters, image_size=size, n_classes=4)).to(device).eval()
     volume = np.random.default_rng(cfg.seed).random((cfg.infer_slices, size, size), dtype=np.float32)
-    ours = _median_seconds(lambda: segment_volume(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+    ours = _median_seconds(lambda: segment_volume(net, volume, device, cfg.infer_batch, levers=cfg.levers),
+                           cfg.repeats, device)
     if not cfg.baseline:
         return ours, None
     return ours, _median_seconds(lambda: _segment_baseline(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+
+
+def measure_finetune(cfg: SpeedConfig) -> tuple[float, float | None]:
+    """Wall seconds of ``cfg.finetune_steps`` fine-tuning steps on ``cfg.finetune_slices``
+    slices of a phantom (what a user waits for, compiling included when it is on): ours, and
+    the baseline's (None without ``cfg.baseline``)."""
+    from coral_core.phantom import make_phantom
+
+    device = resolve_device(cfg.device)
+    image, labels = (v.array for v in make_phantom(cfg.seed + 1000))
+    slices = np.linspace(1, image.shape[0] - 2, cfg.finetune_slices).round().astype(int).tolist()
+    torch.manual_seed(cfg.seed)
+    net = build_model(UNetConfig(base_filters=cfg.finetune_base_filters, image_size=cfg.finetune_size, n_classes=4))
+    ft = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, validate_every=0, seed=cfg.seed,
+                        device=cfg.device, augment=cfg.augment, levers=cfg.levers)
+    _sync(device)
+    t = time.perf_counter()
+    finetune(ft, net, [image], [labels], [slices])
+    _sync(device)
+    ours = time.perf_counter() - t
+    if not cfg.baseline:
+        return ours, None
+    t = time.perf_counter()
+    _finetune_baseline(cfg, net, image, labels, slices, device)
+    _sync(device)
+    return ours, time.perf_counter() - t
 
 
 def run_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -280,27 +310,68 @@ def run_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -
         row("segment volume", size, "s", ours_s, base_s)
 
     say(f"fine-tuning {cfg.finetune_steps} steps on {cfg.finetune_slices} slices")
-    from coral_core.phantom import make_phantom
-
-    image, labels = (v.array for v in make_phantom(cfg.seed + 1000))
-    slices = np.linspace(1, image.shape[0] - 2, cfg.finetune_slices).round().astype(int).tolist()
-    torch.manual_seed(cfg.seed)
-    net = build_model(UNetConfig(base_filters=cfg.finetune_base_filters, image_size=cfg.finetune_size, n_classes=4))
-    ft = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, validate_every=0, seed=cfg.seed,
-                        device=cfg.device, augment=cfg.augment)
-    t = time.perf_counter()
-    finetune(ft, net, [image], [labels], [slices])
-    ours_s = time.perf_counter() - t
-    base_s = None
-    if cfg.baseline:
-        t = time.perf_counter()
-        _finetune_baseline(cfg, net, image, labels, slices, device)
-        base_s = time.perf_counter() - t
+    ours_s, base_s = measure_finetune(cfg)
     row(f"fine-tune {cfg.finetune_steps} steps", cfg.finetune_size, "s", ours_s, base_s)
 
-    info = {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    return {"rows": rows, "config": asdict(cfg), "device": _device_info(device, peak)}
+
+
+def _device_info(device: torch.device, peak: float | None = None) -> dict:
+    return {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "peak_tflops": peak / 1e12 if peak else None}
-    return {"rows": rows, "config": asdict(cfg), "device": info}
+
+
+# --------------------------------------------------------------------------- levers
+
+def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
+               progress: Callable[[str], None] | None = None) -> dict:
+    """Our engine with each speed lever switched on, next to none, in one process: pretraining
+    slices/s, inference slices/s at ``cfg.image_size``, fine-tuning wall seconds (compiling
+    included: it is part of what the user waits for). ``cfg.levers`` is ignored."""
+    say = progress or (lambda text: None)
+    device = resolve_device(cfg.device)
+    names = list(variants or LEVER_VARIANTS)
+    unknown = [n for n in names if n not in LEVER_VARIANTS]
+    if unknown:
+        raise UserError(f"unknown lever variant {unknown[0]!r}; choose from {', '.join(map(repr, LEVER_VARIANTS))}")
+    rows = []
+    for name in names:
+        levers = LEVER_VARIANTS[name]
+        run = replace(cfg, levers=levers, baseline=False)
+        say(f"levers: {name}")
+        torch._dynamo.reset()  # each variant compiles afresh: no graphs carried over
+        pretrain_rate, _ = measure_pretrain(run)
+        infer, finetune_s = None, None
+        if name != "data_on_device":  # that lever concerns pretraining only
+            seconds, _ = measure_inference(run, cfg.image_size)
+            infer = cfg.infer_slices / seconds
+            finetune_s, _ = measure_finetune(run)
+        rows.append({"levers": name, "pretrain_slices_s": pretrain_rate, "inference_slices_s": infer,
+                     "finetune_s": finetune_s})
+    return {"rows": rows, "config": asdict(cfg), "device": _device_info(device)}
+
+
+def format_levers_table(result: dict) -> str:
+    base = next((r for r in result["rows"] if r["levers"] == "none"), None)
+
+    def cell(r, key, fmt, higher_is_better=True):
+        value = r[key]
+        if value is None:
+            return "-"
+        text = fmt.format(value)
+        if base is not None and base[key] and r is not base:
+            ratio = value / base[key] if higher_is_better else base[key] / value
+            text += f" ({ratio:.2f}x)"
+        return text
+
+    size = result["config"]["image_size"]
+    head = (f"{'levers':<26}{'pretrain slices/s':>22}{f'inference slices/s @{size}':>28}"
+            f"{'fine-tune s':>20}")
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['levers']:<26}{cell(r, 'pretrain_slices_s', '{:.1f}'):>22}"
+                     f"{cell(r, 'inference_slices_s', '{:.1f}'):>28}{cell(r, 'finetune_s', '{:.2f}', False):>20}")
+    return "\n".join(lines)
 
 
 def format_speed_table(result: dict) -> str:

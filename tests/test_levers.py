@@ -1,0 +1,80 @@
+"""Speed levers (channels_last, torch.compile, data kept on the device) change results by
+rounding at most, leave models in the layout checkpoints need, and refuse unknown modes."""
+
+import numpy as np
+import pytest
+import torch
+
+from coral_core.checkpoint import load_checkpoint, save_checkpoint
+from coral_core.levers import Levers
+from coral_core.errors import UserError
+from coral_core.finetune import FinetuneConfig, finetune
+from coral_core.infer import segment_volume
+from coral_core.model import UNetConfig, build_model
+from coral_core.phantom import make_cohort
+from coral_core.pretrain import PretrainConfig, pretrain
+
+TINY = UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=16)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return make_cohort(3, seed=7)
+
+
+def _pretrain(cohort, levers):
+    cfg = PretrainConfig(method="coral", epochs=1, batch_size=8, device="cpu", model=TINY, levers=levers)
+    return pretrain(cfg, [image.array for image, _ in cohort])
+
+
+def _assert_same_training(a, b, rtol=1e-4):
+    assert len(a.history.metrics["loss"]) == len(b.history.metrics["loss"]) > 2
+    np.testing.assert_allclose(b.history.metrics["loss"], a.history.metrics["loss"], rtol=rtol)
+    # Adam's normalised steps can turn rounding into up to one step of lr 1e-3 for a weight
+    # whose gradient is near zero; anything larger would be a real difference.
+    for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_channels_last_and_data_on_device_pretrain_like_the_default(cohort, tmp_path):
+    plain = _pretrain(cohort, Levers())
+    levered = _pretrain(cohort, Levers(channels_last=True, data_on_device=True))
+    _assert_same_training(plain, levered)
+    # weights are back in the default layout, so the model saves and loads as any other
+    assert all(p.is_contiguous() for p in levered.model.parameters())
+    path = save_checkpoint(tmp_path / "m.safetensors", levered.model)
+    loaded, _ = load_checkpoint(path)
+    torch.testing.assert_close(loaded.state_dict(), levered.model.state_dict())
+
+
+def test_channels_last_finetunes_and_segments_like_the_default(cohort):
+    image, labels = (v.array for v in cohort[0])
+    slices = [[2, 6, 9]]
+    torch.manual_seed(0)
+    start = build_model(UNetConfig(base_filters=4, depth=2, image_size=32, n_classes=4))
+    results = [
+        finetune(FinetuneConfig(steps=6, batch_size=4, device="cpu", validate_every=0, levers=levers),
+                 start, [image], [labels], slices)
+        for levers in (Levers(), Levers(channels_last=True))
+    ]
+    _assert_same_training(*results)
+    model = results[0].model
+    plain = segment_volume(model, image, "cpu", batch_size=4)
+    levered = segment_volume(model, image, "cpu", batch_size=4, levers=Levers(channels_last=True))
+    assert (plain == levered).mean() > 0.999
+
+
+def test_compiled_pretraining_and_inference_match_eager(cohort):
+    """torch.compile (the inductor backend, C++ on the CPU) gives the eager results."""
+    _assert_same_training(_pretrain(cohort, Levers()), _pretrain(cohort, Levers(compile="default")))
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    image = cohort[1][0].array
+    eager = segment_volume(model, image, "cpu", batch_size=4)
+    compiled = segment_volume(model, image, "cpu", batch_size=4, levers=Levers(compile="default"))
+    assert (eager == compiled).mean() > 0.999
+
+
+def test_unknown_compile_mode_is_a_user_error():
+    with pytest.raises(UserError, match="--compile fast: unknown mode"):
+        Levers(compile="fast")
