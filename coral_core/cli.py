@@ -515,8 +515,10 @@ RESUME_HELP = (
 def _lever_options(p, data: bool = False) -> None:
     from coral_core.levers import COMPILE_MODES
 
-    g = p.add_argument_group("speed levers (off by default; docs/performance.md)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC layout for the convolutions")
+    g = p.add_argument_group("speed levers (docs/performance.md)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC layout for the convolutions (default: on for the CPU, where it measured faster; "
+                        "off on a GPU, where it is not measured yet)")
     g.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="torch.compile mode (reduce-overhead adds CUDA graphs); costs time up front (default: off)")
     if data:

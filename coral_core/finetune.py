@@ -41,6 +41,11 @@ class FinetuneConfig:
     levers: Levers = field(default_factory=Levers)
 
     def __post_init__(self) -> None:
+        # nested settings may arrive as plain dicts (a job spec sent to a child process)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        if isinstance(self.levers, dict):
+            self.levers = Levers(**self.levers)
         if self.steps < 1 or self.batch_size < 1:
             raise UserError("fine-tuning needs --steps >= 1 and a batch size >= 1")
 

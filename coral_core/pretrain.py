@@ -48,6 +48,13 @@ class PretrainConfig:
     levers: Levers = field(default_factory=Levers)
 
     def __post_init__(self) -> None:
+        # nested settings may arrive as plain dicts (a job spec sent to a child process)
+        if isinstance(self.model, dict):
+            self.model = UNetConfig(**self.model)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        if isinstance(self.levers, dict):
+            self.levers = Levers(**self.levers)
         if self.method not in METHODS:
             raise UserError(f"unknown pretraining method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.epochs < 1 or self.batch_size < 2:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from coral_core.augment import AugmentConfig
 from coral_core.errors import UserError
 
 
@@ -37,9 +36,7 @@ def _finetune(spec: dict, messages, stop) -> None:
     validation = None
     if data["val_slices"].size:
         validation = ([data["image"]], [data["labels"]], [[int(i) for i in data["val_slices"]]])
-    settings = dict(spec["config"])
-    settings["augment"] = AugmentConfig(**settings["augment"])
-    cfg = FinetuneConfig(**settings)
+    cfg = FinetuneConfig(**spec["config"])  # nested dicts become their dataclasses
     result = finetune(
         cfg, model, [data["image"]], [data["labels"]], [slices],
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,
@@ -50,15 +47,11 @@ def _finetune(spec: dict, messages, stop) -> None:
 
 def _pretrain(spec: dict, messages, stop) -> None:
     from coral_core.checkpoint import save_checkpoint
-    from coral_core.model import UNetConfig
     from coral_core.pretrain import PretrainConfig, pretrain
 
     data = np.load(spec["data"])
     volumes = [data[k] for k in sorted(data.files)]
-    settings = dict(spec["config"])
-    settings["model"] = UNetConfig(**settings["model"])
-    settings["augment"] = AugmentConfig(**settings["augment"])
-    result = pretrain(PretrainConfig(**settings), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop)
+    result = pretrain(PretrainConfig(**spec["config"]), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop)
     save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
     messages.put(("done", spec["out"], result.history.stopped))
 

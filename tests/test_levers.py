@@ -37,7 +37,7 @@ def _assert_same_training(a, b, rtol=1e-4):
 
 
 def test_channels_last_and_data_on_device_pretrain_like_the_default(cohort, tmp_path):
-    plain = _pretrain(cohort, Levers())
+    plain = _pretrain(cohort, Levers(channels_last=False))
     levered = _pretrain(cohort, Levers(channels_last=True, data_on_device=True))
     _assert_same_training(plain, levered)
     # weights are back in the default layout, so the model saves and loads as any other
@@ -55,12 +55,13 @@ def test_channels_last_finetunes_and_segments_like_the_default(cohort):
     results = [
         finetune(FinetuneConfig(steps=6, batch_size=4, device="cpu", validate_every=0, levers=levers),
                  start, [image], [labels], slices)
-        for levers in (Levers(), Levers(channels_last=True))
+        for levers in (Levers(channels_last=False), Levers(channels_last=True))
     ]
     _assert_same_training(*results)
     model = results[0].model
-    plain = segment_volume(model, image, "cpu", batch_size=4)
-    levered = segment_volume(model, image, "cpu", batch_size=4, levers=Levers(channels_last=True))
+    plain = segment_volume(model, image, "cpu", batch_size=4, levers=Levers(channels_last=False))
+    levered = segment_volume(model.to(memory_format=torch.contiguous_format), image, "cpu", batch_size=4,
+                             levers=Levers(channels_last=True))
     assert (plain == levered).mean() > 0.999
 
 
@@ -75,6 +76,27 @@ def test_compiled_pretraining_and_inference_match_eager(cohort):
     assert (eager == compiled).mean() > 0.999
 
 
+def test_channels_last_by_default_on_the_cpu_only():
+    """On where it was measured to help (the CPU); off on a GPU until measured there."""
+    assert Levers().channels_last_on(torch.device("cpu"))
+    assert not Levers().channels_last_on(torch.device("cuda"))
+    assert not Levers(channels_last=False).channels_last_on(torch.device("cpu"))
+    assert Levers(channels_last=True).channels_last_on(torch.device("cuda"))
+    model = build_model(TINY)
+    segment_volume(model, np.random.rand(3, 32, 32).astype(np.float32), "cpu")
+    assert model.encoder.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_unknown_compile_mode_is_a_user_error():
     with pytest.raises(UserError, match="--compile fast: unknown mode"):
         Levers(compile="fast")
+
+
+def test_configs_rebuild_from_their_plain_dict_form():
+    """The plugin sends configs to its training process as plain dicts."""
+    from dataclasses import asdict
+
+    ft = FinetuneConfig(steps=7, levers=Levers(channels_last=False, compile="default"))
+    assert FinetuneConfig(**asdict(ft)) == ft
+    pre = PretrainConfig(method="pcl", model=TINY, levers=Levers(data_on_device=True))
+    assert PretrainConfig(**asdict(pre)) == pre
