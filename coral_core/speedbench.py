@@ -251,7 +251,9 @@ def measure_inference(cfg: SpeedConfig, size: int) -> tuple[float, float | None]
                            cfg.repeats, device)
     if not cfg.baseline:
         return ours, None
-    return ours, _median_seconds(lambda: _segment_baseline(net, volume, device, cfg.infer_batch), cfg.repeats, device)
+    # the levers converted ``net`` in place; the baseline runs a copy in the default layout
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    return ours, _median_seconds(lambda: _segment_baseline(plain, volume, device, cfg.infer_batch), cfg.repeats, device)
 
 
 def measure_finetune(cfg: SpeedConfig) -> tuple[float, float | None]:

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Everything this project checks and measures on a GPU, in one prepared run.
+#
+#   bash benchmarks/gpu_session.sh                        # tests loss speed levers (about 6-7 minutes, estimated)
+#   bash benchmarks/gpu_session.sh speed levers           # only the stages named
+#   bash benchmarks/gpu_session.sh lowlabel               # the full low-label protocol (long: a call of its own)
+#
+# Stages:
+#   tests     tests/test_cuda.py: losses, inference, training and speed levers on CUDA against the CPU
+#   loss      benchmarks/loss_bench.py on the GPU: direct O(N^3) form vs ours, N = 64 .. 16384, D = 512
+#   speed     coral bench speed: the issue-6 protocol, ours next to the published-code-like baseline, MFU
+#   levers    coral bench speed --levers: each speed lever against none, one process per lever
+#   scaling   benchmarks/speed_bench.py --scaling: cost against image size and batch size
+#   lowlabel  coral bench lowlabel (the full protocol) on the phantom cohort
+#
+# On the device tool, which has no network and no nibabel (the CUDA CLI test skips itself
+# without it), from the repository root:
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=480)
+# Each stage has its own time limit (below), so a slow one cannot starve the rest, and writes
+# as it goes: $OUT/gpu_session.log (every table and the test summary) and one JSON file per
+# benchmark, at most 7 files (the tool brings back 8).
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DEV=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the script's plumbing on a CPU
+LOG="$OUT/gpu_session.log"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests loss speed levers)
+
+say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+run_stage() {  # run_stage SECONDS FILE CMD...: stdout appended to FILE, stderr to the log; a timeout is reported, not fatal
+  local limit=$1 file=$2; shift 2
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >>"$file" 2>>"$LOG"
+  local rc=$?
+  [ $rc -ne 0 ] && say "exit status $rc (124: stopped at its ${limit} s limit)"
+  return 0
+}
+
+say "start: stages ${stages[*]}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'python', platform.python_version(), 'cpus', __import__('os').cpu_count())"; } >>"$LOG" 2>&1
+
+for stage in "${stages[@]}"; do
+  say "stage $stage"
+  case $stage in
+    tests)
+      run_stage 200 "$LOG" $PY -m pytest -q -p no:cacheprovider -p no:warnings -o addopts="" tests/test_cuda.py ;;
+    loss)
+      run_stage 150 "$LOG" $PY benchmarks/loss_bench.py --device "$DEV" --sizes 64 256 1024 4096 16384 --extra 8192x256 \
+        --repeats 10 --timeout 60 ;;
+    speed)
+      : >"$OUT/speed.json"
+      run_stage 150 "$OUT/speed.json" $PY -m coral_core.cli bench speed --device "$DEV" --json
+      $PY - "$OUT/speed.json" >>"$LOG" 2>&1 <<'EOF'
+import json, sys
+from coral_core.speedbench import format_speed_table
+try:
+    print(format_speed_table(json.load(open(sys.argv[1]))))
+except Exception as exc:  # the stage stopped before writing
+    print("no speed table:", exc)
+EOF
+      ;;
+    levers)
+      : >"$OUT/levers.jsonl"
+      for variant in "none" "channels_last" "data_on_device" "compile" "compile reduce-overhead" \
+                     "all (compile default)"; do
+        run_stage 110 "$OUT/levers.jsonl" $PY -m coral_core.cli bench speed --device "$DEV" --levers "$variant" --json
+      done
+      $PY - "$OUT/levers.jsonl" >>"$LOG" 2>&1 <<'EOF'
+import json, sys
+from coral_core.speedbench import format_levers_table
+results = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+if results:
+    merged = dict(results[0], rows=[r for res in results for r in res["rows"]])
+    print(format_levers_table(merged))
+EOF
+      ;;
+    scaling)
+      run_stage 300 "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
+        --batches 16 32 64 128 ;;
+    lowlabel)
+      run_stage 580 "$OUT/lowlabel.json" $PY -m coral_core.cli bench lowlabel --device "$DEV" --json ;;
+    *)
+      say "unknown stage $stage (tests loss speed levers scaling lowlabel)" ;;
+  esac
+done
+say "done"
