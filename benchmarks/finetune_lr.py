@@ -58,7 +58,9 @@ def main() -> None:
             else:
                 init = resize_head(pre, 4, NAMES)
             t = time.perf_counter()
-            cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0)
+            # embedding_weight 0: the protocol the lr study was measured with (and the same for both inits)
+            cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0,
+                                 embedding_weight=0.0)
             model = finetune(cfg, init, [image], [labels], [slices]).model
             dice = [evaluate_segmentation(segment_volume(model, img.array, args.device), lab.array, 4,
                                           img.spacing)["mean_dice"] for img, lab in test]

@@ -270,7 +270,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         ))
         init = "random"
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                         levers=_levers(args))
+                         embedding_weight=args.embedding_weight, levers=_levers(args))
     fingerprint = {"command": "finetune", "config": _fingerprint_config(cfg, args.device),
                    "image": str(Path(args.image).resolve()), "labels": str(Path(args.labels).resolve()),
                    "slices": slices, "init": str(Path(init).resolve()) if args.init else init,
@@ -569,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 0.003, as FinetuneConfig)")
+    p.add_argument("--embedding-weight", type=float, default=0.1,
+                   help="weight of the CORAL loss that keeps a CORAL-pretrained model's embedding in slice order "
+                        "while fine-tuning (default 0.1; 0: off, about 1.7x faster)")
     p.add_argument("--base-filters", type=int, default=16, help="without --init only")
     p.add_argument("--image-size", type=int, default=None, help="without --init only")
     p.add_argument("--seed", type=int, default=0)

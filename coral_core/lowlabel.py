@@ -213,6 +213,7 @@ def run_lowlabel(
                     ft_cfg = FinetuneConfig(
                         steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
                         seed=seed, device=cfg.device, validate_every=0,
+                        embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
                     )
                     model = finetune(
                         ft_cfg, init, [c.image for c in train], [c.labels for c in train],

@@ -95,9 +95,11 @@ class TrainingRun:
 
     # ----------------------------------------------------------------- resume files
 
-    def track(self, modules: dict[str, torch.nn.Module], optimiser, scheduler) -> None:
-        """What a resume file saves and restores."""
-        self._tracked = (modules, optimiser, scheduler, {"device": self.generator, "cpu": self.cpu_generator})
+    def track(self, modules: dict[str, torch.nn.Module], optimiser, scheduler,
+              generators: dict[str, torch.Generator] | None = None) -> None:
+        """What a resume file saves and restores (``generators``: any beside the run's own)."""
+        self._tracked = (modules, optimiser, scheduler,
+                         {"device": self.generator, "cpu": self.cpu_generator, **(generators or {})})
 
     def restore(self) -> tuple[int, dict, dict[str, torch.Tensor]] | None:
         """Load the resume file if there is one: (step, extra, tensors), else None."""

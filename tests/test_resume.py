@@ -58,10 +58,15 @@ def test_stopped_pretraining_resumes_to_the_uninterrupted_result(cohort, tmp_pat
     assert np.allclose(second.history.metrics["loss"], full.history.metrics["loss"][total // 2 + 1 :])
 
 
-def test_stopped_finetuning_resumes_to_the_uninterrupted_result(cohort, tmp_path):
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_stopped_finetuning_resumes_to_the_uninterrupted_result(cohort, tmp_path, pretrained):
+    """Also for a model with a canonical direction, whose fine-tuning adds the CORAL loss
+    (its direction and random streams are in the resume file too)."""
     img, lab = cohort[0]
     args = ([img.array], [lab.array], [annotated_from_labels(lab.array)])
     model = build_model(TINY)
+    if pretrained:
+        model.canonical_direction.copy_(torch.nn.functional.normalize(torch.randn(TINY.embedding_dim), dim=0))
     cfg = FinetuneConfig(steps=12, batch_size=4, device="cpu")
     full = finetune(cfg, model, *args)
     state = ResumeState(tmp_path / "r.safetensors", {"steps": 12}, every=5)

@@ -90,6 +90,36 @@ def test_finetuning_learns_and_does_not_touch_its_input_model(cohort):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_finetuning_a_coral_model_keeps_its_embedding_in_slice_order():
+    """With a canonical direction, fine-tuning also trains the CORAL loss on the image's
+    slices: unseen subjects' slices stay in order along the (re-learned, unit) direction.
+    Without a direction the extra loss is not used at all."""
+    from coral_core.data import slice_positions
+    from coral_core.embedding import ordinal_consistency
+    from coral_core.phantom import make_phantom
+
+    small = UNetConfig(base_filters=8, depth=3, image_size=48, embedding_dim=32)
+    cohort = make_cohort(6, seed=21)
+    pre = pretrain(PretrainConfig(method="coral", epochs=4, batch_size=16, device="cpu", model=small),
+                   [image.array for image, _ in cohort]).model
+    image, labels = (v.array for v in cohort[0])
+    args = ([image], [labels], [annotated_from_labels(labels)[:3]])
+    kept = finetune(FinetuneConfig(steps=40, batch_size=4, device="cpu", validate_every=0), pre, *args).model
+    direction = kept.canonical_direction.numpy()
+    assert abs(np.linalg.norm(direction) - 1) < 1e-5
+    assert not np.allclose(direction, pre.canonical_direction.numpy())  # trained along
+    for seed in (901, 902, 903):
+        volume = make_phantom(seed)[0].array
+        along = embed_volume(kept, volume, "cpu") @ direction
+        assert ordinal_consistency(along, slice_positions(len(volume)).numpy()) > 0.9
+
+    fresh = build_model(small)
+    runs = [finetune(FinetuneConfig(steps=5, batch_size=4, device="cpu", embedding_weight=w), fresh, *args)
+            for w in (0.0, 0.1)]
+    assert runs[0].history.metrics["loss"] == runs[1].history.metrics["loss"]
+    assert not runs[1].model.has_direction
+
+
 def test_labels_beyond_the_model_classes_are_refused(cohort):
     from coral_core.errors import UserError
 
