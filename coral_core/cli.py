@@ -647,8 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     _STOP.clear()
     if args.command in ("pretrain", "finetune"):
         _stop_on_ctrl_c()
+    finished = False
     try:
         result, text = args.func(args)
+        finished = True
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -659,15 +661,20 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; no partial output was written", file=sys.stderr)
         return 130
     finally:
-        _leave_ddp()
+        _leave_ddp(finished)
     if result is not None:
         print(json.dumps(_finite(result), allow_nan=False) if args.json else text)
     return 0
 
 
-def _leave_ddp() -> None:
+def _leave_ddp(finished: bool = False) -> None:
+    """Leave the process group. After a finished run every process first waits for the others
+    (rank 0 may still be writing), so none tears its connections down under a peer. After an
+    error there is no waiting: the other processes may never arrive."""
     dist = sys.modules.get("torch.distributed")  # not imported: nothing to leave
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

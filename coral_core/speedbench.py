@@ -256,10 +256,11 @@ def measure_inference(cfg: SpeedConfig, size: int) -> tuple[float, float | None]
     return ours, _median_seconds(lambda: _segment_baseline(plain, volume, device, cfg.infer_batch), cfg.repeats, device)
 
 
-def measure_finetune(cfg: SpeedConfig) -> tuple[float, float | None]:
+def measure_finetune(cfg: SpeedConfig, coral_model: bool = False) -> tuple[float, float | None]:
     """Wall seconds of ``cfg.finetune_steps`` fine-tuning steps on ``cfg.finetune_slices``
     slices of a phantom (what a user waits for, compiling included when it is on): ours, and
-    the baseline's (None without ``cfg.baseline``)."""
+    the baseline's (None without ``cfg.baseline``). ``coral_model``: the model has a canonical
+    direction, as a CORAL-pretrained one does, so our fine-tuning also keeps its embedding."""
     from coral_core.phantom import make_phantom
 
     device = resolve_device(cfg.device)
@@ -267,6 +268,8 @@ def measure_finetune(cfg: SpeedConfig) -> tuple[float, float | None]:
     slices = np.linspace(1, image.shape[0] - 2, cfg.finetune_slices).round().astype(int).tolist()
     torch.manual_seed(cfg.seed)
     net = build_model(UNetConfig(base_filters=cfg.finetune_base_filters, image_size=cfg.finetune_size, n_classes=4))
+    if coral_model:
+        net.canonical_direction.copy_(F.normalize(torch.randn(net.config.embedding_dim), dim=0))
     ft = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, validate_every=0, seed=cfg.seed,
                         device=cfg.device, augment=cfg.augment, levers=cfg.levers)
     _sync(device)
@@ -314,6 +317,9 @@ def run_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -
     say(f"fine-tuning {cfg.finetune_steps} steps on {cfg.finetune_slices} slices")
     ours_s, base_s = measure_finetune(cfg)
     row(f"fine-tune {cfg.finetune_steps} steps", cfg.finetune_size, "s", ours_s, base_s)
+    say("fine-tuning a CORAL model (its embedding kept)")
+    ours_s, _ = measure_finetune(replace(cfg, baseline=False), coral_model=True)
+    row("fine-tune, CORAL model", cfg.finetune_size, "s", ours_s, None)
 
     return {"rows": rows, "config": asdict(cfg), "device": _device_info(device, peak)}
 

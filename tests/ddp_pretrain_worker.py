@@ -23,6 +23,7 @@ def main(rank: int, world: int, init_file: str, method: str, output: str) -> Non
         tensors |= {f"grad.{n}": p.grad.contiguous() for n, p in result.model.named_parameters() if p.grad is not None}
         save_file(tensors, output,
                   metadata={"loss": json.dumps(list(map(float, result.history.metrics["loss"])))})
+    dist.barrier()  # rank 0 may still be writing: nobody tears the connections down under a peer
     dist.destroy_process_group()
 
 

@@ -43,6 +43,7 @@ def main(rank: int, world: int, init_file: str, inputs: str, output: str) -> Non
         if name == "coral":
             results["coral_direction_grad"] = loss_fn.direction.grad
     torch.save(results, output)
+    dist.barrier()  # rank 0 may still be writing: nobody tears the connections down under a peer
     dist.destroy_process_group()
 
 

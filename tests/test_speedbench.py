@@ -31,8 +31,10 @@ def test_run_measures_every_task_for_ours_and_the_baseline():
     result = run_speed(cfg)
     tasks = [(r["task"], r["size"], r["unit"]) for r in result["rows"]]
     assert tasks == [("pretrain", 32, "slices/s"), ("inference", 32, "slices/s"), ("segment volume", 32, "s"),
-                     ("inference", 48, "slices/s"), ("segment volume", 48, "s"), ("fine-tune 3 steps", 32, "s")]
-    for r in result["rows"]:
+                     ("inference", 48, "slices/s"), ("segment volume", 48, "s"), ("fine-tune 3 steps", 32, "s"),
+                     ("fine-tune, CORAL model", 32, "s")]
+    assert result["rows"][-1]["ours"] > 0 and result["rows"][-1]["baseline"] is None  # ours only
+    for r in result["rows"][:-1]:
         assert r["ours"] > 0 and r["baseline"] > 0
         ratio = r["ours"] / r["baseline"] if r["unit"] == "slices/s" else r["baseline"] / r["ours"]
         assert r["speedup"] == pytest.approx(ratio)
