@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.data import LabelledSlices
-from coral_core.levers import Levers, apply_levers, contiguous_layout
 from coral_core.errors import UserError
+from coral_core.levers import Levers, apply_levers, contiguous_layout
 from coral_core.model import UNet
 from coral_core.resume import ResumeState
 from coral_core.training import History, StepCallback, TrainingRun, accumulate
@@ -176,7 +176,7 @@ def finetune(
 
         loss = accumulate(run, optimiser, len(idx), step_loss)["loss"]
         if keeper is not None:
-            keeper.backward()  # adds its gradients to the segmentation loss's
+            keeper.backward_or_explain()  # adds its gradients to the segmentation loss's
         optimiser.step()
         scheduler.step()
         metrics = {"loss": float(loss)}
@@ -219,3 +219,17 @@ class _EmbeddingKeeper:
             z = self.model.embed(views)
         features = z.view(2, n, -1).transpose(0, 1)
         (self.config.embedding_weight * self.loss(features, self.positions[idx]).total).backward()
+
+    def backward_or_explain(self) -> None:
+        """:meth:`backward`, with running out of device memory turned into one clear sentence."""
+        from coral_core.training import is_out_of_memory
+
+        try:
+            self.backward()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise UserError(
+                f"the {self.run.device.type} device ran out of memory for the loss that keeps the embedding in "
+                "order; fine-tune with --embedding-weight 0, or use --device cpu"
+            ) from None

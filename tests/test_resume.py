@@ -165,3 +165,15 @@ def test_inference_in_chunks_and_after_out_of_memory_matches_one_big_batch(cohor
     assert np.array_equal(segment_volume(model, volume, batch_size=64), reference)
     assert device.sizes[:4] == [len(volume), 32, 16, 8] and max(s for s in device.sizes if s <= 5) == 4
     assert np.allclose(embed_volume(model, volume, batch_size=16), reference_emb, atol=1e-5)
+
+
+def test_out_of_memory_in_the_embedding_loss_names_the_switch(cohort, monkeypatch):
+    """Fine-tuning a CORAL model also embeds 2 x 8 views a step; if only that runs out of
+    memory, the sentence says how to go without it."""
+    img, lab = cohort[0]
+    model = build_model(TINY)
+    model.canonical_direction.copy_(torch.nn.functional.normalize(torch.randn(TINY.embedding_dim), dim=0))
+    _SmallDevice(monkeypatch, limit=8)  # the segmentation batch of 2 fits, the 16 views do not
+    with pytest.raises(UserError, match="out of memory for the loss that keeps the embedding.*--embedding-weight 0"):
+        finetune(FinetuneConfig(steps=2, batch_size=2, device="cpu"), model,
+                 [img.array], [lab.array], [annotated_from_labels(lab.array)])
