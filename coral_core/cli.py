@@ -283,6 +283,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     _finish(state, result.history, cfg.steps)
     seconds = time.perf_counter() - t0
     training = {"stage": "finetune", "init": init, "image": str(args.image), "slices": slices, "steps": args.steps,
+                "embedding_weight": args.embedding_weight if model.has_direction else 0.0,
                 "lr": args.lr, "seed": args.seed, "final_loss": result.history.last("loss")}
     save_checkpoint(args.out, result.model, training)
     state.remove()

@@ -112,6 +112,9 @@ def test_finetune_from_a_pretrained_encoder_names_the_new_classes(workflow):
           "--class-names", "RV,Myo,LV", "--out", d / "named.safetensors")
     model, meta = load_checkpoint(d / "named.safetensors")
     assert model.config.class_names == ["background", "RV", "Myo", "LV"]
+    # a CORAL-pretrained init: fine-tuning kept the embedding (and says so), with a unit direction
+    assert meta["training"]["embedding_weight"] == 0.1
+    assert abs(float(model.canonical_direction.norm()) - 1) < 1e-3
     plain, _ = load_checkpoint(d / "ft.safetensors")  # from the pretrain stage, no names given
     assert plain.config.class_names == ["background", "class 1", "class 2", "class 3"]
     user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--class-names", "a,b",
