@@ -26,6 +26,7 @@ from coral_core.volume import VOLUME_SUFFIXES, is_volume_path, normalise_intensi
 __all__ = [
     "slice_positions",
     "resize_slices",
+    "resample_slices",
     "resize_labels",
     "PretrainSlices",
     "LabelledSlices",
@@ -48,7 +49,12 @@ def resize_slices(array: np.ndarray, size: int, slices: list[int] | None = None)
     Normalisation uses the whole volume; only ``slices`` (all by default) are resampled.
     """
     x = normalise_intensity(array)
-    x = torch.from_numpy(x if slices is None else x[list(slices)]).unsqueeze(1)
+    return resample_slices(torch.from_numpy(x if slices is None else x[list(slices)]).unsqueeze(1), size)
+
+
+def resample_slices(x: Tensor, size: int) -> Tensor:
+    """(S, 1, H, W) normalised slices -> (S, 1, size, size), on their own device
+    (bilinear with antialiasing; unchanged when already that size)."""
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

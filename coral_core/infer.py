@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from coral_core.data import resize_slices
+from coral_core.data import resample_slices, resize_slices
 from coral_core.device import mixed_precision
-from coral_core.levers import Levers, apply_levers
+from coral_core.levers import Levers, apply_levers, fits_on_device
 from coral_core.model import UNet
 from coral_core.volume import normalise_intensity_tensor
 
@@ -34,10 +34,7 @@ _DEVICE_COPIES = 6
 def preprocess_on_device(volume: np.ndarray, device: torch.device) -> bool:
     """Whether to normalise and resample ``volume`` on ``device``: on a CUDA GPU whose free
     memory holds the work with half to spare."""
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return _DEVICE_COPIES * 4 * volume.size <= free // 2
+    return device.type == "cuda" and fits_on_device(_DEVICE_COPIES * 4 * volume.size, device, fraction=0.5)
 
 
 def _device_volume(volume: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -45,13 +42,6 @@ def _device_volume(volume: np.ndarray, device: torch.device) -> torch.Tensor:
     array = volume if volume.dtype in _DEVICE_DTYPES else volume.astype(np.float32)
     x = torch.from_numpy(np.ascontiguousarray(array)).to(device)
     return normalise_intensity_tensor(x).unsqueeze(1)
-
-
-def _resample(batch: torch.Tensor, size: int) -> torch.Tensor:
-    """The same resampling as :func:`coral_core.data.resize_slices`, on the batch's device."""
-    if batch.shape[-2:] == (size, size):
-        return batch
-    return F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _run_in_batches(model: UNet, volume: np.ndarray, device: torch.device, batch_size: int, fn,
@@ -74,7 +64,7 @@ def _run_in_batches(model: UNet, volume: np.ndarray, device: torch.device, batch
         slices = _device_volume(volume, device)  # resampled batch by batch below
 
         def batch_of(lo, hi):
-            return _resample(slices[lo:hi], size_px)
+            return resample_slices(slices[lo:hi], size_px)
     else:
         slices = resize_slices(volume, size_px)  # (S, 1, size, size) on the CPU
 

@@ -18,8 +18,8 @@ import torch
 from coral_core import distributed as cdist
 from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.data import PretrainSlices
-from coral_core.levers import Levers, apply_compile, apply_layout, contiguous_layout, fits_on_device
 from coral_core.errors import UserError
+from coral_core.levers import Levers, apply_compile, apply_layout, contiguous_layout, fits_on_device
 from coral_core.losses import CoralLoss, GCLLoss, PCLLoss, SimCLRLoss
 from coral_core.model import UNet, UNetConfig, build_model
 from coral_core.resume import ResumeState

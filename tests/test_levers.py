@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
-from coral_core.levers import Levers
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
+from coral_core.levers import Levers
 from coral_core.model import UNetConfig, build_model
 from coral_core.phantom import make_cohort
 from coral_core.pretrain import PretrainConfig, pretrain
