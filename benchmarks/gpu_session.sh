@@ -4,8 +4,12 @@
 #   bash benchmarks/gpu_session.sh                        # tests loss speed (about 5 minutes, estimated)
 #   bash benchmarks/gpu_session.sh levers                 # the speed levers (about 6-7 minutes): a second call
 #   bash benchmarks/gpu_session.sh lowlabel               # the full low-label protocol (long: a call of its own)
+#   bash benchmarks/gpu_session.sh speed:120 tests:90      # STAGE:SECONDS sets a stage's time limit
+#   LEVERS="none;channels_last" bash benchmarks/gpu_session.sh levers:60   # some lever variants, 60 s each
+#   TESTS_K="not levers" bash benchmarks/gpu_session.sh tests               # a subset of the CUDA tests
 #
 # Stages:
+#   ceilings  benchmarks/gpu_ceilings.py: the card's bf16 matrix-product rate and copy bandwidth, measured
 #   tests     tests/test_cuda.py: losses, inference, training and speed levers on CUDA against the CPU
 #   loss      benchmarks/loss_bench.py on the GPU: direct O(N^3) form vs ours, N = 64 .. 16384, D = 512
 #   speed     coral bench speed: the issue-6 protocol, ours next to the published-code-like baseline, MFU
@@ -46,17 +50,22 @@ say "start: stages ${stages[*]}"
   $PY -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'python', platform.python_version(), 'cpus', __import__('os').cpu_count())"; } >>"$LOG" 2>&1
 
-for stage in "${stages[@]}"; do
-  say "stage $stage"
+for spec in "${stages[@]}"; do
+  stage=${spec%%:*}
+  limit=""; [ "$spec" != "$stage" ] && limit=${spec#*:}  # STAGE:SECONDS overrides the stage's limit
+  say "stage $stage${limit:+ (limit $limit s)}"
   case $stage in
-    tests)
-      run_stage 200 "$LOG" $PY -m pytest -q -p no:cacheprovider -p no:warnings -o addopts="" tests/test_cuda.py ;;
+    ceilings)
+      run_stage "${limit:-60}" "$LOG" $PY benchmarks/gpu_ceilings.py ;;
+    tests)  # -v: each result is logged as it comes, so a stage stopped at its limit still reports
+      run_stage "${limit:-200}" "$LOG" $PY -m pytest -v -p no:cacheprovider -p no:warnings -o addopts="" \
+        ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda.py ;;
     loss)
-      run_stage 150 "$LOG" $PY benchmarks/loss_bench.py --device "$DEV" --sizes 64 256 1024 4096 16384 --extra 8192x256 \
-        --repeats 10 --timeout 60 ;;
+      run_stage "${limit:-150}" "$LOG" $PY benchmarks/loss_bench.py --device "$DEV" --sizes 64 256 1024 4096 16384 --extra 8192x256 \
+        --repeats 20 --timeout 60 ;;
     speed)
       : >"$OUT/speed.json"
-      run_stage 150 "$OUT/speed.json" $PY -m coral_core.cli bench speed --device "$DEV" --json
+      run_stage "${limit:-150}" "$OUT/speed.json" $PY -m coral_core.cli bench speed --device "$DEV" --json
       $PY - "$OUT/speed.json" >>"$LOG" 2>&1 <<'EOF'
 import json, sys
 from coral_core.speedbench import format_speed_table
@@ -67,10 +76,10 @@ except Exception as exc:  # the stage stopped before writing
 EOF
       ;;
     levers)
-      : >"$OUT/levers.jsonl"
-      for variant in "none" "channels_last" "data_on_device" "compile" "compile reduce-overhead" \
-                     "all (compile default)"; do
-        run_stage 85 "$OUT/levers.jsonl" $PY -m coral_core.cli bench speed --device "$DEV" --levers "$variant" --json
+      touch "$OUT/levers.jsonl"  # appended to: a second levers stage in one call adds its rows
+      IFS=';' read -ra variants <<<"${LEVERS:-none;channels_last;data_on_device;compile;compile reduce-overhead;all (compile default)}"
+      for variant in "${variants[@]}"; do  # LEVERS="a;b": some variants only; the limit is per variant
+        run_stage "${limit:-85}" "$OUT/levers.jsonl" $PY -m coral_core.cli bench speed --device "$DEV" --levers "$variant" --json
       done
       $PY - "$OUT/levers.jsonl" >>"$LOG" 2>&1 <<'EOF'
 import json, sys
@@ -82,12 +91,12 @@ if results:
 EOF
       ;;
     scaling)
-      run_stage 300 "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
+      run_stage "${limit:-300}" "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
         --batches 16 32 64 128 ;;
     lowlabel)
-      run_stage 580 "$OUT/lowlabel.json" $PY -m coral_core.cli bench lowlabel --device "$DEV" --json ;;
+      run_stage "${limit:-580}" "$OUT/lowlabel.json" $PY -m coral_core.cli bench lowlabel --device "$DEV" --json ;;
     *)
-      say "unknown stage $stage (tests loss speed levers scaling lowlabel)" ;;
+      say "unknown stage $stage (ceilings tests loss speed levers scaling lowlabel)" ;;
   esac
 done
 say "done"
