@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project checks and measures on a GPU, in one prepared run.
 #
-#   bash benchmarks/gpu_session.sh                        # tests loss speed (about 5 minutes, estimated)
-#   bash benchmarks/gpu_session.sh levers                 # the speed levers (about 6-7 minutes): a second call
+#   bash benchmarks/gpu_session.sh                        # tests loss speed (about 3 minutes on an H100)
+#   bash benchmarks/gpu_session.sh levers                 # all lever variants, one process each (30-55 s each)
 #   bash benchmarks/gpu_session.sh lowlabel               # the full low-label protocol (long: a call of its own)
 #   bash benchmarks/gpu_session.sh speed:120 tests:90      # STAGE:SECONDS sets a stage's time limit
 #   LEVERS="none;channels_last" bash benchmarks/gpu_session.sh levers:60   # some lever variants, 60 s each
@@ -14,17 +14,20 @@
 #   loss      benchmarks/loss_bench.py on the GPU: direct O(N^3) form vs ours, N = 64 .. 16384, D = 512
 #   speed     coral bench speed: the issue-6 protocol, ours next to the published-code-like baseline, MFU
 #   levers    coral bench speed --levers: each speed lever against none, one process per lever
+#   profile   benchmarks/profile_step.py: the operators that take a pretraining step's device time
 #   scaling   benchmarks/speed_bench.py --scaling: cost against image size and batch size
 #   lowlabel  coral bench lowlabel (the full protocol) on the phantom cohort
 #
-# On the device tool, which has no network and no nibabel (the CUDA CLI test skips itself
-# without it), from the repository root, two calls on the same warm machine (no estimate here has
-# been checked on a GPU yet; the per-stage limits below keep each call inside its timeout):
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=540)
-#   run(command="bash benchmarks/gpu_session.sh levers", timeout_s=540)
-# Each stage has its own time limit (below), so a slow one cannot starve the rest, and writes
-# as it goes: $OUT/gpu_session.log (every table and the test summary) and one JSON file per
-# benchmark, at most 7 files (the tool brings back 8).
+# On the device tool (no network, no nibabel: the CUDA CLI test skips itself), from the repository
+# root. Seen on an H100 on 2026-11-27 (docs/performance.md): ceilings 7 s, speed 90 s, loss 70 s,
+# an eager lever variant about 31 s and a compiled one about 53 s, tests 21 s without the two
+# lever tests and 73 s for those two. The lent time was 15 minutes in all, start included, and the
+# machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
+# What that session left to measure, in one call (at most 500 s by its limits; profile runs two processes):
+#   LEVERS="defaults;cudnn_benchmark" bash benchmarks/gpu_session.sh profile:90 levers:70 scaling:180
+# Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
+# $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark, at
+# most 7 files (the tool brings back 8).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -77,7 +80,7 @@ EOF
       ;;
     levers)
       touch "$OUT/levers.jsonl"  # appended to: a second levers stage in one call adds its rows
-      IFS=';' read -ra variants <<<"${LEVERS:-none;channels_last;data_on_device;compile;compile reduce-overhead;all (compile default)}"
+      IFS=';' read -ra variants <<<"${LEVERS:-none;channels_last;data_on_device;compile;compile reduce-overhead;all (compile default);cudnn_benchmark;defaults}"
       for variant in "${variants[@]}"; do  # LEVERS="a;b": some variants only; the limit is per variant
         run_stage "${limit:-85}" "$OUT/levers.jsonl" $PY -m coral_core.cli bench speed --device "$DEV" --levers "$variant" --json
       done
@@ -90,13 +93,16 @@ if results:
     print(format_levers_table(merged))
 EOF
       ;;
+    profile)  # where a pretraining step's time goes: the defaults, then eager without levers
+      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers defaults
+      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers none --rows 15 ;;
     scaling)
       run_stage "${limit:-300}" "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
         --batches 16 32 64 128 ;;
     lowlabel)
       run_stage "${limit:-580}" "$OUT/lowlabel.json" $PY -m coral_core.cli bench lowlabel --device "$DEV" --json ;;
     *)
-      say "unknown stage $stage (ceilings tests loss speed levers scaling lowlabel)" ;;
+      say "unknown stage $stage (ceilings tests loss speed levers profile scaling lowlabel)" ;;
   esac
 done
 say "done"

@@ -39,11 +39,12 @@ def scaling(cfg: SpeedConfig, sizes: list[int], batches: list[int]) -> list[dict
         seconds, _ = measure_inference(cfg, size)
         infer = cfg.infer_slices / seconds
         for batch in batches:
-            print(f"scaling: {size} px, batch {batch}", file=sys.stderr, flush=True)
             pre, _ = measure_pretrain(replace(cfg, image_size=size, pretrain_batch=batch))
             rows.append({"size": size, "batch": batch, "pretrain_slices_s": pre, "step_ms": 1000 * batch / pre,
                          "pretrain_gflop_per_slice": train_flops / 1e9, "inference_slices_s": infer,
                          "inference_gflop_per_slice": infer_flops / 1e9})
+            # each row as it comes (stderr): a sweep stopped at a time limit still reports
+            print("scaling: " + format_scaling(rows[-1:]).splitlines()[-1].strip(), file=sys.stderr, flush=True)
     return rows
 
 

@@ -166,7 +166,7 @@ def _levers(args):
     from coral_core.levers import Levers
 
     return Levers(channels_last=args.channels_last, compile=args.compile,
-                  data_on_device=getattr(args, "data_on_device", False))
+                  data_on_device=getattr(args, "data_on_device", False), cudnn_benchmark=args.cudnn_benchmark)
 
 
 def _fingerprint_config(cfg, device: str) -> dict:
@@ -403,12 +403,13 @@ def cmd_demo(args) -> tuple[dict, str]:
     return out, "\n".join(lines)
 
 
-def _stage_printer(quiet: bool):
+def _stage_printer():
+    """Progress of a benchmark on stderr, with --json too (stdout keeps the JSON): a run stopped
+    early, at a time limit say, has still reported every result it measured."""
     t0 = time.perf_counter()
 
     def say(text: str) -> None:
-        if not quiet:
-            print(f"[{time.perf_counter() - t0:6.0f} s] {text}", file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - t0:6.0f} s] {text}", file=sys.stderr, flush=True)
 
     return say
 
@@ -436,7 +437,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         from coral_core.fileio import check_output_path
 
         check_output_path(args.table)
-    result = run_lowlabel(cfg, cases, _stage_printer(args.json))
+    result = run_lowlabel(cfg, cases, _stage_printer())
     paired = paired_differences(result.runs, "random") + paired_differences(result.runs, "coral")
     out = {"rows": result.rows, "paired": paired, "config": result.config, "runs": result.runs,
            "seconds": round(result.seconds, 1)}
@@ -463,7 +464,7 @@ def cmd_bench_embedding(args) -> tuple[dict, str]:
     check_output_path(args.out)
     cfg = EmbeddingFigureConfig(device=args.device, seed=args.seed, pretrain_subjects=args.phantom,
                                 pretrain_epochs=args.epochs, shown_subjects=args.show)
-    scores = run_embedding_figure(cfg, args.out, _stage_printer(args.json))
+    scores = run_embedding_figure(cfg, args.out, _stage_printer())
     lines = [f"wrote {args.out}; ordinal consistency on {cfg.shown_subjects} unseen subjects:"]
     for method, s in scores.items():
         per = ", ".join(f"{v:.2f}" for v in s["subjects"].values())
@@ -478,17 +479,18 @@ def cmd_bench_speed(args) -> tuple[dict, str]:
     options = {"device": args.device, "baseline": not args.no_baseline, "peak_tflops": args.peak_tflops,
                "levers": _levers(args)}
     quick = args.quick or resolve_device(args.device).type != "cuda"
+    say = _stage_printer()
     if quick and not args.quick:
-        _stage_printer(args.json)("no CUDA device: measuring the --quick configuration (the full one is for a GPU)")
+        say("no CUDA device: measuring the --quick configuration (the full one is for a GPU)")
     cfg = SpeedConfig.quick(**options) if quick else SpeedConfig(**options)
     where = "quick" if quick else "full"
     if args.levers is not None:
-        result = run_levers(cfg, args.levers, _stage_printer(args.json))
+        result = run_levers(cfg, args.levers, say)
         result["configuration"] = where
         info = result["device"]
         return result, (f"speed levers on {info['name']} ({info['device']}, torch {info['torch']}), {where} "
                         f"configuration; our engine with each lever, ratios against none\n" + format_levers_table(result))
-    result = run_speed(cfg, _stage_printer(args.json))
+    result = run_speed(cfg, say)
     result["configuration"] = where
     info = result["device"]
     text = (f"speed on {info['name']} ({info['device']}, torch {info['torch']}, {info['threads']} CPU threads), "
@@ -518,10 +520,13 @@ def _lever_options(p, data: bool = False) -> None:
 
     g = p.add_argument_group("speed levers (docs/performance.md)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC layout for the convolutions (default: on for the CPU, where it measured faster; "
-                        "off on a GPU, where it is not measured yet)")
-    g.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                   help="torch.compile mode (reduce-overhead adds CUDA graphs); costs time up front (default: off)")
+                   help="NHWC layout for the convolutions (default: on for the CPU and CUDA GPUs, where it "
+                        "measured faster)")
+    g.add_argument("--compile", default="auto", choices=COMPILE_MODES,
+                   help="torch.compile mode (reduce-overhead adds CUDA graphs); costs time up front. auto (the "
+                        "default): long pretraining runs on a CUDA GPU compile, nothing else does")
+    g.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms and keep the fastest (CUDA; not measured yet)")
     if data:
         g.add_argument("--data-on-device", action="store_true",
                        help="keep every slice on the GPU when they take at most a quarter of its free memory")

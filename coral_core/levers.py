@@ -10,38 +10,65 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Levers", "COMPILE_MODES", "LEVER_VARIANTS", "apply_levers", "apply_layout", "apply_compile",
-           "contiguous_layout", "fits_on_device"]
+           "contiguous_layout", "fits_on_device", "AUTO_COMPILE_MIN_WORK"]
 
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+
+
+# "auto" compiles pretraining on a CUDA GPU when the run's work, steps x slices per step x
+# pixels per slice, is at least this. On the H100 (2026-11-27, docs/performance.md) the 352 px,
+# 48-filter embedder at batch 64 ran 507.1 slices/s with channels_last and 773.8 compiled:
+# 0.044 s saved per step, against about 25 s of compiling, so it paid for itself after about
+# 600 steps = 4.6e9 slice-pixels. Twice that, as a margin: how the saving scales to other
+# image and batch sizes is not measured.
+AUTO_COMPILE_MIN_WORK = 10**10
 
 
 @dataclass
 class Levers:
     """Speed levers that change results by rounding at most.
 
-    A lever is on by default only where ``coral bench speed --levers`` showed that it helps.
-    So far that is channels_last on the CPU (docs/performance.md). No GPU has run the
-    benchmark yet, so on a GPU every lever is off by default.
+    A lever is on by default only where ``coral bench speed --levers`` showed that it helps
+    (docs/performance.md has the tables):
 
     * ``channels_last``: keeps convolution weights and activations in NHWC layout.
-      None (the default) means on for the CPU and off elsewhere. On this project's 2-core CPU
-      it measured 1.3x for pretraining, 1.9x for inference and 1.2x for fine-tuning.
-      Tensor-core GPU kernels prefer NHWC too, but that is not yet measured.
-    * ``compile``: ``torch.compile`` mode, or "off". "reduce-overhead" also captures CUDA
-      graphs. Compiling costs time up front (tens of seconds), so it only pays off in long runs.
+      None (the default) means on for the CPU and CUDA GPUs, where it was measured: on this
+      project's 2-core CPU 1.3x for pretraining, 1.9x for inference and 1.2x for fine-tuning;
+      on an H100 1.81x, 1.20x and 1.14x (the last inside the run-to-run spread).
+    * ``compile``: ``torch.compile`` mode, "off", or "auto" (the default): "default" for
+      pretraining runs on a CUDA GPU long enough to win back the compiling (see
+      ``AUTO_COMPILE_MIN_WORK``; on an H100 1.53x over channels_last alone), off for everything
+      else, since compiling costs tens of seconds up front, more than a volume's inference or
+      a 200-step fine-tuning takes.
+      Should compiling fail under "auto", the run goes on eagerly with a warning.
+      "reduce-overhead" also captures CUDA graphs.
     * ``data_on_device``: keeps every pretraining slice on the device when the slices take at
       most a quarter of its free memory, so a step needs no host-to-device copy. Otherwise a
-      step gathers its batch on the host.
+      step gathers its batch on the host. Off by default: 1.04x on an H100, for GPU memory
+      that a large cohort needs elsewhere.
+    * ``cudnn_benchmark``: lets cuDNN time its convolution algorithms for each new input shape
+      and keep the fastest (``torch.backends.cudnn.benchmark``, process-wide, CUDA only).
+      Off by default: not measured yet.
     """
 
     channels_last: bool | None = None
-    compile: str = "off"
+    compile: str = "auto"
     data_on_device: bool = False
+    cudnn_benchmark: bool = False
 
     def channels_last_on(self, device: torch.device) -> bool:
-        """Whether channels_last applies on ``device`` (None: on the CPU only, where it was measured)."""
-        return self.channels_last if self.channels_last is not None else device.type == "cpu"
+        """Whether channels_last applies on ``device`` (None: on the CPU and CUDA, where it was measured)."""
+        return self.channels_last if self.channels_last is not None else device.type in ("cpu", "cuda")
+
+    def compile_mode(self, device: torch.device, pretraining: bool = False, work: float = 0) -> str:
+        """The ``torch.compile`` mode for a run on ``device`` ("off": eager); whether it is
+        ``pretraining`` and its ``work`` (steps x slices per step x pixels per slice) decide
+        what "auto" means."""
+        if self.compile != "auto":
+            return self.compile
+        long_pretraining = pretraining and work >= AUTO_COMPILE_MIN_WORK
+        return "default" if device.type == "cuda" and long_pretraining else "off"
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -52,27 +79,66 @@ class Levers:
 
 def apply_layout(module: torch.nn.Module, levers: Levers | None) -> torch.nn.Module:
     """Convert ``module`` to channels_last in place when the levers ask for it on the device
-    its parameters are on (``levers`` None: the defaults)."""
+    its parameters are on, and set cuDNN's autotuning (``levers`` None: the defaults)."""
     import torch
 
     levers = levers or Levers()
     device = next(module.parameters()).device
     if levers.channels_last_on(device):
         module.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # process-wide: set either way, so one run's choice does not leak into the next
+        torch.backends.cudnn.benchmark = levers.cudnn_benchmark
     return module
 
 
-def apply_compile(module: torch.nn.Module, levers: Levers | None):
-    """``torch.compile(module)`` in the levers' mode, or ``module`` itself when compile is off."""
+def apply_compile(module: torch.nn.Module, levers: Levers | None, pretraining: bool = False, work: float = 0):
+    """``torch.compile(module)`` in the mode the levers give for this run (see
+    :meth:`Levers.compile_mode`), or ``module`` itself when that is "off". Under "auto" a
+    compile that fails on the first call leaves the run eager, with a warning."""
     import torch
 
-    if levers is None or levers.compile == "off":
+    levers = levers or Levers()
+    device = next(module.parameters()).device
+    mode = levers.compile_mode(device, pretraining, work)
+    if mode == "off":
         return module
-    return torch.compile(module, mode=None if levers.compile == "default" else levers.compile)
+    compiled = torch.compile(module, mode=None if mode == "default" else mode)
+    return _EagerIfCompileFails(module, compiled) if levers.compile == "auto" else compiled
+
+
+class _EagerIfCompileFails:
+    """Calls the compiled module; if its first call fails (no Triton for this GPU, no C
+    compiler, an operator the compiler cannot handle), warns and calls the eager one from then on."""
+
+    def __init__(self, eager, compiled) -> None:
+        self.eager, self.compiled, self.state = eager, compiled, "untried"
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        if self.state == "works":
+            return self.compiled(*args, **kwargs)
+        if self.state == "failed":
+            return self.eager(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the step's own out-of-memory handling decides
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager module still works
+            import warnings
+
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            warnings.warn(f"torch.compile failed ({reason}); going on without it (--compile off skips trying)",
+                          RuntimeWarning, stacklevel=2)
+            self.state = "failed"
+            return self.eager(*args, **kwargs)
+        self.state = "works"
+        return out
 
 
 def apply_levers(module: torch.nn.Module, levers: Levers | None):
-    """Both of the above: the callable to run (``module`` converted in place)."""
+    """Both of the above for inference and fine-tuning: the callable to run (``module``
+    converted in place)."""
     return apply_compile(apply_layout(module, levers), levers)
 
 
@@ -99,10 +165,12 @@ def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.25) ->
 # What `coral bench speed --levers` compares: each lever alone, then all together
 # ("data_on_device" concerns pretraining only).
 LEVER_VARIANTS: dict[str, Levers] = {
-    "none": Levers(channels_last=False),
-    "channels_last": Levers(channels_last=True),
-    "data_on_device": Levers(channels_last=False, data_on_device=True),
+    "none": Levers(channels_last=False, compile="off"),
+    "channels_last": Levers(channels_last=True, compile="off"),
+    "data_on_device": Levers(channels_last=False, compile="off", data_on_device=True),
     "compile": Levers(channels_last=False, compile="default"),
     "compile reduce-overhead": Levers(channels_last=False, compile="reduce-overhead"),
     "all (compile default)": Levers(channels_last=True, compile="default", data_on_device=True),
+    "cudnn_benchmark": Levers(channels_last=False, compile="off", cudnn_benchmark=True),
+    "defaults": Levers(),  # what a run gets without options (pretraining: a long run's)
 }

@@ -158,7 +158,6 @@ def pretrain(
         embedder = torch.nn.parallel.DistributedDataParallel(
             embedder, device_ids=[run.device] if run.device.type == "cuda" else None
         )
-    embedder = apply_compile(embedder, config.levers)
     images = data.images
     if config.levers.data_on_device and fits_on_device(images.numel() * images.element_size(), run.device):
         images = images.to(run.device)
@@ -171,6 +170,8 @@ def pretrain(
     steps_per_epoch = max(1, len(data) // batch)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    work = total * batch * config.model.image_size**2  # slice-pixels: whether compiling pays ("auto")
+    embedder = apply_compile(embedder, config.levers, pretraining=True, work=work)
     run.track({"model": model, "objective": objective}, optimiser, scheduler)
 
     step, first_epoch, first_index, order = 0, 0, 0, None

@@ -35,7 +35,7 @@ from coral_core.device import resolve_device
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune, segmentation_loss
 from coral_core.infer import segment_volume
-from coral_core.levers import LEVER_VARIANTS, Levers
+from coral_core.levers import AUTO_COMPILE_MIN_WORK, LEVER_VARIANTS, Levers
 from coral_core.losses import CoralLoss
 from coral_core.model import UNet, UNetConfig, build_model
 from coral_core.pretrain import PretrainConfig, pretrain
@@ -121,12 +121,17 @@ def _cohort(n_slices: int, seed: int) -> list[np.ndarray]:
     """Phantom volumes with at least ``n_slices`` slices in all (the content does not change speed)."""
     from coral_core.phantom import make_phantom
 
-    volumes, total, i = [], 0, 0
+    volumes = _COHORTS.setdefault(seed, [])  # the same phantoms in the same order: a prefix is a smaller cohort
+    total, i = 0, 0
     while total < n_slices:
-        volumes.append(make_phantom(seed + i)[0].array)
-        total += volumes[-1].shape[0]
+        if i == len(volumes):
+            volumes.append(make_phantom(seed + i)[0].array)
+        total += volumes[i].shape[0]
         i += 1
-    return volumes
+    return volumes[:i]
+
+
+_COHORTS: dict[int, list[np.ndarray]] = {}  # a sweep measures the same cohorts many times
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -144,8 +149,11 @@ def _pretrain_ours(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: UNetC
         if len(stamps) > steps:
             stop.set()
 
+    # what a long run does: under "auto" it compiles on a GPU, which this short one would not
+    device = resolve_device(cfg.device)
+    levers = replace(cfg.levers, compile=cfg.levers.compile_mode(device, pretraining=True, work=AUTO_COMPILE_MIN_WORK))
     pre = PretrainConfig(method="coral", epochs=epochs, batch_size=cfg.pretrain_batch, seed=cfg.seed,
-                         device=cfg.device, model=model_cfg, augment=cfg.augment, levers=cfg.levers)
+                         device=cfg.device, model=model_cfg, augment=cfg.augment, levers=levers)
     pretrain(pre, volumes, on_step, stop)
     timed = stamps[cfg.warmup_steps : steps + 1]
     return cfg.pretrain_batch * (len(timed) - 1) / (timed[-1] - timed[0])
@@ -299,6 +307,7 @@ def run_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -
             r["tflops"] = ours * flops_per_item / 1e12
             r["mfu"] = r["tflops"] * 1e12 / peak if peak else None
         rows.append(r)
+        say(format_speed_table({"rows": [r]}, header=False))  # each row as it comes: a run stopped early still reports
 
     model_cfg = UNetConfig(base_filters=cfg.base_filters, image_size=cfg.image_size)
     say(f"pretraining: {cfg.image_size} px, {cfg.base_filters} filters, batch {cfg.pretrain_batch}")
@@ -355,10 +364,13 @@ def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
             infer = cfg.infer_slices / seconds
             # Compiling alone took 11-20 s for the fine-tuning model on a 2-core CPU: more than the
             # whole 10 s GPU target for 200 steps, so compiled fine-tuning is not measured.
-            if levers.compile == "off":
+            if levers.compile_mode(device) == "off":
                 finetune_s, _ = measure_finetune(run)
         rows.append({"levers": name, "pretrain_slices_s": pretrain_rate, "inference_slices_s": infer,
                      "finetune_s": finetune_s})
+        say(f"levers {name}: pretraining {pretrain_rate:.1f} slices/s, inference "
+            f"{'-' if infer is None else f'{infer:.1f} slices/s'}, fine-tuning "
+            f"{'-' if finetune_s is None else f'{finetune_s:.2f} s'}")
     return {"rows": rows, "config": asdict(cfg), "device": _device_info(device)}
 
 
@@ -385,9 +397,9 @@ def format_levers_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def format_speed_table(result: dict) -> str:
+def format_speed_table(result: dict, header: bool = True) -> str:
     head = f"{'task':<22}{'size':>6}{'unit':>10}{'ours':>12}{'baseline':>12}{'speed-up':>10}{'TFLOP/s':>10}{'MFU':>8}"
-    lines = [head, "-" * len(head)]
+    lines = [head, "-" * len(head)] if header else []
     for r in result["rows"]:
         fmt = (lambda v: f"{v:.1f}") if r["unit"] == "slices/s" else (lambda v: f"{v:.3f}")
         base = fmt(r["baseline"]) if r["baseline"] else "-"

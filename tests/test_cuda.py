@@ -109,12 +109,17 @@ def test_speed_levers_pretrain_on_cuda_like_the_default(cohort):
                              levers=levers)
         return pretrain(cfg, cohort).history.metrics["loss"]
 
-    plain = run(Levers())
+    plain = run(Levers(channels_last=False, compile="off"))
     # fp32 on both sides, but cuDNN runs fp32 convolutions in TF32 by default and each layout or
     # compiled graph may pick another algorithm: rounding of about 1e-3 per step, which training
     # carries along. A real difference (a wrong layout, a dropped term) is far larger.
+    np.testing.assert_allclose(run(Levers()), plain, rtol=2e-2)  # the defaults: channels_last on CUDA
     np.testing.assert_allclose(run(Levers(channels_last=True, data_on_device=True)), plain, rtol=2e-2)
     np.testing.assert_allclose(run(Levers(compile="default")), plain, rtol=2e-2)
+    np.testing.assert_allclose(run(Levers(cudnn_benchmark=True)), plain, rtol=2e-2)
+    assert torch.backends.cudnn.benchmark
+    run(Levers())
+    assert not torch.backends.cudnn.benchmark  # each run sets it: one run's choice does not leak
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +148,7 @@ def test_inference_levers_on_cuda_agree_with_eager(demo, tmp_path):
     from coral_core.checkpoint import save_checkpoint
 
     model, image, _ = demo
-    eager = segment_volume(model, image, CUDA, batch_size=8)
+    eager = segment_volume(model, image, CUDA, batch_size=8, levers=Levers(channels_last=False, compile="off"))
     for levers in (Levers(channels_last=True), Levers(compile="default"), Levers(compile="reduce-overhead")):
         got = segment_volume(model, image, CUDA, batch_size=8, levers=levers)
         assert (got == eager).mean() > 0.999, levers

@@ -9,7 +9,7 @@ from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
-from coral_core.levers import Levers
+from coral_core.levers import AUTO_COMPILE_MIN_WORK, Levers, apply_compile
 from coral_core.model import UNetConfig, build_model
 from coral_core.phantom import make_cohort
 from coral_core.pretrain import PretrainConfig, pretrain
@@ -76,15 +76,57 @@ def test_compiled_pretraining_and_inference_match_eager(cohort):
     assert (eager == compiled).mean() > 0.999
 
 
-def test_channels_last_by_default_on_the_cpu_only():
-    """On where it was measured to help (the CPU); off on a GPU until measured there."""
+def test_channels_last_by_default_where_it_was_measured():
+    """On where it was measured to help (the CPU, an H100); off elsewhere."""
     assert Levers().channels_last_on(torch.device("cpu"))
-    assert not Levers().channels_last_on(torch.device("cuda"))
+    assert Levers().channels_last_on(torch.device("cuda"))
+    assert not Levers().channels_last_on(torch.device("mps"))
     assert not Levers(channels_last=False).channels_last_on(torch.device("cpu"))
-    assert Levers(channels_last=True).channels_last_on(torch.device("cuda"))
+    assert Levers(channels_last=True).channels_last_on(torch.device("mps"))
     model = build_model(TINY)
     segment_volume(model, np.random.rand(3, 32, 32).astype(np.float32), "cpu")
     assert model.encoder.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_auto_compiles_long_pretraining_on_a_gpu_only():
+    """Compiling costs tens of seconds: "auto" spends them only where a run wins them back."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = Levers()
+    assert auto.compile == "auto"
+    # 1300 steps of 64 slices at 352 x 352 compile; the same steps at 128 x 128 do not
+    assert 1300 * 64 * 352**2 >= AUTO_COMPILE_MIN_WORK > 1300 * 64 * 128**2
+    assert auto.compile_mode(cuda, pretraining=True, work=AUTO_COMPILE_MIN_WORK) == "default"
+    assert auto.compile_mode(cuda, pretraining=True, work=AUTO_COMPILE_MIN_WORK - 1) == "off"
+    assert auto.compile_mode(cuda, pretraining=False, work=1e15) == "off"  # inference, fine-tuning
+    assert auto.compile_mode(cpu, pretraining=True, work=1e15) == "off"
+    assert Levers(compile="off").compile_mode(cuda, pretraining=True, work=1e15) == "off"
+    assert Levers(compile="reduce-overhead").compile_mode(cpu) == "reduce-overhead"
+
+
+def test_auto_compile_that_fails_goes_on_eagerly(monkeypatch):
+    """A compiler that breaks on the first call (say no Triton for this GPU) costs a warning,
+    not the run; an explicitly asked-for mode is not second-guessed."""
+
+    class Broken:
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Broken.calls += 1
+            raise RuntimeError("backend compiler failed: no working triton for this device\nmore detail")
+
+    model = build_model(TINY).eval()
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: Broken())
+    monkeypatch.setattr(Levers, "compile_mode", lambda self, *a, **k: "default")
+    run = apply_compile(model, Levers())
+    x = torch.rand(2, 1, TINY.image_size, TINY.image_size)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(backend compiler failed: no working triton"):
+        out = run(x)
+    torch.testing.assert_close(out, model(x))
+    run(x)  # eager from then on, without trying again
+    assert Broken.calls == 1
+    explicit = apply_compile(model, Levers(compile="default"))
+    with pytest.raises(RuntimeError, match="backend compiler failed"):
+        explicit(x)
 
 
 def test_unknown_compile_mode_is_a_user_error():
