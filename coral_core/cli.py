@@ -71,31 +71,48 @@ def _rename(model, names: list[str]):
     return model
 
 
-def _auto_image_size(volumes, requested: int | None) -> int:
+AUTO_IMAGE_SIZE_MAX = 256
+
+
+def _auto_image_size(shapes, requested: int | None) -> int:
+    """``--image-size``, checked; without it the volumes' largest in-plane size (``shapes`` are
+    (S, H, W)) rounded up to a multiple of 16, within 64..256."""
     if requested:
         if requested % 16:
             raise UserError(f"--image-size {requested}: must be a multiple of 16")
         return requested
-    largest = max(max(v.shape[1:]) for v in volumes)
-    return int(min(256, max(64, -(-largest // 16) * 16)))
+    largest = max(max(shape[1:]) for shape in shapes)
+    return int(min(AUTO_IMAGE_SIZE_MAX, max(64, -(-largest // 16) * 16)))
 
 
-def _read_inputs(inputs: list[str], phantom: int, seed: int):
-    """Volumes from files/folders and ``--phantom N`` synthetic subjects, with names."""
-    from coral_core.data import discover_volumes
+def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int | None = None):
+    """Volumes from files/folders and ``--phantom N`` synthetic subjects: (volumes, names, shapes,
+    image size). A volume whose model input size is already known when it is read (``--image-size``
+    given, or wider than the automatic size's cap) is normalised and resampled at once
+    (:func:`coral_core.data.resize_slices`), so a large cohort never holds its full-resolution
+    volumes in memory together; the others, no larger than the cap, are kept as read."""
+    from coral_core.data import discover_volumes, resize_slices
     from coral_core.phantom import make_cohort
     from coral_core.volume import load_volume
 
-    volumes, names = [], []
+    if requested_size:
+        _auto_image_size([], requested_size)  # a bad --image-size fails before any file is read
+    volumes, names, shapes = [], [], []
+
+    def add(array, name: str) -> None:  # array: (S, H, W)
+        shapes.append(tuple(array.shape))
+        wide = max(array.shape[1:]) > AUTO_IMAGE_SIZE_MAX  # the automatic size will be the cap
+        target = requested_size or (AUTO_IMAGE_SIZE_MAX if wide else None)
+        volumes.append(resize_slices(array, target) if target else array)
+        names.append(name)
+
     for case in discover_volumes(inputs) if inputs else []:
-        volumes.append(load_volume(case.image).array)
-        names.append(case.subject)
+        add(load_volume(case.image).array, case.subject)
     for i, (img, _) in enumerate(make_cohort(phantom, seed=seed) if phantom else []):
-        volumes.append(img.array)
-        names.append(f"phantom{seed + i}")
+        add(img.array, f"phantom{seed + i}")
     if not volumes:
         raise UserError("no input volumes; give image files or folders, or --phantom N")
-    return volumes, names
+    return volumes, names, shapes, _auto_image_size(shapes, requested_size)
 
 
 MAX_CLASSES = 255
@@ -184,44 +201,43 @@ def _fingerprint_config(cfg, device: str) -> dict:
 
 def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.checkpoint import save_checkpoint
+    from coral_core.data import PretrainSlices
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig
     from coral_core.pretrain import PretrainConfig, pretrain
 
     check_output_path(args.out)
     rank, processes = _init_ddp(args.device) if args.ddp else (0, 1)
-    volumes, names = _read_inputs(args.inputs, args.phantom, args.seed)
-    model_cfg = UNetConfig(
-        base_filters=args.base_filters,
-        image_size=_auto_image_size(volumes, args.image_size),
-        embedding_dim=args.embedding_dim,
-    )
+    volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size)
+    model_cfg = UNetConfig(base_filters=args.base_filters, image_size=image_size, embedding_dim=args.embedding_dim)
     cfg = PretrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, device=args.device, model=model_cfg, levers=_levers(args),
     )
     fingerprint = {"command": "pretrain", "config": _fingerprint_config(cfg, args.device),
-                   "inputs": [[n, int(v.shape[0])] for n, v in zip(names, volumes)]}
+                   "inputs": [[n, int(shape[0])] for n, shape in zip(names, shapes)]}
     state = _resume_state(args, fingerprint, every=0)  # saved at every epoch's end and on Ctrl-C
+    n_volumes = len(volumes)
+    data = PretrainSlices(volumes, image_size, consume=True)  # each volume freed once copied in
     bar, callback = _progress(0, f"pretrain {args.method}", args.json or rank != 0)
     t0 = time.perf_counter()
     with bar:
-        result = pretrain(cfg, volumes, callback, _STOP, resume=state)
+        result = pretrain(cfg, data, callback, _STOP, resume=state)
     if rank != 0:  # rank 0 alone reports and writes
         return None, ""
     _finish(state, result.history, bar.total)
     seconds = time.perf_counter() - t0
     training = {
         "stage": "pretrain", "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "volumes": len(volumes), "processes": processes,
+        "lr": args.lr, "seed": args.seed, "volumes": n_volumes, "processes": processes,
         "final_loss": result.history.last("loss"),
     }
     save_checkpoint(args.out, result.model, training)
     state.remove()
-    out = {"checkpoint": str(args.out), "method": args.method, "volumes": len(volumes), "processes": processes,
+    out = {"checkpoint": str(args.out), "method": args.method, "volumes": n_volumes, "processes": processes,
            "steps": len(result.history.steps), "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
-    return out, f"pretrained {args.method} on {len(volumes)} volumes in {seconds:.0f} s; saved {args.out}"
+    return out, f"pretrained {args.method} on {n_volumes} volumes in {seconds:.0f} s; saved {args.out}"
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
@@ -266,7 +282,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     else:
         model = build_model(UNetConfig(
             n_classes=n_classes, class_names=names,
-            base_filters=args.base_filters, image_size=_auto_image_size([image.array], args.image_size),
+            base_filters=args.base_filters, image_size=_auto_image_size([image.array.shape], args.image_size),
         ))
         init = "random"
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,

@@ -90,21 +90,34 @@ def parse_slices(text: str, n_slices: int, source: str = "the image") -> list[in
 class PretrainSlices(Dataset):
     """Every slice of a set of unlabeled volumes with its relative position.
 
+    ``volumes`` are (S, H, W) intensity arrays, or volumes already prepared by
+    :func:`resize_slices` ((S, 1, h, w) normalised tensors, resampled again only when ``h, w``
+    differ from ``image_size``): a caller reading many large files prepares each as it reads it,
+    so the full-resolution volumes never sit in memory together.
+
     Items are ``(slice (1, H, W), position, partition, volume_id)``; the whole set is also
     available as tensors (``images``, ``positions``, ``partitions``, ``volume_ids``).
     """
 
-    def __init__(self, volumes: list[np.ndarray], image_size: int, n_partitions: int = 4) -> None:
-        if not volumes:
+    def __init__(self, volumes: list[np.ndarray | Tensor], image_size: int, n_partitions: int = 4,
+                 consume: bool = False) -> None:
+        """``consume``: empty the list ``volumes`` as each volume is copied in, so that its memory
+        can be freed at once (the set's memory plus one volume's, instead of both sets')."""
+        if not len(volumes):
             raise UserError("no volumes to pretrain on; give at least one image or --phantom N")
-        images, positions, partitions, ids = [], [], [], []
-        for vid, vol in enumerate(volumes):
-            n = vol.shape[0]
-            images.append(resize_slices(vol, image_size))
+        counts = [int(vol.shape[0]) for vol in volumes]
+        self.images = torch.empty(sum(counts), 1, image_size, image_size)  # (M, 1, H, W), filled below
+        positions, partitions, ids = [], [], []
+        start = 0
+        for vid, n in enumerate(counts):
+            vol = volumes.pop(0) if consume else volumes[vid]
+            prepared = isinstance(vol, Tensor)
+            self.images[start : start + n] = resample_slices(vol, image_size) if prepared else resize_slices(vol, image_size)
+            del vol
+            start += n
             positions.append(slice_positions(n))
             partitions.append(partition_index(torch.arange(n), n, n_partitions))
             ids.append(torch.full((n,), vid, dtype=torch.long))
-        self.images = torch.cat(images)  # (M, 1, H, W)
         self.positions = torch.cat(positions)  # (M,)
         self.partitions = torch.cat(partitions)  # (M,)
         self.volume_ids = torch.cat(ids)  # (M,)

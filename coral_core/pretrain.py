@@ -115,7 +115,7 @@ def _rank_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
 
 def pretrain(
     config: PretrainConfig,
-    volumes: list[np.ndarray],
+    volumes: list[np.ndarray | torch.Tensor] | PretrainSlices,
     callback: StepCallback | None = None,
     stop_event: threading.Event | None = None,
     model: UNet | None = None,
@@ -126,8 +126,11 @@ def pretrain(
     Parameters
     ----------
     config : PretrainConfig
-    volumes : list of ndarray
-        Unlabeled volumes; any in-plane size (slices are resampled to the model's size).
+    volumes : list of ndarray or Tensor, or PretrainSlices
+        Unlabeled (z, y, x) volumes; any in-plane size (slices are resampled to the model's size).
+        A volume may also come prepared by :func:`coral_core.data.resize_slices`, or the whole set
+        as a :class:`coral_core.data.PretrainSlices` at the model's size, as the CLI reads large
+        cohorts.
     callback : callable, optional
         ``callback(step, total, metrics)`` after every step.
     stop_event : threading.Event, optional
@@ -146,7 +149,9 @@ def pretrain(
     ddp, world, rank = cdist.is_distributed(), cdist.world_size(), cdist.rank()
     run = TrainingRun(config.seed, config.device, config.amp, callback if rank == 0 else None, stop_event,
                       resume, saver=rank == 0)
-    data = PretrainSlices(volumes, config.model.image_size)
+    data = volumes if isinstance(volumes, PretrainSlices) else PretrainSlices(volumes, config.model.image_size)
+    if data.images.shape[-1] != config.model.image_size:
+        raise ValueError(f"the slice set is {data.images.shape[-1]} px; the model takes {config.model.image_size}")
     if len(data) < 2:
         raise UserError("pretraining needs at least 2 slices in total")
     model = (model or build_model(config.model)).to(run.device)

@@ -277,3 +277,30 @@ def test_bench_embedding_draws_both_methods(tmp_path):
     assert set(res["scores"]) == {"pcl", "coral"}
     assert all(-1 <= s["pooled"] <= 1 and len(s["subjects"]) == 2 for s in res["scores"].values())
     assert (tmp_path / "fig.png").stat().st_size > 20_000
+
+
+def test_pretraining_inputs_are_prepared_as_they_are_read(tmp_path):
+    """A wide volume (in-plane over the automatic size's 256 cap) is normalised and resampled as
+    soon as it is read, so full-resolution volumes never sit in memory together; the slices the
+    model sees are those of reading everything first."""
+    import torch
+
+    from coral_core.cli import _read_inputs
+    from coral_core.data import PretrainSlices
+    from coral_core.volume import load_volume
+    from helpers import write_nifti_ijk
+
+    rng = np.random.default_rng(0)
+    wide = write_nifti_ijk(tmp_path / "wide.nii.gz", rng.random((280, 272, 3)).astype(np.float32), np.eye(4))
+    small = write_nifti_ijk(tmp_path / "small.nii.gz", rng.random((48, 40, 4)).astype(np.float32), np.eye(4))
+    arrays = [load_volume(path).array for path in (small, wide)]  # discovery order: by name
+
+    volumes, names, shapes, size = _read_inputs([str(tmp_path)], 0, 0)
+    assert names == ["small", "wide"] and shapes == [a.shape for a in arrays] and size == 256
+    assert isinstance(volumes[0], np.ndarray) and isinstance(volumes[1], torch.Tensor)
+    assert volumes[1].shape == (arrays[1].shape[0], 1, 256, 256)
+    assert torch.equal(PretrainSlices(volumes, size).images, PretrainSlices(arrays, size).images)
+
+    volumes, _, _, size = _read_inputs([str(tmp_path)], 0, 0, requested_size=32)
+    assert size == 32 and all(v.shape[1:] == (1, 32, 32) for v in volumes)
+    assert torch.equal(PretrainSlices(volumes, 32).images, PretrainSlices(arrays, 32).images)

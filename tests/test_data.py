@@ -30,6 +30,25 @@ def test_pretrain_slices_carry_position_partition_and_volume():
     assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0 + 1e-6
 
 
+def test_pretrain_slices_take_volumes_prepared_as_they_were_read():
+    """A volume normalised and resampled when it was read (``resize_slices``) gives the slices
+    the raw volume gives; one prepared at another size is resampled to the model's."""
+    import torch
+
+    from coral_core.data import resize_slices
+
+    vols = [np.random.rand(8, 20, 30).astype(np.float32), np.random.rand(4, 40, 40).astype(np.float32)]
+    raw = PretrainSlices(vols, image_size=16)
+    prepared = PretrainSlices([resize_slices(vols[0], 16), resize_slices(vols[1], 24)], image_size=16)
+    assert torch.equal(prepared.images[:8], raw.images[:8])
+    assert prepared.images.shape == raw.images.shape
+    torch.testing.assert_close(prepared.images[8:], raw.images[8:], atol=0.1, rtol=0)  # resampled twice
+    assert torch.equal(prepared.positions, raw.positions) and torch.equal(prepared.volume_ids, raw.volume_ids)
+    given = [resize_slices(v, 16) for v in vols]
+    consumed = PretrainSlices(given, image_size=16, consume=True)  # frees each volume once copied in
+    assert given == [] and torch.equal(consumed.images, raw.images)
+
+
 def test_labelled_slices_hold_only_the_annotated_slices():
     vol = np.random.rand(6, 16, 16).astype(np.float32)
     lab = np.zeros((6, 16, 16), np.int64)

@@ -1,0 +1,81 @@
+"""Peak memory of reading a pretraining cohort: every full-resolution volume first, then the
+slice set (how `coral pretrain` read its inputs until 2026-11-27), against preparing each
+volume as it is read and freeing it once copied into the slice set (how it reads them now:
+`coral_core.cli._read_inputs`, then `PretrainSlices(..., consume=True)`).
+
+    python benchmarks/pretrain_memory.py                       # 8 volumes of 100 x 512 x 512 int16, size 256
+    python benchmarks/pretrain_memory.py --volumes 4 --slices 50
+
+Writes the volumes as uncompressed NIfTI (int16, as CT scans are stored) in a temporary folder;
+each way runs in a fresh process and reports its peak resident memory (ru_maxrss) and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def measure(way: str, folder: str, size: int) -> dict:
+    from coral_core.cli import _read_inputs
+    from coral_core.data import PretrainSlices, discover_volumes
+    from coral_core.volume import load_volume
+
+    imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # torch and the readers loaded
+    t = time.perf_counter()
+    if way == "all first":  # as `coral pretrain` did before (which also built the slice set twice over, now once)
+        volumes = [load_volume(case.image).array for case in discover_volumes([folder])]
+        data = PretrainSlices(volumes, size)
+    else:  # as `coral pretrain` does now
+        volumes, _, _, size = _read_inputs([folder], 0, 0, size)
+        data = PretrainSlices(volumes, size, consume=True)
+    seconds = time.perf_counter() - t
+    return {"way": way, "slices": len(data), "slice_set_gb": data.images.numel() * 4 / 1e9,
+            "imported_gb": imported, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+            "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--volumes", type=int, default=8)
+    ap.add_argument("--slices", type=int, default=100)
+    ap.add_argument("--side", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256, help="the model's input size (--image-size)")
+    ap.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(measure(args.case[0], args.case[1], int(args.case[2]))))
+        return
+
+    import nibabel as nib
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)
+        for i in range(args.volumes):
+            data = rng.integers(-1000, 2000, (args.side, args.side, args.slices), dtype=np.int16)
+            nib.save(nib.Nifti1Image(data, np.eye(4)), str(Path(folder) / f"case{i:03d}.nii"))
+        raw_gb = args.volumes * args.slices * args.side**2 * 2 / 1e9
+        print(f"{args.volumes} volumes of {args.slices} x {args.side} x {args.side} int16 ({raw_gb:.2f} GB on disk), "
+              f"model input {args.size} x {args.size}")
+        print("| way | slices | slice set GB | RSS after imports GB | peak RSS GB | seconds |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for way in ("all first", "as read"):
+            out = subprocess.run([sys.executable, __file__, "--case", way, folder, str(args.size)],
+                                 capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"| {r['way']} | {r['slices']} | {r['slice_set_gb']:.2f} | {r['imported_gb']:.2f} | {r['peak_gb']:.2f} "
+                  f"| {r['seconds']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
