@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from coral_core.data import resample_slices, resize_slices
 from coral_core.device import mixed_precision
-from coral_core.levers import Levers, apply_levers, fits_on_device
+from coral_core.levers import Levers, apply_layout, apply_levers, fits_on_device, for_inference
 from coral_core.model import UNet
 from coral_core.volume import normalise_intensity_tensor
 
@@ -100,10 +100,11 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
     """Segment batch by batch, yielding ``(slices done, labels)``; ``labels`` (uint8, the
     volume's shape) is complete after the last yield. ``on_device``: where to normalise and
     resample (None: on a CUDA GPU when it has room, see :func:`preprocess_on_device`);
-    ``levers``: channels_last and ``torch.compile`` (the model is converted in place)."""
+    ``levers``: channels_last, ``torch.compile`` and BatchNorm folding (the model is converted in
+    place, or a folded copy of it is)."""
     device = torch.device(device)
     model = model.to(device).eval()
-    net = apply_levers(model, levers)
+    net = apply_levers(for_inference(model, levers, device), levers)
     out = np.zeros(volume.shape, dtype=np.uint8)
 
     def labels_of(batch: torch.Tensor) -> np.ndarray:
@@ -133,10 +134,13 @@ def segment_volume(
     return labels
 
 
-def embed_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 32) -> np.ndarray:
-    """(S, embedding_dim) float32 projection-head features, one row per slice."""
+def embed_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 32,
+                 levers: Levers | None = None) -> np.ndarray:
+    """(S, embedding_dim) float32 projection-head features, one row per slice (``levers``:
+    channels_last and BatchNorm folding; never compiled)."""
     device = torch.device(device)
     model = model.to(device).eval()
+    net = apply_layout(for_inference(model, levers, device), levers)
     with torch.inference_mode(), mixed_precision(device):
-        rows = [r for _, _, r in _run_in_batches(model, volume, device, batch_size, lambda b: model.embed(b).float().cpu())]
+        rows = [r for _, _, r in _run_in_batches(model, volume, device, batch_size, lambda b: net.embed(b).float().cpu())]
     return torch.cat(rows).numpy()

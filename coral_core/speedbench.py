@@ -343,8 +343,9 @@ def _device_info(device: torch.device, peak: float | None = None) -> dict:
 def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
                progress: Callable[[str], None] | None = None) -> dict:
     """Our engine with each speed lever switched on, next to none, in one process: pretraining
-    slices/s, inference slices/s at ``cfg.image_size``, and fine-tuning wall seconds for the
-    variants that do not compile. ``cfg.levers`` is ignored."""
+    slices/s, inference slices/s at each of ``cfg.infer_sizes``, and fine-tuning wall seconds for
+    the variants that do not compile (a lever that concerns only pretraining or only inference is
+    measured there alone). ``cfg.levers`` is ignored."""
     say = progress or (lambda text: None)
     device = resolve_device(cfg.device)
     names = list(variants or LEVER_VARIANTS)
@@ -357,43 +358,48 @@ def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
         run = replace(cfg, levers=levers, baseline=False)
         say(f"levers: {name}")
         torch._dynamo.reset()  # each variant compiles afresh: no graphs carried over
-        pretrain_rate, _ = measure_pretrain(run)
-        infer, finetune_s = None, None
-        if name != "data_on_device":  # that lever concerns pretraining only
-            seconds, _ = measure_inference(run, cfg.image_size)
-            infer = cfg.infer_slices / seconds
+        row = {"levers": name, "pretrain_slices_s": None, "finetune_s": None}
+        row.update({f"inference_{size}_slices_s": None for size in cfg.infer_sizes})
+        if name not in _INFERENCE_ONLY:
+            row["pretrain_slices_s"], _ = measure_pretrain(run)
+        if name not in _PRETRAINING_ONLY:
+            for size in cfg.infer_sizes:
+                seconds, _ = measure_inference(run, size)
+                row[f"inference_{size}_slices_s"] = cfg.infer_slices / seconds
             # Compiling alone took 11-20 s for the fine-tuning model on a 2-core CPU: more than the
             # whole 10 s GPU target for 200 steps, so compiled fine-tuning is not measured.
-            if levers.compile_mode(device) == "off":
-                finetune_s, _ = measure_finetune(run)
-        rows.append({"levers": name, "pretrain_slices_s": pretrain_rate, "inference_slices_s": infer,
-                     "finetune_s": finetune_s})
-        say(f"levers {name}: pretraining {pretrain_rate:.1f} slices/s, inference "
-            f"{'-' if infer is None else f'{infer:.1f} slices/s'}, fine-tuning "
-            f"{'-' if finetune_s is None else f'{finetune_s:.2f} s'}")
+            if levers.compile_mode(device) == "off" and name not in _INFERENCE_ONLY:
+                row["finetune_s"], _ = measure_finetune(run)
+        rows.append(row)
+        say(f"levers {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
     return {"rows": rows, "config": asdict(cfg), "device": _device_info(device)}
+
+
+_PRETRAINING_ONLY = {"data_on_device"}  # levers that change nothing else
+_INFERENCE_ONLY = {"fuse_batchnorm"}
 
 
 def format_levers_table(result: dict) -> str:
     base = next((r for r in result["rows"] if r["levers"] == "none"), None)
 
     def cell(r, key, fmt, higher_is_better=True):
-        value = r[key]
+        value = r.get(key)
         if value is None:
             return "-"
         text = fmt.format(value)
-        if base is not None and base[key] and r is not base:
+        if base is not None and base.get(key) and r is not base:
             ratio = value / base[key] if higher_is_better else base[key] / value
             text += f" ({ratio:.2f}x)"
         return text
 
-    size = result["config"]["image_size"]
-    head = (f"{'levers':<26}{'pretrain slices/s':>22}{f'inference slices/s @{size}':>28}"
-            f"{'fine-tune s':>20}")
+    sizes = result["config"]["infer_sizes"]
+    head = (f"{'levers':<26}{'pretrain slices/s':>20}" + "".join(f"{f'infer sl/s @{size}':>20}" for size in sizes)
+            + f"{'fine-tune s':>18}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['levers']:<26}{cell(r, 'pretrain_slices_s', '{:.1f}'):>22}"
-                     f"{cell(r, 'inference_slices_s', '{:.1f}'):>28}{cell(r, 'finetune_s', '{:.2f}', False):>20}")
+        lines.append(f"{r['levers']:<26}{cell(r, 'pretrain_slices_s', '{:.1f}'):>20}"
+                     + "".join(f"{cell(r, f'inference_{size}_slices_s', '{:.1f}'):>20}" for size in sizes)
+                     + f"{cell(r, 'finetune_s', '{:.2f}', False):>18}")
     return "\n".join(lines)
 
 

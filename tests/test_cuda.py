@@ -149,7 +149,8 @@ def test_inference_levers_on_cuda_agree_with_eager(demo, tmp_path):
 
     model, image, _ = demo
     eager = segment_volume(model, image, CUDA, batch_size=8, levers=Levers(channels_last=False, compile="off"))
-    for levers in (Levers(channels_last=True), Levers(compile="default"), Levers(compile="reduce-overhead")):
+    for levers in (Levers(channels_last=True), Levers(compile="default"), Levers(compile="reduce-overhead"),
+                   Levers(fuse_batchnorm=True)):
         got = segment_volume(model, image, CUDA, batch_size=8, levers=levers)
         assert (got == eager).mean() > 0.999, levers
     # channels_last converted the model in place: it still saves and loads as it was

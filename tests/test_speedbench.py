@@ -54,12 +54,13 @@ def test_levers_run_compares_each_variant_with_none():
     cfg = SpeedConfig(image_size=32, base_filters=4, pretrain_batch=4, pretrain_steps=2, warmup_steps=1,
                       infer_sizes=(32,), infer_slices=4, infer_batch=2, repeats=1, finetune_steps=3,
                       finetune_batch=2, finetune_size=32, finetune_base_filters=4, device="cpu")
-    result = run_levers(cfg, ["none", "channels_last", "data_on_device"])
+    result = run_levers(cfg, ["none", "channels_last", "data_on_device", "fuse_batchnorm"])
     rows = {r["levers"]: r for r in result["rows"]}
-    assert list(rows) == ["none", "channels_last", "data_on_device"]
-    assert all(rows[name]["pretrain_slices_s"] > 0 for name in rows)
-    assert rows["channels_last"]["inference_slices_s"] > 0 and rows["channels_last"]["finetune_s"] > 0
-    assert rows["data_on_device"]["inference_slices_s"] is None  # a pretraining lever only
+    assert list(rows) == ["none", "channels_last", "data_on_device", "fuse_batchnorm"]
+    assert all(rows[name]["pretrain_slices_s"] > 0 for name in ["none", "channels_last", "data_on_device"])
+    assert rows["fuse_batchnorm"]["pretrain_slices_s"] is None and rows["fuse_batchnorm"]["inference_32_slices_s"] > 0
+    assert rows["channels_last"]["inference_32_slices_s"] > 0 and rows["channels_last"]["finetune_s"] > 0
+    assert rows["data_on_device"]["inference_32_slices_s"] is None  # a pretraining lever only
     table = format_levers_table(result)
     ratio = rows["channels_last"]["pretrain_slices_s"] / rows["none"]["pretrain_slices_s"]
     assert f"({ratio:.2f}x)" in table
