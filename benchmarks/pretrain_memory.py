@@ -5,6 +5,12 @@ volume as it is read and freeing it once copied into the slice set (how it reads
 
     python benchmarks/pretrain_memory.py                       # 8 volumes of 100 x 512 x 512 int16, size 256
     python benchmarks/pretrain_memory.py --volumes 4 --slices 50
+    python benchmarks/pretrain_memory.py --quality             # float16 slices: the same pretraining?
+
+A third way holds the slices in float16 (`coral pretrain --slices-float16`). `--quality` checks what
+that costs: CORAL pretraining as `coral demo` does it (16 + 2 phantom subjects, 6 epochs), once
+from float32 and once from float16 slices, scored by the final loss and the ordinal consistency
+of 8 unseen subjects along the learned direction.
 
 Writes the volumes as uncompressed NIfTI (int16, as CT scans are stored) in a temporary folder;
 each way runs in a fresh process and reports its peak resident memory (ru_maxrss) and time.
@@ -25,7 +31,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def quality(seed: int = 0) -> None:
+    import numpy as np
+    import torch
+
+    from coral_core.data import PretrainSlices, slice_positions
+    from coral_core.embedding import ordinal_consistency
+    from coral_core.infer import embed_volume
+    from coral_core.model import UNetConfig
+    from coral_core.phantom import make_cohort, make_phantom
+    from coral_core.pretrain import PretrainConfig, pretrain
+
+    volumes = [image.array for image, _ in make_cohort(16, seed=seed * 100) + make_cohort(2, seed=seed * 100 + 1000)]
+    unseen = [make_phantom(s)[0].array for s in (0, 1, 2, 3, 4, 5, 777, 4242)]
+    print("| slices | final loss | consistency mean | min | seconds |")
+    print("|---|---:|---:|---:|---:|")
+    for dtype in (torch.float32, torch.float16):
+        cfg = PretrainConfig(method="coral", epochs=6, seed=seed, device="cpu", model=UNetConfig(image_size=128))
+        t = time.perf_counter()
+        result = pretrain(cfg, PretrainSlices(volumes, 128, dtype=dtype))
+        seconds = time.perf_counter() - t
+        direction = result.model.canonical_direction.numpy()
+        scores = [ordinal_consistency(embed_volume(result.model, v) @ direction, slice_positions(len(v)).numpy())
+                  for v in unseen]
+        print(f"| {str(dtype).replace('torch.', '')} | {result.history.last('loss'):.4f} | {np.mean(scores):.3f} "
+              f"| {np.min(scores):.3f} | {seconds:.0f} |", flush=True)
+
+
 def measure(way: str, folder: str, size: int) -> dict:
+    import torch
+
     from coral_core.cli import _read_inputs
     from coral_core.data import PretrainSlices, discover_volumes
     from coral_core.volume import load_volume
@@ -35,11 +70,12 @@ def measure(way: str, folder: str, size: int) -> dict:
     if way == "all first":  # as `coral pretrain` did before (which also built the slice set twice over, now once)
         volumes = [load_volume(case.image).array for case in discover_volumes([folder])]
         data = PretrainSlices(volumes, size)
-    else:  # as `coral pretrain` does now
+    else:  # as `coral pretrain` does now, without and with --slices-float16
         volumes, _, _, size = _read_inputs([folder], 0, 0, size)
-        data = PretrainSlices(volumes, size, consume=True)
+        dtype = torch.float16 if way == "as read, float16" else torch.float32
+        data = PretrainSlices(volumes, size, consume=True, dtype=dtype)
     seconds = time.perf_counter() - t
-    return {"way": way, "slices": len(data), "slice_set_gb": data.images.numel() * 4 / 1e9,
+    return {"way": way, "slices": len(data), "slice_set_gb": data.images.numel() * data.images.element_size() / 1e9,
             "imported_gb": imported, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
             "seconds": seconds}
 
@@ -50,8 +86,12 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=100)
     ap.add_argument("--side", type=int, default=512)
     ap.add_argument("--size", type=int, default=256, help="the model's input size (--image-size)")
+    ap.add_argument("--quality", action="store_true", help="float16 slices against float32: the same pretraining?")
     ap.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quality:
+        quality()
+        return
     if args.case:
         print(json.dumps(measure(args.case[0], args.case[1], int(args.case[2]))))
         return
@@ -69,7 +109,7 @@ def main() -> None:
               f"model input {args.size} x {args.size}")
         print("| way | slices | slice set GB | RSS after imports GB | peak RSS GB | seconds |")
         print("|---|---:|---:|---:|---:|---:|")
-        for way in ("all first", "as read"):
+        for way in ("all first", "as read", "as read, float16"):
             out = subprocess.run([sys.executable, __file__, "--case", way, folder, str(args.size)],
                                  capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])

@@ -201,6 +201,8 @@ def _fingerprint_config(cfg, device: str) -> dict:
 
 
 def cmd_pretrain(args) -> tuple[dict, str]:
+    import torch
+
     from coral_core.checkpoint import save_checkpoint
     from coral_core.data import PretrainSlices
     from coral_core.fileio import check_output_path
@@ -217,9 +219,12 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     )
     fingerprint = {"command": "pretrain", "config": _fingerprint_config(cfg, args.device),
                    "inputs": [[n, int(shape[0])] for n, shape in zip(names, shapes)]}
+    if args.slices_float16:  # stored inputs differ; recorded only when set, so older resume files still match
+        fingerprint["slices"] = "float16"
     state = _resume_state(args, fingerprint, every=0)  # saved at every epoch's end and on Ctrl-C
     n_volumes = len(volumes)
-    data = PretrainSlices(volumes, image_size, consume=True)  # each volume freed once copied in
+    data = PretrainSlices(volumes, image_size, consume=True,  # each volume freed once copied in
+                          dtype=torch.float16 if args.slices_float16 else torch.float32)
     bar, callback = _progress(0, f"pretrain {args.method}", args.json or rank != 0)
     t0 = time.perf_counter()
     with bar:
@@ -231,6 +236,7 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     training = {
         "stage": "pretrain", "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "volumes": n_volumes, "processes": processes,
+        "slices": "float16" if args.slices_float16 else "float32",
         "final_loss": result.history.last("loss"),
     }
     save_checkpoint(args.out, result.model, training)
@@ -583,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--ddp", action="store_true",
                    help="distributed over the processes torchrun starts (--batch-size is the global batch)")
+    p.add_argument("--slices-float16", action="store_true",
+                   help="hold the resampled slices in float16: half the memory for a large cohort (training "
+                        "itself stays float32/bf16; docs/performance.md)")
     _lever_options(p, data=True)
 
     p = command("finetune", "Fine-tune on the annotated slices of one image.", cmd_finetune)

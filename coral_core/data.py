@@ -100,13 +100,15 @@ class PretrainSlices(Dataset):
     """
 
     def __init__(self, volumes: list[np.ndarray | Tensor], image_size: int, n_partitions: int = 4,
-                 consume: bool = False) -> None:
+                 consume: bool = False, dtype: torch.dtype = torch.float32) -> None:
         """``consume``: empty the list ``volumes`` as each volume is copied in, so that its memory
-        can be freed at once (the set's memory plus one volume's, instead of both sets')."""
+        can be freed at once (the set's memory plus one volume's, instead of both sets').
+        ``dtype``: how ``images`` are stored; torch.float16 halves their memory (intensities in
+        0..1 keep about three significant digits) and training takes them back to float32."""
         if not len(volumes):
             raise UserError("no volumes to pretrain on; give at least one image or --phantom N")
         counts = [int(vol.shape[0]) for vol in volumes]
-        self.images = torch.empty(sum(counts), 1, image_size, image_size)  # (M, 1, H, W), filled below
+        self.images = torch.empty(sum(counts), 1, image_size, image_size, dtype=dtype)  # (M, 1, H, W), filled below
         positions, partitions, ids = [], [], []
         start = 0
         for vid, n in enumerate(counts):

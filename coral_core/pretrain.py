@@ -195,7 +195,7 @@ def pretrain(
             if run.should_stop(all_processes=ddp):
                 break
             idx = order[i * batch : (i + 1) * batch]
-            x = images[idx.to(images.device)].to(run.device, non_blocking=True)
+            x = images[idx.to(images.device)].to(run.device, non_blocking=True).float()  # stored float16, maybe
             # Every process draws the augmentation of the whole global batch (same generator
             # state everywhere) and keeps its block: the step equals the single-process one.
             views, _ = augment_batch(torch.cat([x, x]), config=config.augment, generator=run.generator)

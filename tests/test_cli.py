@@ -304,3 +304,23 @@ def test_pretraining_inputs_are_prepared_as_they_are_read(tmp_path):
     volumes, _, _, size = _read_inputs([str(tmp_path)], 0, 0, requested_size=32)
     assert size == 32 and all(v.shape[1:] == (1, 32, 32) for v in volumes)
     assert torch.equal(PretrainSlices(volumes, 32).images, PretrainSlices(arrays, 32).images)
+
+
+def test_pretraining_can_hold_its_slices_in_float16(tmp_path):
+    """--slices-float16 halves the slice set's memory; the checkpoint records it, and the slices
+    are those of float32 to float16's precision."""
+    import torch
+
+    from coral_core.checkpoint import load_checkpoint
+    from coral_core.data import PretrainSlices
+
+    out = tmp_path / "p16.safetensors"
+    proc = coral("pretrain", "--phantom", 2, "--epochs", 1, "--batch-size", 8, *TINY, "--slices-float16", "--out", out,
+                 "--json", "--device", "cpu")
+    assert json.loads(proc.stdout)["checkpoint"] == str(out)
+    _, meta = load_checkpoint(out)
+    assert meta["training"]["slices"] == "float16"
+    volumes = [make_phantom(3)[0].array]
+    half = PretrainSlices(volumes, 32, dtype=torch.float16)
+    assert half.images.dtype == torch.float16
+    torch.testing.assert_close(half.images.float(), PretrainSlices(volumes, 32).images, atol=1e-3, rtol=0)
