@@ -100,7 +100,10 @@ EOF
       run_stage "${limit:-300}" "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
         --batches 16 32 64 128 ;;
     lowlabel)
-      run_stage "${limit:-580}" "$OUT/lowlabel.json" $PY -m coral_core.cli bench lowlabel --device "$DEV" --json ;;
+      # LOWLABEL_ARGS="--seeds 1" or "--methods random,coral" fits a part of the protocol into one call;
+      # each run's Dice goes to the log as it is measured, so a stage stopped at its limit still reports
+      run_stage "${limit:-580}" "$OUT/lowlabel.json" $PY -m coral_core.cli bench lowlabel --device "$DEV" --json \
+        ${LOWLABEL_ARGS:-} ;;
     *)
       say "unknown stage $stage (ceilings tests loss speed levers profile scaling lowlabel)" ;;
   esac

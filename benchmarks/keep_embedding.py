@@ -3,6 +3,7 @@ with and without the CORAL loss riding along (``FinetuneConfig.embedding_weight`
 
     python benchmarks/keep_embedding.py                              # weights 0 and 0.1, seeds 0-3
     python benchmarks/keep_embedding.py --weights 0.1 --seeds 0 3 --batch 4
+    python benchmarks/keep_embedding.py --weights 0.1 --every 1 2     # the loss on every step, or every other
 
 Per seed, as ``coral demo`` does: CORAL pretraining on 16 + 2 phantom subjects (6 epochs), then
 200 fine-tuning steps on every labelled slice of the 2 labelled subjects, once per weight from
@@ -59,10 +60,12 @@ def main() -> None:
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--batch", type=int, default=FinetuneConfig.embedding_batch, help="slices per step for the loss")
+    ap.add_argument("--every", type=int, nargs="+", default=[FinetuneConfig.embedding_every],
+                    help="the loss on every k-th step only, at k times the weight (one row per k)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    print("| seed | pretrained consistency | weight | Dice | consistency mean | min | fine-tune s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| seed | pretrained consistency | weight | every | Dice | consistency mean | min | fine-tune s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seed in args.seeds:
         unlabelled = make_cohort(16, seed=seed * 100)
         labelled = make_cohort(2, seed=seed * 100 + 1000)
@@ -70,16 +73,16 @@ def main() -> None:
                              model=UNetConfig(base_filters=16, image_size=128, class_names=list(LABEL_NAMES)))
         pre = pretrain(cfg, [image.array for image, _ in unlabelled + labelled]).model
         before = consistency(pre, args.device)[0]
-        for weight in args.weights:
+        for weight, every in [(w, k) for w in args.weights for k in (args.every if w > 0 else [1])]:
             t = time.perf_counter()
             ft_cfg = FinetuneConfig(steps=200, seed=seed, device=args.device, embedding_weight=weight,
-                                    embedding_batch=args.batch)
+                                    embedding_batch=args.batch, embedding_every=every)
             model = finetune(ft_cfg, pre, [image.array for image, _ in labelled], [lab.array for _, lab in labelled],
                              [annotated_from_labels(lab.array) for _, lab in labelled]).model
             seconds = time.perf_counter() - t
             mean, low = consistency(model, args.device)
-            print(f"| {seed} | {before:.2f} | {weight:g} | {dice(model, args.device):.3f} | {mean:.2f} | {low:.2f} "
-                  f"| {seconds:.0f} |", flush=True)
+            print(f"| {seed} | {before:.2f} | {weight:g} | {every} | {dice(model, args.device):.3f} | {mean:.2f} "
+                  f"| {low:.2f} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

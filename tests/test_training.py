@@ -120,6 +120,31 @@ def test_finetuning_a_coral_model_keeps_its_embedding_in_slice_order():
     assert not runs[1].model.has_direction
 
 
+def test_the_embedding_loss_can_run_on_every_kth_step_only(cohort, monkeypatch):
+    """``embedding_every=k``: the CORAL loss on steps k, 2k, ... at k times the weight."""
+    from torch.nn import functional as F
+
+    from coral_core import finetune as ft
+    from coral_core.errors import UserError
+
+    weights = []
+    plain_backward = ft._EmbeddingKeeper.backward
+
+    def counted(self):
+        weights.append(self.config.embedding_weight * self.config.embedding_every)
+        plain_backward(self)
+
+    monkeypatch.setattr(ft._EmbeddingKeeper, "backward", counted)
+    model = build_model(TINY)
+    model.canonical_direction.copy_(F.normalize(torch.randn(TINY.embedding_dim), dim=0))
+    img, lab = cohort[0]
+    cfg = FinetuneConfig(steps=7, batch_size=2, device="cpu", validate_every=0, embedding_every=3)
+    finetune(cfg, model, [img.array], [lab.array], [annotated_from_labels(lab.array)[:2]])
+    assert weights == pytest.approx([0.3, 0.3])  # steps 3 and 6
+    with pytest.raises(UserError, match="interval >= 1"):
+        FinetuneConfig(embedding_every=0)
+
+
 def test_labels_beyond_the_model_classes_are_refused(cohort):
     from coral_core.errors import UserError
 
