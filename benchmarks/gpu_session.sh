@@ -23,8 +23,11 @@
 # an eager lever variant about 31 s and a compiled one about 53 s, tests 21 s without the two
 # lever tests and 73 s for those two. The lent time was 15 minutes in all, start included, and the
 # machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
-# What that session left to measure, in one call (at most 580 s by its limits: profile runs two processes, levers four):
-#   LEVERS="none;defaults;cudnn_benchmark;fuse_batchnorm" bash benchmarks/gpu_session.sh profile:80 levers:75 scaling:120
+# What that session left to measure, in one call (at most 580 s by its limits; levers runs four processes):
+#   TESTS_K="levers or prefetched" LEVERS="none;defaults;defaults + prefetch;cudnn_benchmark" \
+#     bash benchmarks/gpu_session.sh tests:110 levers:70 profile:80 scaling:100
+# (the CUDA test lines added since, for Levers() defaults, cudnn_benchmark, fuse_batchnorm and prefetch,
+# have never run on a GPU; then the prefetch lever, the profile, and the scaling table.)
 # Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
 # $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark, at
 # most 7 files (the tool brings back 8).
@@ -80,7 +83,7 @@ EOF
       ;;
     levers)
       touch "$OUT/levers.jsonl"  # appended to: a second levers stage in one call adds its rows
-      IFS=';' read -ra variants <<<"${LEVERS:-none;channels_last;data_on_device;compile;compile reduce-overhead;all (compile default);cudnn_benchmark;fuse_batchnorm;defaults}"
+      IFS=';' read -ra variants <<<"${LEVERS:-none;channels_last;data_on_device;compile;compile reduce-overhead;all (compile default);cudnn_benchmark;fuse_batchnorm;prefetch;defaults;defaults + prefetch}"
       for variant in "${variants[@]}"; do  # LEVERS="a;b": some variants only; the limit is per variant
         run_stage "${limit:-85}" "$OUT/levers.jsonl" $PY -m coral_core.cli bench speed --device "$DEV" --levers "$variant" --json
       done

@@ -4,6 +4,7 @@ with and without the CORAL loss riding along (``FinetuneConfig.embedding_weight`
     python benchmarks/keep_embedding.py                              # weights 0 and 0.1, seeds 0-3
     python benchmarks/keep_embedding.py --weights 0.1 --seeds 0 3 --batch 4
     python benchmarks/keep_embedding.py --weights 0.1 --every 1 2     # the loss on every step, or every other
+    python benchmarks/keep_embedding.py --weights 0.1 --views 2 1     # two augmented views per slice, or one
 
 Per seed, as ``coral demo`` does: CORAL pretraining on 16 + 2 phantom subjects (6 epochs), then
 200 fine-tuning steps on every labelled slice of the 2 labelled subjects, once per weight from
@@ -62,10 +63,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=FinetuneConfig.embedding_batch, help="slices per step for the loss")
     ap.add_argument("--every", type=int, nargs="+", default=[FinetuneConfig.embedding_every],
                     help="the loss on every k-th step only, at k times the weight (one row per k)")
+    ap.add_argument("--views", type=int, nargs="+", default=[FinetuneConfig.embedding_views],
+                    help="augmented views per slice for the loss (one row per count)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    print("| seed | pretrained consistency | weight | every | Dice | consistency mean | min | fine-tune s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| seed | pretrained consistency | weight | every | views | Dice | consistency mean | min | fine-tune s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seed in args.seeds:
         unlabelled = make_cohort(16, seed=seed * 100)
         labelled = make_cohort(2, seed=seed * 100 + 1000)
@@ -73,15 +76,18 @@ def main() -> None:
                              model=UNetConfig(base_filters=16, image_size=128, class_names=list(LABEL_NAMES)))
         pre = pretrain(cfg, [image.array for image, _ in unlabelled + labelled]).model
         before = consistency(pre, args.device)[0]
-        for weight, every in [(w, k) for w in args.weights for k in (args.every if w > 0 else [1])]:
+        runs = [(w, k, v) for w in args.weights for k in (args.every if w > 0 else [1])
+                for v in (args.views if w > 0 else [FinetuneConfig.embedding_views])]
+        for weight, every, views in runs:
             t = time.perf_counter()
             ft_cfg = FinetuneConfig(steps=200, seed=seed, device=args.device, embedding_weight=weight,
-                                    embedding_batch=args.batch, embedding_every=every)
+                                    embedding_batch=args.batch, embedding_every=every,
+                                    embedding_views=views)
             model = finetune(ft_cfg, pre, [image.array for image, _ in labelled], [lab.array for _, lab in labelled],
                              [annotated_from_labels(lab.array) for _, lab in labelled]).model
             seconds = time.perf_counter() - t
             mean, low = consistency(model, args.device)
-            print(f"| {seed} | {before:.2f} | {weight:g} | {every} | {dice(model, args.device):.3f} | {mean:.2f} "
+            print(f"| {seed} | {before:.2f} | {weight:g} | {every} | {views} | {dice(model, args.device):.3f} | {mean:.2f} "
                   f"| {low:.2f} | {seconds:.0f} |", flush=True)
 
 

@@ -183,7 +183,8 @@ def _levers(args):
     from coral_core.levers import Levers
 
     return Levers(channels_last=args.channels_last, compile=args.compile,
-                  data_on_device=getattr(args, "data_on_device", False), cudnn_benchmark=args.cudnn_benchmark,
+                  data_on_device=getattr(args, "data_on_device", False), prefetch=getattr(args, "prefetch", False),
+                  cudnn_benchmark=args.cudnn_benchmark,
                   fuse_batchnorm=getattr(args, "fuse_batchnorm", None))
 
 
@@ -559,6 +560,9 @@ def _lever_options(p, data: bool = False, inference: bool = False) -> None:
     if data:
         g.add_argument("--data-on-device", action="store_true",
                        help="keep every slice on the GPU when they take at most a quarter of its free memory")
+        g.add_argument("--prefetch", action="store_true",
+                       help="copy the next step's slices to the GPU from pinned memory while a step computes "
+                            "(CUDA; not measured yet)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,6 +50,10 @@ class FinetuneConfig:
     # same consistency and fine-tuned 21-24% faster, but the Dice was lower in 2 of the 3 runs that
     # did not collapse and on the demo's held-out subject (docs/results.md): 1 stays the default.
     embedding_every: int = 1
+    # Augmented views per slice for that loss: 2 (as in pretraining) or 1, half the images. One view
+    # fine-tuned 20% faster with the same consistency, but its Dice fell by 0.093 in one of four
+    # phantom runs (docs/results.md): 2 stays the default.
+    embedding_views: int = 2
 
     def __post_init__(self) -> None:
         # nested settings may arrive as plain dicts (a job spec sent to a child process)
@@ -59,6 +63,8 @@ class FinetuneConfig:
             self.levers = Levers(**self.levers)
         if self.embedding_weight < 0 or self.embedding_batch < 2 or self.embedding_every < 1:
             raise UserError("--embedding-weight must be >= 0, the embedding batch >= 2 and its interval >= 1")
+        if self.embedding_views not in (1, 2):
+            raise UserError("embedding_views (augmented views per slice for the embedding loss) must be 1 or 2")
         if self.steps < 1 or self.batch_size < 1:
             raise UserError("fine-tuning needs --steps >= 1 and a batch size >= 1")
 
@@ -218,10 +224,11 @@ class _EmbeddingKeeper:
         n = min(self.config.embedding_batch, len(self.data))
         idx = torch.randperm(len(self.data), generator=self.cpu_generator)[:n].to(self.run.device)
         x = self.images[idx]
-        views, _ = augment_batch(torch.cat([x, x]), config=self.config.augment, generator=self.generator)
+        v = self.config.embedding_views
+        views, _ = augment_batch(x.repeat(v, 1, 1, 1), config=self.config.augment, generator=self.generator)
         with self.run.autocast():
             z = self.model.embed(views)
-        features = z.view(2, n, -1).transpose(0, 1)
+        features = z.view(v, n, -1).transpose(0, 1)
         weight = self.config.embedding_weight * self.config.embedding_every  # the same weight per step on average
         (weight * self.loss(features, self.positions[idx]).total).backward()
 

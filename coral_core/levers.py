@@ -47,6 +47,10 @@ class Levers:
       most a quarter of its free memory, so a step needs no host-to-device copy. Otherwise a
       step gathers its batch on the host. Off by default: 1.04x on an H100, for GPU memory
       that a large cohort needs elsewhere.
+    * ``prefetch``: pretraining with the slices on the host (no ``data_on_device``) gathers
+      the next step's batch into pinned memory and queues its copy to the GPU while the
+      current step computes, and no step's index copy waits for the GPU. CUDA only; off by
+      default: not measured yet.
     * ``cudnn_benchmark``: lets cuDNN time its convolution algorithms for each new input shape
       and keep the fastest (``torch.backends.cudnn.benchmark``, process-wide, CUDA only).
       Off by default: not measured yet.
@@ -60,6 +64,7 @@ class Levers:
     channels_last: bool | None = None
     compile: str = "auto"
     data_on_device: bool = False
+    prefetch: bool = False
     cudnn_benchmark: bool = False
     fuse_batchnorm: bool | None = None
 
@@ -205,6 +210,8 @@ LEVER_VARIANTS: dict[str, Levers] = {
     "compile reduce-overhead": Levers(channels_last=False, compile="reduce-overhead", fuse_batchnorm=False),
     "all (compile default)": Levers(channels_last=True, compile="default", data_on_device=True, fuse_batchnorm=True),
     "cudnn_benchmark": Levers(channels_last=False, compile="off", cudnn_benchmark=True, fuse_batchnorm=False),
+    "prefetch": Levers(channels_last=False, compile="off", prefetch=True, fuse_batchnorm=False),
     "fuse_batchnorm": Levers(channels_last=False, compile="off", fuse_batchnorm=True),
     "defaults": Levers(),  # what a run gets without options (pretraining: a long run's)
+    "defaults + prefetch": Levers(prefetch=True),
 }

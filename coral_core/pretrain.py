@@ -106,6 +106,33 @@ class _Embedder(torch.nn.Module):
     forward = UNet.embed  # the same computation, on the same two submodules
 
 
+class _Batches:
+    """A step's slices as float32 on the device, and this process's block of their indices
+    there. With the ``prefetch`` lever (``ahead``) the loop fetches the next step's batch
+    while the current step computes; on a CUDA device the host then gathers the slices into
+    pinned memory and both copies are queued without waiting. Otherwise the copies are made
+    as they come (the index copy waits for the device)."""
+
+    def __init__(self, images: torch.Tensor, device: torch.device, levers: Levers) -> None:
+        self.images, self.device = images, device
+        self.ahead = levers.prefetch  # on the CPU too, where it changes nothing but the order of work
+        self.pinned = levers.prefetch and device.type == "cuda"
+
+    def __call__(self, idx: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.pinned:
+            x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True).float()
+            return x, idx[lo:hi].to(self.device)
+        idx = idx.pin_memory()
+        if self.images.device.type == "cpu":
+            x = torch.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+            torch.index_select(self.images, 0, idx, out=x)
+            x = x.to(self.device, non_blocking=True)
+        else:  # the slices are on the device already (data_on_device)
+            x = self.images[idx.to(self.device, non_blocking=True)]
+        # the caching host allocator keeps each pinned buffer until its copy has run
+        return x.float(), idx[lo:hi].to(self.device, non_blocking=True)
+
+
 def _rank_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
     """This process's contiguous block of a global batch of ``n`` (sizes differ by at most 1)."""
     base, extra = divmod(n, world)
@@ -187,21 +214,23 @@ def pretrain(
 
     model.train()
     positions, partitions = data.positions.to(run.device), data.partitions.to(run.device)
+    fetch = _Batches(images, run.device, config.levers)
     epoch, i = first_epoch, first_index
     for epoch in range(first_epoch, config.epochs):
         if order is None:
             order = torch.randperm(len(data), generator=run.cpu_generator)
+        ahead = None  # the next step's batch, when prefetching (within an epoch only)
         for i in range(first_index if epoch == first_epoch else 0, steps_per_epoch):
             if run.should_stop(all_processes=ddp):
                 break
             idx = order[i * batch : (i + 1) * batch]
-            x = images[idx.to(images.device)].to(run.device, non_blocking=True).float()  # stored float16, maybe
+            lo, hi = _rank_bounds(len(idx), world, rank)
+            x, idx_dev = ahead if ahead is not None else fetch(idx, lo, hi)  # float32 (stored float16, maybe)
+            ahead = None
             # Every process draws the augmentation of the whole global batch (same generator
             # state everywhere) and keeps its block: the step equals the single-process one.
             views, _ = augment_batch(torch.cat([x, x]), config=config.augment, generator=run.generator)
-            lo, hi = _rank_bounds(len(idx), world, rank)
             views = views.view(2, len(idx), *views.shape[1:])[:, lo:hi]
-            idx_dev = idx[lo:hi].to(run.device)
 
             def step_loss(part: slice, weight: float) -> dict[str, torch.Tensor]:
                 with run.autocast():
@@ -221,6 +250,8 @@ def pretrain(
                 losses = {k: cdist.all_reduce_sum(v) for k, v in losses.items()}  # shares -> global loss
             optimiser.step()
             scheduler.step()
+            if fetch.ahead and i + 1 < steps_per_epoch:  # copied while this step computes
+                ahead = fetch(order[(i + 1) * batch : (i + 2) * batch], lo, hi)
             step += 1
             run.report(step, total, {k: float(v) for k, v in losses.items()})
             run.save(step, {"epoch": epoch, "index": i + 1}, {"order": order})

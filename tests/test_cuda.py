@@ -117,9 +117,29 @@ def test_speed_levers_pretrain_on_cuda_like_the_default(cohort):
     np.testing.assert_allclose(run(Levers(channels_last=True, data_on_device=True)), plain, rtol=2e-2)
     np.testing.assert_allclose(run(Levers(compile="default")), plain, rtol=2e-2)
     np.testing.assert_allclose(run(Levers(cudnn_benchmark=True)), plain, rtol=2e-2)
+    np.testing.assert_allclose(run(Levers(channels_last=False, compile="off", prefetch=True)), plain, rtol=2e-2)
+    np.testing.assert_allclose(run(Levers(prefetch=True, data_on_device=True)), plain, rtol=2e-2)
     assert torch.backends.cudnn.benchmark
     run(Levers())
     assert not torch.backends.cudnn.benchmark  # each run sets it: one run's choice does not leak
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16])
+@pytest.mark.parametrize("on_device", [False, True])
+def test_prefetched_batches_are_the_plain_ones(stored, on_device):
+    """The ``prefetch`` lever's pinned, non-waiting copies deliver the same slices and indices."""
+    from coral_core.pretrain import _Batches
+
+    images = torch.rand(50, 1, 16, 16).to(stored)
+    if on_device:
+        images = images.to(CUDA)
+    plain, pinned = _Batches(images, CUDA, Levers()), _Batches(images, CUDA, Levers(prefetch=True))
+    assert pinned.pinned and not plain.pinned
+    for seed in range(3):
+        idx = torch.randperm(50, generator=torch.Generator().manual_seed(seed))[:12]
+        (xa, ia), (xb, ib) = plain(idx, 3, 9), pinned(idx, 3, 9)
+        assert xb.dtype == torch.float32 and xb.device.type == "cuda" and ib.device.type == "cuda"
+        assert torch.equal(xa, xb) and torch.equal(ia, ib) and torch.equal(ib.cpu(), idx[3:9])
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,35 @@ def test_channels_last_and_data_on_device_pretrain_like_the_default(cohort, tmp_
     torch.testing.assert_close(loaded.state_dict(), levered.model.state_dict())
 
 
+def test_prefetching_the_next_batch_changes_nothing_but_the_order_of_work(cohort, tmp_path):
+    """``prefetch`` fetches step k+1's batch during step k (pinned copies on CUDA): the same
+    steps, losses and weights bit for bit, over epoch ends and a stop and resume mid-epoch."""
+    import threading
+
+    from coral_core.resume import ResumeState
+
+    images = [image.array for image, _ in cohort]
+
+    def config(prefetch):
+        return PretrainConfig(method="coral", epochs=3, batch_size=8, device="cpu", model=TINY,
+                              levers=Levers(prefetch=prefetch))
+
+    plain = pretrain(config(False), images)
+    ahead = pretrain(config(True), images)
+    assert len(plain.history.steps) > 6
+    assert ahead.history.metrics == plain.history.metrics
+    for (name, a), (_, b) in zip(plain.model.state_dict().items(), ahead.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    stop_at = len(plain.history.steps) // 2 + 1
+    event = threading.Event()
+    state = ResumeState(tmp_path / "r.safetensors", {"method": "coral"}, every=0)
+    pretrain(config(True), images, lambda step, total, m: step == stop_at and event.set(), event, resume=state)
+    resumed = pretrain(config(True), images, resume=state)
+    assert resumed.history.metrics["loss"] == plain.history.metrics["loss"][stop_at:]
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), resumed.model.state_dict().values()))
+
+
 def test_channels_last_finetunes_and_segments_like_the_default(cohort):
     image, labels = (v.array for v in cohort[0])
     slices = [[2, 6, 9]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("napari")
@@ -119,6 +120,9 @@ def _paint_from_truth(viewer, slices):
 
 def _fresh_model(viewer):
     session = session_for(viewer)
+    # A fixed init: the global generator's seed differs from run to run here, and one random init
+    # (seen once) fine-tuned to a held-out Dice of 0 in the 120 steps below.
+    torch.manual_seed(0)
     session.set_model(build_model(UNetConfig(base_filters=8, image_size=64)), {"training": {}}, "fresh test model")
     return session
 

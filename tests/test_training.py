@@ -145,6 +145,39 @@ def test_the_embedding_loss_can_run_on_every_kth_step_only(cohort, monkeypatch):
         FinetuneConfig(embedding_every=0)
 
 
+def test_the_embedding_loss_can_use_one_view_per_slice(cohort, monkeypatch):
+    """``embedding_views=1``: each step embeds one augmented view of each drawn slice (half
+    the images of two views) and hands the loss (n, 1, D) features, one position per slice."""
+    from torch.nn import functional as F
+
+    from coral_core import finetune as ft
+    from coral_core.errors import UserError
+    from coral_core.losses import CoralLoss
+
+    shapes = []
+    plain_forward = CoralLoss.forward
+
+    def recorded(self, features, positions):
+        shapes.append((tuple(features.shape), tuple(positions.shape)))
+        return plain_forward(self, features, positions)
+
+    monkeypatch.setattr(CoralLoss, "forward", recorded)
+    model = build_model(TINY)
+    model.canonical_direction.copy_(F.normalize(torch.randn(TINY.embedding_dim), dim=0))
+    img, lab = cohort[0]
+    args = ([img.array], [lab.array], [annotated_from_labels(lab.array)[:2]])
+    for views in (2, 1):
+        cfg = FinetuneConfig(steps=2, batch_size=2, device="cpu", validate_every=0, embedding_batch=4,
+                             embedding_views=views)
+        result = finetune(cfg, model, *args)
+        assert np.isfinite(result.history.metrics["loss"]).all()
+    d = TINY.embedding_dim
+    assert shapes == [((4, 2, d), (4,))] * 2 + [((4, 1, d), (4,))] * 2
+    assert ft.FinetuneConfig.embedding_views == 2
+    with pytest.raises(UserError, match="1 or 2"):
+        FinetuneConfig(embedding_views=3)
+
+
 def test_labels_beyond_the_model_classes_are_refused(cohort):
     from coral_core.errors import UserError
 
