@@ -2,6 +2,7 @@
 
     python benchmarks/finetune_lr.py                                  # labelled phantom 1000, seed 0
     python benchmarks/finetune_lr.py --labelled 1001 --test-from 2010 --seed 1 --lrs 1e-3 3e-3
+    python benchmarks/finetune_lr.py --lrs 3e-3 --balance 0 1     # plain and class-balanced cross-entropy
 
 What `coral finetune` and the plugin's Fine-tune button do by default: a U-Net with 16 base
 filters at 128 x 128, three annotated slices of one phantom subject, 200 steps of batch 8.
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--balance", type=int, nargs="+", default=[0], choices=[0, 1],
+                        help="FinetuneConfig.balance_classes off (0) and/or on (1), one row each")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -49,9 +52,9 @@ def main() -> None:
     test = [make_phantom(args.test_from + i) for i in range(3)]
     print(f"labelled phantom {args.labelled} (slices {slices}), held out {args.test_from}..{args.test_from + 2}, "
           f"seed {args.seed}, {args.steps} steps")
-    print(f"{'init':<8}{'lr':>8}{'mean Dice':>11}  per subject          seconds")
+    print(f"{'init':<8}{'lr':>8}{'balance':>8}{'mean Dice':>11}  per subject          seconds")
     for init_name in ("random", "coral"):
-        for lr in args.lrs:
+        for lr, balance in [(lr, b) for lr in args.lrs for b in args.balance]:
             torch.manual_seed(0)
             if init_name == "random":
                 init = build_model(UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES))
@@ -60,12 +63,12 @@ def main() -> None:
             t = time.perf_counter()
             # embedding_weight 0: the protocol the lr study was measured with (and the same for both inits)
             cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0,
-                                 embedding_weight=0.0)
+                                 embedding_weight=0.0, balance_classes=bool(balance))
             model = finetune(cfg, init, [image], [labels], [slices]).model
             dice = [evaluate_segmentation(segment_volume(model, img.array, args.device), lab.array, 4,
                                           img.spacing)["mean_dice"] for img, lab in test]
             per = ", ".join(f"{d:.3f}" for d in dice)
-            print(f"{init_name:<8}{lr:>8g}{np.mean(dice):>11.3f}  {per:<20} {time.perf_counter() - t:>5.0f}", flush=True)
+            print(f"{init_name:<8}{lr:>8g}{balance:>8}{np.mean(dice):>11.3f}  {per:<20} {time.perf_counter() - t:>5.0f}", flush=True)
 
 
 if __name__ == "__main__":

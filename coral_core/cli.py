@@ -295,7 +295,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         init = "random"
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                          embedding_weight=args.embedding_weight, embedding_every=args.embedding_every,
-                         levers=_levers(args))
+                         balance_classes=args.balance_classes, levers=_levers(args))
     fingerprint = {"command": "finetune", "config": _fingerprint_config(cfg, args.device),
                    "image": str(Path(args.image).resolve()), "labels": str(Path(args.labels).resolve()),
                    "slices": slices, "init": str(Path(init).resolve()) if args.init else init,
@@ -309,7 +309,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     seconds = time.perf_counter() - t0
     training = {"stage": "finetune", "init": init, "image": str(args.image), "slices": slices, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction else 0.0,
-                "embedding_every": args.embedding_every,
+                "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
                 "lr": args.lr, "seed": args.seed, "final_loss": result.history.last("loss")}
     save_checkpoint(args.out, result.model, training)
     state.remove()
@@ -450,7 +450,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "labeled": _int_list(args.labeled, "--labeled") if args.labeled else None,
         "folds": args.folds, "seeds": args.seeds, "device": args.device,
         "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
-        "finetune_lr": args.finetune_lr,
+        "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -535,6 +535,8 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- parser
 
 
+BALANCE_HELP = ("weight the cross-entropy by the square root of each class's inverse frequency in the batch, so "
+                "that small classes are learned early (docs/results.md)")
 RESUME_HELP = (
     "continue from OUT's resume file (OUT with .resume.safetensors), which is written as the run goes and "
     "when Ctrl-C stops it; the options must be the same"
@@ -617,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-every", type=int, default=1, metavar="K",
                    help="that loss on every K-th step only, at K times the weight (default 1; 2 fine-tuned about "
                         "1.3x faster with the same embedding, and a Dice lower in most runs: docs/results.md)")
+    p.add_argument("--balance-classes", action="store_true", help=BALANCE_HELP)
     p.add_argument("--base-filters", type=int, default=16, help="without --init only")
     p.add_argument("--image-size", type=int, default=None, help="without --init only")
     p.add_argument("--seed", type=int, default=0)
@@ -663,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
+    p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
+                   help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
     p.add_argument("--table", default=None, metavar="FILE.json", help="also write rows, runs and config to this file")
     p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
                 cmd_bench_embedding, bench_sub)

@@ -126,6 +126,12 @@ def test_finetune_from_random_init_uses_the_label_classes(subject):
     res = json.loads(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 2, *TINY,
                            "--out", d / "rand.safetensors", "--json").stdout)
     assert res["init"] == "random" and len(res["slices"]) == 8
+    from coral_core.checkpoint import load_checkpoint
+
+    assert load_checkpoint(d / "rand.safetensors")[1]["training"]["balance_classes"] is False
+    coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 2, *TINY, "--balance-classes",
+          "--out", d / "balanced.safetensors")
+    assert load_checkpoint(d / "balanced.safetensors")[1]["training"]["balance_classes"] is True
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -178,6 +178,41 @@ def test_the_embedding_loss_can_use_one_view_per_slice(cohort, monkeypatch):
         FinetuneConfig(embedding_views=3)
 
 
+def test_class_balanced_cross_entropy_matches_its_direct_form():
+    """``balance_classes``: each pixel's cross-entropy weighted by sqrt(total / (present x count))
+    of its class in the batch, averaged with those weights; ignored pixels and absent classes
+    take no part; equal class counts give the plain loss."""
+    from coral_core.finetune import class_balance_weights, segmentation_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 6, 5), generator=g)  # class 3 absent
+    target[0, :2] = -1
+    counts = {c: int((target == c).sum()) for c in range(4)}
+    total, present = sum(counts.values()), sum(1 for n in counts.values() if n)
+    w = {c: (total / (present * n)) ** 0.5 if n else 0.0 for c, n in counts.items()}
+    assert class_balance_weights(target, 4).tolist() == pytest.approx([w[c] for c in range(4)])
+    log_p = logits.log_softmax(1)
+    num = den = 0.0
+    for b, y, x in np.ndindex(*target.shape):
+        c = int(target[b, y, x])
+        if c >= 0:
+            num += -w[c] * float(log_p[b, c, y, x])
+            den += w[c]
+    expected_ce = num / den
+    plain_ce = segmentation_loss(logits, target, dice_weight=0.0)
+    balanced_ce = segmentation_loss(logits, target, dice_weight=0.0, balance_classes=True)
+    assert float(balanced_ce) == pytest.approx(expected_ce, rel=1e-6)
+    assert float(balanced_ce) != pytest.approx(float(plain_ce), rel=1e-3)
+    dice_part = segmentation_loss(logits, target) - plain_ce  # the Dice term is the same either way
+    assert float(segmentation_loss(logits, target, balance_classes=True) - balanced_ce) == pytest.approx(float(dice_part))
+    even = torch.arange(4).repeat(2, 3, 2)  # (2, 3, 8): every class equally often
+    assert class_balance_weights(even, 4).tolist() == [1.0, 1.0, 1.0, 1.0]
+    logits = torch.randn(2, 4, 3, 8, generator=g, dtype=torch.float64)
+    assert float(segmentation_loss(logits, even, balance_classes=True)) == pytest.approx(
+        float(segmentation_loss(logits, even)))
+
+
 def test_labels_beyond_the_model_classes_are_refused(cohort):
     from coral_core.errors import UserError
 
