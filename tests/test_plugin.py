@@ -186,8 +186,12 @@ def test_cancel_keeps_the_previous_model(viewer, qtbot):
     layer.data_setitem((np.full_like(idx[0], k), *idx), truth[k][idx])
     widget.steps.setValue(100_000)
     widget.keep_embedding.setChecked(False)  # the faster fine-tuning, without the CORAL loss
+    assert not widget.balance_classes.isChecked()  # plain cross-entropy by default, as coral finetune
+    widget.balance_classes.setChecked(True)
     runner = widget.finetune()
     assert runner.job.spec["config"]["embedding_weight"] == 0.0
+    assert runner.job.spec["config"]["balance_classes"] is True
+    assert runner.job.spec["training"]["balance_classes"] is True
     qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)
     with qtbot.waitSignal(runner.finished, timeout=60_000) as blocker:
         widget.cancel()
