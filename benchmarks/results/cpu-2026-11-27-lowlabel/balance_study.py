@@ -1,5 +1,9 @@
+"""Scratch study, kept as run: `coral bench lowlabel --quick` fine-tuning (same folds, draws, seeds, schedule),
+with the segmentation loss patched to class-balanced cross-entropy (VARIANT balanced) or left plain.
+Usage: python balance_study.py VARIANT LR [METHOD]"""
 import sys, numpy as np, torch
-sys.path.insert(0, "/work/main")
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 from torch.nn import functional as F
 import coral_core.finetune as ftm
 from coral_core.lowlabel import load_labelled_cases, make_folds
