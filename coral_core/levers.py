@@ -47,9 +47,10 @@ class Levers:
       most a quarter of its free memory, so a step needs no host-to-device copy. Otherwise a
       step gathers its batch on the host. Off by default: 1.04x on an H100, for GPU memory
       that a large cohort needs elsewhere.
-    * ``prefetch``: pretraining with the slices on the host (no ``data_on_device``) gathers
-      the next step's batch into pinned memory and queues its copy to the GPU while the
-      current step computes, and no step's index copy waits for the GPU. CUDA only; off by
+    * ``prefetch``: pretraining fetches the next step's batch while the current step computes:
+      with the slices on the host it gathers them into pinned memory and queues their copy to
+      the GPU, and (with ``data_on_device`` too) no step's index copy waits for the GPU. It
+      matters on CUDA only; on the CPU it reorders work and changes nothing else. Off by
       default: not measured yet.
     * ``cudnn_benchmark``: lets cuDNN time its convolution algorithms for each new input shape
       and keep the fastest (``torch.backends.cudnn.benchmark``, process-wide, CUDA only).
