@@ -60,8 +60,24 @@ def test_prefetching_the_next_batch_changes_nothing_but_the_order_of_work(cohort
         return PretrainConfig(method="coral", epochs=3, batch_size=8, device="cpu", model=TINY,
                               levers=Levers(prefetch=prefetch))
 
+    from coral_core import pretrain as pretrain_module
+
+    events = []
+    fetch = pretrain_module._Batches.__call__
+
+    def recorded(self, idx, lo, hi):
+        events.append(("fetch", idx[0].item()))
+        return fetch(self, idx, lo, hi)
+
     plain = pretrain(config(False), images)
-    ahead = pretrain(config(True), images)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrain_module._Batches, "__call__", recorded)
+        ahead = pretrain(config(True), images, lambda step, total, m: events.append(("report", step)))
+    per_epoch = len(plain.history.steps) // 3
+    # step 1's report comes after step 2's batch was fetched: the next batch is fetched during the step
+    assert events[:3] == [events[0], events[1], ("report", 1)] and events[1][0] == "fetch"
+    assert sum(e[0] == "fetch" for e in events) == len(plain.history.steps)  # each batch once, none wasted
+    assert events.index(("report", per_epoch)) < [i for i, e in enumerate(events) if e[0] == "fetch"][per_epoch]
     assert len(plain.history.steps) > 6
     assert ahead.history.metrics == plain.history.metrics
     for (name, a), (_, b) in zip(plain.model.state_dict().items(), ahead.model.state_dict().items()):
