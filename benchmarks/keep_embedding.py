@@ -37,20 +37,20 @@ EMBED_SUBJECTS = (0, 1, 2, 3, 4, 5, 777, 4242)
 HELD_OUT = [make_phantom(2000 + i) for i in range(4)]
 
 
-def consistency(model, device) -> tuple[float, float]:
+def consistency(model, device, levers=None) -> tuple[float, float]:
     direction = model.canonical_direction.cpu().numpy()
     direction = direction / np.linalg.norm(direction)
     scores = []
     for seed in EMBED_SUBJECTS:
         volume = make_phantom(seed)[0].array
-        along = embed_volume(model, volume, device) @ direction
+        along = embed_volume(model, volume, device, levers=levers) @ direction
         scores.append(ordinal_consistency(along, slice_positions(len(volume)).numpy()))
     return float(np.mean(scores)), float(np.min(scores))
 
 
-def dice(model, device) -> float:
+def dice(model, device, levers=None) -> float:
     return float(np.mean([
-        evaluate_segmentation(segment_volume(model, image.array, device), labels.array, 4, image.spacing,
+        evaluate_segmentation(segment_volume(model, image.array, device, levers=levers), labels.array, 4, image.spacing,
                               list(LABEL_NAMES))["mean_dice"]
         for image, labels in HELD_OUT
     ]))

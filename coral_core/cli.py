@@ -185,7 +185,7 @@ def _levers(args):
     return Levers(channels_last=args.channels_last, compile=args.compile,
                   data_on_device=getattr(args, "data_on_device", False), prefetch=getattr(args, "prefetch", False),
                   cudnn_benchmark=args.cudnn_benchmark,
-                  fuse_batchnorm=getattr(args, "fuse_batchnorm", None))
+                  fuse_batchnorm=getattr(args, "fuse_batchnorm", None), cpu_bf16=args.cpu_bf16)
 
 
 def _fingerprint_config(cfg, device: str) -> dict:
@@ -404,7 +404,8 @@ def cmd_demo(args) -> tuple[dict, str]:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = DemoConfig(n_unlabelled=args.phantom, epochs=args.epochs, steps=args.steps, seed=args.seed, device=args.device)
+    cfg = DemoConfig(n_unlabelled=args.phantom, epochs=args.epochs, steps=args.steps, seed=args.seed, device=args.device,
+                     cpu_bf16=args.cpu_bf16)
     stages = {}
 
     def make_callback(stage, total):
@@ -450,7 +451,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "labeled": _int_list(args.labeled, "--labeled") if args.labeled else None,
         "folds": args.folds, "seeds": args.seeds, "device": args.device,
         "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
-        "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes,
+        "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -543,6 +544,12 @@ RESUME_HELP = (
 )
 
 
+def _cpu_bf16_option(p) -> None:
+    p.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast on the CPU (CUDA GPUs always use it). Default: on where the CPU has AMX "
+                        "tiles, where it measured about 2x faster with the same results; float32 elsewhere")
+
+
 def _lever_options(p, data: bool = False, inference: bool = False) -> None:
     from coral_core.levers import COMPILE_MODES
 
@@ -555,6 +562,7 @@ def _lever_options(p, data: bool = False, inference: bool = False) -> None:
                         "default): long pretraining runs on a CUDA GPU compile, nothing else does")
     g.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time its convolution algorithms and keep the fastest (CUDA; not measured yet)")
+    _cpu_bf16_option(g)
     if inference:
         g.add_argument("--fuse-batchnorm", action=argparse.BooleanOptionalAction, default=None,
                        help="fold BatchNorm into the convolutions for inference (default: on for the CPU, where it "
@@ -650,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-model", default=None, metavar="CKPT", help="also save the fine-tuned model")
+    _cpu_bf16_option(p)
 
     bench = sub.add_parser("bench", help="Benchmarks: low-label segmentation, embedding figure, speed.",
                            description="Benchmarks that reproduce the CORAL paper's experiments with this engine, and its speed.")
@@ -668,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
+    _cpu_bf16_option(p)
     p.add_argument("--table", default=None, metavar="FILE.json", help="also write rows, runs and config to this file")
     p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
                 cmd_bench_embedding, bench_sub)

@@ -14,6 +14,7 @@ from typing import Callable
 
 from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
 from coral_core.infer import segment_volume
+from coral_core.levers import Levers
 from coral_core.metrics import evaluate_segmentation
 from coral_core.model import UNet, UNetConfig
 from coral_core.phantom import LABEL_NAMES, make_cohort, make_phantom
@@ -36,6 +37,7 @@ class DemoConfig:
     device: str = "auto"
     base_filters: int = 16
     image_size: int = 128
+    cpu_bf16: bool | None = None  # Levers.cpu_bf16: the bundled model was made in float32 (False)
 
 
 @dataclass
@@ -56,12 +58,14 @@ def run_demo(cfg: DemoConfig, out_dir: Path, make_callback: Callable | None = No
     held_out_image, held_out_truth = make_phantom(cfg.seed + HELD_OUT_SEED_OFFSET)
 
     model_cfg = UNetConfig(base_filters=cfg.base_filters, image_size=cfg.image_size, class_names=list(LABEL_NAMES))
-    pre_cfg = PretrainConfig(method="coral", epochs=cfg.epochs, seed=cfg.seed, device=cfg.device, model=model_cfg)
+    levers = Levers(cpu_bf16=cfg.cpu_bf16)
+    pre_cfg = PretrainConfig(method="coral", epochs=cfg.epochs, seed=cfg.seed, device=cfg.device, model=model_cfg,
+                             levers=levers)
     # Pretraining sees every image (labels unused), as a user pretrains on all their scans.
     images = [img.array for img, _ in unlabelled + labelled]
     pre = pretrain(pre_cfg, images, callback("pretrain coral", 0))
 
-    ft_cfg = FinetuneConfig(steps=cfg.steps, seed=cfg.seed, device=cfg.device)
+    ft_cfg = FinetuneConfig(steps=cfg.steps, seed=cfg.seed, device=cfg.device, levers=levers)
     ft = finetune(
         ft_cfg,
         pre.model,
@@ -70,7 +74,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, make_callback: Callable | None = No
         [annotated_from_labels(lab.array) for _, lab in labelled],
         callback("fine-tune", cfg.steps),
     )
-    pred = segment_volume(ft.model, held_out_image.array, pre.model.canonical_direction.device)
+    pred = segment_volume(ft.model, held_out_image.array, pre.model.canonical_direction.device, levers=levers)
     metrics = evaluate_segmentation(pred, held_out_truth.array, 4, held_out_image.spacing, list(LABEL_NAMES))
     figure = Path(out_dir) / "demo_segmentation.png"
     save_overlay_png(

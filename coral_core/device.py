@@ -36,8 +36,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def mixed_precision(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (when enabled); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on CUDA or the CPU when ``enabled``; a no-op elsewhere or when not."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -159,7 +159,7 @@ def finetune(
     FinetuneResult
         The fine-tuned copy and its history (``history.stopped`` if stopped early).
     """
-    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event, resume)
+    run = TrainingRun(config.seed, config.device, config.amp, callback, stop_event, resume, levers=config.levers)
     size = model.config.image_size
     n_classes = model.config.n_classes
     for lab in labels:

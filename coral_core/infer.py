@@ -112,10 +112,15 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
         logits = F.interpolate(logits.float(), size=volume.shape[1:], mode="bilinear", align_corners=False)
         return logits.argmax(1).to(torch.uint8).cpu().numpy()
 
-    with torch.inference_mode(), mixed_precision(device):
+    with torch.inference_mode(), mixed_precision(device, _bf16(device, levers)):
         for start, stop, labels in _run_in_batches(model, volume, device, batch_size, labels_of, on_device):
             out[start:stop] = labels
             yield stop, out
+
+
+def _bf16(device: torch.device, levers: Levers | None) -> bool:
+    """bf16 autocast for inference: always on CUDA, on the CPU as the levers say."""
+    return device.type == "cuda" or (levers or Levers()).cpu_bf16_on(device)
 
 
 def segment_volume(
@@ -141,6 +146,6 @@ def embed_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "
     device = torch.device(device)
     model = model.to(device).eval()
     net = apply_layout(for_inference(model, levers, device), levers)
-    with torch.inference_mode(), mixed_precision(device):
+    with torch.inference_mode(), mixed_precision(device, _bf16(device, levers)):
         rows = [r for _, _, r in _run_in_batches(model, volume, device, batch_size, lambda b: net.embed(b).float().cpu())]
     return torch.cat(rows).numpy()

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Levers", "COMPILE_MODES", "LEVER_VARIANTS", "apply_levers", "apply_layout", "apply_compile",
-           "contiguous_layout", "fits_on_device", "AUTO_COMPILE_MIN_WORK", "for_inference"]
+           "contiguous_layout", "fits_on_device", "cpu_has_amx", "AUTO_COMPILE_MIN_WORK", "for_inference"]
 
 
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
@@ -55,6 +55,13 @@ class Levers:
     * ``cudnn_benchmark``: lets cuDNN time its convolution algorithms for each new input shape
       and keep the fastest (``torch.backends.cudnn.benchmark``, process-wide, CUDA only).
       Off by default: not measured yet.
+    * ``cpu_bf16``: bfloat16 autocast on the CPU (CUDA runs take the configs' ``amp`` flag, bf16
+      autocast, as they always did). None (the default) means on where the CPU has AMX tiles, the
+      matrix units that run bf16 convolutions natively; off on any other CPU, where it was not
+      measured. On this project's 2-core Xeon with AMX, on top of the other defaults: 1.8-2.4x for
+      pretraining, 2.0-2.3x for inference, 1.8-2.1x for fine-tuning; over four seeds of the demo's
+      chain the held-out Dice and the embedding's consistency were those of float32 (one float32
+      seed fine-tuned worse), and float32 models segmented alike on 99.98% of voxels.
     * ``fuse_batchnorm``: inference runs a copy of the model whose BatchNorm layers are folded
       into the convolutions before them (one pass less over every activation). None (the
       default) means on for the CPU and off elsewhere until measured. On this project's CPU,
@@ -68,6 +75,7 @@ class Levers:
     prefetch: bool = False
     cudnn_benchmark: bool = False
     fuse_batchnorm: bool | None = None
+    cpu_bf16: bool | None = None
 
     def channels_last_on(self, device: torch.device) -> bool:
         """Whether channels_last applies on ``device`` (None: on the CPU and CUDA, where it was measured)."""
@@ -76,6 +84,12 @@ class Levers:
     def fuse_batchnorm_on(self, device: torch.device) -> bool:
         """Whether inference folds BatchNorm into the convolutions on ``device`` (None: on the CPU)."""
         return self.fuse_batchnorm if self.fuse_batchnorm is not None else device.type == "cpu"
+
+    def cpu_bf16_on(self, device: torch.device) -> bool:
+        """Whether a run on ``device`` autocasts to bfloat16 on the CPU (None: where it has AMX)."""
+        if device.type != "cpu":
+            return False
+        return self.cpu_bf16 if self.cpu_bf16 is not None else cpu_has_amx()
 
     def compile_mode(self, device: torch.device, pretraining: bool = False, work: float = 0) -> str:
         """The ``torch.compile`` mode for a run on ``device`` ("off": eager); whether it is
@@ -91,6 +105,18 @@ class Levers:
             from coral_core.errors import UserError
 
             raise UserError(f"--compile {self.compile}: unknown mode; use one of {', '.join(COMPILE_MODES)}")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), which run bfloat16
+    convolutions natively."""
+    import torch
+
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - a private probe: absent or failing means no
+        return False
 
 
 def apply_layout(module: torch.nn.Module, levers: Levers | None) -> torch.nn.Module:
@@ -202,17 +228,19 @@ def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.25) ->
 
 
 # What `coral bench speed --levers` compares: each lever alone, then all together
-# ("data_on_device" concerns pretraining only).
+# ("data_on_device" and "prefetch" concern pretraining only, "cpu_bf16" the CPU only).
 LEVER_VARIANTS: dict[str, Levers] = {
-    "none": Levers(channels_last=False, compile="off", fuse_batchnorm=False),
-    "channels_last": Levers(channels_last=True, compile="off", fuse_batchnorm=False),
-    "data_on_device": Levers(channels_last=False, compile="off", data_on_device=True, fuse_batchnorm=False),
-    "compile": Levers(channels_last=False, compile="default", fuse_batchnorm=False),
-    "compile reduce-overhead": Levers(channels_last=False, compile="reduce-overhead", fuse_batchnorm=False),
-    "all (compile default)": Levers(channels_last=True, compile="default", data_on_device=True, fuse_batchnorm=True),
-    "cudnn_benchmark": Levers(channels_last=False, compile="off", cudnn_benchmark=True, fuse_batchnorm=False),
-    "prefetch": Levers(channels_last=False, compile="off", prefetch=True, fuse_batchnorm=False),
-    "fuse_batchnorm": Levers(channels_last=False, compile="off", fuse_batchnorm=True),
+    "none": Levers(channels_last=False, compile="off", fuse_batchnorm=False, cpu_bf16=False),
+    "channels_last": Levers(channels_last=True, compile="off", fuse_batchnorm=False, cpu_bf16=False),
+    "data_on_device": Levers(channels_last=False, compile="off", data_on_device=True, fuse_batchnorm=False, cpu_bf16=False),
+    "compile": Levers(channels_last=False, compile="default", fuse_batchnorm=False, cpu_bf16=False),
+    "compile reduce-overhead": Levers(channels_last=False, compile="reduce-overhead", fuse_batchnorm=False, cpu_bf16=False),
+    "all (compile default)": Levers(channels_last=True, compile="default", data_on_device=True, fuse_batchnorm=True, cpu_bf16=False),
+    "cudnn_benchmark": Levers(channels_last=False, compile="off", cudnn_benchmark=True, fuse_batchnorm=False, cpu_bf16=False),
+    "prefetch": Levers(channels_last=False, compile="off", prefetch=True, fuse_batchnorm=False, cpu_bf16=False),
+    "fuse_batchnorm": Levers(channels_last=False, compile="off", fuse_batchnorm=True, cpu_bf16=False),
+    "cpu_bf16": Levers(channels_last=False, compile="off", fuse_batchnorm=False, cpu_bf16=True),
     "defaults": Levers(),  # what a run gets without options (pretraining: a long run's)
     "defaults + prefetch": Levers(prefetch=True),
+    "defaults + cpu_bf16": Levers(cpu_bf16=True),
 }

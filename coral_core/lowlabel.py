@@ -28,6 +28,7 @@ import torch
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
+from coral_core.levers import Levers
 from coral_core.metrics import evaluate_segmentation
 from coral_core.model import UNetConfig, build_model, resize_head
 from coral_core.pretrain import PretrainConfig, pretrain
@@ -79,6 +80,7 @@ class LowLabelConfig:
     # in none of 24 (docs/results.md).
     finetune_balance_classes: bool = True
     device: str = "auto"
+    cpu_bf16: bool | None = None  # Levers.cpu_bf16 for every stage (the tables before 2026-11-27 night: float32)
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -153,10 +155,10 @@ def make_folds(subjects: list[str], k: int, seed: int = 0) -> list[list[str]]:
     return [[unique[j] for j in order[i::k]] for i in range(k)]
 
 
-def _score(model, cases: list[LabelledCase], n_classes: int, device) -> tuple[float, float]:
+def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Levers) -> tuple[float, float]:
     dice, hd = [], []
     for case in cases:
-        pred = segment_volume(model, case.image, device)
+        pred = segment_volume(model, case.image, device, levers=levers)
         m = evaluate_segmentation(pred, case.labels, n_classes, case.spacing)
         dice.append(m["mean_dice"])
         hd.append(m["mean_hd95"])
@@ -189,6 +191,7 @@ def run_lowlabel(
         base_filters=cfg.base_filters, image_size=cfg.image_size,
     )
     images = [c.image for c in cases]
+    levers = Levers(cpu_bf16=cfg.cpu_bf16)
     timings: dict[str, float] = {}
     runs: list[dict] = []
     for seed in range(cfg.seeds):
@@ -201,7 +204,7 @@ def run_lowlabel(
                 say(f"seed {seed}: pretrain {method}")
                 pre_cfg = PretrainConfig(
                     method=method, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch,
-                    lr=cfg.pretrain_lr, seed=seed, device=cfg.device, model=model_cfg,
+                    lr=cfg.pretrain_lr, seed=seed, device=cfg.device, model=model_cfg, levers=levers,
                 )
                 init = resize_head(pretrain(pre_cfg, images).model, n_classes, model_cfg.class_names)
             timings[f"pretrain {method}"] = timings.get(f"pretrain {method}", 0.0) + time.perf_counter() - t
@@ -218,12 +221,13 @@ def run_lowlabel(
                         steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
                         seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
                         embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
+                        levers=levers,
                     )
                     model = finetune(
                         ft_cfg, init, [c.image for c in train], [c.labels for c in train],
                         [list(range(c.image.shape[0])) for c in train],
                     ).model
-                    dice, hd95 = _score(model, test, n_classes, device)
+                    dice, hd95 = _score(model, test, n_classes, device, levers)
                     timings[f"finetune {method}"] = timings.get(f"finetune {method}", 0.0) + time.perf_counter() - t
                     runs.append({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
                                  "train": sorted(chosen), "test": sorted(test_subjects)})
@@ -240,7 +244,7 @@ def run_lowlabel(
                 "n": len(sel),
             })
     config = cfg.to_dict() | {"subjects": len(set(subjects)), "cases": len(cases), "device": str(device),
-                              "n_classes": n_classes}
+                              "n_classes": n_classes, "cpu_bf16": levers.cpu_bf16_on(device)}
     return LowLabelResult(rows, runs, config, time.perf_counter() - t0, timings)
 
 

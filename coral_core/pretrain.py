@@ -175,7 +175,7 @@ def pretrain(
     """
     ddp, world, rank = cdist.is_distributed(), cdist.world_size(), cdist.rank()
     run = TrainingRun(config.seed, config.device, config.amp, callback if rank == 0 else None, stop_event,
-                      resume, saver=rank == 0)
+                      resume, saver=rank == 0, levers=config.levers)
     data = volumes if isinstance(volumes, PretrainSlices) else PretrainSlices(volumes, config.model.image_size)
     if data.images.shape[-1] != config.model.image_size:
         raise ValueError(f"the slice set is {data.images.shape[-1]} px; the model takes {config.model.image_size}")

@@ -52,6 +52,7 @@ class TrainingRun:
         stop_event: threading.Event | None,
         resume: ResumeState | None = None,
         saver: bool = True,
+        levers=None,
     ) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -64,7 +65,8 @@ class TrainingRun:
             torch.cuda.set_device(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed)
-        self.amp = amp and self.device.type == "cuda"
+        # bf16 autocast with ``amp``: on CUDA, and on the CPU where the levers' ``cpu_bf16`` says so
+        self.amp = amp and (self.device.type == "cuda" or (levers is not None and levers.cpu_bf16_on(self.device)))
         self.callback = callback
         self.stop_event = stop_event
         self.history = History()

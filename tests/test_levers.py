@@ -5,16 +5,25 @@ import numpy as np
 import pytest
 import torch
 
-from coral_core.checkpoint import load_checkpoint, save_checkpoint
+from coral_core.checkpoint import bundled_model_path, load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
-from coral_core.levers import AUTO_COMPILE_MIN_WORK, Levers, apply_compile
+from coral_core.levers import AUTO_COMPILE_MIN_WORK, Levers, apply_compile, cpu_has_amx
 from coral_core.model import UNetConfig, build_model
 from coral_core.phantom import make_cohort
 from coral_core.pretrain import PretrainConfig, pretrain
 
 TINY = UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def float32_on_the_cpu(monkeypatch):
+    """The levers compared here must agree to float32 rounding, so the CPU runs in float32
+    unless a test asks for bf16 (on a CPU with AMX it is the default; see the last tests)."""
+    import coral_core.levers as levers_module
+
+    monkeypatch.setattr(levers_module, "cpu_has_amx", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +231,48 @@ def test_configs_rebuild_from_their_plain_dict_form():
     assert FinetuneConfig(**asdict(ft)) == ft
     pre = PretrainConfig(method="pcl", model=TINY, levers=Levers(data_on_device=True))
     assert PretrainConfig(**asdict(pre)) == pre
+
+
+def test_cpu_bf16_is_on_by_default_only_where_the_cpu_has_amx(monkeypatch):
+    import coral_core.levers as levers_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for has_amx in (False, True):
+        monkeypatch.setattr(levers_module, "cpu_has_amx", lambda: has_amx)
+        assert Levers(cpu_bf16=None).cpu_bf16_on(cpu) is has_amx
+    assert Levers(cpu_bf16=True).cpu_bf16_on(cpu) and not Levers(cpu_bf16=False).cpu_bf16_on(cpu)
+    assert not Levers(cpu_bf16=True).cpu_bf16_on(cuda)  # CUDA takes the configs' amp flag, as before
+    assert cpu_has_amx() is bool(torch.cpu._is_amx_tile_supported())  # the real probe, not the fixture's
+
+
+def test_cpu_bf16_runs_the_convolutions_in_bf16_and_rounds_no_more(cohort):
+    """With the lever, fine-tuning, pretraining and inference autocast to bf16 on the CPU (the
+    convolutions' outputs are bf16), and the results differ from float32 by rounding: losses
+    within a few percent, labels alike on almost every voxel. ``amp=False`` still means float32."""
+    image, labels = (v.array for v in cohort[0])
+    torch.manual_seed(0)
+    start = build_model(UNetConfig(base_filters=4, depth=2, image_size=32, n_classes=4))
+    seen: list[torch.dtype] = []
+    hook = start.encoder.blocks[0][0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+
+    def tune(levers, amp=True):
+        seen.clear()
+        cfg = FinetuneConfig(steps=6, batch_size=4, device="cpu", validate_every=0, levers=levers, amp=amp)
+        result = finetune(cfg, start, [image], [labels], [[2, 6, 9]])
+        return result, set(seen)
+
+    (fp32, fp32_types), (bf16, bf16_types) = tune(Levers(cpu_bf16=False)), tune(Levers(cpu_bf16=True))
+    (off, off_types) = tune(Levers(cpu_bf16=True), amp=False)
+    hook.remove()
+    assert fp32_types == off_types == {torch.float32} and bf16_types == {torch.bfloat16}
+    np.testing.assert_allclose(bf16.history.metrics["loss"], fp32.history.metrics["loss"], rtol=0.05)
+    assert bf16.history.metrics["loss"] != fp32.history.metrics["loss"]
+    assert off.history.metrics["loss"] == fp32.history.metrics["loss"]
+
+    pre32, pre16 = (_pretrain(cohort, Levers(cpu_bf16=flag)) for flag in (False, True))
+    np.testing.assert_allclose(pre16.history.metrics["loss"], pre32.history.metrics["loss"], rtol=0.05)
+    assert pre16.history.metrics["loss"] != pre32.history.metrics["loss"]
+
+    model, _ = load_checkpoint(bundled_model_path())
+    at = {flag: segment_volume(model, image, "cpu", 8, levers=Levers(cpu_bf16=flag)) for flag in (False, True)}
+    assert len(np.unique(at[False])) == 4 and (at[True] == at[False]).mean() > 0.99
