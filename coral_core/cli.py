@@ -212,7 +212,11 @@ def cmd_pretrain(args) -> tuple[dict, str]:
 
     check_output_path(args.out)
     rank, processes = _init_ddp(args.device) if args.ddp else (0, 1)
-    volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size)
+    if args.slice_cache:
+        volumes, (data, names, shapes, image_size, cache) = None, _cached_slices(args, rank)
+    else:
+        data, cache = None, None
+        volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size)
     model_cfg = UNetConfig(base_filters=args.base_filters, image_size=image_size, embedding_dim=args.embedding_dim)
     cfg = PretrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -223,9 +227,10 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     if args.slices_float16:  # stored inputs differ; recorded only when set, so older resume files still match
         fingerprint["slices"] = "float16"
     state = _resume_state(args, fingerprint, every=0)  # saved at every epoch's end and on Ctrl-C
-    n_volumes = len(volumes)
-    data = PretrainSlices(volumes, image_size, consume=True,  # each volume freed once copied in
-                          dtype=torch.float16 if args.slices_float16 else torch.float32)
+    n_volumes = len(names)
+    if data is None:
+        data = PretrainSlices(volumes, image_size, consume=True,  # each volume freed once copied in
+                              dtype=torch.float16 if args.slices_float16 else torch.float32)
     bar, callback = _progress(0, f"pretrain {args.method}", args.json or rank != 0)
     t0 = time.perf_counter()
     with bar:
@@ -244,8 +249,39 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     state.remove()
     out = {"checkpoint": str(args.out), "method": args.method, "volumes": n_volumes, "processes": processes,
            "steps": len(result.history.steps), "resumed_from": _resumed_from(result.history),
-           "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
-    return out, f"pretrained {args.method} on {n_volumes} volumes in {seconds:.0f} s; saved {args.out}"
+           "final_loss": result.history.last("loss"), "seconds": round(seconds, 1), "slice_cache": cache}
+    from_cache = f" (slices {cache} {args.slice_cache})" if cache else ""
+    return out, f"pretrained {args.method} on {n_volumes} volumes in {seconds:.0f} s{from_cache}; saved {args.out}"
+
+
+def _cached_slices(args, rank: int):
+    """The slice set of ``--slice-cache``: mapped from the file when it was made from these
+    inputs and settings, else read, prepared into the file, and mapped. Under ``--ddp``
+    process 0 writes it while the others wait, then every process maps the same file.
+    Returns (slices, names, shapes, image size, "reused" or "written")."""
+    import torch
+
+    from coral_core import slicecache
+    from coral_core.data import discover_volumes
+
+    path = slicecache.check_cache_path(args.slice_cache)
+    images = [case.image for case in discover_volumes(args.inputs)] if args.inputs else []
+    key = slicecache.cache_key(images, args.phantom, args.seed, args.image_size,
+                               "float16" if args.slices_float16 else "float32")
+    found, how = (slicecache.open_cache(path, key), "reused") if rank == 0 else (None, None)
+    if rank == 0 and found is None:
+        volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size)
+        slicecache.write_cache(path, key, volumes, image_size, names, shapes)
+        how = "written"
+    if args.ddp:
+        torch.distributed.barrier()  # the file is complete before any other process maps it
+    if found is None:
+        found = slicecache.open_cache(path, key)
+    if found is None:
+        raise UserError(f"--slice-cache {path}: the slices written could not be read back; delete the file and run again")
+    data, description = found
+    shapes = [tuple(shape) for shape in description["shapes"]]
+    return data, description["names"], shapes, description["image_size"], how
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
@@ -608,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices-float16", action="store_true",
                    help="hold the resampled slices in float16: half the memory for a large cohort (training "
                         "itself stays float32/bf16; docs/performance.md)")
+    p.add_argument("--slice-cache", default=None, metavar="FILE.npy",
+                   help="keep the prepared slices in FILE.npy (described by FILE.npy.json): a later run on the same "
+                        "inputs and settings maps it instead of reading every volume again, the processes of a --ddp "
+                        "run share it, and a slice set larger than memory still trains")
     _lever_options(p, data=True)
 
     p = command("finetune", "Fine-tune on the annotated slices of one image.", cmd_finetune)

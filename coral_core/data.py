@@ -100,16 +100,24 @@ class PretrainSlices(Dataset):
     """
 
     def __init__(self, volumes: list[np.ndarray | Tensor], image_size: int, n_partitions: int = 4,
-                 consume: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 consume: bool = False, dtype: torch.dtype = torch.float32,
+                 storage: str | os.PathLike | None = None) -> None:
         """``consume``: empty the list ``volumes`` as each volume is copied in, so that its memory
         can be freed at once (the set's memory plus one volume's, instead of both sets').
         ``dtype``: how ``images`` are stored; torch.float16 halves their memory (intensities in
-        0..1 keep about three significant digits) and training takes them back to float32."""
+        0..1 keep about three significant digits) and training takes them back to float32.
+        ``storage``: a ``.npy`` file to write the slices into, memory-mapped, instead of RAM
+        (:mod:`coral_core.slicecache` builds on it); call :meth:`flush` when done."""
         if not len(volumes):
             raise UserError("no volumes to pretrain on; give at least one image or --phantom N")
         counts = [int(vol.shape[0]) for vol in volumes]
-        self.images = torch.empty(sum(counts), 1, image_size, image_size, dtype=dtype)  # (M, 1, H, W), filled below
-        positions, partitions, ids = [], [], []
+        shape = (sum(counts), 1, image_size, image_size)
+        if storage is None:
+            self.images = torch.empty(shape, dtype=dtype)  # (M, 1, H, W), filled below
+        else:
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            self._mapped = np.lib.format.open_memmap(storage, mode="w+", dtype=np_dtype, shape=shape)
+            self.images = torch.from_numpy(self._mapped)
         start = 0
         for vid, n in enumerate(counts):
             vol = volumes.pop(0) if consume else volumes[vid]
@@ -117,12 +125,30 @@ class PretrainSlices(Dataset):
             self.images[start : start + n] = resample_slices(vol, image_size) if prepared else resize_slices(vol, image_size)
             del vol
             start += n
-            positions.append(slice_positions(n))
-            partitions.append(partition_index(torch.arange(n), n, n_partitions))
-            ids.append(torch.full((n,), vid, dtype=torch.long))
-        self.positions = torch.cat(positions)  # (M,)
-        self.partitions = torch.cat(partitions)  # (M,)
-        self.volume_ids = torch.cat(ids)  # (M,)
+        self._index(counts, n_partitions)
+
+    @classmethod
+    def from_array(cls, images: np.ndarray, counts: list[int], n_partitions: int = 4) -> "PretrainSlices":
+        """A slice set over prepared ``images`` ((M, 1, H, W), e.g. a memory-mapped ``.npy``, used
+        as it is, not copied) holding volumes of ``counts`` slices in order."""
+        if images.ndim != 4 or images.shape[1] != 1 or sum(counts) != images.shape[0]:
+            raise ValueError(f"slices of shape {images.shape} do not hold volumes of {sum(counts)} slices in all")
+        data = cls.__new__(cls)
+        data.images = torch.from_numpy(images)
+        data._index([int(n) for n in counts], n_partitions)
+        return data
+
+    def _index(self, counts: list[int], n_partitions: int) -> None:
+        self.counts = counts
+        self.positions = torch.cat([slice_positions(n) for n in counts])  # (M,)
+        self.partitions = torch.cat([partition_index(torch.arange(n), n, n_partitions) for n in counts])  # (M,)
+        self.volume_ids = torch.cat([torch.full((n,), vid, dtype=torch.long) for vid, n in enumerate(counts)])  # (M,)
+
+    def flush(self) -> None:
+        """Write memory-mapped slices through to their file (nothing to do for slices in RAM)."""
+        mapped = getattr(self, "_mapped", None)
+        if mapped is not None:
+            mapped.flush()
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -55,24 +55,28 @@ def test_two_processes_take_the_single_process_step(tmp_path, method):
     assert np.allclose(ddp_loss, single.history.metrics["loss"], rtol=1e-5)
 
 
-def test_torchrun_cli_pretrain_writes_one_checkpoint_and_one_report(tmp_path):
-    """What a user types: torchrun with 2 CPU processes; only rank 0 prints and saves."""
+@pytest.mark.parametrize("cache", [False, True])
+def test_torchrun_cli_pretrain_writes_one_checkpoint_and_one_report(tmp_path, cache):
+    """What a user types: torchrun with 2 CPU processes; only rank 0 prints and saves. With
+    --slice-cache, process 0 writes the slice file and both map it."""
     out = tmp_path / "ddp.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "coral_core.cli", "pretrain", "--ddp", "--phantom", "2", "--epochs", "1", "--batch-size", "8",
            "--base-filters", "4", "--image-size", "32", "--embedding-dim", "16", "--device", "cpu",
-           "--out", str(out), "--json"]
+           "--out", str(out), "--json"] + (["--slice-cache", "c.npy"] if cache else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1
     report = json.loads(reports[0])
     assert report["method"] == "coral" and report["processes"] == 2 and np.isfinite(report["final_loss"])
+    assert report["slice_cache"] == ("written" if cache else None)
     from coral_core.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(out)
     assert meta["training"]["stage"] == "pretrain" and meta["training"]["processes"] == 2 and model.has_direction
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors"]  # no resume file, no temp file left
+    # no resume file, no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "c.npy.json"] * cache + ["ddp.safetensors"]
 
 
 def test_ddp_flag_outside_torchrun_is_one_clear_error(tmp_path):
