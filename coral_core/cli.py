@@ -580,7 +580,12 @@ RESUME_HELP = (
 )
 
 
-def _cpu_bf16_option(p) -> None:
+def _cpu_bf16_option(p, benchmark: bool = False) -> None:
+    if benchmark:  # LowLabelConfig.cpu_bf16: float32 unless asked
+        p.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=False,
+                       help="bfloat16 autocast on the CPU for every stage (default: off, float32, as the tables in "
+                            "docs/results.md were measured; CUDA GPUs always use bf16)")
+        return
     p.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast on the CPU (CUDA GPUs always use it). Default: on where the CPU has AMX "
                         "tiles, where it measured about 2x faster with the same results; float32 elsewhere")
@@ -717,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
-    _cpu_bf16_option(p)
+    _cpu_bf16_option(p, benchmark=True)
     p.add_argument("--table", default=None, metavar="FILE.json", help="also write rows, runs and config to this file")
     p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
                 cmd_bench_embedding, bench_sub)

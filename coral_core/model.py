@@ -99,7 +99,9 @@ class Decoder(nn.Module):
 
 
 class ProjectionHead(nn.Sequential):
-    """Global average pool of the bottleneck, then a 2-layer MLP."""
+    """Global average pool of the bottleneck, then a 2-layer MLP, always in float32: under bf16
+    autocast the embedding would otherwise carry bf16's 8-bit mantissa into the losses, whose
+    temperature-scaled similarities magnify it. The head is a tiny part of the work."""
 
     def __init__(self, c_in: int, dim: int) -> None:
         super().__init__(
@@ -109,6 +111,10 @@ class ProjectionHead(nn.Sequential):
             nn.ReLU(inplace=True),
             nn.Linear(c_in, dim),
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 class UNet(nn.Module):

@@ -235,6 +235,7 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     assert all(0 <= r["dice"] <= 1 and r["dice_std"] >= 0 and r["n"] == 4 for r in res["rows"])
     assert res["config"]["subjects"] == 6 and res["config"]["folds"] == 2
     assert res["config"]["finetune_balance_classes"] is True  # the benchmark's default fine-tuning loss
+    assert res["config"]["cpu_bf16"] is False  # float32 on the CPU unless asked, as its tables were measured
     # the same labelled subjects for every method in a (fold, seed, M) cell: a paired comparison
     draws = {}
     for run in res["runs"]:
@@ -267,10 +268,10 @@ def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_
             save_volume(patient / f"{patient.name}_frame{frame}.nii.gz", img.array, img.affine)
             save_volume(patient / f"{patient.name}_frame{frame}_gt.nii.gz", lab.array.astype(np.uint8), lab.affine)
     res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--folds", 2, "--seeds", 1, "--labeled", 1,
-                           "--methods", "random", "--finetune-steps", 2, "--no-balance-classes", "--json",
-                           "--device", "cpu").stdout)
+                           "--methods", "random", "--finetune-steps", 2, "--no-balance-classes", "--cpu-bf16",
+                           "--json", "--device", "cpu").stdout)
     assert res["config"]["subjects"] == 4 and res["config"]["cases"] == 8
-    assert res["config"]["finetune_balance_classes"] is False
+    assert res["config"]["finetune_balance_classes"] is False and res["config"]["cpu_bf16"] is True
     patients = {f"patient{i + 1:03d}" for i in range(4)}
     assert len(res["runs"]) == 2
     for run in res["runs"]:  # folds hold patients; the labelled one is never a test patient

@@ -273,6 +273,11 @@ def test_cpu_bf16_runs_the_convolutions_in_bf16_and_rounds_no_more(cohort):
     np.testing.assert_allclose(pre16.history.metrics["loss"], pre32.history.metrics["loss"], rtol=0.05)
     assert pre16.history.metrics["loss"] != pre32.history.metrics["loss"]
 
+    x = torch.rand(4, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert start.encoder(x)[-1].dtype == torch.bfloat16
+        assert start.embed(x).dtype == torch.float32  # the projection head runs in float32 (docs/performance.md)
+
     model, _ = load_checkpoint(bundled_model_path())
     at = {flag: segment_volume(model, image, "cpu", 8, levers=Levers(cpu_bf16=flag)) for flag in (False, True)}
     assert len(np.unique(at[False])) == 4 and (at[True] == at[False]).mean() > 0.99
