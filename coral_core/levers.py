@@ -61,7 +61,9 @@ class Levers:
       measured. On this project's 2-core Xeon with AMX, on top of the other defaults: 1.8-2.4x for
       pretraining, 2.0-2.3x for inference, 1.8-2.1x for fine-tuning; over four seeds of the demo's
       chain the held-out Dice and the embedding's consistency were those of float32 (one float32
-      seed fine-tuned worse), and float32 models segmented alike on 99.98% of voxels.
+      seed fine-tuned worse), and float32 models segmented alike on 99.98% of voxels. In the
+      low-label benchmark's small setting bf16 pretraining gained less over random init (docs/
+      results.md), so that benchmark runs in float32 unless asked.
     * ``fuse_batchnorm``: inference runs a copy of the model whose BatchNorm layers are folded
       into the convolutions before them (one pass less over every activation). None (the
       default) means on for the CPU and off elsewhere until measured. On this project's CPU,

@@ -21,7 +21,7 @@ from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import embed_volume, preprocess_on_device, segment_volume
 from coral_core.levers import Levers
 from coral_core.losses import CoralLoss, pcl_positive_mask, supcon_loss
-from coral_core.model import UNetConfig
+from coral_core.model import UNetConfig, build_model
 from coral_core.phantom import make_cohort, make_phantom
 from coral_core.pretrain import METHODS, PretrainConfig, pretrain
 from coral_core.volume import save_volume
@@ -70,8 +70,9 @@ def test_supcon_on_cuda_matches_cpu_float64():
 
 
 def test_losses_under_bf16_autocast_are_finite_and_close_to_float32():
-    """Features made in bf16 (as the embedder makes them under autocast): the loss itself is
-    computed in float32 and stays finite, near the float32 value, with finite gradients."""
+    """Features made in bf16 (by a plain bf16 layer; our projection head runs in float32, see
+    the end): the loss itself is computed in float32 and stays finite, near the float32 value,
+    with finite gradients."""
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 32).to(CUDA)
     x = torch.randn(512, 64, device=CUDA)
@@ -85,6 +86,9 @@ def test_losses_under_bf16_autocast_are_finite_and_close_to_float32():
     assert torch.isfinite(head.weight.grad).all() and torch.isfinite(loss.direction.grad).all()
     out32 = loss(head(x).view(256, 2, 32), positions)
     assert abs(out16.total.item() - out32.total.item()) < 2e-2 * abs(out32.total.item()) + 1e-3
+    model = build_model(UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=16)).to(CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert model.embed(torch.rand(4, 1, 32, 32, device=CUDA)).dtype == torch.float32
 
 
 @pytest.fixture(scope="module")
