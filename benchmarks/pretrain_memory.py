@@ -42,6 +42,7 @@ def quality(seed: int = 0) -> None:
     from coral_core.data import PretrainSlices, slice_positions
     from coral_core.embedding import ordinal_consistency
     from coral_core.infer import embed_volume
+    from coral_core.levers import Levers
     from coral_core.model import UNetConfig
     from coral_core.phantom import make_cohort, make_phantom
     from coral_core.pretrain import PretrainConfig, pretrain
@@ -51,7 +52,8 @@ def quality(seed: int = 0) -> None:
     print("| slices | final loss | consistency mean | min | seconds |")
     print("|---|---:|---:|---:|---:|")
     for dtype in (torch.float32, torch.float16):
-        cfg = PretrainConfig(method="coral", epochs=6, seed=seed, device="cpu", model=UNetConfig(image_size=128))
+        cfg = PretrainConfig(method="coral", epochs=6, seed=seed, device="cpu", model=UNetConfig(image_size=128),
+                             levers=Levers(cpu_bf16=False))  # float32 compute, as measured in docs/performance.md
         t = time.perf_counter()
         result = pretrain(cfg, PretrainSlices(volumes, 128, dtype=dtype))
         seconds = time.perf_counter() - t
