@@ -213,10 +213,12 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     check_output_path(args.out)
     rank, processes = _init_ddp(args.device) if args.ddp else (0, 1)
     if args.slice_cache:
-        volumes, (data, names, shapes, image_size, cache) = None, _cached_slices(args, rank)
+        data, names, shapes, image_size, cache = _cached_slices(args, rank)
     else:
-        data, cache = None, None
         volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size)
+        data = PretrainSlices(volumes, image_size, consume=True,  # each volume freed once copied in
+                              dtype=torch.float16 if args.slices_float16 else torch.float32)
+        cache = None
     model_cfg = UNetConfig(base_filters=args.base_filters, image_size=image_size, embedding_dim=args.embedding_dim)
     cfg = PretrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -228,9 +230,6 @@ def cmd_pretrain(args) -> tuple[dict, str]:
         fingerprint["slices"] = "float16"
     state = _resume_state(args, fingerprint, every=0)  # saved at every epoch's end and on Ctrl-C
     n_volumes = len(names)
-    if data is None:
-        data = PretrainSlices(volumes, image_size, consume=True,  # each volume freed once copied in
-                              dtype=torch.float16 if args.slices_float16 else torch.float32)
     bar, callback = _progress(0, f"pretrain {args.method}", args.json or rank != 0)
     t0 = time.perf_counter()
     with bar:
