@@ -77,11 +77,10 @@ def open_cache(path: str | os.PathLike, key: dict):
         description = json.loads(description_path(path).read_text())
         if description.get("key") != key:
             return None
+        size, counts = int(description["image_size"]), [int(shape[0]) for shape in description["shapes"]]
         images = np.load(path, mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    size = description["image_size"]
-    counts = [int(shape[0]) for shape in description["shapes"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None  # missing, unreadable or not what this module writes: rebuilt
     if images.shape != (sum(counts), 1, size, size) or images.dtype.name != key["dtype"]:
         return None
     return PretrainSlices.from_array(images, counts), description

@@ -66,8 +66,9 @@ def test_other_inputs_or_settings_or_a_damaged_file_are_not_reused(tmp_path):
     slicecache.write_cache(path, key, [make_phantom(3, n_slices=6)[0].array], 32, ["v"], [(6, 64, 64)])
     path.write_bytes(path.read_bytes()[:200])  # truncated
     assert slicecache.open_cache(path, key) is None
-    slicecache.description_path(path).write_text("{not json")
-    assert slicecache.open_cache(path, key) is None
+    for damaged in ("{not json", "[]", json.dumps({"key": key})):  # not JSON, not an object, fields missing
+        slicecache.description_path(path).write_text(damaged)
+        assert slicecache.open_cache(path, key) is None
 
 
 def test_a_failed_rewrite_leaves_no_valid_looking_cache(tmp_path, monkeypatch):
