@@ -188,6 +188,14 @@ def _levers(args):
                   fuse_batchnorm=getattr(args, "fuse_batchnorm", None), cpu_bf16=args.cpu_bf16)
 
 
+def _compute(cfg) -> str:
+    """The arithmetic a training config runs in on its device: "bf16" (autocast) or "float32"."""
+    from coral_core.device import resolve_device
+    from coral_core.training import trains_in_bf16
+
+    return "bf16" if trains_in_bf16(resolve_device(cfg.device), cfg.amp, cfg.levers) else "float32"
+
+
 def _fingerprint_config(cfg, device: str) -> dict:
     """What a resumed run must share with the first: the config, less the speed levers
     (they change results by rounding at most, so a run may resume with other ones)."""
@@ -241,7 +249,7 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     training = {
         "stage": "pretrain", "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "volumes": n_volumes, "processes": processes,
-        "slices": "float16" if args.slices_float16 else "float32",
+        "slices": "float16" if args.slices_float16 else "float32", "compute": _compute(cfg),
         "final_loss": result.history.last("loss"),
     }
     save_checkpoint(args.out, result.model, training)
@@ -345,7 +353,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     training = {"stage": "finetune", "init": init, "image": str(args.image), "slices": slices, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
-                "lr": args.lr, "seed": args.seed, "final_loss": result.history.last("loss")}
+                "compute": _compute(cfg), "lr": args.lr, "seed": args.seed, "final_loss": result.history.last("loss")}
     save_checkpoint(args.out, result.model, training)
     state.remove()
     out = {"checkpoint": str(args.out), "init": init, "slices": slices, "steps": len(result.history.steps),

@@ -16,7 +16,13 @@ from coral_core.device import mixed_precision, resolve_device
 from coral_core.errors import UserError
 from coral_core.resume import ResumeState
 
-__all__ = ["StepCallback", "TrainingRun", "History", "is_out_of_memory", "accumulate"]
+__all__ = ["StepCallback", "TrainingRun", "History", "is_out_of_memory", "accumulate", "trains_in_bf16"]
+
+
+def trains_in_bf16(device: torch.device, amp: bool, levers=None) -> bool:
+    """Whether a run autocasts to bf16: with ``amp``, on CUDA, and on the CPU where the levers'
+    ``cpu_bf16`` says so."""
+    return amp and (device.type == "cuda" or (levers is not None and levers.cpu_bf16_on(device)))
 
 
 class StepCallback(Protocol):
@@ -65,8 +71,7 @@ class TrainingRun:
             torch.cuda.set_device(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed)
-        # bf16 autocast with ``amp``: on CUDA, and on the CPU where the levers' ``cpu_bf16`` says so
-        self.amp = amp and (self.device.type == "cuda" or (levers is not None and levers.cpu_bf16_on(self.device)))
+        self.amp = trains_in_bf16(self.device, amp, levers)
         self.callback = callback
         self.stop_event = stop_event
         self.history = History()

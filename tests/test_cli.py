@@ -113,7 +113,7 @@ def test_finetune_from_a_pretrained_encoder_names_the_new_classes(workflow):
     model, meta = load_checkpoint(d / "named.safetensors")
     assert model.config.class_names == ["background", "RV", "Myo", "LV"]
     # a CORAL-pretrained init: fine-tuning kept the embedding (and says so), with a unit direction
-    assert meta["training"]["embedding_weight"] == 0.1
+    assert meta["training"]["embedding_weight"] == 0.1 and meta["training"]["compute"] in ("bf16", "float32")
     assert abs(float(model.canonical_direction.norm()) - 1) < 1e-3
     plain, _ = load_checkpoint(d / "ft.safetensors")  # from the pretrain stage, no names given
     assert plain.config.class_names == ["background", "class 1", "class 2", "class 3"]
@@ -330,6 +330,12 @@ def test_pretraining_can_hold_its_slices_in_float16(tmp_path):
     assert json.loads(proc.stdout)["checkpoint"] == str(out)
     _, meta = load_checkpoint(out)
     assert meta["training"]["slices"] == "float16"
+    from coral_core.levers import cpu_has_amx
+
+    assert meta["training"]["compute"] == ("bf16" if cpu_has_amx() else "float32")  # the CPU's default
+    proc = coral("pretrain", "--phantom", 2, "--epochs", 1, "--batch-size", 8, *TINY, "--no-cpu-bf16", "--out", out,
+                 "--json", "--device", "cpu")
+    assert load_checkpoint(out)[1]["training"]["compute"] == "float32"
     volumes = [make_phantom(3)[0].array]
     half = PretrainSlices(volumes, 32, dtype=torch.float16)
     assert half.images.dtype == torch.float16
