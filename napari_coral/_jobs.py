@@ -48,12 +48,39 @@ def _finetune(spec: dict, messages, stop) -> None:
 def _pretrain(spec: dict, messages, stop) -> None:
     from coral_core.checkpoint import save_checkpoint
     from coral_core.pretrain import PretrainConfig, pretrain
+    from coral_core.resume import ResumeState
 
     data = np.load(spec["data"])
     volumes = [data[k] for k in sorted(data.files)]
-    result = pretrain(PretrainConfig(**spec["config"]), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop)
+    # progress kept at every epoch's end and when stopped; a later job with the same images and
+    # settings continues from it (see pretrain_resume_file)
+    resume = ResumeState(spec["resume"], spec["fingerprint"]) if spec.get("resume") else None
+    result = pretrain(PretrainConfig(**spec["config"]), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop,
+                      resume=resume)
     save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
+    if resume is not None and not result.history.stopped:
+        resume.remove()
     messages.put(("done", spec["out"], result.history.stopped))
+
+
+def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray]) -> tuple[Path, dict]:
+    """Where a pretraining job of ``volumes`` with ``config`` keeps its progress, and the
+    fingerprint its resume file must carry: both from a hash of the settings and of every
+    voxel, so a job continues only what was stopped with the very same images and settings.
+    The file is in ``data_home()/resume`` and is removed when the job finishes."""
+    import hashlib
+
+    from napari_coral._session import data_home
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(volumes):
+        array = np.ascontiguousarray(volumes[name])
+        digest.update(f"{name}{array.shape}{array.dtype.str}".encode())
+        digest.update(memoryview(array).cast("B"))
+    key = digest.hexdigest()[:20]
+    folder = data_home() / "resume"
+    folder.mkdir(exist_ok=True)
+    return folder / f"pretrain-{key}.resume.safetensors", {"job": "pretrain", "key": key}
 
 
 JOBS = {"finetune": _finetune, "pretrain": _pretrain}

@@ -177,3 +177,55 @@ def test_out_of_memory_in_the_embedding_loss_names_the_switch(cohort, monkeypatc
     with pytest.raises(UserError, match="out of memory for the loss that keeps the embedding.*--embedding-weight 0"):
         finetune(FinetuneConfig(steps=2, batch_size=2, device="cpu"), model,
                  [img.array], [lab.array], [annotated_from_labels(lab.array)])
+
+
+def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path, monkeypatch):
+    """The Model widget's job (napari_coral._jobs, run here in this process): Cancel (or a crash,
+    or closing napari) keeps the progress; the same images with the same settings continue it to
+    the uninterrupted result, and the progress file goes once the job is done. Other images or
+    settings get another file."""
+    import queue
+
+    from coral_core.checkpoint import load_checkpoint
+    from napari_coral._jobs import _pretrain, config_dict, pretrain_resume_file, write_inputs
+
+    monkeypatch.setenv("NAPARI_CORAL_HOME", str(tmp_path / "home"))
+    cfg = PretrainConfig(method="coral", epochs=3, batch_size=8, device="cpu", model=TINY)
+    volumes = {f"v{i:04d}": img.array for i, (img, _) in enumerate(cohort)}
+    resume, fingerprint = pretrain_resume_file(config_dict(cfg), volumes)
+    assert resume.parent == tmp_path / "home" / "resume"
+    other_volumes = dict(volumes, v0000=volumes["v0000"] + 1)
+    assert pretrain_resume_file(config_dict(cfg), other_volumes)[0] != resume
+    assert pretrain_resume_file(config_dict(PretrainConfig(method="coral", epochs=4, batch_size=8, device="cpu",
+                                                           model=TINY)), volumes)[0] != resume
+    data = write_inputs(tmp_path, **volumes)
+
+    class Messages(queue.Queue):
+        """The job's messages; Cancel is pressed when step ``stop_at`` is reported."""
+
+        def __init__(self, stop_at):
+            super().__init__()
+            self.stop_at, self.stop = stop_at, threading.Event()
+
+        def put(self, message, *args, **kwargs):
+            super().put(message, *args, **kwargs)
+            if message[0] == "progress" and message[1] == self.stop_at:
+                self.stop.set()
+
+    def job(out, stop_at=None, with_resume=True):
+        messages = Messages(stop_at)
+        spec = {"data": str(data), "out": str(tmp_path / out), "config": config_dict(cfg)}
+        if with_resume:
+            spec |= {"resume": str(resume), "fingerprint": fingerprint}
+        _pretrain(spec, messages, messages.stop)
+        reports = list(messages.queue)
+        return [m[1] for m in reports if m[0] == "progress"], reports[-1]
+
+    full_steps, _ = job("full.safetensors", with_resume=False)
+    steps, done = job("first.safetensors", stop_at=4)
+    assert steps[-1] == 4 and done[2] is True and resume.exists()  # stopped: the progress is kept
+    steps, done = job("second.safetensors")
+    assert steps[0] == 5 and steps[-1] == full_steps[-1] and done[2] is False
+    assert not resume.exists()  # done: nothing left behind
+    assert _same_weights(load_checkpoint(tmp_path / "second.safetensors")[0],
+                         load_checkpoint(tmp_path / "full.safetensors")[0])

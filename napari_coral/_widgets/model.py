@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
-from napari_coral._jobs import Job, config_dict, write_inputs
+from napari_coral._jobs import Job, config_dict, pretrain_resume_file, write_inputs
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, status_label
 
@@ -131,19 +131,29 @@ class ModelWidget(QWidget):
         cfg = PretrainConfig(method=self.method.currentText(), epochs=self.epochs.value(), device=device.type, model=base)
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")
         folder = Path(self._tmp.name)
-        data = write_inputs(folder, **{f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)})
+        volumes = {f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)}
+        data = write_inputs(folder, **volumes)
+        resume, fingerprint = pretrain_resume_file(config_dict(cfg), volumes)
         spec = {
             "data": str(data), "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
             "training": {"stage": "pretrain", "method": cfg.method, "epochs": cfg.epochs, "volumes": names},
+            "resume": str(resume), "fingerprint": fingerprint,
         }
+        self._continued_from = None
         self.runner = JobRunner(Job("pretrain", spec, mode), f"Pretraining ({cfg.method})", self)
-        self.runner.progressed.connect(lambda s, t, m: self.pretrain_status.setText(f"step {s}/{t}, loss {m.get('loss', float('nan')):.3f}"))
+        self.runner.progressed.connect(self._progress)
         self.runner.finished.connect(self._pretrained)
         self.runner.failed.connect(self._failed)
         self.pretrain_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.pretrain_status.setText("Starting pretraining...")
         return self.runner.start()
+
+    def _progress(self, step: int, total: int, metrics: dict) -> None:
+        if self._continued_from is None:  # the first report: a job that continues starts past step 1
+            self._continued_from = step - 1
+        note = f" (continued from step {self._continued_from})" if self._continued_from else ""
+        self.pretrain_status.setText(f"step {step}/{total}, loss {metrics.get('loss', float('nan')):.3f}{note}")
 
     def cancel(self) -> None:
         if self.runner is not None:
@@ -154,7 +164,8 @@ class ModelWidget(QWidget):
         self.pretrain_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         if stopped:
-            self.pretrain_status.setText("Pretraining cancelled; the previous model is kept.")
+            self.pretrain_status.setText("Pretraining cancelled; the previous model is kept. Pretrain the same images "
+                                         "with the same settings to continue where it stopped.")
             return
         model, meta = load_checkpoint(path)
         self.session.set_model(model, meta, f"{meta['training'].get('method', '')}-pretrained encoder (fine-tune before segmenting)")
