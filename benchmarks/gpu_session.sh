@@ -24,10 +24,12 @@
 # lever tests and 73 s for those two. The lent time was 15 minutes in all, start included, and the
 # machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
 # What that session left to measure, in one call (at most 580 s by its limits; levers runs four processes):
-#   TESTS_K="levers or prefetched" LEVERS="none;defaults;defaults + prefetch;cudnn_benchmark" \
+#   TESTS_K="levers or prefetched or bf16" LEVERS="none;defaults;defaults + prefetch;cudnn_benchmark" \
 #     bash benchmarks/gpu_session.sh tests:110 levers:70 profile:80 scaling:100
-# (the CUDA test lines added since, for Levers() defaults, cudnn_benchmark, fuse_batchnorm and prefetch,
-# have never run on a GPU; then the prefetch lever, the profile, and the scaling table.)
+# (the CUDA test lines added since, for Levers() defaults, cudnn_benchmark, fuse_batchnorm, prefetch and
+# the float32 projection head, have never run on a GPU; then the prefetch lever, the profile, and the
+# scaling table. The "none" and "defaults" rows also show what the float32 head costs, against the
+# 2026-11-27 table.)
 # Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
 # $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark, at
 # most 7 files (the tool brings back 8).
