@@ -3,6 +3,7 @@ rounding at most. Importing this module does not import torch (the CLI's parser 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -197,6 +198,10 @@ def for_inference(model: torch.nn.Module, levers: Levers | None, device: torch.d
 
     if not (levers or Levers()).fuse_batchnorm_on(device):
         return model
+    signature = _weights_signature(model, device)
+    cached = _FOLDED.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if isinstance(module, nn.Sequential):
@@ -206,7 +211,24 @@ def for_inference(model: torch.nn.Module, levers: Levers | None, device: torch.d
                 if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
                     module._modules[first] = fuse_conv_bn_eval(conv, norm)
                     module._modules[second] = nn.Identity()
+    _FOLDED[model] = (signature, fused)
     return fused
+
+
+# The folded copy of each model, reused while its weights stay the same: folding took 20 ms for
+# the bundled demo model on this project's CPU, a fifth of segmenting a 32-slice volume.
+_FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weights_signature(model, device) -> tuple:
+    """What tells a model's weights apart from what they were: each parameter's and buffer's
+    storage, in-place version and sum (the sum also catches writes through ``.data``)."""
+    import torch
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    with torch.no_grad():
+        sums = torch.stack([t.detach().double().sum() for t in tensors]).tolist() if tensors else []
+    return (str(device), tuple((t.data_ptr(), t._version) for t in tensors), tuple(sums))
 
 
 def contiguous_layout(module: torch.nn.Module) -> torch.nn.Module:

@@ -281,3 +281,31 @@ def test_cpu_bf16_runs_the_convolutions_in_bf16_and_rounds_no_more(cohort):
     model, _ = load_checkpoint(bundled_model_path())
     at = {flag: segment_volume(model, image, "cpu", 8, levers=Levers(cpu_bf16=flag)) for flag in (False, True)}
     assert len(np.unique(at[False])) == 4 and (at[True] == at[False]).mean() > 0.99
+
+
+def test_the_folded_copy_is_reused_until_the_weights_change(cohort):
+    """Folding costs about 20 ms for the demo model: a model segmented again reuses its folded
+    copy, and any change to its weights (an optimiser step, a write through ``.data``, new
+    BatchNorm statistics) makes a new one, so results always follow the model as it is now."""
+    from coral_core.levers import for_inference
+
+    cpu, folded = torch.device("cpu"), Levers(fuse_batchnorm=True)
+    torch.manual_seed(0)
+    model = _with_batch_statistics(build_model(TINY))
+    image = cohort[1][0].array
+    first = for_inference(model, folded, cpu)
+    assert for_inference(model, folded, cpu) is first
+    changes = [
+        lambda: torch.optim.SGD(model.parameters(), lr=0.1).step(),
+        lambda: model.encoder.blocks[0][0].weight.data.mul_(1.5),
+        lambda: model.encoder.blocks[0][1].running_mean.add_(0.3),
+    ]
+    for i, change in enumerate(changes):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        before = for_inference(model, folded, cpu)
+        change()
+        after = for_inference(model, folded, cpu)
+        assert after is not before, i
+        plain = segment_volume(model, image, "cpu", 4, levers=Levers(fuse_batchnorm=False, channels_last=False))
+        assert (segment_volume(model, image, "cpu", 4, levers=folded) == plain).mean() > 0.999, i
