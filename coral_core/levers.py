@@ -190,7 +190,8 @@ def apply_levers(module: torch.nn.Module, levers: Levers | None):
 def for_inference(model: torch.nn.Module, levers: Levers | None, device: torch.device) -> torch.nn.Module:
     """The model inference should run on ``device``: ``model`` itself, or, when the levers fold
     BatchNorm there, an evaluation-mode copy with every (Conv2d, BatchNorm2d) pair of a
-    ``Sequential`` replaced by one convolution (``model`` is left as it is)."""
+    ``Sequential`` replaced by one convolution (``model`` is left as it is). The copy is kept
+    and returned again while ``model``'s weights stay the same."""
     import copy
 
     from torch import nn
