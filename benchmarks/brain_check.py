@@ -78,7 +78,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--slices", type=int, default=120)
+    ap.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="passed to every command (default: the commands' own default)")
     args = ap.parse_args()
+    precision = [] if args.cpu_bf16 is None else ["--cpu-bf16" if args.cpu_bf16 else "--no-cpu-bf16"]
     d = Path(tempfile.mkdtemp())
     image, labels = synthetic_brain(args.size, args.slices)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -88,12 +91,13 @@ def main():
     annotated = [n // 4, n // 2, 3 * n // 4]
     test = [k for k in range(n) if k not in annotated and labels[k].any()]
     t0 = time.perf_counter()
-    pre = coral("pretrain", d / "t1.nii.gz", "--epochs", 3, "--out", d / "pre.safetensors", "--json")
+    pre = coral("pretrain", d / "t1.nii.gz", "--epochs", 3, "--out", d / "pre.safetensors", "--json", *precision)
     t1 = time.perf_counter()
     coral("finetune", d / "t1.nii.gz", "--labels", d / "gt.nii.gz", "--slices", ",".join(map(str, annotated)),
-               "--init", d / "pre.safetensors", "--class-names", "GM,WM", "--out", d / "ft.safetensors", "--json")
+               "--init", d / "pre.safetensors", "--class-names", "GM,WM", "--out", d / "ft.safetensors", "--json",
+          *precision)
     t2 = time.perf_counter()
-    coral("segment", d / "t1.nii.gz", "--model", d / "ft.safetensors", "--out", d / "seg.nii.gz", "--json")
+    coral("segment", d / "t1.nii.gz", "--model", d / "ft.safetensors", "--out", d / "seg.nii.gz", "--json", *precision)
     t3 = time.perf_counter()
     seg = load_volume(d / "seg.nii.gz").array
     ours = dice_per_class(seg[test], labels[test], 3)
