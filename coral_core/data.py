@@ -139,7 +139,6 @@ class PretrainSlices(Dataset):
         return data
 
     def _index(self, counts: list[int], n_partitions: int) -> None:
-        self.counts = counts
         self.positions = torch.cat([slice_positions(n) for n in counts])  # (M,)
         self.partitions = torch.cat([partition_index(torch.arange(n), n, n_partitions) for n in counts])  # (M,)
         self.volume_ids = torch.cat([torch.full((n,), vid, dtype=torch.long) for vid, n in enumerate(counts)])  # (M,)
