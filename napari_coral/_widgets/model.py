@@ -133,9 +133,10 @@ class ModelWidget(QWidget):
         folder = Path(self._tmp.name)
         volumes = {f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)}
         data = write_inputs(folder, **volumes)
-        resume, fingerprint = pretrain_resume_file(config_dict(cfg), volumes)
+        config = config_dict(cfg)
+        resume, fingerprint = pretrain_resume_file(config, volumes)
         spec = {
-            "data": str(data), "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
+            "data": str(data), "out": str(folder / "pretrained.safetensors"), "config": config,
             "training": {"stage": "pretrain", "method": cfg.method, "epochs": cfg.epochs, "volumes": names},
             "resume": str(resume), "fingerprint": fingerprint,
         }
