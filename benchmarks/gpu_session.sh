@@ -14,7 +14,7 @@
 #   loss      benchmarks/loss_bench.py on the GPU: direct O(N^3) form vs ours, N = 64 .. 16384, D = 512
 #   speed     coral bench speed: the issue-6 protocol, ours next to the published-code-like baseline, MFU
 #   levers    coral bench speed --levers: each speed lever against none, one process per lever
-#   profile   benchmarks/profile_step.py: the operators that take a pretraining step's device time
+#   profile   benchmarks/profile_step.py: the operators that take a pretraining step's and a volume's device time
 #   scaling   benchmarks/speed_bench.py --scaling: cost against image size and batch size
 #   lowlabel  coral bench lowlabel (the full protocol) on the phantom cohort
 #
@@ -98,9 +98,10 @@ if results:
     print(format_levers_table(merged))
 EOF
       ;;
-    profile)  # where a pretraining step's time goes: the defaults, then eager without levers
+    profile)  # where a pretraining step's time goes: the defaults, then eager without levers; then inference's
       run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers defaults
-      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers none --rows 15 ;;
+      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers none --rows 15
+      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers defaults --task segment --rows 15 ;;
     scaling)
       run_stage "${limit:-300}" "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
         --batches 16 32 64 128 ;;
