@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh speed:120 tests:90      # STAGE:SECONDS sets a stage's time limit
 #   LEVERS="none;channels_last" bash benchmarks/gpu_session.sh levers:60   # some lever variants, 60 s each
 #   TESTS_K="not levers" bash benchmarks/gpu_session.sh tests               # a subset of the CUDA tests
+#   PROFILES="defaults + prefetch;none,segment" bash benchmarks/gpu_session.sh profile   # LEVERS[,TASK] each
 #
 # Stages:
 #   ceilings  benchmarks/gpu_ceilings.py: the card's bf16 matrix-product rate and copy bandwidth, measured
@@ -98,13 +99,16 @@ if results:
     print(format_levers_table(merged))
 EOF
       ;;
-    profile)  # where a pretraining step's time goes: the defaults, then eager without levers; then inference's
-      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers defaults
-      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers none --rows 15
-      run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers defaults --task segment --rows 15 ;;
+    profile)  # PROFILES="LEVERS[,TASK];...": by default a pretraining step with the defaults, then eager
+      # without levers, then a volume's inference with the defaults; the limit is per profile
+      IFS=';' read -ra profiles <<<"${PROFILES:-defaults;none;defaults,segment}"
+      for entry in "${profiles[@]}"; do
+        run_stage "${limit:-120}" "$LOG" $PY benchmarks/profile_step.py --device "$DEV" --levers "${entry%%,*}" \
+          --task "$([ "$entry" != "${entry#*,}" ] && echo "${entry#*,}" || echo pretrain)" --rows 15
+      done ;;
     scaling)
       run_stage "${limit:-300}" "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
-        --batches 16 32 64 128 ;;
+        --batches 16 32 64 ;;
     lowlabel)
       # LOWLABEL_ARGS="--seeds 1" or "--methods random,coral" fits a part of the protocol into one call;
       # each run's Dice goes to the log as it is measured, so a stage stopped at its limit still reports

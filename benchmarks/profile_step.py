@@ -62,7 +62,8 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     stop = threading.Event()
     ends: list[float] = []  # wall time at the end of each step, to set against the operators' device time
-    with profile(activities=activities, schedule=schedule(wait=args.skip, warmup=1, active=active)) as prof:
+    with profile(activities=activities, schedule=schedule(wait=args.skip, warmup=1, active=active),
+                 record_shapes=True) as prof:
         def on_step(step, total, metrics):  # the step has finished on the device (its loss is a float)
             ends.append(time.perf_counter())
             prof.step()
@@ -82,6 +83,12 @@ def main() -> None:
         print(f"wall time per recorded step (profiler on): {wall * 1e3:.1f} ms; "
               f"{args.batch / wall:.1f} slices/s")
     print(averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    # which layers the convolutions' time belongs to: the same operators, one row per input shape
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if "convolution" in e.key]
+    by_shape.sort(key=lambda e: getattr(e, sort, 0), reverse=True)
+    print("convolution operators by input shapes (input, weight, ...), device time per step:")
+    for e in by_shape[:12]:
+        print(f"  {getattr(e, sort, 0) / active / 1e3:7.2f} ms  {e.key:28s} {str(e.input_shapes)[:150]}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

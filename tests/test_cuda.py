@@ -121,11 +121,10 @@ def test_speed_levers_pretrain_on_cuda_like_the_default(cohort):
     np.testing.assert_allclose(run(Levers(channels_last=True, data_on_device=True)), plain, rtol=2e-2)
     np.testing.assert_allclose(run(Levers(compile="default")), plain, rtol=2e-2)
     np.testing.assert_allclose(run(Levers(cudnn_benchmark=True)), plain, rtol=2e-2)
-    np.testing.assert_allclose(run(Levers(channels_last=False, compile="off", prefetch=True)), plain, rtol=2e-2)
-    np.testing.assert_allclose(run(Levers(prefetch=True, data_on_device=True)), plain, rtol=2e-2)
     assert torch.backends.cudnn.benchmark
-    run(Levers())
+    np.testing.assert_allclose(run(Levers(channels_last=False, compile="off", prefetch=True)), plain, rtol=2e-2)
     assert not torch.backends.cudnn.benchmark  # each run sets it: one run's choice does not leak
+    np.testing.assert_allclose(run(Levers(prefetch=True, data_on_device=True)), plain, rtol=2e-2)
 
 
 @pytest.mark.parametrize("stored", [torch.float32, torch.float16])
