@@ -137,7 +137,8 @@ _COHORTS: dict[int, list[np.ndarray]] = {}  # a sweep measures the same cohorts 
 # --------------------------------------------------------------------------- pretraining
 
 
-def _pretrain_ours(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: UNetConfig) -> float:
+def _pretrain_ours(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: UNetConfig,
+                   step_seconds: list[float] | None = None) -> float:
     stamps: list[float] = []
     n_slices = sum(v.shape[0] for v in volumes)
     steps = cfg.warmup_steps + cfg.pretrain_steps
@@ -156,6 +157,8 @@ def _pretrain_ours(cfg: SpeedConfig, volumes: list[np.ndarray], model_cfg: UNetC
                          device=cfg.device, model=model_cfg, augment=cfg.augment, levers=levers)
     pretrain(pre, volumes, on_step, stop)
     timed = stamps[cfg.warmup_steps : steps + 1]
+    if step_seconds is not None:
+        step_seconds.extend(np.diff(timed).tolist())
     return cfg.pretrain_batch * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
@@ -238,13 +241,14 @@ def _finetune_baseline(cfg: SpeedConfig, model: UNet, image, labels, slices, dev
 # --------------------------------------------------------------------------- the run
 
 
-def measure_pretrain(cfg: SpeedConfig) -> tuple[float, float | None]:
+def measure_pretrain(cfg: SpeedConfig, step_seconds: list[float] | None = None) -> tuple[float, float | None]:
     """Pretraining slices/s at ``cfg.image_size`` and ``cfg.pretrain_batch``: ours, and the
-    baseline's (None without ``cfg.baseline``)."""
+    baseline's (None without ``cfg.baseline``). ``step_seconds``, if given, receives the wall
+    time of each of our timed steps (the rate is their mean; a stall shows in their spread)."""
     device = resolve_device(cfg.device)
     model_cfg = UNetConfig(base_filters=cfg.base_filters, image_size=cfg.image_size)
     volumes = _cohort(cfg.pretrain_batch * 4, cfg.seed)
-    ours = _pretrain_ours(cfg, volumes, model_cfg)
+    ours = _pretrain_ours(cfg, volumes, model_cfg, step_seconds)
     return ours, _pretrain_baseline(cfg, volumes, model_cfg, device) if cfg.baseline else None
 
 
@@ -361,7 +365,11 @@ def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
         row = {"levers": name, "pretrain_slices_s": None, "finetune_s": None}
         row.update({f"inference_{size}_slices_s": None for size in cfg.infer_sizes})
         if name not in _INFERENCE_ONLY:
-            row["pretrain_slices_s"], _ = measure_pretrain(run)
+            steps: list[float] = []
+            row["pretrain_slices_s"], _ = measure_pretrain(run, steps)
+            # the spread of the timed steps: a one-off stall (a recompile, say) shows in the slowest
+            row["pretrain_step_ms"] = {"median": 1e3 * float(np.median(steps)), "min": 1e3 * min(steps),
+                                       "max": 1e3 * max(steps)}
         if name not in _PRETRAINING_ONLY:
             for size in cfg.infer_sizes:
                 seconds, _ = measure_inference(run, size)
@@ -371,7 +379,10 @@ def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
             if levers.compile_mode(device) == "off" and name not in _INFERENCE_ONLY:
                 row["finetune_s"], _ = measure_finetune(run)
         rows.append(row)
-        say(f"levers {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+        spread = row.get("pretrain_step_ms")
+        say(f"levers {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float))
+            + (f"; pretraining step ms median {spread['median']:.1f}, min {spread['min']:.1f}, max {spread['max']:.1f}"
+               if spread else ""))
     return {"rows": rows, "config": asdict(cfg), "device": _device_info(device)}
 
 

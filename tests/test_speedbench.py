@@ -61,6 +61,10 @@ def test_levers_run_compares_each_variant_with_none():
     assert rows["fuse_batchnorm"]["pretrain_slices_s"] is None and rows["fuse_batchnorm"]["inference_32_slices_s"] > 0
     assert rows["channels_last"]["inference_32_slices_s"] > 0 and rows["channels_last"]["finetune_s"] > 0
     assert rows["data_on_device"]["inference_32_slices_s"] is None  # a pretraining lever only
+    spread = rows["none"]["pretrain_step_ms"]  # 2 timed steps: their mean rate lies within their spread
+    assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+    assert spread["min"] <= 1e3 * cfg.pretrain_batch / rows["none"]["pretrain_slices_s"] <= spread["max"] + 1e-6
+    assert "pretrain_step_ms" not in rows["fuse_batchnorm"]
     table = format_levers_table(result)
     ratio = rows["channels_last"]["pretrain_slices_s"] / rows["none"]["pretrain_slices_s"]
     assert f"({ratio:.2f}x)" in table
