@@ -17,23 +17,25 @@
 #   levers    coral bench speed --levers: each speed lever against none, one process per lever
 #   profile   benchmarks/profile_step.py: the operators that take a pretraining step's and a volume's device time
 #   scaling   benchmarks/speed_bench.py --scaling: cost against image size and batch size
-#   lowlabel  coral bench lowlabel (the full protocol) on the phantom cohort
+#   lowlabel  coral bench lowlabel (the full protocol, or LOWLABEL_ARGS's part) on 100 phantom subjects
 #
 # On the device tool (no network, no nibabel: the CUDA CLI test skips itself), from the repository
-# root. Seen on an H100 on 2026-11-27 (docs/performance.md): ceilings 7 s, speed 90 s, loss 70 s,
-# an eager lever variant about 31 s and a compiled one about 53 s, tests 21 s without the two
-# lever tests and 73 s for those two. The lent time was 15 minutes in all, start included, and the
-# machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
-# What that session left to measure, in one call (at most 580 s by its limits; levers runs four processes):
-#   TESTS_K="levers or prefetched or bf16" LEVERS="none;defaults;defaults + prefetch;cudnn_benchmark" \
-#     bash benchmarks/gpu_session.sh tests:110 levers:70 profile:80 scaling:100
-# (the CUDA test lines added since, for Levers() defaults, cudnn_benchmark, fuse_batchnorm, prefetch and
-# the float32 projection head, have never run on a GPU; then the prefetch lever, the profile, and the
-# scaling table. The "none" and "defaults" rows also show what the float32 head costs, against the
-# 2026-11-27 table.)
+# root. Seen on an H100 (docs/performance.md, benchmarks/results/h100-*): ceilings 5-7 s, speed 90 s,
+# loss 70 s, tests 70 s (all of tests/test_cuda.py), a lever variant 24-45 s, a profile about 25 s,
+# scaling (4 sizes x 3 batches) 142 s; lowlabel at full size: 24 s to pretrain CORAL, 16-19 s per
+# fine-tuning and scoring. The lent time was 15 minutes in all, about 35 s of it to start a machine, and
+# the machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
+# The next session's calls (the full low-label protocol needs about 1.6 hours of an H100, so it is run in
+# parts that continue one table; first every method at M = 1, seed 0):
+#   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1" \
+#     bash benchmarks/gpu_session.sh lowlabel:520
+#   (then the same again at once on the warm machine, with the table it returned, lowlabel:240)
+# and copy $OUT/lowlabel_table.json back to benchmarks/results/lowlabel-gpu-table.json. Later sessions
+# continue it with "--labeled 1,2,6 --seeds 3". Still to diagnose on a GPU: prefetch's two disagreeing
+# measurements (LEVERS="defaults;defaults + prefetch" now reports each step's spread).
 # Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
-# $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark, at
-# most 7 files (the tool brings back 8).
+# $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark
+# (speed.json, levers.jsonl, lowlabel_table.json): the tool brings back at most 8 files.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -110,10 +112,12 @@ EOF
       run_stage "${limit:-300}" "$LOG" $PY benchmarks/speed_bench.py --device "$DEV" --no-table --scaling --sizes 128 256 352 512 \
         --batches 16 32 64 ;;
     lowlabel)
-      # LOWLABEL_ARGS="--seeds 1" or "--methods random,coral" fits a part of the protocol into one call;
-      # each run's Dice goes to the log as it is measured, so a stage stopped at its limit still reports
-      run_stage "${limit:-580}" "$OUT/lowlabel.json" $PY -m coral_core.cli bench lowlabel --device "$DEV" --json \
-        ${LOWLABEL_ARGS:-} ;;
+      # The protocol's runs go to $OUT/lowlabel_table.json as each finishes, so a stage stopped at its
+      # limit keeps them. LOWLABEL_TABLE=FILE.json (committed after an earlier session) is continued: its
+      # runs are not run again. LOWLABEL_ARGS="--labeled 1 --seeds 1" or "--methods random,coral" chooses a part.
+      [ -n "${LOWLABEL_TABLE:-}" ] && [ -f "$LOWLABEL_TABLE" ] && cp "$LOWLABEL_TABLE" "$OUT/lowlabel_table.json"
+      run_stage "${limit:-580}" "$LOG" $PY -m coral_core.cli bench lowlabel --device "$DEV" \
+        --table "$OUT/lowlabel_table.json" ${LOWLABEL_ARGS:-} ;;
     *)
       say "unknown stage $stage (ceilings tests loss speed levers profile scaling lowlabel)" ;;
   esac

@@ -119,7 +119,7 @@ MAX_CLASSES = 255
 
 
 class _Interrupted(Exception):
-    """Ctrl-C stopped a training run after a step; its progress is in the resume file."""
+    """Ctrl-C stopped a run; what it had finished is saved where the message says."""
 
 
 _STOP = threading.Event()
@@ -502,22 +502,44 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         cfg = LowLabelConfig(**{k: v for k, v in options.items() if v is not None})
     if args.data is None and not args.phantom:
         args.phantom = 20 if args.quick else 100
-    cases = load_labelled_cases(args.data, args.phantom or 0)
+    source = args.data or f"{args.phantom} phantom subjects"
+    earlier = None
     if args.table:
         from coral_core.fileio import check_output_path
 
         check_output_path(args.table)
-    result = run_lowlabel(cfg, cases, _stage_printer())
-    paired = paired_differences(result.runs, "random") + paired_differences(result.runs, "coral")
-    out = {"rows": result.rows, "paired": paired, "config": result.config, "runs": result.runs,
-           "seconds": round(result.seconds, 1)}
-    if args.table:
-        from coral_core.fileio import atomic_target
+        earlier = _read_lowlabel_table(args.table)
+    cases = load_labelled_cases(args.data, args.phantom or 0)
 
-        with atomic_target(args.table, suffix=".json") as tmp:
-            Path(tmp).write_text(json.dumps(_finite(out), indent=1, allow_nan=False))
-    source = args.data or f"{args.phantom} phantom subjects"
-    text = (f"low-label benchmark on {source}: {cfg.folds} folds x {cfg.seeds} seeds, mean foreground Dice "
+    def as_table(result) -> dict:
+        paired = paired_differences(result.runs, "random") + paired_differences(result.runs, "coral")
+        c = result.config
+        complete = {(m, n, k, s) for m in c["methods"] for n in c["labeled"] for k in range(c["folds"])
+                    for s in range(c["seeds"])} <= {(r["method"], r["labeled"], r["fold"], r["seed"]) for r in result.runs}
+        return {"rows": result.rows, "paired": paired, "config": c, "runs": result.runs,
+                "seconds": round(result.seconds, 1), "timings": result.timings, "complete": complete}
+
+    def write(result) -> None:  # after every run: a run stopped early keeps what it measured
+        if args.table:
+            from coral_core.fileio import atomic_target
+
+            with atomic_target(args.table, suffix=".json") as tmp:
+                Path(tmp).write_text(json.dumps(_finite(as_table(result)), indent=1, allow_nan=False))
+        written.append(len(result.runs))
+
+    written: list[int] = []
+    try:
+        result = run_lowlabel(cfg, cases, _stage_printer(), source=str(source), earlier=earlier,
+                              earlier_name=str(args.table), on_run=write)
+    except KeyboardInterrupt:
+        if not written:
+            raise
+        raise _Interrupted(f"interrupted; {args.table} holds the runs finished so far ({written[-1]}), and the "
+                           "same command continues it") from None
+    write(result)
+    out = as_table(result)
+    paired = out["paired"]
+    text = (f"low-label benchmark on {source}: {cfg.folds} folds x {result.config['seeds']} seeds, mean foreground Dice "
             f"+- std over folds and seeds (mean HD95 mm), {result.seconds:.0f} s on {result.config['device']}\n"
             + format_table(result.rows))
     for reference in ("random", "coral"):
@@ -525,6 +547,20 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         if table:
             text += f"\n\npaired with {reference} (same folds, seeds and labelled volumes; wins/runs):\n" + table
     return out, text
+
+
+def _read_lowlabel_table(path) -> dict | None:
+    """An existing --table file to continue; None if there is none yet."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        table = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{p}: cannot be read as a benchmark table ({exc}); give another --table file") from None
+    if not isinstance(table, dict) or not isinstance(table.get("runs"), list) or not isinstance(table.get("config"), dict):
+        raise UserError(f"{p}: is not a table written by coral bench lowlabel; give another --table file")
+    return table
 
 
 def cmd_bench_embedding(args) -> tuple[dict, str]:
@@ -730,7 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
     _cpu_bf16_option(p, benchmark=True)
-    p.add_argument("--table", default=None, metavar="FILE.json", help="also write rows, runs and config to this file")
+    p.add_argument("--table", default=None, metavar="FILE.json",
+                   help="also write rows, runs and config to this file, after every run; an existing table of the "
+                        "same protocol is continued (its runs are not run again)")
     p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
                 cmd_bench_embedding, bench_sub)
     p.add_argument("--out", required=True, metavar="FIG.png")

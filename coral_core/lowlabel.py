@@ -168,12 +168,46 @@ def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Lev
     return float(np.nanmean(dice)), float(np.nanmean(hd)) if np.isfinite(hd).any() else float("nan")
 
 
+# What a run's result depends on, besides its own (method, labelled count, fold, seed): a table may
+# be continued only by a run that agrees on all of these (the methods, seeds and counts may grow).
+PROTOCOL_FIELDS = (
+    "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
+    "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
+    "compute",
+)
+
+
+def protocol_difference(old: dict, new: dict) -> str | None:
+    """The first protocol field on which two tables' configs differ, described; None if none."""
+    for key in PROTOCOL_FIELDS:
+        if key not in old:
+            return f"it does not record {key!r} (written by an older version)"
+        if old[key] != new[key]:
+            return f"its {key} is {old[key]!r}, this run's {new[key]!r}"
+    return None
+
+
+def _run_key(run: dict) -> tuple:
+    return run["method"], run["labeled"], run["fold"], run["seed"]
+
+
 def run_lowlabel(
     cfg: LowLabelConfig,
     cases: list[LabelledCase],
     progress: Callable[[str], None] | None = None,
+    source: str = "",
+    earlier: dict | None = None,
+    earlier_name: str = "the earlier table",
+    on_run: Callable[["LowLabelResult"], None] | None = None,
 ) -> LowLabelResult:
-    """Run the whole benchmark; ``progress(text)`` is told each stage as it starts."""
+    """Run the whole benchmark; ``progress(text)`` is told each stage as it starts.
+
+    ``source`` names the cohort (a folder, or "N phantom subjects") in the config. ``earlier``, a
+    table this function returned before (as JSON), is continued: its runs are kept and not run
+    again, and a method whose runs for a seed are all there is not pretrained again. It must come
+    from the same protocol (:data:`PROTOCOL_FIELDS`), else a UserError names ``earlier_name`` and
+    the difference. ``on_run(result)`` is called after every new run with everything so far.
+    """
     from coral_core.device import resolve_device
 
     say = progress or (lambda text: None)
@@ -195,10 +229,35 @@ def run_lowlabel(
     )
     images = [c.image for c in cases]
     levers = Levers(cpu_bf16=cfg.cpu_bf16)
-    timings: dict[str, float] = {}
+    bf16 = device.type == "cuda" or levers.cpu_bf16_on(device)  # CUDA always trains and infers under autocast
+    config = cfg.to_dict() | {"subjects": len(set(subjects)), "cases": len(cases), "device": str(device),
+                              "n_classes": n_classes, "cpu_bf16": levers.cpu_bf16_on(device), "source": source,
+                              "compute": "bf16" if bf16 else "float32"}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     runs: list[dict] = []
+    timings: dict[str, float] = {}
+    earlier_seconds = 0.0
+    if earlier is not None:
+        difference = protocol_difference(earlier.get("config", {}), config)
+        if difference:
+            raise UserError(f"{earlier_name} comes from another protocol ({difference}); give another --table file")
+        runs = list(earlier.get("runs", []))
+        timings = dict(earlier.get("timings", {}))
+        earlier_seconds = float(earlier.get("seconds", 0.0))
+        config["methods"] = tuple(dict.fromkeys([*earlier["config"]["methods"], *cfg.methods]))
+        config["labeled"] = tuple(sorted({*earlier["config"]["labeled"], *cfg.labeled}))
+        config["seeds"] = max(int(earlier["config"]["seeds"]), cfg.seeds)
+    done = {_run_key(r) for r in runs}
+
+    def result() -> LowLabelResult:
+        return LowLabelResult(_rows(runs, config["methods"], config["labeled"]), runs, config,
+                              earlier_seconds + time.perf_counter() - t0, timings)
+
     for seed in range(cfg.seeds):
         for method in cfg.methods:
+            todo = [(m, k) for m in cfg.labeled for k in range(cfg.folds) if (method, m, k, seed) not in done]
+            if not todo:
+                continue
             t = time.perf_counter()
             if method == "random":
                 torch.manual_seed(seed)  # as pretrain() seeds its fresh model
@@ -211,44 +270,51 @@ def run_lowlabel(
                 )
                 init = resize_head(pretrain(pre_cfg, images).model, n_classes, model_cfg.class_names)
             timings[f"pretrain {method}"] = timings.get(f"pretrain {method}", 0.0) + time.perf_counter() - t
-            for m in cfg.labeled:
-                for k, test_subjects in enumerate(folds):
-                    rng = np.random.default_rng([seed, k, m])
-                    pool = sorted({s for s in subjects if s not in test_subjects})
-                    chosen = set(rng.choice(pool, size=m, replace=False).tolist())
-                    train = [c for c in cases if c.name in chosen]
-                    test = [c for c in cases if c.name in test_subjects]
-                    say(f"seed {seed}: fine-tune {method} on {m} labelled, fold {k + 1}/{cfg.folds}")
-                    t = time.perf_counter()
-                    ft_cfg = FinetuneConfig(
-                        steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
-                        seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
-                        embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
-                        levers=levers,
-                    )
-                    model = finetune(
-                        ft_cfg, init, [c.image for c in train], [c.labels for c in train],
-                        [list(range(c.image.shape[0])) for c in train],
-                    ).model
-                    dice, hd95 = _score(model, test, n_classes, device, levers)
-                    timings[f"finetune {method}"] = timings.get(f"finetune {method}", 0.0) + time.perf_counter() - t
-                    runs.append({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
-                                 "train": sorted(chosen), "test": sorted(test_subjects)})
-                    say(f"seed {seed}: {method}, {m} labelled, fold {k + 1}: Dice {dice:.3f}")
+            for m, k in todo:
+                test_subjects = folds[k]
+                rng = np.random.default_rng([seed, k, m])
+                pool = sorted({s for s in subjects if s not in test_subjects})
+                chosen = set(rng.choice(pool, size=m, replace=False).tolist())
+                train = [c for c in cases if c.name in chosen]
+                test = [c for c in cases if c.name in test_subjects]
+                say(f"seed {seed}: fine-tune {method} on {m} labelled, fold {k + 1}/{cfg.folds}")
+                t = time.perf_counter()
+                ft_cfg = FinetuneConfig(
+                    steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
+                    seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
+                    embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
+                    levers=levers,
+                )
+                model = finetune(
+                    ft_cfg, init, [c.image for c in train], [c.labels for c in train],
+                    [list(range(c.image.shape[0])) for c in train],
+                ).model
+                dice, hd95 = _score(model, test, n_classes, device, levers)
+                timings[f"finetune {method}"] = timings.get(f"finetune {method}", 0.0) + time.perf_counter() - t
+                runs.append({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
+                             "train": sorted(chosen), "test": sorted(test_subjects), "device": device_name})
+                say(f"seed {seed}: {method}, {m} labelled, fold {k + 1}: Dice {dice:.3f}")
+                if on_run is not None:
+                    on_run(result())
+    return result()
+
+
+def _rows(runs: list[dict], methods, labeled) -> list[dict]:
+    """One row per (method, labelled count) that has runs: mean and std over folds x seeds."""
     rows = []
-    for method in cfg.methods:
-        for m in cfg.labeled:
+    for method in methods:
+        for m in labeled:
             sel = [r for r in runs if r["method"] == method and r["labeled"] == m]
-            d = np.array([r["dice"] for r in sel])
-            h = np.array([r["hd95"] for r in sel])
+            if not sel:
+                continue
+            d = np.array([r["dice"] for r in sel], dtype=float)  # None (from JSON) becomes NaN
+            h = np.array([r["hd95"] for r in sel], dtype=float)
             rows.append({
                 "method": method, "labeled": m, "dice": float(np.nanmean(d)),
                 "dice_std": float(np.nanstd(d)), "hd95": float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
                 "n": len(sel),
             })
-    config = cfg.to_dict() | {"subjects": len(set(subjects)), "cases": len(cases), "device": str(device),
-                              "n_classes": n_classes, "cpu_bf16": levers.cpu_bf16_on(device)}
-    return LowLabelResult(rows, runs, config, time.perf_counter() - t0, timings)
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:

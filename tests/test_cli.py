@@ -199,6 +199,40 @@ def _popen_coral(*args):
     )
 
 
+def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
+    table = tmp_path / "t.json"
+    base = ["bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
+            "--pretrain-epochs", 1, "--finetune-steps", 2, "--device", "cpu", "--table", table, "--json"]
+    first = json.loads(coral(*base, "--methods", "random").stdout)
+    assert len(first["runs"]) == 2 and first["complete"] and first["config"]["source"] == "4 phantom subjects"
+    proc = coral(*base, "--methods", "random,coral")
+    second = json.loads(proc.stdout)
+    assert "fine-tune random" not in proc.stderr and "fine-tune coral" in proc.stderr  # only the new runs ran
+    assert second["runs"][:2] == first["runs"] and len(second["runs"]) == 4 and second["complete"]
+    assert [r["method"] for r in second["rows"]] == ["random", "coral"]
+    assert [(r["method"], r["reference"]) for r in second["paired"]] == [("coral", "random"), ("random", "coral")]
+    assert json.loads(table.read_text())["runs"] == second["runs"]
+    user_error(coral(*base[:-1], "--finetune-steps", 3, check=False), str(table), "finetune_steps is 2, this run's 3")
+    table.write_text("{not json")
+    user_error(coral(*base, check=False), str(table), "cannot be read as a benchmark table")
+
+
+def test_bench_lowlabel_ctrl_c_keeps_the_finished_runs(tmp_path):
+    table = tmp_path / "t.json"
+    args = ["bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 3, "--labeled", "1",
+            "--methods", "random", "--finetune-steps", 150, "--device", "cpu", "--table", table, "--json"]
+    proc = _popen_coral(*args)
+    err = _interrupt_when(proc, table)
+    assert proc.returncode == 130 and "Traceback" not in err
+    kept = json.loads(table.read_text())
+    assert 1 <= len(kept["runs"]) < 6 and not kept["complete"]
+    assert err.strip().splitlines()[-1] == (f"error: interrupted; {table} holds the runs finished so far "
+                                            f"({len(kept['runs'])}), and the same command continues it")
+    done = json.loads(coral(*args).stdout)
+    assert done["runs"][:len(kept["runs"])] == kept["runs"] and len(done["runs"]) == 6 and done["complete"]
+    assert done["rows"][0]["n"] == 6
+
+
 def test_ctrl_c_keeps_the_progress_and_no_partial_output(tmp_path):
     out = tmp_path / "pre.safetensors"
     proc = _popen_coral("pretrain", "--phantom", 4, "--epochs", 100000, *TINY, "--out", out)
