@@ -51,10 +51,15 @@ def _pretrain(spec: dict, messages, stop) -> None:
     from coral_core.resume import ResumeState
 
     data = np.load(spec["data"])
-    volumes = [data[k] for k in sorted(data.files)]
+    arrays = {k: data[k] for k in sorted(data.files)}
+    volumes = list(arrays.values())
     # progress kept at every epoch's end and when stopped; a later job with the same images and
-    # settings continues from it (see pretrain_resume_file)
-    resume = ResumeState(spec["resume"], spec["fingerprint"]) if spec.get("resume") else None
+    # settings continues from it. Its name hashes every voxel (about 1 s per GB): done here, in the
+    # job, not on napari's GUI thread.
+    resume = None
+    if spec.get("resume_folder"):
+        path, fingerprint = pretrain_resume_file(spec["config"], arrays, Path(spec["resume_folder"]))
+        resume = ResumeState(path, fingerprint)
     result = pretrain(PretrainConfig(**spec["config"]), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop,
                       resume=resume)
     save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
@@ -63,14 +68,21 @@ def _pretrain(spec: dict, messages, stop) -> None:
     messages.put(("done", spec["out"], result.history.stopped))
 
 
-def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray]) -> tuple[Path, dict]:
+def resume_folder() -> Path:
+    """Where the plugin's pretraining jobs keep their progress: ``data_home()/resume``."""
+    from napari_coral._session import data_home
+
+    folder = data_home() / "resume"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray], folder: Path | None = None) -> tuple[Path, dict]:
     """Where a pretraining job of ``volumes`` with ``config`` keeps its progress, and the
     fingerprint its resume file must carry: both from a hash of the settings and of every
     voxel, so a job continues only what was stopped with the very same images and settings.
-    The file is in ``data_home()/resume`` and is removed when the job finishes."""
+    The file is in ``folder`` (default :func:`resume_folder`) and is removed when the job finishes."""
     import hashlib
-
-    from napari_coral._session import data_home
 
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in sorted(volumes):
@@ -78,8 +90,7 @@ def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray]) -> tuple[
         digest.update(f"{name}{array.shape}{array.dtype.str}".encode())
         digest.update(memoryview(array).cast("B"))
     key = digest.hexdigest()[:20]
-    folder = data_home() / "resume"
-    folder.mkdir(exist_ok=True)
+    folder = folder if folder is not None else resume_folder()
     return folder / f"pretrain-{key}.resume.safetensors", {"job": "pretrain", "key": key}
 
 

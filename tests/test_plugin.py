@@ -272,7 +272,7 @@ def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
     assert "pretrained encoder" in session.source, widget.pretrain_status.text()
     assert session.model.has_direction and session.meta["training"]["method"] == "coral"
-    assert runner.job.spec["resume"].startswith(str(tmp_path / "home" / "resume"))  # progress kept there ...
+    assert runner.job.spec["resume_folder"] == str(tmp_path / "home" / "resume")  # progress kept there ...
     assert list((tmp_path / "home" / "resume").iterdir()) == []  # ... until the job is done
     saved = widget.save_model_file(str(tmp_path / "pre.safetensors"))
     widget.use_demo_model()

@@ -192,7 +192,7 @@ def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path
     monkeypatch.setenv("NAPARI_CORAL_HOME", str(tmp_path / "home"))
     cfg = PretrainConfig(method="coral", epochs=3, batch_size=8, device="cpu", model=TINY)
     volumes = {f"v{i:04d}": img.array for i, (img, _) in enumerate(cohort)}
-    resume, fingerprint = pretrain_resume_file(config_dict(cfg), volumes)
+    resume, _ = pretrain_resume_file(config_dict(cfg), volumes)
     assert resume.parent == tmp_path / "home" / "resume"
     other_volumes = dict(volumes, v0000=volumes["v0000"] + 1)
     assert pretrain_resume_file(config_dict(cfg), other_volumes)[0] != resume
@@ -215,8 +215,8 @@ def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path
     def job(out, stop_at=None, with_resume=True):
         messages = Messages(stop_at)
         spec = {"data": str(data), "out": str(tmp_path / out), "config": config_dict(cfg)}
-        if with_resume:
-            spec |= {"resume": str(resume), "fingerprint": fingerprint}
+        if with_resume:  # the job names its progress file itself, in this folder
+            spec |= {"resume_folder": str(resume.parent)}
         _pretrain(spec, messages, messages.stop)
         reports = list(messages.queue)
         return [m[1] for m in reports if m[0] == "progress"], reports[-1]
