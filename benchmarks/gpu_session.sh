@@ -25,14 +25,17 @@
 # scaling (4 sizes x 3 batches) 142 s; lowlabel at full size: 24 s to pretrain CORAL, 16-19 s per
 # fine-tuning and scoring. The lent time was 15 minutes in all, about 35 s of it to start a machine, and
 # the machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
-# The next session's calls (the full low-label protocol needs about 1.6 hours of an H100, so it is run in
-# parts that continue one table; first every method at M = 1, seed 0):
+# The next session's calls, about 560 + 240 s (the full low-label protocol needs about 1.6 hours of an
+# H100, so it runs in parts that continue one table; first every method at M = 1, seed 0):
+#   TESTS_K="levers" LEVERS="defaults;defaults + pad_channels;defaults + prefetch" \
+#   PROFILES="defaults + pad_channels;defaults + pad_channels,segment" \
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1" \
-#     bash benchmarks/gpu_session.sh lowlabel:520
-#   (then the same again at once on the warm machine, with the table it returned, lowlabel:240)
-# and copy $OUT/lowlabel_table.json back to benchmarks/results/lowlabel-gpu-table.json. Later sessions
-# continue it with "--labeled 1,2,6 --seeds 3". Still to diagnose on a GPU: prefetch's two disagreeing
-# measurements (LEVERS="defaults;defaults + prefetch" now reports each step's spread).
+#     bash benchmarks/gpu_session.sh tests:100 levers:75 profile:50 lowlabel:200
+#   then at once (the machine goes back 30 s after a call): copy the returned lowlabel_table.json to
+#   benchmarks/results/lowlabel-gpu-table.json and run the lowlabel stage again with the time left.
+# Later sessions continue that table with "--labeled 1,2,6 --seeds 3". What the first call measures: the
+# pad_channels lever (new, never run on a GPU; its CUDA test lines too) and prefetch's step spread (its two
+# measurements disagreed).
 # Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
 # $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark
 # (speed.json, levers.jsonl, lowlabel_table.json): the tool brings back at most 8 files.

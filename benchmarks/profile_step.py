@@ -83,12 +83,7 @@ def main() -> None:
         print(f"wall time per recorded step (profiler on): {wall * 1e3:.1f} ms; "
               f"{args.batch / wall:.1f} slices/s")
     print(averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
-    # which layers the convolutions' time belongs to: the same operators, one row per input shape
-    by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if "convolution" in e.key]
-    by_shape.sort(key=lambda e: getattr(e, sort, 0), reverse=True)
-    print("convolution operators by input shapes (input, weight, ...), device time per step:")
-    for e in by_shape[:12]:
-        print(f"  {getattr(e, sort, 0) / active / 1e3:7.2f} ms  {e.key:28s} {str(e.input_shapes)[:150]}")
+    _print_convolutions(prof, device, active)
     if args.trace:
         prof.export_chrome_trace(args.trace)
 
@@ -105,7 +100,7 @@ def profile_segment(args, device, levers) -> None:
     volume = np.random.default_rng(0).random((200, args.size, args.size), dtype=np.float32)
     active = 3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=active)) as prof:
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=active), record_shapes=True) as prof:
         walls = []
         for _ in range(2 + active):
             t = time.perf_counter()
@@ -116,8 +111,19 @@ def profile_segment(args, device, levers) -> None:
                  f"segment {args.levers} on {device}: 200 slices of {args.size} px, {args.filters} filters, batch 50")
     wall = sum(walls[2:]) / active
     print(f"wall time per recorded pass (profiler on): {wall * 1e3:.1f} ms; {200 / wall:.1f} slices/s")
+    _print_convolutions(prof, device, active)
     if args.trace:
         prof.export_chrome_trace(args.trace)
+
+
+def _print_convolutions(prof, device, active: int, rows: int = 12) -> None:
+    """Which layers the convolutions' time belongs to: those operators, one row per input shape."""
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if "convolution" in e.key]
+    by_shape.sort(key=lambda e: getattr(e, sort, 0), reverse=True)
+    print("convolution operators by input shapes (input, weight, ...), time per recorded step or pass:")
+    for e in by_shape[:rows]:
+        print(f"  {getattr(e, sort, 0) / active / 1e3:7.2f} ms  {e.key:28s} {str(e.input_shapes)[:150]}")
 
 
 def _print_table(prof, device, active: int, rows: int, title: str) -> None:

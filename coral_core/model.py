@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["UNetConfig", "UNet", "build_model"]
@@ -41,6 +42,24 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ChannelPaddedConv2d(nn.Conv2d):
+    """A Conv2d whose input and weight are padded by zero channels to a multiple of 8 before
+    the convolution: the same result (the extra channels add exact zeros), with the parameters
+    of the plain Conv2d. cuDNN's tensor-core kernels want channel counts in multiples of 8; with
+    a single input channel it falls back to slow kernels. Set by the ``pad_channels`` lever
+    (:func:`coral_core.levers.set_channel_padding`), which also turns it back."""
+
+    padded_layout = "contiguous"  # or "channels_last": the layout the padded input is given
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        extra = -self.in_channels % 8
+        if extra:
+            layout = torch.channels_last if self.padded_layout == "channels_last" else torch.contiguous_format
+            input = F.pad(input, (0, 0, 0, 0, 0, extra)).contiguous(memory_format=layout)
+            weight = F.pad(weight, (0, 0, 0, 0, 0, extra)).contiguous(memory_format=layout)
+        return super()._conv_forward(input, weight, bias)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

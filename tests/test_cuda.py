@@ -120,6 +120,7 @@ def test_speed_levers_pretrain_on_cuda_like_the_default(cohort):
     np.testing.assert_allclose(run(Levers()), plain, rtol=2e-2)  # the defaults: channels_last on CUDA
     np.testing.assert_allclose(run(Levers(channels_last=True, data_on_device=True)), plain, rtol=2e-2)
     np.testing.assert_allclose(run(Levers(compile="default")), plain, rtol=2e-2)
+    np.testing.assert_allclose(run(Levers(pad_channels=True)), plain, rtol=2e-2)
     np.testing.assert_allclose(run(Levers(cudnn_benchmark=True)), plain, rtol=2e-2)
     assert torch.backends.cudnn.benchmark
     np.testing.assert_allclose(run(Levers(channels_last=False, compile="off", prefetch=True)), plain, rtol=2e-2)
@@ -173,7 +174,7 @@ def test_inference_levers_on_cuda_agree_with_eager(demo, tmp_path):
     model, image, _ = demo
     eager = segment_volume(model, image, CUDA, batch_size=8, levers=Levers(channels_last=False, compile="off"))
     for levers in (Levers(channels_last=True), Levers(compile="default"), Levers(compile="reduce-overhead"),
-                   Levers(fuse_batchnorm=True)):
+                   Levers(fuse_batchnorm=True), Levers(pad_channels=True), Levers(pad_channels=True, fuse_batchnorm=True)):
         got = segment_volume(model, image, CUDA, batch_size=8, levers=levers)
         assert (got == eager).mean() > 0.999, levers
     # channels_last converted the model in place: it still saves and loads as it was

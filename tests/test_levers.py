@@ -119,6 +119,49 @@ def test_channels_last_finetunes_and_segments_like_the_default(cohort):
     assert (plain == levered).mean() > 0.999
 
 
+def test_padded_channels_compute_the_same_with_the_same_parameters(cohort, tmp_path):
+    """``pad_channels`` pads a convolution's input and weight by zero channels to 8: the same
+    outputs and gradients, the same parameters; it is undone before a model is returned."""
+    from torch import nn
+
+    from coral_core.levers import apply_layout, set_channel_padding
+    from coral_core.model import ChannelPaddedConv2d
+
+    torch.manual_seed(0)
+    model = build_model(UNetConfig(base_filters=16, image_size=32, n_classes=4))
+    x = torch.randn(3, 1, 32, 32)
+    plain_out = model(x)
+    plain_out.square().mean().backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert "encoder.blocks.0.0.weight" in plain_grads
+    model.zero_grad()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    set_channel_padding(model, True, channels_last=True)
+    padded = [m for m in model.modules() if isinstance(m, ChannelPaddedConv2d)]
+    assert [m.in_channels for m in padded] == [1]  # the first convolution: every other one has 16 or more
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    out = model(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, plain_out, rtol=1e-4, atol=1e-5)  # float32 rounding: another kernel sums
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == plain_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    apply_layout(model, Levers())  # set either way: the defaults turn it off
+    assert not any(isinstance(m, ChannelPaddedConv2d) for m in model.modules())
+    assert type(model.encoder.blocks[0][0]) is nn.Conv2d
+
+    plain = _pretrain(cohort, Levers())
+    levered = _pretrain(cohort, Levers(pad_channels=True))
+    _assert_same_training(plain, levered)
+    assert not any(isinstance(m, ChannelPaddedConv2d) for m in levered.model.modules())  # returned as built
+    image = cohort[1][0].array
+    for fuse in (False, True):  # folding BatchNorm keeps the padding of the convolution it folds into
+        a = segment_volume(levered.model, image, "cpu", batch_size=4, levers=Levers(fuse_batchnorm=fuse))
+        b = segment_volume(levered.model, image, "cpu", batch_size=4, levers=Levers(fuse_batchnorm=fuse, pad_channels=True))
+        assert (a == b).mean() > 0.999
+
+
 def test_compiled_pretraining_and_inference_match_eager(cohort):
     """torch.compile (the inductor backend, C++ on the CPU) gives the eager results."""
     _assert_same_training(_pretrain(cohort, Levers()), _pretrain(cohort, Levers(compile="default")))
