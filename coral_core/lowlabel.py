@@ -289,8 +289,10 @@ def run_lowlabel(
                     ft_cfg, init, [c.image for c in train], [c.labels for c in train],
                     [list(range(c.image.shape[0])) for c in train],
                 ).model
-                dice, hd95 = _score(model, test, n_classes, device, levers)
                 timings[f"finetune {method}"] = timings.get(f"finetune {method}", 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                dice, hd95 = _score(model, test, n_classes, device, levers)
+                timings[f"score {method}"] = timings.get(f"score {method}", 0.0) + time.perf_counter() - t
                 runs.append({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
                              "train": sorted(chosen), "test": sorted(test_subjects), "device": device_name})
                 say(f"seed {seed}: {method}, {m} labelled, fold {k + 1}: Dice {dice:.3f}")

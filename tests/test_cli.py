@@ -208,6 +208,8 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     proc = coral(*base, "--methods", "random,coral")
     second = json.loads(proc.stdout)
     assert "fine-tune random" not in proc.stderr and "fine-tune coral" in proc.stderr  # only the new runs ran
+    assert {"finetune random", "score random"} <= first["timings"].keys()
+    assert second["timings"]["finetune random"] == first["timings"]["finetune random"]  # carried over, not rerun
     assert second["runs"][:2] == first["runs"] and len(second["runs"]) == 4 and second["complete"]
     assert [r["method"] for r in second["rows"]] == ["random", "coral"]
     assert [(r["method"], r["reference"]) for r in second["paired"]] == [("coral", "random"), ("random", "coral")]
