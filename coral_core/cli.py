@@ -495,6 +495,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "folds": args.folds, "seeds": args.seeds, "device": args.device,
         "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
+        "workers": args.workers,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -770,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
     _cpu_bf16_option(p, benchmark=True)
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run N (seed, method) units side by side in processes that share the CPU threads and the "
+                        "GPU (default 1); the runs are those of one process")
     p.add_argument("--table", default=None, metavar="FILE.json",
                    help="also write rows, runs and config to this file, after every run; an existing table of the "
                         "same protocol is continued (its runs are not run again)")

@@ -84,6 +84,9 @@ class LowLabelConfig:
     # measured. In bf16, CORAL's paired lead over random init in the quick setting was +0.019 (6/6)
     # against float32's +0.025 (6/6), and +0.012 before the projection head ran in float32.
     cpu_bf16: bool | None = False
+    # Processes that run (seed, method) units side by side, each with its share of the CPU threads
+    # (on one GPU they share it). Not part of the protocol: the runs are those of one process.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -97,6 +100,8 @@ class LowLabelConfig:
             raise UserError("--labeled counts must be at least 1")
         if self.folds < 2 or self.seeds < 1:
             raise UserError("the benchmark needs --folds >= 2 and --seeds >= 1")
+        if self.workers < 1:
+            raise UserError("--workers must be at least 1")
 
     @classmethod
     def quick(cls, **overrides) -> "LowLabelConfig":
@@ -227,7 +232,6 @@ def run_lowlabel(
         n_classes=n_classes, class_names=["background"] + [f"class {c}" for c in range(1, n_classes)],
         base_filters=cfg.base_filters, image_size=cfg.image_size,
     )
-    images = [c.image for c in cases]
     levers = Levers(cpu_bf16=cfg.cpu_bf16)
     bf16 = device.type == "cuda" or levers.cpu_bf16_on(device)  # CUDA always trains and infers under autocast
     config = cfg.to_dict() | {"subjects": len(set(subjects)), "cases": len(cases), "device": str(device),
@@ -253,52 +257,151 @@ def run_lowlabel(
         return LowLabelResult(_rows(runs, config["methods"], config["labeled"]), runs, config,
                               earlier_seconds + time.perf_counter() - t0, timings)
 
+    units = []  # (seed, method, the (M, fold) pairs still to run): each pretrains once, then fine-tunes
     for seed in range(cfg.seeds):
         for method in cfg.methods:
             todo = [(m, k) for m in cfg.labeled for k in range(cfg.folds) if (method, m, k, seed) not in done]
-            if not todo:
-                continue
-            t = time.perf_counter()
-            if method == "random":
-                torch.manual_seed(seed)  # as pretrain() seeds its fresh model
-                init = build_model(model_cfg)
-            else:
-                say(f"seed {seed}: pretrain {method}")
-                pre_cfg = PretrainConfig(
-                    method=method, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch,
-                    lr=cfg.pretrain_lr, seed=seed, device=cfg.device, model=model_cfg, levers=levers,
-                )
-                init = resize_head(pretrain(pre_cfg, images).model, n_classes, model_cfg.class_names)
-            timings[f"pretrain {method}"] = timings.get(f"pretrain {method}", 0.0) + time.perf_counter() - t
-            for m, k in todo:
-                test_subjects = folds[k]
-                rng = np.random.default_rng([seed, k, m])
-                pool = sorted({s for s in subjects if s not in test_subjects})
-                chosen = set(rng.choice(pool, size=m, replace=False).tolist())
-                train = [c for c in cases if c.name in chosen]
-                test = [c for c in cases if c.name in test_subjects]
-                say(f"seed {seed}: fine-tune {method} on {m} labelled, fold {k + 1}/{cfg.folds}")
-                t = time.perf_counter()
-                ft_cfg = FinetuneConfig(
-                    steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
-                    seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
-                    embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
-                    levers=levers,
-                )
-                model = finetune(
-                    ft_cfg, init, [c.image for c in train], [c.labels for c in train],
-                    [list(range(c.image.shape[0])) for c in train],
-                ).model
-                timings[f"finetune {method}"] = timings.get(f"finetune {method}", 0.0) + time.perf_counter() - t
-                t = time.perf_counter()
-                dice, hd95 = _score(model, test, n_classes, device, levers)
-                timings[f"score {method}"] = timings.get(f"score {method}", 0.0) + time.perf_counter() - t
-                runs.append({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
-                             "train": sorted(chosen), "test": sorted(test_subjects), "device": device_name})
-                say(f"seed {seed}: {method}, {m} labelled, fold {k + 1}: Dice {dice:.3f}")
-                if on_run is not None:
-                    on_run(result())
+            if todo:
+                units.append((seed, method, todo))
+    work = _Work(cfg, cases, folds, model_cfg, levers, device_name)
+    order = {m: i for i, m in enumerate(config["methods"])}
+
+    def take(run: dict, spent: dict[str, float]) -> None:
+        runs.append(run)
+        runs.sort(key=lambda r: (r["seed"], order.get(r["method"], len(order)), r["labeled"], r["fold"]))
+        for key, seconds in spent.items():
+            timings[key] = timings.get(key, 0.0) + seconds
+        say(f"seed {run['seed']}: {run['method']}, {run['labeled']} labelled, fold {run['fold'] + 1}: Dice {run['dice']:.3f}")
+        if on_run is not None:
+            on_run(result())
+
+    if cfg.workers <= 1 or len(units) <= 1:
+        for unit in units:
+            _run_unit(work, *unit, take, say)
+    else:
+        _run_in_workers(work, units, cfg.workers, take, say)
     return result()
+
+
+@dataclass
+class _Work:
+    """What every unit of the benchmark needs (sent once to each worker process)."""
+
+    cfg: LowLabelConfig
+    cases: list[LabelledCase]
+    folds: list[list[str]]
+    model_cfg: UNetConfig
+    levers: Levers
+    device_name: str
+
+
+def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> None:
+    """Pretrain ``method`` with ``seed`` (random: a fresh model), then fine-tune and score it for
+    each (M, fold) in ``todo``; ``take(run, seconds spent)`` receives each run as it is scored."""
+    from coral_core.device import resolve_device
+
+    cfg, cases, model_cfg, levers = work.cfg, work.cases, work.model_cfg, work.levers
+    device = resolve_device(cfg.device)
+    subjects = [c.name for c in cases]
+    t = time.perf_counter()
+    if method == "random":
+        torch.manual_seed(seed)  # as pretrain() seeds its fresh model
+        init = build_model(model_cfg)
+    else:
+        say(f"seed {seed}: pretrain {method}")
+        pre_cfg = PretrainConfig(
+            method=method, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch,
+            lr=cfg.pretrain_lr, seed=seed, device=cfg.device, model=model_cfg, levers=levers,
+        )
+        init = resize_head(pretrain(pre_cfg, [c.image for c in cases]).model, model_cfg.n_classes,
+                           model_cfg.class_names)
+    spent = {f"pretrain {method}": time.perf_counter() - t}
+    for m, k in todo:
+        test_subjects = work.folds[k]
+        rng = np.random.default_rng([seed, k, m])
+        pool = sorted({s for s in subjects if s not in test_subjects})
+        chosen = set(rng.choice(pool, size=m, replace=False).tolist())
+        train = [c for c in cases if c.name in chosen]
+        test = [c for c in cases if c.name in test_subjects]
+        say(f"seed {seed}: fine-tune {method} on {m} labelled, fold {k + 1}/{cfg.folds}")
+        t = time.perf_counter()
+        ft_cfg = FinetuneConfig(
+            steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
+            seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
+            embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
+            levers=levers,
+        )
+        model = finetune(
+            ft_cfg, init, [c.image for c in train], [c.labels for c in train],
+            [list(range(c.image.shape[0])) for c in train],
+        ).model
+        spent[f"finetune {method}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        dice, hd95 = _score(model, test, model_cfg.n_classes, device, levers)
+        spent[f"score {method}"] = time.perf_counter() - t
+        take({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
+              "train": sorted(chosen), "test": sorted(test_subjects), "device": work.device_name}, spent)
+        spent = {}
+
+
+# --------------------------------------------------------------------------- worker processes
+
+_WORKER: dict = {}  # in a worker process: its _Work and message queue
+
+
+def _worker_start(work: _Work, messages, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(work=work, messages=messages)
+
+
+def _worker_unit(seed: int, method: str, todo: list) -> None:
+    messages = _WORKER["messages"]
+    _run_unit(_WORKER["work"], seed, method, todo, lambda run, spent: messages.put(("run", run, spent)),
+              lambda text: messages.put(("say", text)))
+
+
+def _run_in_workers(work: _Work, units: list, workers: int, take, say) -> None:
+    """Run the units in ``workers`` processes (spawned: safe with CUDA), each with its share of
+    the CPU threads; runs come back through a queue as each is scored, so ``take`` sees them as
+    they finish. A worker's error is raised here once the others have stopped."""
+    import multiprocessing
+    import queue as queue_module
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    manager = context.Manager()
+    messages = manager.Queue()
+    threads = max(1, torch.get_num_threads() // workers)
+    say(f"{len(units)} units of work in {workers} processes, {threads} CPU thread(s) each")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
+                               initargs=(work, messages, threads))
+    try:
+        futures = [pool.submit(_worker_unit, *unit) for unit in units]
+        pending = set(futures)
+        while True:
+            try:
+                message = messages.get(timeout=0.2)
+            except queue_module.Empty:
+                if not pending:
+                    break
+                _, pending = wait(pending, timeout=0, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+                if failed:
+                    raise failed[0].exception()
+                continue
+            if message[0] == "run":
+                take(message[1], message[2])
+            else:
+                say(message[1])
+        pool.shutdown()
+    except BaseException:  # an error, or Ctrl-C: stop the other workers now, not after their units
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    finally:
+        manager.shutdown()
 
 
 def _rows(runs: list[dict], methods, labeled) -> list[dict]:

@@ -18,8 +18,8 @@ from helpers import oblique_affine
 TINY = ["--base-filters", "4", "--image-size", "32"]
 
 
-def coral(*args, cwd=None, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def coral(*args, cwd=None, check=True, env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "coral_core.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
     )
@@ -217,6 +217,23 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     user_error(coral(*base[:-1], "--finetune-steps", 3, check=False), str(table), "finetune_steps is 2, this run's 3")
     table.write_text("{not json")
     user_error(coral(*base, check=False), str(table), "cannot be read as a benchmark table")
+
+
+def test_bench_lowlabel_workers_give_the_runs_of_one_process(tmp_path):
+    """--workers 2 on this 2-core machine runs units side by side with one CPU thread each: the
+    same runs, to the bit, as one process with one thread, collected in the same order."""
+    args = ["bench", "lowlabel", "--quick", "--phantom", 6, "--folds", 2, "--seeds", 2, "--labeled", "1",
+            "--methods", "random,coral", "--pretrain-epochs", 1, "--finetune-steps", 8, "--device", "cpu", "--json"]
+    import torch
+
+    threads = max(1, torch.get_num_threads() // 2)  # what each of 2 workers gets
+    one = json.loads(coral(*args, "--table", tmp_path / "one.json", env={"OMP_NUM_THREADS": str(threads)}).stdout)
+    proc = coral(*args, "--workers", 2, "--table", tmp_path / "two.json")
+    two = json.loads(proc.stdout)
+    assert "in 2 processes" in proc.stderr
+    assert two["runs"] == one["runs"] and two["rows"] == one["rows"] and len(two["runs"]) == 8
+    assert json.loads((tmp_path / "two.json").read_text())["runs"] == two["runs"]
+    user_error(coral(*args, "--workers", 0, check=False), "--workers must be at least 1")
 
 
 def test_bench_lowlabel_ctrl_c_keeps_the_finished_runs(tmp_path):
