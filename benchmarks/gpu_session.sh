@@ -29,13 +29,14 @@
 # H100, so it runs in parts that continue one table; first every method at M = 1, seed 0):
 #   TESTS_K="levers" LEVERS="defaults;defaults + pad_channels;defaults + prefetch" \
 #   PROFILES="defaults + pad_channels;defaults + pad_channels,segment" \
-#   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1" \
+#   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4" \
 #     bash benchmarks/gpu_session.sh tests:100 levers:75 profile:50 lowlabel:200
 #   then at once (the machine goes back 30 s after a call): copy the returned lowlabel_table.json to
 #   benchmarks/results/lowlabel-gpu-table.json and run the lowlabel stage again with the time left.
 # Later sessions continue that table with "--labeled 1,2,6 --seeds 3". What the first call measures: the
-# pad_channels lever (new, never run on a GPU; its CUDA test lines too) and prefetch's step spread (its two
-# measurements disagreed).
+# pad_channels lever (new, never run on a GPU; its CUDA test lines too), prefetch's step spread (its two
+# measurements disagreed), and whether 4 workers sharing the GPU finish more runs per minute than one process
+# did on 2026-11-27 (a fine-tuning and scoring every 16-19 s; CORAL's pretraining 24 s).
 # Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
 # $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark
 # (speed.json, levers.jsonl, lowlabel_table.json): the tool brings back at most 8 files.
