@@ -763,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", type=int, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
-    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 2 quick, 3 full)")
+    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3)")
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-steps", type=int, default=None)
@@ -772,8 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
     _cpu_bf16_option(p, benchmark=True)
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="run N (seed, method) units side by side in processes that share the CPU threads and the "
-                        "GPU (default 1); the runs are those of one process")
+                   help="run N (seed, method) units side by side in processes that split the CPU threads and share "
+                        "the GPU (default: 2 quick, 1 full); a run does not depend on the process that ran it")
     p.add_argument("--table", default=None, metavar="FILE.json",
                    help="also write rows, runs and config to this file, after every run; an existing table of the "
                         "same protocol is continued (its runs are not run again)")
