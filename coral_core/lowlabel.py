@@ -107,10 +107,10 @@ class LowLabelConfig:
     def quick(cls, **overrides) -> "LowLabelConfig":
         """A small model at 64 x 64 with short schedules: minutes on a laptop CPU.
 
-        3 seeds in 2 processes: on this project's 2-core CPU that is 12 paired runs in about the
-        time 2 seeds took in one process, where the small model uses a second thread poorly. With
-        4 runs, rounding alone (one thread per process instead of two) had moved CORAL's lead over
-        random init from +0.028 to +0.009 (docs/results.md)."""
+        3 seeds in 2 processes: on this project's 2-core CPU that is 6 paired runs per method in
+        less time (501 s) than 4 took in one process (545 s), where the small model uses a second
+        thread poorly. With 4 runs, rounding alone (one thread per process instead of two) had moved
+        CORAL's lead over random init from +0.028 to +0.009 (docs/results.md)."""
         base = dict(
             labeled=(1,), folds=2, seeds=3, workers=2, image_size=64, base_filters=8,
             pretrain_epochs=8, pretrain_batch=32, finetune_steps=300, finetune_batch=8,
