@@ -25,12 +25,12 @@
 # scaling (4 sizes x 3 batches) 142 s; lowlabel at full size: 24 s to pretrain CORAL, 16-19 s per
 # fine-tuning and scoring. The lent time was 15 minutes in all, about 35 s of it to start a machine, and
 # the machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
-# The next session's calls, about 560 + 240 s (the full low-label protocol needs about 1.6 hours of an
+# The next session's calls, about 590 + 240 s (the full low-label protocol needs about 1.6 hours of an
 # H100, so it runs in parts that continue one table; first every method at M = 1, seed 0):
 #   TESTS_K="levers" LEVERS="defaults;defaults + pad_channels;defaults + prefetch" \
 #   PROFILES="defaults + pad_channels;defaults + pad_channels,segment" \
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4" \
-#     bash benchmarks/gpu_session.sh tests:100 levers:75 profile:50 lowlabel:200
+#     bash benchmarks/gpu_session.sh tests:80 levers:75 profile:40 lowlabel:180   # at most 565 s
 #   then at once (the machine goes back 30 s after a call): copy the returned lowlabel_table.json to
 #   benchmarks/results/lowlabel-gpu-table.json and run the lowlabel stage again with the time left.
 # Later sessions continue that table with "--labeled 1,2,6 --seeds 3". What the first call measures: the
