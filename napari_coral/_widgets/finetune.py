@@ -16,7 +16,7 @@ from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.data import parse_slices
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
-from napari_coral._jobs import Job, config_dict, write_inputs
+from napari_coral._jobs import Job, config_dict
 from napari_coral._session import data_home, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import start_segmentation
@@ -219,20 +219,21 @@ class FinetuneWidget(QWidget):
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")  # replaces (and removes) the last run's
         tmp = Path(self._tmp.name)
         save_checkpoint(tmp / "start.safetensors", model, self.session.meta.get("training", {}))
-        data = write_inputs(tmp, image=np.asarray(image.data, dtype=np.float32), labels=lab,
-                            slices=np.asarray(slices), val_slices=np.asarray(val, dtype=np.int64))
+        inputs = dict(image=np.asarray(image.data, dtype=np.float32), labels=lab,
+                      slices=np.asarray(slices), val_slices=np.asarray(val, dtype=np.int64))
         cfg = FinetuneConfig(steps=self.steps.value(), device=device.type, validate_every=max(1, self.steps.value() // 10),
                              embedding_weight=FinetuneConfig.embedding_weight if self.keep_embedding.isChecked() else 0.0,
                              balance_classes=self.balance_classes.isChecked())
         spec = {
-            "model": str(tmp / "start.safetensors"), "data": str(data), "out": str(tmp / "finetuned.safetensors"),
+            "model": str(tmp / "start.safetensors"), "out": str(tmp / "finetuned.safetensors"),
             "config": config_dict(cfg),
             "training": {"stage": "finetune", "init": self.session.source, "image": image.name, "slices": slices, "steps": cfg.steps,
                          "embedding_weight": cfg.embedding_weight if model.has_direction else 0.0,
                          "balance_classes": cfg.balance_classes},
         }
         self.losses, self.val_dice = [], []
-        self.runner = JobRunner(Job("finetune", spec, mode or self.mode), f"Fine-tuning on {len(slices)} slices", self)
+        self.runner = JobRunner(Job("finetune", spec, mode or self.mode, inputs=(tmp, inputs)),
+                                f"Fine-tuning on {len(slices)} slices", self)
         self.runner.progressed.connect(self._progress)
         self.runner.finished.connect(lambda path, stopped: self._finished(path, stopped, image))
         self.runner.failed.connect(self._failed)

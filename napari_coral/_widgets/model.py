@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
-from napari_coral._jobs import Job, config_dict, resume_folder, write_inputs
+from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, status_label
 
@@ -132,14 +132,13 @@ class ModelWidget(QWidget):
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")
         folder = Path(self._tmp.name)
         volumes = {f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)}
-        data = write_inputs(folder, **volumes)
         spec = {
-            "data": str(data), "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
+            "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
             "training": {"stage": "pretrain", "method": cfg.method, "epochs": cfg.epochs, "volumes": names},
             "resume_folder": str(resume_folder()),  # the job names its file there from a hash of images and settings
         }
         self._continued_from = None
-        self.runner = JobRunner(Job("pretrain", spec, mode), f"Pretraining ({cfg.method})", self)
+        self.runner = JobRunner(Job("pretrain", spec, mode, inputs=(folder, volumes)), f"Pretraining ({cfg.method})", self)
         self.runner.progressed.connect(self._progress)
         self.runner.finished.connect(self._pretrained)
         self.runner.failed.connect(self._failed)
