@@ -147,7 +147,9 @@ class Job:
 
     ``inputs``, (folder, arrays): the arrays the job reads, written to ``folder/inputs.npz``
     (the spec's "data") by the job's own thread before the training starts, not by the
-    caller's: on napari's GUI thread that write took 0.8-2.9 s per GB.
+    caller's: on napari's GUI thread that write took 0.8-2.9 s per GB. An array may be a
+    :class:`napari_coral._layers.LayerArray`, a layer's data not read yet (a lazy layer is read
+    from disk here too); one that cannot be read ends the job with an error naming the layer.
     """
 
     def __init__(self, kind: str, spec: dict, mode: str = "process",
@@ -174,6 +176,9 @@ class Job:
         if self._inputs is not None:
             try:
                 write_inputs(Path(self.spec["data"]).parent, **self._inputs)
+            except UserError as exc:  # a layer's data could not be read
+                self._messages.put(("error", str(exc)))
+                return
             except OSError as exc:
                 self._messages.put(("error", f"could not write the training inputs to {self.spec['data']} ({exc}); "
                                              "free some disk space and try again"))
@@ -232,9 +237,12 @@ class Job:
         return out
 
 def write_inputs(folder: Path, **arrays) -> Path:
-    """Save the arrays a job needs as one .npz in ``folder``."""
+    """Save the arrays a job needs as one .npz in ``folder``, reading each
+    :class:`~napari_coral._layers.LayerArray` first (a UserError names a layer that cannot be read)."""
+    from napari_coral._layers import LayerArray
+
     path = folder / "inputs.npz"
-    np.savez(path, **arrays)
+    np.savez(path, **{k: v.read() if isinstance(v, LayerArray) else v for k, v in arrays.items()})
     return path
 
 

@@ -45,3 +45,33 @@ def affine_from_layer(metadata: dict | None, scale=None) -> np.ndarray:
     if scale is not None and len(scale) == 3:
         affine[0, 0], affine[1, 1], affine[2, 2] = scale[2], scale[1], scale[0]
     return affine
+
+
+def full_resolution(layer):
+    """A layer's data as napari holds it, not read: a NumPy array, or a lazy array (dask, zarr,
+    a memory map) read only when converted. A multiscale layer gives its largest level."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+class LayerArray:
+    """A layer's voxels to be read later, off napari's GUI thread: for a lazy layer, reading is
+    the whole cost (seconds per GB from disk), and napari would stop answering while it ran.
+
+    ``read()`` returns the NumPy array (in ``dtype`` if given), or raises a UserError that names
+    the layer when its data cannot be read."""
+
+    def __init__(self, layer, dtype=None) -> None:
+        self.name, self.data, self.dtype = layer.name, full_resolution(layer), dtype
+        self.shape = tuple(self.data.shape)
+
+    def read(self) -> np.ndarray:
+        from coral_core.errors import UserError
+
+        try:
+            return np.asarray(self.data, dtype=self.dtype)
+        except MemoryError as exc:
+            raise UserError(f"layer {self.name!r} {self.shape} does not fit in this computer's memory; "
+                            "crop or downsample it first") from exc
+        except Exception as exc:
+            raise UserError(f"could not read the data of layer {self.name!r} ({type(exc).__name__}: {exc}); "
+                            "check that the files it was opened from are still there") from exc

@@ -9,7 +9,7 @@ import torch
 import pytest
 
 pytest.importorskip("napari")
-from qtpy.QtCore import QTimer  # noqa: E402
+from qtpy.QtCore import Qt, QTimer  # noqa: E402
 
 from coral_core.metrics import dice_per_class  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
@@ -283,3 +283,99 @@ def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
     assert not widget.load_checkpoint_file(str(tmp_path / "broken.safetensors"))
     assert session.model is before  # a bad file changes nothing
     assert "Current model: pre.safetensors" in widget.current.text()
+
+
+# --------------------------------------------------------------------------- lazy layers
+
+
+class LazyVolume:
+    """An array-like as a dask or zarr layer is: napari reads it slice by slice (``__getitem__``),
+    reading it whole goes through ``__array__``, which records whether napari's GUI thread did it."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self._array, self.shape, self.dtype, self.ndim, self.size = array, array.shape, array.dtype, array.ndim, array.size
+        self.whole_reads_on_gui_thread: list[bool] = []
+
+    def __getitem__(self, key):
+        return self._array[key]
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __array__(self, dtype=None, copy=None):
+        import threading
+
+        self.whole_reads_on_gui_thread.append(threading.current_thread() is threading.main_thread())
+        return self._array.astype(dtype) if dtype is not None else self._array
+
+
+def test_lazy_layers_are_read_whole_only_off_napari_thread(viewer, qtbot):
+    session = _fresh_model(viewer)
+    phantom = viewer.layers["phantom"]
+    lazy = LazyVolume(np.asarray(phantom.data))
+    viewer.add_image(lazy, name="lazy", scale=phantom.scale, metadata=dict(phantom.metadata))
+    lazy.whole_reads_on_gui_thread.clear()  # whatever napari itself did to show it is not ours to judge
+
+    segment = dock(viewer, "Segment")
+    segment.image_picker.setCurrentText("lazy")
+    segment.segment()
+    qtbot.waitUntil(lambda: "lazy labels" in viewer.layers, timeout=60_000)
+    assert viewer.layers["lazy labels"].data.shape == lazy.shape
+
+    embedding = dock(viewer, "Embedding")
+    for i in range(embedding.volumes.count()):  # the lazy volume alone
+        item = embedding.volumes.item(i)
+        item.setCheckState(Qt.CheckState.Checked if item.text() == "lazy" else Qt.CheckState.Unchecked)
+    with qtbot.waitSignal(embedding.embed().finished, timeout=60_000):
+        pass
+    assert [t.xy.shape[0] for t in embedding.trajectories] == [lazy.shape[0]]
+
+    finetune = dock(viewer, "Fine-tune")
+    finetune.image_picker.setCurrentText("lazy")
+    finetune.labels_picker.setCurrentText("phantom ground truth")
+    finetune.steps.setValue(3)
+    runner = finetune.finetune(mode="thread")
+    qtbot.waitUntil(lambda: "re-segmented" in finetune.status.text(), timeout=120_000)  # model loaded, volume segmented
+    assert session.source == "fine-tuned on lazy", finetune.status.text()
+
+    model = dock(viewer, "Model")
+    for i in range(model.volumes.count()):
+        item = model.volumes.item(i)
+        item.setCheckState(Qt.CheckState.Checked if item.text() == "lazy" else Qt.CheckState.Unchecked)
+    model.epochs.setValue(1)
+    runner = model.pretrain(mode="thread")
+    qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
+    assert "pretrained encoder" in session.source, model.pretrain_status.text()
+
+    reads = lazy.whole_reads_on_gui_thread
+    assert len(reads) >= 4 and not any(reads), reads  # segment, embed, fine-tune, pretrain: all off napari's thread
+
+
+def test_a_layer_that_cannot_be_read_fails_the_job_with_its_name(viewer, qtbot):
+    class Unreadable(LazyVolume):
+        def __array__(self, dtype=None, copy=None):
+            raise FileNotFoundError("scan.zarr/0.0.0")
+
+    _fresh_model(viewer)
+    phantom = viewer.layers["phantom"]
+    viewer.add_image(Unreadable(np.asarray(phantom.data)), name="gone", scale=phantom.scale)
+    model = dock(viewer, "Model")
+    for i in range(model.volumes.count()):
+        item = model.volumes.item(i)
+        item.setCheckState(Qt.CheckState.Checked if item.text() == "gone" else Qt.CheckState.Unchecked)
+    runner = model.pretrain(mode="thread")
+    qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
+    text = model.pretrain_status.text()
+    assert "could not read the data of layer 'gone'" in text and "scan.zarr/0.0.0" in text, text
+    assert model.pretrain_button.isEnabled()
+
+
+def test_a_multiscale_layer_is_read_at_full_resolution(viewer):
+    from napari_coral._layers import LayerArray
+
+    full = np.asarray(viewer.layers["phantom"].data)
+    layer = viewer.add_image([full, full[:, ::2, ::2]], multiscale=True, name="pyramid")
+    assert layer.ndim == 3
+    data = LayerArray(layer)
+    assert data.shape == full.shape
+    np.testing.assert_array_equal(data.read(), full)

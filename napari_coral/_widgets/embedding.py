@@ -7,6 +7,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
 from coral_core.embedding import Trajectory, project_trajectories, suggest_slices
+from napari_coral._layers import LayerArray
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, PlotCanvas, VolumeChecklist, status_label
 
@@ -64,12 +65,12 @@ class EmbeddingWidget(QWidget):
             return None
         model = self.session.ensure_model()
         device = self.device_picker.device()
-        arrays = {n: np.asarray(self.viewer.layers[n].data) for n in names}
+        arrays = {n: LayerArray(self.viewer.layers[n]) for n in names}  # read in the worker
         direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
 
         @thread_worker
         def work():
-            feats = {n: embed_volume(model, a, device) for n, a in arrays.items()}
+            feats = {n: embed_volume(model, a.read(), device) for n, a in arrays.items()}
             return feats, project_trajectories(list(feats.values()), list(feats), direction)
 
         def done(result):

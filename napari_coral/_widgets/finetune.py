@@ -17,6 +17,7 @@ from coral_core.data import parse_slices
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
 from napari_coral._jobs import Job, config_dict
+from napari_coral._layers import LayerArray, full_resolution
 from napari_coral._session import data_home, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import start_segmentation
@@ -173,13 +174,14 @@ class FinetuneWidget(QWidget):
         image, labels = self.image_picker.layer(), self.labels_picker.layer()
         if image is None or labels is None:
             raise UserError("choose an image layer and the Labels layer painted on it")
-        if tuple(image.data.shape) != tuple(labels.data.shape):
-            raise UserError(f"labels layer {labels.name!r} has shape {labels.data.shape} but image {image.name!r} has {image.data.shape}")
+        shape = tuple(full_resolution(image).shape)
+        if shape != tuple(labels.data.shape):
+            raise UserError(f"labels layer {labels.name!r} has shape {labels.data.shape} but image {image.name!r} has {shape}")
         self.update_touched()
         slices = self.annotated_slices()
         if not slices:
             raise UserError("no annotated slices yet: paint at least one slice, or list slices under 'Also use slices'")
-        val = parse_slices(self.validation_slices.text(), image.data.shape[0], image.name) if self.validation_slices.text().strip() else []
+        val = parse_slices(self.validation_slices.text(), shape[0], image.name) if self.validation_slices.text().strip() else []
         unannotated = [v for v in val if v not in slices]
         if unannotated:
             raise UserError(f"validation slice(s) {unannotated} are not annotated; validation needs annotated slices to score against")
@@ -187,7 +189,11 @@ class FinetuneWidget(QWidget):
         if not train:
             raise UserError("every annotated slice is a validation slice; keep at least one for training")
         model = self.session.ensure_model()
-        lab = np.asarray(labels.data).astype(np.int64)
+        # A snapshot of the annotated slices, in the layer's own dtype (painting goes on while the job
+        # runs): the job reads no other slice, and copying the whole volume as int64 here took napari's
+        # thread 8 bytes per voxel.
+        lab = np.zeros(labels.data.shape, dtype=labels.data.dtype)
+        lab[slices] = labels.data[slices]
         top = int(lab[slices].max())
         if top >= model.config.n_classes:
             raise UserError(f"labels layer uses label {top} but the model has classes 0..{model.config.n_classes - 1} ({', '.join(model.config.class_names)}); paint with those labels")
@@ -219,7 +225,8 @@ class FinetuneWidget(QWidget):
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")  # replaces (and removes) the last run's
         tmp = Path(self._tmp.name)
         save_checkpoint(tmp / "start.safetensors", model, self.session.meta.get("training", {}))
-        inputs = dict(image=np.asarray(image.data, dtype=np.float32), labels=lab,
+        # the image is read (and converted) by the job's thread, not here: a lazy layer is read from disk then
+        inputs = dict(image=LayerArray(image, np.float32), labels=lab,
                       slices=np.asarray(slices), val_slices=np.asarray(val, dtype=np.int64))
         cfg = FinetuneConfig(steps=self.steps.value(), device=device.type, validate_every=max(1, self.steps.value() // 10),
                              embedding_weight=FinetuneConfig.embedding_weight if self.keep_embedding.isChecked() else 0.0,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -22,6 +21,7 @@ from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
 from napari_coral._jobs import Job, config_dict, resume_folder
+from napari_coral._layers import LayerArray
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, status_label
 
@@ -131,7 +131,8 @@ class ModelWidget(QWidget):
         cfg = PretrainConfig(method=self.method.currentText(), epochs=self.epochs.value(), device=device.type, model=base)
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")
         folder = Path(self._tmp.name)
-        volumes = {f"v{i:04d}": np.asarray(self.viewer.layers[n].data) for i, n in enumerate(names)}
+        # read by the job's thread, not here: a lazy layer is read from disk then
+        volumes = {f"v{i:04d}": LayerArray(self.viewer.layers[n]) for i, n in enumerate(names)}
         spec = {
             "out": str(folder / "pretrained.safetensors"), "config": config_dict(cfg),
             "training": {"stage": "pretrain", "method": cfg.method, "epochs": cfg.epochs, "volumes": names},

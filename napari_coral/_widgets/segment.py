@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QFormLayout, QPushButton, QVBoxLayout, QWidget
 
+from napari_coral._layers import LayerArray
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
 
@@ -40,13 +41,14 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
 
     session = session_for(viewer)
     model = session.ensure_model()
-    volume = np.asarray(image_layer.data)
-    bar = progress(total=volume.shape[0], desc=f"Segmenting {image_layer.name}")
+    volume = LayerArray(image_layer)  # read in the worker: a lazy layer is read from disk there
+    n_slices = volume.shape[0]
+    bar = progress(total=n_slices, desc=f"Segmenting {image_layer.name}")
 
     @thread_worker
     def work():
         labels = None
-        for done, labels in iter_segment_volume(model, volume, device):
+        for done, labels in iter_segment_volume(model, volume.read(), device):
             yield done  # handed to the GUI thread, which advances the bar
         return labels
 
@@ -54,7 +56,7 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     worker.yielded.connect(lambda done: bar.update(done - bar.n))
 
     def finished(labels):
-        bar.update(volume.shape[0] - bar.n)
+        bar.update(n_slices - bar.n)
         bar.close()
         if image_layer not in viewer.layers:  # closed or removed while segmenting
             return
