@@ -27,16 +27,18 @@
 # the machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
 # The next session's calls, about 590 + 240 s (the full low-label protocol needs about 1.6 hours of an
 # H100, so it runs in parts that continue one table; first every method at M = 1, seed 0):
-#   TESTS_K="levers" LEVERS="defaults;defaults + pad_channels;defaults + prefetch" \
-#   PROFILES="defaults + pad_channels;defaults + pad_channels,segment" \
+#   TESTS_K="levers" LEVERS="defaults;defaults + fuse_batchnorm;defaults + pad_channels;defaults + prefetch" \
+#   PROFILES="defaults + fuse_batchnorm,segment" \
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4" \
-#     bash benchmarks/gpu_session.sh tests:80 levers:75 profile:40 lowlabel:180   # at most 565 s
+#     bash benchmarks/gpu_session.sh tests:80 levers:75 profile:40 lowlabel:150   # at most 570 s
 #   then at once (the machine goes back 30 s after a call): copy the returned lowlabel_table.json to
 #   benchmarks/results/lowlabel-gpu-table.json and run the lowlabel stage again with the time left.
-# Later sessions continue that table with "--labeled 1,2,6 --seeds 3". What the first call measures: the
-# pad_channels lever (new, never run on a GPU; its CUDA test lines too), prefetch's step spread (its two
-# measurements disagreed), and whether 4 workers sharing the GPU finish more runs per minute than one process
-# did on 2026-11-27 (a fine-tuning and scoring every 16-19 s; CORAL's pretraining 24 s).
+# Later sessions continue that table with "--labeled 1,2,6 --seeds 3". What the first call measures:
+# BatchNorm folding on a GPU (22.9 ms of a 156 ms volume's inference was BatchNorm; the 512 x 512 volume
+# took 0.338 s against the 0.3 s target), the pad_channels lever (new, never run on a GPU; its CUDA test
+# lines too), prefetch's step spread (its two measurements disagreed), and whether 4 workers sharing the
+# GPU finish more runs per minute than one process did on 2026-11-27 (a fine-tuning and scoring every
+# 16-19 s; CORAL's pretraining 24 s).
 # Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
 # $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark
 # (speed.json, levers.jsonl, lowlabel_table.json): the tool brings back at most 8 files.

@@ -294,4 +294,5 @@ LEVER_VARIANTS: dict[str, Levers] = {
     "defaults + cpu_bf16": Levers(cpu_bf16=True),
     "pad_channels": Levers(channels_last=False, compile="off", pad_channels=True, fuse_batchnorm=False, cpu_bf16=False),
     "defaults + pad_channels": Levers(pad_channels=True),
+    "defaults + fuse_batchnorm": Levers(fuse_batchnorm=True),  # BatchNorm folded on a GPU too
 }

@@ -387,7 +387,7 @@ def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
 
 
 _PRETRAINING_ONLY = {"data_on_device", "prefetch", "defaults + prefetch"}  # levers that change nothing else
-_INFERENCE_ONLY = {"fuse_batchnorm"}
+_INFERENCE_ONLY = {"fuse_batchnorm", "defaults + fuse_batchnorm"}
 
 
 def format_levers_table(result: dict) -> str:
