@@ -269,6 +269,14 @@ def run_lowlabel(
             if todo:
                 units.append((seed, method, todo))
     work = _Work(cfg, cases, folds, model_cfg, levers, device_name)
+    in_workers = cfg.workers > 1 and len(units) > 1
+    threads = max(1, torch.get_num_threads() // cfg.workers) if in_workers else torch.get_num_threads()
+    earlier_threads = sorted({r["threads"] for r in runs if "threads" in r and r.get("device") == "cpu"})
+    if units and device.type == "cpu" and earlier_threads and earlier_threads != [threads]:
+        # On the CPU the thread count changes the order of sums, and rounding alone moved single runs by
+        # up to 0.058 Dice (docs/results.md): such a table mixes two roundings.
+        say(f"note: the table's runs used {', '.join(map(str, earlier_threads))} CPU thread(s) per process, the new "
+            f"ones use {threads}; the rounding differs, so runs are comparable only in the mean")
     order = {m: i for i, m in enumerate(config["methods"])}
 
     def take(run: dict, spent: dict[str, float]) -> None:
@@ -280,7 +288,7 @@ def run_lowlabel(
         if on_run is not None:
             on_run(result())
 
-    if cfg.workers <= 1 or len(units) <= 1:
+    if not in_workers:
         for unit in units:
             _run_unit(work, *unit, take, say)
     else:
@@ -345,7 +353,8 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
         dice, hd95 = _score(model, test, model_cfg.n_classes, device, levers)
         spent[f"score {method}"] = time.perf_counter() - t
         take({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
-              "train": sorted(chosen), "test": sorted(test_subjects), "device": work.device_name}, spent)
+              "train": sorted(chosen), "test": sorted(test_subjects), "device": work.device_name,
+              "threads": torch.get_num_threads()}, spent)
         spent = {}
 
 

@@ -214,6 +214,18 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     assert [r["method"] for r in second["rows"]] == ["random", "coral"]
     assert [(r["method"], r["reference"]) for r in second["paired"]] == [("coral", "random"), ("random", "coral")]
     assert json.loads(table.read_text())["runs"] == second["runs"]
+    import torch
+
+    assert {r["threads"] for r in second["runs"]} == {torch.get_num_threads()}  # one process: all its threads
+    kept = json.loads(table.read_text())
+    for run in kept["runs"]:
+        run["threads"] = 99
+    table.write_text(json.dumps(kept))
+    proc = coral(*base, "--methods", "random", "--workers", 1)  # nothing new to run: no note
+    assert "note:" not in proc.stderr
+    proc = coral(*base[:-1], "--seeds", 2, "--methods", "random", "--workers", 1)
+    assert (f"the table's runs used 99 CPU thread(s) per process, the new ones use {torch.get_num_threads()}"
+            in proc.stderr)
     user_error(coral(*base[:-1], "--finetune-steps", 3, check=False), str(table), "finetune_steps is 2, this run's 3")
     table.write_text("{not json")
     user_error(coral(*base, check=False), str(table), "cannot be read as a benchmark table")
