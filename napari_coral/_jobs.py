@@ -77,6 +77,13 @@ def resume_folder() -> Path:
     return folder
 
 
+def stopped_pretraining_runs() -> list[Path]:
+    """The progress files that stopped pretraining jobs left in :func:`resume_folder` (without creating it)."""
+    from napari_coral._session import data_home
+
+    return sorted((data_home() / "resume").glob("pretrain-*.resume.safetensors"))
+
+
 def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray], folder: Path | None = None) -> tuple[Path, dict]:
     """Where a pretraining job of ``volumes`` with ``config`` keeps its progress, and the
     fingerprint its resume file must carry: both from a hash of the settings and of every

@@ -379,3 +379,26 @@ def test_a_multiscale_layer_is_read_at_full_resolution(viewer):
     data = LayerArray(layer)
     assert data.shape == full.shape
     np.testing.assert_array_equal(data.read(), full)
+
+
+def test_model_widget_offers_to_discard_stopped_runs(make_napari_viewer, qtbot, coral_home):
+    from types import SimpleNamespace
+
+    widget = dock(make_napari_viewer(show=True), "Model")  # shown: the dock looks again when shown again
+    qtbot.waitUntil(widget.isVisible, timeout=10_000)
+    assert widget.stopped_runs.isHidden() and widget.discard_button.isHidden()  # nothing kept yet
+    folder = coral_home / "resume"
+    folder.mkdir(parents=True)
+    for key in ("aaaa", "bbbb"):
+        (folder / f"pretrain-{key}.resume.safetensors").write_bytes(b"\0" * 600_000)
+    (folder / "notes.txt").write_text("not a progress file")
+    widget.hide()
+    widget.show()  # shown again, the dock looks again
+    assert not widget.stopped_runs.isHidden() and widget.discard_button.isEnabled()
+    assert "2 stopped pretraining run(s) kept (1.2 MB" in widget.stopped_runs.text()
+    widget.runner = SimpleNamespace(running=True)  # a job at work may be writing its own file
+    assert widget.discard_stopped_runs() == 0 and len(list(folder.iterdir())) == 3
+    widget.runner = None
+    assert widget.discard_stopped_runs() == 2
+    assert [f.name for f in folder.iterdir()] == ["notes.txt"]
+    assert widget.stopped_runs.isHidden() and widget.discard_button.isHidden()

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
-from napari_coral._jobs import Job, config_dict, resume_folder
+from napari_coral._jobs import Job, config_dict, resume_folder, stopped_pretraining_runs
 from napari_coral._layers import LayerArray
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, status_label
@@ -69,6 +69,11 @@ class ModelWidget(QWidget):
         group_layout.addLayout(form)
         group_layout.addLayout(row)
         group_layout.addWidget(self.pretrain_status)
+        self.stopped_runs = status_label()
+        self.discard_button = QPushButton("Discard stopped runs")
+        self.discard_button.clicked.connect(self.discard_stopped_runs)
+        group_layout.addWidget(self.stopped_runs)
+        group_layout.addWidget(self.discard_button)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.current)
@@ -80,6 +85,7 @@ class ModelWidget(QWidget):
         self._tmp = None
         self.session.subscribe(self._show_model)
         self._show_model()
+        self._show_stopped_runs()
 
     # ------------------------------------------------------------------ model source
     def _show_model(self) -> None:
@@ -115,6 +121,33 @@ class ModelWidget(QWidget):
             self.save_model_file(path)
 
     # ------------------------------------------------------------------ pretraining
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        self._show_stopped_runs()  # files may have come or gone while the dock was hidden
+        super().showEvent(event)
+
+    def _show_stopped_runs(self) -> None:
+        """Say how many stopped runs' progress files are kept, and offer to discard them."""
+        files = stopped_pretraining_runs()
+        running = self.runner is not None and self.runner.running
+        if files:
+            megabytes = sum(f.stat().st_size for f in files if f.exists()) / 1e6
+            self.stopped_runs.setText(
+                f"{len(files)} stopped pretraining run(s) kept ({megabytes:.1f} MB in {files[0].parent}): Pretrain on "
+                "the same images with the same settings continues one.")
+        self.stopped_runs.setVisible(bool(files))
+        self.discard_button.setVisible(bool(files))
+        self.discard_button.setEnabled(bool(files) and not running)  # a running job may be writing its file
+
+    def discard_stopped_runs(self) -> int:
+        """Delete the progress files of stopped pretraining runs; returns how many went."""
+        if self.runner is not None and self.runner.running:
+            return 0
+        files = stopped_pretraining_runs()
+        for f in files:
+            f.unlink(missing_ok=True)
+        self._show_stopped_runs()
+        return len(files)
+
     def pretrain(self, mode: str = "process"):
         from napari.utils.notifications import show_error
 
@@ -146,7 +179,9 @@ class ModelWidget(QWidget):
         self.pretrain_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.pretrain_status.setText("Starting pretraining...")
-        return self.runner.start()
+        started = self.runner.start()
+        self._show_stopped_runs()
+        return started
 
     def _progress(self, step: int, total: int, metrics: dict) -> None:
         if self._continued_from is None:  # the first report: a job that continues starts past step 1
@@ -162,6 +197,7 @@ class ModelWidget(QWidget):
     def _pretrained(self, path: str, stopped: bool) -> None:
         self.pretrain_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self._show_stopped_runs()
         if stopped:
             self.pretrain_status.setText("Pretraining cancelled; the previous model is kept. Pretrain the same images "
                                          "with the same settings to continue where it stopped.")
@@ -175,5 +211,6 @@ class ModelWidget(QWidget):
 
         self.pretrain_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self._show_stopped_runs()
         self.pretrain_status.setText(message)
         show_error(message)
