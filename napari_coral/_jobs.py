@@ -29,19 +29,31 @@ from coral_core.errors import UserError
 def _finetune(spec: dict, messages, stop) -> None:
     from coral_core.checkpoint import load_checkpoint, save_checkpoint
     from coral_core.finetune import FinetuneConfig, finetune
+    from coral_core.resume import ResumeState
 
     model, _ = load_checkpoint(spec["model"])
     data = np.load(spec["data"])
-    slices = [int(i) for i in data["slices"]]
+    arrays = {k: data[k] for k in sorted(data.files)}
+    slices = [int(i) for i in arrays["slices"]]
     validation = None
-    if data["val_slices"].size:
-        validation = ([data["image"]], [data["labels"]], [[int(i) for i in data["val_slices"]]])
+    if arrays["val_slices"].size:
+        validation = ([arrays["image"]], [arrays["labels"]], [[int(i) for i in arrays["val_slices"]]])
+    # Progress kept every 50 steps and when stopped: the same start model, annotations and settings
+    # continue it (the file's name hashes all of them, here in the job, not on napari's thread).
+    resume = None
+    if spec.get("resume_folder"):
+        weights = {f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        path, fingerprint = resume_file("finetune", spec["config"], arrays | weights, Path(spec["resume_folder"]))
+        resume = ResumeState(path, fingerprint, every=50)
     cfg = FinetuneConfig(**spec["config"])  # nested dicts become their dataclasses
     result = finetune(
-        cfg, model, [data["image"]], [data["labels"]], [slices],
+        cfg, model, [arrays["image"]], [arrays["labels"]], [slices],
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,
+        resume=resume,
     )
     save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
+    if resume is not None and not result.history.stopped:
+        resume.remove()
     messages.put(("done", spec["out"], result.history.stopped))
 
 
@@ -77,28 +89,36 @@ def resume_folder() -> Path:
     return folder
 
 
-def stopped_pretraining_runs() -> list[Path]:
-    """The progress files that stopped pretraining jobs left in :func:`resume_folder` (without creating it)."""
+def stopped_runs() -> list[Path]:
+    """The progress files that stopped pretraining and fine-tuning jobs left in :func:`resume_folder`
+    (without creating it)."""
     from napari_coral._session import data_home
 
-    return sorted((data_home() / "resume").glob("pretrain-*.resume.safetensors"))
+    folder = data_home() / "resume"
+    return sorted([*folder.glob("pretrain-*.resume.safetensors"), *folder.glob("finetune-*.resume.safetensors")])
 
 
-def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray], folder: Path | None = None) -> tuple[Path, dict]:
-    """Where a pretraining job of ``volumes`` with ``config`` keeps its progress, and the
-    fingerprint its resume file must carry: both from a hash of the settings and of every
-    voxel, so a job continues only what was stopped with the very same images and settings.
-    The file is in ``folder`` (default :func:`resume_folder`) and is removed when the job finishes."""
+def resume_file(kind: str, config: dict, arrays: dict[str, np.ndarray], folder: Path | None = None) -> tuple[Path, dict]:
+    """Where a ``kind`` ("pretrain", "finetune") job with ``config`` on ``arrays`` keeps its
+    progress, and the fingerprint its resume file must carry: both from a hash of the settings
+    and of every value of every array, so a job continues only what was stopped with the very
+    same inputs and settings. The file is in ``folder`` (default :func:`resume_folder`) and is
+    removed when the job finishes."""
     import hashlib
 
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name in sorted(volumes):
-        array = np.ascontiguousarray(volumes[name])
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
         digest.update(f"{name}{array.shape}{array.dtype.str}".encode())
         digest.update(memoryview(array).cast("B"))
     key = digest.hexdigest()[:20]
     folder = folder if folder is not None else resume_folder()
-    return folder / f"pretrain-{key}.resume.safetensors", {"job": "pretrain", "key": key}
+    return folder / f"{kind}-{key}.resume.safetensors", {"job": kind, "key": key}
+
+
+def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray], folder: Path | None = None) -> tuple[Path, dict]:
+    """:func:`resume_file` of a pretraining job on ``volumes``."""
+    return resume_file("pretrain", config, volumes, folder)
 
 
 JOBS = {"finetune": _finetune, "pretrain": _pretrain}
@@ -216,6 +236,11 @@ class Job:
             else:
                 self.log.append(line.rstrip())
         self._proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the job's thread is still at work (writing inputs, training, or reading the child)."""
+        return self._reader is not None and self._reader.is_alive()
 
     def cancel(self) -> None:
         self._stop.set()

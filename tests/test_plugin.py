@@ -199,6 +199,15 @@ def test_cancel_keeps_the_previous_model(viewer, qtbot):
     assert session.model is previous
     assert "kept the previous model" in widget.status.text()
     assert widget.finetune_button.isEnabled()
+    stopped_at = widget.losses[-1][0]
+    assert "continue where it stopped" in widget.status.text()
+    runner = widget.finetune()  # the same annotations and settings: it continues
+    qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)
+    assert widget.continued_from >= stopped_at and widget.losses[0][0] == widget.continued_from + 1
+    assert f"Continued from step {widget.continued_from}" in widget.status.text()
+    with qtbot.waitSignal(runner.finished, timeout=60_000):
+        widget.cancel()
+    assert session.model is previous
 
 
 def test_finetune_works_with_default_choices_on_the_sample(viewer, qtbot):
@@ -381,24 +390,25 @@ def test_a_multiscale_layer_is_read_at_full_resolution(viewer):
     np.testing.assert_array_equal(data.read(), full)
 
 
-def test_model_widget_offers_to_discard_stopped_runs(make_napari_viewer, qtbot, coral_home):
-    from types import SimpleNamespace
+def test_model_widget_offers_to_discard_stopped_runs(make_napari_viewer, qtbot, coral_home, monkeypatch):
+    import napari_coral._widgets.model as model_dock
 
     widget = dock(make_napari_viewer(show=True), "Model")  # shown: the dock looks again when shown again
     qtbot.waitUntil(widget.isVisible, timeout=10_000)
     assert widget.stopped_runs.isHidden() and widget.discard_button.isHidden()  # nothing kept yet
     folder = coral_home / "resume"
     folder.mkdir(parents=True)
-    for key in ("aaaa", "bbbb"):
-        (folder / f"pretrain-{key}.resume.safetensors").write_bytes(b"\0" * 600_000)
+    for kind in ("pretrain", "finetune"):
+        (folder / f"{kind}-0123456789abcdef0123.resume.safetensors").write_bytes(b"\0" * 600_000)
     (folder / "notes.txt").write_text("not a progress file")
     widget.hide()
     widget.show()  # shown again, the dock looks again
     assert not widget.stopped_runs.isHidden() and widget.discard_button.isEnabled()
-    assert "2 stopped pretraining run(s) kept (1.2 MB" in widget.stopped_runs.text()
-    widget.runner = SimpleNamespace(running=True)  # a job at work may be writing its own file
+    assert "2 stopped training run(s) kept (1.2 MB" in widget.stopped_runs.text()
+    monkeypatch.setattr(model_dock, "any_job_running", lambda: True)  # a job at work may be writing its own file
     assert widget.discard_stopped_runs() == 0 and len(list(folder.iterdir())) == 3
-    widget.runner = None
+    assert "A training job is running" in widget.stopped_runs.text()
+    monkeypatch.setattr(model_dock, "any_job_running", lambda: False)
     assert widget.discard_stopped_runs() == 2
     assert [f.name for f in folder.iterdir()] == ["notes.txt"]
     assert widget.stopped_runs.isHidden() and widget.discard_button.isHidden()

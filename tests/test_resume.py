@@ -1,5 +1,6 @@
 """Resuming stopped runs, and carrying on when the device runs out of memory."""
 
+import queue
 import threading
 
 import numpy as np
@@ -179,13 +180,24 @@ def test_out_of_memory_in_the_embedding_loss_names_the_switch(cohort, monkeypatc
                  [img.array], [lab.array], [annotated_from_labels(lab.array)])
 
 
+class _JobMessages(queue.Queue):
+    """A plugin job's messages; Cancel is pressed when step ``stop_at`` is reported."""
+
+    def __init__(self, stop_at):
+        super().__init__()
+        self.stop_at, self.stop = stop_at, threading.Event()
+
+    def put(self, message, *args, **kwargs):
+        super().put(message, *args, **kwargs)
+        if message[0] == "progress" and message[1] == self.stop_at:
+            self.stop.set()
+
+
 def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path, monkeypatch):
     """The Model widget's job (napari_coral._jobs, run here in this process): Cancel (or a crash,
     or closing napari) keeps the progress; the same images with the same settings continue it to
     the uninterrupted result, and the progress file goes once the job is done. Other images or
     settings get another file."""
-    import queue
-
     from coral_core.checkpoint import load_checkpoint
     from napari_coral._jobs import _pretrain, config_dict, pretrain_resume_file, write_inputs
 
@@ -200,20 +212,8 @@ def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path
                                                            model=TINY)), volumes)[0] != resume
     data = write_inputs(tmp_path, **volumes)
 
-    class Messages(queue.Queue):
-        """The job's messages; Cancel is pressed when step ``stop_at`` is reported."""
-
-        def __init__(self, stop_at):
-            super().__init__()
-            self.stop_at, self.stop = stop_at, threading.Event()
-
-        def put(self, message, *args, **kwargs):
-            super().put(message, *args, **kwargs)
-            if message[0] == "progress" and message[1] == self.stop_at:
-                self.stop.set()
-
     def job(out, stop_at=None, with_resume=True):
-        messages = Messages(stop_at)
+        messages = _JobMessages(stop_at)
         spec = {"data": str(data), "out": str(tmp_path / out), "config": config_dict(cfg)}
         if with_resume:  # the job names its progress file itself, in this folder
             spec |= {"resume_folder": str(resume.parent)}
@@ -227,6 +227,52 @@ def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path
     steps, done = job("second.safetensors")
     assert steps[0] == 5 and steps[-1] == full_steps[-1] and done[2] is False
     assert not resume.exists()  # done: nothing left behind
+    assert _same_weights(load_checkpoint(tmp_path / "second.safetensors")[0],
+                         load_checkpoint(tmp_path / "full.safetensors")[0])
+
+
+def test_the_plugins_finetuning_job_continues_where_it_stopped(cohort, tmp_path, monkeypatch):
+    """The Fine-tune widget's job: Cancel keeps the progress; the same start model, annotations
+    and settings continue it to the uninterrupted result, and the file goes once the job is done.
+    Other annotations start afresh, in a file of their own, which the Model panel lists."""
+    from coral_core.checkpoint import load_checkpoint, save_checkpoint
+    from napari_coral._jobs import _finetune, config_dict, resume_folder, stopped_runs, write_inputs
+
+    monkeypatch.setenv("NAPARI_CORAL_HOME", str(tmp_path / "home"))
+    img, lab = cohort[0]
+    slices = annotated_from_labels(lab.array)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "start.safetensors", build_model(TINY), {})
+    cfg = FinetuneConfig(steps=12, batch_size=4, device="cpu")
+
+    def inputs(folder, labels):
+        folder.mkdir(exist_ok=True)
+        return write_inputs(folder, image=img.array.astype(np.float32), labels=labels, slices=np.asarray(slices),
+                            val_slices=np.zeros(0, dtype=np.int64))
+
+    same, other = inputs(tmp_path / "a", lab.array), inputs(tmp_path / "b", np.where(lab.array == 1, 2, lab.array))
+
+    def job(out, data=same, stop_at=None, with_resume=True):
+        messages = _JobMessages(stop_at)
+        spec = {"data": str(data), "out": str(tmp_path / out), "model": str(tmp_path / "start.safetensors"),
+                "config": config_dict(cfg)}
+        if with_resume:
+            spec |= {"resume_folder": str(resume_folder())}
+        _finetune(spec, messages, messages.stop)
+        reports = list(messages.queue)
+        return [m[1] for m in reports if m[0] == "progress"], reports[-1]
+
+    full_steps, _ = job("full.safetensors", with_resume=False)
+    assert stopped_runs() == []
+    steps, done = job("first.safetensors", stop_at=7)
+    assert steps[-1] == 7 and done[2] is True
+    kept = stopped_runs()
+    assert len(kept) == 1 and kept[0].name.startswith("finetune-")
+    job("other.safetensors", data=other, stop_at=3)  # other annotations: a file of their own
+    assert len(stopped_runs()) == 2
+    steps, done = job("second.safetensors")
+    assert steps == list(range(8, 13)) and done[2] is False
+    assert kept[0] not in stopped_runs() and len(stopped_runs()) == 1  # done: its file went, the other stays
     assert _same_weights(load_checkpoint(tmp_path / "second.safetensors")[0],
                          load_checkpoint(tmp_path / "full.safetensors")[0])
 

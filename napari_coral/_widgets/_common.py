@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtCore import Qt
@@ -102,6 +104,7 @@ class JobRunner(QObject):
     def start(self) -> "JobRunner":
         self.job.start()
         self._timer.start()
+        _RUNNERS.add(self)
         return self
 
     def cancel(self) -> None:
@@ -109,7 +112,10 @@ class JobRunner(QObject):
 
     @property
     def running(self) -> bool:
-        return self._timer.isActive()
+        try:
+            return self._timer.isActive()
+        except RuntimeError:  # Qt deleted the timer with its dock; the job itself may still be at work
+            return self.job.alive
 
     def _poll(self) -> None:
         messages = self.job.poll()
@@ -132,6 +138,15 @@ class JobRunner(QObject):
     def _stop(self) -> None:
         self._timer.stop()
         self._bar.close()
+
+
+_RUNNERS: "weakref.WeakSet[JobRunner]" = weakref.WeakSet()  # every runner started in this process
+
+
+def any_job_running() -> bool:
+    """Whether a training job of any dock, in any viewer of this process, is running (they share
+    the resume folder)."""
+    return any(runner.running for runner in list(_RUNNERS))
 
 
 def alive(widget) -> bool:

@@ -16,7 +16,7 @@ from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.data import parse_slices
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
-from napari_coral._jobs import Job, config_dict
+from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, full_resolution
 from napari_coral._session import data_home, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
@@ -101,6 +101,7 @@ class FinetuneWidget(QWidget):
         self.autosaved: Path | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None  # the running job's files
         self.losses: list[tuple[int, float]] = []
+        self.continued_from: int | None = None  # the step a continued fine-tuning started after (0: from scratch)
         self.val_dice: list[tuple[int, float]] = []
         self._watched = None
         self._baseline: np.ndarray | None = None
@@ -237,8 +238,10 @@ class FinetuneWidget(QWidget):
             "training": {"stage": "finetune", "init": self.session.source, "image": image.name, "slices": slices, "steps": cfg.steps,
                          "embedding_weight": cfg.embedding_weight if model.has_direction else 0.0,
                          "balance_classes": cfg.balance_classes},
+            "resume_folder": str(resume_folder()),  # the job names its progress file from a hash of all its inputs
         }
         self.losses, self.val_dice = [], []
+        self.continued_from = None
         self.runner = JobRunner(Job("finetune", spec, mode or self.mode, inputs=(tmp, inputs)),
                                 f"Fine-tuning on {len(slices)} slices", self)
         self.runner.progressed.connect(self._progress)
@@ -256,6 +259,11 @@ class FinetuneWidget(QWidget):
             self.status.setText("Cancelling after the current step; the previous model will be kept...")
 
     def _progress(self, step: int, total: int, metrics: dict) -> None:
+        if self.continued_from is None:  # the first report: a job that continues starts past step 1
+            self.continued_from = step - 1
+            if self.continued_from:
+                self.status.setText(f"{self.status.text()} Continued from step {self.continued_from}, where the same "
+                                    "fine-tuning was stopped.")
         self.losses.append((step, metrics["loss"]))
         if "val_dice" in metrics:
             self.val_dice.append((step, metrics["val_dice"]))
@@ -274,7 +282,9 @@ class FinetuneWidget(QWidget):
         self._draw_curve()
         if stopped:
             self.finetune_button.setEnabled(True)
-            self.status.setText(f"Cancelled; kept the previous model ({self.session.source}). Annotations are in {self.autosaved}.")
+            self.status.setText(f"Cancelled; kept the previous model ({self.session.source}). Annotations are in "
+                                f"{self.autosaved}. Fine-tune again with the same annotations and settings to "
+                                "continue where it stopped.")
             return
         from napari.qt.threading import thread_worker
 

@@ -20,10 +20,10 @@ from qtpy.QtWidgets import (
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
-from napari_coral._jobs import Job, config_dict, resume_folder, stopped_pretraining_runs
+from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, status_label
+from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, any_job_running, status_label
 
 
 class ModelWidget(QWidget):
@@ -126,23 +126,25 @@ class ModelWidget(QWidget):
         super().showEvent(event)
 
     def _show_stopped_runs(self) -> None:
-        """Say how many stopped runs' progress files are kept, and offer to discard them."""
-        files = stopped_pretraining_runs()
-        running = self.runner is not None and self.runner.running
+        """Say how many stopped runs' progress files (pretraining and fine-tuning) are kept, and offer
+        to discard them."""
+        files = stopped_runs()
+        running = any_job_running()
         if files:
             megabytes = sum(f.stat().st_size for f in files if f.exists()) / 1e6
             self.stopped_runs.setText(
-                f"{len(files)} stopped pretraining run(s) kept ({megabytes:.1f} MB in {files[0].parent}): Pretrain on "
-                "the same images with the same settings continues one.")
+                f"{len(files)} stopped training run(s) kept ({megabytes:.1f} MB in {files[0].parent}): training "
+                "again on the same inputs with the same settings continues one.")
         self.stopped_runs.setVisible(bool(files))
         self.discard_button.setVisible(bool(files))
         self.discard_button.setEnabled(bool(files) and not running)  # a running job may be writing its file
 
     def discard_stopped_runs(self) -> int:
-        """Delete the progress files of stopped pretraining runs; returns how many went."""
-        if self.runner is not None and self.runner.running:
+        """Delete the progress files of stopped training runs; returns how many went."""
+        if any_job_running():
+            self.stopped_runs.setText("A training job is running; discard the stopped runs once it is done.")
             return 0
-        files = stopped_pretraining_runs()
+        files = stopped_runs()
         for f in files:
             f.unlink(missing_ok=True)
         self._show_stopped_runs()
