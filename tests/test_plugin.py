@@ -377,6 +377,19 @@ def test_a_layer_that_cannot_be_read_fails_the_job_with_its_name(viewer, qtbot):
     text = model.pretrain_status.text()
     assert "could not read the data of layer 'gone'" in text and "scan.zarr/0.0.0" in text, text
     assert model.pretrain_button.isEnabled()
+    segment = dock(viewer, "Segment")
+    segment.image_picker.setCurrentText("gone")
+    segment.segment()
+    qtbot.waitUntil(lambda: segment.segment_button.isEnabled(), timeout=60_000)
+    assert "Segmentation failed: could not read the data of layer 'gone'" in segment.status.text()
+    assert "gone labels" not in viewer.layers
+    embedding = dock(viewer, "Embedding")
+    for i in range(embedding.volumes.count()):
+        item = embedding.volumes.item(i)
+        item.setCheckState(Qt.CheckState.Checked if item.text() == "gone" else Qt.CheckState.Unchecked)
+    embedding.embed()
+    qtbot.waitUntil(lambda: embedding.embed_button.isEnabled(), timeout=60_000)
+    assert "Embedding failed: could not read the data of layer 'gone'" in embedding.status.text()
 
 
 def test_a_multiscale_layer_is_read_at_full_resolution(viewer):

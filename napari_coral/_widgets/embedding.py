@@ -9,7 +9,7 @@ from qtpy.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButto
 from coral_core.embedding import Trajectory, project_trajectories, suggest_slices
 from napari_coral._layers import LayerArray
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, PlotCanvas, VolumeChecklist, status_label
+from napari_coral._widgets._common import DevicePicker, PlotCanvas, VolumeChecklist, alive, status_label
 
 
 class EmbeddingWidget(QWidget):
@@ -68,7 +68,7 @@ class EmbeddingWidget(QWidget):
         arrays = {n: LayerArray(self.viewer.layers[n]) for n in names}  # read in the worker
         direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
 
-        @thread_worker
+        @thread_worker(ignore_errors=True)  # reported by the errored handler below
         def work():
             feats = {n: embed_volume(model, a.read(), device) for n, a in arrays.items()}
             return feats, project_trajectories(list(feats.values()), list(feats), direction)
@@ -82,9 +82,18 @@ class EmbeddingWidget(QWidget):
         self.status.setText("Embedding slices...")
         self.worker = work()
         self.worker.returned.connect(done)
-        self.worker.errored.connect(lambda exc: (self.embed_button.setEnabled(True), show_error(f"Embedding failed: {exc}")))
+        self.worker.errored.connect(self._failed)
         self.worker.start()
         return self.worker
+
+    def _failed(self, exc: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        if not alive(self):
+            return
+        self.embed_button.setEnabled(True)
+        self.status.setText(f"Embedding failed: {exc}")
+        show_error(f"Embedding failed: {exc}")
 
     # ------------------------------------------------------------------ drawing
     def draw(self, has_direction: bool) -> None:

@@ -289,7 +289,7 @@ class FinetuneWidget(QWidget):
         from napari.qt.threading import thread_worker
 
         self.status.setText("Fine-tuned. Loading the model and re-segmenting the volume...")
-        loader = thread_worker(load_checkpoint)(path)  # off the GUI thread
+        loader = thread_worker(load_checkpoint, ignore_errors=True)(path)  # off the GUI thread; errors reported below
 
         def loaded(result):
             model, meta = result

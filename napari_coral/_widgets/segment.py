@@ -45,7 +45,7 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     n_slices = volume.shape[0]
     bar = progress(total=n_slices, desc=f"Segmenting {image_layer.name}")
 
-    @thread_worker
+    @thread_worker(ignore_errors=True)  # errors are reported below, not re-raised in napari's event loop
     def work():
         labels = None
         for done, labels in iter_segment_volume(model, volume.read(), device):
@@ -68,6 +68,10 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
         bar.close()
         if on_error:
             on_error(exc)
+        else:
+            from napari.utils.notifications import show_error
+
+            show_error(f"Segmentation failed: {exc}")
 
     worker.returned.connect(finished)
     worker.errored.connect(errored)
