@@ -18,6 +18,7 @@ fine-tuning.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -452,12 +453,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: how likely a split of runs at least this uneven would be if
+    each run were a coin toss between the two methods (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(max(wins, losses), n + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def paired_differences(runs: list[dict], reference: str = "random") -> list[dict]:
     """Each method's Dice minus ``reference``'s on the same fold, seed and labelled volumes.
 
     The folds and the labelled draw are shared by all methods, so a paired difference removes
     the spread that comes from which subject happened to be labelled; ``wins`` counts the runs
-    where the method scored higher.
+    where the method scored higher, ``losses`` where it scored lower, and ``sign_p`` is the sign
+    test's p-value for that split. The test takes the runs as independent; the runs of one seed
+    share a pretraining, so it errs toward small p-values.
     """
     ref = {(r["labeled"], r["fold"], r["seed"]): r["dice"] for r in runs if r["method"] == reference}
     rows = []
@@ -467,25 +480,29 @@ def paired_differences(runs: list[dict], reference: str = "random") -> list[dict
                           if r["method"] == method and r["labeled"] == m and (m, r["fold"], r["seed"]) in ref])
             if method == reference or not len(d):
                 continue
+            wins, losses = int((d > 0).sum()), int((d < 0).sum())
             rows.append({"method": method, "reference": reference, "labeled": m, "diff": float(d.mean()),
-                         "diff_std": float(d.std()), "wins": int((d > 0).sum()), "n": len(d)})
+                         "diff_std": float(d.std()), "wins": wins, "losses": losses, "n": len(d),
+                         "sign_p": sign_test_p(wins, losses)})
     return rows
 
 
 def format_paired(rows: list[dict]) -> str:
-    """Paired Dice differences: ``mean +- std (wins/runs)`` per method and labelled count."""
+    """Paired Dice differences: ``mean +- std (wins/runs, sign test p)`` per method and labelled count."""
     if not rows:
         return ""
     labeled = sorted({r["labeled"] for r in rows})
     cell = {(r["method"], r["labeled"]): r for r in rows}
-    head = f"{'vs ' + rows[0]['reference']:<12}" + "".join(f"{f'M={m}: Dice difference':>28}" for m in labeled)
+    head = f"{'vs ' + rows[0]['reference']:<12}" + "".join(f"{f'M={m}: Dice difference (wins, p)':>38}" for m in labeled)
     lines = [head, "-" * len(head)]
     for method in dict.fromkeys(r["method"] for r in rows):
         parts = []
         for m in labeled:
             r = cell.get((method, m))
-            parts.append(f"{r['diff']:+.3f} +- {r['diff_std']:.3f} ({r['wins']}/{r['n']})" if r else "-")
-        lines.append(f"{method:<12}" + "".join(f"{p:>28}" for p in parts))
+            pval = r.get("sign_p") if r else None
+            parts.append(f"{r['diff']:+.3f} +- {r['diff_std']:.3f} ({r['wins']}/{r['n']}"
+                         + (f", p {pval:.2g})" if pval is not None else ")") if r else "-")
+        lines.append(f"{method:<12}" + "".join(f"{p:>38}" for p in parts))
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from coral_core.lowlabel import sign_test_p
 from coral_core.phantom import make_phantom
 from coral_core.volume import load_volume, save_volume
 from helpers import oblique_affine
@@ -295,6 +296,15 @@ def test_finetune_resumes_after_ctrl_c_and_cleans_up(subject, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.safetensors"]
 
 
+def test_sign_test_p_values_are_exact():
+    from math import comb
+
+    assert sign_test_p(6, 0) == 2 / 64 and sign_test_p(0, 6) == 2 / 64
+    assert sign_test_p(5, 1) == 2 * (comb(6, 5) + 1) / 64
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(15, 5) == pytest.approx(0.04139, abs=1e-5)
+
+
 def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     proc = coral("bench", "lowlabel", "--quick", "--phantom", 6, "--folds", 2, "--seeds", 2, "--labeled", "1,2",
                  "--methods", "random,coral,pcl", "--pretrain-epochs", 1, "--finetune-steps", 3,
@@ -318,6 +328,7 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
         diffs = [d - dice[(row["reference"], *key[1:])] for key, d in dice.items()
                  if key[0] == row["method"] and key[1] == row["labeled"]]
         assert row["n"] == 4 and np.isclose(row["diff"], np.mean(diffs)) and row["wins"] == sum(x > 0 for x in diffs)
+        assert row["losses"] == sum(x < 0 for x in diffs) and row["sign_p"] == sign_test_p(row["wins"], row["losses"])
     assert {(r["method"], r["reference"]) for r in res["paired"]} == {
         ("coral", "random"), ("pcl", "random"), ("random", "coral"), ("pcl", "coral")}
     text = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
