@@ -495,7 +495,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "folds": args.folds, "seeds": args.seeds, "device": args.device,
         "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
-        "workers": args.workers,
+        "workers": args.workers, "finetune_freeze_encoder": args.freeze_encoder or None,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -770,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="fine-tune the decoder and head only, the encoder as pretrained (or as randomly initialised): "
+                        "what each encoder holds by itself")
     _cpu_bf16_option(p, benchmark=True)
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="run N (seed, method) units side by side in processes that split the CPU threads and share "

@@ -57,6 +57,11 @@ class FinetuneConfig:
     # fine-tuned 20% faster with the same consistency, but its Dice fell by 0.093 in one of four
     # phantom runs (docs/results.md): 2 stays the default.
     embedding_views: int = 2
+    # Train the decoder and head only: the encoder's weights stay as they came (its BatchNorm
+    # statistics still follow the fine-tuning images). A diagnostic of what a pretrained encoder
+    # holds (docs/results.md), and an option when the encoder should not move. The embedding is the
+    # encoder's, so it is kept without the CORAL loss above.
+    freeze_encoder: bool = False
 
     def __post_init__(self) -> None:
         # nested settings may arrive as plain dicts (a job spec sent to a child process)
@@ -171,9 +176,12 @@ def finetune(
     data = LabelledSlices(images, labels, annotated_slices, size)
     val = LabelledSlices(*validation, size) if validation else None
     model = copy.deepcopy(model).to(run.device).train()
+    if config.freeze_encoder:
+        model.encoder.requires_grad_(False)
     net = apply_levers(model, config.levers)
-    keeper = _EmbeddingKeeper(model, images, config, run) if config.embedding_weight > 0 and model.has_direction else None
-    params = list(model.parameters()) + (list(keeper.loss.parameters()) if keeper else [])
+    keep = config.embedding_weight > 0 and model.has_direction and not config.freeze_encoder
+    keeper = _EmbeddingKeeper(model, images, config, run) if keep else None
+    params = [p for p in model.parameters() if p.requires_grad] + (list(keeper.loss.parameters()) if keeper else [])
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     if keeper is None:
@@ -213,6 +221,7 @@ def finetune(
         run.save(step, force=True)
     if keeper is not None:
         model.canonical_direction.copy_(keeper.loss.unit_direction)
+    model.requires_grad_(True)  # a frozen encoder is frozen for this fine-tuning only
     return FinetuneResult(contiguous_layout(model).eval(), run.history)
 
 

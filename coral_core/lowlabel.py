@@ -80,6 +80,9 @@ class LowLabelConfig:
     # itself in 3 of the 12 quick runs checked (a fine-tuning failure, not the encoder's); balanced,
     # in none of 24 (docs/results.md).
     finetune_balance_classes: bool = True
+    # FinetuneConfig.freeze_encoder: fine-tune the decoder and head only, to see what each encoder
+    # holds by itself (docs/results.md, "Looking for the cause").
+    finetune_freeze_encoder: bool = False
     device: str = "auto"
     # Levers.cpu_bf16 for every stage. False: float32 on the CPU, as every table in docs/results.md was
     # measured. In bf16, CORAL's paired lead over random init in the quick setting was +0.019 (6/6)
@@ -184,17 +187,20 @@ def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Lev
 PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
-    "compute",
+    "compute", "finetune_freeze_encoder",
 )
+# Protocol fields added after tables were first written, with the value those tables had.
+_FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
     """The first protocol field on which two tables' configs differ, described; None if none."""
     for key in PROTOCOL_FIELDS:
-        if key not in old:
+        if key not in old and key not in _FIELDS_ADDED_LATER:
             return f"it does not record {key!r} (written by an older version)"
-        if old[key] != new[key]:
-            return f"its {key} is {old[key]!r}, this run's {new[key]!r}"
+        value = old.get(key, _FIELDS_ADDED_LATER.get(key))
+        if value != new[key]:
+            return f"its {key} is {value!r}, this run's {new[key]!r}"
     return None
 
 
@@ -343,7 +349,7 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
             steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
             seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
             embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
-            levers=levers,
+            freeze_encoder=cfg.finetune_freeze_encoder, levers=levers,
         )
         model = finetune(
             ft_cfg, init, [c.image for c in train], [c.labels for c in train],

@@ -221,7 +221,9 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     kept = json.loads(table.read_text())
     for run in kept["runs"]:
         run["threads"] = 99
+    del kept["config"]["finetune_freeze_encoder"]  # as a table from before that field was recorded
     table.write_text(json.dumps(kept))
+    user_error(coral(*base, "--freeze-encoder", check=False), str(table), "finetune_freeze_encoder is False, this run's True")
     proc = coral(*base, "--methods", "random", "--workers", 1)  # nothing new to run: no note
     assert "note:" not in proc.stderr
     proc = coral(*base[:-1], "--seeds", 2, "--methods", "random", "--workers", 1)

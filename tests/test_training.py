@@ -90,6 +90,25 @@ def test_finetuning_learns_and_does_not_touch_its_input_model(cohort):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_frozen_encoder_keeps_its_weights_and_the_decoder_learns(cohort):
+    img, lab = cohort[0]
+    model = build_model(TINY)
+    model.canonical_direction.copy_(torch.nn.functional.normalize(torch.ones(TINY.embedding_dim), dim=0))
+    cfg = FinetuneConfig(steps=20, batch_size=4, lr=1e-2, device="cpu", validate_every=10, freeze_encoder=True)
+    val = ([img.array], [lab.array], [annotated_from_labels(lab.array)])
+    result = finetune(cfg, model, [img.array], [lab.array], [annotated_from_labels(lab.array)], validation=val)
+    tuned = result.model
+    for name, p in model.encoder.named_parameters():
+        assert torch.equal(p, dict(tuned.encoder.named_parameters())[name]), name  # weights as they came
+    assert not all(torch.equal(p, q) for p, q in zip(model.decoder.parameters(), tuned.decoder.parameters()))
+    # BatchNorm statistics follow the fine-tuning images; no CORAL loss ran, so the direction is the model's
+    stats = [k for k in model.encoder.state_dict() if k.endswith("running_mean")]
+    assert stats and not torch.equal(model.encoder.state_dict()[stats[0]], tuned.encoder.state_dict()[stats[0]])
+    assert torch.equal(tuned.canonical_direction, model.canonical_direction)
+    assert all(p.requires_grad for p in tuned.parameters())  # frozen for that fine-tuning only
+    assert len(result.history.metrics["val_dice"]) == 2
+
+
 def test_finetuning_a_coral_model_keeps_its_embedding_in_slice_order():
     """With a canonical direction, fine-tuning also trains the CORAL loss on the image's
     slices: unseen subjects' slices stay in order along the (re-learned, unit) direction.
