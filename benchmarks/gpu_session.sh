@@ -33,7 +33,12 @@
 #     bash benchmarks/gpu_session.sh tests:80 levers:75 profile:40 lowlabel:150   # at most 570 s
 #   then at once (the machine goes back 30 s after a call): copy the returned lowlabel_table.json to
 #   benchmarks/results/lowlabel-gpu-table.json and run the lowlabel stage again with the time left.
-# Later sessions continue that table with "--labeled 1,2,6 --seeds 3". What the first call measures:
+# Later sessions continue that table with "--labeled 1,2,6 --seeds 3", and may run the frozen-encoder
+# check at full size into a table of its own (on the CPU's quick setting, frozen CORAL and PCL encoders beat a
+# random one in 15 of 20 runs while fully fine-tuned ones tied it; docs/results.md):
+#   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-frozen.json \
+#   LOWLABEL_ARGS="--labeled 1 --seeds 1 --methods random,coral,simclr --freeze-encoder --workers 4" ...
+# What the first call measures:
 # BatchNorm folding on a GPU (22.9 ms of a 156 ms volume's inference was BatchNorm; the 512 x 512 volume
 # took 0.338 s against the 0.3 s target), the pad_channels lever (new, never run on a GPU; its CUDA test
 # lines too), prefetch's step spread (its two measurements disagreed), and whether 4 workers sharing the
