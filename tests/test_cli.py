@@ -336,6 +336,10 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     text = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                  "--methods", "random", "--finetune-steps", 2, "--device", "cpu").stdout
     assert "random" in text and "M=1" in text
+    frozen = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
+                              "--methods", "coral", "--pretrain-epochs", 1, "--finetune-steps", 2, "--device", "cpu",
+                              "--freeze-encoder", "--json").stdout)
+    assert frozen["config"]["finetune_freeze_encoder"] is True and len(frozen["runs"]) == 2
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--folds", 2, "--labeled", "3", "--methods", "random",
                      check=False), "--labeled 3 exceeds the 2 training subjects")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--methods", "random,byol", check=False), "byol")
