@@ -546,7 +546,8 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     for reference in ("random", "coral"):
         table = format_paired([r for r in paired if r["reference"] == reference])
         if table:
-            text += f"\n\npaired with {reference} (same folds, seeds and labelled volumes; wins/runs):\n" + table
+            text += (f"\n\npaired with {reference} (same folds, seeds and labelled volumes; wins/runs, two-sided "
+                     f"sign test p):\n" + table)
     return out, text
 
 
