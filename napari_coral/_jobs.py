@@ -70,7 +70,7 @@ def _pretrain(spec: dict, messages, stop) -> None:
     # job, not on napari's GUI thread.
     resume = None
     if spec.get("resume_folder"):
-        path, fingerprint = pretrain_resume_file(spec["config"], arrays, Path(spec["resume_folder"]))
+        path, fingerprint = resume_file("pretrain", spec["config"], arrays, Path(spec["resume_folder"]))
         resume = ResumeState(path, fingerprint)
     result = pretrain(PretrainConfig(**spec["config"]), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop,
                       resume=resume)
@@ -115,10 +115,6 @@ def resume_file(kind: str, config: dict, arrays: dict[str, np.ndarray], folder: 
     folder = folder if folder is not None else resume_folder()
     return folder / f"{kind}-{key}.resume.safetensors", {"job": kind, "key": key}
 
-
-def pretrain_resume_file(config: dict, volumes: dict[str, np.ndarray], folder: Path | None = None) -> tuple[Path, dict]:
-    """:func:`resume_file` of a pretraining job on ``volumes``."""
-    return resume_file("pretrain", config, volumes, folder)
 
 
 JOBS = {"finetune": _finetune, "pretrain": _pretrain}

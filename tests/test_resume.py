@@ -199,16 +199,16 @@ def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path
     the uninterrupted result, and the progress file goes once the job is done. Other images or
     settings get another file."""
     from coral_core.checkpoint import load_checkpoint
-    from napari_coral._jobs import _pretrain, config_dict, pretrain_resume_file, write_inputs
+    from napari_coral._jobs import _pretrain, config_dict, resume_file, write_inputs
 
     monkeypatch.setenv("NAPARI_CORAL_HOME", str(tmp_path / "home"))
     cfg = PretrainConfig(method="coral", epochs=3, batch_size=8, device="cpu", model=TINY)
     volumes = {f"v{i:04d}": img.array for i, (img, _) in enumerate(cohort)}
-    resume, _ = pretrain_resume_file(config_dict(cfg), volumes)
+    resume, _ = resume_file("pretrain", config_dict(cfg), volumes)
     assert resume.parent == tmp_path / "home" / "resume"
     other_volumes = dict(volumes, v0000=volumes["v0000"] + 1)
-    assert pretrain_resume_file(config_dict(cfg), other_volumes)[0] != resume
-    assert pretrain_resume_file(config_dict(PretrainConfig(method="coral", epochs=4, batch_size=8, device="cpu",
+    assert resume_file("pretrain", config_dict(cfg), other_volumes)[0] != resume
+    assert resume_file("pretrain", config_dict(PretrainConfig(method="coral", epochs=4, batch_size=8, device="cpu",
                                                            model=TINY)), volumes)[0] != resume
     data = write_inputs(tmp_path, **volumes)
 
