@@ -116,7 +116,6 @@ def resume_file(kind: str, config: dict, arrays: dict[str, np.ndarray], folder: 
     return folder / f"{kind}-{key}.resume.safetensors", {"job": kind, "key": key}
 
 
-
 JOBS = {"finetune": _finetune, "pretrain": _pretrain}
 MESSAGE_PREFIX = "@coral "
 
