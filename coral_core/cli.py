@@ -496,6 +496,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
         "workers": args.workers, "finetune_freeze_encoder": args.freeze_encoder or None,
+        "finetune_augment": args.finetune_augment, "base_filters": args.base_filters, "image_size": args.image_size,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -607,6 +608,17 @@ def cmd_bench_speed(args) -> tuple[dict, str]:
     return result, text
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of a model size (filters, embedding width): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -688,9 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", type=int, default=0, metavar="N", help="add N synthetic phantom subjects")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--base-filters", type=int, default=16)
+    p.add_argument("--base-filters", type=_positive_int, default=16)
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: from the data, at most 256)")
-    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--embedding-dim", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--ddp", action="store_true",
@@ -722,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="that loss on every K-th step only, at K times the weight (default 1; 2 fine-tuned about "
                         "1.3x faster with the same embedding, and a Dice lower in most runs: docs/results.md)")
     p.add_argument("--balance-classes", action="store_true", help=BALANCE_HELP)
-    p.add_argument("--base-filters", type=int, default=16, help="without --init only")
+    p.add_argument("--base-filters", type=_positive_int, default=16, help="without --init only")
     p.add_argument("--image-size", type=int, default=None, help="without --init only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
@@ -774,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="fine-tune the decoder and head only, the encoder as pretrained (or as randomly initialised): "
                         "what each encoder holds by itself")
+    p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
+    p.add_argument("--base-filters", type=_positive_int, default=None, help="U-Net base filters (default: 8 quick, 48 full)")
+    p.add_argument("--image-size", type=int, default=None, help="model input size (default: 64 quick, 128 full)")
     _cpu_bf16_option(p, benchmark=True)
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="run N (seed, method) units side by side in processes that split the CPU threads and share "

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from coral_core.augment import AugmentConfig
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
@@ -83,6 +84,10 @@ class LowLabelConfig:
     # FinetuneConfig.freeze_encoder: fine-tune the decoder and head only, to see what each encoder
     # holds by itself (docs/results.md, "Looking for the cause").
     finetune_freeze_encoder: bool = False
+    # FinetuneConfig.augment.enabled: the fine-tuning's rotation, scaling, gamma, contrast and noise
+    # (the pretraining augments either way). Off, random init has only the labelled volumes' own
+    # appearance to learn from (docs/results.md, "Looking for the cause").
+    finetune_augment: bool = True
     device: str = "auto"
     # Levers.cpu_bf16 for every stage. False: float32 on the CPU, as every table in docs/results.md was
     # measured. In bf16, CORAL's paired lead over random init in the quick setting was +0.019 (6/6)
@@ -106,6 +111,8 @@ class LowLabelConfig:
             raise UserError("the benchmark needs --folds >= 2 and --seeds >= 1")
         if self.workers < 1:
             raise UserError("--workers must be at least 1")
+        if self.base_filters < 1 or self.image_size < 16 or self.image_size % 16:
+            raise UserError("--base-filters must be at least 1 and --image-size a positive multiple of 16")
 
     @classmethod
     def quick(cls, **overrides) -> "LowLabelConfig":
@@ -187,10 +194,10 @@ def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Lev
 PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
-    "compute", "finetune_freeze_encoder",
+    "compute", "finetune_freeze_encoder", "finetune_augment",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
-_FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False}
+_FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -350,6 +357,7 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
             seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
             embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
             freeze_encoder=cfg.finetune_freeze_encoder, levers=levers,
+            augment=AugmentConfig(enabled=cfg.finetune_augment),
         )
         model = finetune(
             ft_cfg, init, [c.image for c in train], [c.labels for c in train],

@@ -157,6 +157,11 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     user_error(coral("finetune", d / "img.nii.gz", "--labels", other, "--out", tmp_path / "x.safetensors", check=False), "do not match")
     user_error(coral("segment", d / "img.nii.gz", "--model", tmp_path / "nope.safetensors", "--out", tmp_path / "s.nii.gz", check=False), "nope.safetensors")
     user_error(coral("pretrain", "--epochs", 1, "--out", tmp_path / "p.safetensors", check=False), "no input volumes")
+    user_error(coral("pretrain", "--phantom", 2, "--embedding-dim", 0, "--out", tmp_path / "p.safetensors", check=False),
+               "--embedding-dim", "at least 1")
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--base-filters", "x",
+                     "--out", tmp_path / "x.safetensors", check=False), "--base-filters")
+    user_error(coral("bench", "lowlabel", "--quick", "--image-size", 40, check=False), "--image-size", "multiple of 16")
     assert not list(tmp_path.glob("s.nii.gz")) and not list(tmp_path.glob("x.safetensors"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -221,9 +226,11 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     kept = json.loads(table.read_text())
     for run in kept["runs"]:
         run["threads"] = 99
-    del kept["config"]["finetune_freeze_encoder"]  # as a table from before that field was recorded
+    del kept["config"]["finetune_freeze_encoder"]  # as a table from before these fields were recorded
+    del kept["config"]["finetune_augment"]
     table.write_text(json.dumps(kept))
     user_error(coral(*base, "--freeze-encoder", check=False), str(table), "finetune_freeze_encoder is False, this run's True")
+    user_error(coral(*base, "--no-finetune-augment", check=False), str(table), "finetune_augment is True, this run's False")
     proc = coral(*base, "--methods", "random", "--workers", 1)  # nothing new to run: no note
     assert "note:" not in proc.stderr
     proc = coral(*base[:-1], "--seeds", 2, "--methods", "random", "--workers", 1)
@@ -340,6 +347,11 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
                               "--methods", "coral", "--pretrain-epochs", 1, "--finetune-steps", 2, "--device", "cpu",
                               "--freeze-encoder", "--json").stdout)
     assert frozen["config"]["finetune_freeze_encoder"] is True and len(frozen["runs"]) == 2
+    plain = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
+                             "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--no-finetune-augment",
+                             "--base-filters", 4, "--image-size", 32, "--json").stdout)
+    assert plain["config"]["finetune_augment"] is False and len(plain["runs"]) == 2
+    assert (plain["config"]["base_filters"], plain["config"]["image_size"]) == (4, 32)
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--folds", 2, "--labeled", "3", "--methods", "random",
                      check=False), "--labeled 3 exceeds the 2 training subjects")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--methods", "random,byol", check=False), "byol")
