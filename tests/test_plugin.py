@@ -178,6 +178,8 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
 def test_cancel_keeps_the_previous_model(viewer, qtbot):
     session = _fresh_model(viewer)
     previous = session.model
+    model_dock = dock(viewer, "Model")
+    assert model_dock.discard_button.isHidden()
     widget = dock(viewer, "Fine-tune")
     layer, truth = _paint_from_truth(viewer, [])
     widget.labels_picker.setCurrentText("my annotations")
@@ -196,12 +198,16 @@ def test_cancel_keeps_the_previous_model(viewer, qtbot):
     with qtbot.waitSignal(runner.finished, timeout=60_000) as blocker:
         widget.cancel()
     assert blocker.args[1] is True  # stopped
+    # the Model dock heard of the other dock's job: its progress file is listed, and may be discarded now
+    assert "1 stopped training run(s) kept" in model_dock.stopped_runs.text()
+    assert not model_dock.discard_button.isHidden() and model_dock.discard_button.isEnabled()
     assert session.model is previous
     assert "kept the previous model" in widget.status.text()
     assert widget.finetune_button.isEnabled()
     stopped_at = widget.losses[-1][0]
     assert "continue where it stopped" in widget.status.text()
     runner = widget.finetune()  # the same annotations and settings: it continues
+    assert not model_dock.discard_button.isEnabled()  # a running job may be writing its file
     qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)
     assert widget.continued_from >= stopped_at and widget.losses[0][0] == widget.continued_from + 1
     assert f"Continued from step {widget.continued_from}" in widget.status.text()

@@ -105,6 +105,7 @@ class JobRunner(QObject):
         self.job.start()
         self._timer.start()
         _RUNNERS.add(self)
+        job_events().changed.emit()
         return self
 
     def cancel(self) -> None:
@@ -131,9 +132,11 @@ class JobRunner(QObject):
             if message[0] == "done":
                 self._stop()
                 self.finished.emit(message[1], bool(message[2]))
+                job_events().changed.emit()
             elif message[0] == "error":
                 self._stop()
                 self.failed.emit(message[1])
+                job_events().changed.emit()
 
     def _stop(self) -> None:
         self._timer.stop()
@@ -141,6 +144,38 @@ class JobRunner(QObject):
 
 
 _RUNNERS: "weakref.WeakSet[JobRunner]" = weakref.WeakSet()  # every runner started in this process
+
+
+class _JobEvents(QObject):
+    """Tells every dock, in any viewer of this process, that a training job started or ended."""
+
+    changed = Signal()
+
+
+_JOB_EVENTS: list[_JobEvents] = []
+
+
+def job_events() -> _JobEvents:
+    """The process's one :class:`_JobEvents` (made on first use, once Qt is up)."""
+    if not _JOB_EVENTS:
+        _JOB_EVENTS.append(_JobEvents())
+    return _JOB_EVENTS[0]
+
+
+def on_job_events(widget, method_name: str) -> None:
+    """Call ``widget.<method_name>()`` whenever a training job starts or ends, for as long as the widget
+    lives (held weakly: a closed dock is let go and disconnected)."""
+    ref = weakref.ref(widget)
+    events = job_events()
+
+    def call() -> None:
+        target = ref()
+        if target is None or not alive(target):
+            events.changed.disconnect(call)
+            return
+        getattr(target, method_name)()
+
+    events.changed.connect(call)
 
 
 def any_job_running() -> bool:

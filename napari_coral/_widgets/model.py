@@ -23,7 +23,9 @@ from coral_core.pretrain import METHODS, PretrainConfig
 from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, JobRunner, VolumeChecklist, any_job_running, status_label
+from napari_coral._widgets._common import (
+    DevicePicker, JobRunner, VolumeChecklist, any_job_running, on_job_events, status_label,
+)
 
 
 class ModelWidget(QWidget):
@@ -86,6 +88,7 @@ class ModelWidget(QWidget):
         self.session.subscribe(self._show_model)
         self._show_model()
         self._show_stopped_runs()
+        on_job_events(self, "_show_stopped_runs")  # a job of any dock starts or ends: its file comes or goes
 
     # ------------------------------------------------------------------ model source
     def _show_model(self) -> None:
@@ -181,9 +184,7 @@ class ModelWidget(QWidget):
         self.pretrain_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.pretrain_status.setText("Starting pretraining...")
-        started = self.runner.start()
-        self._show_stopped_runs()
-        return started
+        return self.runner.start()
 
     def _progress(self, step: int, total: int, metrics: dict) -> None:
         if self._continued_from is None:  # the first report: a job that continues starts past step 1
@@ -199,7 +200,6 @@ class ModelWidget(QWidget):
     def _pretrained(self, path: str, stopped: bool) -> None:
         self.pretrain_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        self._show_stopped_runs()
         if stopped:
             self.pretrain_status.setText("Pretraining cancelled; the previous model is kept. Pretrain the same images "
                                          "with the same settings to continue where it stopped.")
@@ -213,6 +213,5 @@ class ModelWidget(QWidget):
 
         self.pretrain_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        self._show_stopped_runs()
         self.pretrain_status.setText(message)
         show_error(message)
