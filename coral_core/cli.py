@@ -504,14 +504,15 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         cfg = LowLabelConfig(**{k: v for k, v in options.items() if v is not None})
     if args.data is None and not args.phantom:
         args.phantom = 20 if args.quick else 100
-    source = args.data or f"{args.phantom} phantom subjects"
+    phantom_config, appearance = _phantom_appearance(args)
+    source = args.data or f"{args.phantom} phantom subjects{appearance}"
     earlier = None
     if args.table:
         from coral_core.fileio import check_output_path
 
         check_output_path(args.table)
         earlier = _read_lowlabel_table(args.table)
-    cases = load_labelled_cases(args.data, args.phantom or 0)
+    cases = load_labelled_cases(args.data, args.phantom or 0, phantom_config=phantom_config)
 
     def as_table(result) -> dict:
         paired = paired_differences(result.runs, "random") + paired_differences(result.runs, "coral")
@@ -606,6 +607,33 @@ def cmd_bench_speed(args) -> tuple[dict, str]:
             f"{where} configuration; baseline: float32, eager, augmentation slice by slice on "
             f"the CPU\n" + format_speed_table(result))
     return result, text
+
+
+def _phantom_appearance(args):
+    """The phantom cohort's PhantomConfig from ``--phantom-bias`` and ``--phantom-noise``, and the text that
+    names a non-default one in the benchmark's source ("" for the defaults, so older tables continue)."""
+    from coral_core.phantom import PhantomConfig
+
+    config = PhantomConfig()
+    changed = []
+    if args.phantom_bias is not None:
+        if args.phantom_bias < 0:
+            raise UserError(f"--phantom-bias {args.phantom_bias}: give a peak-to-peak range of 0 or more, e.g. 1.0")
+        config.bias = float(args.phantom_bias)
+        changed.append(f"bias {config.bias:g}")
+    if args.phantom_noise is not None:
+        try:
+            low, high = (float(x) for x in args.phantom_noise.split(","))
+        except ValueError:
+            low, high = -1.0, -1.0
+        if not 0 <= low <= high:
+            raise UserError(f"--phantom-noise {args.phantom_noise!r}: give the lowest and highest noise as LOW,HIGH "
+                            "with 0 <= LOW <= HIGH, e.g. 0.05,0.2")
+        config.noise = (low, high)
+        changed.append(f"noise {low:g}-{high:g}")
+    if changed and args.data and not args.phantom:
+        raise UserError("--phantom-bias and --phantom-noise change the phantom cohort; add --phantom N, or leave them out with --data")
+    return config, f" ({', '.join(changed)})" if changed else ""
 
 
 def _positive_int(text: str) -> int:
@@ -789,6 +817,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
     p.add_argument("--base-filters", type=_positive_int, default=None, help="U-Net base filters (default: 8 quick, 48 full)")
+    p.add_argument("--phantom-bias", type=float, default=None, metavar="RANGE",
+                   help="peak-to-peak range of each phantom's smooth multiplicative bias field (default 0.35)")
+    p.add_argument("--phantom-noise", default=None, metavar="LOW,HIGH",
+                   help="range of each phantom's Rician noise, a fraction of its blood-pool signal (default 0.03,0.08)")
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: 64 quick, 128 full)")
     _cpu_bf16_option(p, benchmark=True)
     p.add_argument("--workers", type=int, default=None, metavar="N",

@@ -142,8 +142,9 @@ class LowLabelResult:
     timings: dict = field(default_factory=dict)
 
 
-def load_labelled_cases(data: str | None, phantom: int, seed: int = 0) -> list[LabelledCase]:
-    """Labelled subjects from an ACDC-style folder (``data``) or ``phantom`` synthetic ones.
+def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_config=None) -> list[LabelledCase]:
+    """Labelled subjects from an ACDC-style folder (``data``) or ``phantom`` synthetic ones, made
+    with ``phantom_config`` (a :class:`~coral_core.phantom.PhantomConfig`; its defaults if None).
 
     For ACDC every labelled frame (end-diastole and end-systole) is a case of its patient; the
     folds split patients, never frames of one patient.
@@ -163,7 +164,7 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0) -> list[L
             cases.append(LabelledCase(case.subject, image.array, np.rint(labels.array).astype(np.int64), image.spacing))
         if not cases:
             raise UserError(f"{data}: no image with a label file found; expected an ACDC folder or imagesTr/labelsTr")
-    for i, (img, lab) in enumerate(make_cohort(phantom, seed=seed) if phantom else []):
+    for i, (img, lab) in enumerate(make_cohort(phantom, seed=seed, config=phantom_config) if phantom else []):
         cases.append(LabelledCase(f"phantom{seed + i}", img.array, lab.array.astype(np.int64), img.spacing))
     if not cases:
         raise UserError("no data; give --data DIR or --phantom N")

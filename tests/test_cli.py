@@ -352,6 +352,19 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
                              "--base-filters", 4, "--image-size", 32, "--json").stdout)
     assert plain["config"]["finetune_augment"] is False and len(plain["runs"]) == 2
     assert (plain["config"]["base_filters"], plain["config"]["image_size"]) == (4, 32)
+    assert plain["config"]["source"] == "4 phantom subjects"  # the default cohort is named as before
+    harder = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
+                              "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--base-filters", 4,
+                              "--image-size", 32, "--phantom-bias", 1, "--phantom-noise", "0.05,0.2", "--json").stdout)
+    assert harder["config"]["source"] == "4 phantom subjects (bias 1, noise 0.05-0.2)"
+    from coral_core.lowlabel import load_labelled_cases
+    from coral_core.phantom import PhantomConfig
+
+    default, hard = load_labelled_cases(None, 2), load_labelled_cases(None, 2, phantom_config=PhantomConfig(bias=1.0))
+    for a, b in zip(default, hard):  # the same anatomy in another appearance
+        assert np.array_equal(a.labels, b.labels) and not np.allclose(a.image, b.image)
+    user_error(coral("bench", "lowlabel", "--quick", "--phantom-noise", "0.2,0.05", check=False), "--phantom-noise", "LOW,HIGH")
+    user_error(coral("bench", "lowlabel", "--quick", "--phantom-bias", -1, check=False), "--phantom-bias")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--folds", 2, "--labeled", "3", "--methods", "random",
                      check=False), "--labeled 3 exceeds the 2 training subjects")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--methods", "random,byol", check=False), "byol")
