@@ -497,6 +497,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
         "workers": args.workers, "finetune_freeze_encoder": args.freeze_encoder or None,
         "finetune_augment": args.finetune_augment, "base_filters": args.base_filters, "image_size": args.image_size,
+        "finetune_slices": args.labeled_slices,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -814,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="fine-tune the decoder and head only, the encoder as pretrained (or as randomly initialised): "
                         "what each encoder holds by itself")
+    p.add_argument("--labeled-slices", type=int, default=None, metavar="K",
+                   help="annotated slices per labelled volume, evenly spaced from base to apex, as a user paints a "
+                        "few (default 0: every slice)")
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
     p.add_argument("--base-filters", type=_positive_int, default=None, help="U-Net base filters (default: 8 quick, 48 full)")

@@ -1,0 +1,42 @@
+"""The low-label benchmark's protocol options reach the fine-tuning they describe."""
+
+from __future__ import annotations
+
+import coral_core.lowlabel as lowlabel
+from coral_core.lowlabel import LowLabelConfig, labelled_slices, load_labelled_cases, run_lowlabel
+
+
+def test_labelled_slices_are_spread_from_base_to_apex():
+    assert labelled_slices(10, 3) == [1, 5, 8]
+    assert labelled_slices(18, 3) == [3, 9, 15]
+    assert labelled_slices(7, 1) == [3]  # the middle slice
+    assert labelled_slices(3, 3) == [0, 1, 2] and labelled_slices(2, 3) == [0, 1]  # as many as there are
+    assert labelled_slices(5, 0) == [0, 1, 2, 3, 4]  # 0: every slice
+    for n in range(1, 20):
+        for k in range(1, n):
+            chosen = labelled_slices(n, k)
+            assert len(set(chosen)) == k and chosen == sorted(chosen) and 0 <= chosen[0] and chosen[-1] < n
+
+
+def test_fine_tuning_gets_the_chosen_slices_and_settings(monkeypatch):
+    seen = []
+    real = lowlabel.finetune
+
+    def recording(cfg, init, images, labels, slices, *args, **kwargs):
+        seen.append((cfg, [img.shape[0] for img in images], slices))
+        return real(cfg, init, images, labels, slices, *args, **kwargs)
+
+    monkeypatch.setattr(lowlabel, "finetune", recording)
+    cases = load_labelled_cases(None, 4)
+    cfg = LowLabelConfig.quick(methods=("random",), seeds=1, folds=2, workers=1, finetune_steps=1, base_filters=4,
+                               image_size=32, finetune_slices=3, finetune_augment=False, device="cpu")
+    result = run_lowlabel(cfg, cases)
+    assert len(result.runs) == 2 and len(seen) == 2
+    assert result.config["finetune_slices"] == 3 and result.config["finetune_augment"] is False
+    for ft_cfg, depths, slices in seen:
+        assert ft_cfg.augment.enabled is False
+        assert slices == [labelled_slices(n, 3) for n in depths] and all(len(s) == 3 for s in slices)
+    seen.clear()
+    run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), "finetune_slices": 0, "finetune_augment": True}), cases)
+    for ft_cfg, depths, slices in seen:  # the defaults: every slice, augmented
+        assert ft_cfg.augment.enabled is True and slices == [list(range(n)) for n in depths]
