@@ -498,6 +498,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "workers": args.workers, "finetune_freeze_encoder": args.freeze_encoder or None,
         "finetune_augment": args.finetune_augment, "base_filters": args.base_filters, "image_size": args.image_size,
         "finetune_slices": args.labeled_slices,
+        "finetune_scale": _float_pair(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -623,10 +624,7 @@ def _phantom_appearance(args):
         config.bias = float(args.phantom_bias)
         changed.append(f"bias {config.bias:g}")
     if args.phantom_noise is not None:
-        try:
-            low, high = (float(x) for x in args.phantom_noise.split(","))
-        except ValueError:
-            low, high = -1.0, -1.0
+        low, high = _float_pair(args.phantom_noise, "--phantom-noise", "0.05,0.2")
         if not 0 <= low <= high:
             raise UserError(f"--phantom-noise {args.phantom_noise!r}: give the lowest and highest noise as LOW,HIGH "
                             "with 0 <= LOW <= HIGH, e.g. 0.05,0.2")
@@ -646,6 +644,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
+
+
+def _float_pair(text: str, option: str, example: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give two numbers as LOW,HIGH, e.g. {example}") from None
+    return low, high
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -818,6 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled-slices", type=int, default=None, metavar="K",
                    help="annotated slices per labelled volume, evenly spaced from base to apex, as a user paints a "
                         "few (default 0: every slice)")
+    p.add_argument("--finetune-scale", default=None, metavar="LOW,HIGH",
+                   help="zoom range of the fine-tuning's augmentation (default 0.85,1.15)")
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
     p.add_argument("--base-filters", type=_positive_int, default=None, help="U-Net base filters (default: 8 quick, 48 full)")

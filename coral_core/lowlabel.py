@@ -92,6 +92,10 @@ class LowLabelConfig:
     # Annotated slices per labelled volume, evenly spaced through it (labelled_slices); 0: all of them.
     # 3 is what the product's users paint before their first fine-tuning.
     finetune_slices: int = 0
+    # AugmentConfig.scale of the fine-tuning: the zoom range of the labelled slices. The phantoms' hearts
+    # differ up to 2.9-fold in area, and one labelled subject's zoomed by 0.85-1.15 covers part of that
+    # (docs/results.md, "What one labelled volume does not teach").
+    finetune_scale: tuple[float, float] = (0.85, 1.15)
     device: str = "auto"
     # Levers.cpu_bf16 for every stage. False: float32 on the CPU, as every table in docs/results.md was
     # measured. In bf16, CORAL's paired lead over random init in the quick setting was +0.019 (6/6)
@@ -115,6 +119,9 @@ class LowLabelConfig:
             raise UserError("the benchmark needs --folds >= 2 and --seeds >= 1")
         if self.workers < 1:
             raise UserError("--workers must be at least 1")
+        self.finetune_scale = tuple(float(x) for x in self.finetune_scale)
+        if len(self.finetune_scale) != 2 or not 0 < self.finetune_scale[0] <= self.finetune_scale[1]:
+            raise UserError("--finetune-scale must be LOW,HIGH with 0 < LOW <= HIGH, e.g. 0.7,1.4")
         if self.finetune_slices < 0:
             raise UserError("--labeled-slices must be 0 (every slice) or more")
         if self.base_filters < 1 or self.image_size < 16 or self.image_size % 16:
@@ -210,10 +217,11 @@ def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Lev
 PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
-    "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices",
+    "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
-_FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0}
+_FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
+                       "finetune_scale": [0.85, 1.15]}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -271,7 +279,8 @@ def run_lowlabel(
     bf16 = device.type == "cuda" or levers.cpu_bf16_on(device)  # CUDA always trains and infers under autocast
     config = cfg.to_dict() | {"subjects": len(set(subjects)), "cases": len(cases), "device": str(device),
                               "n_classes": n_classes, "cpu_bf16": levers.cpu_bf16_on(device), "source": source,
-                              "compute": "bf16" if bf16 else "float32"}
+                              "compute": "bf16" if bf16 else "float32",
+                              "finetune_scale": list(cfg.finetune_scale)}  # as a table read back from JSON has it
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     runs: list[dict] = []
     timings: dict[str, float] = {}
@@ -373,7 +382,7 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
             seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
             embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
             freeze_encoder=cfg.finetune_freeze_encoder, levers=levers,
-            augment=AugmentConfig(enabled=cfg.finetune_augment),
+            augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale),
         )
         model = finetune(
             ft_cfg, init, [c.image for c in train], [c.labels for c in train],

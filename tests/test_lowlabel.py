@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import coral_core.lowlabel as lowlabel
-from coral_core.lowlabel import LowLabelConfig, labelled_slices, load_labelled_cases, run_lowlabel
+from coral_core.lowlabel import LowLabelConfig, labelled_slices, load_labelled_cases, protocol_difference, run_lowlabel
 
 
 def test_labelled_slices_are_spread_from_base_to_apex():
@@ -29,14 +29,20 @@ def test_fine_tuning_gets_the_chosen_slices_and_settings(monkeypatch):
     monkeypatch.setattr(lowlabel, "finetune", recording)
     cases = load_labelled_cases(None, 4)
     cfg = LowLabelConfig.quick(methods=("random",), seeds=1, folds=2, workers=1, finetune_steps=1, base_filters=4,
-                               image_size=32, finetune_slices=3, finetune_augment=False, device="cpu")
+                               image_size=32, finetune_slices=3, finetune_augment=False, finetune_scale=(0.7, 1.4),
+                               device="cpu")
     result = run_lowlabel(cfg, cases)
     assert len(result.runs) == 2 and len(seen) == 2
     assert result.config["finetune_slices"] == 3 and result.config["finetune_augment"] is False
+    assert result.config["finetune_scale"] == [0.7, 1.4]
     for ft_cfg, depths, slices in seen:
-        assert ft_cfg.augment.enabled is False
+        assert ft_cfg.augment.enabled is False and ft_cfg.augment.scale == (0.7, 1.4)
         assert slices == [labelled_slices(n, 3) for n in depths] and all(len(s) == 3 for s in slices)
     seen.clear()
-    run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), "finetune_slices": 0, "finetune_augment": True}), cases)
+    defaults = {"finetune_slices": 0, "finetune_augment": True, "finetune_scale": (0.85, 1.15)}
+    again = run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), **defaults}), cases)
     for ft_cfg, depths, slices in seen:  # the defaults: every slice, augmented
         assert ft_cfg.augment.enabled is True and slices == [list(range(n)) for n in depths]
+    older = {k: v for k, v in again.config.items() if k not in defaults}  # a table from before these fields
+    assert protocol_difference(older, again.config) is None
+    assert "finetune_scale is [0.7, 1.4]" in protocol_difference({**again.config, "finetune_scale": [0.7, 1.4]}, again.config)
