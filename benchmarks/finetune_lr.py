@@ -3,6 +3,7 @@
     python benchmarks/finetune_lr.py                                  # labelled phantom 1000, seed 0
     python benchmarks/finetune_lr.py --labelled 1001 --test-from 2010 --seed 1 --lrs 1e-3 3e-3
     python benchmarks/finetune_lr.py --lrs 3e-3 --balance 0 1     # plain and class-balanced cross-entropy
+    python benchmarks/finetune_lr.py --lrs 3e-3 --zooms 0.85,1.15 0.7,1.4   # the augmentation's zoom range
 
 What `coral finetune` and the plugin's Fine-tune button do by default: a U-Net with 16 base
 filters at 128 x 128, three annotated slices of one phantom subject, 200 steps of batch 8.
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from coral_core.augment import AugmentConfig  # noqa: E402
 from coral_core.finetune import FinetuneConfig, finetune  # noqa: E402
 from coral_core.infer import segment_volume  # noqa: E402
 from coral_core.metrics import evaluate_segmentation  # noqa: E402
@@ -41,6 +43,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--balance", type=int, nargs="+", default=[0], choices=[0, 1],
                         help="FinetuneConfig.balance_classes off (0) and/or on (1), one row each")
+    parser.add_argument("--zooms", nargs="+", default=["0.85,1.15"], metavar="LOW,HIGH",
+                        help="AugmentConfig.scale of the fine-tuning, one row each (default: the engine's 0.85,1.15)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -52,9 +56,10 @@ def main() -> None:
     test = [make_phantom(args.test_from + i) for i in range(3)]
     print(f"labelled phantom {args.labelled} (slices {slices}), held out {args.test_from}..{args.test_from + 2}, "
           f"seed {args.seed}, {args.steps} steps")
-    print(f"{'init':<8}{'lr':>8}{'balance':>8}{'mean Dice':>11}  per subject          seconds")
+    zooms = [tuple(float(x) for x in z.split(",")) for z in args.zooms]
+    print(f"{'init':<8}{'lr':>8}{'balance':>8}{'zoom':>11}{'mean Dice':>11}  per subject          seconds")
     for init_name in ("random", "coral"):
-        for lr, balance in [(lr, b) for lr in args.lrs for b in args.balance]:
+        for lr, balance, zoom in [(lr, b, z) for lr in args.lrs for b in args.balance for z in zooms]:
             torch.manual_seed(0)
             if init_name == "random":
                 init = build_model(UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES))
@@ -63,12 +68,13 @@ def main() -> None:
             t = time.perf_counter()
             # embedding_weight 0: the protocol the lr study was measured with (and the same for both inits)
             cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0,
-                                 embedding_weight=0.0, balance_classes=bool(balance))
+                                 embedding_weight=0.0, balance_classes=bool(balance), augment=AugmentConfig(scale=zoom))
             model = finetune(cfg, init, [image], [labels], [slices]).model
             dice = [evaluate_segmentation(segment_volume(model, img.array, args.device), lab.array, 4,
                                           img.spacing)["mean_dice"] for img, lab in test]
             per = ", ".join(f"{d:.3f}" for d in dice)
-            print(f"{init_name:<8}{lr:>8g}{balance:>8}{np.mean(dice):>11.3f}  {per:<20} {time.perf_counter() - t:>5.0f}", flush=True)
+            print(f"{init_name:<8}{lr:>8g}{balance:>8}{f'{zoom[0]:g}-{zoom[1]:g}':>11}{np.mean(dice):>11.3f}  {per:<20} "
+                  f"{time.perf_counter() - t:>5.0f}", flush=True)
 
 
 if __name__ == "__main__":
