@@ -507,7 +507,8 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     if args.data is None and not args.phantom:
         args.phantom = 20 if args.quick else 100
     phantom_config, appearance = _phantom_appearance(args)
-    source = args.data or f"{args.phantom} phantom subjects{appearance}"
+    phantoms = f"{args.phantom} phantom subjects{appearance}"
+    source = (f"{args.data} + {phantoms}" if args.phantom else args.data) if args.data else phantoms
     earlier = None
     if args.table:
         from coral_core.fileio import check_output_path

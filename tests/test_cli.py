@@ -384,7 +384,7 @@ def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_
     res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--folds", 2, "--seeds", 1, "--labeled", 1,
                            "--methods", "random", "--finetune-steps", 2, "--no-balance-classes", "--cpu-bf16",
                            "--json", "--device", "cpu").stdout)
-    assert res["config"]["subjects"] == 4 and res["config"]["cases"] == 8
+    assert res["config"]["subjects"] == 4 and res["config"]["cases"] == 8 and res["config"]["source"] == str(root)
     assert res["config"]["finetune_balance_classes"] is False and res["config"]["cpu_bf16"] is True
     patients = {f"patient{i + 1:03d}" for i in range(4)}
     assert len(res["runs"]) == 2
@@ -393,6 +393,7 @@ def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_
         assert len(run["train"]) == 1 and run["train"][0] in patients - set(run["test"])
     assert set(res["runs"][0]["test"]) | set(res["runs"][1]["test"]) == patients
     user_error(coral("bench", "lowlabel", "--data", tmp_path / "nothing", check=False), "nothing")
+    user_error(coral("bench", "lowlabel", "--data", root, "--phantom-bias", 1, check=False), "--phantom N")
 
 
 def test_bench_embedding_draws_both_methods(tmp_path):
