@@ -499,6 +499,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "finetune_augment": args.finetune_augment, "base_filters": args.base_filters, "image_size": args.image_size,
         "finetune_slices": args.labeled_slices,
         "finetune_scale": _float_pair(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
+        "pretrain_scale": _float_pair(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -827,6 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "few (default 0: every slice)")
     p.add_argument("--finetune-scale", default=None, metavar="LOW,HIGH",
                    help="zoom range of the fine-tuning's augmentation (default 0.85,1.15)")
+    p.add_argument("--pretrain-scale", default=None, metavar="LOW,HIGH",
+                   help="zoom range of the pretraining's augmentation, for every method (default 0.85,1.15)")
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
     p.add_argument("--base-filters", type=_positive_int, default=None, help="U-Net base filters (default: 8 quick, 48 full)")

@@ -96,6 +96,8 @@ class LowLabelConfig:
     # differ up to 2.9-fold in area, and one labelled subject's zoomed by 0.85-1.15 covers part of that
     # (docs/results.md, "What one labelled volume does not teach").
     finetune_scale: tuple[float, float] = (0.85, 1.15)
+    # AugmentConfig.scale of the pretraining, for every method alike.
+    pretrain_scale: tuple[float, float] = (0.85, 1.15)
     device: str = "auto"
     # Levers.cpu_bf16 for every stage. False: float32 on the CPU, as every table in docs/results.md was
     # measured. In bf16, CORAL's paired lead over random init in the quick setting was +0.019 (6/6)
@@ -119,9 +121,11 @@ class LowLabelConfig:
             raise UserError("the benchmark needs --folds >= 2 and --seeds >= 1")
         if self.workers < 1:
             raise UserError("--workers must be at least 1")
-        self.finetune_scale = tuple(float(x) for x in self.finetune_scale)
-        if len(self.finetune_scale) != 2 or not 0 < self.finetune_scale[0] <= self.finetune_scale[1]:
-            raise UserError("--finetune-scale must be LOW,HIGH with 0 < LOW <= HIGH, e.g. 0.7,1.4")
+        for name in ("finetune_scale", "pretrain_scale"):
+            zoom = tuple(float(x) for x in getattr(self, name))
+            if len(zoom) != 2 or not 0 < zoom[0] <= zoom[1]:
+                raise UserError(f"--{name.replace('_', '-')} must be LOW,HIGH with 0 < LOW <= HIGH, e.g. 0.7,1.4")
+            setattr(self, name, zoom)
         if self.finetune_slices < 0:
             raise UserError("--labeled-slices must be 0 (every slice) or more")
         if self.base_filters < 1 or self.image_size < 16 or self.image_size % 16:
@@ -217,11 +221,11 @@ def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Lev
 PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
-    "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale",
+    "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
-                       "finetune_scale": [0.85, 1.15]}
+                       "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15]}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -280,7 +284,8 @@ def run_lowlabel(
     config = cfg.to_dict() | {"subjects": len(set(subjects)), "cases": len(cases), "device": str(device),
                               "n_classes": n_classes, "cpu_bf16": levers.cpu_bf16_on(device), "source": source,
                               "compute": "bf16" if bf16 else "float32",
-                              "finetune_scale": list(cfg.finetune_scale)}  # as a table read back from JSON has it
+                              # lists, as a table read back from JSON has them
+                              "finetune_scale": list(cfg.finetune_scale), "pretrain_scale": list(cfg.pretrain_scale)}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     runs: list[dict] = []
     timings: dict[str, float] = {}
@@ -364,6 +369,7 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
         pre_cfg = PretrainConfig(
             method=method, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch,
             lr=cfg.pretrain_lr, seed=seed, device=cfg.device, model=model_cfg, levers=levers,
+            augment=AugmentConfig(scale=cfg.pretrain_scale),
         )
         init = resize_head(pretrain(pre_cfg, [c.image for c in cases]).model, model_cfg.n_classes,
                            model_cfg.class_names)

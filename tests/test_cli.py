@@ -349,9 +349,11 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     assert frozen["config"]["finetune_freeze_encoder"] is True and len(frozen["runs"]) == 2
     plain = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                              "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--no-finetune-augment",
-                             "--base-filters", 4, "--image-size", 32, "--labeled-slices", 2, "--json").stdout)
+                             "--base-filters", 4, "--image-size", 32, "--labeled-slices", 2, "--pretrain-scale", "0.7,1.4",
+                             "--finetune-scale", "0.8,1.2", "--json").stdout)
     assert plain["config"]["finetune_augment"] is False and len(plain["runs"]) == 2
     assert plain["config"]["finetune_slices"] == 2
+    assert plain["config"]["pretrain_scale"] == [0.7, 1.4] and plain["config"]["finetune_scale"] == [0.8, 1.2]
     assert (plain["config"]["base_filters"], plain["config"]["image_size"]) == (4, 32)
     assert plain["config"]["source"] == "4 phantom subjects"  # the default cohort is named as before
     harder = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
@@ -367,6 +369,7 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     user_error(coral("bench", "lowlabel", "--quick", "--phantom-noise", "0.2,0.05", check=False), "--phantom-noise", "LOW,HIGH")
     user_error(coral("bench", "lowlabel", "--quick", "--phantom-bias", -1, check=False), "--phantom-bias")
     user_error(coral("bench", "lowlabel", "--quick", "--labeled-slices", -1, check=False), "--labeled-slices")
+    user_error(coral("bench", "lowlabel", "--quick", "--pretrain-scale", "1.4,0.7", check=False), "--pretrain-scale", "LOW,HIGH")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--folds", 2, "--labeled", "3", "--methods", "random",
                      check=False), "--labeled 3 exceeds the 2 training subjects")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--methods", "random,byol", check=False), "byol")

@@ -26,20 +26,30 @@ def test_fine_tuning_gets_the_chosen_slices_and_settings(monkeypatch):
         seen.append((cfg, [img.shape[0] for img in images], slices))
         return real(cfg, init, images, labels, slices, *args, **kwargs)
 
+    pretrained = []
+    real_pretrain = lowlabel.pretrain
+
+    def recording_pretrain(cfg, *args, **kwargs):
+        pretrained.append(cfg)
+        return real_pretrain(cfg, *args, **kwargs)
+
     monkeypatch.setattr(lowlabel, "finetune", recording)
+    monkeypatch.setattr(lowlabel, "pretrain", recording_pretrain)
     cases = load_labelled_cases(None, 4)
-    cfg = LowLabelConfig.quick(methods=("random",), seeds=1, folds=2, workers=1, finetune_steps=1, base_filters=4,
-                               image_size=32, finetune_slices=3, finetune_augment=False, finetune_scale=(0.7, 1.4),
-                               device="cpu")
+    cfg = LowLabelConfig.quick(methods=("random", "coral"), seeds=1, folds=2, workers=1, pretrain_epochs=1,
+                               finetune_steps=1, base_filters=4, image_size=32, finetune_slices=3,
+                               finetune_augment=False, finetune_scale=(0.7, 1.4), pretrain_scale=(0.6, 1.5), device="cpu")
     result = run_lowlabel(cfg, cases)
-    assert len(result.runs) == 2 and len(seen) == 2
+    assert len(result.runs) == 4 and len(seen) == 4
+    assert [p.augment.scale for p in pretrained] == [(0.6, 1.5)] and pretrained[0].augment.enabled
     assert result.config["finetune_slices"] == 3 and result.config["finetune_augment"] is False
-    assert result.config["finetune_scale"] == [0.7, 1.4]
+    assert result.config["finetune_scale"] == [0.7, 1.4] and result.config["pretrain_scale"] == [0.6, 1.5]
     for ft_cfg, depths, slices in seen:
         assert ft_cfg.augment.enabled is False and ft_cfg.augment.scale == (0.7, 1.4)
         assert slices == [labelled_slices(n, 3) for n in depths] and all(len(s) == 3 for s in slices)
     seen.clear()
-    defaults = {"finetune_slices": 0, "finetune_augment": True, "finetune_scale": (0.85, 1.15)}
+    defaults = {"finetune_slices": 0, "finetune_augment": True, "finetune_scale": (0.85, 1.15),
+                "pretrain_scale": (0.85, 1.15)}
     again = run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), **defaults}), cases)
     for ft_cfg, depths, slices in seen:  # the defaults: every slice, augmented
         assert ft_cfg.augment.enabled is True and slices == [list(range(n)) for n in depths]
