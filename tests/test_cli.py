@@ -133,6 +133,12 @@ def test_finetune_from_random_init_uses_the_label_classes(subject):
     coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 2, *TINY, "--balance-classes",
           "--out", d / "balanced.safetensors")
     assert load_checkpoint(d / "balanced.safetensors")[1]["training"]["balance_classes"] is True
+    assert load_checkpoint(d / "balanced.safetensors")[1]["training"]["zoom"] == [0.85, 1.15]  # the default
+    coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 2, *TINY, "--zoom", "0.7,1.4",
+          "--out", d / "zoomed.safetensors")
+    assert load_checkpoint(d / "zoomed.safetensors")[1]["training"]["zoom"] == [0.7, 1.4]
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--zoom", "1.4", "--out",
+                     d / "bad.safetensors", check=False), "--zoom", "LOW,HIGH")
 
 
 def test_demo_runs_end_to_end(tmp_path):
