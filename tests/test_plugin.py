@@ -194,6 +194,7 @@ def test_cancel_keeps_the_previous_model(viewer, qtbot):
     assert runner.job.spec["config"]["embedding_weight"] == 0.0
     assert runner.job.spec["config"]["balance_classes"] is True
     assert runner.job.spec["training"]["balance_classes"] is True
+    assert tuple(runner.job.spec["config"]["augment"]["scale"]) == (0.85, 1.15)  # "For other scans" unchecked
     qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)
     with qtbot.waitSignal(runner.finished, timeout=60_000) as blocker:
         widget.cancel()
@@ -221,9 +222,12 @@ def test_finetune_works_with_default_choices_on_the_sample(viewer, qtbot):
     truth = viewer.layers["phantom ground truth"].data
     assert widget.labels_picker.currentText() == "phantom ground truth"
     assert widget.annotated_slices() == list(range(truth.shape[0]))  # a label layer: its labelled slices
+    widget.wider_zoom.setChecked(True)  # a model meant for other scans
     runner = widget.finetune()
     assert runner is not None
-    qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)
+    assert tuple(runner.job.spec["config"]["augment"]["scale"]) == (0.7, 1.4)
+    assert runner.job.spec["training"]["zoom"] == [0.7, 1.4]
+    qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)  # the job took the setting and trains
     widget.cancel()
     qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
     segment = dock(viewer, "Segment")
