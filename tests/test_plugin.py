@@ -435,3 +435,20 @@ def test_model_widget_offers_to_discard_stopped_runs(make_napari_viewer, qtbot, 
     assert widget.discard_stopped_runs() == 2
     assert [f.name for f in folder.iterdir()] == ["notes.txt"]
     assert widget.stopped_runs.isHidden() and widget.discard_button.isHidden()
+
+
+def test_a_closed_model_dock_stops_listening_for_jobs(make_napari_viewer, qtbot):
+    from napari_coral._widgets._common import alive, job_events
+
+    viewer = make_napari_viewer()
+    widget = dock(viewer, "Model")
+    calls = []
+    widget._show_stopped_runs = lambda: calls.append(1)  # the dock's handler, as its listener calls it
+    job_events().changed.emit()
+    assert calls == [1]
+    viewer.window.remove_dock_widget("all")  # closed: Qt deletes the dock and the widget in it
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: not alive(widget), timeout=5000)
+    job_events().changed.emit()  # no error from the deleted widget, and it is let go
+    job_events().changed.emit()
+    assert calls == [1]
