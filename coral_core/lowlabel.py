@@ -87,14 +87,14 @@ class LowLabelConfig:
     finetune_freeze_encoder: bool = False
     # FinetuneConfig.augment.enabled: the fine-tuning's rotation, scaling, gamma, contrast and noise
     # (the pretraining augments either way). Off, random init has only the labelled volumes' own
-    # appearance to learn from (docs/results.md, "Looking for the cause").
+    # appearance to learn from (docs/results.md, "More checks of the cause").
     finetune_augment: bool = True
     # Annotated slices per labelled volume, evenly spaced through it (labelled_slices); 0: all of them.
     # 3 is what the product's users paint before their first fine-tuning.
     finetune_slices: int = 0
     # AugmentConfig.scale of the fine-tuning: the zoom range of the labelled slices. The phantoms' hearts
     # differ up to 2.9-fold in area, and one labelled subject's zoomed by 0.85-1.15 covers part of that
-    # (docs/results.md, "What one labelled volume does not teach").
+    # (docs/results.md, "More checks of the cause").
     finetune_scale: tuple[float, float] = (0.85, 1.15)
     # AugmentConfig.scale of the pretraining, for every method alike.
     pretrain_scale: tuple[float, float] = (0.85, 1.15)
