@@ -342,10 +342,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if args.zoom:
         from coral_core.augment import AugmentConfig
 
-        low, high = _float_pair(args.zoom, "--zoom", "0.7,1.4")
-        if not 0 < low <= high:
-            raise UserError(f"--zoom {args.zoom}: give LOW,HIGH with 0 < LOW <= HIGH, e.g. 0.7,1.4")
-        cfg.augment = AugmentConfig(scale=(low, high))
+        cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
     fingerprint = {"command": "finetune", "config": _fingerprint_config(cfg, args.device),
                    "image": str(Path(args.image).resolve()), "labels": str(Path(args.labels).resolve()),
                    "slices": slices, "init": str(Path(init).resolve()) if args.init else init,
@@ -505,8 +502,8 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "workers": args.workers, "finetune_freeze_encoder": args.freeze_encoder or None,
         "finetune_augment": args.finetune_augment, "base_filters": args.base_filters, "image_size": args.image_size,
         "finetune_slices": args.labeled_slices,
-        "finetune_scale": _float_pair(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
-        "pretrain_scale": _float_pair(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
+        "finetune_scale": _float_range(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
+        "pretrain_scale": _float_range(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -633,10 +630,7 @@ def _phantom_appearance(args):
         config.bias = float(args.phantom_bias)
         changed.append(f"bias {config.bias:g}")
     if args.phantom_noise is not None:
-        low, high = _float_pair(args.phantom_noise, "--phantom-noise", "0.05,0.2")
-        if not 0 <= low <= high:
-            raise UserError(f"--phantom-noise {args.phantom_noise!r}: give the lowest and highest noise as LOW,HIGH "
-                            "with 0 <= LOW <= HIGH, e.g. 0.05,0.2")
+        low, high = _float_range(args.phantom_noise, "--phantom-noise", "0.05,0.2", zero_allowed=True)
         config.noise = (low, high)
         changed.append(f"noise {low:g}-{high:g}")
     if changed and args.data and not args.phantom:
@@ -655,11 +649,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _float_pair(text: str, option: str, example: str) -> tuple[float, float]:
+def _float_range(text: str, option: str, example: str, zero_allowed: bool = False) -> tuple[float, float]:
+    """``LOW,HIGH`` from the command line, with 0 < LOW <= HIGH (0 <= LOW with ``zero_allowed``)."""
     try:
         low, high = (float(x) for x in text.split(","))
     except ValueError:
-        raise UserError(f"{option} {text!r}: give two numbers as LOW,HIGH, e.g. {example}") from None
+        low, high = float("nan"), float("nan")
+    if not ((0 <= low if zero_allowed else 0 < low) and low <= high):
+        raise UserError(f"{option} {text!r}: give LOW,HIGH with {'0 <=' if zero_allowed else '0 <'} LOW <= HIGH, "
+                        f"e.g. {example}")
     return low, high
 
 
