@@ -357,7 +357,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
     training = {"stage": "finetune", "init": init, "image": str(args.image), "slices": slices, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
-                "zoom": list(cfg.augment.scale), "compute": _compute(cfg), "lr": args.lr, "seed": args.seed, "final_loss": result.history.last("loss")}
+                "zoom": list(cfg.augment.scale), "compute": _compute(cfg), "lr": args.lr, "seed": args.seed,
+                "final_loss": result.history.last("loss")}
     save_checkpoint(args.out, result.model, training)
     state.remove()
     out = {"checkpoint": str(args.out), "init": init, "slices": slices, "steps": len(result.history.steps),

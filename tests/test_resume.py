@@ -208,8 +208,8 @@ def test_the_plugins_pretraining_job_continues_where_it_stopped(cohort, tmp_path
     assert resume.parent == tmp_path / "home" / "resume"
     other_volumes = dict(volumes, v0000=volumes["v0000"] + 1)
     assert resume_file("pretrain", config_dict(cfg), other_volumes)[0] != resume
-    assert resume_file("pretrain", config_dict(PretrainConfig(method="coral", epochs=4, batch_size=8, device="cpu",
-                                                           model=TINY)), volumes)[0] != resume
+    longer = PretrainConfig(method="coral", epochs=4, batch_size=8, device="cpu", model=TINY)
+    assert resume_file("pretrain", config_dict(longer), volumes)[0] != resume
     data = write_inputs(tmp_path, **volumes)
 
     def job(out, stop_at=None, with_resume=True):
