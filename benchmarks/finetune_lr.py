@@ -4,12 +4,17 @@
     python benchmarks/finetune_lr.py --labelled 1001 --test-from 2010 --seed 1 --lrs 1e-3 3e-3
     python benchmarks/finetune_lr.py --lrs 3e-3 --balance 0 1     # plain and class-balanced cross-entropy
     python benchmarks/finetune_lr.py --lrs 3e-3 --zooms 0.85,1.15 0.7,1.4   # the augmentation's zoom range
+    python benchmarks/finetune_lr.py --lrs 3e-3 --layouts 1x3 1x6 2x3  # where to spend the annotated slices
 
 What `coral finetune` and the plugin's Fine-tune button do by default: a U-Net with 16 base
 filters at 128 x 128, three annotated slices of one phantom subject, 200 steps of batch 8.
 The model starts from random init and from a CORAL encoder pretrained on 16 other phantoms
 (6 epochs, as `coral demo`), and is scored by mean foreground Dice on three held-out subjects
 and (last column, "own") on the annotated subject's other slices, what a user segments next.
+
+``--layouts SxK``: K annotated slices in each of S subjects (the first is ``--labelled``, the others
+``--labelled`` + 100, + 200, ...), so 1x6 and 2x3 annotate the same number of slices, in one scan or
+in two. "own" is then scored on the first subject's slices that no layout annotates.
 """
 
 from __future__ import annotations
@@ -46,22 +51,32 @@ def main() -> None:
                         help="FinetuneConfig.balance_classes off (0) and/or on (1), one row each")
     parser.add_argument("--zooms", nargs="+", default=["0.85,1.15"], metavar="LOW,HIGH",
                         help="AugmentConfig.scale of the fine-tuning, one row each (default: the engine's 0.85,1.15)")
+    parser.add_argument("--layouts", nargs="+", default=["1x3"], metavar="SxK",
+                        help="K annotated slices in each of S subjects, one row each (default: 1x3, the product's)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     model_cfg = UNetConfig(base_filters=16, image_size=128)
     pre = pretrain(PretrainConfig(method="coral", epochs=6, batch_size=32, seed=0, device=args.device, model=model_cfg),
                    [img.array for img, _ in make_cohort(16)]).model
-    image, labels = (v.array for v in make_phantom(args.labelled))
-    slices = np.linspace(1, image.shape[0] - 2, 3).round().astype(int).tolist()
+    layouts = [tuple(int(x) for x in layout.lower().split("x")) for layout in args.layouts]
+    subjects = [[v.array for v in make_phantom(args.labelled + 100 * i)] for i in range(max(s for s, _ in layouts))]
+    image, labels = subjects[0]
+
+    def spread(volume: np.ndarray, k: int) -> list[int]:  # k slices evenly from the second to the last but one
+        return sorted(set(np.linspace(1, volume.shape[0] - 2, k).round().astype(int).tolist()))
+
     test = [make_phantom(args.test_from + i) for i in range(3)]
-    print(f"labelled phantom {args.labelled} (slices {slices}), held out {args.test_from}..{args.test_from + 2}, "
+    print(f"labelled phantom {args.labelled} (slices {spread(image, 3)}), held out {args.test_from}..{args.test_from + 2}, "
           f"seed {args.seed}, {args.steps} steps")
     zooms = [tuple(float(x) for x in z.split(",")) for z in args.zooms]
-    rest = [k for k in range(image.shape[0]) if k not in slices]  # the labelled subject's unannotated slices
-    print(f"{'init':<8}{'lr':>8}{'balance':>8}{'zoom':>11}{'mean Dice':>11}  per subject          seconds  own")
+    used = set().union(*(spread(image, k) for _, k in layouts))
+    rest = [k for k in range(image.shape[0]) if k not in used]  # the labelled subject's unannotated slices
+    print(f"{'init':<8}{'lr':>8}{'balance':>8}{'zoom':>11}{'layout':>7}{'mean Dice':>11}  per subject          "
+          "seconds  own")
     for init_name in ("random", "coral"):
-        for lr, balance, zoom in [(lr, b, z) for lr in args.lrs for b in args.balance for z in zooms]:
+        for lr, balance, zoom, (n_subjects, k) in [(lr, b, z, lay) for lr in args.lrs for b in args.balance
+                                                   for z in zooms for lay in layouts]:
             torch.manual_seed(0)
             if init_name == "random":
                 init = build_model(UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES))
@@ -71,14 +86,16 @@ def main() -> None:
             # embedding_weight 0: the protocol the lr study was measured with (and the same for both inits)
             cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0,
                                  embedding_weight=0.0, balance_classes=bool(balance), augment=AugmentConfig(scale=zoom))
-            model = finetune(cfg, init, [image], [labels], [slices]).model
+            chosen = subjects[:n_subjects]
+            model = finetune(cfg, init, [im for im, _ in chosen], [lab for _, lab in chosen],
+                             [spread(im, k) for im, _ in chosen]).model
             dice = [evaluate_segmentation(segment_volume(model, img.array, args.device), lab.array, 4,
                                           img.spacing)["mean_dice"] for img, lab in test]
             per = ", ".join(f"{d:.3f}" for d in dice)
             seconds = time.perf_counter() - t
             own = evaluate_segmentation(segment_volume(model, image, args.device)[rest], labels[rest], 4)["mean_dice"]
-            print(f"{init_name:<8}{lr:>8g}{balance:>8}{f'{zoom[0]:g}-{zoom[1]:g}':>11}{np.mean(dice):>11.3f}  {per:<20} "
-                  f"{seconds:>5.0f}  {own:.3f}", flush=True)
+            print(f"{init_name:<8}{lr:>8g}{balance:>8}{f'{zoom[0]:g}-{zoom[1]:g}':>11}{f'{n_subjects}x{k}':>7}"
+                  f"{np.mean(dice):>11.3f}  {per:<20} {seconds:>5.0f}  {own:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -291,36 +291,54 @@ def _cached_slices(args, rank: int):
     return data, description["names"], shapes, description["image_size"], how
 
 
-def cmd_finetune(args) -> tuple[dict, str]:
+def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None):
+    """One image and the label volume drawn on it, checked: (image volume, labels as int64, annotated slices)."""
     import numpy as np
 
-    from coral_core.checkpoint import load_checkpoint, save_checkpoint
     from coral_core.data import parse_slices
-    from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
-    from coral_core.fileio import check_output_path
-    from coral_core.model import UNetConfig, build_model, resize_head
+    from coral_core.finetune import annotated_from_labels
     from coral_core.volume import load_volume
 
-    check_output_path(args.out)
-    image = load_volume(args.image)
-    labels = load_volume(args.labels)
+    image = load_volume(image_path)
+    labels = load_volume(labels_path)
     if labels.shape != image.shape:
-        raise UserError(f"{args.labels}: labels of shape {labels.shape} do not match {args.image} of shape {image.shape}; give the labels drawn on this image")
+        raise UserError(f"{labels_path}: labels of shape {labels.shape} do not match {image_path} of shape {image.shape}; give the labels drawn on this image")
     if not np.array_equal(labels.array, np.rint(labels.array)):
-        raise UserError(f"{args.labels}: holds non-integer values, so it is an image, not a label map; give the labels (0 background, 1, 2, ...)")
+        raise UserError(f"{labels_path}: holds non-integer values, so it is an image, not a label map; give the labels (0 background, 1, 2, ...)")
     lab = labels.array.astype(np.int64)
     if lab.max() > MAX_CLASSES:
-        raise UserError(f"{args.labels}: holds label {int(lab.max())}; label maps of up to {MAX_CLASSES} classes are supported")
+        raise UserError(f"{labels_path}: holds label {int(lab.max())}; label maps of up to {MAX_CLASSES} classes are supported")
     if lab.min() < 0:
-        raise UserError(f"{args.labels}: holds negative label values; labels must be 0 (background), 1, 2, ...")
-    slices = parse_slices(args.slices, image.shape[0], args.image) if args.slices else annotated_from_labels(lab)
+        raise UserError(f"{labels_path}: holds negative label values; labels must be 0 (background), 1, 2, ...")
+    slices = parse_slices(slices_text, image.shape[0], image_path) if slices_text else annotated_from_labels(lab)
     if not slices:
-        raise UserError(f"{args.labels}: no slice holds any label; paint some slices or pass --slices")
-    n_classes = int(lab.max()) + 1 if args.classes is None else args.classes
+        raise UserError(f"{labels_path}: no slice holds any label; paint some slices or pass --slices")
+    return image, lab, slices
+
+
+def cmd_finetune(args) -> tuple[dict, str]:
+    from coral_core.checkpoint import load_checkpoint, save_checkpoint
+    from coral_core.finetune import FinetuneConfig, finetune
+    from coral_core.fileio import check_output_path
+    from coral_core.model import UNetConfig, build_model, resize_head
+
+    check_output_path(args.out)
+    n = len(args.image)
+    if len(args.labels) != n:
+        raise UserError(f"--labels names {len(args.labels)} file(s) for {n} image(s); give one label volume per "
+                        "image, in the same order")
+    if args.slices and len(args.slices) != n:
+        raise UserError(f"--slices is given {len(args.slices)} time(s) for {n} image(s); give it once per image, in "
+                        "the same order, or leave it out to use the slices that hold labels")
+    pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None)
+             for i, (image, labels) in enumerate(zip(args.image, args.labels))]
+    top = max(int(lab.max()) for _, lab, _ in pairs)
+    n_classes = top + 1 if args.classes is None else args.classes
     if n_classes < 2:
-        raise UserError(f"{args.labels}: holds only background; at least one foreground class is needed")
-    if int(lab.max()) >= n_classes:
-        raise UserError(f"{args.labels}: holds label {int(lab.max())} but --classes is {n_classes}; raise --classes")
+        raise UserError(f"{' and '.join(args.labels)}: only background is labelled; at least one foreground class is needed")
+    if top >= n_classes:
+        raise UserError(f"{args.labels[[int(lab.max()) for _, lab, _ in pairs].index(top)]}: holds label {top} but "
+                        f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names, n_classes)
     if args.init:
         model, meta = load_checkpoint(args.init)
@@ -332,8 +350,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
             model = resize_head(model, n_classes, names) if fresh_head else _rename(model, names)
     else:
         model = build_model(UNetConfig(
-            n_classes=n_classes, class_names=names,
-            base_filters=args.base_filters, image_size=_auto_image_size([image.array.shape], args.image_size),
+            n_classes=n_classes, class_names=names, base_filters=args.base_filters,
+            image_size=_auto_image_size([image.array.shape for image, _, _ in pairs], args.image_size),
         ))
         init = "random"
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
@@ -343,28 +361,38 @@ def cmd_finetune(args) -> tuple[dict, str]:
         from coral_core.augment import AugmentConfig
 
         cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
+    slices = [pair_slices for _, _, pair_slices in pairs]
+    # one image keeps the fingerprint it always had, so a run stopped by an earlier version continues
+    paths = {"image": [str(Path(p).resolve()) for p in args.image], "labels": [str(Path(p).resolve()) for p in args.labels],
+             "slices": slices}
     fingerprint = {"command": "finetune", "config": _fingerprint_config(cfg, args.device),
-                   "image": str(Path(args.image).resolve()), "labels": str(Path(args.labels).resolve()),
-                   "slices": slices, "init": str(Path(init).resolve()) if args.init else init,
+                   **({k: v[0] for k, v in paths.items()} if n == 1 else paths),
+                   "init": str(Path(init).resolve()) if args.init else init,
                    "classes": n_classes, "model": model.config.to_dict()}
     state = _resume_state(args, fingerprint, every=50)
     bar, callback = _progress(cfg.steps, "fine-tune", args.json)
     t0 = time.perf_counter()
     with bar:
-        result = finetune(cfg, model, [image.array], [lab], [slices], callback, _STOP, resume=state)
+        result = finetune(cfg, model, [image.array for image, _, _ in pairs], [lab for _, lab, _ in pairs], slices,
+                          callback, _STOP, resume=state)
     _finish(state, result.history, cfg.steps)
     seconds = time.perf_counter() - t0
-    training = {"stage": "finetune", "init": init, "image": str(args.image), "slices": slices, "steps": args.steps,
+    # one image: "image" and "slices" as before; several: "images" and one slice list per image
+    where = {"image": str(args.image[0]), "slices": slices[0]} if n == 1 else {"images": list(args.image), "slices": slices}
+    training = {"stage": "finetune", "init": init, **where, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
                 "zoom": list(cfg.augment.scale), "compute": _compute(cfg), "lr": args.lr, "seed": args.seed,
                 "final_loss": result.history.last("loss")}
     save_checkpoint(args.out, result.model, training)
     state.remove()
-    out = {"checkpoint": str(args.out), "init": init, "slices": slices, "steps": len(result.history.steps),
+    out = {"checkpoint": str(args.out), "init": init, "slices": where["slices"], "steps": len(result.history.steps),
            "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
-    return out, f"fine-tuned on slices {slices} of {args.image} in {seconds:.0f} s; saved {args.out}"
+    if n > 1:
+        out["images"] = list(args.image)
+    annotated = "; ".join(f"slices {s} of {image}" for s, image in zip(slices, args.image))
+    return out, f"fine-tuned on {annotated} in {seconds:.0f} s; saved {args.out}"
 
 
 def cmd_segment(args) -> tuple[dict, str]:
@@ -759,10 +787,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "run share it, and a slice set larger than memory still trains")
     _lever_options(p, data=True)
 
-    p = command("finetune", "Fine-tune on the annotated slices of one image.", cmd_finetune)
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--labels", required=True, metavar="LABELS", help="label volume drawn on IMAGE")
-    p.add_argument("--slices", default=None, help="annotated slices, e.g. 3,7,9 or 2-5 (default: slices with any label)")
+    p = command("finetune", "Fine-tune on the annotated slices of one image or several.", cmd_finetune)
+    p.add_argument("image", nargs="+", metavar="IMAGE",
+                   help="the annotated image(s); a few slices in each of two scans taught more than the same number "
+                        "in one (docs/results.md)")
+    p.add_argument("--labels", required=True, nargs="+", metavar="LABELS",
+                   help="the label volume drawn on each IMAGE, in the same order")
+    p.add_argument("--slices", default=None, action="append", metavar="SLICES",
+                   help="annotated slices, e.g. 3,7,9 or 2-5; once per IMAGE, in the same order (default: the slices "
+                        "that hold any label)")
     p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint (default: random init)")
     p.add_argument("--out", required=True, metavar="CKPT")
     p.add_argument("--classes", type=int, default=None, help="number of classes incl. background (default: from the labels)")

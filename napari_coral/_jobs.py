@@ -46,8 +46,13 @@ def _finetune(spec: dict, messages, stop) -> None:
         path, fingerprint = resume_file("finetune", spec["config"], arrays | weights, Path(spec["resume_folder"]))
         resume = ResumeState(path, fingerprint, every=50)
     cfg = FinetuneConfig(**spec["config"])  # nested dicts become their dataclasses
+    # other annotated scans, when the user added some, come as image_1, labels_1, slices_1, ...
+    extra = range(1, 1 + sum(name.startswith("image_") for name in arrays))
+    images = [arrays["image"], *(arrays[f"image_{k}"] for k in extra)]
+    labels = [arrays["labels"], *(arrays[f"labels_{k}"] for k in extra)]
+    annotated = [slices, *([int(i) for i in arrays[f"slices_{k}"]] for k in extra)]
     result = finetune(
-        cfg, model, [arrays["image"]], [arrays["labels"]], [slices],
+        cfg, model, images, labels, annotated,
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,
         resume=resume,
     )

@@ -141,6 +141,34 @@ def test_finetune_from_random_init_uses_the_label_classes(subject):
                      d / "bad.safetensors", check=False), "--zoom", "LOW,HIGH")
 
 
+def test_finetune_on_several_annotated_images(subject, tmp_path):
+    """A few slices in each of two scans (of different shapes): one model from both."""
+    from coral_core.checkpoint import load_checkpoint
+
+    d = subject
+    img, lab = make_phantom(12, n_slices=6)
+    second = lab.array.copy()
+    second[second == 3] = 4  # a label only the second scan holds: the classes come from both
+    save_volume(tmp_path / "img2.nii.gz", img.array, np.eye(4))
+    save_volume(tmp_path / "lab2.nii.gz", second, np.eye(4))
+    pair = [d / "img.nii.gz", tmp_path / "img2.nii.gz", "--labels", d / "lab.nii.gz", tmp_path / "lab2.nii.gz"]
+    res = json.loads(coral("finetune", *pair, "--slices", "1,4", "--slices", "0-2", "--steps", 2, *TINY,
+                           "--out", tmp_path / "two.safetensors", "--json").stdout)
+    assert res["slices"] == [[1, 4], [0, 1, 2]] and res["images"] == [str(d / "img.nii.gz"), str(tmp_path / "img2.nii.gz")]
+    model, meta = load_checkpoint(tmp_path / "two.safetensors")
+    assert model.config.n_classes == 5
+    assert meta["training"]["images"] == res["images"] and meta["training"]["slices"] == [[1, 4], [0, 1, 2]]
+    text = coral("finetune", *pair, "--steps", 1, *TINY, "--out", tmp_path / "all.safetensors").stdout
+    assert f"slices [0, 1, 2, 3, 4, 5] of {tmp_path / 'img2.nii.gz'}" in text  # every slice holding a label
+    user_error(coral("finetune", d / "img.nii.gz", tmp_path / "img2.nii.gz", "--labels", d / "lab.nii.gz",
+                     "--out", tmp_path / "x.safetensors", check=False), "--labels names 1 file(s) for 2 image(s)")
+    user_error(coral("finetune", *pair, "--slices", "1,4", "--out", tmp_path / "x.safetensors", check=False),
+               "--slices is given 1 time(s) for 2 image(s)")
+    user_error(coral("finetune", *pair, "--slices", "1,4", "--slices", "0,9", "--out", tmp_path / "x.safetensors",
+                     check=False), "img2.nii.gz", "9")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_demo_runs_end_to_end(tmp_path):
     res = json.loads(coral("demo", "--phantom", 2, "--epochs", 1, "--steps", 2, "--out-dir", tmp_path / "demo",
                            "--save-model", tmp_path / "demo.safetensors", "--json").stdout)

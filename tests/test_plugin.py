@@ -237,6 +237,60 @@ def test_finetune_works_with_default_choices_on_the_sample(viewer, qtbot):
     assert widget.annotated_slices() == []  # a prediction counts only where corrected
 
 
+def test_finetune_trains_on_annotated_slices_of_other_scans_too(viewer, qtbot, coral_home):
+    from coral_core.phantom import make_phantom
+
+    _fresh_model(viewer)
+    widget = dock(viewer, "Fine-tune")
+    second, second_truth = (v.array for v in make_phantom(5, n_slices=7))
+    viewer.add_image(second, name="second")
+    viewer.add_labels(np.zeros(second.shape, np.uint8), name="second labels")
+    widget.image_picker.setCurrentText("second")
+    widget.labels_picker.setCurrentText("second labels")
+    assert widget.add_scan() is None and "paint at least one slice" in widget.status.text()
+    labels = viewer.layers["second labels"]
+    for k in (1, 4):
+        idx = np.nonzero(second_truth[k])
+        labels.data_setitem((np.full_like(idx[0], k), *idx), second_truth[k][idx].astype(np.uint8))
+    assert widget.add_scan() == ("second", "second labels")
+    assert widget.other_scans.count() == 1 and widget.other_scans.item(0).text() == "second / second labels: slices 1, 4"
+
+    layer, truth = _paint_from_truth(viewer, [])  # now the first scan: one slice painted
+    widget.image_picker.setCurrentText("phantom")
+    widget.labels_picker.setCurrentText("my annotations")
+    k = truth.shape[0] // 2
+    idx = np.nonzero(truth[k])
+    layer.data_setitem((np.full_like(idx[0], k), *idx), truth[k][idx])
+    widget.steps.setValue(3)
+    runner = widget.finetune(mode="thread")
+    assert runner is not None, widget.status.text()
+    assert runner.job.spec["training"]["images"] == ["phantom", "second"]
+    assert runner.job.spec["training"]["slices"] == [[k], [1, 4]]
+    qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    assert "failed" not in widget.status.text(), widget.status.text()
+    inputs = np.load(runner.job.spec["data"])
+    assert inputs["image_1"].shape == second.shape and inputs["slices_1"].tolist() == [1, 4]
+    np.testing.assert_array_equal(inputs["labels_1"][[1, 4]], second_truth[[1, 4]])
+    assert not inputs["labels_1"][[0, 2, 3, 5, 6]].any()  # only the annotated slices travel
+    assert widget.losses and widget.losses[-1][0] == 3
+    saved = sorted(p.name.split("-")[0] for p in (coral_home / "annotations").iterdir())
+    assert saved == ["my_annotations", "second_labels"]  # both scans' annotations saved before training
+
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)  # re-segmented with the new model
+
+    labels.data_setitem((np.array([2]), np.array([0]), np.array([0])), np.array([9], np.uint8))  # a label too many
+    widget.image_picker.setCurrentText("second")
+    widget.labels_picker.setCurrentText("second labels")
+    assert widget.add_scan() == ("second", "second labels")  # added again, now with slice 2
+    assert widget.other_scans.count() == 1 and widget.other_scans.item(0).text().endswith("slices 1, 2, 4")
+    widget.image_picker.setCurrentText("phantom")
+    widget.labels_picker.setCurrentText("my annotations")
+    assert widget.finetune(mode="thread") is None
+    assert "'second labels' uses label 9" in widget.status.text()
+    viewer.layers.remove("second labels")  # a closed layer leaves the list
+    assert widget.other_scans.count() == 0 and not widget.remove_scan_button.isEnabled()
+
+
 def test_finetune_without_annotations_says_what_to_do(viewer):
     widget = dock(viewer, "Fine-tune")
     viewer.add_labels(np.zeros_like(viewer.layers["phantom ground truth"].data), name="empty")

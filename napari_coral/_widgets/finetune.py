@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QSpinBox, QVBoxLayout,
+    QWidget,
 )
 
 from coral_core.augment import WIDER_ZOOM, AugmentConfig
@@ -29,7 +30,11 @@ class FinetuneWidget(QWidget):
     """The annotated slices are those the user painted in the Labels layer (compared with the
     layer as it was when chosen), plus any listed under "Also use slices". Until something is
     painted, a Labels layer that is not a segmentation of ours (a label file, the sample's
-    ground truth) counts with every slice that holds a label."""
+    ground truth) counts with every slice that holds a label.
+
+    Other scans join the training under "Other scans": "Add the pair above" keeps the chosen image,
+    its Labels layer and the slices annotated in it now (their labels are read when training
+    starts); the pair chosen when Fine-tune is pressed always trains too."""
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
@@ -63,6 +68,19 @@ class FinetuneWidget(QWidget):
             "use on other scans. On phantoms it scored +0.028 Dice on other subjects and -0.006 on the annotated "
             "scan's other slices, 13 of 16 fine-tunes each way (docs/results.md), so it is off by default."
         )
+        self.other_scans = QListWidget()
+        self.other_scans.setMaximumHeight(70)
+        self.other_scans.setToolTip("Image and Labels pairs that train with the one chosen above")
+        self.add_scan_button = QPushButton("Add the pair above")
+        self.add_scan_button.setToolTip(
+            "Train on this image's annotated slices too, then choose another scan above and paint a few slices in it: "
+            "three slices in each of two phantom scans scored +0.044 Dice over every slice of one (docs/results.md). "
+            "Add the pair again after painting more of it."
+        )
+        self.remove_scan_button = QPushButton("Remove")
+        self.add_scan_button.clicked.connect(lambda: self.add_scan())
+        self.remove_scan_button.clicked.connect(self._remove_scans)
+        self._other: dict[tuple[str, str], list[int]] = {}  # (image layer, labels layer) -> annotated slices
         self.device_picker = DevicePicker()
         self.annotated_label = status_label()
         self.finetune_button = QPushButton("Fine-tune")
@@ -90,6 +108,13 @@ class FinetuneWidget(QWidget):
         form.addRow("Annotated", self.annotated_label)
         form.addRow("Also use slices", self.extra_slices)
         form.addRow("Validation slices", self.validation_slices)
+        others = QVBoxLayout()
+        others.addWidget(self.other_scans)
+        other_buttons = QHBoxLayout()
+        other_buttons.addWidget(self.add_scan_button)
+        other_buttons.addWidget(self.remove_scan_button)
+        others.addLayout(other_buttons)
+        form.addRow("Other scans", others)
         form.addRow("Steps", self.steps)
         form.addRow("", self.keep_embedding)
         form.addRow("", self.balance_classes)
@@ -120,7 +145,9 @@ class FinetuneWidget(QWidget):
         self._debounce.timeout.connect(self.update_touched)
         self.labels_picker.currentTextChanged.connect(self._watch_labels)
         self.extra_slices.textChanged.connect(self._show_annotated)
+        self.image_picker.currentTextChanged.connect(self._show_other)  # also when layers come and go
         self._watch_labels()
+        self._show_other()
 
     # ------------------------------------------------------------------ annotated slices
     def _watch_labels(self, *_):
@@ -178,18 +205,75 @@ class FinetuneWidget(QWidget):
         if image:
             self.session.annotated[image] = slices
 
+    # ------------------------------------------------------------------ other scans
+    def add_scan(self) -> tuple[str, str] | None:
+        """Keep the chosen pair and its annotated slices in the training set; returns its key."""
+        from napari.utils.notifications import show_error
+
+        try:
+            image, labels = self._pair()
+            self.update_touched()
+            slices = self.annotated_slices()
+            if not slices:
+                raise UserError(f"no annotated slices in {labels.name!r} yet: paint at least one slice before adding it")
+        except UserError as exc:
+            show_error(str(exc))
+            self.status.setText(str(exc))
+            return None
+        self._other[(image.name, labels.name)] = slices
+        self._show_other()
+        self.status.setText(f"{image.name} ({len(slices)} annotated slices) will train too. Choose another image and its "
+                            "Labels layer above and paint a few slices in it.")
+        return image.name, labels.name
+
+    def _remove_scans(self) -> None:
+        for item in self.other_scans.selectedItems():
+            self._other.pop(tuple(item.data(Qt.ItemDataRole.UserRole)), None)
+        self._show_other()
+
+    def _show_other(self, *_) -> None:
+        from qtpy.QtWidgets import QListWidgetItem
+
+        names = {layer.name for layer in self.viewer.layers}
+        self._other = {key: s for key, s in self._other.items() if set(key) <= names}  # closed layers leave the list
+        self.other_scans.clear()
+        for (image, labels), slices in self._other.items():
+            item = QListWidgetItem(f"{image} / {labels}: slices {', '.join(map(str, slices))}")
+            item.setData(Qt.ItemDataRole.UserRole, (image, labels))
+            self.other_scans.addItem(item)
+        self.remove_scan_button.setEnabled(bool(self._other))
+
     # ------------------------------------------------------------------ training
-    def _inputs(self):
-        image, labels = self.image_picker.layer(), self.labels_picker.layer()
+    def _pair(self, image=None, labels=None):
+        """The chosen image and Labels layers (or the named ones), checked to belong together."""
+        image = self.image_picker.layer() if image is None else image
+        labels = self.labels_picker.layer() if labels is None else labels
         if image is None or labels is None:
             raise UserError("choose an image layer and the Labels layer painted on it")
         shape = tuple(full_resolution(image).shape)
         if shape != tuple(labels.data.shape):
             raise UserError(f"labels layer {labels.name!r} has shape {labels.data.shape} but image {image.name!r} has {shape}")
+        return image, labels
+
+    def _others(self, current: tuple[str, str], model) -> list[tuple[object, object, np.ndarray, list[int]]]:
+        """The other scans' (image layer, labels layer, labels snapshot, slices), the chosen pair left out."""
+        found = []
+        for (image_name, labels_name), slices in self._other.items():
+            if (image_name, labels_name) == current:
+                continue
+            image, labels = self._pair(self.viewer.layers[image_name], self.viewer.layers[labels_name])
+            if max(slices) >= labels.data.shape[0]:
+                raise UserError(f"labels layer {labels_name!r} has fewer slices than when it was added; add it again")
+            found.append((image, labels, _snapshot(labels, slices, model), slices))
+        return found
+
+    def _inputs(self):
+        image, labels = self._pair()
         self.update_touched()
         slices = self.annotated_slices()
         if not slices:
             raise UserError("no annotated slices yet: paint at least one slice, or list slices under 'Also use slices'")
+        shape = tuple(labels.data.shape)
         val = parse_slices(self.validation_slices.text(), shape[0], image.name) if self.validation_slices.text().strip() else []
         unannotated = [v for v in val if v not in slices]
         if unannotated:
@@ -198,15 +282,9 @@ class FinetuneWidget(QWidget):
         if not train:
             raise UserError("every annotated slice is a validation slice; keep at least one for training")
         model = self.session.ensure_model()
-        # A snapshot of the annotated slices, in the layer's own dtype (painting goes on while the job
-        # runs): the job reads no other slice, and copying the whole volume as int64 here took napari's
-        # thread 8 bytes per voxel.
-        lab = np.zeros(labels.data.shape, dtype=labels.data.dtype)
-        lab[slices] = labels.data[slices]
-        top = int(lab[slices].max())
-        if top >= model.config.n_classes:
-            raise UserError(f"labels layer uses label {top} but the model has classes 0..{model.config.n_classes - 1} ({', '.join(model.config.class_names)}); paint with those labels")
-        return image, labels, lab, train, val, model
+        lab = _snapshot(labels, slices, model)
+        others = self._others((image.name, labels.name), model)
+        return image, labels, lab, train, val, model, others
 
     def autosave(self, labels_layer) -> Path:
         """Write the annotations with their geometry before any training starts."""
@@ -224,43 +302,56 @@ class FinetuneWidget(QWidget):
         if self.runner is not None and self.runner.running:
             return None
         try:
-            image, labels_layer, lab, slices, val, model = self._inputs()
+            image, labels_layer, lab, slices, val, model, others = self._inputs()
             device = self.device_picker.device()
         except UserError as exc:
             show_error(str(exc))
             self.status.setText(str(exc))
             return None
         self.autosaved = self.autosave(labels_layer)
+        for _, other_labels, _, _ in others:
+            self.autosave(other_labels)
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")  # replaces (and removes) the last run's
         tmp = Path(self._tmp.name)
         save_checkpoint(tmp / "start.safetensors", model, self.session.meta.get("training", {}))
         # the image is read (and converted) by the job's thread, not here: a lazy layer is read from disk then
         inputs = dict(image=LayerArray(image, np.float32), labels=lab,
                       slices=np.asarray(slices), val_slices=np.asarray(val, dtype=np.int64))
+        for k, (other_image, _, other_lab, other_slices) in enumerate(others, 1):  # the job reads image_1, ...
+            inputs |= {f"image_{k}": LayerArray(other_image, np.float32), f"labels_{k}": other_lab,
+                       f"slices_{k}": np.asarray(other_slices)}
         cfg = FinetuneConfig(steps=self.steps.value(), device=device.type, validate_every=max(1, self.steps.value() // 10),
                              embedding_weight=FinetuneConfig.embedding_weight if self.keep_embedding.isChecked() else 0.0,
                              balance_classes=self.balance_classes.isChecked())
         if self.wider_zoom.isChecked():
             cfg.augment = AugmentConfig(scale=WIDER_ZOOM)
+        # as `coral finetune` records it: one image as "image" and "slices", several as "images" and a list each
+        where = {"image": image.name, "slices": slices}
+        if others:
+            where = {"images": [image.name, *(o[0].name for o in others)], "slices": [slices, *(o[3] for o in others)]}
         spec = {
             "model": str(tmp / "start.safetensors"), "out": str(tmp / "finetuned.safetensors"),
             "config": config_dict(cfg),
-            "training": {"stage": "finetune", "init": self.session.source, "image": image.name, "slices": slices, "steps": cfg.steps,
+            "training": {"stage": "finetune", "init": self.session.source, **where, "steps": cfg.steps,
                          "embedding_weight": cfg.embedding_weight if model.has_direction else 0.0,
                          "balance_classes": cfg.balance_classes, "zoom": list(cfg.augment.scale)},
             "resume_folder": str(resume_folder()),  # the job names its progress file from a hash of all its inputs
         }
         self.losses, self.val_dice = [], []
         self.continued_from = None
+        n_slices = len(slices) + sum(len(o[3]) for o in others)
+        scans = f" of {1 + len(others)} scans" if others else ""
         self.runner = JobRunner(Job("finetune", spec, mode or self.mode, inputs=(tmp, inputs)),
-                                f"Fine-tuning on {len(slices)} slices", self)
+                                f"Fine-tuning on {n_slices} slices{scans}", self)
         self.runner.progressed.connect(self._progress)
         self.runner.finished.connect(lambda path, stopped: self._finished(path, stopped, image))
         self.runner.failed.connect(self._failed)
         self.finetune_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         held_out = f", validating on {val}" if val else ""
-        self.status.setText(f"Annotations saved to {self.autosaved}. Fine-tuning on slices {slices}{held_out}...")
+        also = "".join(f"; slices {o[3]} of {o[0].name}" for o in others)
+        self.status.setText(f"Annotations saved to {self.autosaved}{' and beside it' if others else ''}. Fine-tuning on "
+                            f"slices {slices}{held_out}{also}...")
         return self.runner.start()
 
     def cancel(self) -> None:
@@ -332,3 +423,16 @@ class FinetuneWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Save model", "coral-finetuned.safetensors", "Models (*.safetensors)")
         if path:
             self.save_model_file(path)
+
+
+def _snapshot(labels, slices: list[int], model) -> np.ndarray:
+    """The annotated slices of a Labels layer, the rest zero, in the layer's own dtype (painting goes
+    on while the job runs): the job reads no other slice, and copying the whole volume as int64 here
+    took napari's thread 8 bytes per voxel. Labels the model has no class for are a user error."""
+    lab = np.zeros(labels.data.shape, dtype=labels.data.dtype)
+    lab[slices] = labels.data[slices]
+    top = int(lab[slices].max())
+    if top >= model.config.n_classes:
+        raise UserError(f"labels layer {labels.name!r} uses label {top} but the model has classes "
+                        f"0..{model.config.n_classes - 1} ({', '.join(model.config.class_names)}); paint with those labels")
+    return lab
