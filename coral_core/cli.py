@@ -316,6 +316,31 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None):
     return image, lab, slices
 
 
+def _finetune_inputs(args) -> tuple[list[str], list[str]]:
+    """The images and label files `coral finetune` trains on: IMAGE... with --labels one each, or,
+    without --labels, the labelled cases of dataset folders (ACDC, imagesTr/labelsTr, images/labels)."""
+    from coral_core.data import discover_volumes
+
+    if args.labels is not None:
+        if len(args.labels) != len(args.image):
+            raise UserError(f"--labels names {len(args.labels)} file(s) for {len(args.image)} image(s); give one label "
+                            "volume per image, in the same order")
+        images, label_files = list(map(str, args.image)), list(map(str, args.labels))
+    else:
+        if args.slices:
+            raise UserError("--slices needs --labels: name each image and its labels, in the same order as --slices")
+        cases = [case for case in discover_volumes(args.image) if case.label is not None]
+        if not cases:
+            raise UserError(f"{' '.join(map(str, args.image))}: no image there comes with a label file; give --labels "
+                            "with one label volume per image, or a dataset folder (ACDC, or imagesTr and labelsTr) "
+                            "that holds label files")
+        images, label_files = [str(case.image) for case in cases], [str(case.label) for case in cases]
+    if args.slices and len(args.slices) != len(images):
+        raise UserError(f"--slices is given {len(args.slices)} time(s) for {len(images)} image(s); give it once per "
+                        "image, in the same order, or leave it out to use the slices that hold labels")
+    return images, label_files
+
+
 def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.checkpoint import load_checkpoint, save_checkpoint
     from coral_core.finetune import FinetuneConfig, finetune
@@ -323,21 +348,16 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.model import UNetConfig, build_model, resize_head
 
     check_output_path(args.out)
-    n = len(args.image)
-    if len(args.labels) != n:
-        raise UserError(f"--labels names {len(args.labels)} file(s) for {n} image(s); give one label volume per "
-                        "image, in the same order")
-    if args.slices and len(args.slices) != n:
-        raise UserError(f"--slices is given {len(args.slices)} time(s) for {n} image(s); give it once per image, in "
-                        "the same order, or leave it out to use the slices that hold labels")
+    images, label_files = _finetune_inputs(args)
+    n = len(images)
     pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None)
-             for i, (image, labels) in enumerate(zip(args.image, args.labels))]
+             for i, (image, labels) in enumerate(zip(images, label_files))]
     top = max(int(lab.max()) for _, lab, _ in pairs)
     n_classes = top + 1 if args.classes is None else args.classes
     if n_classes < 2:
-        raise UserError(f"{' and '.join(args.labels)}: only background is labelled; at least one foreground class is needed")
+        raise UserError(f"{' and '.join(label_files)}: only background is labelled; at least one foreground class is needed")
     if top >= n_classes:
-        raise UserError(f"{args.labels[[int(lab.max()) for _, lab, _ in pairs].index(top)]}: holds label {top} but "
+        raise UserError(f"{label_files[[int(lab.max()) for _, lab, _ in pairs].index(top)]}: holds label {top} but "
                         f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names, n_classes)
     if args.init:
@@ -363,7 +383,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
     slices = [pair_slices for _, _, pair_slices in pairs]
     # one image keeps the fingerprint it always had, so a run stopped by an earlier version continues
-    paths = {"image": [str(Path(p).resolve()) for p in args.image], "labels": [str(Path(p).resolve()) for p in args.labels],
+    paths = {"image": [str(Path(p).resolve()) for p in images], "labels": [str(Path(p).resolve()) for p in label_files],
              "slices": slices}
     fingerprint = {"command": "finetune", "config": _fingerprint_config(cfg, args.device),
                    **({k: v[0] for k, v in paths.items()} if n == 1 else paths),
@@ -378,7 +398,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     _finish(state, result.history, cfg.steps)
     seconds = time.perf_counter() - t0
     # one image: "image" and "slices" as before; several: "images" and one slice list per image
-    where = {"image": str(args.image[0]), "slices": slices[0]} if n == 1 else {"images": list(args.image), "slices": slices}
+    where = {"image": images[0], "slices": slices[0]} if n == 1 else {"images": images, "slices": slices}
     training = {"stage": "finetune", "init": init, **where, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
@@ -390,8 +410,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
            "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
     if n > 1:
-        out["images"] = list(args.image)
-    annotated = "; ".join(f"slices {s} of {image}" for s, image in zip(slices, args.image))
+        out["images"] = images
+    annotated = "; ".join(f"slices {s} of {image}" for s, image in zip(slices, images))
     return out, f"fine-tuned on {annotated} in {seconds:.0f} s; saved {args.out}"
 
 
@@ -789,9 +809,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("finetune", "Fine-tune on the annotated slices of one image or several.", cmd_finetune)
     p.add_argument("image", nargs="+", metavar="IMAGE",
-                   help="the annotated image(s); a few slices in each of two scans taught more than the same number "
+                   help="the annotated image(s), or without --labels dataset folders (ACDC, imagesTr/labelsTr) whose "
+                        "labelled cases are used; a few slices in each of two scans taught more than the same number "
                         "in one (docs/results.md)")
-    p.add_argument("--labels", required=True, nargs="+", metavar="LABELS",
+    p.add_argument("--labels", default=None, nargs="+", metavar="LABELS",
                    help="the label volume drawn on each IMAGE, in the same order")
     p.add_argument("--slices", default=None, action="append", metavar="SLICES",
                    help="annotated slices, e.g. 3,7,9 or 2-5; once per IMAGE, in the same order (default: the slices "

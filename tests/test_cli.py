@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,6 +167,29 @@ def test_finetune_on_several_annotated_images(subject, tmp_path):
                "--slices is given 1 time(s) for 2 image(s)")
     user_error(coral("finetune", *pair, "--slices", "1,4", "--slices", "0,9", "--out", tmp_path / "x.safetensors",
                      check=False), "img2.nii.gz", "9")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_finetune_on_the_labelled_cases_of_a_dataset_folder(tmp_path):
+    """Without --labels, a dataset folder's labelled cases train; unlabelled ones are left out."""
+    from coral_core.checkpoint import load_checkpoint
+
+    root = tmp_path / "data"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for k, name in enumerate(("case_a", "case_b", "case_c")):
+        img, lab = make_phantom(20 + k, n_slices=5)
+        save_volume(root / "imagesTr" / f"{name}_0000.nii.gz", img.array, np.eye(4))
+        if name != "case_b":  # case_b has no labels
+            save_volume(root / "labelsTr" / f"{name}.nii.gz", lab.array, np.eye(4))
+    res = json.loads(coral("finetune", root, "--steps", 1, *TINY, "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert [Path(p).name for p in res["images"]] == ["case_a_0000.nii.gz", "case_c_0000.nii.gz"]
+    assert res["slices"] == [[0, 1, 2, 3, 4]] * 2
+    assert load_checkpoint(tmp_path / "m.safetensors")[0].config.n_classes == 4
+    user_error(coral("finetune", root, "--slices", "1", "--out", tmp_path / "x.safetensors", check=False),
+               "--slices needs --labels")
+    user_error(coral("finetune", root / "imagesTr", "--out", tmp_path / "x.safetensors", check=False),
+               "imagesTr", "no image there comes with a label file")
     assert not (tmp_path / "x.safetensors").exists()
 
 
