@@ -553,6 +553,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "finetune_slices": args.labeled_slices,
         "finetune_scale": _float_range(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
         "pretrain_scale": _float_range(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
+        "finetune_cohort_weight": args.finetune_cohort_weight,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -893,6 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoom range of the fine-tuning's augmentation (default 0.85,1.15)")
     p.add_argument("--pretrain-scale", default=None, metavar="LOW,HIGH",
                    help="zoom range of the pretraining's augmentation, for every method (default 0.85,1.15)")
+    p.add_argument("--finetune-cohort-weight", type=float, default=None, metavar="W",
+                   help="add the CORAL loss on every unlabelled subject's slices to the fine-tuning, at weight W, for "
+                        "every method (default 0: off)")
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
     p.add_argument("--base-filters", type=_positive_int, default=None, help="U-Net base filters (default: 8 quick, 48 full)")

@@ -139,6 +139,7 @@ def finetune(
     stop_event: threading.Event | None = None,
     validation: tuple[list[np.ndarray], list[np.ndarray], list[list[int]]] | None = None,
     resume: ResumeState | None = None,
+    unlabelled: list[np.ndarray] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a copy; the argument is not modified) on annotated slices.
 
@@ -158,6 +159,10 @@ def finetune(
     resume : ResumeState, optional
         Where to keep progress: restored from when it exists, written every ``resume.every``
         steps and when stopped. (The caller removes it when done.)
+    unlabelled : list of ndarray, optional
+        More (z, y, x) volumes, without labels, whose slices join the fine-tuning images' in the
+        CORAL loss of ``embedding_weight`` (semi-supervised fine-tuning). With them the loss trains
+        whatever the init: a model without a canonical direction starts from a random one.
 
     Returns
     -------
@@ -179,8 +184,8 @@ def finetune(
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     net = apply_levers(model, config.levers)
-    keep = config.embedding_weight > 0 and model.has_direction and not config.freeze_encoder
-    keeper = _EmbeddingKeeper(model, images, config, run) if keep else None
+    keep = config.embedding_weight > 0 and (model.has_direction or bool(unlabelled)) and not config.freeze_encoder
+    keeper = _EmbeddingKeeper(model, [*images, *(unlabelled or [])], config, run) if keep else None
     params = [p for p in model.parameters() if p.requires_grad] + (list(keeper.loss.parameters()) if keeper else [])
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
@@ -241,8 +246,10 @@ class _EmbeddingKeeper:
         # its own random streams: the segmentation batches and their augmentation stay those of a run without it
         self.cpu_generator = torch.Generator().manual_seed(config.seed + 1)
         self.generator = torch.Generator(device=run.device).manual_seed(config.seed + 1)
-        with torch.no_grad():
-            self.loss.direction.copy_(model.canonical_direction)
+        with torch.no_grad():  # a model that has none (random init, with unlabelled volumes) starts from a random one
+            start = model.canonical_direction if model.has_direction else torch.randn(
+                model.config.embedding_dim, generator=self.cpu_generator)
+            self.loss.direction.copy_(start)
 
     def backward(self) -> None:
         n = min(self.config.embedding_batch, len(self.data))

@@ -98,6 +98,11 @@ class LowLabelConfig:
     finetune_scale: tuple[float, float] = (0.85, 1.15)
     # AugmentConfig.scale of the pretraining, for every method alike.
     pretrain_scale: tuple[float, float] = (0.85, 1.15)
+    # Weight of the CORAL loss on every subject's slices (the unlabelled cohort, as pretrained on) added
+    # to the fine-tuning loss, for every method (random init starts from a random direction): whether
+    # the unlabelled subjects, kept in view while fine-tuning, supply the anatomy one labelled volume
+    # lacks (docs/results.md). 0: off, the same plain fine-tuning for every method.
+    finetune_cohort_weight: float = 0.0
     device: str = "auto"
     # Levers.cpu_bf16 for every stage. False: float32 on the CPU, as every table in docs/results.md was
     # measured. In bf16, CORAL's paired lead over random init in the quick setting was +0.019 (6/6)
@@ -126,6 +131,8 @@ class LowLabelConfig:
             if len(zoom) != 2 or not 0 < zoom[0] <= zoom[1]:
                 raise UserError(f"--{name.replace('_', '-')} must be LOW,HIGH with 0 < LOW <= HIGH, e.g. 0.7,1.4")
             setattr(self, name, zoom)
+        if self.finetune_cohort_weight < 0:
+            raise UserError("--finetune-cohort-weight must be 0 (off) or more")
         if self.finetune_slices < 0:
             raise UserError("--labeled-slices must be 0 (every slice) or more")
         if self.base_filters < 1 or self.image_size < 16 or self.image_size % 16:
@@ -222,10 +229,11 @@ PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
     "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
+    "finetune_cohort_weight",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
-                       "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15]}
+                       "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -386,13 +394,15 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
         ft_cfg = FinetuneConfig(
             steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
             seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
-            embedding_weight=0.0,  # the same fine-tuning for every method: no extra loss for CORAL
+            # the same fine-tuning for every method: no extra loss for CORAL unless every method gets it
+            embedding_weight=cfg.finetune_cohort_weight,
             freeze_encoder=cfg.finetune_freeze_encoder, levers=levers,
             augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale),
         )
         model = finetune(
             ft_cfg, init, [c.image for c in train], [c.labels for c in train],
             [labelled_slices(c.image.shape[0], cfg.finetune_slices) for c in train],
+            unlabelled=[c.image for c in cases if c.name not in chosen] if cfg.finetune_cohort_weight else None,
         ).model
         spent[f"finetune {method}"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -408,8 +408,9 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     plain = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                              "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--no-finetune-augment",
                              "--base-filters", 4, "--image-size", 32, "--labeled-slices", 2, "--pretrain-scale", "0.7,1.4",
-                             "--finetune-scale", "0.8,1.2", "--json").stdout)
+                             "--finetune-scale", "0.8,1.2", "--finetune-cohort-weight", 0.1, "--json").stdout)
     assert plain["config"]["finetune_augment"] is False and len(plain["runs"]) == 2
+    assert plain["config"]["finetune_cohort_weight"] == 0.1
     assert plain["config"]["finetune_slices"] == 2
     assert plain["config"]["pretrain_scale"] == [0.7, 1.4] and plain["config"]["finetune_scale"] == [0.8, 1.2]
     assert (plain["config"]["base_filters"], plain["config"]["image_size"]) == (4, 32)

@@ -139,6 +139,30 @@ def test_finetuning_a_coral_model_keeps_its_embedding_in_slice_order():
     assert not runs[1].model.has_direction
 
 
+def test_unlabelled_volumes_join_the_embedding_loss_whatever_the_init(cohort, monkeypatch):
+    """Semi-supervised fine-tuning: the CORAL loss trains on the fine-tuning images' slices and
+    the unlabelled volumes'; a model without a direction (random init) starts from a random one."""
+    from coral_core import finetune as ft
+
+    depths = []
+    plain_init = ft._EmbeddingKeeper.__init__
+
+    def recorded(self, model, images, config, run):
+        depths.append([image.shape[0] for image in images])
+        plain_init(self, model, images, config, run)
+
+    monkeypatch.setattr(ft._EmbeddingKeeper, "__init__", recorded)
+    (img, lab), *rest = cohort
+    others = [image.array for image, _ in rest]
+    args = ([img.array], [lab.array], [annotated_from_labels(lab.array)[:2]])
+    fresh = build_model(TINY)
+    runs = [finetune(FinetuneConfig(steps=3, batch_size=2, device="cpu", validate_every=0, embedding_weight=w),
+                     fresh, *args, unlabelled=others) for w in (0.0, 0.1)]
+    assert depths == [[img.array.shape[0], *(o.shape[0] for o in others)]]  # weight 0: no extra loss at all
+    assert runs[1].model.has_direction and not runs[0].model.has_direction and not fresh.has_direction
+    assert runs[0].history.metrics["loss"] != runs[1].history.metrics["loss"]  # the loss moved the shared encoder
+
+
 def test_the_embedding_loss_can_run_on_every_kth_step_only(cohort, monkeypatch):
     """``embedding_every=k``: the CORAL loss on steps k, 2k, ... at k times the weight."""
     from torch.nn import functional as F
