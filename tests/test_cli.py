@@ -193,6 +193,18 @@ def test_finetune_on_the_labelled_cases_of_a_dataset_folder(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_finetune_refuses_label_files_that_are_not_label_maps(subject, tmp_path):
+    d = subject
+    truth = load_volume(d / "lab.nii.gz")
+    for name, values, fragment in (("float", truth.array + 0.5, "non-integer values"),
+                                   ("big", truth.array.astype(np.int32) * 100, "holds label 300"),
+                                   ("negative", truth.array.astype(np.int32) - 1, "negative label values")):
+        save_volume(tmp_path / f"{name}.nii.gz", values, truth.affine)
+        user_error(coral("finetune", d / "img.nii.gz", "--labels", tmp_path / f"{name}.nii.gz",
+                         "--out", tmp_path / "x.safetensors", check=False), f"{name}.nii.gz", fragment)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_demo_runs_end_to_end(tmp_path):
     res = json.loads(coral("demo", "--phantom", 2, "--epochs", 1, "--steps", 2, "--out-dir", tmp_path / "demo",
                            "--save-model", tmp_path / "demo.safetensors", "--json").stdout)
