@@ -812,8 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("finetune", "Fine-tune on the annotated slices of one image or several.", cmd_finetune)
     p.add_argument("image", nargs="+", metavar="IMAGE",
                    help="the annotated image(s), or without --labels dataset folders (ACDC, imagesTr/labelsTr) whose "
-                        "labelled cases are used; a few slices in each of two scans taught more than the same number "
-                        "in one (docs/results.md)")
+                        "labelled cases are used; for a model meant for other scans, a few slices in each of several "
+                        "scans did better than the same number in one (docs/results.md)")
     p.add_argument("--labels", default=None, nargs="+", metavar="LABELS",
                    help="the label volume drawn on each IMAGE, in the same order")
     p.add_argument("--slices", default=None, action="append", metavar="SLICES",
