@@ -5,6 +5,7 @@
     python benchmarks/finetune_lr.py --lrs 3e-3 --balance 0 1     # plain and class-balanced cross-entropy
     python benchmarks/finetune_lr.py --lrs 3e-3 --zooms 0.85,1.15 0.7,1.4   # the augmentation's zoom range
     python benchmarks/finetune_lr.py --lrs 3e-3 --layouts 1x3 1x6 2x3  # where to spend the annotated slices
+    python benchmarks/finetune_lr.py --lrs 3e-3 --cohort-weights 0 0.1 # semi-supervised: the 16 unlabelled phantoms
 
 What `coral finetune` and the plugin's Fine-tune button do by default: a U-Net with 16 base
 filters at 128 x 128, three annotated slices of one phantom subject, 200 steps of batch 8.
@@ -15,6 +16,10 @@ and (last column, "own") on the annotated subject's other slices, what a user se
 ``--layouts SxK``: K annotated slices in each of S subjects (the first is ``--labelled``, the others
 ``--labelled`` + 100, + 200, ...), so 1x6 and 2x3 annotate the same number of slices, in one scan or
 in two. "own" is then scored on the first subject's slices that no layout annotates.
+
+``--cohort-weights W``: fine-tune with the CORAL loss at weight W on the slices of the annotated subjects and
+of the 16 unlabelled phantoms the encoder pretrained on (``finetune(unlabelled=...)``, for both inits; 0: off,
+the default and the protocol of every other row).
 """
 
 from __future__ import annotations
@@ -53,12 +58,15 @@ def main() -> None:
                         help="AugmentConfig.scale of the fine-tuning, one row each (default: the engine's 0.85,1.15)")
     parser.add_argument("--layouts", nargs="+", default=["1x3"], metavar="SxK",
                         help="K annotated slices in each of S subjects, one row each (default: 1x3, the product's)")
+    parser.add_argument("--cohort-weights", type=float, nargs="+", default=[0.0], metavar="W",
+                        help="weight of the CORAL loss on the unlabelled phantoms while fine-tuning, one row each")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     model_cfg = UNetConfig(base_filters=16, image_size=128)
+    unlabelled = [img.array for img, _ in make_cohort(16)]
     pre = pretrain(PretrainConfig(method="coral", epochs=6, batch_size=32, seed=0, device=args.device, model=model_cfg),
-                   [img.array for img, _ in make_cohort(16)]).model
+                   unlabelled).model
     layouts = [tuple(int(x) for x in layout.lower().split("x")) for layout in args.layouts]
     subjects = [[v.array for v in make_phantom(args.labelled + 100 * i)] for i in range(max(s for s, _ in layouts))]
     image, labels = subjects[0]
@@ -72,29 +80,30 @@ def main() -> None:
     zooms = [tuple(float(x) for x in z.split(",")) for z in args.zooms]
     used = set().union(*(spread(image, k) for _, k in layouts))
     rest = [k for k in range(image.shape[0]) if k not in used]  # the labelled subject's unannotated slices
-    print(f"{'init':<8}{'lr':>8}{'balance':>8}{'zoom':>11}{'layout':>7}{'mean Dice':>11}  per subject          "
+    print(f"{'init':<8}{'lr':>8}{'balance':>8}{'zoom':>11}{'layout':>7}{'cohort':>7}{'mean Dice':>11}  per subject          "
           "seconds  own")
     for init_name in ("random", "coral"):
-        for lr, balance, zoom, (n_subjects, k) in [(lr, b, z, lay) for lr in args.lrs for b in args.balance
-                                                   for z in zooms for lay in layouts]:
+        for lr, balance, zoom, (n_subjects, k), weight in [(lr, b, z, lay, w) for lr in args.lrs for b in args.balance
+                                                           for z in zooms for lay in layouts for w in args.cohort_weights]:
             torch.manual_seed(0)
             if init_name == "random":
                 init = build_model(UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES))
             else:
                 init = resize_head(pre, 4, NAMES)
             t = time.perf_counter()
-            # embedding_weight 0: the protocol the lr study was measured with (and the same for both inits)
+            # embedding_weight 0 unless --cohort-weights: the protocol the lr study was measured with (and the
+            # same for both inits)
             cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0,
-                                 embedding_weight=0.0, balance_classes=bool(balance), augment=AugmentConfig(scale=zoom))
+                                 embedding_weight=weight, balance_classes=bool(balance), augment=AugmentConfig(scale=zoom))
             chosen = subjects[:n_subjects]
             model = finetune(cfg, init, [im for im, _ in chosen], [lab for _, lab in chosen],
-                             [spread(im, k) for im, _ in chosen]).model
+                             [spread(im, k) for im, _ in chosen], unlabelled=unlabelled if weight else None).model
             dice = [evaluate_segmentation(segment_volume(model, img.array, args.device), lab.array, 4,
                                           img.spacing)["mean_dice"] for img, lab in test]
             per = ", ".join(f"{d:.3f}" for d in dice)
             seconds = time.perf_counter() - t
             own = evaluate_segmentation(segment_volume(model, image, args.device)[rest], labels[rest], 4)["mean_dice"]
-            print(f"{init_name:<8}{lr:>8g}{balance:>8}{f'{zoom[0]:g}-{zoom[1]:g}':>11}{f'{n_subjects}x{k}':>7}"
+            print(f"{init_name:<8}{lr:>8g}{balance:>8}{f'{zoom[0]:g}-{zoom[1]:g}':>11}{f'{n_subjects}x{k}':>7}{weight:>7g}"
                   f"{np.mean(dice):>11.3f}  {per:<20} {seconds:>5.0f}  {own:.3f}", flush=True)
 
 
