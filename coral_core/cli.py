@@ -383,6 +383,12 @@ def cmd_finetune(args) -> tuple[dict, str]:
 
         cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
     slices = [pair_slices for _, _, pair_slices in pairs]
+    unlabelled = None
+    if args.unlabelled:
+        if args.embedding_weight <= 0:
+            raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
+                            "(default 0.1), or leave --unlabelled out")
+        unlabelled = _read_inputs(args.unlabelled, 0, args.seed, model.config.image_size)[0]  # at the model's size
     # one image keeps the fingerprint it always had, so a run stopped by an earlier version continues
     paths = {"image": [str(Path(p).resolve()) for p in images], "labels": [str(Path(p).resolve()) for p in label_files],
              "slices": slices}
@@ -390,21 +396,25 @@ def cmd_finetune(args) -> tuple[dict, str]:
                    **({k: v[0] for k, v in paths.items()} if n == 1 else paths),
                    "init": str(Path(init).resolve()) if args.init else init,
                    "classes": n_classes, "model": model.config.to_dict()}
+    if args.unlabelled:  # recorded only when given, so earlier resume files still match
+        fingerprint["unlabelled"] = [str(Path(p).resolve()) for p in args.unlabelled]
     state = _resume_state(args, fingerprint, every=50)
     bar, callback = _progress(cfg.steps, "fine-tune", args.json)
     t0 = time.perf_counter()
     with bar:
         result = finetune(cfg, model, [image.array for image, _, _ in pairs], [lab for _, lab, _ in pairs], slices,
-                          callback, _STOP, resume=state)
+                          callback, _STOP, resume=state, unlabelled=unlabelled)
     _finish(state, result.history, cfg.steps)
     seconds = time.perf_counter() - t0
     # one image: "image" and "slices" as before; several: "images" and one slice list per image
     where = {"image": images[0], "slices": slices[0]} if n == 1 else {"images": images, "slices": slices}
     training = {"stage": "finetune", "init": init, **where, "steps": args.steps,
-                "embedding_weight": args.embedding_weight if model.has_direction else 0.0,
+                "embedding_weight": args.embedding_weight if model.has_direction or unlabelled else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
                 "zoom": list(cfg.augment.scale), "compute": _compute(cfg), "lr": args.lr, "seed": args.seed,
                 "final_loss": result.history.last("loss")}
+    if unlabelled:
+        training["unlabelled"] = list(map(str, args.unlabelled))
     save_checkpoint(args.out, result.model, training)
     state.remove()
     out = {"checkpoint": str(args.out), "init": init, "slices": where["slices"], "steps": len(result.history.steps),
@@ -412,6 +422,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
     if n > 1:
         out["images"] = images
+    if unlabelled:
+        out["unlabelled"] = len(unlabelled)
     annotated = "; ".join(f"slices {s} of {image}" for s, image in zip(slices, images))
     return out, f"fine-tuned on {annotated} in {seconds:.0f} s; saved {args.out}"
 
@@ -833,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="that loss on every K-th step only, at K times the weight (default 1; 2 fine-tuned about "
                         "1.3x faster with the same embedding, and a Dice lower in most runs: docs/results.md)")
     p.add_argument("--balance-classes", action="store_true", help=BALANCE_HELP)
+    p.add_argument("--unlabelled", nargs="+", default=None, metavar="INPUT",
+                   help="images without labels (files or folders) whose slices join the embedding loss while "
+                        "fine-tuning, at --embedding-weight, from any init: semi-supervised (docs/results.md)")
     p.add_argument("--zoom", default=None, metavar="LOW,HIGH",
                    help="zoom range of the augmentation (default 0.85,1.15); 0.7,1.4 made models that did better on "
                         "other subjects and slightly worse on the annotated one (docs/results.md)")

@@ -51,8 +51,10 @@ def _finetune(spec: dict, messages, stop) -> None:
     images = [arrays["image"], *(arrays[f"image_{k}"] for k in extra)]
     labels = [arrays["labels"], *(arrays[f"labels_{k}"] for k in extra)]
     annotated = [slices, *([int(i) for i in arrays[f"slices_{k}"]] for k in extra)]
+    # and images without labels for the embedding loss, when asked for: unlabelled_0, unlabelled_1, ...
+    unlabelled = [arrays[f"unlabelled_{k}"] for k in range(sum(name.startswith("unlabelled_") for name in arrays))]
     result = finetune(
-        cfg, model, images, labels, annotated,
+        cfg, model, images, labels, annotated, unlabelled=unlabelled or None,
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,
         resume=resume,
     )

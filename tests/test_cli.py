@@ -193,6 +193,29 @@ def test_finetune_on_the_labelled_cases_of_a_dataset_folder(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_finetune_with_unlabelled_scans_trains_the_embedding_loss_on_them(subject, tmp_path):
+    """Semi-supervised: unlabelled scans join the CORAL loss, even from random init (which then has a direction)."""
+    from coral_core.checkpoint import load_checkpoint
+
+    d = subject
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for k in (30, 31):
+        save_volume(folder / f"scan{k}.nii.gz", make_phantom(k, n_slices=5)[0].array, np.eye(4))
+    res = json.loads(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--unlabelled", folder,
+                           "--steps", 2, *TINY, "--out", tmp_path / "semi.safetensors", "--json").stdout)
+    assert res["unlabelled"] == 2 and res["init"] == "random"
+    model, meta = load_checkpoint(tmp_path / "semi.safetensors")
+    assert model.has_direction and meta["training"]["unlabelled"] == [str(folder)]
+    assert meta["training"]["embedding_weight"] == 0.1
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--unlabelled", folder,
+                     "--embedding-weight", 0, "--out", tmp_path / "x.safetensors", check=False),
+               "--unlabelled", "--embedding-weight above 0")
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--unlabelled", tmp_path / "nothing",
+                     "--out", tmp_path / "x.safetensors", check=False), "nothing", "no such file")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_finetune_refuses_label_files_that_are_not_label_maps(subject, tmp_path):
     d = subject
     truth = load_volume(d / "lab.nii.gz")

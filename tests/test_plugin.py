@@ -291,6 +291,30 @@ def test_finetune_trains_on_annotated_slices_of_other_scans_too(viewer, qtbot, c
     assert widget.other_scans.count() == 0 and not widget.remove_scan_button.isEnabled()
 
 
+def test_finetune_can_learn_from_the_other_open_images_without_labels(viewer, qtbot):
+    from coral_core.phantom import make_phantom
+
+    session = _fresh_model(viewer)  # random init: no canonical direction before
+    widget = dock(viewer, "Fine-tune")
+    widget.use_unlabelled.setChecked(True)
+    assert widget.finetune(mode="thread") is None
+    assert "no other 3-D image is open" in widget.status.text()
+    viewer.add_image(make_phantom(6, n_slices=6)[0].array, name="unlabelled scan")
+    widget.keep_embedding.setChecked(False)
+    assert widget.finetune(mode="thread") is None
+    assert "check 'Keep the embedding in slice order' too" in widget.status.text()
+    widget.keep_embedding.setChecked(True)
+    widget.steps.setValue(2)
+    runner = widget.finetune(mode="thread")
+    assert runner is not None, widget.status.text()
+    assert runner.job.spec["training"]["unlabelled"] == ["unlabelled scan"]
+    qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    assert "failed" not in widget.status.text(), widget.status.text()
+    assert np.load(runner.job.spec["data"])["unlabelled_0"].shape == (6, 128, 128)
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)
+    assert session.model.has_direction  # the embedding loss trained, from random init
+
+
 def test_finetune_without_annotations_says_what_to_do(viewer):
     widget = dock(viewer, "Fine-tune")
     viewer.add_labels(np.zeros_like(viewer.layers["phantom ground truth"].data), name="empty")

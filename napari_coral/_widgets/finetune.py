@@ -68,6 +68,11 @@ class FinetuneWidget(QWidget):
             "use on other scans. On phantoms it scored +0.028 Dice on other subjects and -0.006 on the annotated "
             "scan's other slices, 13 of 16 fine-tunes each way (docs/results.md), so it is off by default."
         )
+        self.use_unlabelled = QCheckBox("Also learn from the other open images")
+        self.use_unlabelled.setToolTip(
+            "Train the embedding loss (the box above) on the slices of every other open 3-D image too, no labels "
+            "needed: semi-supervised fine-tuning, from any model (docs/results.md). Needs the box above checked."
+        )
         self.other_scans = QListWidget()
         self.other_scans.setMaximumHeight(70)
         self.other_scans.setToolTip("Image and Labels pairs that train with the one chosen above")
@@ -118,6 +123,7 @@ class FinetuneWidget(QWidget):
         form.addRow("Other scans", others)
         form.addRow("Steps", self.steps)
         form.addRow("", self.keep_embedding)
+        form.addRow("", self.use_unlabelled)
         form.addRow("", self.balance_classes)
         form.addRow("", self.wider_zoom)
         form.addRow("Device", self.device_picker)
@@ -285,7 +291,17 @@ class FinetuneWidget(QWidget):
         model = self.session.ensure_model()
         lab = _snapshot(labels, slices, model)
         others = self._others((image.name, labels.name), model)
-        return image, labels, lab, train, val, model, others
+        unlabelled = []
+        if self.use_unlabelled.isChecked():
+            if not self.keep_embedding.isChecked():
+                raise UserError("'Also learn from the other open images' trains the embedding loss; check 'Keep the "
+                                "embedding in slice order' too, or uncheck it")
+            annotated = {image.name, *(o[0].name for o in others)}
+            unlabelled = [layer for layer in self.image_picker.layers() if layer.name not in annotated]
+            if not unlabelled:
+                raise UserError("no other 3-D image is open to learn from; open unlabelled scans, or uncheck 'Also "
+                                "learn from the other open images'")
+        return image, labels, lab, train, val, model, others, unlabelled
 
     def autosave(self, labels_layer) -> Path:
         """Write the annotations with their geometry before any training starts."""
@@ -303,7 +319,7 @@ class FinetuneWidget(QWidget):
         if self.runner is not None and self.runner.running:
             return None
         try:
-            image, labels_layer, lab, slices, val, model, others = self._inputs()
+            image, labels_layer, lab, slices, val, model, others, unlabelled = self._inputs()
             device = self.device_picker.device()
         except UserError as exc:
             show_error(str(exc))
@@ -321,6 +337,8 @@ class FinetuneWidget(QWidget):
         for k, (other_image, _, other_lab, other_slices) in enumerate(others, 1):  # the job reads image_1, ...
             inputs |= {f"image_{k}": LayerArray(other_image, np.float32), f"labels_{k}": other_lab,
                        f"slices_{k}": np.asarray(other_slices)}
+        for k, layer in enumerate(unlabelled):  # read by the job's thread too
+            inputs[f"unlabelled_{k}"] = LayerArray(layer, np.float32)
         cfg = FinetuneConfig(steps=self.steps.value(), device=device.type, validate_every=max(1, self.steps.value() // 10),
                              embedding_weight=FinetuneConfig.embedding_weight if self.keep_embedding.isChecked() else 0.0,
                              balance_classes=self.balance_classes.isChecked())
@@ -334,10 +352,12 @@ class FinetuneWidget(QWidget):
             "model": str(tmp / "start.safetensors"), "out": str(tmp / "finetuned.safetensors"),
             "config": config_dict(cfg),
             "training": {"stage": "finetune", "init": self.session.source, **where, "steps": cfg.steps,
-                         "embedding_weight": cfg.embedding_weight if model.has_direction else 0.0,
+                         "embedding_weight": cfg.embedding_weight if model.has_direction or unlabelled else 0.0,
                          "balance_classes": cfg.balance_classes, "zoom": list(cfg.augment.scale)},
             "resume_folder": str(resume_folder()),  # the job names its progress file from a hash of all its inputs
         }
+        if unlabelled:
+            spec["training"]["unlabelled"] = [layer.name for layer in unlabelled]
         self.losses, self.val_dice = [], []
         self.continued_from = None
         n_slices = len(slices) + sum(len(o[3]) for o in others)
