@@ -268,6 +268,10 @@ class FinetuneWidget(QWidget):
         for (image_name, labels_name), slices in self._other.items():
             if (image_name, labels_name) == current:
                 continue
+            missing = [name for name in (image_name, labels_name) if name not in self.viewer.layers]
+            if missing:  # renamed: closed layers leave the list by themselves
+                raise UserError(f"layer {missing[0]!r} under 'Other scans' is no longer open under that name; remove "
+                                "the pair and add it again")
             image, labels = self._pair(self.viewer.layers[image_name], self.viewer.layers[labels_name])
             if max(slices) >= labels.data.shape[0]:
                 raise UserError(f"labels layer {labels_name!r} has fewer slices than when it was added; add it again")
