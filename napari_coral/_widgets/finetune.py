@@ -71,7 +71,9 @@ class FinetuneWidget(QWidget):
         self.use_unlabelled = QCheckBox("Also learn from the other open images")
         self.use_unlabelled.setToolTip(
             "Train the embedding loss (the box above) on the slices of every other open 3-D image too, no labels "
-            "needed: semi-supervised fine-tuning, from any model (docs/results.md). Needs the box above checked."
+            "needed: semi-supervised fine-tuning, from any model. Needs the box above checked. In the low-label "
+            "benchmark it raised the Dice by +0.013 (14 of 20 runs); at these settings by +0.007 (4 of 8), at about "
+            "twice the time (docs/results.md), so it is off by default."
         )
         self.other_scans = QListWidget()
         self.other_scans.setMaximumHeight(70)
