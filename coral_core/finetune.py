@@ -44,7 +44,8 @@ class FinetuneConfig:
     levers: Levers = field(default_factory=Levers)
     # Weight of the CORAL loss on the fine-tuning images' slices (no labels needed), added to the
     # segmentation loss so that the embedding keeps its slice order across subjects. Only for a
-    # model with a canonical direction (CORAL-pretrained); 0 turns it off. Without it, fine-tuning
+    # model with a canonical direction (CORAL-pretrained), or for any model when finetune() is given
+    # unlabelled volumes (semi-supervised); 0 turns it off. Without it, fine-tuning
     # left the ordinal consistency negative in 3 of 4 phantom runs; with 0.1 it stayed at 0.99 with
     # the same Dice (docs/results.md), at about 1.7x the fine-tuning time (1.3x on every other step).
     embedding_weight: float = 0.1
