@@ -349,16 +349,20 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.model import UNetConfig, build_model, resize_head
 
     check_output_path(args.out)
+    if args.unlabelled and args.embedding_weight <= 0:  # before any volume is read
+        raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
+                        "(default 0.1), or leave --unlabelled out")
     images, label_files = _finetune_inputs(args)
     n = len(images)
     pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None)
              for i, (image, labels) in enumerate(zip(images, label_files))]
-    top = max(int(lab.max()) for _, lab, _ in pairs)
+    tops = [int(lab.max()) for _, lab, _ in pairs]
+    top = max(tops)
     n_classes = top + 1 if args.classes is None else args.classes
     if n_classes < 2:
         raise UserError(f"{' and '.join(label_files)}: only background is labelled; at least one foreground class is needed")
     if top >= n_classes:
-        raise UserError(f"{label_files[[int(lab.max()) for _, lab, _ in pairs].index(top)]}: holds label {top} but "
+        raise UserError(f"{label_files[tops.index(top)]}: holds label {top} but "
                         f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names, n_classes)
     if args.init:
@@ -385,9 +389,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
     slices = [pair_slices for _, _, pair_slices in pairs]
     unlabelled = None
     if args.unlabelled:
-        if args.embedding_weight <= 0:
-            raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
-                            "(default 0.1), or leave --unlabelled out")
         unlabelled = _read_inputs(args.unlabelled, 0, args.seed, model.config.image_size)[0]  # at the model's size
     # one image keeps the fingerprint it always had, so a run stopped by an earlier version continues
     paths = {"image": [str(Path(p).resolve()) for p in images], "labels": [str(Path(p).resolve()) for p in label_files],
