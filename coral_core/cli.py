@@ -291,11 +291,16 @@ def _cached_slices(args, rank: int):
     return data, description["names"], shapes, description["image_size"], how
 
 
-def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None):
-    """One image and the label volume drawn on it, checked: (image volume, labels as uint8, annotated slices)."""
+def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, size: int | None = None):
+    """One image and the label volume drawn on it, checked: (image, labels, annotated slices, the
+    image's shape, its largest label). Image and labels are the (S, H, W) arrays as read (labels as
+    uint8), or the pair prepared at the model's input size (:func:`coral_core.data.prepare_labelled`)
+    when that is known as it is read: ``size`` given (a checkpoint's, or ``--image-size``), or the image
+    wider than the automatic size's cap. So many large scans never sit in memory together at full
+    resolution; the others, no larger than the cap, are kept as read."""
     import numpy as np
 
-    from coral_core.data import parse_slices
+    from coral_core.data import parse_slices, prepare_labelled
     from coral_core.finetune import annotated_from_labels
     from coral_core.volume import load_volume
 
@@ -314,7 +319,14 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None):
     slices = parse_slices(slices_text, image.shape[0], image_path) if slices_text else annotated_from_labels(lab)
     if not slices:
         raise UserError(f"{labels_path}: no slice holds any label; paint some slices or pass --slices")
-    return image, lab, slices
+    shape, top = tuple(image.shape), int(lab.max())
+    array = image.array
+    del image, labels, raw  # only the prepared pair stays, when there is one
+    if size is None and max(shape[1:]) > AUTO_IMAGE_SIZE_MAX:  # the automatic size will be the cap
+        size = AUTO_IMAGE_SIZE_MAX
+    if size:
+        array, lab = prepare_labelled(array, lab, size)
+    return array, lab, slices, shape, top
 
 
 def _finetune_inputs(args) -> tuple[list[str], list[str]]:
@@ -354,9 +366,14 @@ def cmd_finetune(args) -> tuple[dict, str]:
                         "(default 0.1), or leave --unlabelled out")
     images, label_files = _finetune_inputs(args)
     n = len(images)
-    pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None)
+    if args.init:  # read first: its input size lets every scan be prepared at that size as it is read
+        model, meta = load_checkpoint(args.init)
+        size = model.config.image_size
+    else:
+        size = _auto_image_size([], args.image_size) if args.image_size else None  # checked before any file is read
+    pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None, size)
              for i, (image, labels) in enumerate(zip(images, label_files))]
-    tops = [int(lab.max()) for _, lab, _ in pairs]
+    tops = [top for *_, top in pairs]
     top = max(tops)
     n_classes = top + 1 if args.classes is None else args.classes
     if n_classes < 2:
@@ -366,7 +383,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
                         f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names, n_classes)
     if args.init:
-        model, meta = load_checkpoint(args.init)
         init = str(args.init)
         # A pretrained encoder has no trained head: give it one for these labels. A fine-tuned
         # model keeps its head (and names) when the classes match.
@@ -376,7 +392,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     else:
         model = build_model(UNetConfig(
             n_classes=n_classes, class_names=names, base_filters=args.base_filters,
-            image_size=_auto_image_size([image.array.shape for image, _, _ in pairs], args.image_size),
+            image_size=_auto_image_size([shape for *_, shape, _ in pairs], args.image_size),
         ))
         init = "random"
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
@@ -386,7 +402,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         from coral_core.augment import AugmentConfig
 
         cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
-    slices = [pair_slices for _, _, pair_slices in pairs]
+    slices = [pair_slices for _, _, pair_slices, _, _ in pairs]
     unlabelled = None
     if args.unlabelled:
         unlabelled = _read_inputs(args.unlabelled, 0, args.seed, model.config.image_size)[0]  # at the model's size
@@ -403,7 +419,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     bar, callback = _progress(cfg.steps, "fine-tune", args.json)
     t0 = time.perf_counter()
     with bar:
-        result = finetune(cfg, model, [image.array for image, _, _ in pairs], [lab for _, lab, _ in pairs], slices,
+        result = finetune(cfg, model, [image for image, *_ in pairs], [lab for _, lab, *_ in pairs], slices,
                           callback, _STOP, resume=state, unlabelled=unlabelled)
     _finish(state, result.history, cfg.steps)
     seconds = time.perf_counter() - t0

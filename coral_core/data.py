@@ -28,6 +28,7 @@ __all__ = [
     "resize_slices",
     "resample_slices",
     "resize_labels",
+    "prepare_labelled",
     "PretrainSlices",
     "LabelledSlices",
     "Case",
@@ -66,6 +67,21 @@ def resize_labels(labels: np.ndarray, size: int) -> Tensor:
     if y.shape[-2:] != (size, size):
         y = F.interpolate(y, size=(size, size), mode="nearest")
     return y.squeeze(1).long()
+
+
+def prepare_labelled(volume: np.ndarray, labels: np.ndarray, size: int, chunk: int = 32) -> tuple[Tensor, Tensor]:
+    """An image and its label volume as fine-tuning will use them, made once: ((S, 1, size, size)
+    normalised float32 slices, (S, size, size) uint8 labels), each slice exactly as
+    :class:`LabelledSlices` would resample it. A caller reading many large labelled scans prepares
+    each as it reads it, so the full-resolution volumes never sit in memory together. Labels are
+    resampled ``chunk`` slices at a time (they pass through int64 on the way) and must be 0..255."""
+    labels = np.asarray(labels)
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels of shape {labels.shape} do not match the image's {volume.shape}")
+    out = torch.empty((labels.shape[0], size, size), dtype=torch.uint8)
+    for start in range(0, labels.shape[0], chunk):
+        out[start : start + chunk] = resize_labels(labels[start : start + chunk], size)
+    return resize_slices(volume, size), out
 
 
 def parse_slices(text: str, n_slices: int, source: str = "the image") -> list[int]:
@@ -157,12 +173,17 @@ class PretrainSlices(Dataset):
 
 
 class LabelledSlices(Dataset):
-    """Annotated slices of one or more volumes: items are ``(slice (1, H, W), label (H, W))``."""
+    """Annotated slices of one or more volumes: items are ``(slice (1, H, W), label (H, W))``.
+
+    ``volumes`` are (S, H, W) intensity arrays with (S, H, W) label volumes, or pairs already made
+    by :func:`prepare_labelled` ((S, 1, h, w) normalised tensors with (S, h, w) labels, resampled
+    again only when ``h, w`` differ from ``image_size``).
+    """
 
     def __init__(
         self,
-        volumes: list[np.ndarray],
-        labels: list[np.ndarray],
+        volumes: list[np.ndarray | Tensor],
+        labels: list[np.ndarray | Tensor],
         annotated: list[list[int]],
         image_size: int,
     ) -> None:
@@ -170,15 +191,18 @@ class LabelledSlices(Dataset):
             raise ValueError("volumes, labels and annotated slice lists must have the same length")
         images, targets = [], []
         for vol, lab, idx in zip(volumes, labels, annotated):
-            if lab.shape != vol.shape:
-                raise UserError(f"labels of shape {lab.shape} do not match the image's {vol.shape}; give the labels drawn on this image")
+            prepared = isinstance(vol, Tensor)
+            shape = (vol.shape[0], *vol.shape[2:]) if prepared else tuple(vol.shape)
+            if tuple(lab.shape) != shape:
+                raise UserError(f"labels of shape {tuple(lab.shape)} do not match the image's {shape}; give the labels drawn on this image")
             bad = [i for i in idx if not 0 <= i < vol.shape[0]]
             if bad:
                 raise UserError(f"annotated slice(s) {bad} outside the image's {vol.shape[0]} slices")
             if not idx:
                 continue
-            images.append(resize_slices(vol, image_size, idx))
-            targets.append(resize_labels(lab[list(idx)], image_size))
+            idx = list(idx)
+            images.append(resample_slices(vol[idx], image_size) if prepared else resize_slices(vol, image_size, idx))
+            targets.append(resize_labels(lab[idx], image_size))
         if not images:
             raise UserError("no annotated slices; paint at least one slice or pass --slices")
         self.images = torch.cat(images)  # (M, 1, H, W)

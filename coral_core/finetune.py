@@ -147,7 +147,9 @@ def finetune(
     Parameters
     ----------
     images, labels : list of ndarray
-        (z, y, x) volumes and label volumes of the same shapes.
+        (z, y, x) volumes and label volumes of the same shapes, or pairs prepared at the model's
+        size by :func:`coral_core.data.prepare_labelled` (what ``coral finetune`` passes for
+        scans whose size it knows as it reads them).
     annotated_slices : list of list of int
         Per volume, the slices whose labels count.
     callback : callable, optional
@@ -174,7 +176,7 @@ def finetune(
     size = model.config.image_size
     n_classes = model.config.n_classes
     for lab in labels:
-        if lab.size and (lab.min() < 0 or lab.max() >= n_classes):
+        if np.prod(lab.shape) and (lab.min() < 0 or lab.max() >= n_classes):
             raise UserError(
                 f"labels hold values up to {int(lab.max())} but the model has {n_classes} classes "
                 f"(0..{n_classes - 1}); use a model with more classes or fix the labels"

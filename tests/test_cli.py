@@ -193,6 +193,27 @@ def test_finetune_on_the_labelled_cases_of_a_dataset_folder(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+
+def test_finetune_prepares_scans_wider_than_the_automatic_size_as_it_reads_them(tmp_path):
+    """A scan wider than the automatic size's cap (256) is resampled to it as it is read, next to a
+    small one kept as read until the size is known; the labels still give the classes."""
+    from scipy import ndimage
+
+    from coral_core.checkpoint import load_checkpoint
+
+    img, lab = make_phantom(40, n_slices=4)
+    save_volume(tmp_path / "small.nii.gz", img.array, np.eye(4))
+    save_volume(tmp_path / "small_lab.nii.gz", lab.array, np.eye(4))
+    wide = (1, 300 / img.array.shape[1], 300 / img.array.shape[2])
+    save_volume(tmp_path / "wide.nii.gz", ndimage.zoom(img.array, wide, order=1), np.eye(4))
+    save_volume(tmp_path / "wide_lab.nii.gz", ndimage.zoom(lab.array, wide, order=0), np.eye(4))
+    res = json.loads(coral("finetune", tmp_path / "small.nii.gz", tmp_path / "wide.nii.gz", "--labels",
+                           tmp_path / "small_lab.nii.gz", tmp_path / "wide_lab.nii.gz", "--steps", 1, "--batch-size", 2,
+                           "--base-filters", "4", "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert res["slices"] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    model = load_checkpoint(tmp_path / "m.safetensors")[0]
+    assert model.config.image_size == 256 and model.config.n_classes == 4
+
 def test_finetune_with_unlabelled_scans_trains_the_embedding_loss_on_them(subject, tmp_path):
     """Semi-supervised: unlabelled scans join the CORAL loss, even from random init (which then has a direction)."""
     from coral_core.checkpoint import load_checkpoint

@@ -63,6 +63,26 @@ def test_labelled_slices_hold_only_the_annotated_slices():
         LabelledSlices([vol], [lab[:3]], [[1]], image_size=16)
 
 
+
+def test_labelled_slices_take_pairs_prepared_as_they_were_read():
+    """An image and labels prepared at the model's size when read (``prepare_labelled``, as
+    `coral finetune` does for large scans) give exactly the slices and labels the raw pair gives."""
+    import torch
+
+    from coral_core.data import prepare_labelled
+
+    rng = np.random.default_rng(3)
+    vol = rng.random((7, 45, 37)).astype(np.float32)
+    lab = rng.integers(0, 4, (7, 45, 37)).astype(np.uint8)
+    raw = LabelledSlices([vol], [lab], [[0, 3, 6]], image_size=32)
+    images, labels = prepare_labelled(vol, lab, 32, chunk=3)  # chunks that do not divide the 7 slices
+    assert images.shape == (7, 1, 32, 32) and labels.shape == (7, 32, 32) and labels.dtype == torch.uint8
+    prepared = LabelledSlices([images], [labels], [[0, 3, 6]], image_size=32)
+    assert torch.equal(prepared.images, raw.images) and torch.equal(prepared.labels, raw.labels)
+    assert torch.equal(PretrainSlices([images], 32).images, PretrainSlices([vol], 32).images)
+    with pytest.raises(UserError, match="do not match"):
+        LabelledSlices([images], [labels[:, :16]], [[1]], image_size=32)
+
 def _write(path, shape=(10, 12, 4)):
     write_nifti_ijk(path, np.random.rand(*shape).astype(np.float32), np.eye(4))
     return path

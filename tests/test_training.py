@@ -163,6 +163,24 @@ def test_unlabelled_volumes_join_the_embedding_loss_whatever_the_init(cohort, mo
     assert runs[0].history.metrics["loss"] != runs[1].history.metrics["loss"]  # the loss moved the shared encoder
 
 
+
+def test_finetuning_on_pairs_prepared_at_the_model_size_trains_the_same_model(cohort):
+    """`coral finetune` prepares large scans at the model's size as it reads them; the fine-tuned
+    weights are those the full-resolution arrays give (CORAL loss on their slices included)."""
+    from coral_core.data import prepare_labelled
+
+    (img, lab), (other, _), _ = cohort
+    slices = [annotated_from_labels(lab.array)[:3]]
+    model = build_model(TINY)
+    model.canonical_direction.copy_(torch.nn.functional.normalize(torch.randn(TINY.embedding_dim), dim=0))
+    cfg = FinetuneConfig(steps=3, batch_size=2, device="cpu", validate_every=0)
+    raw = finetune(cfg, model, [img.array], [lab.array], slices, unlabelled=[other.array])
+    images, labels = prepare_labelled(img.array, lab.array, TINY.image_size)
+    prepared = finetune(cfg, model, [images], [labels], slices, unlabelled=[other.array])
+    assert raw.history.metrics["loss"] == prepared.history.metrics["loss"]
+    for a, b in zip(raw.model.state_dict().values(), prepared.model.state_dict().values()):
+        assert torch.equal(a, b)
+
 def test_the_embedding_loss_can_run_on_every_kth_step_only(cohort, monkeypatch):
     """``embedding_every=k``: the CORAL loss on steps k, 2k, ... at k times the weight."""
     from torch.nn import functional as F
