@@ -4,7 +4,8 @@
     python benchmarks/finetune_memory.py --volumes 24 --source /tmp/old --source .
 
 Writes an imagesTr/labelsTr folder of CT-sized scans (int16 images, uint8 label maps with a
-labelled disc on every fifth slice) as uncompressed NIfTI, then runs `coral finetune` on the
+labelled disc on every fifth slice) as gzipped NIfTI, as datasets such as ACDC and the Medical
+Segmentation Decathlon ship them (an uncompressed file is memory-mapped, not copied), then runs `coral finetune` on the
 folder, as a user would, once per source tree given (each in its own process, with that tree
 first on PYTHONPATH), and reports each run's peak resident memory (the child's ru_maxrss) and
 time. Fine-tuning itself is kept short (2 steps of 2 slices, 4 base filters, no embedding loss):
@@ -41,8 +42,8 @@ def write_dataset(folder: Path, volumes: int, slices: int, side: int) -> None:
         labels = np.zeros((side, side, slices), np.uint8)
         labels[disc, ::5] = 1
         image[labels == 1] += 1500
-        nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / "imagesTr" / f"case{i:03d}_0000.nii"))
-        nib.save(nib.Nifti1Image(labels, np.eye(4)), str(folder / "labelsTr" / f"case{i:03d}.nii"))
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / "imagesTr" / f"case{i:03d}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), str(folder / "labelsTr" / f"case{i:03d}.nii.gz"))
 
 
 def run(source: Path, folder: Path, out: Path) -> dict:
@@ -81,7 +82,7 @@ def main() -> None:
         write_dataset(folder, args.volumes, args.slices, args.side)
         raw_gb = args.volumes * args.slices * args.side**2 * 3 / 1e9
         print(f"{args.volumes} labelled scans of {args.slices} x {args.side} x {args.side} (int16 image + uint8 labels, "
-              f"{raw_gb:.2f} GB on disk); coral finetune DIR --steps 2 --batch-size 2 --base-filters 4 "
+              f"{raw_gb:.2f} GB uncompressed); coral finetune DIR --steps 2 --batch-size 2 --base-filters 4 "
               "--embedding-weight 0")
         print("| source | revision | peak RSS GB | seconds |")
         print("|---|---|---:|---:|")

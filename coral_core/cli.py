@@ -309,7 +309,7 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, 
     if labels.shape != image.shape:
         raise UserError(f"{labels_path}: labels of shape {labels.shape} do not match {image_path} of shape {image.shape}; give the labels drawn on this image")
     raw = labels.array
-    if not np.array_equal(raw, np.rint(raw)):
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
         raise UserError(f"{labels_path}: holds non-integer values, so it is an image, not a label map; give the labels (0 background, 1, 2, ...)")
     if raw.max() > MAX_CLASSES:
         raise UserError(f"{labels_path}: holds label {int(raw.max())}; label maps of up to {MAX_CLASSES} classes are supported")

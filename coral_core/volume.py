@@ -281,25 +281,32 @@ def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
     sitk.WriteImage(img, str(p), useCompression=True)
 
 
-def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5, chunk: int = 8) -> np.ndarray:
     """Scale intensities to about [0, 1] by robust percentiles, as float32.
 
     NaN and infinite voxels become the lowest finite value; a constant (or all non-finite)
-    image becomes zeros instead of dividing by zero.
+    image becomes zeros instead of dividing by zero. The scaling runs ``chunk`` slices at a time
+    (in float64, as NumPy promotes it), so a large scan needs about three float32 copies of
+    itself at the peak rather than ten.
     """
     a = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(a)
-    if not finite.any():
+    all_finite = bool(finite.all())
+    if not all_finite and not finite.any():
         return np.zeros_like(a)
-    values = a[finite]
-    lo, hi = np.percentile(values, [low, high])
+    values = a.ravel().copy() if all_finite else a[finite]  # a copy of its own, partitioned in place below
+    lo, hi = np.percentile(values, [low, high], overwrite_input=True)
     if not hi > lo:
-        lo, hi = float(values.min()), float(values.max())
-    out = np.where(finite, a, lo)
+        lo, hi = values.min(), values.max()
+    del values
     if not hi > lo:
         return np.zeros_like(a)
-    out = (np.clip(out, lo, hi) - lo) / (hi - lo)
-    return out.astype(np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    for start in range(0, max(a.shape[0], 1) if a.ndim else 1, chunk):
+        part = np.s_[start : start + chunk] if a.ndim else ()
+        values = a[part] if all_finite else np.where(finite[part], a[part], lo)
+        out[part] = (np.clip(values, lo, hi) - lo) / (hi - lo)
+    return out
 
 
 def _percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
