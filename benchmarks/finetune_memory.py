@@ -52,11 +52,16 @@ def run(source: Path, folder: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "coral_core.cli", "finetune", str(folder), "--steps", "2", "--batch-size", "2",
            "--base-filters", "4", "--embedding-weight", "0", "--device", "cpu", "--out", str(out)]
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # run from the tree itself: `python -m` puts the working folder first on the path
+    proc = subprocess.Popen(cmd, env=env, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"coral finetune from {source} failed:\n{proc.stderr.read()}")
+    check = subprocess.run([sys.executable, "-c", "import coral_core; print(coral_core.__file__)"], env=env, cwd=source,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(check).resolve().is_relative_to(source):
+        raise SystemExit(f"coral_core came from {check}, not from {source}")
     return {"peak_gb": usage.ru_maxrss * 1024 / 1e9, "seconds": seconds}
 
 
