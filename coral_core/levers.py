@@ -65,10 +65,11 @@ class Levers:
       pretraining step (forward at 2.8 TFLOP/s). Off by default: not measured yet.
     * ``cpu_bf16``: bfloat16 autocast on the CPU (CUDA runs take the configs' ``amp`` flag, bf16
       autocast, as they always did). None (the default) means on where the CPU has AMX tiles, the
-      matrix units that run bf16 convolutions natively; off on any other CPU, where it was not
-      measured. On this project's 2-core Xeon with AMX, on top of the other defaults: 1.8-2.4x for
-      pretraining, 2.0-2.3x for inference, 1.8-2.1x for fine-tuning; over four seeds of the demo's
-      chain the held-out Dice and the embedding's consistency were those of float32 (one float32
+      matrix units that run bf16 convolutions natively; off on any other CPU, where bf16 was slower
+      than float32 (this Xeon with oneDNN capped at AVX-512 with bf16: 0.75-0.97x; at AVX2: about
+      0.1x; docs/performance.md). On this project's 2-core Xeon with AMX, on top of the other
+      defaults: 1.8-2.4x for pretraining, 2.0-2.3x for inference, 1.8-2.1x for fine-tuning; over
+      four seeds of the demo's chain the held-out Dice and the embedding's consistency were those of float32 (one float32
       seed fine-tuned worse), and float32 models segmented alike on 99.98% of voxels. In the
       low-label benchmark's small setting bf16 pretraining gained less over random init (docs/
       results.md), so that benchmark runs in float32 unless asked.
@@ -292,6 +293,7 @@ LEVER_VARIANTS: dict[str, Levers] = {
     "defaults": Levers(),  # what a run gets without options (pretraining: a long run's)
     "defaults + prefetch": Levers(prefetch=True),
     "defaults + cpu_bf16": Levers(cpu_bf16=True),
+    "defaults + float32": Levers(cpu_bf16=False),  # the defaults without bf16, on a CPU where it is on by default
     "pad_channels": Levers(channels_last=False, compile="off", pad_channels=True, fuse_batchnorm=False, cpu_bf16=False),
     "defaults + pad_channels": Levers(pad_channels=True),
     "defaults + fuse_batchnorm": Levers(fuse_batchnorm=True),  # BatchNorm folded on a GPU too
