@@ -286,6 +286,13 @@ def test_cpu_bf16_is_on_by_default_only_where_the_cpu_has_amx(monkeypatch):
     assert Levers(cpu_bf16=True).cpu_bf16_on(cpu) and not Levers(cpu_bf16=False).cpu_bf16_on(cpu)
     assert not Levers(cpu_bf16=True).cpu_bf16_on(cuda)  # CUDA takes the configs' amp flag, as before
     assert cpu_has_amx() is bool(torch.cpu._is_amx_tile_supported())  # the real probe, not the fixture's
+    # what `coral bench speed --levers` compares on a CPU with AMX: the defaults in float32 and in bf16
+    from dataclasses import replace
+
+    from coral_core.levers import LEVER_VARIANTS
+
+    assert LEVER_VARIANTS["defaults + float32"] == replace(Levers(), cpu_bf16=False)
+    assert not LEVER_VARIANTS["defaults + float32"].cpu_bf16_on(cpu) and LEVER_VARIANTS["defaults + cpu_bf16"].cpu_bf16_on(cpu)
 
 
 def test_cpu_bf16_runs_the_convolutions_in_bf16_and_rounds_no_more(cohort):
