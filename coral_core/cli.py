@@ -567,6 +567,9 @@ def _stage_printer():
     return say
 
 
+PRETRAIN_PHANTOM_SEED = 100_000  # the first seed of `coral bench lowlabel --pretrain-phantom`'s subjects
+
+
 def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     from coral_core.lowlabel import (
         LowLabelConfig, format_paired, format_table, load_labelled_cases, paired_differences, run_lowlabel,
@@ -583,7 +586,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "finetune_slices": args.labeled_slices,
         "finetune_scale": _float_range(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
         "pretrain_scale": _float_range(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
-        "finetune_cohort_weight": args.finetune_cohort_weight,
+        "finetune_cohort_weight": args.finetune_cohort_weight, "pretrain_extra": args.pretrain_phantom,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -594,6 +597,13 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     phantom_config, appearance = _phantom_appearance(args)
     phantoms = f"{args.phantom} phantom subjects{appearance}"
     source = (f"{args.data} + {phantoms}" if args.phantom else args.data) if args.data else phantoms
+    extra = []
+    if cfg.pretrain_extra:
+        from coral_core.phantom import make_cohort
+
+        # seeds far above any cohort's (phantom0, phantom1, ...), so no extra subject is also a labelled one
+        extra = [image.array for image, _ in make_cohort(cfg.pretrain_extra, seed=PRETRAIN_PHANTOM_SEED, config=phantom_config)]
+        source = f"{source}, pretrained with {cfg.pretrain_extra} more phantom subjects"
     earlier = None
     if args.table:
         from coral_core.fileio import check_output_path
@@ -621,7 +631,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     written: list[int] = []
     try:
         result = run_lowlabel(cfg, cases, _stage_printer(), source=str(source), earlier=earlier,
-                              earlier_name=str(args.table), on_run=write)
+                              earlier_name=str(args.table), on_run=write, pretrain_extra=extra)
     except KeyboardInterrupt:
         if not written:
             raise
@@ -930,6 +940,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-cohort-weight", type=float, default=None, metavar="W",
                    help="add the CORAL loss on every unlabelled subject's slices to the fine-tuning, at weight W, for "
                         "every method (default 0: off)")
+    p.add_argument("--pretrain-phantom", type=int, default=None, metavar="N",
+                   help="N more phantom subjects, unlabelled, that join every method's pretraining only (default 0)")
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
     p.add_argument("--base-filters", type=_positive_int, default=None, help="U-Net base filters (default: 8 quick, 48 full)")

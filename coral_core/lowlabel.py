@@ -103,6 +103,10 @@ class LowLabelConfig:
     # the unlabelled subjects, kept in view while fine-tuning, supply the anatomy one labelled volume
     # lacks (docs/results.md). 0: off, the same plain fine-tuning for every method.
     finetune_cohort_weight: float = 0.0
+    # Unlabelled volumes beyond the cohort that join every method's pretraining only (never fine-tuned
+    # on or scored): how many run_lowlabel was given (`--pretrain-phantom N`). Whether a larger
+    # unlabelled cohort, with the same labelled subjects and test folds, changes what pretraining gives.
+    pretrain_extra: int = 0
     device: str = "auto"
     # Levers.cpu_bf16 for every stage. False: float32 on the CPU, as every table in docs/results.md was
     # measured. In bf16, CORAL's paired lead over random init in the quick setting was +0.019 (6/6)
@@ -133,6 +137,8 @@ class LowLabelConfig:
             setattr(self, name, zoom)
         if self.finetune_cohort_weight < 0:
             raise UserError("--finetune-cohort-weight must be 0 (off) or more")
+        if self.pretrain_extra < 0:
+            raise UserError("--pretrain-phantom must be 0 (none) or more")
         if self.finetune_slices < 0:
             raise UserError("--labeled-slices must be 0 (every slice) or more")
         if self.base_filters < 1 or self.image_size < 16 or self.image_size % 16:
@@ -229,11 +235,12 @@ PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
     "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
-    "finetune_cohort_weight",
+    "finetune_cohort_weight", "pretrain_extra",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
-                       "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0}
+                       "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0,
+                       "pretrain_extra": 0}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -259,8 +266,12 @@ def run_lowlabel(
     earlier: dict | None = None,
     earlier_name: str = "the earlier table",
     on_run: Callable[["LowLabelResult"], None] | None = None,
+    pretrain_extra: list[np.ndarray] | None = None,
 ) -> LowLabelResult:
     """Run the whole benchmark; ``progress(text)`` is told each stage as it starts.
+
+    ``pretrain_extra``: more (z, y, x) volumes, without labels, that join every method's pretraining
+    and nothing else; ``cfg.pretrain_extra`` must be their number.
 
     ``source`` names the cohort (a folder, or "N phantom subjects") in the config. ``earlier``, a
     table this function returned before (as JSON), is continued: its runs are kept and not run
@@ -271,6 +282,9 @@ def run_lowlabel(
     from coral_core.device import resolve_device
 
     say = progress or (lambda text: None)
+    pretrain_extra = list(pretrain_extra or [])
+    if len(pretrain_extra) != cfg.pretrain_extra:
+        raise ValueError(f"cfg.pretrain_extra is {cfg.pretrain_extra} but {len(pretrain_extra)} extra volumes were given")
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     n_classes = int(max(c.labels.max() for c in cases)) + 1
@@ -320,7 +334,7 @@ def run_lowlabel(
             todo = [(m, k) for m in cfg.labeled for k in range(cfg.folds) if (method, m, k, seed) not in done]
             if todo:
                 units.append((seed, method, todo))
-    work = _Work(cfg, cases, folds, model_cfg, levers, device_name)
+    work = _Work(cfg, cases, folds, model_cfg, levers, device_name, pretrain_extra)
     in_workers = cfg.workers > 1 and len(units) > 1
     threads = max(1, torch.get_num_threads() // cfg.workers) if in_workers else torch.get_num_threads()
     earlier_threads = sorted({r["threads"] for r in runs if "threads" in r and r.get("device") == "cpu"})
@@ -358,6 +372,7 @@ class _Work:
     model_cfg: UNetConfig
     levers: Levers
     device_name: str
+    pretrain_extra: list[np.ndarray] = field(default_factory=list)  # unlabelled volumes for pretraining only
 
 
 def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> None:
@@ -379,7 +394,7 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
             lr=cfg.pretrain_lr, seed=seed, device=cfg.device, model=model_cfg, levers=levers,
             augment=AugmentConfig(scale=cfg.pretrain_scale),
         )
-        init = resize_head(pretrain(pre_cfg, [c.image for c in cases]).model, model_cfg.n_classes,
+        init = resize_head(pretrain(pre_cfg, [c.image for c in cases] + work.pretrain_extra).model, model_cfg.n_classes,
                            model_cfg.class_names)
     spent = {f"pretrain {method}": time.perf_counter() - t}
     for m, k in todo:

@@ -52,7 +52,7 @@ def test_fine_tuning_gets_the_chosen_slices_and_settings(monkeypatch):
         assert slices == [labelled_slices(n, 3) for n in depths] and all(len(s) == 3 for s in slices)
     seen.clear()
     defaults = {"finetune_slices": 0, "finetune_augment": True, "finetune_scale": (0.85, 1.15),
-                "pretrain_scale": (0.85, 1.15), "finetune_cohort_weight": 0.0}
+                "pretrain_scale": (0.85, 1.15), "finetune_cohort_weight": 0.0, "pretrain_extra": 0}
     again = run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), **defaults}), cases)
     for ft_cfg, depths, slices, unlabelled in seen:  # the defaults: every slice, augmented, no extra loss
         assert ft_cfg.augment.enabled is True and slices == [list(range(n)) for n in depths]
@@ -60,3 +60,35 @@ def test_fine_tuning_gets_the_chosen_slices_and_settings(monkeypatch):
     older = {k: v for k, v in again.config.items() if k not in defaults}  # a table from before these fields
     assert protocol_difference(older, again.config) is None
     assert "finetune_scale is [0.7, 1.4]" in protocol_difference({**again.config, "finetune_scale": [0.7, 1.4]}, again.config)
+
+
+def test_extra_unlabelled_volumes_join_the_pretraining_only(monkeypatch):
+    """`--pretrain-phantom N`: more subjects in every method's pretraining, none in the folds."""
+    import pytest
+
+    from coral_core.phantom import make_cohort
+
+    pretrained, finetuned = [], []
+    real_pretrain, real_finetune = lowlabel.pretrain, lowlabel.finetune
+
+    def recording_pretrain(cfg, volumes, *args, **kwargs):
+        pretrained.append([v.shape for v in volumes])
+        return real_pretrain(cfg, volumes, *args, **kwargs)
+
+    def recording_finetune(cfg, init, images, *args, **kwargs):
+        finetuned.append([img.shape for img in images])
+        return real_finetune(cfg, init, images, *args, **kwargs)
+
+    monkeypatch.setattr(lowlabel, "pretrain", recording_pretrain)
+    monkeypatch.setattr(lowlabel, "finetune", recording_finetune)
+    cases = load_labelled_cases(None, 4)
+    extra = [image.array for image, _ in make_cohort(3, seed=100_000)]
+    cfg = LowLabelConfig.quick(methods=("random", "coral"), seeds=1, folds=2, workers=1, pretrain_epochs=1,
+                               finetune_steps=1, base_filters=4, image_size=32, pretrain_extra=3, device="cpu")
+    result = run_lowlabel(cfg, cases, pretrain_extra=extra)
+    assert pretrained == [[c.image.shape for c in cases] + [v.shape for v in extra]]  # coral only; random does not pretrain
+    names = {c.name for c in cases}
+    assert len(finetuned) == 4 and all(set(r["train"]) | set(r["test"]) <= names for r in result.runs)
+    assert result.config["pretrain_extra"] == 3
+    with pytest.raises(ValueError, match="pretrain_extra is 3"):
+        run_lowlabel(cfg, cases)
