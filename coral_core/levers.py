@@ -69,8 +69,9 @@ class Levers:
       than float32 (this Xeon with oneDNN capped at AVX-512 with bf16: 0.75-0.97x; at AVX2: about
       0.1x; docs/performance.md). On this project's 2-core Xeon with AMX, on top of the other
       defaults: 1.8-2.4x for pretraining, 2.0-2.3x for inference, 1.8-2.1x for fine-tuning; over
-      four seeds of the demo's chain the held-out Dice and the embedding's consistency were those of float32 (one float32
-      seed fine-tuned worse), and float32 models segmented alike on 99.98% of voxels. In the
+      four seeds of the demo's chain the held-out Dice and the embedding's consistency were those
+      of float32 (one float32 seed fine-tuned worse), and float32 models segmented alike on 99.98%
+      of voxels. In the
       low-label benchmark's small setting bf16 pretraining gained less over random init (docs/
       results.md), so that benchmark runs in float32 unless asked.
     * ``fuse_batchnorm``: inference runs a copy of the model whose BatchNorm layers are folded
