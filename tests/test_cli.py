@@ -213,6 +213,18 @@ def test_finetune_prepares_scans_wider_than_the_automatic_size_as_it_reads_them(
     assert res["slices"] == [[0, 1, 2, 3], [0, 1, 2, 3]]
     model = load_checkpoint(tmp_path / "m.safetensors")[0]
     assert model.config.image_size == 256 and model.config.n_classes == 4
+    # how each scan is held while training: the wide one at the model's size only, the small one as read
+    import torch
+
+    from coral_core.cli import _annotated_pair
+
+    image, labels, slices, shape, top = _annotated_pair(str(tmp_path / "wide.nii.gz"), str(tmp_path / "wide_lab.nii.gz"), None)
+    assert isinstance(image, torch.Tensor) and image.shape == (4, 1, 256, 256) and labels.shape == (4, 256, 256)
+    assert labels.dtype == torch.uint8 and shape == (4, 300, 300) and top == 3
+    image, labels, *_ = _annotated_pair(str(tmp_path / "small.nii.gz"), str(tmp_path / "small_lab.nii.gz"), None)
+    assert isinstance(image, np.ndarray) and image.shape == img.array.shape and labels.dtype == np.uint8
+    image, _, *_ = _annotated_pair(str(tmp_path / "small.nii.gz"), str(tmp_path / "small_lab.nii.gz"), None, 64)
+    assert image.shape == (4, 1, 64, 64)  # a size known when read (--init, --image-size)
 
 def test_finetune_with_unlabelled_scans_trains_the_embedding_loss_on_them(subject, tmp_path):
     """Semi-supervised: unlabelled scans join the CORAL loss, even from random init (which then has a direction)."""
