@@ -587,6 +587,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "finetune_scale": _float_range(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
         "pretrain_scale": _float_range(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
         "finetune_cohort_weight": args.finetune_cohort_weight, "pretrain_extra": args.pretrain_phantom,
+        "finetune_encoder_lr_scale": args.encoder_lr_scale,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -930,6 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="fine-tune the decoder and head only, the encoder as pretrained (or as randomly initialised): "
                         "what each encoder holds by itself")
+    p.add_argument("--encoder-lr-scale", type=float, default=None, metavar="F",
+                   help="fine-tune the encoder at F times the learning rate, the decoder and head at the full rate "
+                        "(default 1)")
     p.add_argument("--labeled-slices", type=int, default=None, metavar="K",
                    help="annotated slices per labelled volume, evenly spaced from base to apex, as a user paints a "
                         "few (default 0: every slice)")

@@ -63,6 +63,11 @@ class FinetuneConfig:
     # holds (docs/results.md), and an option when the encoder should not move. The embedding is the
     # encoder's, so it is kept without the CORAL loss above.
     freeze_encoder: bool = False
+    # The encoder's learning rate as a fraction of ``lr`` (discriminative fine-tuning): below 1 a
+    # pretrained encoder moves less than the decoder and head, between freezing it (freeze_encoder)
+    # and training it like the rest (1, the default). The projection head and the CORAL loss's
+    # direction keep ``lr``.
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # nested settings may arrive as plain dicts (a job spec sent to a child process)
@@ -76,6 +81,9 @@ class FinetuneConfig:
             raise UserError("embedding_views (augmented views per slice for the embedding loss) must be 1 or 2")
         if self.steps < 1 or self.batch_size < 1:
             raise UserError("fine-tuning needs --steps >= 1 and a batch size >= 1")
+        if not (self.encoder_lr_scale > 0 and np.isfinite(self.encoder_lr_scale)):
+            raise UserError("the encoder's learning-rate scale must be a number above 0; to keep the encoder as it "
+                            "is, freeze it instead")
 
 
 @dataclass
@@ -189,9 +197,9 @@ def finetune(
     net = apply_levers(model, config.levers)
     keep = config.embedding_weight > 0 and (model.has_direction or bool(unlabelled)) and not config.freeze_encoder
     keeper = _EmbeddingKeeper(model, [*images, *(unlabelled or [])], config, run) if keep else None
-    params = [p for p in model.parameters() if p.requires_grad] + (list(keeper.loss.parameters()) if keeper else [])
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
+    optimiser, max_lr = _optimiser(model, config, list(keeper.loss.parameters()) if keeper else [])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=config.steps,
+                                                    pct_start=_warmup_fraction(config.steps))
     if keeper is None:
         run.track({"model": model}, optimiser, scheduler)
     else:
@@ -231,6 +239,25 @@ def finetune(
         model.canonical_direction.copy_(keeper.loss.unit_direction)
     model.requires_grad_(True)  # a frozen encoder is frozen for this fine-tuning only
     return FinetuneResult(contiguous_layout(model).eval(), run.history)
+
+
+def _warmup_fraction(steps: int) -> float:
+    """The one-cycle schedule's warm-up, a tenth of the steps. At exactly 10 steps PyTorch's OneCycleLR
+    would end the warm-up at step 0, where it started, and divide by zero: there it lasts 1.5 steps."""
+    return 0.1 if 0.1 * steps != 1 else 1.5 / steps
+
+
+def _optimiser(model: UNet, config: FinetuneConfig, extra: list[torch.nn.Parameter]):
+    """AdamW over the trainable parameters and ``extra``, and the peak learning rate of each group:
+    one group at ``lr``, or with ``encoder_lr_scale`` != 1 the encoder's first at ``lr * scale``."""
+    trainable = [p for p in model.parameters() if p.requires_grad] + extra
+    if config.encoder_lr_scale == 1 or config.freeze_encoder:
+        return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay), config.lr
+    encoder = {id(p) for p in model.encoder.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) in encoder], "lr": config.lr * config.encoder_lr_scale},
+              {"params": [p for p in trainable if id(p) not in encoder], "lr": config.lr}]
+    optimiser = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return optimiser, [g["lr"] for g in groups]
 
 
 class _EmbeddingKeeper:

@@ -85,6 +85,9 @@ class LowLabelConfig:
     # FinetuneConfig.freeze_encoder: fine-tune the decoder and head only, to see what each encoder
     # holds by itself (docs/results.md, "Looking for the cause").
     finetune_freeze_encoder: bool = False
+    # FinetuneConfig.encoder_lr_scale: the encoder fine-tuned at this fraction of the learning rate,
+    # between frozen and fully fine-tuned (docs/results.md).
+    finetune_encoder_lr_scale: float = 1.0
     # FinetuneConfig.augment.enabled: the fine-tuning's rotation, scaling, gamma, contrast and noise
     # (the pretraining augments either way). Off, random init has only the labelled volumes' own
     # appearance to learn from (docs/results.md, "More checks of the cause").
@@ -137,6 +140,8 @@ class LowLabelConfig:
             setattr(self, name, zoom)
         if self.finetune_cohort_weight < 0:
             raise UserError("--finetune-cohort-weight must be 0 (off) or more")
+        if not self.finetune_encoder_lr_scale > 0:
+            raise UserError("--encoder-lr-scale must be above 0 (use --freeze-encoder to keep the encoder as it is)")
         if self.pretrain_extra < 0:
             raise UserError("--pretrain-phantom must be 0 (none) or more")
         if self.finetune_slices < 0:
@@ -235,12 +240,12 @@ PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
     "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
-    "finetune_cohort_weight", "pretrain_extra",
+    "finetune_cohort_weight", "pretrain_extra", "finetune_encoder_lr_scale",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
                        "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0,
-                       "pretrain_extra": 0}
+                       "pretrain_extra": 0, "finetune_encoder_lr_scale": 1.0}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -411,7 +416,7 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
             seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
             # the same fine-tuning for every method: no extra loss for CORAL unless every method gets it
             embedding_weight=cfg.finetune_cohort_weight,
-            freeze_encoder=cfg.finetune_freeze_encoder, levers=levers,
+            freeze_encoder=cfg.finetune_freeze_encoder, encoder_lr_scale=cfg.finetune_encoder_lr_scale, levers=levers,
             augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale),
         )
         model = finetune(

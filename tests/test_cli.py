@@ -473,6 +473,11 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
                               "--methods", "coral", "--pretrain-epochs", 1, "--finetune-steps", 2, "--device", "cpu",
                               "--freeze-encoder", "--json").stdout)
     assert frozen["config"]["finetune_freeze_encoder"] is True and len(frozen["runs"]) == 2
+    slow = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
+                            "--methods", "coral", "--pretrain-epochs", 1, "--finetune-steps", 2, "--device", "cpu",
+                            "--encoder-lr-scale", 0.1, "--base-filters", 4, "--image-size", 32, "--json").stdout)
+    assert slow["config"]["finetune_encoder_lr_scale"] == 0.1 and len(slow["runs"]) == 2
+    user_error(coral("bench", "lowlabel", "--quick", "--encoder-lr-scale", 0, check=False), "--encoder-lr-scale")
     plain = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                              "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--no-finetune-augment",
                              "--base-filters", 4, "--image-size", 32, "--labeled-slices", 2, "--pretrain-scale", "0.7,1.4",

@@ -39,24 +39,26 @@ def test_fine_tuning_gets_the_chosen_slices_and_settings(monkeypatch):
     cfg = LowLabelConfig.quick(methods=("random", "coral"), seeds=1, folds=2, workers=1, pretrain_epochs=1,
                                finetune_steps=1, base_filters=4, image_size=32, finetune_slices=3,
                                finetune_augment=False, finetune_scale=(0.7, 1.4), pretrain_scale=(0.6, 1.5),
-                               finetune_cohort_weight=0.2, device="cpu")
+                               finetune_cohort_weight=0.2, finetune_encoder_lr_scale=0.3, device="cpu")
     result = run_lowlabel(cfg, cases)
     assert len(result.runs) == 4 and len(seen) == 4
     assert [p.augment.scale for p in pretrained] == [(0.6, 1.5)] and pretrained[0].augment.enabled
     assert result.config["finetune_slices"] == 3 and result.config["finetune_augment"] is False
     assert result.config["finetune_scale"] == [0.7, 1.4] and result.config["pretrain_scale"] == [0.6, 1.5]
-    assert result.config["finetune_cohort_weight"] == 0.2
+    assert result.config["finetune_cohort_weight"] == 0.2 and result.config["finetune_encoder_lr_scale"] == 0.3
     for ft_cfg, depths, slices, unlabelled in seen:
         assert ft_cfg.augment.enabled is False and ft_cfg.augment.scale == (0.7, 1.4)
+        assert ft_cfg.encoder_lr_scale == 0.3
         assert ft_cfg.embedding_weight == 0.2 and len(unlabelled) == len(cases) - 1  # every other subject
         assert slices == [labelled_slices(n, 3) for n in depths] and all(len(s) == 3 for s in slices)
     seen.clear()
     defaults = {"finetune_slices": 0, "finetune_augment": True, "finetune_scale": (0.85, 1.15),
-                "pretrain_scale": (0.85, 1.15), "finetune_cohort_weight": 0.0, "pretrain_extra": 0}
+                "pretrain_scale": (0.85, 1.15), "finetune_cohort_weight": 0.0, "pretrain_extra": 0,
+                "finetune_encoder_lr_scale": 1.0}
     again = run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), **defaults}), cases)
     for ft_cfg, depths, slices, unlabelled in seen:  # the defaults: every slice, augmented, no extra loss
         assert ft_cfg.augment.enabled is True and slices == [list(range(n)) for n in depths]
-        assert ft_cfg.embedding_weight == 0.0 and unlabelled is None
+        assert ft_cfg.embedding_weight == 0.0 and unlabelled is None and ft_cfg.encoder_lr_scale == 1.0
     older = {k: v for k, v in again.config.items() if k not in defaults}  # a table from before these fields
     assert protocol_difference(older, again.config) is None
     assert "finetune_scale is [0.7, 1.4]" in protocol_difference({**again.config, "finetune_scale": [0.7, 1.4]}, again.config)

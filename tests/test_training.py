@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from coral_core.augment import AugmentConfig, augment_batch
+from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
 from coral_core.infer import embed_volume, segment_volume
 from coral_core.model import UNetConfig, build_model
@@ -107,6 +108,42 @@ def test_a_frozen_encoder_keeps_its_weights_and_the_decoder_learns(cohort):
     assert torch.equal(tuned.canonical_direction, model.canonical_direction)
     assert all(p.requires_grad for p in tuned.parameters())  # frozen for that fine-tuning only
     assert len(result.history.metrics["val_dice"]) == 2
+
+
+def test_any_number_of_steps_fine_tunes(cohort):
+    """Short schedules too: 10 steps once made the one-cycle schedule divide by zero."""
+    img, lab = cohort[0]
+    model = build_model(TINY)
+    for steps in (1, 2, 9, 10, 11):
+        cfg = FinetuneConfig(steps=steps, batch_size=2, device="cpu", validate_every=0)
+        result = finetune(cfg, model, [img.array], [lab.array], [annotated_from_labels(lab.array)])
+        assert len(result.history.metrics["loss"]) == steps and np.isfinite(result.history.metrics["loss"]).all()
+
+
+def test_the_encoder_learning_rate_scale_scales_the_encoders_steps_only(cohort):
+    """encoder_lr_scale 0.1: the encoder's first AdamW step is a tenth of the full rate's (Adam's step
+    does not depend on the gradient's size), the decoder's is the same; 1 keeps one group as before."""
+    img, lab = cohort[0]
+    model = build_model(TINY)
+    slices = [annotated_from_labels(lab.array)]
+
+    def first_step(scale):
+        stop = threading.Event()
+        cfg = FinetuneConfig(steps=10, batch_size=4, device="cpu", validate_every=0, encoder_lr_scale=scale)
+        tuned = finetune(cfg, model, [img.array], [lab.array], slices, callback=lambda *_: stop.set(),
+                         stop_event=stop).model
+        return ({n: p - dict(model.named_parameters())[n] for n, p in tuned.named_parameters()})
+
+    full, tenth = first_step(1.0), first_step(0.1)
+    enc = [n for n in full if n.startswith("encoder.")]
+    rest = [n for n in full if not n.startswith("encoder.")]
+    assert enc and rest
+    norm = lambda d, names: float(torch.sqrt(sum((d[n] ** 2).sum() for n in names)))  # noqa: E731
+    assert norm(full, enc) > 0 and norm(tenth, enc) / norm(full, enc) == pytest.approx(0.1, rel=0.01)
+    assert all(torch.allclose(full[n], tenth[n], atol=1e-7) for n in rest if n.startswith("decoder."))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="learning-rate scale"):
+            FinetuneConfig(encoder_lr_scale=bad)
 
 
 def test_finetuning_a_coral_model_keeps_its_embedding_in_slice_order():
