@@ -258,7 +258,7 @@ def cmd_pretrain(args) -> tuple[dict, str]:
            "steps": len(result.history.steps), "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1), "slice_cache": cache}
     from_cache = f" (slices {cache} {args.slice_cache})" if cache else ""
-    return out, f"pretrained {args.method} on {n_volumes} volumes in {seconds:.0f} s{from_cache}; saved {args.out}"
+    return out, f"pretrained {args.method} on {n_volumes} volume{'s' if n_volumes != 1 else ''} in {seconds:.0f} s{from_cache}; saved {args.out}"
 
 
 def _cached_slices(args, rank: int):
@@ -483,6 +483,7 @@ def cmd_embed(args) -> tuple[dict, str]:
 
     check_output_path(args.out)
     if args.plot:
+        _check_png(args.plot)
         check_output_path(args.plot)
     device = resolve_device(args.device)
     model, _ = _load_model(args.model, device)
@@ -514,6 +515,14 @@ def cmd_evaluate(args) -> tuple[dict, str]:
     pred, truth = load_volume(args.pred), load_volume(args.truth)
     if pred.shape != truth.shape:
         raise UserError(f"{args.pred}: shape {pred.shape} differs from {args.truth} shape {truth.shape}; compare a segmentation with the labels of the same image")
+    for path, volume in ((args.pred, pred), (args.truth, truth)):
+        raw = volume.array
+        if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
+            raise UserError(f"{path}: holds non-integer values, so it is an image, not a label map; give a segmentation "
+                            "(such as `coral segment` writes) and its ground-truth labels")
+        if raw.min() < 0 or raw.max() > MAX_CLASSES:
+            raise UserError(f"{path}: holds values outside 0..{MAX_CLASSES}, so it is not a label map; give a "
+                            "segmentation and its ground-truth labels (0 background, 1, 2, ...)")
     p, t = np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64)
     n_classes = int(max(p.max(), t.max())) + 1
     result = evaluate_segmentation(p, t, max(n_classes, 2), truth.spacing)
@@ -670,6 +679,7 @@ def cmd_bench_embedding(args) -> tuple[dict, str]:
     from coral_core.fileio import check_output_path
     from coral_core.lowlabel import EmbeddingFigureConfig, run_embedding_figure
 
+    _check_png(args.out)
     check_output_path(args.out)
     cfg = EmbeddingFigureConfig(device=args.device, seed=args.seed, pretrain_subjects=args.phantom,
                                 pretrain_epochs=args.epochs, shown_subjects=args.show)
@@ -730,7 +740,7 @@ def _phantom_appearance(args):
 
 
 def _positive_int(text: str) -> int:
-    """argparse type of a model size (filters, embedding width): a whole number of at least 1."""
+    """argparse type of a size (filters, embedding width, batch): a whole number of at least 1."""
     try:
         value = int(text)
     except ValueError:
@@ -738,6 +748,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
+
+
+def _count(text: str) -> int:
+    """argparse type of a number of things (phantom subjects): a whole number of 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return value
+
+
+def _check_png(path: str) -> None:
+    """Figures are written as PNG whatever the name: refuse a name that promises another format."""
+    if Path(path).suffix.lower() != ".png":
+        raise UserError(f"{path}: figures are written as PNG; end the name with .png")
 
 
 def _float_range(text: str, option: str, example: str, zero_allowed: bool = False) -> tuple[float, float]:
@@ -830,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="coral", choices=["coral", "ral", "oal", "pcl", "gcl", "simclr"])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write (.safetensors)")
-    p.add_argument("--phantom", type=int, default=0, metavar="N", help="add N synthetic phantom subjects")
+    p.add_argument("--phantom", type=_count, default=0, metavar="N", help="add N synthetic phantom subjects")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--base-filters", type=_positive_int, default=16)
@@ -889,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--out", required=True, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     _lever_options(p, inference=True)
 
     p = command("embed", "Per-slice embeddings, their 2-D trajectory and ordinal consistency.", cmd_embed)
@@ -904,7 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "Phantom cohort -> CORAL pretraining -> fine-tune on 2 subjects -> segment a held-out one.", cmd_demo)
     p.add_argument("--out-dir", default="coral-demo", help="where the figure goes (default: ./coral-demo)")
-    p.add_argument("--phantom", type=int, default=16, metavar="N", help="unlabelled subjects for pretraining")
+    p.add_argument("--phantom", type=_count, default=16, metavar="N", help="unlabelled subjects for pretraining")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     p.add_argument("--seed", type=int, default=0)
@@ -918,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_bench_lowlabel, bench_sub)
     p.add_argument("--quick", action="store_true", help="small model and schedules: under 10 minutes on a 2-core CPU")
     p.add_argument("--data", default=None, metavar="DIR", help="ACDC-style folder, or one with imagesTr/labelsTr")
-    p.add_argument("--phantom", type=int, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
+    p.add_argument("--phantom", type=_count, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
     p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3)")
@@ -944,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-cohort-weight", type=float, default=None, metavar="W",
                    help="add the CORAL loss on every unlabelled subject's slices to the fine-tuning, at weight W, for "
                         "every method (default 0: off)")
-    p.add_argument("--pretrain-phantom", type=int, default=None, metavar="N",
+    p.add_argument("--pretrain-phantom", type=_count, default=None, metavar="N",
                    help="N more phantom subjects, unlabelled, that join every method's pretraining only (default 0)")
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the labelled slices while fine-tuning (default: on; pretraining augments either way)")
@@ -964,9 +991,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
                 cmd_bench_embedding, bench_sub)
     p.add_argument("--out", required=True, metavar="FIG.png")
-    p.add_argument("--phantom", type=int, default=20, metavar="N", help="phantom subjects to pretrain on")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--show", type=int, default=5, help="unseen subjects drawn")
+    p.add_argument("--phantom", type=_positive_int, default=20, metavar="N", help="phantom subjects to pretrain on")
+    p.add_argument("--epochs", type=_positive_int, default=8)
+    p.add_argument("--show", type=_positive_int, default=5, help="unseen subjects drawn")
     p.add_argument("--seed", type=int, default=0)
     p = command("speed", "Pretraining and inference slices/s and fine-tuning time, ours next to a published-code-like baseline.",
                 cmd_bench_speed, bench_sub)

@@ -21,7 +21,7 @@ from coral_core.errors import UserError
 from coral_core.levers import Levers, apply_levers, contiguous_layout
 from coral_core.model import UNet
 from coral_core.resume import ResumeState
-from coral_core.training import History, StepCallback, TrainingRun, accumulate
+from coral_core.training import History, StepCallback, TrainingRun, accumulate, check_optimiser_settings
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "segmentation_loss", "class_balance_weights",
            "annotated_from_labels"]
@@ -81,6 +81,7 @@ class FinetuneConfig:
             raise UserError("embedding_views (augmented views per slice for the embedding loss) must be 1 or 2")
         if self.steps < 1 or self.batch_size < 1:
             raise UserError("fine-tuning needs --steps >= 1 and a batch size >= 1")
+        check_optimiser_settings(self.lr, self.weight_decay)
         if not (self.encoder_lr_scale > 0 and np.isfinite(self.encoder_lr_scale)):
             raise UserError("the encoder's learning-rate scale must be a number above 0; to keep the encoder as it "
                             "is, freeze it instead")

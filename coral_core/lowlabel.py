@@ -34,6 +34,7 @@ from coral_core.levers import Levers
 from coral_core.metrics import evaluate_segmentation
 from coral_core.model import UNetConfig, build_model, resize_head
 from coral_core.pretrain import PretrainConfig, pretrain
+from coral_core.training import check_optimiser_settings
 
 __all__ = [
     "LOWLABEL_METHODS",
@@ -140,6 +141,9 @@ class LowLabelConfig:
             setattr(self, name, zoom)
         if self.finetune_cohort_weight < 0:
             raise UserError("--finetune-cohort-weight must be 0 (off) or more")
+        check_optimiser_settings(self.finetune_lr, 0.0, "--finetune-lr")
+        if self.finetune_steps < 1 or self.pretrain_epochs < 1:
+            raise UserError("the benchmark needs --finetune-steps >= 1 and --pretrain-epochs >= 1")
         if not self.finetune_encoder_lr_scale > 0:
             raise UserError("--encoder-lr-scale must be above 0 (use --freeze-encoder to keep the encoder as it is)")
         if self.pretrain_extra < 0:

@@ -23,7 +23,7 @@ from coral_core.levers import Levers, apply_compile, apply_layout, contiguous_la
 from coral_core.losses import CoralLoss, GCLLoss, PCLLoss, SimCLRLoss
 from coral_core.model import UNet, UNetConfig, build_model
 from coral_core.resume import ResumeState
-from coral_core.training import History, StepCallback, TrainingRun, accumulate
+from coral_core.training import History, StepCallback, TrainingRun, accumulate, check_optimiser_settings
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "METHODS"]
 
@@ -59,6 +59,7 @@ class PretrainConfig:
             raise UserError(f"unknown pretraining method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.epochs < 1 or self.batch_size < 2:
             raise UserError("pretraining needs --epochs >= 1 and a batch size >= 2")
+        check_optimiser_settings(self.lr, self.weight_decay)
 
 
 @dataclass

@@ -288,6 +288,17 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--base-filters", "x",
                      "--out", tmp_path / "x.safetensors", check=False), "--base-filters")
     user_error(coral("bench", "lowlabel", "--quick", "--image-size", 40, check=False), "--image-size", "multiple of 16")
+    # numbers that would once crash, or train nothing, deep inside the run
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--lr", -1,
+                     "--out", tmp_path / "x.safetensors", check=False), "--lr -1", "above 0")
+    user_error(coral("pretrain", "--phantom", 2, "--lr", 0, "--out", tmp_path / "p.safetensors", check=False), "--lr 0")
+    user_error(coral("bench", "lowlabel", "--quick", "--finetune-lr", "nan", check=False), "--finetune-lr nan")
+    user_error(coral("pretrain", "--phantom", -2, "--out", tmp_path / "p.safetensors", check=False), "--phantom", "0 or more")
+    user_error(coral("segment", d / "img.nii.gz", "--out", tmp_path / "s.nii.gz", "--batch-size", 0, check=False),
+               "--batch-size")
+    user_error(coral("embed", d / "img.nii.gz", "--out", tmp_path / "e.csv", "--plot", tmp_path / "e.pdf", check=False),
+               "e.pdf", "PNG")
+    user_error(coral("evaluate", d / "img.nii.gz", d / "lab.nii.gz", check=False), "img.nii.gz", "not a label map")
     assert not list(tmp_path.glob("s.nii.gz")) and not list(tmp_path.glob("x.safetensors"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

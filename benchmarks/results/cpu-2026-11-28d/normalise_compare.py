@@ -1,4 +1,4 @@
-import importlib.util, sys, time, resource
+import importlib.util, sys, time
 import numpy as np
 def load(name, path):
     spec = importlib.util.spec_from_file_location(name, path); m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m); return m
