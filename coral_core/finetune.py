@@ -21,7 +21,9 @@ from coral_core.errors import UserError
 from coral_core.levers import Levers, apply_levers, contiguous_layout
 from coral_core.model import UNet
 from coral_core.resume import ResumeState
-from coral_core.training import History, StepCallback, TrainingRun, accumulate, check_optimiser_settings
+from coral_core.training import (
+    History, StepCallback, TrainingRun, accumulate, check_optimiser_settings, fit_cpu_batch, training_bytes_per_image,
+)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "segmentation_loss", "class_balance_weights",
            "annotated_from_labels"]
@@ -208,6 +210,7 @@ def finetune(
                   {"embedding_cpu": keeper.cpu_generator, "embedding_device": keeper.generator})
     restored = run.restore()
     done = restored[0] if restored is not None else 0
+    fit_cpu_batch(run, config.batch_size, training_bytes_per_image(model.config))
     x_all, y_all = data.images.to(run.device), data.labels.to(run.device)
     step = done
     for step in range(done + 1, config.steps + 1):

@@ -23,7 +23,10 @@ from coral_core.levers import Levers, apply_compile, apply_layout, contiguous_la
 from coral_core.losses import CoralLoss, GCLLoss, PCLLoss, SimCLRLoss
 from coral_core.model import UNet, UNetConfig, build_model
 from coral_core.resume import ResumeState
-from coral_core.training import History, StepCallback, TrainingRun, accumulate, check_optimiser_settings
+from coral_core.training import (
+    History, StepCallback, TrainingRun, accumulate, check_optimiser_settings, fit_cpu_batch,
+    training_bytes_per_image,
+)
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "METHODS"]
 
@@ -213,6 +216,9 @@ def pretrain(
         step, extra, tensors = restored
         first_epoch, first_index, order = extra["epoch"], extra["index"], tensors.get("order")
 
+    # two views of each of this process's slices go through the network in a step
+    fit_cpu_batch(run, -(-batch // world), 2 * training_bytes_per_image(config.model), "slice", " (two views each)",
+                  ddp)
     model.train()
     positions, partitions = data.positions.to(run.device), data.partitions.to(run.device)
     fetch = _Batches(images, run.device, config.levers)

@@ -133,6 +133,65 @@ class TrainingRun:
             self.resume.save(step, *self._tracked, extra=extra, tensors=tensors)
 
 
+# Bytes of activations one image keeps for the backward pass, per base filter and per pixel, when this
+# U-Net (depth 4) trains in float32 on the CPU: 29-36 from the peak memory of `coral pretrain` at two
+# batch sizes (16 and 48 filters, 128 to 512 pixels; bf16 about 19; docs/reliability.md). 40 leaves a margin.
+ACTIVATION_BYTES = 40
+
+
+def training_bytes_per_image(model_config) -> int:
+    """About how much memory one image needs in a training step of a model of ``model_config``."""
+    return ACTIVATION_BYTES * model_config.base_filters * model_config.image_size**2
+
+
+def free_memory() -> int:
+    """Memory the system can give this process now: MemAvailable on Linux, else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def fit_cpu_batch(run: "TrainingRun", n: int, item_bytes: int, item: str = "slice", note: str = "",
+                  distributed: bool = False) -> None:
+    """On the CPU, plan the step's pieces so that it fits in half the free memory.
+
+    A GPU raises an error when it runs out of memory, which :func:`accumulate` answers by halving
+    its pieces; on the CPU the system kills the process instead, losing the run. So before the
+    first step, a step of ``n`` items of about ``item_bytes`` each that would take more than half
+    the free memory goes in halved pieces from the start (as after a GPU's error, with the same
+    warning), and one that would not fit even one item at a time is refused in one sentence.
+    """
+    if run.device.type != "cpu" or run.micro_batch is not None:  # a resumed run keeps its pieces
+        return
+    budget = free_memory() // 2
+    size = n
+    while size > 1 and size * item_bytes > budget:
+        size = (size + 1) // 2
+    gib = 1 << 30
+    if size * item_bytes > budget:
+        raise UserError(
+            f"training needs about {item_bytes / gib:.1f} GiB for a single {item}{note}, more than half of this machine's "
+            f"free memory ({2 * budget / gib:.1f} GiB); use a smaller --image-size or --base-filters"
+        )
+    if size < n:
+        if distributed:
+            raise UserError(
+                f"a step of {n} {item}s{note} per process needs about {n * item_bytes / gib:.1f} GiB, more than half of "
+                f"this machine's free memory ({2 * budget / gib:.1f} GiB); lower --batch-size"
+            )
+        run.micro_batch = size
+        print(f"warning: a step of {n} {item}s{note} needs about {n * item_bytes / gib:.1f} GiB, more than half of the "
+              f"free memory ({2 * budget / gib:.1f} GiB); continuing with batches of {size}", file=sys.stderr)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """A device out-of-memory error (CUDA or MPS), which a smaller batch can avoid."""
     return isinstance(exc, torch.OutOfMemoryError) or (

@@ -146,6 +146,34 @@ def test_the_encoder_learning_rate_scale_scales_the_encoders_steps_only(cohort):
             FinetuneConfig(encoder_lr_scale=bad)
 
 
+def test_a_cpu_step_too_large_for_the_memory_goes_in_pieces_or_is_refused(cohort, monkeypatch, capsys):
+    """On the CPU the system kills a process that runs out of memory, so the step is planned first:
+    in halved pieces when the whole batch would take more than half the free memory, refused when
+    even one image would."""
+    from coral_core import training
+    from coral_core.training import training_bytes_per_image
+
+    img, lab = cohort[0]
+    per_image = training_bytes_per_image(TINY)
+    assert per_image == 40 * 4 * 32 * 32
+    ft = FinetuneConfig(steps=3, batch_size=4, device="cpu", validate_every=0)
+    args = ([img.array], [lab.array], [annotated_from_labels(lab.array)])
+    monkeypatch.setattr(training, "free_memory", lambda: 2 * 2 * per_image)  # half of it: two images
+    result = finetune(ft, build_model(TINY), *args)
+    assert len(result.history.steps) == 3 and "continuing with batches of 2" in capsys.readouterr().err
+    volumes = [im.array for im, _ in cohort]
+    pretrain(_pre_cfg("coral"), volumes)  # 8 slices, two views each: pieces of one slice fit
+    assert "a step of 8 slices (two views each) needs" in capsys.readouterr().err
+    monkeypatch.setattr(training, "free_memory", lambda: per_image)  # half an image
+    with pytest.raises(UserError, match="for a single slice, more than half of this machine.s free memory .*--image-size"):
+        finetune(ft, build_model(TINY), *args)
+    with pytest.raises(UserError, match="single slice \\(two views each\\)"):
+        pretrain(_pre_cfg("coral"), volumes)
+    monkeypatch.setattr(training, "free_memory", lambda: 1 << 40)
+    finetune(ft, build_model(TINY), *args)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_finetuning_a_coral_model_keeps_its_embedding_in_slice_order():
     """With a canonical direction, fine-tuning also trains the CORAL loss on the image's
     slices: unseen subjects' slices stay in order along the (re-learned, unit) direction.
