@@ -258,7 +258,7 @@ def cmd_pretrain(args) -> tuple[dict, str]:
            "steps": len(result.history.steps), "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1), "slice_cache": cache}
     from_cache = f" (slices {cache} {args.slice_cache})" if cache else ""
-    return out, f"pretrained {args.method} on {n_volumes} volume{'s' if n_volumes != 1 else ''} in {seconds:.0f} s{from_cache}; saved {args.out}"
+    return out, f"pretrained {args.method} on {_count_of(n_volumes, 'volume')} in {seconds:.0f} s{from_cache}; saved {args.out}"
 
 
 def _cached_slices(args, rank: int):
@@ -468,7 +468,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     voxels = {name: int(counts[c]) for c, name in enumerate(model.config.class_names)}
     out = {"labels": str(args.out), "shape": list(labels.shape), "voxels": voxels, "seconds": round(seconds, 2),
            "device": str(device)}
-    return out, f"segmented {args.image} ({image.shape[0]} slices) on {device} in {seconds:.1f} s; wrote {args.out}"
+    return out, f"segmented {args.image} ({_count_of(image.shape[0], 'slice')}) on {device} in {seconds:.1f} s; wrote {args.out}"
 
 
 def cmd_embed(args) -> tuple[dict, str]:
@@ -502,7 +502,8 @@ def cmd_embed(args) -> tuple[dict, str]:
         save_trajectory_png(args.plot, trajectories, score, direction is not None)
     out = {"table": str(args.out), "plot": args.plot, "ordinal_consistency": score,
            "volumes": {t.name: t.score for t in trajectories}, "axis": "coral" if direction is not None else "pca"}
-    text = f"embedded {len(volumes)} volume(s); ordinal consistency {score:.3f}; wrote {args.out}"
+    consistency = f"ordinal consistency {score:.3f}" if math.isfinite(score) else "no ordinal consistency (fewer than two slices, or all alike along the axis)"
+    text = f"embedded {_count_of(len(volumes), 'volume')}; {consistency}; wrote {args.out}"
     return out, text + (f" and {args.plot}" if args.plot else "")
 
 
@@ -737,6 +738,11 @@ def _phantom_appearance(args):
     if changed and args.data and not args.phantom:
         raise UserError("--phantom-bias and --phantom-noise change the phantom cohort; add --phantom N, or leave them out with --data")
     return config, f" ({', '.join(changed)})" if changed else ""
+
+
+def _count_of(n: int, thing: str) -> str:
+    """'1 slice', '3 slices'."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _positive_int(text: str) -> int:

@@ -601,3 +601,15 @@ def test_pretraining_can_hold_its_slices_in_float16(tmp_path):
     half = PretrainSlices(volumes, 32, dtype=torch.float16)
     assert half.images.dtype == torch.float16
     torch.testing.assert_close(half.images.float(), PretrainSlices(volumes, 32).images, atol=1e-3, rtol=0)
+
+
+def test_a_one_slice_image_is_segmented_and_embedded_and_said_so(tmp_path):
+    """A single 2-D slice: one slice, and no ordinal consistency (it needs two), in words and in JSON."""
+    img, _ = make_phantom(5, n_slices=8)
+    save_volume(tmp_path / "one.nii.gz", img.array[3:4], img.affine)
+    seg = coral("segment", tmp_path / "one.nii.gz", "--out", tmp_path / "seg.nii.gz").stdout
+    assert "(1 slice)" in seg and load_volume(tmp_path / "seg.nii.gz").shape == (1, *img.shape[1:])
+    text = coral("embed", tmp_path / "one.nii.gz", "--out", tmp_path / "e.csv").stdout
+    assert "embedded 1 volume; no ordinal consistency" in text and "nan" not in text
+    res = json.loads(coral("embed", tmp_path / "one.nii.gz", "--out", tmp_path / "e.csv", "--json").stdout)
+    assert res["ordinal_consistency"] is None
