@@ -502,7 +502,8 @@ def cmd_embed(args) -> tuple[dict, str]:
         save_trajectory_png(args.plot, trajectories, score, direction is not None)
     out = {"table": str(args.out), "plot": args.plot, "ordinal_consistency": score,
            "volumes": {t.name: t.score for t in trajectories}, "axis": "coral" if direction is not None else "pca"}
-    consistency = f"ordinal consistency {score:.3f}" if math.isfinite(score) else "no ordinal consistency (fewer than two slices, or all alike along the axis)"
+    consistency = (f"ordinal consistency {score:.3f}" if math.isfinite(score)
+                   else "no ordinal consistency (fewer than two slices, or all alike along the axis)")
     text = f"embedded {_count_of(len(volumes), 'volume')}; {consistency}; wrote {args.out}"
     return out, text + (f" and {args.plot}" if args.plot else "")
 

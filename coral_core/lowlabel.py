@@ -144,7 +144,7 @@ class LowLabelConfig:
         check_optimiser_settings(self.finetune_lr, 0.0, "--finetune-lr")
         if self.finetune_steps < 1 or self.pretrain_epochs < 1:
             raise UserError("the benchmark needs --finetune-steps >= 1 and --pretrain-epochs >= 1")
-        if not self.finetune_encoder_lr_scale > 0:
+        if not 0 < self.finetune_encoder_lr_scale < float("inf"):
             raise UserError("--encoder-lr-scale must be above 0 (use --freeze-encoder to keep the encoder as it is)")
         if self.pretrain_extra < 0:
             raise UserError("--pretrain-phantom must be 0 (none) or more")
