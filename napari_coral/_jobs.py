@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import queue as queue_module
+import signal
 import subprocess
 import sys
 import threading
@@ -266,7 +267,11 @@ class Job:
             # Everything the worker said has been read and it said neither done nor error.
             code = self._proc.returncode if self._proc is not None else None
             tail = f": {self.log[-1]}" if self.log else ""
-            out.append(("error", f"the training process stopped unexpectedly (exit code {code}{tail}); the previous model is kept"))
+            if code == -signal.SIGKILL:  # what the system's out-of-memory killer sends
+                why = "was killed by the system, most often for running out of memory; try a smaller model or fewer images"
+                out.append(("error", f"the training process {why}; the previous model is kept"))
+            else:
+                out.append(("error", f"the training process stopped unexpectedly (exit code {code}{tail}); the previous model is kept"))
             self.finished = True
         return out
 

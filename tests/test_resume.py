@@ -307,3 +307,28 @@ def test_a_job_writes_its_inputs_on_its_own_thread_and_a_cancel_before_training_
     assert messages == [("done", str(out), True)] and not out.exists()
     assert writers and writers[0] is not threading.main_thread()
     np.testing.assert_array_equal(np.load(tmp_path / "inputs.npz")["v0000"], np.arange(192).reshape(3, 8, 8))
+
+
+def test_a_training_process_killed_by_the_system_is_reported_as_such(tmp_path):
+    """The system's out-of-memory killer ends a child with SIGKILL and no message of its own: the
+    plugin says what most likely happened, and that the previous model is kept."""
+    import time
+
+    import napari_coral._jobs as jobs
+
+    out = tmp_path / "m.safetensors"
+    volume = np.random.default_rng(0).random((6, 32, 32), dtype=np.float32)
+    job = jobs.Job("pretrain", {"out": str(out), "config": {"epochs": 10_000, "batch_size": 4,
+                                                          "model": {"image_size": 32, "base_filters": 4}}},
+                   mode="process", inputs=(tmp_path, {"v0000": volume})).start()
+    t0 = time.monotonic()
+    while job._proc is None and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    job._proc.kill()  # as the out-of-memory killer would
+    messages = []
+    while not messages and time.monotonic() - t0 < 60:
+        messages = job.poll()
+        time.sleep(0.01)
+    assert len(messages) == 1 and messages[0][0] == "error", messages
+    assert "killed by the system" in messages[0][1] and "out of memory" in messages[0][1]
+    assert "previous model is kept" in messages[0][1] and not out.exists()
