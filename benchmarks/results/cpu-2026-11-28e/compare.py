@@ -4,27 +4,15 @@ cpu-2026-11-28/quick_seeds10_table.json), paired run by run.
 
     python compare.py
 """
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[2]))
+sys.path.insert(0, str(HERE.parents[1]))
 
 import numpy as np  # noqa: E402
 
-from coral_core.lowlabel import sign_test_p  # noqa: E402
-
-
-def runs(path: Path) -> dict:
-    return {(r["method"], r["seed"], r["fold"]): r["dice"] for r in json.loads(path.read_text())["runs"] if r["labeled"] == 1}
-
-
-def paired(a: dict, b: dict, keys: list) -> str:
-    d = np.array([a[k] - b[k] for k in keys])
-    up, down = int((d > 0).sum()), int((d < 0).sum())
-    return f"{d.mean():+.3f} +- {d.std(ddof=1):.3f} (up in {up}/{len(d)}, p {sign_test_p(up, down):.2g})"
-
+from paired import paired, runs  # noqa: E402  (benchmarks/paired.py)
 
 unchanged = runs(HERE.parent / "cpu-2026-11-28b" / "seeds20_table.json")
 for table in sorted(HERE.glob("*_table.json")):
