@@ -116,6 +116,7 @@ def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int
 
 
 MAX_CLASSES = 255
+FINETUNE_BASE_FILTERS = 16  # `coral finetune` from random init: UNetConfig.base_filters (tests check they agree)
 
 
 class _Interrupted(Exception):
@@ -369,6 +370,11 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if args.init:  # read first: its input size lets every scan be prepared at that size as it is read
         model, meta = load_checkpoint(args.init)
         size = model.config.image_size
+        for option, given, own in (("--image-size", args.image_size, size),
+                                   ("--base-filters", args.base_filters, model.config.base_filters)):
+            if given is not None and given != own:
+                raise UserError(f"{option} {given}: the --init model {args.init} has {own}; leave {option} out to "
+                                "fine-tune it as it is, or leave --init out to start from random init")
     else:
         size = _auto_image_size([], args.image_size) if args.image_size else None  # checked before any file is read
     pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None, size)
@@ -391,7 +397,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
             model = resize_head(model, n_classes, names) if fresh_head else _rename(model, names)
     else:
         model = build_model(UNetConfig(
-            n_classes=n_classes, class_names=names, base_filters=args.base_filters,
+            n_classes=n_classes, class_names=names, base_filters=args.base_filters or FINETUNE_BASE_FILTERS,
             image_size=_auto_image_size([shape for *_, shape, _ in pairs], args.image_size),
         ))
         init = "random"
@@ -868,7 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--base-filters", type=_positive_int, default=16)
-    p.add_argument("--image-size", type=int, default=None, help="model input size (default: from the data, at most 256)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="model input size, a multiple of 16 (default: from the data, at most 256)")
     p.add_argument("--embedding-dim", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
@@ -913,8 +920,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoom", default=None, metavar="LOW,HIGH",
                    help="zoom range of the augmentation (default 0.85,1.15); 0.7,1.4 made models that did better on "
                         "other subjects and slightly worse on the annotated one (docs/results.md)")
-    p.add_argument("--base-filters", type=_positive_int, default=16, help="without --init only")
-    p.add_argument("--image-size", type=int, default=None, help="without --init only")
+    p.add_argument("--base-filters", type=_positive_int, default=None,
+                   help=f"U-Net base filters (default {FINETUNE_BASE_FILTERS}; with --init, the model's own)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="model input size, a multiple of 16 (default: from the scans, at most 256; with --init, the "
+                        "model's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _lever_options(p)

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import coral_core
+from coral_core.cli import FINETUNE_BASE_FILTERS
 from coral_core.lowlabel import sign_test_p
+from coral_core.model import UNetConfig
 from coral_core.phantom import make_phantom
 from coral_core.volume import load_volume, save_volume
 from helpers import oblique_affine
@@ -299,6 +302,13 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     user_error(coral("embed", d / "img.nii.gz", "--out", tmp_path / "e.csv", "--plot", tmp_path / "e.pdf", check=False),
                "e.pdf", "PNG")
     user_error(coral("evaluate", d / "img.nii.gz", d / "lab.nii.gz", check=False), "img.nii.gz", "not a label map")
+    demo = Path(coral_core.__file__).parent / "assets" / "demo_model.safetensors"  # 16 filters at 128 x 128
+    for option, value in (("--image-size", 64), ("--base-filters", 8)):
+        user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--init", demo, option, value,
+                         "--out", tmp_path / "x.safetensors", check=False), f"{option} {value}", "the --init model")
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--image-size", 0,
+                     "--out", tmp_path / "x.safetensors", check=False), "--image-size", "at least 1")
+    assert FINETUNE_BASE_FILTERS == UNetConfig().base_filters
     assert not list(tmp_path.glob("s.nii.gz")) and not list(tmp_path.glob("x.safetensors"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
