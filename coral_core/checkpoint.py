@@ -20,7 +20,8 @@ from coral_core.errors import UserError
 from coral_core.fileio import atomic_target
 from coral_core.model import UNet, UNetConfig
 
-__all__ = ["save_checkpoint", "load_checkpoint", "bundled_model_path", "FORMAT_NAME", "FORMAT_VERSION", "NORMALISATION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "bundled_model_path", "pretrained_only", "FORMAT_NAME", "FORMAT_VERSION",
+           "NORMALISATION"]
 
 FORMAT_NAME = "napari-coral"
 FORMAT_VERSION = 1
@@ -31,6 +32,12 @@ _MAX_HEADER_BYTES = 16 * 1024 * 1024
 def bundled_model_path() -> Path:
     """The small CORAL-pretrained, phantom-fine-tuned demo model shipped in the package."""
     return Path(str(resources.files("coral_core") / "assets" / "demo_model.safetensors"))
+
+
+def pretrained_only(meta: dict) -> bool:
+    """Whether a checkpoint's metadata says it comes straight from pretraining: an encoder (and
+    projection head) trained on slice positions, whose segmentation head has not been trained."""
+    return meta.get("training", {}).get("stage") == "pretrain"
 
 
 def save_checkpoint(

@@ -356,7 +356,7 @@ def _finetune_inputs(args) -> tuple[list[str], list[str]]:
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
-    from coral_core.checkpoint import load_checkpoint, save_checkpoint
+    from coral_core.checkpoint import load_checkpoint, pretrained_only, save_checkpoint
     from coral_core.finetune import FinetuneConfig, finetune
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
@@ -392,7 +392,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         init = str(args.init)
         # A pretrained encoder has no trained head: give it one for these labels. A fine-tuned
         # model keeps its head (and names) when the classes match.
-        fresh_head = meta.get("training", {}).get("stage") == "pretrain" or model.config.n_classes != n_classes
+        fresh_head = pretrained_only(meta) or model.config.n_classes != n_classes
         if fresh_head or args.class_names:
             model = resize_head(model, n_classes, names) if fresh_head else _rename(model, names)
     else:
@@ -454,15 +454,19 @@ def cmd_finetune(args) -> tuple[dict, str]:
 def cmd_segment(args) -> tuple[dict, str]:
     import numpy as np
 
+    from coral_core.checkpoint import pretrained_only
     from coral_core.device import resolve_device
     from coral_core.fileio import check_output_path
     from coral_core.infer import segment_volume
     from coral_core.volume import load_volume, save_like
 
     check_output_path(args.out)
-    image = load_volume(args.image)
     device = resolve_device(args.device)
     model, meta = _load_model(args.model, device)
+    if pretrained_only(meta):  # before the image is read
+        raise UserError(f"{args.model}: a pretrained model whose segmentation head is untrained; fine-tune it on a few "
+                        f"annotated slices first (coral finetune IMAGE --labels LABELS --init {args.model} --out CKPT)")
+    image = load_volume(args.image)
     bar, _ = _progress(image.shape[0], "segment", args.json)
     t0 = time.perf_counter()
     with bar:

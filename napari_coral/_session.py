@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from coral_core.checkpoint import bundled_model_path, load_checkpoint
+from coral_core.checkpoint import bundled_model_path, load_checkpoint, pretrained_only
 from coral_core.model import UNet
 
 _SESSIONS: "weakref.WeakKeyDictionary[object, CoralSession]" = weakref.WeakKeyDictionary()
@@ -56,7 +56,13 @@ class CoralSession:
             return "no model loaded yet (the bundled demo model is used)"
         cfg = self.model.config
         classes = ", ".join(cfg.class_names[1:])
-        return f"{self.source}: {cfg.n_classes - 1} classes ({classes}), input {cfg.image_size} px"
+        text = f"{self.source}: {cfg.n_classes - 1} classes ({classes}), input {cfg.image_size} px"
+        return text + (" (pretrained only: fine-tune it before segmenting)" if self.pretrained_only else "")
+
+    @property
+    def pretrained_only(self) -> bool:
+        """Whether the current model comes straight from pretraining, its segmentation head untrained."""
+        return self.model is not None and pretrained_only(self.meta)
 
 
 def session_for(viewer) -> CoralSession:

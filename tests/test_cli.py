@@ -99,6 +99,14 @@ def test_evaluate_reports_dice_and_hd95(workflow):
     assert strict["hd95"]["1"] is None and strict["dice"]["1"] == 0.0  # no NaN/Infinity in the JSON
 
 
+def test_segment_refuses_a_pretrained_only_model(workflow, tmp_path):
+    """A pretrained checkpoint's segmentation head is untrained: segmenting with it would write noise."""
+    d = workflow[0]
+    user_error(coral("segment", d / "img.nii.gz", "--model", d / "pre.safetensors", "--out", tmp_path / "s.nii.gz",
+                     check=False), "pre.safetensors", "untrained", "coral finetune")
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
 def test_embed_writes_table_and_plot(workflow):
     d = workflow[0]
     res = json.loads(coral("embed", d / "img.nii.gz", d / "lab.nii.gz", "--model", d / "pre.safetensors",

@@ -372,6 +372,11 @@ def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
     assert "pretrained encoder" in session.source, widget.pretrain_status.text()
     assert session.model.has_direction and session.meta["training"]["method"] == "coral"
+    # its segmentation head is untrained: the Model panel says so, and Segment refuses until it is fine-tuned
+    assert session.pretrained_only and "pretrained only: fine-tune it before segmenting" in widget.current.text()
+    segment = dock(viewer, "Segment")
+    assert segment.segment() is None and "phantom labels" not in viewer.layers
+    assert "is pretrained only" in segment.status.text() and segment.segment_button.isEnabled()
     assert runner.job.spec["resume_folder"] == str(tmp_path / "home" / "resume")  # progress kept there ...
     assert list((tmp_path / "home" / "resume").iterdir()) == []  # ... until the job is done
     saved = widget.save_model_file(str(tmp_path / "pre.safetensors"))

@@ -205,7 +205,7 @@ class ModelWidget(QWidget):
                                          "with the same settings to continue where it stopped.")
             return
         model, meta = load_checkpoint(path)
-        self.session.set_model(model, meta, f"{meta['training'].get('method', '')}-pretrained encoder (fine-tune before segmenting)")
+        self.session.set_model(model, meta, f"{meta['training'].get('method', '')}-pretrained encoder")
         self.pretrain_status.setText("Pretraining finished. Paint a few slices and fine-tune.")
 
     def _failed(self, message: str) -> None:

@@ -108,6 +108,13 @@ class SegmentWidget(QWidget):
         if image is None:
             show_error("Open a 3-D image first (File > Open, or File > Open Sample > Cardiac phantom).")
             return None
+        self.session.ensure_model()
+        if self.session.pretrained_only:
+            message = (f"The current model ({self.session.source}) is pretrained only: its segmentation head is "
+                       "untrained. Paint a few slices and fine-tune it first (Fine-tune panel).")
+            self.status.setText(message)
+            show_error(message)
+            return None
         try:
             device = self.device_picker.device()
         except Exception as exc:
