@@ -548,9 +548,14 @@ def cmd_evaluate(args) -> tuple[dict, str]:
 def cmd_demo(args) -> tuple[dict, str]:
     from coral_core.checkpoint import save_checkpoint
     from coral_core.demo import DemoConfig, run_demo
+    from coral_core.fileio import check_output_path
 
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc}); choose another --out-dir") from None
+    check_output_path(out_dir / "demo_segmentation.png")  # a folder that exists but cannot be written to
     cfg = DemoConfig(n_unlabelled=args.phantom, epochs=args.epochs, steps=args.steps, seed=args.seed, device=args.device,
                      cpu_bf16=args.cpu_bf16)
     stages = {}

@@ -310,6 +310,9 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     user_error(coral("embed", d / "img.nii.gz", "--out", tmp_path / "e.csv", "--plot", tmp_path / "e.pdf", check=False),
                "e.pdf", "PNG")
     user_error(coral("evaluate", d / "img.nii.gz", d / "lab.nii.gz", check=False), "img.nii.gz", "not a label map")
+    (tmp_path / "a_file").write_text("")
+    user_error(coral("demo", "--out-dir", tmp_path / "a_file" / "sub", check=False), "cannot create the output folder")
+    (tmp_path / "a_file").unlink()
     demo = Path(coral_core.__file__).parent / "assets" / "demo_model.safetensors"  # 16 filters at 128 x 128
     for option, value in (("--image-size", 64), ("--base-filters", 8)):
         user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--init", demo, option, value,
