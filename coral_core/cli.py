@@ -532,9 +532,12 @@ def cmd_evaluate(args) -> tuple[dict, str]:
         if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
             raise UserError(f"{path}: holds non-integer values, so it is an image, not a label map; give a segmentation "
                             "(such as `coral segment` writes) and its ground-truth labels")
-        if raw.min() < 0 or raw.max() > MAX_CLASSES:
-            raise UserError(f"{path}: holds values outside 0..{MAX_CLASSES}, so it is not a label map; give a "
-                            "segmentation and its ground-truth labels (0 background, 1, 2, ...)")
+        if raw.min() < 0:
+            raise UserError(f"{path}: holds negative values, so it is not a label map; give a segmentation and its "
+                            "ground-truth labels (0 background, 1, 2, ...)")
+        if raw.max() > MAX_CLASSES:
+            raise UserError(f"{path}: holds label {int(raw.max())}; coral evaluate scores label maps of up to "
+                            f"{MAX_CLASSES} classes, as coral finetune trains")
     p, t = np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64)
     n_classes = int(max(p.max(), t.max())) + 1
     result = evaluate_segmentation(p, t, max(n_classes, 2), truth.spacing)
