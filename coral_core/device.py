@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from coral_core.errors import UserError
 
-__all__ = ["resolve_device", "mixed_precision", "DEVICE_CHOICES"]
+__all__ = ["resolve_device", "mixed_precision", "DEVICE_CHOICES", "host_memory", "free_host_memory"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -41,3 +42,23 @@ def mixed_precision(device: torch.device, enabled: bool = True):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
+
+
+def host_memory() -> int:
+    """The machine's physical memory in bytes (1 TiB when the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def free_host_memory() -> int:
+    """Memory the system can give this process now: MemAvailable on Linux, else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return host_memory()

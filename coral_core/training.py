@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from coral_core.device import mixed_precision, resolve_device
+from coral_core.device import free_host_memory, mixed_precision, resolve_device
 from coral_core.errors import UserError
 from coral_core.resume import ResumeState
 
@@ -145,18 +145,8 @@ def training_bytes_per_image(model_config) -> int:
 
 
 def free_memory() -> int:
-    """Memory the system can give this process now: MemAvailable on Linux, else the physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
+    """Memory the system can give this process now (a seam for tests)."""
+    return free_host_memory()
 
 
 def fit_cpu_batch(run: "TrainingRun", n: int, item_bytes: int, item: str = "slice", note: str = "",

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coral_core.device import host_memory
 from coral_core.errors import UserError
 from coral_core.fileio import atomic_target
 
@@ -142,19 +143,12 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
-
-
 def _check_claimed_size(p: Path, img) -> None:
     """Refuse a header whose shape needs more memory than the machine has, or more bytes than
     an uncompressed file holds, before anything is allocated."""
     shape = tuple(int(n) for n in img.shape)
     claimed = int(np.prod(shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
-    if claimed > _memory_bytes():
+    if claimed > host_memory():
         raise UserError(
             f"{p}: header claims a {' x '.join(map(str, shape))} volume ({claimed / 2**30:.0f} GiB), more than this "
             "machine's memory; the file is damaged or needs a bigger machine"
