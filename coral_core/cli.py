@@ -330,20 +330,23 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, 
     return array, lab, slices, shape, top
 
 
-def _finetune_inputs(args) -> tuple[list[str], list[str]]:
+def _finetune_inputs(args) -> tuple[list[str], list[str], list[str]]:
     """The images and label files `coral finetune` trains on: IMAGE... with --labels one each, or,
-    without --labels, the labelled cases of dataset folders (ACDC, imagesTr/labelsTr, images/labels)."""
+    without --labels, the labelled cases of dataset folders (ACDC, imagesTr/labelsTr, images/labels);
+    and the images of those folders that were skipped for want of a label file."""
     from coral_core.data import discover_volumes
 
     if args.labels is not None:
         if len(args.labels) != len(args.image):
             raise UserError(f"--labels names {len(args.labels)} file(s) for {len(args.image)} image(s); give one label "
                             "volume per image, in the same order")
-        images, label_files = list(map(str, args.image)), list(map(str, args.labels))
+        images, label_files, skipped = list(map(str, args.image)), list(map(str, args.labels)), []
     else:
         if args.slices:
             raise UserError("--slices needs --labels: name each image and its labels, in the same order as --slices")
-        cases = [case for case in discover_volumes(args.image) if case.label is not None]
+        found = discover_volumes(args.image)
+        cases = [case for case in found if case.label is not None]
+        skipped = [str(case.image) for case in found if case.label is None]
         if not cases:
             raise UserError(f"{' '.join(map(str, args.image))}: no image there comes with a label file; give --labels "
                             "with one label volume per image, or a dataset folder (ACDC, or imagesTr and labelsTr) "
@@ -352,7 +355,7 @@ def _finetune_inputs(args) -> tuple[list[str], list[str]]:
     if args.slices and len(args.slices) != len(images):
         raise UserError(f"--slices is given {len(args.slices)} time(s) for {len(images)} image(s); give it once per "
                         "image, in the same order, or leave it out to use the slices that hold labels")
-    return images, label_files
+    return images, label_files, skipped
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
@@ -365,7 +368,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if args.unlabelled and args.embedding_weight <= 0:  # before any volume is read
         raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
                         "(default 0.1), or leave --unlabelled out")
-    images, label_files = _finetune_inputs(args)
+    images, label_files, skipped = _finetune_inputs(args)
     n = len(images)
     if args.init:  # read first: its input size lets every scan be prepared at that size as it is read
         model, meta = load_checkpoint(args.init)
@@ -447,8 +450,12 @@ def cmd_finetune(args) -> tuple[dict, str]:
         out["images"] = images
     if unlabelled:
         out["unlabelled"] = len(unlabelled)
+    if skipped:
+        out["skipped_without_labels"] = skipped
     annotated = "; ".join(f"slices {s} of {image}" for s, image in zip(slices, images))
-    return out, f"fine-tuned on {annotated} in {seconds:.0f} s; saved {args.out}"
+    named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    note = f" ({_count_of(len(skipped), 'image')} without a label file skipped: {named})" if skipped else ""
+    return out, f"fine-tuned on {annotated}{note} in {seconds:.0f} s; saved {args.out}"
 
 
 def cmd_segment(args) -> tuple[dict, str]:

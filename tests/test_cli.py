@@ -196,6 +196,9 @@ def test_finetune_on_the_labelled_cases_of_a_dataset_folder(tmp_path):
     res = json.loads(coral("finetune", root, "--steps", 1, *TINY, "--out", tmp_path / "m.safetensors", "--json").stdout)
     assert [Path(p).name for p in res["images"]] == ["case_a_0000.nii.gz", "case_c_0000.nii.gz"]
     assert res["slices"] == [[0, 1, 2, 3, 4]] * 2
+    assert [Path(p).name for p in res["skipped_without_labels"]] == ["case_b_0000.nii.gz"]  # and said so
+    text = coral("finetune", root, "--steps", 1, *TINY, "--out", tmp_path / "m.safetensors").stdout
+    assert "(1 image without a label file skipped: " in text and "case_b_0000.nii.gz" in text
     assert load_checkpoint(tmp_path / "m.safetensors")[0].config.n_classes == 4
     user_error(coral("finetune", root, "--slices", "1", "--out", tmp_path / "x.safetensors", check=False),
                "--slices needs --labels")
