@@ -55,6 +55,20 @@ def _load_model(path: str | None, device):
     return load_checkpoint(path, device)
 
 
+def _check_label_map(path, raw) -> None:
+    """A label map holds whole numbers from 0 (background) to MAX_CLASSES, or one sentence says what it holds."""
+    import numpy as np
+
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
+        raise UserError(f"{path}: holds non-integer values, so it is an image, not a label map; give the labels "
+                        "(0 background, 1, 2, ...)")
+    if raw.min() < 0:
+        raise UserError(f"{path}: holds negative label values, so it is not a label map; labels must be 0 "
+                        "(background), 1, 2, ...")
+    if raw.max() > MAX_CLASSES:
+        raise UserError(f"{path}: holds label {int(raw.max())}; label maps of up to {MAX_CLASSES} classes are supported")
+
+
 def _class_names(text: str | None, n_classes: int) -> list[str]:
     if not text:
         return ["background"] + [f"class {c}" for c in range(1, n_classes)]
@@ -310,12 +324,7 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, 
     if labels.shape != image.shape:
         raise UserError(f"{labels_path}: labels of shape {labels.shape} do not match {image_path} of shape {image.shape}; give the labels drawn on this image")
     raw = labels.array
-    if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
-        raise UserError(f"{labels_path}: holds non-integer values, so it is an image, not a label map; give the labels (0 background, 1, 2, ...)")
-    if raw.max() > MAX_CLASSES:
-        raise UserError(f"{labels_path}: holds label {int(raw.max())}; label maps of up to {MAX_CLASSES} classes are supported")
-    if raw.min() < 0:
-        raise UserError(f"{labels_path}: holds negative label values; labels must be 0 (background), 1, 2, ...")
+    _check_label_map(labels_path, raw)
     lab = raw.astype(np.uint8)  # up to MAX_CLASSES (255): an eighth of int64's memory for many scans
     slices = parse_slices(slices_text, image.shape[0], image_path) if slices_text else annotated_from_labels(lab)
     if not slices:
@@ -535,16 +544,7 @@ def cmd_evaluate(args) -> tuple[dict, str]:
     if pred.shape != truth.shape:
         raise UserError(f"{args.pred}: shape {pred.shape} differs from {args.truth} shape {truth.shape}; compare a segmentation with the labels of the same image")
     for path, volume in ((args.pred, pred), (args.truth, truth)):
-        raw = volume.array
-        if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
-            raise UserError(f"{path}: holds non-integer values, so it is an image, not a label map; give a segmentation "
-                            "(such as `coral segment` writes) and its ground-truth labels")
-        if raw.min() < 0:
-            raise UserError(f"{path}: holds negative values, so it is not a label map; give a segmentation and its "
-                            "ground-truth labels (0 background, 1, 2, ...)")
-        if raw.max() > MAX_CLASSES:
-            raise UserError(f"{path}: holds label {int(raw.max())}; coral evaluate scores label maps of up to "
-                            f"{MAX_CLASSES} classes, as coral finetune trains")
+        _check_label_map(path, volume.array)
     p, t = np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64)
     n_classes = int(max(p.max(), t.max())) + 1
     result = evaluate_segmentation(p, t, max(n_classes, 2), truth.spacing)
@@ -771,26 +771,24 @@ def _count_of(n: int, thing: str) -> str:
     return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
-def _positive_int(text: str) -> int:
-    """argparse type of a size (filters, embedding width, batch): a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
+def _whole_number(minimum: int, what: str):
+    """An argparse type: a whole number of at least ``minimum`` (``what``: what it counts, for its docstring)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            bound = "0 or more" if minimum == 0 else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {bound}")
+        return value
+
+    parse.__doc__ = f"argparse type of {what}: a whole number of at least {minimum}."
+    return parse
 
 
-def _count(text: str) -> int:
-    """argparse type of a number of things (phantom subjects): a whole number of 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
-    return value
+_positive_int = _whole_number(1, "a size (filters, embedding width, batch) or a count that cannot be 0")
+_count = _whole_number(0, "a number of things (phantom subjects)")
 
 
 def _check_png(path: str) -> None:
