@@ -150,6 +150,7 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     before = mean_dice(segment_volume(session.model, image), truth, unannotated)
 
     widget.steps.setValue(120)
+    assert widget.plot.hint is not None and "while fine-tuning" in widget.plot.hint.get_text()  # not bare axes
     beats = []
     heartbeat = QTimer()
     heartbeat.setInterval(20)
@@ -168,6 +169,9 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     np.testing.assert_array_equal(load_volume(widget.autosaved).array, layer.data)
     assert widget.losses and widget.losses[-1][0] == 120
     assert len(widget.val_dice) == 10 and widget.val_dice[-1][1] > widget.val_dice[0][1]  # held-out slice scored
+    assert widget.plot.hint is None and len(widget.plot.ax.get_xticks()) > 1  # the curves replaced the hint
+    widget.plot.canvas.draw()  # the legend sits above the axes, where no curve can run under it
+    assert widget.plot.ax.get_legend().get_window_extent().y0 >= widget.plot.ax.get_window_extent().y1 - 1
     after = mean_dice(viewer.layers["phantom labels"].data, truth, unannotated)
     assert after > before + 0.2, (before, after)
     assert session.source == "fine-tuned on phantom"
@@ -337,6 +341,7 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
     from matplotlib.backend_bases import MouseEvent
 
     widget = dock(viewer, "Embedding")
+    assert widget.plot.hint is not None  # says what will appear instead of showing empty axes
     viewer.layers.remove("phantom ground truth")
     worker = widget.embed()
     with qtbot.waitSignal(worker.finished, timeout=60_000):
@@ -345,7 +350,11 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
     t = widget.trajectories[0]
     assert t.xy.shape == (viewer.layers["phantom"].data.shape[0], 2)
     assert widget.score > 0.5  # the demo model was CORAL-pretrained
+    assert widget.plot.hint is None
     widget.plot.canvas.draw()
+    name_box = next(a for a in widget.plot.ax.texts if a.get_text() == "phantom").get_window_extent()
+    first = widget.plot.ax.transData.transform(t.xy[0])
+    assert name_box.x0 > first[0] and name_box.y0 > first[1]  # the name sits beside the first point, not on it
     target = len(t.xy) - 2
     x, y = widget.plot.ax.transData.transform(t.xy[target])
     MouseEvent("button_press_event", widget.plot.canvas, x, y, button=1)._process()

@@ -207,7 +207,7 @@ class PlotCanvas:
     busy CPU, which the viewer would feel as a pause.
     """
 
-    def __init__(self, height: float = 2.4) -> None:
+    def __init__(self, height: float = 2.4, hint: str = "") -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
@@ -216,6 +216,23 @@ class PlotCanvas:
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(int(height * 70))
         self.ax = self.figure.add_subplot(1, 1, 1)
+        # Until there is something to plot, say what will be plotted instead of showing empty 0-1 axes.
+        self.hint = None
+        if hint:
+            self.ax.set_xticks([])
+            self.ax.set_yticks([])
+            self.hint = self.ax.text(0.5, 0.5, hint, transform=self.ax.transAxes, ha="center", va="center",
+                                     fontsize=8, color="0.45", wrap=True)
+
+    def clear_hint(self) -> None:
+        """Remove the placeholder text and give the axes their ticks back (once data arrives)."""
+        from matplotlib.ticker import AutoLocator
+
+        if self.hint is not None:
+            self.hint.remove()
+            self.hint = None
+            self.ax.xaxis.set_major_locator(AutoLocator())
+            self.ax.yaxis.set_major_locator(AutoLocator())
 
     def draw(self) -> None:
         self.canvas.draw_idle()

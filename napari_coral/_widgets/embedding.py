@@ -29,7 +29,7 @@ class EmbeddingWidget(QWidget):
         self.suggestions = QListWidget()
         self.suggestions.setMaximumHeight(80)
         self.suggestions.itemClicked.connect(lambda item: self.go_to(item.data(Qt.ItemDataRole.UserRole)[0], item.data(Qt.ItemDataRole.UserRole)[1]))
-        self.plot = PlotCanvas(height=3.4)
+        self.plot = PlotCanvas(height=3.4, hint="Each slice becomes a point here,\neach volume a line from its first slice to its last.")
         self.status = status_label("Check the volumes to compare and press Embed.")
         row = QHBoxLayout()
         row.addWidget(self.embed_button)
@@ -99,12 +99,14 @@ class EmbeddingWidget(QWidget):
     def draw(self, has_direction: bool) -> None:
         ax = self.plot.ax
         ax.clear()
+        self.plot.hint = None  # cleared with the axes
         self._artists = []
         for t in self.trajectories:
             ax.plot(t.xy[:, 0], t.xy[:, 1], "-", color="0.65", lw=0.8, zorder=1)
             sc = ax.scatter(t.xy[:, 0], t.xy[:, 1], c=t.positions, cmap="viridis", vmin=0, vmax=1, s=22, zorder=2, picker=True, pickradius=6)
             self._artists.append((sc, t))
-            ax.annotate(t.name, t.xy[0], fontsize=7, color="0.3")
+            # Beside the first slice's point, not on it (the current-slice ring is drawn there too).
+            ax.annotate(t.name, t.xy[0], xytext=(6, 6), textcoords="offset points", fontsize=7, color="0.3")
         span = max((np.ptp(t.xy[:, 0]) for t in self.trajectories), default=1.0) or 1.0
         label = "CORAL direction" if has_direction else "first principal axis"
         ax.annotate("", xy=(0.35 * span, 0), xytext=(-0.35 * span, 0), arrowprops={"arrowstyle": "->", "color": "crimson", "lw": 1.5})

@@ -99,11 +99,13 @@ class FinetuneWidget(QWidget):
         self.finetune_button.clicked.connect(lambda: self.finetune())
         self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(self._ask_save)
-        self.plot = PlotCanvas()
+        self.plot = PlotCanvas(hint="The training loss and the validation Dice\nare plotted here while fine-tuning.")
         self._loss_line, = self.plot.ax.plot([], [], color="tab:blue", lw=1, label="loss")
         self._dice_line, = self.plot.ax.plot([], [], "o-", color="tab:green", ms=3, label="validation Dice")
         self.plot.ax.set_xlabel("step")
-        self.plot.ax.legend(loc="upper right", fontsize=7)
+        # Above the axes, where no curve can run under it (the Dice climbs into the top right corner).
+        self.plot.ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False,
+                            borderaxespad=0.2)
         self._redraw = QTimer(self)  # at most one curve redraw a second while training
         self._redraw.setSingleShot(True)
         self._redraw.setInterval(1000)
@@ -399,6 +401,8 @@ class FinetuneWidget(QWidget):
             self._redraw.start()
 
     def _draw_curve(self) -> None:
+        if self.losses or self.val_dice:
+            self.plot.clear_hint()
         for line, points in ((self._loss_line, self.losses), (self._dice_line, self.val_dice)):
             line.set_data(*(zip(*points) if points else ([], [])))
         self.plot.ax.relim()
