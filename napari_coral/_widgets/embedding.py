@@ -151,7 +151,7 @@ class EmbeddingWidget(QWidget):
                 return
 
     def suggest(self) -> list[tuple[str, int]]:
-        """Propose the slices whose annotation would help most, and list them to jump to."""
+        """Propose slices to annotate next, farthest in the embedding from those annotated, and list them to jump to."""
         from napari.utils.notifications import show_error
 
         if not self.features:
