@@ -234,6 +234,11 @@ class PlotCanvas:
             self.ax.xaxis.set_major_locator(AutoLocator())
             self.ax.yaxis.set_major_locator(AutoLocator())
 
+    def clear(self) -> None:
+        """Empty the axes for a new plot (the placeholder text goes with them)."""
+        self.ax.clear()
+        self.hint = None
+
     def draw(self) -> None:
         self.canvas.draw_idle()
 

@@ -98,8 +98,7 @@ class EmbeddingWidget(QWidget):
     # ------------------------------------------------------------------ drawing
     def draw(self, has_direction: bool) -> None:
         ax = self.plot.ax
-        ax.clear()
-        self.plot.hint = None  # cleared with the axes
+        self.plot.clear()
         self._artists = []
         for t in self.trajectories:
             ax.plot(t.xy[:, 0], t.xy[:, 1], "-", color="0.65", lw=0.8, zorder=1)
