@@ -63,14 +63,20 @@ def save_overlay_png(
     plt.close(fig)
 
 
+POSITION_LABEL = "slice position (first slice 0, last 1)"
+
+
 def _draw_trajectories(ax, trajectories: list[Trajectory], score: float, has_direction: bool, title: str = ""):
     """Each volume's slices joined in order and coloured by position; returns the scatter."""
     sc = None
     for t in trajectories:
         ax.plot(t.xy[:, 0], t.xy[:, 1], "-", color="0.6", lw=0.8, zorder=1)
         sc = ax.scatter(t.xy[:, 0], t.xy[:, 1], c=t.positions, cmap="viridis", vmin=0, vmax=1, s=18, zorder=2)
-        ax.annotate(t.name, t.xy[0], fontsize=7, color="0.3")
+        # beside the first slice's point, not on it
+        ax.annotate(t.name, t.xy[0], xytext=(5, 5), textcoords="offset points", fontsize=7, color="0.3")
     ax.axhline(0, color="k", lw=0.5, ls=":")
+    # the units are the model's own and often small: a shared power of ten keeps the tick labels apart
+    ax.ticklabel_format(style="sci", axis="both", scilimits=(-2, 3))
     axis = "CORAL direction" if has_direction else "first principal component"
     ax.set_xlabel(f"projection on {axis}")
     ax.set_ylabel("principal component of the rest")
@@ -83,7 +89,7 @@ def save_trajectory_png(path: str | os.PathLike, trajectories: list[Trajectory],
     plt, fig = _figure(figsize=(6.4, 5.2))
     ax = fig.add_subplot(1, 1, 1)
     sc = _draw_trajectories(ax, trajectories, score, has_direction, "slice-embedding trajectories")
-    fig.colorbar(sc, ax=ax, label="slice position (base 0 -> apex 1)")
+    fig.colorbar(sc, ax=ax, label=POSITION_LABEL)
     fig.tight_layout()
     with atomic_target(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -97,7 +103,7 @@ def save_trajectory_panels_png(path: str | os.PathLike, panels: list[tuple[str, 
     sc = None
     for ax, (name, trajectories, score, has_direction) in zip(axes, panels):
         sc = _draw_trajectories(ax, trajectories, score, has_direction, name)
-    fig.colorbar(sc, ax=axes, label="slice position (base 0 -> apex 1)")
+    fig.colorbar(sc, ax=axes, label=POSITION_LABEL)
     if title:
         fig.suptitle(title, fontsize=11)
     with atomic_target(path, suffix=".png") as tmp:
