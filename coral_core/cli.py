@@ -546,8 +546,18 @@ def cmd_evaluate(args) -> tuple[dict, str]:
     for path, volume in ((args.pred, pred), (args.truth, truth)):
         _check_label_map(path, volume.array)
     p, t = np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64)
-    n_classes = int(max(p.max(), t.max())) + 1
-    result = evaluate_segmentation(p, t, max(n_classes, 2), truth.spacing)
+    n_classes = max(int(max(p.max(), t.max())) + 1, 2)
+    names = None
+    if args.class_names:
+        given = [n.strip() for n in args.class_names.split(",")]
+        foreground = given[1:] if given[0].lower() == "background" else given
+        if n_classes > len(foreground) + 1:
+            path = args.pred if p.max() >= t.max() else args.truth
+            raise UserError(f"{path}: holds label {n_classes - 1} but --class-names names {len(foreground)} foreground "
+                            "class(es); name each label from 1 up, e.g. RV,myocardium,LV")
+        n_classes = len(foreground) + 1  # classes named but absent from both files are listed too
+        names = ["background", *foreground]
+    result = evaluate_segmentation(p, t, n_classes, truth.spacing, names)
     lines = [f"{'class':>12} {'Dice':>7} {'HD95 mm':>9}"]
     for name in result["dice"]:
         lines.append(f"{name:>12} {result['dice'][name]:7.3f} {result['hd95'][name]:9.2f}")
@@ -960,8 +970,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FIG.png")
 
     p = command("evaluate", "Dice and HD95 of a segmentation against ground truth.", cmd_evaluate)
-    p.add_argument("pred", metavar="PRED")
-    p.add_argument("truth", metavar="TRUTH")
+    p.add_argument("pred", metavar="PRED", help="the label volume to score, e.g. written by coral segment")
+    p.add_argument("truth", metavar="TRUTH", help="the reference label volume of the same image")
+    p.add_argument("--class-names", default=None,
+                   help="names of the foreground classes in label order, e.g. RV,myocardium,LV (default: the numbers)")
 
     p = command("demo", "Phantom cohort -> CORAL pretraining -> fine-tune on 2 subjects -> segment a held-out one.", cmd_demo)
     p.add_argument("--out-dir", default="coral-demo", help="where the figure goes (default: ./coral-demo)")

@@ -97,6 +97,13 @@ def test_evaluate_reports_dice_and_hd95(workflow):
     save_volume(empty, np.zeros(load_volume(d / "lab.nii.gz").shape, np.uint8), load_volume(d / "lab.nii.gz").affine)
     strict = json.loads(coral("evaluate", empty, d / "lab.nii.gz", "--json").stdout, parse_constant=lambda c: 1 / 0)
     assert strict["hd95"]["1"] is None and strict["dice"]["1"] == 0.0  # no NaN/Infinity in the JSON
+    named = coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--class-names", "RV,myocardium,LV,extra").stdout
+    rows = {line.split()[0]: line.split()[1] for line in named.splitlines()[1:]}
+    assert {"RV", "myocardium", "LV", "extra"} <= set(rows) and rows["extra"] == "nan"  # named, in neither file
+    numbered = json.loads(coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--json").stdout)
+    assert float(rows["myocardium"]) == round(numbered["dice"]["2"], 3)  # the same scores under their names
+    user_error(coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--class-names", "RV", check=False),
+               "holds label 3", "names 1 foreground class")
 
 
 def test_segment_refuses_a_pretrained_only_model(workflow, tmp_path):
