@@ -368,6 +368,8 @@ def _finetune_inputs(args) -> tuple[list[str], list[str], list[str]]:
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
+    import torch
+
     from coral_core.checkpoint import load_checkpoint, pretrained_only, save_checkpoint
     from coral_core.finetune import FinetuneConfig, finetune
     from coral_core.fileio import check_output_path
@@ -400,6 +402,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
         raise UserError(f"{label_files[tops.index(top)]}: holds label {top} but "
                         f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names, n_classes)
+    # A new head (or a random-init model) draws its weights from torch's global generator, which each process
+    # seeds at random: seeded here, as pretrain() seeds before building its model, --seed repeats the run.
+    torch.manual_seed(args.seed)
     if args.init:
         init = str(args.init)
         # A pretrained encoder has no trained head: give it one for these labels. A fine-tuned
@@ -467,34 +472,91 @@ def cmd_finetune(args) -> tuple[dict, str]:
     return out, f"fine-tuned on {annotated}{note} in {seconds:.0f} s; saved {args.out}"
 
 
+def _segment_targets(args) -> list[tuple[Path, Path]]:
+    """(image, labels file) of each volume `coral segment` is given: IMAGE with --out, or with --out-dir the
+    volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
+    from coral_core.data import discover_volumes
+    from coral_core.fileio import check_output_path
+    from coral_core.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, is_volume_path
+
+    if (args.out is None) == (args.out_dir is None):
+        raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
+    if args.out is not None:
+        if len(args.images) != 1:
+            raise UserError(f"--out writes one label volume but {len(args.images)} inputs were given; use --out-dir DIR")
+        if Path(args.images[0]).is_dir() and not is_volume_path(args.images[0]):
+            raise UserError(f"{args.images[0]}: a folder of volumes, not one volume; use --out-dir DIR instead of --out")
+        return [(Path(args.images[0]), check_output_path(args.out))]
+    out_dir = Path(args.out_dir)
+    targets: dict[Path, Path] = {}
+    for case in discover_volumes(args.images):
+        name = case.image.name.lower()
+        suffix = next((x for x in sorted(NIFTI_SUFFIXES + ITK_SUFFIXES, key=len, reverse=True) if name.endswith(x)), "")
+        suffix = {".mhd": ".mha", ".nhdr": ".nrrd", "": ".nii.gz"}.get(suffix, suffix)  # one file each; DICOM -> NIfTI
+        out = out_dir / f"{case.subject}_labels{suffix}"
+        if out in targets:
+            raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
+        targets[out] = case.image
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc}); choose another --out-dir") from None
+    return [(image, check_output_path(out)) for out, image in targets.items()]
+
+
 def cmd_segment(args) -> tuple[dict, str]:
     import numpy as np
 
     from coral_core.checkpoint import pretrained_only
     from coral_core.device import resolve_device
-    from coral_core.fileio import check_output_path
     from coral_core.infer import segment_volume
     from coral_core.volume import load_volume, save_like
 
-    check_output_path(args.out)
+    targets = _segment_targets(args)
     device = resolve_device(args.device)
-    model, meta = _load_model(args.model, device)
-    if pretrained_only(meta):  # before the image is read
-        raise UserError(f"{args.model}: a pretrained model whose segmentation head is untrained; fine-tune it on a few "
-                        f"annotated slices first (coral finetune IMAGE --labels LABELS --init {args.model} --out CKPT)")
-    image = load_volume(args.image)
-    bar, _ = _progress(image.shape[0], "segment", args.json)
-    t0 = time.perf_counter()
-    with bar:
-        labels = segment_volume(model, image.array, device, args.batch_size, progress=lambda d, t: bar.update(d - bar.n),
-                                levers=_levers(args))
-    seconds = time.perf_counter() - t0
-    save_like(args.out, labels, image)
-    counts = np.bincount(labels.ravel(), minlength=model.config.n_classes)
-    voxels = {name: int(counts[c]) for c, name in enumerate(model.config.class_names)}
-    out = {"labels": str(args.out), "shape": list(labels.shape), "voxels": voxels, "seconds": round(seconds, 2),
-           "device": str(device)}
-    return out, f"segmented {args.image} ({_count_of(image.shape[0], 'slice')}) on {device} in {seconds:.1f} s; wrote {args.out}"
+    model_path = args.model
+    model, meta = _load_model(model_path, device)
+    if pretrained_only(meta):  # before any image is read
+        raise UserError(f"{model_path}: a pretrained model whose segmentation head is untrained; fine-tune it on a few "
+                        f"annotated slices first (coral finetune IMAGE --labels LABELS --init {model_path} --out CKPT)")
+    results, done = [], 0
+    t_all = time.perf_counter()
+    try:
+        for image_path, out_path in targets:
+            image = load_volume(image_path)
+            bar, _ = _progress(image.shape[0], "segment" if len(targets) == 1 else image_path.name, args.json)
+            t0 = time.perf_counter()
+            with bar:
+                labels = segment_volume(model, image.array, device, args.batch_size,
+                                        progress=lambda d, t: bar.update(d - bar.n), levers=_levers(args))
+            seconds = time.perf_counter() - t0
+            save_like(out_path, labels, image)
+            done += 1
+            counts = np.bincount(labels.ravel(), minlength=model.config.n_classes)
+            results.append({"image": str(image_path), "labels": str(out_path), "shape": list(labels.shape),
+                            "voxels": {name: int(counts[c]) for c, name in enumerate(model.config.class_names)},
+                            "seconds": round(seconds, 2)})
+    except KeyboardInterrupt:
+        if args.out_dir is None or not done:
+            raise
+        raise _Interrupted(f"interrupted; {done} of {len(targets)} volumes are segmented in {args.out_dir}, each file "
+                           "whole, the others not") from None
+    except UserError as exc:
+        if not done:
+            raise
+        raise UserError(f"{exc}; stopped after segmenting the {_count_of(done, 'volume')} before it into "
+                        f"{args.out_dir}") from None
+    if args.out is not None:  # one image: the format `coral segment IMAGE --out LABELS` always had
+        one = results[0]
+        out = {"labels": one["labels"], "shape": one["shape"], "voxels": one["voxels"], "seconds": one["seconds"],
+               "device": str(device)}
+        return out, (f"segmented {args.images[0]} ({_count_of(one['shape'][0], 'slice')}) on {device} in "
+                     f"{one['seconds']:.1f} s; wrote {one['labels']}")
+    seconds = time.perf_counter() - t_all
+    slices = sum(r["shape"][0] for r in results)
+    out = {"volumes": results, "out_dir": str(Path(args.out_dir)), "seconds": round(seconds, 2), "device": str(device)}
+    return out, (f"segmented {_count_of(len(results), 'volume')} ({_count_of(slices, 'slice')}) on {device} in "
+                 f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each")
 
 
 def cmd_embed(args) -> tuple[dict, str]:
@@ -956,10 +1018,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _lever_options(p)
 
-    p = command("segment", "Segment a volume; labels keep the input's shape and geometry.", cmd_segment)
-    p.add_argument("image", metavar="IMAGE")
+    p = command("segment", "Segment a volume, or many; labels keep each input's shape and geometry.", cmd_segment)
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="a volume file or DICOM series folder; with --out-dir also several, and dataset folders")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--out", required=True, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd)")
+    p.add_argument("--out", default=None, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd), for one INPUT")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="folder (created if missing) for NAME_labels of every volume, in its input's format (DICOM: "
+                        ".nii.gz); the model is loaded once")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     _lever_options(p, inference=True)
 

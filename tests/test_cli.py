@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import coral_core
 from coral_core.cli import FINETUNE_BASE_FILTERS
@@ -104,6 +105,61 @@ def test_evaluate_reports_dice_and_hd95(workflow):
     assert float(rows["myocardium"]) == round(numbered["dice"]["2"], 3)  # the same scores under their names
     user_error(coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--class-names", "RV", check=False),
                "holds label 3", "names 1 foreground class")
+
+
+def test_finetune_repeats_with_the_same_seed(workflow, tmp_path):
+    """The head a pretrained encoder gets, and a random-init model, are drawn from the run's seed: two runs of the
+    same command write the same weights (they used to differ, each process seeding torch at random)."""
+    from coral_core.checkpoint import load_checkpoint
+
+    d = workflow[0]
+    common = [d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--slices", "1,4,6", "--steps", 3, "--batch-size", 2]
+    for name, extra in (("init", ["--init", d / "pre.safetensors"]), ("random", TINY)):
+        weights = []
+        for run in (1, 2):
+            coral("finetune", *common, *extra, "--out", tmp_path / f"{name}{run}.safetensors")
+            model, meta = load_checkpoint(tmp_path / f"{name}{run}.safetensors")
+            weights.append(model.state_dict())
+        for key, value in weights[0].items():
+            assert torch.equal(value, weights[1][key]), (name, key)
+    coral("finetune", *common, *TINY, "--seed", 1, "--out", tmp_path / "other.safetensors")
+    other = load_checkpoint(tmp_path / "other.safetensors")[0].state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in weights[0].items())  # another seed, other weights
+
+
+def test_segment_many_volumes_into_a_folder(workflow, tmp_path):
+    """--out-dir: every volume of the inputs (files and folders) segmented in one run, each as NAME_labels in
+    its input's format, equal to segmenting it alone; mistakes are one sentence, before any work or naming what
+    was written."""
+    d = workflow[0]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    src = load_volume(d / "img.nii.gz")
+    save_volume(scans / "a.nii.gz", src.array, src.affine)
+    save_volume(scans / "b.mha", src.array[::-1].copy(), src.affine)
+    res = json.loads(coral("segment", scans, d / "img.nii.gz", "--model", d / "ft.safetensors", "--out-dir",
+                           tmp_path / "out" / "labels", "--json").stdout)  # the folder is created
+    out = tmp_path / "out" / "labels"
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.nii.gz", "b_labels.mha", "img_labels.nii.gz"]
+    assert [v["image"] for v in res["volumes"]] == [str(scans / "a.nii.gz"), str(scans / "b.mha"), str(d / "img.nii.gz")]
+    alone = load_volume(d / "seg.nii.gz")  # the workflow's `coral segment img --out seg`
+    for name in ("a_labels.nii.gz", "img_labels.nii.gz"):
+        got = load_volume(out / name)
+        np.testing.assert_array_equal(got.array, alone.array)
+        np.testing.assert_allclose(got.affine, alone.affine, atol=1e-4)
+    np.testing.assert_array_equal(load_volume(out / "b_labels.mha").array.shape, alone.shape)
+
+    user_error(coral("segment", scans, "--out", tmp_path / "s.nii.gz", check=False), "folder of volumes", "--out-dir")
+    user_error(coral("segment", d / "img.nii.gz", scans / "a.nii.gz", "--out", tmp_path / "s.nii.gz", check=False),
+               "2 inputs", "--out-dir")
+    user_error(coral("segment", d / "img.nii.gz", check=False), "--out LABELS", "--out-dir DIR")
+    user_error(coral("segment", scans / "a.nii.gz", scans / ".." / "scans" / "a.nii.gz", "--out-dir", tmp_path / "twice",
+                     check=False), "would both be written")
+    assert not (tmp_path / "twice").exists()  # refused before anything was made
+    (scans / "c.nii.gz").write_text("not a volume")  # read after a and b
+    user_error(coral("segment", scans, "--model", d / "ft.safetensors", "--out-dir", tmp_path / "partial", check=False),
+               "c.nii.gz", "stopped after segmenting the 2 volumes before it")
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == ["a_labels.nii.gz", "b_labels.mha"]
 
 
 def test_segment_refuses_a_pretrained_only_model(workflow, tmp_path):
