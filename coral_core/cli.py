@@ -562,6 +562,7 @@ def cmd_segment(args) -> tuple[dict, str]:
 def cmd_embed(args) -> tuple[dict, str]:
     import csv
 
+    from coral_core.data import discover_volumes
     from coral_core.device import resolve_device
     from coral_core.embedding import project_trajectories
     from coral_core.fileio import atomic_target, check_output_path
@@ -575,9 +576,12 @@ def cmd_embed(args) -> tuple[dict, str]:
         check_output_path(args.plot)
     device = resolve_device(args.device)
     model, _ = _load_model(args.model, device)
-    volumes = [load_volume(p) for p in args.images]
-    features = [embed_volume(model, v.array, device) for v in volumes]
-    names = [v.name for v in volumes]
+    features, names = [], []
+    for case in discover_volumes(args.images):  # files, DICOM series and dataset folders; one volume in memory at a time
+        volume = load_volume(case.image)
+        features.append(embed_volume(model, volume.array, device))
+        names.append(volume.name)
+        del volume
     direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
     trajectories, _, score = project_trajectories(features, names, direction)
     with atomic_target(args.out, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -592,7 +596,7 @@ def cmd_embed(args) -> tuple[dict, str]:
            "volumes": {t.name: t.score for t in trajectories}, "axis": "coral" if direction is not None else "pca"}
     consistency = (f"ordinal consistency {score:.3f}" if math.isfinite(score)
                    else "no ordinal consistency (fewer than two slices, or all alike along the axis)")
-    text = f"embedded {_count_of(len(volumes), 'volume')}; {consistency}; wrote {args.out}"
+    text = f"embedded {_count_of(len(features), 'volume')}; {consistency}; wrote {args.out}"
     return out, text + (f" and {args.plot}" if args.plot else "")
 
 
@@ -1030,7 +1034,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lever_options(p, inference=True)
 
     p = command("embed", "Per-slice embeddings, their 2-D trajectory and ordinal consistency.", cmd_embed)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--out", required=True, metavar="TABLE.csv")
     p.add_argument("--plot", default=None, metavar="FIG.png")

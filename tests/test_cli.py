@@ -178,6 +178,12 @@ def test_embed_writes_table_and_plot(workflow):
     assert len(rows) == 16 and rows[0]["volume"] == "img" and rows[0]["position"] == "0.125000"
     assert (d / "emb.png").read_bytes()[:4] == b"\x89PNG"
     assert res["axis"] == "coral" and -1 <= res["ordinal_consistency"] <= 1
+    folder = d / "embed_folder"  # a folder's volumes, as pretrain and segment read it
+    folder.mkdir(exist_ok=True)
+    for name in ("img", "lab"):
+        (folder / f"{name}.nii.gz").write_bytes((d / f"{name}.nii.gz").read_bytes())
+    again = json.loads(coral("embed", folder, "--model", d / "pre.safetensors", "--out", d / "emb2.csv", "--json").stdout)
+    assert again["volumes"] == res["volumes"] and (d / "emb2.csv").read_text() == (d / "emb.csv").read_text()
 
 
 def test_finetune_from_a_pretrained_encoder_names_the_new_classes(workflow):
