@@ -475,9 +475,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
 def _segment_targets(args) -> list[tuple[Path, Path]]:
     """(image, labels file) of each volume `coral segment` is given: IMAGE with --out, or with --out-dir the
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
-    from coral_core.data import discover_volumes
+    from coral_core.data import _stem, discover_volumes
     from coral_core.fileio import check_output_path
-    from coral_core.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, is_volume_path
+    from coral_core.volume import is_volume_path
 
     if (args.out is None) == (args.out_dir is None):
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
@@ -490,10 +490,10 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     out_dir = Path(args.out_dir)
     targets: dict[Path, Path] = {}
     for case in discover_volumes(args.images):
-        name = case.image.name.lower()
-        suffix = next((x for x in sorted(NIFTI_SUFFIXES + ITK_SUFFIXES, key=len, reverse=True) if name.endswith(x)), "")
+        stem = _stem(case.image)  # the file's own name: an ACDC patient's frames share their subject
+        suffix = case.image.name[len(stem):].lower()
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd", "": ".nii.gz"}.get(suffix, suffix)  # one file each; DICOM -> NIfTI
-        out = out_dir / f"{case.subject}_labels{suffix}"
+        out = out_dir / f"{stem}_labels{suffix}"
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
         targets[out] = case.image
@@ -514,11 +514,10 @@ def cmd_segment(args) -> tuple[dict, str]:
 
     targets = _segment_targets(args)
     device = resolve_device(args.device)
-    model_path = args.model
-    model, meta = _load_model(model_path, device)
+    model, meta = _load_model(args.model, device)
     if pretrained_only(meta):  # before any image is read
-        raise UserError(f"{model_path}: a pretrained model whose segmentation head is untrained; fine-tune it on a few "
-                        f"annotated slices first (coral finetune IMAGE --labels LABELS --init {model_path} --out CKPT)")
+        raise UserError(f"{args.model}: a pretrained model whose segmentation head is untrained; fine-tune it on a few "
+                        f"annotated slices first (coral finetune IMAGE --labels LABELS --init {args.model} --out CKPT)")
     results, done = [], 0
     t_all = time.perf_counter()
     try:

@@ -148,6 +148,14 @@ def test_segment_many_volumes_into_a_folder(workflow, tmp_path):
         np.testing.assert_array_equal(got.array, alone.array)
         np.testing.assert_allclose(got.affine, alone.affine, atol=1e-4)
     np.testing.assert_array_equal(load_volume(out / "b_labels.mha").array.shape, alone.shape)
+    acdc = tmp_path / "acdc" / "patient001"  # an ACDC patient's two frames: one file each, named by frame
+    acdc.mkdir(parents=True)
+    for frame in ("01", "12"):
+        save_volume(acdc / f"patient001_frame{frame}.nii.gz", src.array, src.affine)
+        save_volume(acdc / f"patient001_frame{frame}_gt.nii.gz", load_volume(d / "lab.nii.gz").array, src.affine)
+    coral("segment", tmp_path / "acdc", "--model", d / "ft.safetensors", "--out-dir", tmp_path / "acdc_labels")
+    assert sorted(p.name for p in (tmp_path / "acdc_labels").iterdir()) == [
+        "patient001_frame01_labels.nii.gz", "patient001_frame12_labels.nii.gz"]
 
     user_error(coral("segment", scans, "--out", tmp_path / "s.nii.gz", check=False), "folder of volumes", "--out-dir")
     user_error(coral("segment", d / "img.nii.gz", scans / "a.nii.gz", "--out", tmp_path / "s.nii.gz", check=False),
