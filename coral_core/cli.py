@@ -341,7 +341,8 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, 
 
 def _finetune_inputs(args) -> tuple[list[str], list[str], list[str]]:
     """The images and label files `coral finetune` trains on: IMAGE... with --labels one each, or,
-    without --labels, the labelled cases of dataset folders (ACDC, imagesTr/labelsTr, images/labels);
+    without --labels, the labelled cases of dataset folders (ACDC, imagesTr/labelsTr, images/labels, or
+    ct_1001_image and ct_1001_label side by side);
     and the images of those folders that were skipped for want of a label file."""
     from coral_core.data import discover_volumes
 
@@ -358,7 +359,8 @@ def _finetune_inputs(args) -> tuple[list[str], list[str], list[str]]:
         skipped = [str(case.image) for case in found if case.label is None]
         if not cases:
             raise UserError(f"{' '.join(map(str, args.image))}: no image there comes with a label file; give --labels "
-                            "with one label volume per image, or a dataset folder (ACDC, or imagesTr and labelsTr) "
+                            "with one label volume per image, or a dataset folder (ACDC; imagesTr and labelsTr; or files such as "
+                            "ct_1001_image and ct_1001_label side by side) "
                             "that holds label files")
         images, label_files = [str(case.image) for case in cases], [str(case.label) for case in cases]
     if args.slices and len(args.slices) != len(images):
@@ -984,8 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("finetune", "Fine-tune on the annotated slices of one image or several.", cmd_finetune)
     p.add_argument("image", nargs="+", metavar="IMAGE",
-                   help="the annotated image(s), or without --labels dataset folders (ACDC, imagesTr/labelsTr) whose "
-                        "labelled cases are used; for a model meant for other scans, a few slices in each of several "
+                   help="the annotated image(s), or without --labels dataset folders (ACDC, imagesTr/labelsTr, "
+                        "CASE_image beside CASE_label) whose labelled cases are used; for a model meant for other scans, a few slices in each of several "
                         "scans did better than the same number in one (docs/results.md)")
     p.add_argument("--labels", default=None, nargs="+", metavar="LABELS",
                    help="the label volume drawn on each IMAGE, in the same order")
@@ -1059,7 +1061,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("lowlabel", "Pretrain every method, fine-tune on M labelled volumes per fold, score held-out Dice.",
                 cmd_bench_lowlabel, bench_sub)
     p.add_argument("--quick", action="store_true", help="small model and schedules: under 10 minutes on a 2-core CPU")
-    p.add_argument("--data", default=None, metavar="DIR", help="ACDC-style folder, or one with imagesTr/labelsTr")
+    p.add_argument("--data", default=None, metavar="DIR", help="ACDC-style folder, one with imagesTr/labelsTr, or one with CASE_image and CASE_label files side by side (CHD)")
     p.add_argument("--phantom", type=_count, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")

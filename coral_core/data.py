@@ -34,6 +34,7 @@ __all__ = [
     "Case",
     "discover_acdc",
     "discover_pairs",
+    "discover_flat",
     "discover_volumes",
     "parse_slices",
 ]
@@ -234,19 +235,27 @@ def discover_acdc(root: str | os.PathLike) -> list[Case]:
     """ACDC layout: ``root/patientXXX/patientXXX_frameYY.nii.gz`` with ``..._gt.nii.gz`` labels.
 
     The 4-D cine file (``_4d``) is skipped; frames without ``_gt`` get ``label=None``.
+    ``root`` may also be one patient's folder.
     """
     root = Path(root)
     cases = []
     for patient in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = {f.name: f for f in patient.iterdir() if f.is_file()}
-        for name, f in sorted(files.items()):
-            m = _ACDC_FRAME.match(name)
-            if not m or m.group("gt"):
-                continue
-            stem = name.split(".nii")[0]
-            ext = name[len(stem):]
-            gt = files.get(f"{stem}_gt{ext}")
-            cases.append(Case(f, gt, m.group("subject")))
+        cases.extend(_acdc_patient(patient))
+    return cases or _acdc_patient(root)
+
+
+def _acdc_patient(patient: Path) -> list[Case]:
+    """The frames of one ACDC patient folder, each with its ``_gt`` file if there is one."""
+    files = {f.name: f for f in patient.iterdir() if f.is_file()}
+    cases = []
+    for name, f in sorted(files.items()):
+        m = _ACDC_FRAME.match(name)
+        if not m or m.group("gt"):
+            continue
+        stem = name.split(".nii")[0]
+        ext = name[len(stem):]
+        gt = files.get(f"{stem}_gt{ext}")
+        cases.append(Case(f, gt, m.group("subject")))
     return cases
 
 
@@ -258,27 +267,64 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+# How label files end (``case_gt``, ``case_label``, ...) and how image files may end (nnU-Net's
+# ``case_0000``, CHD's and MM-WHS's ``ct_1001_image``); the part before is the case's name.
+_LABEL_ENDING = re.compile(r"(_gt|_label|_labels|_seg|_segmentation|_mask)$", re.IGNORECASE)
+_IMAGE_ENDING = re.compile(r"(_0000|_img|_image)$", re.IGNORECASE)
+
+
 def discover_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> list[Case]:
     """An images folder and a labels folder whose files share names (suffix and an optional
     ``_gt``/``_label``/``_seg`` ending aside)."""
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
-    labels = {}
-    for f in sorted(labels_dir.iterdir()):
-        if is_volume_path(f):
-            labels[re.sub(r"(_gt|_label|_labels|_seg)$", "", _stem(f))] = f
+    labels = {_LABEL_ENDING.sub("", _stem(f)): f for f in sorted(labels_dir.iterdir()) if is_volume_path(f)}
     cases = []
     for f in sorted(images_dir.iterdir()):
         if is_volume_path(f):
-            key = re.sub(r"(_0000|_img|_image)$", "", _stem(f))
+            key = _IMAGE_ENDING.sub("", _stem(f))
             cases.append(Case(f, labels.get(key), key))
+    return cases
+
+
+def discover_flat(folder: str | os.PathLike) -> list[Case]:
+    """The volumes directly in ``folder``, each image paired with a label file beside it when one is
+    named after it: ``ct_1001_image.nii.gz`` with ``ct_1001_label.nii.gz`` (CHD, MM-WHS),
+    ``case.nii.gz`` with ``case_gt.nii.gz`` or ``case_seg.nii.gz``. A paired label file is not a volume
+    of its own (pretraining must not read label maps as images); one that names no image there is."""
+    files = [f for f in sorted(Path(folder).iterdir()) if is_volume_path(f)]
+    label_files = {f: _LABEL_ENDING.sub("", _stem(f)) for f in files if _LABEL_ENDING.search(_stem(f))}
+    by_key: dict[str, list[Path]] = {}
+    for f, key in label_files.items():
+        by_key.setdefault(key, []).append(f)
+    cases, used = [], set()
+    for f in files:
+        if f in label_files:
+            continue
+        stem = _stem(f)
+        key = _IMAGE_ENDING.sub("", stem)
+        found = by_key.get(stem) or by_key.get(key) or []
+        if len(found) > 1:
+            raise UserError(f"{f}: {' and '.join(str(g.name) for g in found)} both name it as their image; "
+                            "keep one label file per image in that folder")
+        if found and found[0] in used:
+            other = next(c.image.name for c in cases if c.label == found[0])
+            raise UserError(f"{found[0]}: both {other} and {f.name} could be its image; rename one of them")
+        if found:
+            used.add(found[0])
+            cases.append(Case(f, found[0], key))
+        else:
+            cases.append(Case(f, None, stem))
+    cases.extend(Case(f, None, _stem(f)) for f in label_files if f not in used)
+    cases.sort(key=lambda c: c.image.name)
     return cases
 
 
 def discover_volumes(paths: list[str | os.PathLike]) -> list[Case]:
     """Expand the inputs a user gives (volume files, DICOM folders, dataset folders) into cases.
 
-    A folder that is an ACDC root, or an ``imagesTr``/``labelsTr`` (or ``images``/``labels``)
-    parent, is read with its labels; any other folder contributes the volumes directly in it.
+    A folder that is an ACDC root (or one patient's folder), or an ``imagesTr``/``labelsTr`` (or
+    ``images``/``labels``) parent, is read with its labels; any other folder contributes the volumes
+    directly in it, each with the label file named after it, if any (:func:`discover_flat`).
     """
     cases: list[Case] = []
     for raw in paths:
@@ -297,7 +343,7 @@ def discover_volumes(paths: list[str | os.PathLike]) -> list[Case]:
                 cases.extend(discover_pairs(p / img_name, p / lab_name))
                 break
         else:
-            found = [Case(f, None, _stem(f)) for f in sorted(p.iterdir()) if is_volume_path(f)]
+            found = discover_flat(p)
             if not found:
                 raise UserError(f"{p}: folder holds no volumes (.nii.gz, .mha, .nrrd or DICOM series)")
             cases.extend(found)

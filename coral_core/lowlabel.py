@@ -202,7 +202,8 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
                 raise UserError(f"{case.label}: labels of shape {labels.shape} do not match {case.image} of shape {image.shape}")
             cases.append(LabelledCase(case.subject, image.array, np.rint(labels.array).astype(np.int64), image.spacing))
         if not cases:
-            raise UserError(f"{data}: no image with a label file found; expected an ACDC folder or imagesTr/labelsTr")
+            raise UserError(f"{data}: no image with a label file found; expected an ACDC folder, imagesTr and labelsTr folders, "
+                            "or files such as ct_1001_image.nii.gz and ct_1001_label.nii.gz side by side")
     for i, (img, lab) in enumerate(make_cohort(phantom, seed=seed, config=phantom_config) if phantom else []):
         cases.append(LabelledCase(f"phantom{seed + i}", img.array, lab.array.astype(np.int64), img.spacing))
     if not cases:

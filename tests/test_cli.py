@@ -285,6 +285,26 @@ def test_finetune_on_the_labelled_cases_of_a_dataset_folder(tmp_path):
 
 
 
+def test_a_folder_of_images_beside_their_labels_trains_on_images_only(tmp_path):
+    """CHD's and MM-WHS's layout, ct_1001_image beside ct_1001_label in one folder: fine-tuning takes the
+    pairs, and pretraining, embedding and segmenting read the images only, never a label map as a scan."""
+    root = tmp_path / "chd"
+    root.mkdir()
+    for k in range(3):
+        img, lab = make_phantom(30 + k, n_slices=5)
+        save_volume(root / f"ct_100{k + 1}_image.nii.gz", img.array, np.eye(4))
+        if k != 1:
+            save_volume(root / f"ct_100{k + 1}_label.nii.gz", lab.array, np.eye(4))
+    res = json.loads(coral("finetune", root, "--steps", 1, *TINY, "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert [Path(p).name for p in res["images"]] == ["ct_1001_image.nii.gz", "ct_1003_image.nii.gz"]
+    assert [Path(p).name for p in res["skipped_without_labels"]] == ["ct_1002_image.nii.gz"]
+    res = json.loads(coral("pretrain", root, "--epochs", 1, *TINY, "--out", tmp_path / "p.safetensors",
+                           "--json").stdout)
+    assert res["volumes"] == 3
+    coral("segment", root, "--model", tmp_path / "m.safetensors", "--out-dir", tmp_path / "seg")
+    assert sorted(f.name for f in (tmp_path / "seg").iterdir()) == [
+        f"ct_100{k}_image_labels.nii.gz" for k in (1, 2, 3)]
+
 def test_finetune_prepares_scans_wider_than_the_automatic_size_as_it_reads_them(tmp_path):
     """A scan wider than the automatic size's cap (256) is resampled to it as it is read, next to a
     small one kept as read until the size is known; the labels still give the classes."""

@@ -122,3 +122,40 @@ def test_discover_image_label_folder_pairs(tmp_path):
 def test_discover_rejects_empty_folder(tmp_path):
     with pytest.raises(UserError, match="holds no volumes"):
         discover_volumes([tmp_path])
+
+
+def test_discover_pairs_side_by_side_in_one_folder(tmp_path):
+    # CHD and MM-WHS keep ct_1001_image beside ct_1001_label; others case beside case_gt or case_seg
+    for name in ("ct_1001_image", "ct_1001_label", "ct_1002_image", "ct_1003_image", "ct_1003_label",
+                 "scan.nii", "scan_gt", "other_seg"):
+        _write(tmp_path / (name if name.endswith(".nii") else f"{name}.nii.gz"))
+    cases = discover_volumes([tmp_path])
+    assert [(c.image.name, c.label.name if c.label else None, c.subject) for c in cases] == [
+        ("ct_1001_image.nii.gz", "ct_1001_label.nii.gz", "ct_1001"),
+        ("ct_1002_image.nii.gz", None, "ct_1002_image"),
+        ("ct_1003_image.nii.gz", "ct_1003_label.nii.gz", "ct_1003"),
+        ("other_seg.nii.gz", None, "other_seg"),  # names no image there: a volume of its own
+        ("scan.nii", "scan_gt.nii.gz", "scan"),
+    ]
+
+
+def test_discover_refuses_a_label_file_two_images_claim(tmp_path):
+    for name in ("a", "a_image", "a_label"):
+        _write(tmp_path / f"{name}.nii.gz")
+    with pytest.raises(UserError, match="a_label.nii.gz: both a.nii.gz and a_image.nii.gz could be its image"):
+        discover_volumes([tmp_path])
+
+
+def test_discover_one_acdc_patient_folder(tmp_path):
+    # a single patient's folder: its frames with their _gt files, the 4-D cine file left out
+    d = tmp_path / "patient007"
+    d.mkdir()
+    _write(d / "patient007_4d.nii.gz", (10, 12, 4, 3))
+    for frame in ("01", "09"):
+        _write(d / f"patient007_frame{frame}.nii.gz")
+        _write(d / f"patient007_frame{frame}_gt.nii.gz")
+    cases = discover_volumes([d])
+    assert [(c.image.name, c.label.name, c.subject) for c in cases] == [
+        ("patient007_frame01.nii.gz", "patient007_frame01_gt.nii.gz", "patient007"),
+        ("patient007_frame09.nii.gz", "patient007_frame09_gt.nii.gz", "patient007"),
+    ]
