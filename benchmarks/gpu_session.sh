@@ -25,25 +25,30 @@
 # scaling (4 sizes x 3 batches) 142 s; lowlabel at full size: 24 s to pretrain CORAL, 16-19 s per
 # fine-tuning and scoring. The lent time was 15 minutes in all, about 35 s of it to start a machine, and
 # the machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
-# The next session's calls, about 590 + 240 s (the full low-label protocol needs about 1.6 hours of an
+# The next session's calls, about 590 + 260 s (the full low-label protocol needs about 1.6 hours of an
 # H100, so it runs in parts that continue one table; first every method at M = 1, seed 0):
-#   TESTS_K="levers" LEVERS="defaults;defaults + fuse_batchnorm;defaults + pad_channels;defaults + prefetch" \
-#   PROFILES="defaults + fuse_batchnorm,segment" \
+#   TESTS_K="levers or prefetched" \
+#   LEVERS="defaults;defaults + defer_metrics;defaults + prefetch;defaults + prefetch + defer_metrics;defaults + fuse_batchnorm;defaults + pad_channels" \
+#   PROFILES="defaults + defer_metrics;defaults + fuse_batchnorm,segment" \
+#     bash benchmarks/gpu_session.sh tests:80 levers:70 profile:40   # at most 580 s, about 400 s expected
+#   then at once (the machine goes back 30 s after a call), with the time left:
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4" \
-#     bash benchmarks/gpu_session.sh tests:80 levers:75 profile:40 lowlabel:150   # at most 570 s
-#   then at once (the machine goes back 30 s after a call): copy the returned lowlabel_table.json to
-#   benchmarks/results/lowlabel-gpu-table.json and run the lowlabel stage again with the time left.
+#     bash benchmarks/gpu_session.sh lowlabel:230
+#   and copy the returned lowlabel_table.json to benchmarks/results/lowlabel-gpu-table.json.
 # Later sessions continue that table with "--labeled 1,2,6 --seeds 3", and may run the frozen-encoder
 # check at full size into a table of its own (on the CPU's quick setting, frozen CORAL and PCL encoders beat a
 # random one in 15 of 20 runs while fully fine-tuned ones tied it; docs/results.md):
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-frozen.json \
 #   LOWLABEL_ARGS="--labeled 1 --seeds 1 --methods random,coral,simclr --freeze-encoder --workers 4" ...
 # What the first call measures:
-# BatchNorm folding on a GPU (22.9 ms of a 156 ms volume's inference was BatchNorm; the 512 x 512 volume
-# took 0.338 s against the 0.3 s target), the pad_channels lever (new, never run on a GPU; its CUDA test
-# lines too), prefetch's step spread (its two measurements disagreed), and whether 4 workers sharing the
-# GPU finish more runs per minute than one process did on 2026-11-27 (a fine-tuning and scoring every
-# 16-19 s; CORAL's pretraining 24 s).
+# defer_metrics (new: each step's loss read back after the next step is queued; the GPU idled 16-19 ms of
+# each 92-96 ms step with the defaults), prefetch's step spread alone and with it (its two measurements
+# disagreed: 0.53x and 1.13x), BatchNorm folding on a GPU (22.9 ms of a 156 ms volume's inference was
+# BatchNorm; the 512 x 512 volume took 0.338 s against the 0.3 s target), and the pad_channels lever (never
+# run on a GPU; its CUDA test lines too). Since 2026-11-28 no pretraining step copies its indices to the GPU
+# (one copy an epoch), which the "defaults" row measures against the earlier 675.4 slices/s. The lowlabel
+# call: whether 4 workers sharing the GPU finish more runs per minute than one process did on 2026-11-27
+# (a fine-tuning and scoring every 16-19 s; CORAL's pretraining 24 s).
 # Each stage has its own time limit, so a slow one cannot starve the rest, and writes as it goes:
 # $OUT/gpu_session.log (every table and the test summary) and one JSON file per benchmark
 # (speed.json, levers.jsonl, lowlabel_table.json): the tool brings back at most 8 files.

@@ -199,6 +199,7 @@ def _levers(args):
 
     return Levers(channels_last=args.channels_last, compile=args.compile,
                   data_on_device=getattr(args, "data_on_device", False), prefetch=getattr(args, "prefetch", False),
+                  defer_metrics=getattr(args, "defer_metrics", False),
                   cudnn_benchmark=args.cudnn_benchmark, pad_channels=args.pad_channels,
                   fuse_batchnorm=getattr(args, "fuse_batchnorm", None), cpu_bf16=args.cpu_bf16)
 
@@ -942,6 +943,9 @@ def _lever_options(p, data: bool = False, inference: bool = False) -> None:
         g.add_argument("--prefetch", action="store_true",
                        help="copy the next step's slices to the GPU from pinned memory while a step computes "
                             "(CUDA; two measurements on an H100 disagree)")
+        g.add_argument("--defer-metrics", action="store_true",
+                       help="read each step's loss back once the next step is queued, so the GPU does not wait for "
+                            "the host between steps (CUDA; not measured yet)")
 
 
 def build_parser() -> argparse.ArgumentParser:

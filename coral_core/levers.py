@@ -63,6 +63,13 @@ class Levers:
       the same sums, in the tensor-core kernels that cuDNN has for 8 channels. The parameters
       keep their shapes. On an H100 the one-channel first convolution took 7.2 ms of a 92 ms
       pretraining step (forward at 2.8 TFLOP/s). Off by default: not measured yet.
+    * ``defer_metrics``: pretraining reads each step's loss back to the host once the next step
+      is queued, not at once, so the GPU has that step to run while the host waits, and the
+      host launches step k + 2 while the GPU runs k + 1. The same losses, weights and stops
+      (a stop asked for during step k comes after step k + 1); each report comes one step
+      later. On an H100 the GPU sat idle 16-19 ms of each 92-96 ms pretraining step with the
+      defaults, much of it while the host waited for the loss and then launched the next
+      step's small kernels. Off by default: not measured yet.
     * ``cpu_bf16``: bfloat16 autocast on the CPU (CUDA runs take the configs' ``amp`` flag, bf16
       autocast, as they always did). None (the default) means on where the CPU has AMX tiles, the
       matrix units that run bf16 convolutions natively; off on any other CPU, where bf16 was slower
@@ -89,6 +96,7 @@ class Levers:
     fuse_batchnorm: bool | None = None
     cpu_bf16: bool | None = None
     pad_channels: bool = False
+    defer_metrics: bool = False
 
     def channels_last_on(self, device: torch.device) -> bool:
         """Whether channels_last applies on ``device`` (None: on the CPU and CUDA, where it was measured)."""
@@ -298,4 +306,6 @@ LEVER_VARIANTS: dict[str, Levers] = {
     "pad_channels": Levers(channels_last=False, compile="off", pad_channels=True, fuse_batchnorm=False, cpu_bf16=False),
     "defaults + pad_channels": Levers(pad_channels=True),
     "defaults + fuse_batchnorm": Levers(fuse_batchnorm=True),  # BatchNorm folded on a GPU too
+    "defaults + defer_metrics": Levers(defer_metrics=True),
+    "defaults + prefetch + defer_metrics": Levers(prefetch=True, defer_metrics=True),
 }

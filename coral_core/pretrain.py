@@ -111,30 +111,26 @@ class _Embedder(torch.nn.Module):
 
 
 class _Batches:
-    """A step's slices as float32 on the device, and this process's block of their indices
-    there. With the ``prefetch`` lever (``ahead``) the loop fetches the next step's batch
-    while the current step computes; on a CUDA device the host then gathers the slices into
-    pinned memory and both copies are queued without waiting. Otherwise the copies are made
-    as they come (the index copy waits for the device)."""
+    """A step's slices as float32 on the device. With the ``prefetch`` lever (``ahead``) the loop
+    fetches the next step's batch while the current step computes; on a CUDA device the host
+    then gathers the slices into pinned memory and their copy is queued without waiting.
+    Otherwise the slices are gathered and copied as they come."""
 
     def __init__(self, images: torch.Tensor, device: torch.device, levers: Levers) -> None:
         self.images, self.device = images, device
         self.ahead = levers.prefetch  # on the CPU too, where it changes nothing but the order of work
         self.pinned = levers.prefetch and device.type == "cuda"
 
-    def __call__(self, idx: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, idx: torch.Tensor, idx_dev: torch.Tensor) -> torch.Tensor:
+        """The slices ``idx`` (indices on the host; ``idx_dev``, the same on the device)."""
+        if self.images.device.type != "cpu":  # the slices are on the device already (data_on_device)
+            return self.images[idx_dev].float()
         if not self.pinned:
-            x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True).float()
-            return x, idx[lo:hi].to(self.device)
-        idx = idx.pin_memory()
-        if self.images.device.type == "cpu":
-            x = torch.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
-            torch.index_select(self.images, 0, idx, out=x)
-            x = x.to(self.device, non_blocking=True)
-        else:  # the slices are on the device already (data_on_device)
-            x = self.images[idx.to(self.device, non_blocking=True)]
-        # the caching host allocator keeps each pinned buffer until its copy has run
-        return x.float(), idx[lo:hi].to(self.device, non_blocking=True)
+            return self.images[idx].to(self.device, non_blocking=True).float()
+        x = torch.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+        torch.index_select(self.images, 0, idx, out=x)
+        # the caching host allocator keeps the pinned buffer until its copy has run
+        return x.to(self.device, non_blocking=True).float()
 
 
 def _rank_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -222,18 +218,24 @@ def pretrain(
     model.train()
     positions, partitions = data.positions.to(run.device), data.partitions.to(run.device)
     fetch = _Batches(images, run.device, config.levers)
+
+    def report(step: int, losses: dict[str, torch.Tensor]) -> None:
+        run.report(step, total, {k: float(v) for k, v in losses.items()})  # waits for the step to finish
+
+    pending = None  # with defer_metrics: the last step run, not yet reported
     epoch, i = first_epoch, first_index
     for epoch in range(first_epoch, config.epochs):
         if order is None:
             order = torch.randperm(len(data), generator=run.cpu_generator)
+        order_dev = order.to(run.device)  # once an epoch: no step waits for a copy of its indices
         ahead = None  # the next step's batch, when prefetching (within an epoch only)
         for i in range(first_index if epoch == first_epoch else 0, steps_per_epoch):
             if run.should_stop(all_processes=ddp):
                 break
-            idx = order[i * batch : (i + 1) * batch]
+            idx, idx_dev = order[i * batch : (i + 1) * batch], order_dev[i * batch : (i + 1) * batch]
             lo, hi = _rank_bounds(len(idx), world, rank)
-            x, idx_dev = ahead if ahead is not None else fetch(idx, lo, hi)  # float32 (stored float16, maybe)
-            ahead = None
+            x = ahead if ahead is not None else fetch(idx, idx_dev)  # float32 (stored float16, maybe)
+            idx_dev, ahead = idx_dev[lo:hi], None
             # Every process draws the augmentation of the whole global batch (same generator
             # state everywhere) and keeps its block: the step equals the single-process one.
             views, _ = augment_batch(torch.cat([x, x]), config=config.augment, generator=run.generator)
@@ -258,15 +260,23 @@ def pretrain(
             optimiser.step()
             scheduler.step()
             if fetch.ahead and i + 1 < steps_per_epoch:  # copied while this step computes
-                ahead = fetch(order[(i + 1) * batch : (i + 2) * batch], lo, hi)
+                nxt = slice((i + 1) * batch, (i + 2) * batch)
+                ahead = fetch(order[nxt], order_dev[nxt])
             step += 1
-            run.report(step, total, {k: float(v) for k, v in losses.items()})
+            if config.levers.defer_metrics:  # read back once the next step is queued behind this one
+                if pending:
+                    report(*pending)
+                pending = (step, losses)
+            else:
+                report(step, losses)
             run.save(step, {"epoch": epoch, "index": i + 1}, {"order": order})
         else:
             order = None
             run.save(step, {"epoch": epoch + 1, "index": 0}, force=True)  # every epoch's end
             continue
         break
+    if pending:
+        report(*pending)
     if run.history.stopped:
         run.save(step, {"epoch": epoch, "index": i}, {"order": order}, force=True)
 

@@ -386,7 +386,8 @@ def run_levers(cfg: SpeedConfig, variants: list[str] | None = None,
     return {"rows": rows, "config": asdict(cfg), "device": _device_info(device)}
 
 
-_PRETRAINING_ONLY = {"data_on_device", "prefetch", "defaults + prefetch"}  # levers that change nothing else
+_PRETRAINING_ONLY = {"data_on_device", "prefetch", "defaults + prefetch", "defaults + defer_metrics",
+                     "defaults + prefetch + defer_metrics"}  # levers that change nothing else
 _INFERENCE_ONLY = {"fuse_batchnorm", "defaults + fuse_batchnorm"}
 
 

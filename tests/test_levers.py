@@ -74,9 +74,10 @@ def test_prefetching_the_next_batch_changes_nothing_but_the_order_of_work(cohort
     events = []
     fetch = pretrain_module._Batches.__call__
 
-    def recorded(self, idx, lo, hi):
+    def recorded(self, idx, idx_dev):
         events.append(("fetch", idx[0].item()))
-        return fetch(self, idx, lo, hi)
+        assert torch.equal(idx, idx_dev.cpu())
+        return fetch(self, idx, idx_dev)
 
     plain = pretrain(config(False), images)
     with pytest.MonkeyPatch.context() as mp:
@@ -98,6 +99,51 @@ def test_prefetching_the_next_batch_changes_nothing_but_the_order_of_work(cohort
     pretrain(config(True), images, lambda step, total, m: step == stop_at and event.set(), event, resume=state)
     resumed = pretrain(config(True), images, resume=state)
     assert resumed.history.metrics["loss"] == plain.history.metrics["loss"][stop_at:]
+
+
+def test_deferred_metrics_are_the_same_metrics_one_step_later(cohort, tmp_path):
+    """``defer_metrics`` reports step k after step k + 1 has run (on CUDA: been queued): the same
+    history and weights bit for bit, the last step reported too, and a stop asked for in step k's
+    report ends the run after step k + 1, which a resume continues from."""
+    import threading
+
+    from coral_core import pretrain as pretrain_module
+    from coral_core.resume import ResumeState
+
+    images = [image.array for image, _ in cohort]
+
+    def config(defer, prefetch=False):
+        return PretrainConfig(method="coral", epochs=2, batch_size=8, device="cpu", model=TINY,
+                              levers=Levers(defer_metrics=defer, prefetch=prefetch))
+
+    events = []
+    step_of = pretrain_module.accumulate
+
+    def recorded(*args, **kwargs):
+        events.append("step")
+        return step_of(*args, **kwargs)
+
+    plain = pretrain(config(False), images)
+    total = len(plain.history.steps)
+    assert total > 4
+    for prefetch in (False, True):
+        events.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pretrain_module, "accumulate", recorded)
+            deferred = pretrain(config(True, prefetch), images, lambda step, t, m: events.append(step))
+        # step 1 is reported after step 2 ran, ..., the last one after the loop
+        assert events == ["step", "step", 1] + [x for k in range(2, total) for x in ("step", k)] + [total]
+        assert deferred.history.steps == plain.history.steps and deferred.history.metrics == plain.history.metrics
+        for (name, a), (_, b) in zip(plain.model.state_dict().items(), deferred.model.state_dict().items()):
+            assert torch.equal(a, b), name
+
+    stop_at = total // 2
+    event = threading.Event()
+    state = ResumeState(tmp_path / "r.safetensors", {"method": "coral"}, every=0)
+    stopped = pretrain(config(True), images, lambda step, t, m: step == stop_at and event.set(), event, resume=state)
+    assert stopped.history.stopped and stopped.history.steps[-1] == stop_at + 1  # the step already run is reported
+    resumed = pretrain(config(True), images, resume=state)
+    assert resumed.history.metrics["loss"] == plain.history.metrics["loss"][stop_at + 1:]
     assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), resumed.model.state_dict().values()))
 
 
