@@ -98,7 +98,8 @@ def _empty_cache(device: torch.device) -> None:
 def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16,
                         on_device: bool | None = None, levers: Levers | None = None):
     """Segment batch by batch, yielding ``(slices done, labels)``; ``labels`` (uint8, the
-    volume's shape) is complete after the last yield. ``on_device``: where to normalise and
+    volume's shape) is complete after the last yield (before it, with the volume on the GPU,
+    it may still be zeros: the labels stay on the device until the last batch). ``on_device``: where to normalise and
     resample (None: on a CUDA GPU when it has room, see :func:`preprocess_on_device`);
     ``levers``: channels_last, ``torch.compile`` and BatchNorm folding (the model is converted in
     place, or a folded copy of it is)."""
@@ -106,15 +107,25 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
     model = model.to(device).eval()
     net = apply_levers(for_inference(model, levers, device), levers)
     out = np.zeros(volume.shape, dtype=np.uint8)
+    if on_device is None:
+        on_device = preprocess_on_device(volume, device)
+    # With the volume on the GPU the labels stay there too and come back in one copy at the end: a
+    # copy per batch would make the host wait for each batch before launching the next.
+    out_dev = torch.empty(volume.shape, dtype=torch.uint8, device=device) if on_device else None
 
-    def labels_of(batch: torch.Tensor) -> np.ndarray:
+    def labels_of(batch: torch.Tensor) -> torch.Tensor:
         logits = net(batch)
         logits = F.interpolate(logits.float(), size=volume.shape[1:], mode="bilinear", align_corners=False)
-        return logits.argmax(1).to(torch.uint8).cpu().numpy()
+        return logits.argmax(1).to(torch.uint8)
 
     with torch.inference_mode(), mixed_precision(device, _bf16(device, levers)):
         for start, stop, labels in _run_in_batches(model, volume, device, batch_size, labels_of, on_device):
-            out[start:stop] = labels
+            if out_dev is None:
+                out[start:stop] = labels.cpu().numpy()
+            else:
+                out_dev[start:stop] = labels
+                if stop == volume.shape[0]:
+                    out[:] = out_dev.cpu().numpy()
             yield stop, out
 
 

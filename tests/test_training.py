@@ -10,7 +10,7 @@ import torch
 from coral_core.augment import AugmentConfig, augment_batch
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
-from coral_core.infer import embed_volume, segment_volume
+from coral_core.infer import embed_volume, iter_segment_volume, segment_volume
 from coral_core.model import UNetConfig, build_model
 from coral_core.phantom import make_cohort
 from coral_core.pretrain import METHODS, PretrainConfig, pretrain
@@ -390,3 +390,8 @@ def test_preprocessing_on_the_device_gives_the_host_result():
         device = segment_volume(model, vol, "cpu", batch_size=4, on_device=True)
         assert len(np.unique(host)) == 4  # every class present: a real comparison
         assert (host == device).mean() > 0.9999
+        # on the device path the labels come back once, at the last batch; progress is still per batch
+        steps = [(done, labels.copy()) for done, labels in
+                 iter_segment_volume(model, vol, "cpu", batch_size=4, on_device=True)]
+        assert [done for done, _ in steps] == list(range(4, vol.shape[0], 4)) + [vol.shape[0]]
+        np.testing.assert_array_equal(steps[-1][1], device)
