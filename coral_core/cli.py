@@ -55,20 +55,6 @@ def _load_model(path: str | None, device):
     return load_checkpoint(path, device)
 
 
-def _check_label_map(path, raw) -> None:
-    """A label map holds whole numbers from 0 (background) to MAX_CLASSES, or one sentence says what it holds."""
-    import numpy as np
-
-    if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
-        raise UserError(f"{path}: holds non-integer values, so it is an image, not a label map; give the labels "
-                        "(0 background, 1, 2, ...)")
-    if raw.min() < 0:
-        raise UserError(f"{path}: holds negative label values, so it is not a label map; labels must be 0 "
-                        "(background), 1, 2, ...")
-    if raw.max() > MAX_CLASSES:
-        raise UserError(f"{path}: holds label {int(raw.max())}; label maps of up to {MAX_CLASSES} classes are supported")
-
-
 def _class_names(text: str | None, n_classes: int) -> list[str]:
     if not text:
         return ["background"] + [f"class {c}" for c in range(1, n_classes)]
@@ -129,7 +115,6 @@ def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int
     return volumes, names, shapes, _auto_image_size(shapes, requested_size)
 
 
-MAX_CLASSES = 255
 FINETUNE_BASE_FILTERS = 16  # `coral finetune` from random init: UNetConfig.base_filters (tests check they agree)
 
 
@@ -307,16 +292,16 @@ def _cached_slices(args, rank: int):
     return data, description["names"], shapes, description["image_size"], how
 
 
-def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, size: int | None = None):
+def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, size: int | None = None,
+                    label_values: list[int] | None = None):
     """One image and the label volume drawn on it, checked: (image, labels, annotated slices, the
     image's shape, its largest label). Image and labels are the (S, H, W) arrays as read (labels as
     uint8), or the pair prepared at the model's input size (:func:`coral_core.data.prepare_labelled`)
     when that is known as it is read: ``size`` given (a checkpoint's, or ``--image-size``), or the image
     wider than the automatic size's cap. So many large scans never sit in memory together at full
-    resolution; the others, no larger than the cap, are kept as read."""
-    import numpy as np
-
-    from coral_core.data import parse_slices, prepare_labelled
+    resolution; the others, no larger than the cap, are kept as read. ``label_values``: the values that
+    stand for classes 1, 2, ... in the label file (:func:`coral_core.data.label_map`)."""
+    from coral_core.data import label_map, parse_slices, prepare_labelled
     from coral_core.finetune import annotated_from_labels
     from coral_core.volume import load_volume
 
@@ -325,8 +310,7 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, 
     if labels.shape != image.shape:
         raise UserError(f"{labels_path}: labels of shape {labels.shape} do not match {image_path} of shape {image.shape}; give the labels drawn on this image")
     raw = labels.array
-    _check_label_map(labels_path, raw)
-    lab = raw.astype(np.uint8)  # up to MAX_CLASSES (255): an eighth of int64's memory for many scans
+    lab = label_map(raw, labels_path, label_values)  # uint8, up to 255 classes: an eighth of int64's memory
     slices = parse_slices(slices_text, image.shape[0], image_path) if slices_text else annotated_from_labels(lab)
     if not slices:
         raise UserError(f"{labels_path}: no slice holds any label; paint some slices or pass --slices")
@@ -374,6 +358,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     import torch
 
     from coral_core.checkpoint import load_checkpoint, pretrained_only, save_checkpoint
+    from coral_core.data import parse_label_values
     from coral_core.finetune import FinetuneConfig, finetune
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
@@ -382,6 +367,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if args.unlabelled and args.embedding_weight <= 0:  # before any volume is read
         raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
                         "(default 0.1), or leave --unlabelled out")
+    label_values = parse_label_values(args.label_values) if args.label_values else None  # before any file is read
+    if label_values and args.classes is not None and args.classes != len(label_values) + 1:
+        raise UserError(f"--classes {args.classes} but --label-values lists {len(label_values)} foreground classes "
+                        f"({len(label_values) + 1} with background); leave --classes out")
     images, label_files, skipped = _finetune_inputs(args)
     n = len(images)
     if args.init:  # read first: its input size lets every scan be prepared at that size as it is read
@@ -394,11 +383,11 @@ def cmd_finetune(args) -> tuple[dict, str]:
                                 "fine-tune it as it is, or leave --init out to start from random init")
     else:
         size = _auto_image_size([], args.image_size) if args.image_size else None  # checked before any file is read
-    pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None, size)
+    pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None, size, label_values)
              for i, (image, labels) in enumerate(zip(images, label_files))]
     tops = [top for *_, top in pairs]
     top = max(tops)
-    n_classes = top + 1 if args.classes is None else args.classes
+    n_classes = len(label_values) + 1 if label_values else top + 1 if args.classes is None else args.classes
     if n_classes < 2:
         raise UserError(f"{' and '.join(label_files)}: only background is labelled; at least one foreground class is needed")
     if top >= n_classes:
@@ -441,6 +430,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
                    "classes": n_classes, "model": model.config.to_dict()}
     if args.unlabelled:  # recorded only when given, so earlier resume files still match
         fingerprint["unlabelled"] = [str(Path(p).resolve()) for p in args.unlabelled]
+    if label_values:
+        fingerprint["label_values"] = label_values
     state = _resume_state(args, fingerprint, every=50)
     bar, callback = _progress(cfg.steps, "fine-tune", args.json)
     t0 = time.perf_counter()
@@ -458,6 +449,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
                 "final_loss": result.history.last("loss")}
     if unlabelled:
         training["unlabelled"] = list(map(str, args.unlabelled))
+    if label_values:
+        training["label_values"] = label_values
     save_checkpoint(args.out, result.model, training)
     state.remove()
     out = {"checkpoint": str(args.out), "init": init, "slices": where["slices"], "steps": len(result.history.steps),
@@ -605,15 +598,16 @@ def cmd_embed(args) -> tuple[dict, str]:
 def cmd_evaluate(args) -> tuple[dict, str]:
     import numpy as np
 
+    from coral_core.data import label_map, parse_label_values
     from coral_core.metrics import evaluate_segmentation
     from coral_core.volume import load_volume
 
+    label_values = parse_label_values(args.label_values) if args.label_values else None
     pred, truth = load_volume(args.pred), load_volume(args.truth)
     if pred.shape != truth.shape:
         raise UserError(f"{args.pred}: shape {pred.shape} differs from {args.truth} shape {truth.shape}; compare a segmentation with the labels of the same image")
-    for path, volume in ((args.pred, pred), (args.truth, truth)):
-        _check_label_map(path, volume.array)
-    p, t = np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64)
+    p = label_map(pred.array, args.pred).astype(np.int64)
+    t = label_map(truth.array, args.truth, label_values).astype(np.int64)
     n_classes = max(int(max(p.max(), t.max())) + 1, 2)
     names = None
     if args.class_names:
@@ -711,7 +705,15 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         args.phantom = 20 if args.quick else 100
     phantom_config, appearance = _phantom_appearance(args)
     phantoms = f"{args.phantom} phantom subjects{appearance}"
-    source = (f"{args.data} + {phantoms}" if args.phantom else args.data) if args.data else phantoms
+    label_values = None
+    if args.label_values:
+        from coral_core.data import parse_label_values
+
+        if not args.data:
+            raise UserError("--label-values renumbers the label files of --data DIR; give --data, or leave it out")
+        label_values = parse_label_values(args.label_values)
+    data = f"{args.data} (label values {','.join(map(str, label_values))})" if label_values else args.data
+    source = (f"{data} + {phantoms}" if args.phantom else data) if args.data else phantoms
     extra = []
     if cfg.pretrain_extra:
         from coral_core.phantom import make_cohort
@@ -725,7 +727,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
 
         check_output_path(args.table)
         earlier = _read_lowlabel_table(args.table)
-    cases = load_labelled_cases(args.data, args.phantom or 0, phantom_config=phantom_config)
+    cases = load_labelled_cases(args.data, args.phantom or 0, phantom_config=phantom_config, label_values=label_values)
 
     def as_table(result) -> dict:
         paired = paired_differences(result.runs, "random") + paired_differences(result.runs, "coral")
@@ -897,6 +899,9 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- parser
 
 
+LABEL_VALUES_HELP = ("the values the label files use for classes 1, 2, ... in that order, when they are codes "
+                     "rather than 1, 2, ... (MM-WHS: 205,420,500,550,600,820,850); any other value is read as "
+                     "background, with a warning")
 BALANCE_HELP = ("weight the cross-entropy by the square root of each class's inverse frequency in the batch, so "
                 "that small classes are learned early (docs/results.md)")
 RESUME_HELP = (
@@ -1001,6 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint (default: random init)")
     p.add_argument("--out", required=True, metavar="CKPT")
     p.add_argument("--classes", type=int, default=None, help="number of classes incl. background (default: from the labels)")
+    p.add_argument("--label-values", default=None, metavar="V1,V2,...", help=LABEL_VALUES_HELP)
     p.add_argument("--class-names", default=None, help="names of the foreground classes in label order, e.g. GM,WM")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
@@ -1049,6 +1055,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("truth", metavar="TRUTH", help="the reference label volume of the same image")
     p.add_argument("--class-names", default=None,
                    help="names of the foreground classes in label order, e.g. RV,myocardium,LV (default: the numbers)")
+    p.add_argument("--label-values", default=None, metavar="V1,V2,...",
+                   help="the values TRUTH uses for classes 1, 2, ... when they are codes (MM-WHS: 205,420,...,850); "
+                        "PRED holds class numbers, as coral segment writes them")
 
     p = command("demo", "Phantom cohort -> CORAL pretraining -> fine-tune on 2 subjects -> segment a held-out one.", cmd_demo)
     p.add_argument("--out-dir", default="coral-demo", help="where the figure goes (default: ./coral-demo)")
@@ -1065,7 +1074,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("lowlabel", "Pretrain every method, fine-tune on M labelled volumes per fold, score held-out Dice.",
                 cmd_bench_lowlabel, bench_sub)
     p.add_argument("--quick", action="store_true", help="small model and schedules: under 10 minutes on a 2-core CPU")
-    p.add_argument("--data", default=None, metavar="DIR", help="ACDC-style folder, one with imagesTr/labelsTr, or one with CASE_image and CASE_label files side by side (CHD)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="ACDC-style folder, one with imagesTr/labelsTr, or one with CASE_image and CASE_label files "
+                        "side by side (CHD)")
+    p.add_argument("--label-values", default=None, metavar="V1,V2,...", help=LABEL_VALUES_HELP + " (with --data)")
     p.add_argument("--phantom", type=_count, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")

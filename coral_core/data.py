@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,9 @@ __all__ = [
     "discover_flat",
     "discover_volumes",
     "parse_slices",
+    "parse_label_values",
+    "label_map",
+    "MAX_CLASSES",
 ]
 
 
@@ -68,6 +72,61 @@ def resize_labels(labels: np.ndarray, size: int) -> Tensor:
     if y.shape[-2:] != (size, size):
         y = F.interpolate(y, size=(size, size), mode="nearest")
     return y.squeeze(1).long()
+
+
+# Classes a label map may hold besides background: labels are stored as uint8.
+MAX_CLASSES = 255
+
+
+def parse_label_values(text: str, option: str = "--label-values") -> list[int]:
+    """``"205,420,500"`` -> [205, 420, 500]: the values a dataset's label files use for classes 1, 2, ...
+    in that order (distinct whole numbers above 0), or one sentence says what is wrong."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{option} {text}: give whole numbers separated by commas, e.g. 205,420,500") from None
+    if not values:
+        raise UserError(f"{option}: give the label values of classes 1, 2, ... separated by commas, e.g. 205,420,500")
+    if min(values) <= 0:
+        raise UserError(f"{option} {text}: 0 is background and is not listed; give the values of the foreground "
+                        "classes, each above 0")
+    if len(set(values)) != len(values):
+        raise UserError(f"{option} {text}: a value is listed twice; give each class's value once")
+    if len(values) > MAX_CLASSES:
+        raise UserError(f"{option}: {len(values)} values; at most {MAX_CLASSES} classes are supported")
+    return values
+
+
+def label_map(raw: np.ndarray, source, values: list[int] | None = None) -> np.ndarray:
+    """A label volume as uint8 classes 0 (background), 1, 2, ..., or one sentence naming ``source``
+    says why it is not a label map. ``values`` (:func:`parse_label_values`): the values that stand
+    for classes 1, 2, ... (MM-WHS's 205, 420, ... 850); any other value becomes background, with a
+    warning that names it."""
+    raw = np.asarray(raw)
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
+        raise UserError(f"{source}: holds non-integer values, so it is an image, not a label map; give the labels "
+                        "(0 background, 1, 2, ...)")
+    if values is not None:
+        found, counts = np.unique(raw, return_counts=True)
+        other = [(int(v), int(n)) for v, n in zip(found, counts) if v != 0 and int(v) not in values]
+        if other:
+            listed = ", ".join(f"{v} ({n} voxels)" for v, n in other[:8]) + (" ..." if len(other) > 8 else "")
+            print(f"warning: {source}: values {listed} are not in --label-values; read as background",
+                  file=sys.stderr)
+        lut = {v: k for k, v in enumerate(values, 1)}
+        out = np.zeros(raw.shape, dtype=np.uint8)
+        for v in found:
+            if int(v) in lut:
+                out[raw == v] = lut[int(v)]
+        return out
+    if raw.min() < 0:
+        raise UserError(f"{source}: holds negative label values, so it is not a label map; labels must be 0 "
+                        "(background), 1, 2, ...")
+    if raw.max() > MAX_CLASSES:
+        raise UserError(f"{source}: holds label value {int(raw.max())}, above the {MAX_CLASSES} classes supported; "
+                        "if its values are codes (MM-WHS: 205, 420, ...), give --label-values with the values of "
+                        "classes 1, 2, ... in order")
+    return raw.astype(np.uint8)
 
 
 def prepare_labelled(volume: np.ndarray, labels: np.ndarray, size: int, chunk: int = 32) -> tuple[Tensor, Tensor]:

@@ -181,14 +181,17 @@ class LowLabelResult:
     timings: dict = field(default_factory=dict)
 
 
-def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_config=None) -> list[LabelledCase]:
-    """Labelled subjects from an ACDC-style folder (``data``) or ``phantom`` synthetic ones, made
-    with ``phantom_config`` (a :class:`~coral_core.phantom.PhantomConfig`; its defaults if None).
+def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_config=None,
+                        label_values: list[int] | None = None) -> list[LabelledCase]:
+    """Labelled subjects from a dataset folder (``data``: ACDC, imagesTr/labelsTr, or images beside
+    their label files) or ``phantom`` synthetic ones, made with ``phantom_config`` (a
+    :class:`~coral_core.phantom.PhantomConfig`; its defaults if None). ``label_values``: the values
+    the folder's label files use for classes 1, 2, ... (:func:`coral_core.data.label_map`).
 
     For ACDC every labelled frame (end-diastole and end-systole) is a case of its patient; the
     folds split patients, never frames of one patient.
     """
-    from coral_core.data import discover_volumes
+    from coral_core.data import discover_volumes, label_map
     from coral_core.phantom import make_cohort
     from coral_core.volume import load_volume
 
@@ -200,7 +203,8 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
             image, labels = load_volume(case.image), load_volume(case.label)
             if image.shape != labels.shape:
                 raise UserError(f"{case.label}: labels of shape {labels.shape} do not match {case.image} of shape {image.shape}")
-            cases.append(LabelledCase(case.subject, image.array, np.rint(labels.array).astype(np.int64), image.spacing))
+            classes = label_map(labels.array, case.label, label_values).astype(np.int64)
+            cases.append(LabelledCase(case.subject, image.array, classes, image.spacing))
         if not cases:
             raise UserError(f"{data}: no image with a label file found; expected an ACDC folder, imagesTr and labelsTr folders, "
                             "or files such as ct_1001_image.nii.gz and ct_1001_label.nii.gz side by side")

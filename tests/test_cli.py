@@ -364,11 +364,53 @@ def test_finetune_refuses_label_files_that_are_not_label_maps(subject, tmp_path)
     d = subject
     truth = load_volume(d / "lab.nii.gz")
     for name, values, fragment in (("float", truth.array + 0.5, "non-integer values"),
-                                   ("big", truth.array.astype(np.int32) * 100, "holds label 300"),
+                                   ("big", truth.array.astype(np.int32) * 100, "holds label value 300"),
                                    ("negative", truth.array.astype(np.int32) - 1, "negative label values")):
         save_volume(tmp_path / f"{name}.nii.gz", values, truth.affine)
         user_error(coral("finetune", d / "img.nii.gz", "--labels", tmp_path / f"{name}.nii.gz",
                          "--out", tmp_path / "x.safetensors", check=False), f"{name}.nii.gz", fragment)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_label_files_whose_values_are_codes(tmp_path):
+    """MM-WHS writes its classes as 205, 420, ... 850: `--label-values` renumbers them for fine-tuning, the
+    low-label benchmark and evaluation; a value it does not list is background, with a warning."""
+    from coral_core.checkpoint import load_checkpoint
+
+    codes = np.array([0, 205, 500, 850], dtype=np.int16)
+    root = tmp_path / "mmwhs"
+    root.mkdir()
+    for k in range(4):
+        img, lab = make_phantom(50 + k, n_slices=5)
+        coded = codes[lab.array.astype(int)]
+        if k == 0:
+            coded[0, 0, :3] = 421  # a stray value, as one MM-WHS case has
+        save_volume(root / f"ct_train_100{k + 1}_image.nii.gz", img.array, np.eye(4))
+        save_volume(root / f"ct_train_100{k + 1}_label.nii.gz", coded, np.eye(4))
+    user_error(coral("finetune", root, "--out", tmp_path / "x.safetensors", check=False),
+               "ct_train_1001_label.nii.gz", "holds label value 850", "--label-values")
+    proc = coral("finetune", root, "--label-values", "205,500,850", "--steps", 1, *TINY,
+                 "--out", tmp_path / "m.safetensors", "--json")
+    assert "ct_train_1001_label.nii.gz: values 421 (3 voxels) are not in --label-values" in proc.stderr
+    model, meta = load_checkpoint(tmp_path / "m.safetensors")
+    assert model.config.n_classes == 4 and meta["training"]["label_values"] == [205, 500, 850]
+
+    _, lab = make_phantom(50, n_slices=5)
+    save_volume(tmp_path / "pred.nii.gz", lab.array.astype(np.uint8), np.eye(4))
+    res = json.loads(coral("evaluate", tmp_path / "pred.nii.gz", root / "ct_train_1001_label.nii.gz",
+                           "--label-values", "205,500,850", "--json").stdout)
+    assert res["mean_dice"] > 0.99  # the same labels once renumbered (but for 3 stray voxels)
+
+    res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--label-values", "205,500,850",
+                           "--folds", 2, "--seeds", 1, "--labeled", 1, "--methods", "random", "--finetune-steps", 2,
+                           "--json", "--device", "cpu").stdout)
+    assert res["config"]["n_classes"] == 4 and res["config"]["source"] == f"{root} (label values 205,500,850)"
+    for bad, fragment in (("0,500", "0 is background"), ("205,205", "listed twice"), ("205,x", "whole numbers")):
+        user_error(coral("finetune", root, "--label-values", bad, "--out", tmp_path / "x.safetensors", check=False),
+                   f"--label-values {bad}", fragment)
+    user_error(coral("finetune", root, "--label-values", "205,500,850", "--classes", 3, "--out",
+                     tmp_path / "x.safetensors", check=False), "--classes 3", "3 foreground classes")
+    user_error(coral("bench", "lowlabel", "--label-values", "205", check=False), "give --data")
     assert not (tmp_path / "x.safetensors").exists()
 
 

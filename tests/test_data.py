@@ -159,3 +159,22 @@ def test_discover_one_acdc_patient_folder(tmp_path):
         ("patient007_frame01.nii.gz", "patient007_frame01_gt.nii.gz", "patient007"),
         ("patient007_frame09.nii.gz", "patient007_frame09_gt.nii.gz", "patient007"),
     ]
+
+
+def test_label_map_renumbers_coded_values_and_refuses_what_is_not_a_label_map(capsys):
+    from coral_core.data import label_map, parse_label_values
+
+    raw = np.array([[0, 205, 850], [500, 421, 205]], dtype=np.int16)
+    assert parse_label_values("205, 500,850") == [205, 500, 850]
+    out = label_map(raw, "L.nii.gz", [205, 500, 850])
+    assert out.dtype == np.uint8 and out.tolist() == [[0, 1, 3], [2, 0, 1]]
+    assert "L.nii.gz: values 421 (1 voxels) are not in --label-values; read as background" in capsys.readouterr().err
+    assert label_map(np.array([0, 1, 3]), "L").tolist() == [0, 1, 3]  # class numbers stay as they are
+    for bad, fragment in ((raw, "holds label value 850"), (raw - 300, "negative label values"),
+                          (raw + 0.5, "non-integer values")):
+        with pytest.raises(UserError, match=fragment):
+            label_map(bad, "L")
+    for text, fragment in (("", "give the label values"), ("0,1", "0 is background"), ("1,1", "listed twice"),
+                           ("a", "whole numbers"), (",".join(map(str, range(1, 258))), "at most 255")):
+        with pytest.raises(UserError, match=fragment):
+            parse_label_values(text)
