@@ -59,7 +59,7 @@ LOWLABEL_METHODS = ("random", "simclr", "gcl", "pcl", "coral", "ral", "oal")
 class LabelledCase:
     name: str
     image: np.ndarray  # (z, y, x)
-    labels: np.ndarray  # (z, y, x) integers
+    labels: np.ndarray  # (z, y, x) uint8 classes
     spacing: tuple[float, float, float]  # per array axis, mm
 
 
@@ -203,13 +203,14 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
             image, labels = load_volume(case.image), load_volume(case.label)
             if image.shape != labels.shape:
                 raise UserError(f"{case.label}: labels of shape {labels.shape} do not match {case.image} of shape {image.shape}")
-            classes = label_map(labels.array, case.label, label_values).astype(np.int64)
+            # classes as uint8: an eighth of int64's memory, for a cohort held whole (CT-sized scans add up)
+            classes = label_map(labels.array, case.label, label_values)
             cases.append(LabelledCase(case.subject, image.array, classes, image.spacing))
         if not cases:
             raise UserError(f"{data}: no image with a label file found; expected an ACDC folder, imagesTr and labelsTr folders, "
                             "or files such as ct_1001_image.nii.gz and ct_1001_label.nii.gz side by side")
     for i, (img, lab) in enumerate(make_cohort(phantom, seed=seed, config=phantom_config) if phantom else []):
-        cases.append(LabelledCase(f"phantom{seed + i}", img.array, lab.array.astype(np.int64), img.spacing))
+        cases.append(LabelledCase(f"phantom{seed + i}", img.array, lab.array.astype(np.uint8), img.spacing))
     if not cases:
         raise UserError("no data; give --data DIR or --phantom N")
     return cases
