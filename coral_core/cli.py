@@ -456,8 +456,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     out = {"checkpoint": str(args.out), "init": init, "slices": where["slices"], "steps": len(result.history.steps),
            "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
-    if n > 1:
-        out["images"] = images
+    out.update({"images": images} if n > 1 else {"image": images[0]})
     if unlabelled:
         out["unlabelled"] = len(unlabelled)
     if skipped:
@@ -489,7 +488,9 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         stem = _stem(case.image)  # the file's own name: an ACDC patient's frames share their subject
         suffix = case.image.name[len(stem):].lower()
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd", "": ".nii.gz"}.get(suffix, suffix)  # one file each; DICOM -> NIfTI
-        out = out_dir / f"{stem}_labels{suffix}"
+        # a case's folder names its files (KiTS: case_00000/imaging.nii.gz -> case_00000_imaging_labels.nii.gz)
+        name = stem if case.subject in stem else f"{case.subject}_{stem}"
+        out = out_dir / f"{name}_labels{suffix}"
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
         targets[out] = case.image

@@ -330,6 +330,7 @@ def _stem(path: Path) -> str:
 # ``case_0000``, CHD's and MM-WHS's ``ct_1001_image``); the part before is the case's name.
 _LABEL_ENDING = re.compile(r"(_gt|_label|_labels|_seg|_segmentation|_mask)$", re.IGNORECASE)
 _IMAGE_ENDING = re.compile(r"(_0000|_img|_image)$", re.IGNORECASE)
+_LABEL_NAME = re.compile(r"^(gt|label|labels|seg|segmentation|mask)$", re.IGNORECASE)
 
 
 def discover_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> list[Case]:
@@ -345,20 +346,36 @@ def discover_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike)
     return cases
 
 
-def discover_flat(folder: str | os.PathLike) -> list[Case]:
+def _label_files(files: list[Path]) -> dict[Path, str]:
+    """Which of ``files`` are label files, each with the case name it names ("" for a bare name such as
+    ``segmentation.nii.gz``, which names the one image beside it)."""
+    found = {}
+    for f in files:
+        stem = _stem(f)
+        if _LABEL_NAME.match(stem):
+            found[f] = ""
+        elif _LABEL_ENDING.search(stem):
+            found[f] = _LABEL_ENDING.sub("", stem)
+    return found
+
+
+def discover_flat(folder: str | os.PathLike, subject: str | None = None) -> list[Case]:
     """The volumes directly in ``folder``, each image paired with a label file beside it when one is
     named after it: ``ct_1001_image.nii.gz`` with ``ct_1001_label.nii.gz`` (CHD, MM-WHS),
-    ``case.nii.gz`` with ``case_gt.nii.gz`` or ``case_seg.nii.gz``. A paired label file is not a volume
-    of its own (pretraining must not read label maps as images); one that names no image there is."""
+    ``case.nii.gz`` with ``case_gt.nii.gz`` or ``case_seg.nii.gz``, and the only image of a case's
+    folder with a bare ``segmentation.nii.gz`` (``seg``, ``label``, ``mask``, ``gt``; KiTS). Label
+    files are never read as scans (pretraining must not learn from label maps), paired or not.
+    ``subject``: the case name of every image (a case's folder); by default each image's own."""
     files = [f for f in sorted(Path(folder).iterdir()) if is_volume_path(f)]
-    label_files = {f: _LABEL_ENDING.sub("", _stem(f)) for f in files if _LABEL_ENDING.search(_stem(f))}
+    label_files = _label_files(files)
+    images = [f for f in files if f not in label_files]
     by_key: dict[str, list[Path]] = {}
     for f, key in label_files.items():
         by_key.setdefault(key, []).append(f)
+    if len(images) == 1 and len(by_key.get("", [])) == 1:  # a bare segmentation.nii.gz beside one image
+        by_key.setdefault(_IMAGE_ENDING.sub("", _stem(images[0])), []).extend(by_key[""])
     cases, used = [], set()
-    for f in files:
-        if f in label_files:
-            continue
+    for f in images:
         stem = _stem(f)
         key = _IMAGE_ENDING.sub("", stem)
         found = by_key.get(stem) or by_key.get(key) or []
@@ -370,11 +387,7 @@ def discover_flat(folder: str | os.PathLike) -> list[Case]:
             raise UserError(f"{found[0]}: both {other} and {f.name} could be its image; rename one of them")
         if found:
             used.add(found[0])
-            cases.append(Case(f, found[0], key))
-        else:
-            cases.append(Case(f, None, stem))
-    cases.extend(Case(f, None, _stem(f)) for f in label_files if f not in used)
-    cases.sort(key=lambda c: c.image.name)
+        cases.append(Case(f, found[0] if found else None, subject or (key if found else stem)))
     return cases
 
 
@@ -383,7 +396,8 @@ def discover_volumes(paths: list[str | os.PathLike]) -> list[Case]:
 
     A folder that is an ACDC root (or one patient's folder), or an ``imagesTr``/``labelsTr`` (or
     ``images``/``labels``) parent, is read with its labels; any other folder contributes the volumes
-    directly in it, each with the label file named after it, if any (:func:`discover_flat`).
+    directly in it, each with the label file named after it, if any (:func:`discover_flat`), or, when
+    it holds none, those of each of its folders, named by that folder (a folder per case).
     """
     cases: list[Case] = []
     for raw in paths:
@@ -403,7 +417,12 @@ def discover_volumes(paths: list[str | os.PathLike]) -> list[Case]:
                 break
         else:
             found = discover_flat(p)
+            if not found:  # a folder per case (KiTS's case_00000/imaging.nii.gz): each named by its folder
+                for case_dir in sorted(d for d in p.iterdir() if d.is_dir()):
+                    found.extend(discover_flat(case_dir, subject=case_dir.name))
             if not found:
-                raise UserError(f"{p}: folder holds no volumes (.nii.gz, .mha, .nrrd or DICOM series)")
+                labels = [f.name for f in p.iterdir() if is_volume_path(f)]
+                held = f" (only label files: {', '.join(sorted(labels)[:3])}{' ...' if len(labels) > 3 else ''})" if labels else ""
+                raise UserError(f"{p}: folder holds no volumes (.nii.gz, .mha, .nrrd or DICOM series){held}")
             cases.extend(found)
     return cases

@@ -372,6 +372,24 @@ def test_finetune_refuses_label_files_that_are_not_label_maps(subject, tmp_path)
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_folder_per_case_is_read_and_written_by_case(tmp_path):
+    """KiTS's layout, case_00000/imaging.nii.gz beside a bare segmentation.nii.gz: fine-tuning takes the
+    labelled case, and segmenting writes each case's labels under its folder's name (the files share one)."""
+    root = tmp_path / "kits"
+    for k in range(2):
+        img, lab = make_phantom(60 + k, n_slices=5)
+        (root / f"case_0000{k}").mkdir(parents=True)
+        save_volume(root / f"case_0000{k}" / "imaging.nii.gz", img.array, np.eye(4))
+        if k == 0:
+            save_volume(root / f"case_0000{k}" / "segmentation.nii.gz", lab.array, np.eye(4))
+    res = json.loads(coral("finetune", root, "--steps", 1, *TINY, "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert Path(res["image"]).parent.name == "case_00000"
+    assert [Path(p).parent.name for p in res["skipped_without_labels"]] == ["case_00001"]
+    coral("segment", root, "--out-dir", tmp_path / "seg")
+    assert sorted(f.name for f in (tmp_path / "seg").iterdir()) == [
+        "case_00000_imaging_labels.nii.gz", "case_00001_imaging_labels.nii.gz"]
+
+
 def test_label_files_whose_values_are_codes(tmp_path):
     """MM-WHS writes its classes as 205, 420, ... 850: `--label-values` renumbers them for fine-tuning, the
     low-label benchmark and evaluation; a value it does not list is background, with a warning."""

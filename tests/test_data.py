@@ -134,9 +134,34 @@ def test_discover_pairs_side_by_side_in_one_folder(tmp_path):
         ("ct_1001_image.nii.gz", "ct_1001_label.nii.gz", "ct_1001"),
         ("ct_1002_image.nii.gz", None, "ct_1002_image"),
         ("ct_1003_image.nii.gz", "ct_1003_label.nii.gz", "ct_1003"),
-        ("other_seg.nii.gz", None, "other_seg"),  # names no image there: a volume of its own
         ("scan.nii", "scan_gt.nii.gz", "scan"),
     ]
+
+
+def test_discover_a_folder_per_case(tmp_path):
+    # KiTS: case_00000/imaging.nii.gz with a bare segmentation.nii.gz; BraTS: one folder of modalities per
+    # case, whose X_seg names no image there (left out, as every label file is: never read as a scan)
+    for case in ("case_00000", "case_00001"):
+        (tmp_path / "kits" / case).mkdir(parents=True)
+        _write(tmp_path / "kits" / case / "imaging.nii.gz")
+        if case == "case_00000":
+            _write(tmp_path / "kits" / case / "segmentation.nii.gz")
+    cases = discover_volumes([tmp_path / "kits"])
+    assert [(c.image.parent.name, c.image.name, c.label.name if c.label else None, c.subject) for c in cases] == [
+        ("case_00000", "imaging.nii.gz", "segmentation.nii.gz", "case_00000"),
+        ("case_00001", "imaging.nii.gz", None, "case_00001"),
+    ]
+    brats = tmp_path / "brats" / "BraTS_001"
+    brats.mkdir(parents=True)
+    for name in ("BraTS_001_t1", "BraTS_001_flair", "BraTS_001_seg"):
+        _write(brats / f"{name}.nii.gz")
+    assert [(c.image.name, c.label, c.subject) for c in discover_volumes([brats.parent])] == [
+        ("BraTS_001_flair.nii.gz", None, "BraTS_001"), ("BraTS_001_t1.nii.gz", None, "BraTS_001")]
+    only = tmp_path / "only_labels"
+    only.mkdir()
+    _write(only / "a_seg.nii.gz")
+    with pytest.raises(UserError, match=r"holds no volumes .* \(only label files: a_seg.nii.gz\)"):
+        discover_volumes([only])
 
 
 def test_discover_refuses_a_label_file_two_images_claim(tmp_path):
