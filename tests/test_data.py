@@ -195,6 +195,10 @@ def test_label_map_renumbers_coded_values_and_refuses_what_is_not_a_label_map(ca
     assert out.dtype == np.uint8 and out.tolist() == [[0, 1, 3], [2, 0, 1]]
     assert "L.nii.gz: values 421 (1 voxels) are not in --label-values; read as background" in capsys.readouterr().err
     assert label_map(np.array([0, 1, 3]), "L").tolist() == [0, 1, 3]  # class numbers stay as they are
+    # negative or huge codes take the sorting path, float files the rounding: the same classes
+    assert label_map(raw.astype(np.int64) - 300, "L", [-95, 200, 550]).tolist() == [[0, 1, 3], [2, 0, 1]]
+    assert label_map(raw.astype(np.int64) << 21, "L", [205 << 21, 500 << 21, 850 << 21]).tolist() == out.tolist()
+    assert label_map(raw.astype(np.float32), "L", [205, 500, 850]).tolist() == out.tolist()
     for bad, fragment in ((raw, "holds label value 850"), (raw - 300, "negative label values"),
                           (raw + 0.5, "non-integer values")):
         with pytest.raises(UserError, match=fragment):
