@@ -27,10 +27,11 @@
 # the machine goes back 30 s after a call: prepare the calls, send the second as soon as the first returns.
 # The next session's calls, about 590 + 260 s (the full low-label protocol needs about 1.6 hours of an
 # H100, so it runs in parts that continue one table; first every method at M = 1, seed 0):
-#   TESTS_K="levers or prefetched" \
 #   LEVERS="defaults;defaults + defer_metrics;defaults + prefetch;defaults + prefetch + defer_metrics;defaults + fuse_batchnorm;defaults + pad_channels" \
 #   PROFILES="defaults + defer_metrics;defaults + fuse_batchnorm,segment" \
-#     bash benchmarks/gpu_session.sh tests:80 levers:70 profile:40   # at most 580 s, about 400 s expected
+#     bash benchmarks/gpu_session.sh tests:100 levers:65 profile:40   # at most 570 s, about 420 s expected
+#   (all CUDA tests: since the last GPU session pretraining slices its indices on the device, segmentation keeps
+#   its labels there until the last batch, and defer_metrics is new)
 #   then at once (the machine goes back 30 s after a call), with the time left:
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4" \
 #     bash benchmarks/gpu_session.sh lowlabel:230
