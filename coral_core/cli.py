@@ -326,8 +326,7 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, 
 
 def _finetune_inputs(args) -> tuple[list[str], list[str], list[str]]:
     """The images and label files `coral finetune` trains on: IMAGE... with --labels one each, or,
-    without --labels, the labelled cases of dataset folders (ACDC, imagesTr/labelsTr, images/labels, or
-    ct_1001_image and ct_1001_label side by side);
+    without --labels, the labelled cases of dataset folders (:func:`coral_core.data.discover_volumes`);
     and the images of those folders that were skipped for want of a label file."""
     from coral_core.data import discover_volumes
 
@@ -344,9 +343,8 @@ def _finetune_inputs(args) -> tuple[list[str], list[str], list[str]]:
         skipped = [str(case.image) for case in found if case.label is None]
         if not cases:
             raise UserError(f"{' '.join(map(str, args.image))}: no image there comes with a label file; give --labels "
-                            "with one label volume per image, or a dataset folder (ACDC; imagesTr and labelsTr; or files such as "
-                            "ct_1001_image and ct_1001_label side by side) "
-                            "that holds label files")
+                            "with one label volume per image, or a dataset folder that holds label files (ACDC; "
+                            "imagesTr and labelsTr; files such as ct_1001_image and ct_1001_label side by side)")
         images, label_files = [str(case.image) for case in cases], [str(case.label) for case in cases]
     if args.slices and len(args.slices) != len(images):
         raise UserError(f"--slices is given {len(args.slices)} time(s) for {len(images)} image(s); give it once per "
@@ -387,7 +385,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
              for i, (image, labels) in enumerate(zip(images, label_files))]
     tops = [top for *_, top in pairs]
     top = max(tops)
-    n_classes = len(label_values) + 1 if label_values else top + 1 if args.classes is None else args.classes
+    if label_values:
+        n_classes = len(label_values) + 1
+    else:
+        n_classes = top + 1 if args.classes is None else args.classes
     if n_classes < 2:
         raise UserError(f"{' and '.join(label_files)}: only background is labelled; at least one foreground class is needed")
     if top >= n_classes:
@@ -997,8 +998,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("finetune", "Fine-tune on the annotated slices of one image or several.", cmd_finetune)
     p.add_argument("image", nargs="+", metavar="IMAGE",
                    help="the annotated image(s), or without --labels dataset folders (ACDC, imagesTr/labelsTr, "
-                        "CASE_image beside CASE_label) whose labelled cases are used; for a model meant for other scans, a few slices in each of several "
-                        "scans did better than the same number in one (docs/results.md)")
+                        "CASE_image beside CASE_label, a folder per case) whose labelled cases are used; for a model "
+                        "meant for other scans, a few slices in each of several scans did better than the same "
+                        "number in one (docs/results.md)")
     p.add_argument("--labels", default=None, nargs="+", metavar="LABELS",
                    help="the label volume drawn on each IMAGE, in the same order")
     p.add_argument("--slices", default=None, action="append", metavar="SLICES",
