@@ -85,15 +85,15 @@ def _auto_image_size(shapes, requested: int | None) -> int:
     return int(min(AUTO_IMAGE_SIZE_MAX, max(64, -(-largest // 16) * 16)))
 
 
-def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int | None = None):
+def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int | None = None,
+                 all_frames: bool = False):
     """Volumes from files/folders and ``--phantom N`` synthetic subjects: (volumes, names, shapes,
-    image size). A volume whose model input size is already known when it is read (``--image-size``
+    image size); ``all_frames``: each frame of a 4-D (cine) file is a volume (``--all-frames``). A volume whose model input size is already known when it is read (``--image-size``
     given, or wider than the automatic size's cap) is normalised and resampled at once
     (:func:`coral_core.data.resize_slices`), so a large cohort never holds its full-resolution
     volumes in memory together; the others, no larger than the cap, are kept as read."""
-    from coral_core.data import discover_volumes, resize_slices
+    from coral_core.data import case_volumes, discover_volumes, resize_slices
     from coral_core.phantom import make_cohort
-    from coral_core.volume import load_volume
 
     if requested_size:
         _auto_image_size([], requested_size)  # a bad --image-size fails before any file is read
@@ -106,8 +106,9 @@ def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int
         volumes.append(resize_slices(array, target) if target else array)
         names.append(name)
 
-    for case in discover_volumes(inputs) if inputs else []:
-        add(load_volume(case.image).array, case.subject)
+    for case in discover_volumes(inputs, all_frames) if inputs else []:
+        for name, volume in case_volumes(case):
+            add(volume.array, name)
     for i, (img, _) in enumerate(make_cohort(phantom, seed=seed) if phantom else []):
         add(img.array, f"phantom{seed + i}")
     if not volumes:
@@ -224,7 +225,8 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     if args.slice_cache:
         data, names, shapes, image_size, cache = _cached_slices(args, rank)
     else:
-        volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size)
+        volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size,
+                                                          args.all_frames)
         data = PretrainSlices(volumes, image_size, consume=True,  # each volume freed once copied in
                               dtype=torch.float16 if args.slices_float16 else torch.float32)
         cache = None
@@ -273,12 +275,15 @@ def _cached_slices(args, rank: int):
     from coral_core.data import discover_volumes
 
     path = slicecache.check_cache_path(args.slice_cache)
-    images = [case.image for case in discover_volumes(args.inputs)] if args.inputs else []
+    images = [case.image for case in discover_volumes(args.inputs, args.all_frames)] if args.inputs else []
     key = slicecache.cache_key(images, args.phantom, args.seed, args.image_size,
                                "float16" if args.slices_float16 else "float32")
+    if args.all_frames:  # recorded only when on, so caches written before the option stay valid
+        key["all_frames"] = True
     found, how = (slicecache.open_cache(path, key), "reused") if rank == 0 else (None, None)
     if rank == 0 and found is None:
-        volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size)
+        volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size,
+                                                          args.all_frames)
         slicecache.write_cache(path, key, volumes, image_size, names, shapes)
         how = "written"
     if args.ddp:
@@ -723,6 +728,17 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         # seeds far above any cohort's (phantom0, phantom1, ...), so no extra subject is also a labelled one
         extra = [image.array for image, _ in make_cohort(cfg.pretrain_extra, seed=PRETRAIN_PHANTOM_SEED, config=phantom_config)]
         source = f"{source}, pretrained with {cfg.pretrain_extra} more phantom subjects"
+    if args.pretrain_cine:
+        from dataclasses import replace
+
+        from coral_core.lowlabel import load_cine_frames
+
+        if not args.data:
+            raise UserError("--pretrain-cine pretrains on the 4-D cine files of --data DIR; give --data, or leave it out")
+        cine = load_cine_frames(args.data, cfg.image_size)
+        extra += cine
+        cfg = replace(cfg, pretrain_extra=cfg.pretrain_extra + len(cine))
+        source = f"{source}, pretrained with the {len(cine)} other frames of its cine files"
     earlier = None
     if args.table:
         from coral_core.fileio import check_output_path
@@ -986,6 +1002,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--ddp", action="store_true",
                    help="distributed over the processes torchrun starts (--batch-size is the global batch)")
+    p.add_argument("--all-frames", action="store_true",
+                   help="read every frame of a 4-D (cine) file as a volume of its own, and an ACDC patient as the "
+                        "frames of its _4d cine file (about 30; the published methods pretrain on these) instead "
+                        "of its ED and ES frames")
     p.add_argument("--slices-float16", action="store_true",
                    help="hold the resampled slices in float16: half the memory for a large cohort (training "
                         "itself stays float32/bf16; docs/performance.md)")
@@ -1107,6 +1127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-cohort-weight", type=float, default=None, metavar="W",
                    help="add the CORAL loss on every unlabelled subject's slices to the fine-tuning, at weight W, for "
                         "every method (default 0: off)")
+    p.add_argument("--pretrain-cine", action="store_true",
+                   help="with --data: every method also pretrains on the other frames of the folder's 4-D cine files "
+                        "(ACDC's patientXXX_4d.nii.gz, about 30 frames a patient), as the published methods do")
     p.add_argument("--pretrain-phantom", type=_count, default=None, metavar="N",
                    help="N more phantom subjects, unlabelled, that join every method's pretraining only (default 0)")
     p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from coral_core.errors import UserError
 from coral_core.losses import partition_index
-from coral_core.volume import VOLUME_SUFFIXES, is_volume_path, normalise_intensity
+from coral_core.volume import VOLUME_SUFFIXES, Volume, is_volume_path, load_frames, load_volume, normalise_intensity
 
 __all__ = [
     "slice_positions",
@@ -37,6 +37,7 @@ __all__ = [
     "discover_pairs",
     "discover_flat",
     "discover_volumes",
+    "case_volumes",
     "parse_slices",
     "parse_label_values",
     "label_map",
@@ -280,32 +281,53 @@ class LabelledSlices(Dataset):
 
 @dataclass
 class Case:
-    """One image file, its label file if any, and the subject it belongs to."""
+    """One image file, its label file if any, and the subject it belongs to. ``frames``: every frame
+    of the file (a 4-D cine series) is a volume of its own (:func:`case_volumes`)."""
 
     image: Path
     label: Path | None
     subject: str
+    frames: bool = False
+
+
+def case_volumes(case: Case) -> list[tuple[str, Volume]]:
+    """(name, volume) of each volume a case holds: its image, or with ``case.frames`` each frame of
+    it, named ``SUBJECT_t00``, ``SUBJECT_t01``, ... (one frame: ``SUBJECT``)."""
+    if not case.frames:
+        return [(case.subject, load_volume(case.image))]
+    frames = load_frames(case.image)
+    if len(frames) == 1:
+        return [(case.subject, frames[0])]
+    return [(f"{case.subject}_t{t:02d}", frame) for t, frame in enumerate(frames)]
 
 
 _ACDC_FRAME = re.compile(r"^(?P<subject>patient\d+)_frame(?P<frame>\d+)(?P<gt>_gt)?\.nii(\.gz)?$")
+_ACDC_CINE = re.compile(r"^(?P<subject>patient\d+)_4d\.nii(\.gz)?$")
 
 
-def discover_acdc(root: str | os.PathLike) -> list[Case]:
+def discover_acdc(root: str | os.PathLike, cine: bool = False) -> list[Case]:
     """ACDC layout: ``root/patientXXX/patientXXX_frameYY.nii.gz`` with ``..._gt.nii.gz`` labels.
 
-    The 4-D cine file (``_4d``) is skipped; frames without ``_gt`` get ``label=None``.
-    ``root`` may also be one patient's folder.
+    The 4-D cine file (``_4d``) is skipped; frames without ``_gt`` get ``label=None``. With
+    ``cine``, a patient with a cine file is that file instead, every frame of it a volume
+    (``frames``; its ED and ES frames are among them): the published methods' unlabelled
+    pretraining set. ``root`` may also be one patient's folder.
     """
     root = Path(root)
     cases = []
     for patient in sorted(p for p in root.iterdir() if p.is_dir()):
-        cases.extend(_acdc_patient(patient))
-    return cases or _acdc_patient(root)
+        cases.extend(_acdc_patient(patient, cine))
+    return cases or _acdc_patient(root, cine)
 
 
-def _acdc_patient(patient: Path) -> list[Case]:
-    """The frames of one ACDC patient folder, each with its ``_gt`` file if there is one."""
+def _acdc_patient(patient: Path, cine: bool = False) -> list[Case]:
+    """The frames of one ACDC patient folder, each with its ``_gt`` file if there is one (with
+    ``cine``: its 4-D cine file instead, when it has one)."""
     files = {f.name: f for f in patient.iterdir() if f.is_file()}
+    if cine:
+        movie = [f for name, f in sorted(files.items()) if _ACDC_CINE.match(name)]
+        if movie:
+            return [Case(movie[0], None, _ACDC_CINE.match(movie[0].name).group("subject"), frames=True)]
     cases = []
     for name, f in sorted(files.items()):
         m = _ACDC_FRAME.match(name)
@@ -391,8 +413,10 @@ def discover_flat(folder: str | os.PathLike, subject: str | None = None) -> list
     return cases
 
 
-def discover_volumes(paths: list[str | os.PathLike]) -> list[Case]:
+def discover_volumes(paths: list[str | os.PathLike], all_frames: bool = False) -> list[Case]:
     """Expand the inputs a user gives (volume files, DICOM folders, dataset folders) into cases.
+    ``all_frames``: every frame of a 4-D (cine) file is a volume (``Case.frames``), and an ACDC
+    patient is its cine file's frames (:func:`discover_acdc`).
 
     A folder that is an ACDC root (or one patient's folder), or an ``imagesTr``/``labelsTr`` (or
     ``images``/``labels``) parent, is read with its labels; any other folder contributes the volumes
@@ -405,21 +429,23 @@ def discover_volumes(paths: list[str | os.PathLike]) -> list[Case]:
         if not p.exists():
             raise UserError(f"{p}: no such file or folder; check the path")
         if p.is_file() or is_volume_path(p):
-            cases.append(Case(p, None, _stem(p)))
+            cases.append(Case(p, None, _stem(p), frames=all_frames))
             continue
-        acdc = discover_acdc(p)
+        acdc = discover_acdc(p, cine=all_frames)
         if acdc:
             cases.extend(acdc)
             continue
         for img_name, lab_name in (("imagesTr", "labelsTr"), ("images", "labels")):
             if (p / img_name).is_dir() and (p / lab_name).is_dir():
-                cases.extend(discover_pairs(p / img_name, p / lab_name))
+                cases.extend(replace(case, frames=all_frames) for case in discover_pairs(p / img_name, p / lab_name))
                 break
         else:
             found = discover_flat(p)
             if not found:  # a folder per case (KiTS's case_00000/imaging.nii.gz): each named by its folder
                 for case_dir in sorted(d for d in p.iterdir() if d.is_dir()):
                     found.extend(discover_flat(case_dir, subject=case_dir.name))
+            if all_frames:
+                found = [replace(case, frames=True) for case in found]
             if not found:
                 labels = [f.name for f in p.iterdir() if is_volume_path(f)]
                 held = f" (only label files: {', '.join(sorted(labels)[:3])}{' ...' if len(labels) > 3 else ''})" if labels else ""

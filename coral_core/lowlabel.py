@@ -43,6 +43,7 @@ __all__ = [
     "LowLabelResult",
     "labelled_slices",
     "load_labelled_cases",
+    "load_cine_frames",
     "make_folds",
     "run_lowlabel",
     "format_table",
@@ -214,6 +215,32 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
     if not cases:
         raise UserError("no data; give --data DIR or --phantom N")
     return cases
+
+
+def load_cine_frames(data: str, image_size: int) -> list[torch.Tensor]:
+    """Every frame of the 4-D cine files in a dataset folder (ACDC's ``patientXXX_4d.nii.gz``), each
+    prepared at ``image_size`` (:func:`~coral_core.data.resize_slices`), except those a labelled case
+    already holds: ACDC's ``patientXXX_frameYY`` is frame YY of the cine, counted from 1. With the
+    labelled cases, that is every cine frame once: the published methods' unlabelled pretraining set
+    (PCL's and CORAL's code pretrain on ACDC's cine frames, about 30 a patient)."""
+    from coral_core.data import _ACDC_FRAME, discover_volumes, resize_slices
+    from coral_core.volume import load_frames
+
+    held: dict[str, set[int]] = {}  # per subject, the frame numbers of its labelled cases
+    for case in discover_volumes([data]):
+        m = _ACDC_FRAME.match(case.image.name)
+        if m and case.label is not None:
+            held.setdefault(m.group("subject"), set()).add(int(m.group("frame")))
+    frames: list[torch.Tensor] = []
+    for case in discover_volumes([data], all_frames=True):
+        movie = load_frames(case.image) if case.frames else []
+        if len(movie) > 1:
+            skip = held.get(case.subject, set())
+            frames.extend(resize_slices(f.array, image_size) for t, f in enumerate(movie) if t + 1 not in skip)
+    if not frames:
+        raise UserError(f"{data}: holds no 4-D cine files (ACDC: patientXXX/patientXXX_4d.nii.gz) to pretrain on; "
+                        "leave --pretrain-cine out")
+    return frames
 
 
 def labelled_slices(n_slices: int, k: int) -> list[int]:

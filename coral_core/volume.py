@@ -24,6 +24,7 @@ from coral_core.fileio import atomic_target
 __all__ = [
     "Volume",
     "load_volume",
+    "load_frames",
     "save_volume",
     "save_like",
     "normalise_intensity",
@@ -99,9 +100,25 @@ def _looks_like_dicom(f: Path) -> bool:
 def load_volume(path: str | os.PathLike) -> Volume:
     """Read a 3-D volume (NIfTI, MHA/MHD, NRRD, or a DICOM series folder).
 
-    A 4-D file is refused with a message naming how to pick one frame; a 2-D image becomes a
-    single-slice volume. Raises :class:`UserError` with one sentence for anything unreadable.
+    A 4-D file is refused with a message naming how to pick one frame (or :func:`load_frames`
+    reads each); a 2-D image becomes a single-slice volume. Raises :class:`UserError` with one
+    sentence for anything unreadable.
     """
+    p, array, affine = _read(path)
+    return Volume(_as_zyx_3d(array, p), affine, p)
+
+
+def load_frames(path: str | os.PathLike) -> list[Volume]:
+    """Every frame of a 4-D file (a cine MRI series: ACDC's ``patientXXX_4d.nii.gz``) as a 3-D volume
+    of its own, in order, each with the file's geometry; a 3-D file as its one volume."""
+    p, array, affine = _read(path)
+    if array.ndim == 4 and array.shape[3] > 1:
+        return [Volume(_as_zyx_3d(array[..., t], p), affine, p) for t in range(array.shape[3])]
+    return [Volume(_as_zyx_3d(array, p), affine, p)]
+
+
+def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(path, voxels as the file holds them, affine) of any volume file or DICOM series folder."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file or folder; check the path")
@@ -117,7 +134,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
         raise UserError(
             f"{p}: unknown volume format; use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM folder"
         )
-    return Volume(_as_zyx_3d(array, p), affine, p)
+    return p, array, affine
 
 
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +225,8 @@ def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:
         array = array[..., 0]
     if array.ndim == 4:
         raise UserError(
-            f"{p}: is a 4-D series with {array.shape[3]} frames; save the frame you want as a 3-D file"
+            f"{p}: is a 4-D series with {array.shape[3]} frames; save the frame you want as a 3-D file (coral "
+            "pretrain --all-frames reads every frame as a volume)"
         )
     if array.ndim != 3:
         raise UserError(f"{p}: has {array.ndim} dimensions; give a 3-D volume")

@@ -723,6 +723,54 @@ def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_
     user_error(coral("bench", "lowlabel", "--data", root, "--phantom-bias", 1, check=False), "--phantom N")
 
 
+def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
+    """ACDC's patientXXX_4d.nii.gz holds every frame of the cine (ED and ES among them): `pretrain
+    --all-frames` reads each frame as a volume, and `bench lowlabel --pretrain-cine` adds to every method's
+    pretraining the frames its labelled cases do not already hold."""
+    import torch
+
+    from coral_core.data import resize_slices
+    from coral_core.lowlabel import load_cine_frames
+    from helpers import write_nifti_ijk
+
+    root = tmp_path / "ACDC"
+    movies = {}
+    for i in range(4):
+        patient = root / f"patient{i + 1:03d}"
+        patient.mkdir(parents=True)
+        movie = [make_phantom(10 * i + t, n_slices=6) for t in range(4)]  # frames 01..04 of the cine
+        movies[patient.name] = [img.array for img, _ in movie]
+        write_nifti_ijk(patient / f"{patient.name}_4d.nii.gz",
+                        np.stack([img.array.transpose(2, 1, 0) for img, _ in movie], -1), np.eye(4))
+        for frame in (1, 3):  # ED and ES: copies of cine frames 1 and 3, with labels
+            img, lab = movie[frame - 1]
+            save_volume(patient / f"{patient.name}_frame{frame:02d}.nii.gz", img.array, np.eye(4))
+            save_volume(patient / f"{patient.name}_frame{frame:02d}_gt.nii.gz", lab.array.astype(np.uint8), np.eye(4))
+    res = json.loads(coral("pretrain", root, "--all-frames", "--epochs", 1, *TINY, "--out", tmp_path / "p.safetensors",
+                           "--json").stdout)
+    assert res["volumes"] == 16  # 4 patients x 4 frames, the ED and ES files not read twice
+    assert json.loads(coral("pretrain", root, "--epochs", 1, *TINY, "--out", tmp_path / "p.safetensors",
+                            "--json").stdout)["volumes"] == 8
+
+    frames = load_cine_frames(root, 32)
+    expected = [resize_slices(movies[p][t], 32) for p in sorted(movies) for t in (1, 3)]  # frames 02 and 04
+    assert len(frames) == len(expected) == 8
+    assert all(torch.equal(a, b) for a, b in zip(frames, expected))
+    res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--pretrain-cine", "--folds", 2,
+                           "--seeds", 1, "--labeled", 1, "--methods", "coral", "--pretrain-epochs", 1,
+                           "--finetune-steps", 2, "--json", "--device", "cpu").stdout)
+    assert res["config"]["pretrain_extra"] == 8 and res["config"]["cases"] == 8
+    assert res["config"]["source"].endswith(", pretrained with the 8 other frames of its cine files")
+    user_error(coral("bench", "lowlabel", "--pretrain-cine", check=False), "give --data")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    img, lab = make_phantom(0, n_slices=4)
+    save_volume(flat / "a_image.nii.gz", img.array, np.eye(4))
+    save_volume(flat / "a_label.nii.gz", lab.array.astype(np.uint8), np.eye(4))
+    user_error(coral("bench", "lowlabel", "--quick", "--data", flat, "--pretrain-cine", check=False),
+               "holds no 4-D cine files")
+
+
 def test_bench_embedding_draws_both_methods(tmp_path):
     res = json.loads(coral("bench", "embedding", "--out", tmp_path / "fig.png", "--phantom", 3, "--epochs", 1,
                            "--show", 2, "--json", "--device", "cpu").stdout)

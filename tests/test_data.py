@@ -207,3 +207,24 @@ def test_label_map_renumbers_coded_values_and_refuses_what_is_not_a_label_map(ca
                            ("a", "whole numbers"), (",".join(map(str, range(1, 258))), "at most 255")):
         with pytest.raises(UserError, match=fragment):
             parse_label_values(text)
+
+
+def test_all_frames_reads_an_acdc_patient_as_its_cine_frames(tmp_path):
+    from coral_core.data import case_volumes
+
+    for pid in ("patient001", "patient002"):
+        d = tmp_path / pid
+        d.mkdir()
+        if pid == "patient001":
+            _write(d / f"{pid}_4d.nii.gz", (10, 12, 4, 3))
+        for frame in ("01", "03"):
+            _write(d / f"{pid}_frame{frame}.nii.gz")
+            _write(d / f"{pid}_frame{frame}_gt.nii.gz")
+    cases = discover_volumes([tmp_path], all_frames=True)
+    # patient002 has no cine file: its frames stay; a file given by name is read frame by frame too
+    assert [(c.image.name, c.frames) for c in cases] == [
+        ("patient001_4d.nii.gz", True), ("patient002_frame01.nii.gz", False), ("patient002_frame03.nii.gz", False)]
+    assert [name for name, _ in case_volumes(cases[0])] == ["patient001_t00", "patient001_t01", "patient001_t02"]
+    assert [name for name, v in case_volumes(cases[1])] == ["patient002"]
+    one = discover_volumes([tmp_path / "patient001" / "patient001_frame01.nii.gz"], all_frames=True)
+    assert [name for name, _ in case_volumes(one[0])] == ["patient001_frame01"]

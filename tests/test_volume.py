@@ -62,6 +62,22 @@ def test_2d_image_becomes_one_slice_and_4d_is_refused(tmp_path):
         load_volume(tmp_path / "cine.nii.gz")
 
 
+def test_every_frame_of_a_cine_file_reads_as_a_volume(tmp_path):
+    from coral_core.volume import load_frames
+
+    rng = np.random.default_rng(0)
+    frames_zyx = [rng.random((3, 5, 4)).astype(np.float32) for _ in range(4)]
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    write_nifti_ijk(tmp_path / "cine.nii.gz", np.stack([f.transpose(2, 1, 0) for f in frames_zyx], -1), affine)
+    frames = load_frames(tmp_path / "cine.nii.gz")
+    assert len(frames) == 4
+    for frame, truth in zip(frames, frames_zyx):
+        np.testing.assert_array_equal(frame.array, truth)
+        assert frame.spacing == (8.0, 1.5, 1.5) and frame.array.flags.c_contiguous
+    write_nifti_ijk(tmp_path / "one.nii.gz", frames_zyx[0].transpose(2, 1, 0), affine)
+    assert [f.shape for f in load_frames(tmp_path / "one.nii.gz")] == [(3, 5, 4)]
+
+
 def test_unreadable_files_give_one_sentence(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_volume(tmp_path / "missing.nii.gz")
