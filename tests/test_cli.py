@@ -751,6 +751,12 @@ def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
     assert res["volumes"] == 16  # 4 patients x 4 frames, the ED and ES files not read twice
     assert json.loads(coral("pretrain", root, "--epochs", 1, *TINY, "--out", tmp_path / "p.safetensors",
                             "--json").stdout)["volumes"] == 8
+    cache = ["--slice-cache", tmp_path / "slices.npy"]  # a cache of the frames is not the cache of the files
+    for frames, volumes, how in (("--all-frames", 16, "written"), (None, 8, "written"), ("--all-frames", 16, "written"),
+                                 ("--all-frames", 16, "reused")):
+        res = json.loads(coral("pretrain", root, *([frames] if frames else []), *cache, "--epochs", 1, *TINY,
+                               "--out", tmp_path / "p.safetensors", "--json").stdout)
+        assert (res["volumes"], res["slice_cache"]) == (volumes, how)
 
     frames = load_cine_frames(root, 32)
     expected = [resize_slices(movies[p][t], 32) for p in sorted(movies) for t in (1, 3)]  # frames 02 and 04
