@@ -1,9 +1,11 @@
-"""npe2 reader: NIfTI, MHA/MHD, NRRD and DICOM series folders."""
+"""npe2 reader: NIfTI, MHA/MHD, NRRD and DICOM series folders (4-D cine series for viewing)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from coral_core.errors import UserError
-from coral_core.volume import is_volume_path, load_volume
+from coral_core.volume import is_volume_path, load_frames
 from napari_coral._layers import volume_to_layer
 
 
@@ -22,12 +24,18 @@ def get_reader(path):
 
 
 def read_volume(path):
-    """Layer data for one volume; a label map opens as Labels."""
+    """Layer data for one volume; a label map opens as Labels, and a 4-D (cine) series as one
+    (t, z, y, x) image with a slider for its frames, to look at (the widgets take 3-D images)."""
     if isinstance(path, list):
         path = path[0]
     try:
-        volume = load_volume(path)
+        frames = load_frames(path)
     except UserError as exc:
         # napari shows reader exceptions as a notification; keep it to the one sentence.
         raise ValueError(str(exc)) from None
-    return [volume_to_layer(volume)]
+    if len(frames) > 1:
+        data, kwargs, kind = volume_to_layer(frames[0], as_labels=False)
+        kwargs["scale"] = (1.0, *kwargs["scale"])
+        kwargs["metadata"]["frames"] = len(frames)
+        return [(np.stack([frame.array for frame in frames]), kwargs, kind)]
+    return [volume_to_layer(frames[0])]

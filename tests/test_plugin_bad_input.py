@@ -40,13 +40,11 @@ def _bad_files(tmp_path):
     write_nifti_ijk(tmp_path / "good.nii.gz", np.random.rand(16, 16, 8).astype(np.float32), np.eye(4))
     raw = (tmp_path / "good.nii.gz").read_bytes()
     (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
-    write_nifti_ijk(tmp_path / "cine.nii.gz", np.random.rand(8, 8, 4, 5).astype(np.float32), np.eye(4))
     return [
         ("missing", tmp_path / "missing.nii.gz", ["missing.nii.gz", "no such file"]),
         ("empty", tmp_path / "empty.nii.gz", ["empty.nii.gz", "empty"]),
         ("text", tmp_path / "text.nii.gz", ["text.nii.gz"]),
         ("truncated", tmp_path / "truncated.nii.gz", ["truncated.nii.gz"]),
-        ("4-D", tmp_path / "cine.nii.gz", ["cine.nii.gz", "4-D"]),
     ]
 
 
@@ -149,17 +147,22 @@ def test_segment_widget_gives_a_labels_layer_for_odd_images(make_napari_viewer, 
     assert labels.shape == data.shape and labels.max() < 4
 
 
-def test_2d_and_4d_layers_are_not_offered_and_segment_says_what_to_open(make_napari_viewer):
+def test_2d_and_4d_layers_are_not_offered_and_segment_says_what_to_open(tmp_path, make_napari_viewer):
     from unittest.mock import patch
 
     viewer = make_napari_viewer()
     viewer.add_image(np.random.rand(32, 32).astype(np.float32), name="photo")
-    viewer.add_image(np.random.rand(3, 4, 32, 32).astype(np.float32), name="cine")
+    # a cine series opens for viewing: one (t, z, y, x) image, a slider for its 5 frames, scaled like a frame
+    write_nifti_ijk(tmp_path / "cine.nii.gz", np.random.rand(8, 6, 4, 5).astype(np.float32), np.diag([1.5, 1.5, 8, 1]))
+    viewer.open(str(tmp_path / "cine.nii.gz"), plugin="napari-coral")
+    cine = viewer.layers["cine"]
+    assert cine.data.shape == (5, 4, 6, 8) and tuple(cine.scale) == (1.0, 8.0, 1.5, 1.5)
+    assert cine.metadata["frames"] == 5
     widget = _dock(viewer, "Segment")
     assert widget.image_picker.count() == 0
     with patch("napari.utils.notifications.show_error") as shown:
         assert widget.segment() is None
-    one_sentence(shown.call_args.args[0], "3-D image")
+    one_sentence(shown.call_args.args[0], "3-D image", "4-D cine series is shown but not segmented")
 
 
 def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_viewer):

@@ -106,7 +106,8 @@ class SegmentWidget(QWidget):
 
         image = self.image_picker.layer()
         if image is None:
-            show_error("Open a 3-D image first (File > Open, or File > Open Sample > Cardiac phantom).")
+            show_error("Open a 3-D image first (File > Open, or File > Open Sample > Cardiac phantom); a 4-D cine "
+                       "series is shown but not segmented: open one of its frames as a 3-D file.")
             return None
         self.session.ensure_model()
         if self.session.pretrained_only:
