@@ -414,7 +414,22 @@ class _Work:
     model_cfg: UNetConfig
     levers: Levers
     device_name: str
-    pretrain_extra: list[np.ndarray] = field(default_factory=list)  # unlabelled volumes for pretraining only
+    # unlabelled volumes for pretraining only: (S, H, W) arrays, or (S, 1, h, w) tensors already prepared
+    # by resize_slices (cine frames)
+    pretrain_extra: list[np.ndarray | torch.Tensor] = field(default_factory=list)
+
+    def __getstate__(self) -> dict:
+        # Sent to worker processes: tensors go as NumPy arrays, which the pipe copies. torch would pass them
+        # through shared memory, which containers often limit to 64 MB (ACDC's cine frames take about 2 GB).
+        state = dict(self.__dict__)
+        state["pretrain_extra"] = [("prepared", v.numpy()) if isinstance(v, torch.Tensor) else v
+                                   for v in self.pretrain_extra]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["pretrain_extra"] = [torch.from_numpy(v[1]) if isinstance(v, tuple) else v
+                                   for v in state["pretrain_extra"]]
+        self.__dict__.update(state)
 
 
 def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> None:

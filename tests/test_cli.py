@@ -763,8 +763,9 @@ def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
     assert len(frames) == len(expected) == 8
     assert all(torch.equal(a, b) for a, b in zip(frames, expected))
     res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--pretrain-cine", "--folds", 2,
-                           "--seeds", 1, "--labeled", 1, "--methods", "coral", "--pretrain-epochs", 1,
-                           "--finetune-steps", 2, "--json", "--device", "cpu").stdout)
+                           "--seeds", 1, "--labeled", 1, "--methods", "coral,pcl", "--pretrain-epochs", 1,
+                           "--finetune-steps", 2, "--workers", 2, "--json", "--device", "cpu").stdout)
+    assert len(res["runs"]) == 4  # both methods pretrained with the frames, in two worker processes
     assert res["config"]["pretrain_extra"] == 8 and res["config"]["cases"] == 8
     assert res["config"]["source"].endswith(", pretrained with the 8 other frames of its cine files")
     user_error(coral("bench", "lowlabel", "--pretrain-cine", check=False), "give --data")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 import coral_core.lowlabel as lowlabel
 from coral_core.lowlabel import LowLabelConfig, labelled_slices, load_labelled_cases, protocol_difference, run_lowlabel
 
@@ -94,3 +96,20 @@ def test_extra_unlabelled_volumes_join_the_pretraining_only(monkeypatch):
     assert result.config["pretrain_extra"] == 3
     with pytest.raises(ValueError, match="pretrain_extra is 3"):
         run_lowlabel(cfg, cases)
+
+
+def test_prepared_volumes_reach_worker_processes_by_value():
+    """Cine frames come prepared as tensors; sent to --workers processes they travel as NumPy arrays (not
+    through shared memory, which containers limit) and arrive as the same tensors."""
+    import pickle
+
+    import torch
+
+    from coral_core.lowlabel import _Work
+
+    prepared, raw = torch.rand(3, 1, 8, 8), np.random.rand(2, 5, 5)
+    work = _Work(LowLabelConfig.quick(), [], [], None, None, "cpu", [prepared, raw])
+    back = pickle.loads(pickle.dumps(work))
+    assert isinstance(back.pretrain_extra[0], torch.Tensor) and torch.equal(back.pretrain_extra[0], prepared)
+    assert isinstance(back.pretrain_extra[1], np.ndarray) and np.array_equal(back.pretrain_extra[1], raw)
+    assert work.pretrain_extra[0] is prepared  # the sender's list is left as it was
