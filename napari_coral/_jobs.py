@@ -59,7 +59,8 @@ def _finetune(spec: dict, messages, stop) -> None:
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,
         resume=resume,
     )
-    save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
+    save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps),
+                                                "slices": sum(v.shape[0] for v in volumes)})
     if resume is not None and not result.history.stopped:
         resume.remove()
     messages.put(("done", spec["out"], result.history.stopped))
@@ -72,7 +73,7 @@ def _pretrain(spec: dict, messages, stop) -> None:
 
     data = np.load(spec["data"])
     arrays = {k: data[k] for k in sorted(data.files)}
-    volumes = list(arrays.values())
+    volumes = [frame for v in arrays.values() for frame in (v if v.ndim == 4 else [v])]  # a cine: each frame
     # progress kept at every epoch's end and when stopped; a later job with the same images and
     # settings continues from it. Its name hashes every voxel (about 1 s per GB): done here, in the
     # job, not on napari's GUI thread.
@@ -82,7 +83,8 @@ def _pretrain(spec: dict, messages, stop) -> None:
         resume = ResumeState(path, fingerprint)
     result = pretrain(PretrainConfig(**spec["config"]), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop,
                       resume=resume)
-    save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
+    save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps),
+                                                "slices": sum(v.shape[0] for v in volumes)})
     if resume is not None and not result.history.stopped:
         resume.remove()
     messages.put(("done", spec["out"], result.history.stopped))

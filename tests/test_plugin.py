@@ -465,6 +465,30 @@ def test_lazy_layers_are_read_whole_only_off_napari_thread(viewer, qtbot):
     assert len(reads) >= 4 and not any(reads), reads  # segment, embed, fine-tune, pretrain: all off napari's thread
 
 
+def test_pretraining_takes_every_frame_of_a_cine_layer(viewer, qtbot):
+    """A 4-D cine layer (as the reader opens ACDC's _4d files) is offered to pretraining, each frame a
+    volume, and to nothing that takes one 3-D image."""
+    from coral_core.phantom import make_phantom
+
+    session = _fresh_model(viewer)
+    frames = np.stack([make_phantom(70 + t, n_slices=4)[0].array for t in range(5)])  # (t, z, y, x)
+    viewer.add_image(frames, name="cine")
+    model = dock(viewer, "Model")
+    assert "cine" in [model.volumes.item(i).text() for i in range(model.volumes.count())]
+    assert [model.volumes.item(i).toolTip() for i in range(model.volumes.count())
+            if model.volumes.item(i).text() == "cine"] == ["a series of 5 frames: each frame is a volume"]
+    assert "cine" not in [dock(viewer, "Embedding").volumes.item(i).text()
+                          for i in range(dock(viewer, "Embedding").volumes.count())]
+    for i in range(model.volumes.count()):
+        item = model.volumes.item(i)
+        item.setCheckState(Qt.CheckState.Checked if item.text() == "cine" else Qt.CheckState.Unchecked)
+    model.epochs.setValue(1)
+    runner = model.pretrain(mode="thread")
+    qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
+    assert "pretrained encoder" in session.source, model.pretrain_status.text()
+    assert session.meta["training"]["slices"] == 20 and session.meta["training"]["volumes"] == ["cine"]
+
+
 def test_a_layer_that_cannot_be_read_fails_the_job_with_its_name(viewer, qtbot):
     class Unreadable(LazyVolume):
         def __array__(self, dtype=None, copy=None):

@@ -46,11 +46,12 @@ class LayerPicker(QComboBox):
 
 
 class VolumeChecklist(QListWidget):
-    """The viewer's 3-D image layers as a checkable list (new layers start checked)."""
+    """The viewer's 3-D image layers as a checkable list (new layers start checked); with ``cine``,
+    4-D (t, z, y, x) image layers too, each frame of which is a volume (pretraining)."""
 
-    def __init__(self, viewer, parent=None) -> None:
+    def __init__(self, viewer, parent=None, cine: bool = False) -> None:
         super().__init__(parent)
-        self.viewer = viewer
+        self.viewer, self.cine = viewer, cine
         self.setMaximumHeight(85)
         viewer.layers.events.inserted.connect(self.refresh)
         viewer.layers.events.removed.connect(self.refresh)
@@ -62,8 +63,10 @@ class VolumeChecklist(QListWidget):
         before = {self.item(i).text(): self.item(i).checkState() for i in range(self.count())}
         self.clear()
         for layer in self.viewer.layers:
-            if isinstance(layer, Image) and layer.ndim == 3:
+            if isinstance(layer, Image) and not layer.rgb and (layer.ndim == 3 or (self.cine and layer.ndim == 4)):
                 item = QListWidgetItem(layer.name)
+                if layer.ndim == 4:
+                    item.setToolTip(f"a series of {layer.data.shape[0]} frames: each frame is a volume")
                 item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
                 item.setCheckState(before.get(layer.name, Qt.CheckState.Checked))
                 self.addItem(item)
