@@ -59,8 +59,7 @@ def _finetune(spec: dict, messages, stop) -> None:
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,
         resume=resume,
     )
-    save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps),
-                                                "slices": sum(v.shape[0] for v in volumes)})
+    save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps)})
     if resume is not None and not result.history.stopped:
         resume.remove()
     messages.put(("done", spec["out"], result.history.stopped))
