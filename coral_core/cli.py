@@ -513,7 +513,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     from coral_core.checkpoint import pretrained_only
     from coral_core.device import resolve_device
     from coral_core.infer import segment_volume
-    from coral_core.volume import load_volume, save_like
+    from coral_core.volume import load_frames, save_like
 
     targets = _segment_targets(args)
     device = resolve_device(args.device)
@@ -525,12 +525,16 @@ def cmd_segment(args) -> tuple[dict, str]:
     t_all = time.perf_counter()
     try:
         for image_path, out_path in targets:
-            image = load_volume(image_path)
-            bar, _ = _progress(image.shape[0], "segment" if len(targets) == 1 else image_path.name, args.json)
+            frames = load_frames(image_path)  # a 4-D cine series: every frame, written as one 4-D file
+            image, n = frames[0], frames[0].shape[0]
+            bar, _ = _progress(n * len(frames), "segment" if len(targets) == 1 else image_path.name, args.json)
             t0 = time.perf_counter()
             with bar:
-                labels = segment_volume(model, image.array, device, args.batch_size,
-                                        progress=lambda d, t: bar.update(d - bar.n), levers=_levers(args))
+                labels = [segment_volume(model, frame.array, device, args.batch_size,
+                                         progress=lambda d, t, base=k * n: bar.update(base + d - bar.n),
+                                         levers=_levers(args)) for k, frame in enumerate(frames)]
+            labels = labels[0] if len(frames) == 1 else np.stack(labels)
+            del frames
             seconds = time.perf_counter() - t0
             save_like(out_path, labels, image)
             done += 1
@@ -552,10 +556,11 @@ def cmd_segment(args) -> tuple[dict, str]:
         one = results[0]
         out = {"labels": one["labels"], "shape": one["shape"], "voxels": one["voxels"], "seconds": one["seconds"],
                "device": str(device)}
-        return out, (f"segmented {args.images[0]} ({_count_of(one['shape'][0], 'slice')}) on {device} in "
-                     f"{one['seconds']:.1f} s; wrote {one['labels']}")
+        what = (_count_of(one["shape"][0], "slice") if len(one["shape"]) == 3 else
+                f"{_count_of(one['shape'][0], 'frame')} of {_count_of(one['shape'][1], 'slice')}")
+        return out, f"segmented {args.images[0]} ({what}) on {device} in {one['seconds']:.1f} s; wrote {one['labels']}"
     seconds = time.perf_counter() - t_all
-    slices = sum(r["shape"][0] for r in results)
+    slices = sum(int(np.prod(r["shape"][:-2])) for r in results)  # a cine series: frames x slices
     out = {"volumes": results, "out_dir": str(Path(args.out_dir)), "seconds": round(seconds, 2), "device": str(device)}
     return out, (f"segmented {_count_of(len(results), 'volume')} ({_count_of(slices, 'slice')}) on {device} in "
                  f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each")
@@ -1056,7 +1061,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _lever_options(p)
 
-    p = command("segment", "Segment a volume, or many; labels keep each input's shape and geometry.", cmd_segment)
+    p = command("segment", "Segment a volume, or many (a 4-D cine series frame by frame); labels keep each input's "
+                "shape and geometry.", cmd_segment)
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="a volume file or DICOM series folder; with --out-dir also several, and dataset folders")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")

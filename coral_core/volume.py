@@ -226,7 +226,7 @@ def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:
     if array.ndim == 4:
         raise UserError(
             f"{p}: is a 4-D series with {array.shape[3]} frames; save the frame you want as a 3-D file (coral "
-            "pretrain --all-frames reads every frame as a volume)"
+            "segment and coral pretrain --all-frames take every frame)"
         )
     if array.ndim != 3:
         raise UserError(f"{p}: has {array.ndim} dimensions; give a 3-D volume")
@@ -243,7 +243,8 @@ def _short(exc: BaseException) -> str:
 
 
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a (z, y, x) array with ``affine`` (file voxel (i, j, k) -> RAS), atomically.
+    """Write a (z, y, x) array with ``affine`` (file voxel (i, j, k) -> RAS), atomically; or a
+    (t, z, y, x) series of such frames (NIfTI only, frames on its fourth axis, as cine files hold them).
 
     The format follows the suffix (.nii, .nii.gz, .mha, .nrrd). The file appears complete or
     not at all: it is written to a temporary name in the same folder, then renamed.
@@ -252,9 +253,11 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     lower = p.name.lower()
     if not lower.endswith(VOLUME_SUFFIXES) or lower.endswith((".mhd", ".nhdr")):
         raise UserError(f"{p}: unknown output format; end the name with .nii.gz, .nii, .mha or .nrrd")
-    if array.ndim != 3:
-        raise ValueError(f"save_volume needs a (z, y, x) array, got shape {array.shape}")
+    if array.ndim not in (3, 4):
+        raise ValueError(f"save_volume needs a (z, y, x) or (t, z, y, x) array, got shape {array.shape}")
     suffix = next(s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if lower.endswith(s))
+    if array.ndim == 4 and suffix not in NIFTI_SUFFIXES:
+        raise UserError(f"{p}: a series of {array.shape[0]} frames is written as NIfTI; end the name with .nii.gz")
     with atomic_target(p, suffix=suffix) as tmp:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(tmp, array, affine)
@@ -264,8 +267,9 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
 
 
 def save_like(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
-    """Write ``array`` (same shape as ``like``) with ``like``'s geometry."""
-    if array.shape != like.array.shape:
+    """Write ``array`` (same shape as ``like``, or a (t, z, y, x) series of frames of its shape) with
+    ``like``'s geometry."""
+    if array.shape[-3:] != like.array.shape or array.ndim not in (3, 4):
         raise ValueError(f"array shape {array.shape} differs from the reference volume's {like.shape}")
     return save_volume(path, array, like.affine)
 
@@ -273,7 +277,8 @@ def save_like(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
 def _write_nifti(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
     import nibabel as nib
 
-    data = np.moveaxis(array, (0, 1, 2), (2, 1, 0))  # (z, y, x) -> (i, j, k)
+    # (z, y, x) -> (i, j, k); a series (t, z, y, x) -> (i, j, k, t)
+    data = np.moveaxis(array, (0, 1, 2), (2, 1, 0)) if array.ndim == 3 else array.transpose(3, 2, 1, 0)
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

@@ -778,6 +778,32 @@ def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
                "holds no 4-D cine files")
 
 
+def test_segment_a_cine_series_frame_by_frame(tmp_path):
+    """A 4-D cine file is segmented frame by frame into one 4-D label file of its geometry, each frame
+    labelled as segmenting that frame alone labels it; a 4-D series is written as NIfTI only."""
+    from helpers import oblique_affine, write_nifti_ijk
+
+    movie = [make_phantom(80 + t, n_slices=5)[0].array for t in range(3)]
+    affine = oblique_affine()
+    write_nifti_ijk(tmp_path / "cine.nii.gz", np.stack([f.transpose(2, 1, 0) for f in movie], -1), affine)
+    res = json.loads(coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.nii.gz",
+                           "--json").stdout)
+    assert res["shape"] == [3, *movie[0].shape]
+    import nibabel as nib
+
+    written = nib.load(str(tmp_path / "cine_labels.nii.gz"))
+    assert written.shape == (*movie[0].shape[::-1], 3) and np.allclose(written.affine, affine, atol=1e-5)
+    for t in (0, 2):
+        save_volume(tmp_path / "frame.nii.gz", movie[t], affine)
+        coral("segment", tmp_path / "frame.nii.gz", "--out", tmp_path / "frame_labels.nii.gz")
+        alone = load_volume(tmp_path / "frame_labels.nii.gz").array
+        np.testing.assert_array_equal(np.asarray(written.dataobj)[..., t].transpose(2, 1, 0), alone)
+    text = coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.nii.gz").stdout
+    assert "(3 frames of 5 slices)" in text
+    user_error(coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.mha", check=False),
+               "cine_labels.mha", "written as NIfTI")
+
+
 def test_bench_embedding_draws_both_methods(tmp_path):
     res = json.loads(coral("bench", "embedding", "--out", tmp_path / "fig.png", "--phantom", 3, "--epochs", 1,
                            "--show", 2, "--json", "--device", "cpu").stdout)

@@ -57,7 +57,10 @@ def _no_partial_files(folder) -> None:
     ],
 )
 def test_unreadable_inputs_exit_2_with_one_sentence(files, tmp_path, name, words):
-    user_error(coral("segment", files / name, "--out", tmp_path / "out.nii.gz", check=False), *words)
+    if name == "cine.nii.gz":  # segment takes a cine series frame by frame; embed takes 3-D volumes
+        user_error(coral("embed", files / name, "--out", tmp_path / "out.csv", check=False), *words)
+    else:
+        user_error(coral("segment", files / name, "--out", tmp_path / "out.nii.gz", check=False), *words)
     _no_partial_files(tmp_path)
 
 
