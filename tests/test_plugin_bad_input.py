@@ -147,22 +147,35 @@ def test_segment_widget_gives_a_labels_layer_for_odd_images(make_napari_viewer, 
     assert labels.shape == data.shape and labels.max() < 4
 
 
-def test_2d_and_4d_layers_are_not_offered_and_segment_says_what_to_open(tmp_path, make_napari_viewer):
+def test_2d_layers_are_not_offered_and_a_cine_series_segments_frame_by_frame(tmp_path, make_napari_viewer, qtbot):
     from unittest.mock import patch
 
     viewer = make_napari_viewer()
     viewer.add_image(np.random.rand(32, 32).astype(np.float32), name="photo")
-    # a cine series opens for viewing: one (t, z, y, x) image, a slider for its 5 frames, scaled like a frame
-    write_nifti_ijk(tmp_path / "cine.nii.gz", np.random.rand(8, 6, 4, 5).astype(np.float32), np.diag([1.5, 1.5, 8, 1]))
-    viewer.open(str(tmp_path / "cine.nii.gz"), plugin="napari-coral")
-    cine = viewer.layers["cine"]
-    assert cine.data.shape == (5, 4, 6, 8) and tuple(cine.scale) == (1.0, 8.0, 1.5, 1.5)
-    assert cine.metadata["frames"] == 5
     widget = _dock(viewer, "Segment")
     assert widget.image_picker.count() == 0
     with patch("napari.utils.notifications.show_error") as shown:
         assert widget.segment() is None
-    one_sentence(shown.call_args.args[0], "3-D image", "4-D cine series is shown but not segmented")
+    one_sentence(shown.call_args.args[0], "3-D image")
+    # a cine series opens as one (t, z, y, x) image, a slider for its 5 frames, scaled like a frame; Segment
+    # labels every frame into one 4-D Labels layer; the panels that take one 3-D image do not offer it
+    write_nifti_ijk(tmp_path / "cine.nii.gz", np.random.rand(24, 20, 4, 5).astype(np.float32), np.diag([1.5, 1.5, 8, 1]))
+    viewer.open(str(tmp_path / "cine.nii.gz"), plugin="napari-coral")
+    cine = viewer.layers["cine"]
+    assert cine.data.shape == (5, 4, 20, 24) and tuple(cine.scale) == (1.0, 8.0, 1.5, 1.5)
+    assert cine.metadata["frames"] == 5
+    assert [widget.image_picker.itemText(i) for i in range(widget.image_picker.count())] == ["cine"]
+    finetune = _dock(viewer, "Fine-tune")
+    assert finetune.image_picker.count() == 0
+    widget.image_picker.setCurrentText("cine")
+    widget.segment()
+    qtbot.waitUntil(lambda: widget.segment_button.isEnabled(), timeout=120_000)
+    labels = viewer.layers["cine labels"]
+    assert labels.data.shape == (5, 4, 20, 24) and tuple(labels.scale) == tuple(cine.scale), widget.status.text()
+    from coral_core.infer import segment_volume
+    from napari_coral._session import session_for
+
+    np.testing.assert_array_equal(labels.data[3], segment_volume(session_for(viewer).model, np.asarray(cine.data[3])))
 
 
 def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_viewer):

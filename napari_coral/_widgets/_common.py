@@ -14,11 +14,12 @@ from napari_coral._jobs import Job
 
 
 class LayerPicker(QComboBox):
-    """A combo box of the viewer's layers of one type, kept in step with the layer list."""
+    """A combo box of the viewer's 3-D layers of one type (with ``cine``, 4-D (t, z, y, x) ones too),
+    kept in step with the layer list."""
 
-    def __init__(self, viewer, layer_type: str, parent=None) -> None:
+    def __init__(self, viewer, layer_type: str, parent=None, cine: bool = False) -> None:
         super().__init__(parent)
-        self.viewer, self.layer_type = viewer, layer_type
+        self.viewer, self.layer_type, self.cine = viewer, layer_type, cine
         viewer.layers.events.inserted.connect(self.refresh)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.layers.events.reordered.connect(self.refresh)
@@ -28,7 +29,9 @@ class LayerPicker(QComboBox):
         from napari import layers
 
         kind = {"image": layers.Image, "labels": layers.Labels}[self.layer_type]
-        return [layer for layer in self.viewer.layers if isinstance(layer, kind) and layer.ndim == 3]
+        dims = (3, 4) if self.cine else (3,)
+        return [layer for layer in self.viewer.layers if isinstance(layer, kind) and layer.ndim in dims
+                and not getattr(layer, "rgb", False)]
 
     def refresh(self, *_):
         current = self.currentText()

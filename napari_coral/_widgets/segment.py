@@ -42,15 +42,20 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     session = session_for(viewer)
     model = session.ensure_model()
     volume = LayerArray(image_layer)  # read in the worker: a lazy layer is read from disk there
-    n_slices = volume.shape[0]
+    n_slices = int(np.prod(volume.shape[:-2]))  # a cine series (t, z, y, x): every slice of every frame
     bar = progress(total=n_slices, desc=f"Segmenting {image_layer.name}")
 
     @thread_worker(ignore_errors=True)  # errors are reported below, not re-raised in napari's event loop
     def work():
-        labels = None
-        for done, labels in iter_segment_volume(model, volume.read(), device):
-            yield done  # handed to the GUI thread, which advances the bar
-        return labels
+        data = volume.read()
+        frames = data if data.ndim == 4 else [data]
+        out = []
+        for k, frame in enumerate(frames):
+            labels = None
+            for done, labels in iter_segment_volume(model, frame, device):
+                yield k * frame.shape[0] + done  # handed to the GUI thread, which advances the bar
+            out.append(labels)
+        return out[0] if data.ndim == 3 else np.stack(out)
 
     worker = work()
     worker.yielded.connect(lambda done: bar.update(done - bar.n))
@@ -86,7 +91,7 @@ class SegmentWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        self.image_picker = LayerPicker(napari_viewer, "image")
+        self.image_picker = LayerPicker(napari_viewer, "image", cine=True)
         self.device_picker = DevicePicker()
         self.segment_button = QPushButton("Segment")
         self.segment_button.clicked.connect(self.segment)
@@ -106,8 +111,7 @@ class SegmentWidget(QWidget):
 
         image = self.image_picker.layer()
         if image is None:
-            show_error("Open a 3-D image first (File > Open, or File > Open Sample > Cardiac phantom); a 4-D cine "
-                       "series is shown but not segmented: open one of its frames as a 3-D file.")
+            show_error("Open a 3-D image first (File > Open, or File > Open Sample > Cardiac phantom).")
             return None
         self.session.ensure_model()
         if self.session.pretrained_only:
