@@ -1,4 +1,4 @@
-"""npe2 writers: Labels and Image layers to NIfTI, restoring the source geometry."""
+"""npe2 writers: Labels and Image layers (3-D, or 4-D cine series) to NIfTI, restoring the source geometry."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from napari_coral._layers import affine_from_layer
 
 def _write(path: str, data, meta: dict, dtype) -> list[str]:
     array = np.asarray(data)
-    if array.ndim != 3:
-        raise ValueError(f"{path}: only 3-D layers can be saved as NIfTI (this one has {array.ndim} dimensions)")
-    affine = affine_from_layer(meta.get("metadata"), meta.get("scale"))
-    save_volume(path, array.astype(dtype), affine)
+    if array.ndim not in (3, 4):
+        raise ValueError(f"{path}: only 3-D layers and 4-D (cine) series can be saved as NIfTI (this one has "
+                         f"{array.ndim} dimensions)")
+    scale = meta.get("scale")
+    affine = affine_from_layer(meta.get("metadata"), None if scale is None else tuple(scale)[-3:])
+    save_volume(path, array.astype(dtype), affine)  # a (t, z, y, x) series: frames on the file's fourth axis
     return [path]
 
 

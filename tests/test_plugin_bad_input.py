@@ -176,6 +176,13 @@ def test_2d_layers_are_not_offered_and_a_cine_series_segments_frame_by_frame(tmp
     from napari_coral._session import session_for
 
     np.testing.assert_array_equal(labels.data[3], segment_volume(session_for(viewer).model, np.asarray(cine.data[3])))
+    # the writer (File > Save Selected Layers) keeps the series as one 4-D NIfTI with the cine's geometry
+    from coral_core.volume import load_frames
+
+    write_labels(str(tmp_path / "cine_labels.nii.gz"), labels.data, {"metadata": labels.metadata, "scale": labels.scale})
+    frames = load_frames(tmp_path / "cine_labels.nii.gz")
+    assert len(frames) == 5 and frames[0].spacing == (8.0, 1.5, 1.5)
+    np.testing.assert_array_equal(np.stack([f.array for f in frames]), labels.data)
 
 
 def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_viewer):
