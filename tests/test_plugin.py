@@ -118,6 +118,13 @@ def _paint_from_truth(viewer, slices):
     return layer, truth
 
 
+def _check_only(checklist, name: str) -> None:
+    """Check the layer ``name`` in a panel's list of images, and no other."""
+    for i in range(checklist.count()):
+        item = checklist.item(i)
+        item.setCheckState(Qt.CheckState.Checked if item.text() == name else Qt.CheckState.Unchecked)
+
+
 def _fresh_model(viewer):
     session = session_for(viewer)
     # A fixed init: the global generator's seed differs from run to run here, and one random init
@@ -437,9 +444,7 @@ def test_lazy_layers_are_read_whole_only_off_napari_thread(viewer, qtbot):
     assert viewer.layers["lazy labels"].data.shape == lazy.shape
 
     embedding = dock(viewer, "Embedding")
-    for i in range(embedding.volumes.count()):  # the lazy volume alone
-        item = embedding.volumes.item(i)
-        item.setCheckState(Qt.CheckState.Checked if item.text() == "lazy" else Qt.CheckState.Unchecked)
+    _check_only(embedding.volumes, "lazy")  # the lazy volume alone
     with qtbot.waitSignal(embedding.embed().finished, timeout=60_000):
         pass
     assert [t.xy.shape[0] for t in embedding.trajectories] == [lazy.shape[0]]
@@ -453,9 +458,7 @@ def test_lazy_layers_are_read_whole_only_off_napari_thread(viewer, qtbot):
     assert session.source == "fine-tuned on lazy", finetune.status.text()
 
     model = dock(viewer, "Model")
-    for i in range(model.volumes.count()):
-        item = model.volumes.item(i)
-        item.setCheckState(Qt.CheckState.Checked if item.text() == "lazy" else Qt.CheckState.Unchecked)
+    _check_only(model.volumes, "lazy")
     model.epochs.setValue(1)
     runner = model.pretrain(mode="thread")
     qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
@@ -479,9 +482,7 @@ def test_pretraining_takes_every_frame_of_a_cine_layer(viewer, qtbot):
             if model.volumes.item(i).text() == "cine"] == ["a series of 5 frames: each frame is a volume"]
     assert "cine" not in [dock(viewer, "Embedding").volumes.item(i).text()
                           for i in range(dock(viewer, "Embedding").volumes.count())]
-    for i in range(model.volumes.count()):
-        item = model.volumes.item(i)
-        item.setCheckState(Qt.CheckState.Checked if item.text() == "cine" else Qt.CheckState.Unchecked)
+    _check_only(model.volumes, "cine")
     model.epochs.setValue(1)
     runner = model.pretrain(mode="thread")
     qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
@@ -498,9 +499,7 @@ def test_a_layer_that_cannot_be_read_fails_the_job_with_its_name(viewer, qtbot):
     phantom = viewer.layers["phantom"]
     viewer.add_image(Unreadable(np.asarray(phantom.data)), name="gone", scale=phantom.scale)
     model = dock(viewer, "Model")
-    for i in range(model.volumes.count()):
-        item = model.volumes.item(i)
-        item.setCheckState(Qt.CheckState.Checked if item.text() == "gone" else Qt.CheckState.Unchecked)
+    _check_only(model.volumes, "gone")
     runner = model.pretrain(mode="thread")
     qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
     text = model.pretrain_status.text()
@@ -513,9 +512,7 @@ def test_a_layer_that_cannot_be_read_fails_the_job_with_its_name(viewer, qtbot):
     assert "Segmentation failed: could not read the data of layer 'gone'" in segment.status.text()
     assert "gone labels" not in viewer.layers
     embedding = dock(viewer, "Embedding")
-    for i in range(embedding.volumes.count()):
-        item = embedding.volumes.item(i)
-        item.setCheckState(Qt.CheckState.Checked if item.text() == "gone" else Qt.CheckState.Unchecked)
+    _check_only(embedding.volumes, "gone")
     embedding.embed()
     qtbot.waitUntil(lambda: embedding.embed_button.isEnabled(), timeout=60_000)
     assert "Embedding failed: could not read the data of layer 'gone'" in embedding.status.text()
