@@ -692,7 +692,8 @@ PRETRAIN_PHANTOM_SEED = 100_000  # the first seed of `coral bench lowlabel --pre
 
 def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     from coral_core.lowlabel import (
-        LowLabelConfig, format_paired, format_table, load_labelled_cases, paired_differences, run_lowlabel,
+        LowLabelConfig, format_paired, format_pooled, format_table, load_labelled_cases, paired_differences,
+        run_lowlabel,
     )
 
     options = {
@@ -783,6 +784,10 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     text = (f"low-label benchmark on {source}: {cfg.folds} folds x {result.config['seeds']} seeds, mean foreground Dice "
             f"+- std over folds and seeds (mean HD95 mm), {result.seconds:.0f} s on {result.config['device']}\n"
             + format_table(result.rows))
+    pooled = format_pooled(result.rows)
+    if pooled:
+        text += ("\n\nDice pooled over each fold's test slices (overlap and sizes summed before dividing), as the "
+                 "published code scores; mean over runs:\n" + pooled)
     for reference in ("random", "coral"):
         table = format_paired([r for r in paired if r["reference"] == reference])
         if table:

@@ -47,6 +47,7 @@ __all__ = [
     "make_folds",
     "run_lowlabel",
     "format_table",
+    "format_pooled",
     "paired_differences",
     "format_paired",
     "EmbeddingFigureConfig",
@@ -261,14 +262,25 @@ def make_folds(subjects: list[str], k: int, seed: int = 0) -> list[list[str]]:
     return [[unique[j] for j in order[i::k]] for i in range(k)]
 
 
-def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Levers) -> tuple[float, float]:
+def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Levers) -> tuple[float, float, float]:
+    """(Dice, HD95, pooled Dice) on the test cases. Dice and HD95: per volume, averaged over the classes
+    present, then over the volumes. Pooled Dice: each class's overlap and sizes summed over every test
+    slice before dividing, then averaged over the classes, as the published code (PCL's, which CORAL's
+    builds on) scores a fold: large volumes weigh more, and a class missed in one small volume costs less."""
     dice, hd = [], []
+    overlap, sizes = np.zeros(n_classes), np.zeros(n_classes)
     for case in cases:
         pred = segment_volume(model, case.image, device, levers=levers)
         m = evaluate_segmentation(pred, case.labels, n_classes, case.spacing)
         dice.append(m["mean_dice"])
         hd.append(m["mean_hd95"])
-    return float(np.nanmean(dice)), float(np.nanmean(hd)) if np.isfinite(hd).any() else float("nan")
+        for c in range(1, n_classes):
+            p, t = pred == c, case.labels == c
+            overlap[c] += np.count_nonzero(p & t)
+            sizes[c] += np.count_nonzero(p) + np.count_nonzero(t)
+    present = sizes[1:] > 0
+    pooled = float(np.mean(2 * overlap[1:][present] / sizes[1:][present])) if present.any() else float("nan")
+    return float(np.nanmean(dice)), float(np.nanmean(hd)) if np.isfinite(hd).any() else float("nan"), pooled
 
 
 # What a run's result depends on, besides its own (method, labelled count, fold, seed): a table may
@@ -478,9 +490,9 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
         ).model
         spent[f"finetune {method}"] = time.perf_counter() - t
         t = time.perf_counter()
-        dice, hd95 = _score(model, test, model_cfg.n_classes, device, levers)
+        dice, hd95, pooled = _score(model, test, model_cfg.n_classes, device, levers)
         spent[f"score {method}"] = time.perf_counter() - t
-        take({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
+        take({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95, "dice_pooled": pooled,
               "train": sorted(chosen), "test": sorted(test_subjects), "device": work.device_name,
               "threads": torch.get_num_threads()}, spent)
         spent = {}
@@ -556,10 +568,13 @@ def _rows(runs: list[dict], methods, labeled) -> list[dict]:
                 continue
             d = np.array([r["dice"] for r in sel], dtype=float)  # None (from JSON) becomes NaN
             h = np.array([r["hd95"] for r in sel], dtype=float)
+            # runs written before 2026-11-28 (evening) have no pooled Dice
+            pooled = np.array([r.get("dice_pooled") for r in sel], dtype=float)
             rows.append({
                 "method": method, "labeled": m, "dice": float(np.nanmean(d)),
                 "dice_std": float(np.nanstd(d)), "hd95": float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
-                "n": len(sel),
+                "dice_pooled": float(np.nanmean(pooled)) if np.isfinite(pooled).any() else float("nan"),
+                "n": len(sel), "n_pooled": int(np.isfinite(pooled).sum()),
             })
     return rows
 
@@ -577,6 +592,18 @@ def format_table(rows: list[dict]) -> str:
             r = cell.get((method, m))
             parts.append(f"{r['dice']:.3f} +- {r['dice_std']:.3f} ({r['hd95']:5.1f})" if r else "-")
         lines.append(f"{method:<8}" + "".join(f"{p:>26}" for p in parts))
+    return "\n".join(lines)
+
+
+def format_pooled(rows: list[dict]) -> str:
+    """The pooled Dice of each row (methods down, labelled counts across); "" when no run has one."""
+    if not any(np.isfinite(r.get("dice_pooled", float("nan"))) for r in rows):
+        return ""
+    labeled = sorted({r["labeled"] for r in rows})
+    cell = {(r["method"], r["labeled"]): r.get("dice_pooled", float("nan")) for r in rows}
+    lines = [f"{'method':<8}" + "".join(f"{f'M={m}':>9}" for m in labeled)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        lines.append(f"{method:<8}" + "".join(f"{cell.get((method, m), float('nan')):9.3f}" for m in labeled))
     return "\n".join(lines)
 
 

@@ -660,7 +660,7 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
         ("coral", "random"), ("pcl", "random"), ("random", "coral"), ("pcl", "coral")}
     text = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                  "--methods", "random", "--finetune-steps", 2, "--device", "cpu").stdout
-    assert "random" in text and "M=1" in text
+    assert "random" in text and "M=1" in text and "Dice pooled over each fold's test slices" in text
     frozen = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                               "--methods", "coral", "--pretrain-epochs", 1, "--finetune-steps", 2, "--device", "cpu",
                               "--freeze-encoder", "--json").stdout)
@@ -713,6 +713,7 @@ def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_
                            "--json", "--device", "cpu").stdout)
     assert res["config"]["subjects"] == 4 and res["config"]["cases"] == 8 and res["config"]["source"] == str(root)
     assert res["config"]["finetune_balance_classes"] is False and res["config"]["cpu_bf16"] is True
+    assert all(0 <= r["dice_pooled"] <= 1 for r in res["runs"]) and 0 <= res["rows"][0]["dice_pooled"] <= 1
     patients = {f"patient{i + 1:03d}" for i in range(4)}
     assert len(res["runs"]) == 2
     for run in res["runs"]:  # folds hold patients; the labelled one is never a test patient

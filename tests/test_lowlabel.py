@@ -113,3 +113,23 @@ def test_prepared_volumes_reach_worker_processes_by_value():
     assert isinstance(back.pretrain_extra[0], torch.Tensor) and torch.equal(back.pretrain_extra[0], prepared)
     assert isinstance(back.pretrain_extra[1], np.ndarray) and np.array_equal(back.pretrain_extra[1], raw)
     assert work.pretrain_extra[0] is prepared  # the sender's list is left as it was
+
+
+def test_pooled_dice_sums_every_test_slice_before_dividing(monkeypatch):
+    """The published code's metric: each class's overlap and sizes summed over the fold's test slices, then
+    divided; ours: per volume, then averaged. One volume half found and one small volume missed: 0.25
+    per volume, 8/18 pooled. A class in no volume counts in neither."""
+    from coral_core.levers import Levers
+
+    truth_a, pred_a = np.zeros((2, 4, 4), np.uint8), np.zeros((2, 4, 4), np.uint8)
+    truth_a[0, :2, :] = 1  # 8 voxels
+    pred_a[0, 1:3, :] = 1  # 8 voxels, 4 of them right
+    truth_b = np.zeros((2, 4, 4), np.uint8)
+    truth_b[1, 0, :2] = 1  # 2 voxels, none found
+    cases = [lowlabel.LabelledCase("a", truth_a.astype(np.float32), truth_a, (1.0, 1.0, 1.0)),
+             lowlabel.LabelledCase("b", truth_b.astype(np.float32), truth_b, (1.0, 1.0, 1.0))]
+    preds = {"a": pred_a, "b": np.zeros_like(truth_b)}
+    monkeypatch.setattr(lowlabel, "segment_volume",
+                        lambda model, image, *a, **k: preds["a" if image.sum() == 8 else "b"])
+    dice, _, pooled = lowlabel._score(None, cases, 3, "cpu", Levers())
+    assert dice == 0.25 and abs(pooled - 8 / 18) < 1e-12
