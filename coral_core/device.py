@@ -9,7 +9,7 @@ import torch
 
 from coral_core.errors import UserError
 
-__all__ = ["resolve_device", "mixed_precision", "DEVICE_CHOICES", "host_memory", "free_host_memory"]
+__all__ = ["resolve_device", "mixed_precision", "DEVICE_CHOICES", "host_memory", "free_host_memory", "cpu_name"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -62,3 +62,19 @@ def free_host_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return host_memory()
+
+
+def cpu_name() -> str:
+    """The CPU's model as the system names it ("Intel(R) Xeon(R) ...", "AMD EPYC"), or the machine
+    type where it does not say: float32 results differ in their last bits between CPU models, since
+    the math library picks other kernels (other sums' orders) for other instruction sets."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -333,7 +333,7 @@ def run_lowlabel(
     from the same protocol (:data:`PROTOCOL_FIELDS`), else a UserError names ``earlier_name`` and
     the difference. ``on_run(result)`` is called after every new run with everything so far.
     """
-    from coral_core.device import resolve_device
+    from coral_core.device import cpu_name, resolve_device
 
     say = progress or (lambda text: None)
     pretrain_extra = list(pretrain_extra or [])
@@ -362,7 +362,8 @@ def run_lowlabel(
                               "compute": "bf16" if bf16 else "float32",
                               # lists, as a table read back from JSON has them
                               "finetune_scale": list(cfg.finetune_scale), "pretrain_scale": list(cfg.pretrain_scale)}
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # the CPU's model too: another model rounds float32 differently (docs/results.md, "Another machine's rounding")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})"
     runs: list[dict] = []
     timings: dict[str, float] = {}
     earlier_seconds = 0.0
@@ -391,12 +392,17 @@ def run_lowlabel(
     work = _Work(cfg, cases, folds, model_cfg, levers, device_name, pretrain_extra)
     in_workers = cfg.workers > 1 and len(units) > 1
     threads = max(1, torch.get_num_threads() // cfg.workers) if in_workers else torch.get_num_threads()
-    earlier_threads = sorted({r["threads"] for r in runs if "threads" in r and r.get("device") == "cpu"})
+    on_cpu = [r for r in runs if str(r.get("device", "")).startswith("cpu")]
+    earlier_threads = sorted({r["threads"] for r in on_cpu if "threads" in r})
     if units and device.type == "cpu" and earlier_threads and earlier_threads != [threads]:
         # On the CPU the thread count changes the order of sums, and rounding alone moved single runs by
         # up to 0.058 Dice (docs/results.md): such a table mixes two roundings.
         say(f"note: the table's runs used {', '.join(map(str, earlier_threads))} CPU thread(s) per process, the new "
             f"ones use {threads}; the rounding differs, so runs are comparable only in the mean")
+    earlier_cpus = sorted({r["device"] for r in on_cpu if r["device"] != "cpu"})  # "cpu": written before 2026-11-28 evening
+    if units and device.type == "cpu" and earlier_cpus and earlier_cpus != [device_name]:
+        say(f"note: the table's runs ran on {', '.join(earlier_cpus)}, the new ones on {device_name}; another CPU "
+            "model rounds differently, so runs are comparable only in the mean")
     order = {m: i for i, m in enumerate(config["methods"])}
 
     def take(run: dict, spent: dict[str, float]) -> None:

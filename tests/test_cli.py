@@ -541,9 +541,12 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     import torch
 
     assert {r["threads"] for r in second["runs"]} == {torch.get_num_threads()}  # one process: all its threads
+    from coral_core.device import cpu_name
+
+    assert {r["device"] for r in second["runs"]} == {f"cpu ({cpu_name()})"}  # the CPU model rounds float32 its way
     kept = json.loads(table.read_text())
     for run in kept["runs"]:
-        run["threads"] = 99
+        run["threads"], run["device"] = 99, "cpu (another CPU)"
     del kept["config"]["finetune_freeze_encoder"]  # as a table from before these fields were recorded
     del kept["config"]["finetune_augment"]
     table.write_text(json.dumps(kept))
@@ -554,6 +557,7 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     proc = coral(*base[:-1], "--seeds", 2, "--methods", "random", "--workers", 1)
     assert (f"the table's runs used 99 CPU thread(s) per process, the new ones use {torch.get_num_threads()}"
             in proc.stderr)
+    assert f"the table's runs ran on cpu (another CPU), the new ones on cpu ({cpu_name()})" in proc.stderr
     user_error(coral(*base[:-1], "--finetune-steps", 3, check=False), str(table), "finetune_steps is 2, this run's 3")
     table.write_text("{not json")
     user_error(coral(*base, check=False), str(table), "cannot be read as a benchmark table")
