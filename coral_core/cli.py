@@ -708,7 +708,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "finetune_scale": _float_range(args.finetune_scale, "--finetune-scale", "0.7,1.4") if args.finetune_scale else None,
         "pretrain_scale": _float_range(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
         "finetune_cohort_weight": args.finetune_cohort_weight, "pretrain_extra": args.pretrain_phantom,
-        "finetune_encoder_lr_scale": args.encoder_lr_scale,
+        "finetune_encoder_lr_scale": args.encoder_lr_scale, "finetune_repeats": args.finetune_repeats,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -1125,6 +1125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="fine-tune the decoder and head only, the encoder as pretrained (or as randomly initialised): "
                         "what each encoder holds by itself")
+    p.add_argument("--finetune-repeats", type=_positive_int, default=None, metavar="R",
+                   help="fine-tune each run R times with different fine-tuning seeds (the first the run's own) and "
+                        "average their Dice: less of the spread that fine-tuning trajectories add (default 1)")
     p.add_argument("--encoder-lr-scale", type=float, default=None, metavar="F",
                    help="fine-tune the encoder at F times the learning rate, the decoder and head at the full rate "
                         "(default 1)")

@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 LOWLABEL_METHODS = ("random", "simclr", "gcl", "pcl", "coral", "ral", "oal")
+# Fine-tuning seed of repeat r of a run with seed s: s + r * this (far from any run's own seed).
+FINETUNE_REPEAT_SEED_STEP = 1_000_003
 
 
 @dataclass
@@ -91,6 +93,11 @@ class LowLabelConfig:
     # FinetuneConfig.encoder_lr_scale: the encoder fine-tuned at this fraction of the learning rate,
     # between frozen and fully fine-tuned (docs/results.md).
     finetune_encoder_lr_scale: float = 1.0
+    # Fine-tunings per run, each with its own fine-tuning seed (the first with the run's seed, as with 1),
+    # whose Dice are averaged: on two CPUs the same 40 quick runs gave uncorrelated paired differences, so
+    # most of a run's spread is its fine-tuning trajectory, which more fine-tunings average out
+    # (docs/results.md, "Another machine's rounding"). The pretraining is shared; the cost is R fine-tunings.
+    finetune_repeats: int = 1
     # FinetuneConfig.augment.enabled: the fine-tuning's rotation, scaling, gamma, contrast and noise
     # (the pretraining augments either way). Off, random init has only the labelled volumes' own
     # appearance to learn from (docs/results.md, "More checks of the cause").
@@ -150,6 +157,8 @@ class LowLabelConfig:
             raise UserError("--encoder-lr-scale must be above 0 (use --freeze-encoder to keep the encoder as it is)")
         if self.pretrain_extra < 0:
             raise UserError("--pretrain-phantom must be 0 (none) or more")
+        if self.finetune_repeats < 1:
+            raise UserError("--finetune-repeats must be 1 or more")
         if self.finetune_slices < 0:
             raise UserError("--labeled-slices must be 0 (every slice) or more")
         if self.base_filters < 1 or self.image_size < 16 or self.image_size % 16:
@@ -289,12 +298,12 @@ PROTOCOL_FIELDS = (
     "source", "subjects", "cases", "n_classes", "folds", "image_size", "base_filters", "pretrain_epochs",
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
     "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
-    "finetune_cohort_weight", "pretrain_extra", "finetune_encoder_lr_scale",
+    "finetune_cohort_weight", "pretrain_extra", "finetune_encoder_lr_scale", "finetune_repeats",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
                        "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0,
-                       "pretrain_extra": 0, "finetune_encoder_lr_scale": 1.0}
+                       "pretrain_extra": 0, "finetune_encoder_lr_scale": 1.0, "finetune_repeats": 1}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -480,27 +489,37 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
         train = [c for c in cases if c.name in chosen]
         test = [c for c in cases if c.name in test_subjects]
         say(f"seed {seed}: fine-tune {method} on {m} labelled, fold {k + 1}/{cfg.folds}")
-        t = time.perf_counter()
-        ft_cfg = FinetuneConfig(
-            steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
-            seed=seed, device=cfg.device, validate_every=0, balance_classes=cfg.finetune_balance_classes,
-            # the same fine-tuning for every method: no extra loss for CORAL unless every method gets it
-            embedding_weight=cfg.finetune_cohort_weight,
-            freeze_encoder=cfg.finetune_freeze_encoder, encoder_lr_scale=cfg.finetune_encoder_lr_scale, levers=levers,
-            augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale),
-        )
-        model = finetune(
-            ft_cfg, init, [c.image for c in train], [c.labels for c in train],
-            [labelled_slices(c.image.shape[0], cfg.finetune_slices) for c in train],
-            unlabelled=[c.image for c in cases if c.name not in chosen] if cfg.finetune_cohort_weight else None,
-        ).model
-        spent[f"finetune {method}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        dice, hd95, pooled = _score(model, test, model_cfg.n_classes, device, levers)
-        spent[f"score {method}"] = time.perf_counter() - t
-        take({"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95, "dice_pooled": pooled,
-              "train": sorted(chosen), "test": sorted(test_subjects), "device": work.device_name,
-              "threads": torch.get_num_threads()}, spent)
+        scores = []  # (dice, hd95, pooled) of each fine-tuning of this run
+        spent.update({f"finetune {method}": 0.0, f"score {method}": 0.0})
+        for repeat in range(cfg.finetune_repeats):
+            t = time.perf_counter()
+            ft_cfg = FinetuneConfig(
+                steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
+                # the first fine-tuning takes the run's seed, so one repeat is the plain run
+                seed=seed + FINETUNE_REPEAT_SEED_STEP * repeat, device=cfg.device, validate_every=0,
+                balance_classes=cfg.finetune_balance_classes,
+                # the same fine-tuning for every method: no extra loss for CORAL unless every method gets it
+                embedding_weight=cfg.finetune_cohort_weight,
+                freeze_encoder=cfg.finetune_freeze_encoder, encoder_lr_scale=cfg.finetune_encoder_lr_scale,
+                levers=levers, augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale),
+            )
+            model = finetune(
+                ft_cfg, init, [c.image for c in train], [c.labels for c in train],
+                [labelled_slices(c.image.shape[0], cfg.finetune_slices) for c in train],
+                unlabelled=[c.image for c in cases if c.name not in chosen] if cfg.finetune_cohort_weight else None,
+            ).model
+            spent[f"finetune {method}"] += time.perf_counter() - t
+            t = time.perf_counter()
+            scores.append(_score(model, test, model_cfg.n_classes, device, levers))
+            spent[f"score {method}"] += time.perf_counter() - t
+        dice, hd95, pooled = (float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                              for v in np.array(scores, dtype=float).T)
+        run = {"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
+               "dice_pooled": pooled, "train": sorted(chosen), "test": sorted(test_subjects),
+               "device": work.device_name, "threads": torch.get_num_threads()}
+        if cfg.finetune_repeats > 1:
+            run["dice_repeats"] = [d for d, _, _ in scores]
+        take(run, spent)
         spent = {}
 
 

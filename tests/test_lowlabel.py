@@ -133,3 +133,20 @@ def test_pooled_dice_sums_every_test_slice_before_dividing(monkeypatch):
                         lambda model, image, *a, **k: preds["a" if image.sum() == 8 else "b"])
     dice, _, pooled = lowlabel._score(None, cases, 3, "cpu", Levers())
     assert dice == 0.25 and abs(pooled - 8 / 18) < 1e-12
+
+
+def test_finetune_repeats_average_fine_tunings_with_their_own_seeds():
+    """`--finetune-repeats R`: each run fine-tuned R times from the same pretraining, with its own seed then
+    seed + k * FINETUNE_REPEAT_SEED_STEP, and the Dice averaged; the first repeat is the plain run."""
+    cases = load_labelled_cases(None, 4)
+    base = dict(methods=("random", "coral"), seeds=1, folds=2, workers=1, pretrain_epochs=1, finetune_steps=30,
+                base_filters=4, image_size=32, device="cpu")
+    plain = run_lowlabel(LowLabelConfig.quick(**base), cases)
+    repeated = run_lowlabel(LowLabelConfig.quick(**base, finetune_repeats=3), cases)
+    assert repeated.config["finetune_repeats"] == 3
+    assert "finetune_repeats is 1, this run's 3" in protocol_difference(plain.config, repeated.config)
+    assert "dice_repeats" not in plain.runs[0]
+    for one, three in zip(plain.runs, repeated.runs):
+        assert len(three["dice_repeats"]) == 3 and three["dice_repeats"][0] == one["dice"]
+        assert np.isclose(three["dice"], np.mean(three["dice_repeats"]))
+        assert len(set(three["dice_repeats"])) > 1  # other seeds, other fine-tunings
