@@ -478,7 +478,7 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
     from coral_core.data import _stem, discover_volumes
     from coral_core.fileio import check_output_path
-    from coral_core.volume import is_volume_path
+    from coral_core.volume import NIFTI_SUFFIXES, frame_count, is_volume_path
 
     if (args.out is None) == (args.out_dir is None):
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
@@ -487,6 +487,10 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
             raise UserError(f"--out writes one label volume but {len(args.images)} inputs were given; use --out-dir DIR")
         if Path(args.images[0]).is_dir() and not is_volume_path(args.images[0]):
             raise UserError(f"{args.images[0]}: a folder of volumes, not one volume; use --out-dir DIR instead of --out")
+        series = frame_count(args.images[0])
+        if series > 1 and not str(args.out).lower().endswith(NIFTI_SUFFIXES):  # refused before any work
+            raise UserError(f"{args.out}: {args.images[0]} is a series of {series} frames, whose labels are written "
+                            "as NIfTI; end the name with .nii.gz")
         return [(Path(args.images[0]), check_output_path(args.out))]
     out_dir = Path(args.out_dir)
     targets: dict[Path, Path] = {}
@@ -494,6 +498,8 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         stem = _stem(case.image)  # the file's own name: an ACDC patient's frames share their subject
         suffix = case.image.name[len(stem):].lower()
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd", "": ".nii.gz"}.get(suffix, suffix)  # one file each; DICOM -> NIfTI
+        if frame_count(case.image) > 1 and suffix not in NIFTI_SUFFIXES:
+            suffix = ".nii.gz"  # a cine series' labels: one 4-D file, which only NIfTI holds here
         # a case's folder names its files (KiTS: case_00000/imaging.nii.gz -> case_00000_imaging_labels.nii.gz)
         name = stem if case.subject in stem else f"{case.subject}_{stem}"
         out = out_dir / f"{name}_labels{suffix}"

@@ -234,7 +234,7 @@ def load_cine_frames(data: str, image_size: int) -> list[torch.Tensor]:
     labelled cases, that is every cine frame once: the published methods' unlabelled pretraining set
     (PCL's and CORAL's code pretrain on ACDC's cine frames, about 30 a patient)."""
     from coral_core.data import _ACDC_FRAME, discover_volumes, resize_slices
-    from coral_core.volume import load_frames
+    from coral_core.volume import frame_count, load_frames
 
     held: dict[str, set[int]] = {}  # per subject, the frame numbers of its labelled cases
     for case in discover_volumes([data]):
@@ -243,7 +243,7 @@ def load_cine_frames(data: str, image_size: int) -> list[torch.Tensor]:
             held.setdefault(m.group("subject"), set()).add(int(m.group("frame")))
     frames: list[torch.Tensor] = []
     for case in discover_volumes([data], all_frames=True):
-        movie = load_frames(case.image) if case.frames else []
+        movie = load_frames(case.image) if case.frames and frame_count(case.image) > 1 else []  # header first
         if len(movie) > 1:
             skip = held.get(case.subject, set())
             frames.extend(resize_slices(f.array, image_size) for t, f in enumerate(movie) if t + 1 not in skip)

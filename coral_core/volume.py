@@ -25,6 +25,7 @@ __all__ = [
     "Volume",
     "load_volume",
     "load_frames",
+    "frame_count",
     "save_volume",
     "save_like",
     "normalise_intensity",
@@ -115,6 +116,29 @@ def load_frames(path: str | os.PathLike) -> list[Volume]:
     if array.ndim == 4 and array.shape[3] > 1:
         return [Volume(_as_zyx_3d(array[..., t], p), affine, p) for t in range(array.shape[3])]
     return [Volume(_as_zyx_3d(array, p), affine, p)]
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """How many frames a volume file holds (1 for a 3-D file, a DICOM series or anything unreadable),
+    from its header alone: whether :func:`load_frames` would give a series, without reading the voxels."""
+    p = Path(path)
+    try:
+        if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            shape = nib.load(str(p)).shape
+        elif p.is_file() and p.name.lower().endswith(ITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(p))
+            reader.ReadImageInformation()
+            shape = reader.GetSize()
+        else:
+            return 1
+    except Exception:  # noqa: BLE001 - unreadable here: load_frames will say why in one sentence
+        return 1
+    return int(shape[3]) if len(shape) >= 4 else 1
 
 
 def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:

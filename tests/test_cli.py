@@ -806,7 +806,15 @@ def test_segment_a_cine_series_frame_by_frame(tmp_path):
     text = coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.nii.gz").stdout
     assert "(3 frames of 5 slices)" in text
     user_error(coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.mha", check=False),
-               "cine_labels.mha", "written as NIfTI")
+               "cine_labels.mha", "series of 3 frames", "written as NIfTI")  # before any work: nothing written
+    assert not (tmp_path / "cine_labels.mha").exists()
+    import SimpleITK as sitk  # a cine in an ITK format: --out-dir writes its labels as NIfTI all the same
+
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack(movie), isVector=False), str(tmp_path / "in" / "cine2.mha"))
+    coral("segment", tmp_path / "in", "--out-dir", tmp_path / "out")
+    assert [f.name for f in (tmp_path / "out").iterdir()] == ["cine2_labels.nii.gz"]
+    assert nib.load(str(tmp_path / "out" / "cine2_labels.nii.gz")).shape[3] == 3
 
 
 def test_bench_embedding_draws_both_methods(tmp_path):

@@ -76,6 +76,15 @@ def test_every_frame_of_a_cine_file_reads_as_a_volume(tmp_path):
         assert frame.spacing == (8.0, 1.5, 1.5) and frame.array.flags.c_contiguous
     write_nifti_ijk(tmp_path / "one.nii.gz", frames_zyx[0].transpose(2, 1, 0), affine)
     assert [f.shape for f in load_frames(tmp_path / "one.nii.gz")] == [(3, 5, 4)]
+    # the header alone says whether a file is a series: NIfTI and ITK formats; anything else counts as one frame
+    import SimpleITK as sitk
+
+    from coral_core.volume import frame_count
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack(frames_zyx), isVector=False), str(tmp_path / "cine.mha"))
+    assert [frame_count(tmp_path / n) for n in ("cine.nii.gz", "one.nii.gz", "cine.mha", "missing.nii.gz")] == [4, 1, 4, 1]
+    from_mha = load_frames(tmp_path / "cine.mha")
+    assert len(from_mha) == 4 and all(np.array_equal(f.array, t) for f, t in zip(from_mha, frames_zyx))
 
 
 def test_unreadable_files_give_one_sentence(tmp_path):
