@@ -88,7 +88,8 @@ def _auto_image_size(shapes, requested: int | None) -> int:
 def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int | None = None,
                  all_frames: bool = False):
     """Volumes from files/folders and ``--phantom N`` synthetic subjects: (volumes, names, shapes,
-    image size); ``all_frames``: each frame of a 4-D (cine) file is a volume (``--all-frames``). A volume whose model input size is already known when it is read (``--image-size``
+    image size); ``all_frames``: each frame of a 4-D (cine) file is a volume (``--all-frames``). A volume
+    whose model input size is already known when it is read (``--image-size``
     given, or wider than the automatic size's cap) is normalised and resampled at once
     (:func:`coral_core.data.resize_slices`), so a large cohort never holds its full-resolution
     volumes in memory together; the others, no larger than the cap, are kept as read."""
@@ -518,7 +519,7 @@ def cmd_segment(args) -> tuple[dict, str]:
 
     from coral_core.checkpoint import pretrained_only
     from coral_core.device import resolve_device
-    from coral_core.infer import segment_volume
+    from coral_core.infer import iter_segment_series
     from coral_core.volume import load_frames, save_like
 
     targets = _segment_targets(args)
@@ -536,10 +537,10 @@ def cmd_segment(args) -> tuple[dict, str]:
             bar, _ = _progress(n * len(frames), "segment" if len(targets) == 1 else image_path.name, args.json)
             t0 = time.perf_counter()
             with bar:
-                labels = [segment_volume(model, frame.array, device, args.batch_size,
-                                         progress=lambda d, t, base=k * n: bar.update(base + d - bar.n),
-                                         levers=_levers(args)) for k, frame in enumerate(frames)]
-            labels = labels[0] if len(frames) == 1 else np.stack(labels)
+                for slices_done, labels in iter_segment_series(model, [f.array for f in frames], device,
+                                                               args.batch_size, _levers(args)):
+                    bar.update(slices_done - bar.n)
+            labels = labels[0] if len(frames) == 1 else labels
             del frames
             seconds = time.perf_counter() - t0
             save_like(out_path, labels, image)
@@ -731,6 +732,8 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         if not args.data:
             raise UserError("--label-values renumbers the label files of --data DIR; give --data, or leave it out")
         label_values = parse_label_values(args.label_values)
+    if args.pretrain_cine and not args.data:  # before any phantom is made
+        raise UserError("--pretrain-cine pretrains on the 4-D cine files of --data DIR; give --data, or leave it out")
     data = f"{args.data} (label values {','.join(map(str, label_values))})" if label_values else args.data
     source = (f"{data} + {phantoms}" if args.phantom else data) if args.data else phantoms
     extra = []
@@ -745,8 +748,6 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
 
         from coral_core.lowlabel import load_cine_frames
 
-        if not args.data:
-            raise UserError("--pretrain-cine pretrains on the 4-D cine files of --data DIR; give --data, or leave it out")
         cine = load_cine_frames(args.data, cfg.image_size)
         extra += cine
         cfg = replace(cfg, pretrain_extra=cfg.pretrain_extra + len(cine))

@@ -21,7 +21,7 @@ from coral_core.levers import Levers, apply_layout, apply_levers, fits_on_device
 from coral_core.model import UNet
 from coral_core.volume import normalise_intensity_tensor
 
-__all__ = ["segment_volume", "iter_segment_volume", "embed_volume", "preprocess_on_device"]
+__all__ = ["segment_volume", "iter_segment_volume", "iter_segment_series", "embed_volume", "preprocess_on_device"]
 
 
 # Dtypes moved to the GPU as they are (fewer bytes to copy) and converted to float32 there.
@@ -127,6 +127,19 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
                 if stop == volume.shape[0]:
                     out[:] = out_dev.cpu().numpy()
             yield stop, out
+
+
+def iter_segment_series(model: UNet, frames, device: torch.device | str = "cpu", batch_size: int = 16,
+                        levers: Levers | None = None):
+    """:func:`iter_segment_volume` over each (z, y, x) frame of a series (a cine: a (t, z, y, x) array or
+    a list of frames of one shape) in turn, yielding ``(slices done over all frames, labels)``;
+    ``labels``, uint8 (t, z, y, x), is complete after the last yield."""
+    out = np.zeros((len(frames), *frames[0].shape), dtype=np.uint8)
+    for k, frame in enumerate(frames):
+        for done, labels in iter_segment_volume(model, frame, device, batch_size, levers=levers):
+            if done == frame.shape[0]:
+                out[k] = labels
+            yield k * frame.shape[0] + done, out
 
 
 def _bf16(device: torch.device, levers: Levers | None) -> bool:

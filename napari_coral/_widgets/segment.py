@@ -33,11 +33,11 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]):
 
 
 def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None):
-    """Run :func:`coral_core.infer.segment_volume` in a napari thread worker."""
+    """Run :func:`coral_core.infer.iter_segment_series` (one frame for a 3-D image) in a napari thread worker."""
     from napari.qt.threading import thread_worker
     from napari.utils import progress
 
-    from coral_core.infer import iter_segment_volume
+    from coral_core.infer import iter_segment_series
 
     session = session_for(viewer)
     model = session.ensure_model()
@@ -48,14 +48,10 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     @thread_worker(ignore_errors=True)  # errors are reported below, not re-raised in napari's event loop
     def work():
         data = volume.read()
-        frames = data if data.ndim == 4 else [data]
-        out = []
-        for k, frame in enumerate(frames):
-            labels = None
-            for done, labels in iter_segment_volume(model, frame, device):
-                yield k * frame.shape[0] + done  # handed to the GUI thread, which advances the bar
-            out.append(labels)
-        return out[0] if data.ndim == 3 else np.stack(out)
+        labels = None
+        for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device):
+            yield done  # handed to the GUI thread, which advances the bar
+        return labels if data.ndim == 4 else labels[0]
 
     worker = work()
     worker.yielded.connect(lambda done: bar.update(done - bar.n))
