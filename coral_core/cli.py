@@ -716,6 +716,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "pretrain_scale": _float_range(args.pretrain_scale, "--pretrain-scale", "0.7,1.4") if args.pretrain_scale else None,
         "finetune_cohort_weight": args.finetune_cohort_weight, "pretrain_extra": args.pretrain_phantom,
         "finetune_encoder_lr_scale": args.encoder_lr_scale, "finetune_repeats": args.finetune_repeats,
+        "pixel_spacing": args.pixel_spacing,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -738,17 +739,21 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     source = (f"{data} + {phantoms}" if args.phantom else data) if args.data else phantoms
     extra = []
     if cfg.pretrain_extra:
+        from coral_core.data import at_pixel_spacing
         from coral_core.phantom import make_cohort
 
         # seeds far above any cohort's (phantom0, phantom1, ...), so no extra subject is also a labelled one
-        extra = [image.array for image, _ in make_cohort(cfg.pretrain_extra, seed=PRETRAIN_PHANTOM_SEED, config=phantom_config)]
+        # (at --pixel-spacing, as the cases are brought to it in run_lowlabel)
+        extra = [at_pixel_spacing(image.array, image.spacing, cfg.pixel_spacing, cfg.image_size)[0] if cfg.pixel_spacing
+                 else image.array
+                 for image, _ in make_cohort(cfg.pretrain_extra, seed=PRETRAIN_PHANTOM_SEED, config=phantom_config)]
         source = f"{source}, pretrained with {cfg.pretrain_extra} more phantom subjects"
     if args.pretrain_cine:
         from dataclasses import replace
 
         from coral_core.lowlabel import load_cine_frames
 
-        cine = load_cine_frames(args.data, cfg.image_size)
+        cine = load_cine_frames(args.data, cfg.image_size, cfg.pixel_spacing)
         extra += cine
         cfg = replace(cfg, pretrain_extra=cfg.pretrain_extra + len(cine))
         source = f"{source}, pretrained with the {len(cine)} other frames of its cine files"
@@ -1161,6 +1166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom-noise", default=None, metavar="LOW,HIGH",
                    help="range of each phantom's Rician noise, a fraction of its blood-pool signal (default 0.03,0.08)")
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: 64 quick, 128 full)")
+    p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
+                   help="resample every scan in-plane to MM per pixel and centre-crop or pad it to --image-size, and "
+                        "score there, as the published code prepares ACDC (1.25 mm, --image-size 352); default: each "
+                        "slice resized whole, scored at the scan's own resolution")
     _cpu_bf16_option(p, benchmark=True)
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="run N (seed, method) units side by side in processes that split the CPU threads and share "

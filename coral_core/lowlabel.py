@@ -76,6 +76,10 @@ class LowLabelConfig:
     folds: int = 5
     seeds: int = 3
     image_size: int = 128
+    # In-plane mm per pixel: every case resampled to it and centre-cropped or padded to image_size, as the
+    # published code prepares ACDC (1.25 mm, 352 x 352), and scored there. None: each slice resized whole
+    # to image_size and scored at the volume's own resolution (how the product's model sees a scan).
+    pixel_spacing: float | None = None
     base_filters: int = 48
     pretrain_epochs: int = 50
     pretrain_batch: int = 64
@@ -161,6 +165,8 @@ class LowLabelConfig:
             raise UserError("--finetune-repeats must be 1 or more")
         if self.finetune_slices < 0:
             raise UserError("--labeled-slices must be 0 (every slice) or more")
+        if self.pixel_spacing is not None and not 0 < self.pixel_spacing < float("inf"):
+            raise UserError("--pixel-spacing must be a size in mm above 0, e.g. 1.25")
         if self.base_filters < 1 or self.image_size < 16 or self.image_size % 16:
             raise UserError("--base-filters must be at least 1 and --image-size a positive multiple of 16")
 
@@ -227,13 +233,14 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
     return cases
 
 
-def load_cine_frames(data: str, image_size: int) -> list[torch.Tensor]:
+def load_cine_frames(data: str, image_size: int, pixel_spacing: float | None = None) -> list[torch.Tensor]:
     """Every frame of the 4-D cine files in a dataset folder (ACDC's ``patientXXX_4d.nii.gz``), each
-    prepared at ``image_size`` (:func:`~coral_core.data.resize_slices`), except those a labelled case
+    prepared at ``image_size`` (:func:`~coral_core.data.resize_slices`; at ``pixel_spacing`` mm per
+    pixel first if given, :func:`~coral_core.data.at_pixel_spacing`), except those a labelled case
     already holds: ACDC's ``patientXXX_frameYY`` is frame YY of the cine, counted from 1. With the
     labelled cases, that is every cine frame once: the published methods' unlabelled pretraining set
     (PCL's and CORAL's code pretrain on ACDC's cine frames, about 30 a patient)."""
-    from coral_core.data import _ACDC_FRAME, discover_volumes, resize_slices
+    from coral_core.data import _ACDC_FRAME, at_pixel_spacing, discover_volumes, resize_slices
     from coral_core.volume import frame_count, load_frames
 
     held: dict[str, set[int]] = {}  # per subject, the frame numbers of its labelled cases
@@ -246,11 +253,30 @@ def load_cine_frames(data: str, image_size: int) -> list[torch.Tensor]:
         movie = load_frames(case.image) if case.frames and frame_count(case.image) > 1 else []  # header first
         if len(movie) > 1:
             skip = held.get(case.subject, set())
-            frames.extend(resize_slices(f.array, image_size) for t, f in enumerate(movie) if t + 1 not in skip)
+            frames.extend(resize_slices(at_pixel_spacing(f.array, f.spacing, pixel_spacing, image_size)[0]
+                                        if pixel_spacing else f.array, image_size)
+                          for t, f in enumerate(movie) if t + 1 not in skip)
     if not frames:
         raise UserError(f"{data}: holds no 4-D cine files (ACDC: patientXXX/patientXXX_4d.nii.gz) to pretrain on; "
                         "leave --pretrain-cine out")
     return frames
+
+
+def at_pixel_spacing_cases(cases: list[LabelledCase], mm: float, size: int) -> list[LabelledCase]:
+    """Each case resampled in-plane to ``mm`` per pixel and centre-cropped or padded to ``size``
+    (:func:`~coral_core.data.at_pixel_spacing`), its spacing updated. A crop that cuts labelled
+    anatomy away is refused, naming the case: the benchmark would score another task."""
+    from coral_core.data import at_pixel_spacing
+
+    out = []
+    for case in cases:
+        image, labels, spacing, cut = at_pixel_spacing(case.image, case.spacing, mm, size, case.labels)
+        if cut:
+            field_mm = size * mm
+            raise UserError(f"{case.name}: at {mm:g} mm per pixel a {size} x {size} crop ({field_mm:g} mm) cuts away "
+                            f"{cut} labelled voxels; raise --image-size or --pixel-spacing")
+        out.append(LabelledCase(case.name, image, labels, spacing))
+    return out
 
 
 def labelled_slices(n_slices: int, k: int) -> list[int]:
@@ -299,11 +325,13 @@ PROTOCOL_FIELDS = (
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
     "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
     "finetune_cohort_weight", "pretrain_extra", "finetune_encoder_lr_scale", "finetune_repeats",
+    "pixel_spacing",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
                        "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0,
-                       "pretrain_extra": 0, "finetune_encoder_lr_scale": 1.0, "finetune_repeats": 1}
+                       "pretrain_extra": 0, "finetune_encoder_lr_scale": 1.0, "finetune_repeats": 1,
+                       "pixel_spacing": None}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -335,6 +363,8 @@ def run_lowlabel(
 
     ``pretrain_extra``: more (z, y, x) volumes, without labels, that join every method's pretraining
     and nothing else; ``cfg.pretrain_extra`` must be their number.
+    With ``cfg.pixel_spacing`` the cases are brought to it (:func:`at_pixel_spacing_cases`); the
+    extra volumes must already be (the caller knows their spacing).
 
     ``source`` names the cohort (a folder, or "N phantom subjects") in the config. ``earlier``, a
     table this function returned before (as JSON), is continued: its runs are kept and not run
@@ -350,6 +380,8 @@ def run_lowlabel(
         raise ValueError(f"cfg.pretrain_extra is {cfg.pretrain_extra} but {len(pretrain_extra)} extra volumes were given")
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    if cfg.pixel_spacing:  # a no-op for cases already at that spacing and size
+        cases = at_pixel_spacing_cases(cases, cfg.pixel_spacing, cfg.image_size)
     n_classes = int(max(c.labels.max() for c in cases)) + 1
     if n_classes < 2:
         raise UserError("the labels hold only background; the benchmark needs foreground classes")

@@ -726,6 +726,14 @@ def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_
     assert set(res["runs"][0]["test"]) | set(res["runs"][1]["test"]) == patients
     user_error(coral("bench", "lowlabel", "--data", tmp_path / "nothing", check=False), "nothing")
     user_error(coral("bench", "lowlabel", "--data", root, "--phantom-bias", 1, check=False), "--phantom N")
+    # the published preprocessing: every scan at one mm per pixel, centre-cropped (here 1.8 mm -> 3.6 mm: 64 pixels)
+    res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--folds", 2, "--seeds", 1, "--labeled", 1,
+                           "--methods", "random", "--finetune-steps", 2, "--pixel-spacing", 3.6, "--image-size", 48,
+                           "--json", "--device", "cpu").stdout)
+    assert res["config"]["pixel_spacing"] == 3.6 and res["config"]["image_size"] == 48 and len(res["runs"]) == 2
+    user_error(coral("bench", "lowlabel", "--quick", "--data", root, "--pixel-spacing", 1.8, "--image-size", 16,
+                     check=False), "patient00", "cuts away", "raise --image-size or --pixel-spacing")
+    user_error(coral("bench", "lowlabel", "--quick", "--pixel-spacing", 0, check=False), "--pixel-spacing must be")
 
 
 def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
@@ -767,6 +775,12 @@ def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
     expected = [resize_slices(movies[p][t], 32) for p in sorted(movies) for t in (1, 3)]  # frames 02 and 04
     assert len(frames) == len(expected) == 8
     assert all(torch.equal(a, b) for a, b in zip(frames, expected))
+    from coral_core.data import at_pixel_spacing
+
+    at_mm = load_cine_frames(root, 32, pixel_spacing=5.0)  # 128 pixels at 1 mm (the files' affine): 26 at 5 mm, padded
+    expected = [resize_slices(at_pixel_spacing(movies[p][t], (1.0, 1.0, 1.0), 5.0, 32)[0], 32)
+                for p in sorted(movies) for t in (1, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(at_mm, expected))
     res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--pretrain-cine", "--folds", 2,
                            "--seeds", 1, "--labeled", 1, "--methods", "coral,pcl", "--pretrain-epochs", 1,
                            "--finetune-steps", 2, "--workers", 2, "--json", "--device", "cpu").stdout)

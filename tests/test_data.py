@@ -228,3 +228,33 @@ def test_all_frames_reads_an_acdc_patient_as_its_cine_frames(tmp_path):
     assert [name for name, v in case_volumes(cases[1])] == ["patient002"]
     one = discover_volumes([tmp_path / "patient001" / "patient001_frame01.nii.gz"], all_frames=True)
     assert [name for name, _ in case_volumes(one[0])] == ["patient001_frame01"]
+
+
+def test_at_pixel_spacing_keeps_millimetres_and_centres_the_crop():
+    """Resampled to 1 mm per pixel, a 30 mm square at 1.5 mm (20 pixels) covers 30 pixels, centred as
+    it was; its classes keep their sizes, the image its values; a crop that cuts a class counts it."""
+    from coral_core.data import at_pixel_spacing
+
+    image = np.zeros((2, 60, 40), np.float32)  # 90 x 60 mm at 1.5 mm
+    labels = np.zeros((2, 60, 40), np.uint8)
+    labels[:, 20:40, 10:30] = 1  # 30 x 30 mm, centred
+    labels[:, 28:32, 18:22] = 2  # 6 x 6 mm inside it
+    image[labels == 1], image[labels == 2] = 1.0, 2.0
+    image[:, 0, 0] = -1.0  # the lowest value: what padding fills with
+    out, lab, spacing, cut = at_pixel_spacing(image, (8.0, 1.5, 1.5), 1.0, 100, labels)
+    assert out.shape == lab.shape == (2, 100, 100) and out.dtype == np.float32 and lab.dtype == np.uint8
+    assert spacing == (8.0, 1.0, 1.0) and cut == 0
+    # 90 x 60 pixels padded to 100 x 100: 5 rows and 20 columns before; the square at rows 30-60, columns 15-45
+    rows, cols = np.nonzero(lab[0] > 0)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5 + 30, 5 + 59, 20 + 15, 20 + 44)
+    assert np.count_nonzero(lab[0] == 2) == 36  # 6 x 6 mm
+    assert out[0, 0, 0] == -1.0 and out[0, 50, 50] == 2.0 and np.isclose(out[0, 40, 40], 1.0)
+    # already at 1.5 mm: a centred crop to 40 x 40, the values untouched; cutting the square is counted
+    out, lab, _, cut = at_pixel_spacing(image, (8.0, 1.5, 1.5), 1.5, 40, labels)
+    assert np.array_equal(out, image[:, 10:50]) and np.array_equal(lab, labels[:, 10:50]) and cut == 0
+    _, lab, _, cut = at_pixel_spacing(image, (8.0, 1.5, 1.5), 1.5, 16, labels)
+    assert cut == np.count_nonzero(labels) - np.count_nonzero(lab) > 0
+    assert np.array_equal(lab, labels[:, 22:38, 12:28])
+    out, none, _, cut = at_pixel_spacing(image, (8.0, 1.5, 3.0), 1.5, 80)  # anisotropic: columns doubled
+    assert none is None and cut == 0 and np.count_nonzero(out[0] == 1.0) > 0
+    assert np.count_nonzero(out[0] >= 0.99) == pytest.approx(2 * np.count_nonzero(image[0] >= 0.99), rel=0.1)

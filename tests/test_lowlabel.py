@@ -150,3 +150,59 @@ def test_finetune_repeats_average_fine_tunings_with_their_own_seeds():
         assert len(three["dice_repeats"]) == 3 and three["dice_repeats"][0] == one["dice"]
         assert np.isclose(three["dice"], np.mean(three["dice_repeats"]))
         assert len(set(three["dice_repeats"])) > 1  # other seeds, other fine-tunings
+
+
+def test_pixel_spacing_brings_every_case_to_one_scale_before_anything_sees_it(monkeypatch):
+    """`--pixel-spacing MM`: pretraining, fine-tuning and scoring all get the cases resampled to MM per
+    pixel at image_size x image_size, and HD95 is measured at that spacing, as the published code scores;
+    a crop that would cut labelled anatomy is refused, naming the case."""
+    import pytest
+
+    from coral_core.data import at_pixel_spacing
+    from coral_core.errors import UserError
+
+    cases = load_labelled_cases(None, 4)  # 128 x 128 at 1.8 mm
+    cases[1].spacing = (10.0, 1.5, 1.5)  # as if scanned finer: the same pixels cover less
+    pretrained, finetuned, scored = [], [], []
+    real_pretrain, real_finetune, real_score = lowlabel.pretrain, lowlabel.finetune, lowlabel._score
+
+    def recording_pretrain(cfg, volumes, *args, **kwargs):
+        pretrained.append([np.asarray(v) for v in volumes])
+        return real_pretrain(cfg, volumes, *args, **kwargs)
+
+    def recording_finetune(cfg, init, images, labels, *args, **kwargs):
+        finetuned.append((images, labels))
+        return real_finetune(cfg, init, images, labels, *args, **kwargs)
+
+    def recording_score(model, test, *args, **kwargs):
+        scored.append(test)
+        return real_score(model, test, *args, **kwargs)
+
+    monkeypatch.setattr(lowlabel, "pretrain", recording_pretrain)
+    monkeypatch.setattr(lowlabel, "finetune", recording_finetune)
+    monkeypatch.setattr(lowlabel, "_score", recording_score)
+    cfg = LowLabelConfig.quick(methods=("coral",), seeds=1, folds=2, workers=1, pretrain_epochs=1, finetune_steps=1,
+                               base_filters=4, image_size=64, pixel_spacing=3.2, device="cpu")
+    result = run_lowlabel(cfg, cases)
+    assert result.config["pixel_spacing"] == 3.2 and len(result.runs) == 2
+    expected = {c.name: at_pixel_spacing(c.image, c.spacing, 3.2, 64, c.labels) for c in cases}
+    for case, volume in zip(cases, pretrained[0]):
+        assert np.array_equal(volume, expected[case.name][0])
+    for images, labels in finetuned:
+        assert all(img.shape[1:] == (64, 64) for img in images)
+        assert any(np.array_equal(lab, e[1]) for lab in labels for e in expected.values())
+    for test in scored:
+        for case in test:
+            image, labels, spacing, _ = expected[case.name]
+            assert np.array_equal(case.image, image) and np.array_equal(case.labels, labels) and case.spacing == spacing
+    for case in cases:  # the anatomy keeps its area in mm^2: a 1.5 mm scan's heart shrinks more in pixels
+        before = np.count_nonzero(case.labels) * case.spacing[1] * case.spacing[2]
+        assert np.count_nonzero(expected[case.name][1]) * 3.2 ** 2 == pytest.approx(before, rel=0.03)
+    older = {k: v for k, v in result.config.items() if k != "pixel_spacing"}  # a table from before the option
+    assert protocol_difference(older, {**result.config, "pixel_spacing": None}) is None
+    assert "pixel_spacing is None" in protocol_difference(older, result.config)
+    with pytest.raises(UserError, match=r"phantom\d: at 1\.8 mm per pixel a 32 x 32 crop \(57\.6 mm\) cuts away \d+ "
+                                        r"labelled voxels; raise --image-size or --pixel-spacing"):
+        run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), "pixel_spacing": 1.8, "image_size": 32}), cases)
+    with pytest.raises(UserError, match="--pixel-spacing must be"):
+        LowLabelConfig.quick(pixel_spacing=-1.0)
