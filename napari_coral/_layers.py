@@ -53,15 +53,35 @@ def full_resolution(layer):
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+def shown_index(viewer, layer) -> tuple[int, ...]:
+    """Which slice of ``layer`` the viewer shows: ``(z,)`` for a volume, ``(t, z)`` for a cine series
+    (t, z, y, x), each clipped to the layer's extent."""
+    point = layer.world_to_data(viewer.dims.point)
+    shape = full_resolution(layer).shape
+    return tuple(int(np.clip(round(float(point[i])), 0, shape[i] - 1)) for i in range(layer.ndim - 2))
+
+
+def show_index(viewer, layer, index: tuple[int, ...]) -> None:
+    """Move the viewer to slice ``index`` of ``layer`` (``(z,)``, or ``(t, z)`` for a cine). The layer's
+    axes are the viewer's last ones: a volume's z is the viewer's second axis while a cine is open."""
+    world = layer.data_to_world((*index, *[0] * (layer.ndim - len(index))))
+    offset = viewer.dims.ndim - layer.ndim
+    for i in range(len(index)):
+        viewer.dims.set_point(offset + i, world[i])
+
+
 class LayerArray:
     """A layer's voxels to be read later, off napari's GUI thread: for a lazy layer, reading is
     the whole cost (seconds per GB from disk), and napari would stop answering while it ran.
+    ``frame``: one frame of a cine series (t, z, y, x), the others never read.
 
     ``read()`` returns the NumPy array (in ``dtype`` if given), or raises a UserError that names
     the layer when its data cannot be read."""
 
-    def __init__(self, layer, dtype=None) -> None:
+    def __init__(self, layer, dtype=None, frame: int | None = None) -> None:
         self.name, self.data, self.dtype = layer.name, full_resolution(layer), dtype
+        if frame is not None:
+            self.name, self.data = f"{layer.name} frame {frame}", self.data[frame]
         self.shape = tuple(self.data.shape)
 
     def read(self) -> np.ndarray:

@@ -312,7 +312,7 @@ def test_finetune_can_learn_from_the_other_open_images_without_labels(viewer, qt
     widget = dock(viewer, "Fine-tune")
     widget.use_unlabelled.setChecked(True)
     assert widget.finetune(mode="thread") is None
-    assert "no other 3-D image is open" in widget.status.text()
+    assert "no other image is open" in widget.status.text()
     viewer.add_image(make_phantom(6, n_slices=6)[0].array, name="unlabelled scan")
     widget.keep_embedding.setChecked(False)
     assert widget.finetune(mode="thread") is None
@@ -338,7 +338,7 @@ def test_finetune_without_annotations_says_what_to_do(viewer):
     widget.extra_slices.setText("2")
     widget.validation_slices.setText("5")
     assert widget.finetune() is None
-    assert "validation slice(s) [5] are not annotated" in widget.status.text()
+    assert "validation slice(s) 5 are not annotated" in widget.status.text()
 
 
 # --------------------------------------------------------------------------- embedding
@@ -470,7 +470,7 @@ def test_lazy_layers_are_read_whole_only_off_napari_thread(viewer, qtbot):
 
 def test_pretraining_takes_every_frame_of_a_cine_layer(viewer, qtbot):
     """A 4-D cine layer (as the reader opens ACDC's _4d files) is offered to pretraining, each frame a
-    volume, and to nothing that takes one 3-D image."""
+    volume."""
     from coral_core.phantom import make_phantom
 
     session = _fresh_model(viewer)
@@ -480,14 +480,85 @@ def test_pretraining_takes_every_frame_of_a_cine_layer(viewer, qtbot):
     assert "cine" in [model.volumes.item(i).text() for i in range(model.volumes.count())]
     assert [model.volumes.item(i).toolTip() for i in range(model.volumes.count())
             if model.volumes.item(i).text() == "cine"] == ["a series of 5 frames: each frame is a volume"]
-    assert "cine" not in [dock(viewer, "Embedding").volumes.item(i).text()
-                          for i in range(dock(viewer, "Embedding").volumes.count())]
     _check_only(model.volumes, "cine")
     model.epochs.setValue(1)
     runner = model.pretrain(mode="thread")
     qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
     assert "pretrained encoder" in session.source, model.pretrain_status.text()
     assert session.meta["training"]["slices"] == 20 and session.meta["training"]["volumes"] == ["cine"]
+
+
+def test_a_cine_fine_tunes_on_every_annotated_frame_and_embeds_the_frame_shown(viewer, qtbot):
+    """A cine series and its 4-D Labels layer: each annotated frame trains as a scan; validation slices
+    are those of the frame shown; re-segmenting labels every frame. Embedding takes the frame shown, and
+    moving to a point's slice moves within it (a volume's slice too, while a cine is open)."""
+    from coral_core.phantom import make_phantom
+    from napari_coral._layers import show_index, shown_index
+
+    session = _fresh_model(viewer)
+    movie = [make_phantom(80 + t, n_slices=6) for t in range(3)]
+    frames = np.stack([img.array for img, _ in movie])  # (t, z, y, x)
+    truth = np.stack([lab.array.astype(np.uint8) for _, lab in movie])
+    image = viewer.add_image(frames, name="cine")
+    labels = viewer.add_labels(np.zeros_like(truth), name="cine annotations")
+    widget = dock(viewer, "Fine-tune")
+    widget.image_picker.setCurrentText("cine")
+    widget.labels_picker.setCurrentText("cine annotations")
+    for t, z in ((0, 1), (0, 3), (2, 2)):
+        idx = np.nonzero(truth[t, z])
+        labels.data_setitem((np.full_like(idx[0], t), np.full_like(idx[0], z), *idx), truth[t, z][idx])
+    qtbot.waitUntil(lambda: widget.annotated_slices() == [(0, 1), (0, 3), (2, 2)], timeout=5000)
+    qtbot.waitUntil(lambda: widget.annotated_label.text() == "frame 0: 1, 3; frame 2: 2", timeout=5000)
+    show_index(viewer, image, (1, 0))
+    assert shown_index(viewer, image) == (1, 0)
+    widget.validation_slices.setText("2")  # slice 2 of frame 1, which holds no annotation
+    assert widget.finetune(mode="thread") is None
+    assert "validation slice(s) frame 1: 2 are not annotated" in widget.status.text()
+    show_index(viewer, image, (2, 0))
+    widget.steps.setValue(3)
+    runner = widget.finetune(mode="thread")
+    assert runner is not None, widget.status.text()
+    training = runner.job.spec["training"]
+    assert training["images"] == ["cine frame 2", "cine frame 0"] and training["slices"] == [[], [1, 3]]
+    qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    assert "failed" not in widget.status.text(), widget.status.text()
+    inputs = np.load(runner.job.spec["data"])
+    np.testing.assert_array_equal(inputs["image"], frames[2])
+    np.testing.assert_array_equal(inputs["image_1"], frames[0])
+    assert inputs["val_slices"].tolist() == [2] and inputs["slices_1"].tolist() == [1, 3]
+    np.testing.assert_array_equal(inputs["labels"][2], truth[2, 2])
+    np.testing.assert_array_equal(inputs["labels_1"][[1, 3]], truth[0, [1, 3]])
+    assert not inputs["labels_1"][[0, 2, 4, 5]].any() and not inputs["labels"][[0, 1, 3, 4, 5]].any()
+    assert len(widget.val_dice) > 0  # scored on slice 2 of frame 2
+    qtbot.waitUntil(lambda: "cine labels" in viewer.layers, timeout=60_000)
+    assert viewer.layers["cine labels"].data.shape == truth.shape  # every frame re-segmented
+    assert session.source == "fine-tuned on cine"
+
+    embedding = dock(viewer, "Embedding")
+    names = [embedding.volumes.item(i).text() for i in range(embedding.volumes.count())]
+    assert "cine" in names
+    for i in range(embedding.volumes.count()):
+        item = embedding.volumes.item(i)
+        item.setCheckState(Qt.CheckState.Checked if item.text() in ("cine", "phantom") else Qt.CheckState.Unchecked)
+    show_index(viewer, image, (1, 0))
+    worker = embedding.embed()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: len(embedding.trajectories) == 2, timeout=10_000)
+    assert embedding.frames == {"cine": 1}
+    cine = next(t for t in embedding.trajectories if t.name == "cine")
+    assert cine.xy.shape == (6, 2) and "cine frame 1" in embedding.status.text()
+    embedding.go_to("cine", 4)
+    assert shown_index(viewer, image) == (1, 4) and embedding._current_slice("cine") == 4
+    embedding.go_to("phantom", 2)  # the volume's slice axis is the viewer's second while the cine is open
+    assert shown_index(viewer, viewer.layers["phantom"]) == (2,) and shown_index(viewer, image)[0] == 1
+    show_index(viewer, image, (0, 4))  # another frame than the one embedded: no ring on the cine's line
+    assert embedding._current_slice("cine") is None and len(embedding._highlight) == 1
+    session.annotated["cine"] = [(1, 0), (0, 3)]
+    suggested = [k for name, k in embedding.suggest() if name == "cine"]
+    assert len(suggested) == 3 and 0 not in suggested
+    assert any(embedding.suggestions.item(i).text().startswith("cine frame 1: slice")
+               for i in range(embedding.suggestions.count()))
 
 
 def test_a_layer_that_cannot_be_read_fails_the_job_with_its_name(viewer, qtbot):

@@ -7,17 +7,20 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
 from coral_core.embedding import Trajectory, project_trajectories, suggest_slices
-from napari_coral._layers import LayerArray
+from napari_coral._layers import LayerArray, show_index, shown_index
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, PlotCanvas, VolumeChecklist, alive, status_label
 
 
 class EmbeddingWidget(QWidget):
+    """Embeds the checked volumes' slices; of a cine series (t, z, y, x), the frame the viewer shows
+    when Embed is pressed."""
+
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        self.volumes = VolumeChecklist(napari_viewer)
+        self.volumes = VolumeChecklist(napari_viewer, cine=True)
         self.device_picker = DevicePicker()
         self.embed_button = QPushButton("Embed")
         self.embed_button.clicked.connect(self.embed)
@@ -45,6 +48,7 @@ class EmbeddingWidget(QWidget):
 
         self.trajectories: list[Trajectory] = []
         self.features: dict[str, np.ndarray] = {}
+        self.frames: dict[str, int] = {}  # the frame embedded of each cine layer
         self.score = float("nan")
         self.worker = None
         self._artists = []
@@ -65,7 +69,9 @@ class EmbeddingWidget(QWidget):
             return None
         model = self.session.ensure_model()
         device = self.device_picker.device()
-        arrays = {n: LayerArray(self.viewer.layers[n]) for n in names}  # read in the worker
+        layers = {n: self.viewer.layers[n] for n in names}
+        frames = {n: shown_index(self.viewer, layer)[0] for n, layer in layers.items() if layer.ndim == 4}
+        arrays = {n: LayerArray(layer, frame=frames.get(n)) for n, layer in layers.items()}  # read in the worker
         direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
 
         @thread_worker(ignore_errors=True)  # reported by the errored handler below
@@ -75,6 +81,7 @@ class EmbeddingWidget(QWidget):
 
         def done(result):
             self.features, (self.trajectories, _, self.score) = result[0], result[1]
+            self.frames = frames
             self.embed_button.setEnabled(True)
             self.draw(direction is not None)
 
@@ -105,7 +112,7 @@ class EmbeddingWidget(QWidget):
             sc = ax.scatter(t.xy[:, 0], t.xy[:, 1], c=t.positions, cmap="viridis", vmin=0, vmax=1, s=22, zorder=2, picker=True, pickradius=6)
             self._artists.append((sc, t))
             # Beside the first slice's point, not on it (the current-slice ring is drawn there too).
-            ax.annotate(t.name, t.xy[0], xytext=(6, 6), textcoords="offset points", fontsize=7, color="0.3")
+            ax.annotate(self._title(t.name), t.xy[0], xytext=(6, 6), textcoords="offset points", fontsize=7, color="0.3")
         span = max((np.ptp(t.xy[:, 0]) for t in self.trajectories), default=1.0) or 1.0
         label = "CORAL direction" if has_direction else "first principal axis"
         ax.annotate("", xy=(0.35 * span, 0), xytext=(-0.35 * span, 0), arrowprops={"arrowstyle": "->", "color": "crimson", "lw": 1.5})
@@ -115,32 +122,39 @@ class EmbeddingWidget(QWidget):
         ax.set_yticks([])
         self.status.setText(
             "Colour: slice position (dark = first slice). Click a point to go to that slice. "
-            + "; ".join(f"{t.name}: {t.score:.2f}" for t in self.trajectories)
+            + "; ".join(f"{self._title(t.name)}: {t.score:.2f}" for t in self.trajectories)
         )
         self._highlight_current()
 
-    def _current_slice(self, name: str) -> int:
-        layer = self.viewer.layers[name]
-        z = layer.world_to_data(self.viewer.dims.point)[0]
-        return int(np.clip(round(z), 0, layer.data.shape[0] - 1))
+    def _title(self, name: str) -> str:
+        return f"{name} frame {self.frames[name]}" if name in self.frames else name
+
+    def _current_slice(self, name: str) -> int | None:
+        """The slice of layer ``name`` the viewer shows; None when it shows another frame of a cine than
+        the one embedded."""
+        index = shown_index(self.viewer, self.viewer.layers[name])
+        if name in self.frames and index[0] != self.frames[name]:
+            return None
+        return index[-1]
 
     def _highlight_current(self, *_):
         for artist in self._highlight:
             artist.remove()
         self._highlight = []
         for t in self.trajectories:
-            if t.name in self.viewer.layers:
+            if t.name in self.viewer.layers and self.viewer.layers[t.name].ndim == (4 if t.name in self.frames else 3):
                 k = self._current_slice(t.name)
+                if k is None:
+                    continue
                 (ring,) = self.plot.ax.plot(t.xy[k, 0], t.xy[k, 1], "o", ms=11, mfc="none", mec="red", mew=1.6, zorder=3)
                 self._highlight.append(ring)
         self.plot.draw()
 
     # ------------------------------------------------------------------ navigation
     def go_to(self, name: str, index: int) -> None:
-        """Show slice ``index`` of layer ``name`` and select that layer."""
+        """Show slice ``index`` of layer ``name`` (of the frame embedded, in a cine) and select that layer."""
         layer = self.viewer.layers[name]
-        world_z = layer.data_to_world((index, 0, 0))[0]
-        self.viewer.dims.set_point(0, world_z)
+        show_index(self.viewer, layer, (self.frames[name], index) if name in self.frames else (index,))
         self.viewer.layers.selection.active = layer
 
     def _picked(self, event) -> None:
@@ -160,8 +174,10 @@ class EmbeddingWidget(QWidget):
         out = []
         for name, feats in self.features.items():
             annotated = self.session.annotated.get(name, [])
+            if name in self.frames:  # a cine's (frame, slice) pairs: those of the frame embedded
+                annotated = [z for t, z in annotated if t == self.frames[name]]
             for k in suggest_slices(feats, annotated, self.n_suggest.value()):
-                item = QListWidgetItem(f"{name}: slice {k}" + (" (farthest from annotated)" if annotated else ""))
+                item = QListWidgetItem(f"{self._title(name)}: slice {k}" + (" (farthest from annotated)" if annotated else ""))
                 item.setData(Qt.ItemDataRole.UserRole, (name, int(k)))
                 self.suggestions.addItem(item)
                 out.append((name, int(k)))

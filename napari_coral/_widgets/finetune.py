@@ -19,7 +19,7 @@ from coral_core.data import parse_slices
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
 from napari_coral._jobs import Job, config_dict, resume_folder
-from napari_coral._layers import LayerArray, full_resolution
+from napari_coral._layers import LayerArray, full_resolution, shown_index
 from napari_coral._session import data_home, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import start_segmentation
@@ -34,15 +34,19 @@ class FinetuneWidget(QWidget):
 
     Other scans join the training under "Other scans": "Add the pair above" keeps the chosen image,
     its Labels layer and the slices annotated in it now (their labels are read when training
-    starts); the pair chosen when Fine-tune is pressed always trains too."""
+    starts); the pair chosen when Fine-tune is pressed always trains too.
+
+    A cine series (a 4-D (t, z, y, x) image with its 4-D Labels layer, as Segment makes one) trains on
+    the annotated slices of every frame, each frame a scan; "Also use slices" and "Validation slices"
+    name slices of the frame the viewer shows."""
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.mode = "process"  # or "thread"; see docs/plugin.md for the measurement behind the default
-        self.image_picker = LayerPicker(napari_viewer, "image")
-        self.labels_picker = LayerPicker(napari_viewer, "labels")
+        self.image_picker = LayerPicker(napari_viewer, "image", cine=True)
+        self.labels_picker = LayerPicker(napari_viewer, "labels", cine=True)
         self.extra_slices = QLineEdit()
         self.extra_slices.setPlaceholderText("e.g. 3,7,9 or 2-5")
         self.validation_slices = QLineEdit()
@@ -149,7 +153,7 @@ class FinetuneWidget(QWidget):
         self.val_dice: list[tuple[int, float]] = []
         self._watched = None
         self._baseline: np.ndarray | None = None
-        self._touched: set[int] = set()
+        self._touched: set = set()  # slice numbers, or (frame, slice) pairs in a cine
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(250)
@@ -188,20 +192,28 @@ class FinetuneWidget(QWidget):
         data = np.asarray(layer.data)
         if data.shape != self._baseline.shape:
             self._baseline = np.zeros_like(data)
-        changed = (data != self._baseline).reshape(data.shape[0], -1).any(axis=1)
-        self._touched |= {int(i) for i in np.flatnonzero(changed)}
+        self._touched |= _slice_keys((data != self._baseline).reshape(*data.shape[:-2], -1).any(axis=-1))
         self._show_annotated()
         return sorted(self._touched)
 
-    def annotated_slices(self) -> list[int]:
+    def shown_slices(self, text: str, layer) -> list:
+        """Slices listed in ``text`` (as "3,7" or "2-5") of ``layer``; in a cine, (frame, slice) pairs of
+        the frame the viewer shows."""
+        if layer.ndim == 3:
+            return parse_slices(text, layer.data.shape[0], layer.name)
+        t = shown_index(self.viewer, layer)[0]
+        return [(t, z) for z in parse_slices(text, layer.data.shape[1], f"{layer.name} frame {t}")]
+
+    def annotated_slices(self) -> list:
+        """The annotated slices of the chosen Labels layer: slice numbers, or (frame, slice) pairs in a cine."""
         layer = self.labels_picker.layer()
         extra = []
         if layer is not None and self.extra_slices.text().strip():
-            extra = parse_slices(self.extra_slices.text(), layer.data.shape[0], layer.name)
+            extra = self.shown_slices(self.extra_slices.text(), layer)
         touched = self._touched
         if not touched and layer is not None and not layer.metadata.get("coral_prediction"):
             data = np.asarray(layer.data)
-            touched = {int(i) for i in np.flatnonzero(data.reshape(data.shape[0], -1).any(axis=1))}
+            touched = _slice_keys(data.reshape(*data.shape[:-2], -1).any(axis=-1))
         return sorted(touched | set(extra))
 
     def _show_annotated(self, *_):
@@ -210,7 +222,7 @@ class FinetuneWidget(QWidget):
         except UserError as exc:
             self.annotated_label.setText(str(exc))
             return
-        text = ", ".join(map(str, slices)) if slices else "none yet: paint a slice or list slices below"
+        text = describe_slices(slices) if slices else "none yet: paint a slice or list slices below"
         self.annotated_label.setText(text)
         image = self.image_picker.currentText()
         if image:
@@ -249,7 +261,7 @@ class FinetuneWidget(QWidget):
         self._other = {key: s for key, s in self._other.items() if set(key) <= names}  # closed layers leave the list
         self.other_scans.clear()
         for (image, labels), slices in self._other.items():
-            item = QListWidgetItem(f"{image} / {labels}: slices {', '.join(map(str, slices))}")
+            item = QListWidgetItem(f"{image} / {labels}: slices {describe_slices(slices)}")
             item.setData(Qt.ItemDataRole.UserRole, (image, labels))
             self.other_scans.addItem(item)
         self.remove_scan_button.setEnabled(bool(self._other))
@@ -266,9 +278,10 @@ class FinetuneWidget(QWidget):
             raise UserError(f"labels layer {labels.name!r} has shape {labels.data.shape} but image {image.name!r} has {shape}")
         return image, labels
 
-    def _others(self, current: tuple[str, str], model) -> list[tuple[object, object, np.ndarray, list[int]]]:
-        """The other scans' (image layer, labels layer, labels snapshot, slices), the chosen pair left out."""
-        found = []
+    def _others(self, current: tuple[str, str], model) -> list[tuple]:
+        """The other scans' (name, image reader, labels snapshot, slices) (:func:`_scans`), the chosen pair
+        left out, and their Labels layers."""
+        found, layers = [], []
         for (image_name, labels_name), slices in self._other.items():
             if (image_name, labels_name) == current:
                 continue
@@ -277,39 +290,53 @@ class FinetuneWidget(QWidget):
                 raise UserError(f"layer {missing[0]!r} under 'Other scans' is no longer open under that name; remove "
                                 "the pair and add it again")
             image, labels = self._pair(self.viewer.layers[image_name], self.viewer.layers[labels_name])
-            if max(slices) >= labels.data.shape[0]:
+            if labels.ndim != np.ndim(slices[0]) + 3 or any(np.greater_equal(k, labels.data.shape[:-2]).any() for k in slices):
                 raise UserError(f"labels layer {labels_name!r} has fewer slices than when it was added; add it again")
-            found.append((image, labels, _snapshot(labels, slices, model), slices))
-        return found
+            found += _scans(image, labels, slices, model)
+            layers.append(labels)
+        return found, layers
 
     def _inputs(self):
+        """What a fine-tuning trains on: the chosen image, the scans (name, image reader, labels snapshot,
+        training slices) with the chosen pair's first (for a cine, the frame holding the validation slices,
+        or the frame shown if annotated), the validation slices of that first scan, the model, every
+        Labels layer to save, and the readers of unlabelled images."""
         image, labels = self._pair()
         self.update_touched()
         slices = self.annotated_slices()
         if not slices:
             raise UserError("no annotated slices yet: paint at least one slice, or list slices under 'Also use slices'")
-        shape = tuple(labels.data.shape)
-        val = parse_slices(self.validation_slices.text(), shape[0], image.name) if self.validation_slices.text().strip() else []
+        val = self.shown_slices(self.validation_slices.text(), image) if self.validation_slices.text().strip() else []
         unannotated = [v for v in val if v not in slices]
         if unannotated:
-            raise UserError(f"validation slice(s) {unannotated} are not annotated; validation needs annotated slices to score against")
+            raise UserError(f"validation slice(s) {describe_slices(unannotated)} are not annotated; validation needs "
+                            "annotated slices to score against")
         train = [k for k in slices if k not in val]
         if not train:
             raise UserError("every annotated slice is a validation slice; keep at least one for training")
         model = self.session.ensure_model()
-        lab = _snapshot(labels, slices, model)
-        others = self._others((image.name, labels.name), model)
+        first = None  # in a cine, the frame that trains first: the validation slices' or the one shown
+        if image.ndim == 4:
+            shown = shown_index(self.viewer, image)[0]
+            first = val[0][0] if val else shown if any(t == shown for t, _ in slices) else slices[0][0]
+        scans = _scans(image, labels, slices, model, first)
+        val_slices = [z for _, z in val] if image.ndim == 4 else val
+        scans = [(name, reader, lab, [k for k in keys if k not in val_slices] if i == 0 else keys)
+                 for i, (name, reader, lab, keys) in enumerate(scans)]
+        others, other_labels = self._others((image.name, labels.name), model)
         unlabelled = []
         if self.use_unlabelled.isChecked():
             if not self.keep_embedding.isChecked():
                 raise UserError("'Also learn from the other open images' trains the embedding loss; check 'Keep the "
                                 "embedding in slice order' too, or uncheck it")
-            annotated = {image.name, *(o[0].name for o in others)}
-            unlabelled = [layer for layer in self.image_picker.layers() if layer.name not in annotated]
+            annotated = {image.name, *(image_name for image_name, _ in self._other)}  # every pair trains
+            unlabelled = [reader for layer in self.image_picker.layers() if layer.name not in annotated
+                          for reader in ([LayerArray(layer, np.float32)] if layer.ndim == 3 else
+                                         [LayerArray(layer, np.float32, frame=t) for t in range(layer.data.shape[0])])]
             if not unlabelled:
-                raise UserError("no other 3-D image is open to learn from; open unlabelled scans, or uncheck 'Also "
+                raise UserError("no other image is open to learn from; open unlabelled scans, or uncheck 'Also "
                                 "learn from the other open images'")
-        return image, labels, lab, train, val, model, others, unlabelled
+        return image, scans + others, val_slices, model, [labels, *other_labels], unlabelled
 
     def autosave(self, labels_layer) -> Path:
         """Write the annotations with their geometry before any training starts."""
@@ -327,35 +354,35 @@ class FinetuneWidget(QWidget):
         if self.runner is not None and self.runner.running:
             return None
         try:
-            image, labels_layer, lab, slices, val, model, others, unlabelled = self._inputs()
+            image, scans, val, model, labels_layers, unlabelled = self._inputs()
             device = self.device_picker.device()
         except UserError as exc:
             show_error(str(exc))
             self.status.setText(str(exc))
             return None
-        self.autosaved = self.autosave(labels_layer)
-        for _, other_labels, _, _ in others:
+        self.autosaved = self.autosave(labels_layers[0])
+        for other_labels in labels_layers[1:]:
             self.autosave(other_labels)
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")  # replaces (and removes) the last run's
         tmp = Path(self._tmp.name)
         save_checkpoint(tmp / "start.safetensors", model, self.session.meta.get("training", {}))
-        # the image is read (and converted) by the job's thread, not here: a lazy layer is read from disk then
-        inputs = dict(image=LayerArray(image, np.float32), labels=lab,
-                      slices=np.asarray(slices), val_slices=np.asarray(val, dtype=np.int64))
-        for k, (other_image, _, other_lab, other_slices) in enumerate(others, 1):  # the job reads image_1, ...
-            inputs |= {f"image_{k}": LayerArray(other_image, np.float32), f"labels_{k}": other_lab,
-                       f"slices_{k}": np.asarray(other_slices)}
-        for k, layer in enumerate(unlabelled):  # read by the job's thread too
-            inputs[f"unlabelled_{k}"] = LayerArray(layer, np.float32)
+        # the images are read (and converted) by the job's thread, not here: a lazy layer is read from disk then
+        _, reader, lab, slices = scans[0]
+        inputs = dict(image=reader, labels=lab, slices=np.asarray(slices, dtype=np.int64),
+                      val_slices=np.asarray(val, dtype=np.int64))
+        for k, (_, other_image, other_lab, other_slices) in enumerate(scans[1:], 1):  # the job reads image_1, ...
+            inputs |= {f"image_{k}": other_image, f"labels_{k}": other_lab, f"slices_{k}": np.asarray(other_slices)}
+        for k, reader in enumerate(unlabelled):  # read by the job's thread too
+            inputs[f"unlabelled_{k}"] = reader
         cfg = FinetuneConfig(steps=self.steps.value(), device=device.type, validate_every=max(1, self.steps.value() // 10),
                              embedding_weight=FinetuneConfig.embedding_weight if self.keep_embedding.isChecked() else 0.0,
                              balance_classes=self.balance_classes.isChecked())
         if self.wider_zoom.isChecked():
             cfg.augment = AugmentConfig(scale=WIDER_ZOOM)
         # as `coral finetune` records it: one image as "image" and "slices", several as "images" and a list each
-        where = {"image": image.name, "slices": slices}
-        if others:
-            where = {"images": [image.name, *(o[0].name for o in others)], "slices": [slices, *(o[3] for o in others)]}
+        where = {"image": scans[0][0], "slices": slices}
+        if len(scans) > 1:
+            where = {"images": [scan[0] for scan in scans], "slices": [scan[3] for scan in scans]}
         spec = {
             "model": str(tmp / "start.safetensors"), "out": str(tmp / "finetuned.safetensors"),
             "config": config_dict(cfg),
@@ -365,22 +392,22 @@ class FinetuneWidget(QWidget):
             "resume_folder": str(resume_folder()),  # the job names its progress file from a hash of all its inputs
         }
         if unlabelled:
-            spec["training"]["unlabelled"] = [layer.name for layer in unlabelled]
+            spec["training"]["unlabelled"] = [reader.name for reader in unlabelled]
         self.losses, self.val_dice = [], []
         self.continued_from = None
-        n_slices = len(slices) + sum(len(o[3]) for o in others)
-        scans = f" of {1 + len(others)} scans" if others else ""
+        n_slices = sum(len(scan[3]) for scan in scans)
+        of_scans = f" of {len(scans)} scans" if len(scans) > 1 else ""
         self.runner = JobRunner(Job("finetune", spec, mode or self.mode, inputs=(tmp, inputs)),
-                                f"Fine-tuning on {n_slices} slices{scans}", self)
+                                f"Fine-tuning on {n_slices} slices{of_scans}", self)
         self.runner.progressed.connect(self._progress)
         self.runner.finished.connect(lambda path, stopped: self._finished(path, stopped, image))
         self.runner.failed.connect(self._failed)
         self.finetune_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         held_out = f", validating on {val}" if val else ""
-        also = "".join(f"; slices {o[3]} of {o[0].name}" for o in others)
-        self.status.setText(f"Annotations saved to {self.autosaved}{' and beside it' if others else ''}. Fine-tuning on "
-                            f"slices {slices}{held_out}{also}...")
+        also = "".join(f"; slices {scan[3]} of {scan[0]}" for scan in scans[1:])
+        self.status.setText(f"Annotations saved to {self.autosaved}{' and beside it' if len(labels_layers) > 1 else ''}. "
+                            f"Fine-tuning on slices {slices} of {scans[0][0]}{held_out}{also}...")
         return self.runner.start()
 
     def cancel(self) -> None:
@@ -456,14 +483,46 @@ class FinetuneWidget(QWidget):
             self.save_model_file(path)
 
 
-def _snapshot(labels, slices: list[int], model) -> np.ndarray:
-    """The annotated slices of a Labels layer, the rest zero, in the layer's own dtype (painting goes
-    on while the job runs): the job reads no other slice, and copying the whole volume as int64 here
-    took napari's thread 8 bytes per voxel. Labels the model has no class for are a user error."""
-    lab = np.zeros(labels.data.shape, dtype=labels.data.dtype)
-    lab[slices] = labels.data[slices]
+def _slice_keys(mask: np.ndarray) -> set:
+    """The slices where ``mask`` (over (z,) or a cine's (t, z)) is set: numbers, or (frame, slice) pairs."""
+    if mask.ndim == 1:
+        return {int(i) for i in np.flatnonzero(mask)}
+    return {(int(t), int(z)) for t, z in np.argwhere(mask)}
+
+
+def _by_frame(keys) -> dict[int, list[int]]:
+    frames: dict[int, list[int]] = {}
+    for t, z in sorted(keys):
+        frames.setdefault(t, []).append(z)
+    return frames
+
+
+def describe_slices(keys) -> str:
+    """"1, 5, 8", or for a cine "frame 0: 1, 5; frame 12: 3"."""
+    if keys and isinstance(keys[0], tuple):
+        return "; ".join(f"frame {t}: {', '.join(map(str, zs))}" for t, zs in _by_frame(keys).items())
+    return ", ".join(map(str, keys))
+
+
+def _scans(image, labels, keys: list, model, first: int | None = None) -> list[tuple[str, LayerArray, np.ndarray, list[int]]]:
+    """(name, image reader, labels snapshot, slices) for a pair of layers: one scan, or in a cine one per
+    annotated frame (frame ``first`` first, when given), named "IMAGE frame T"."""
+    if image.ndim == 3:
+        return [(image.name, LayerArray(image, np.float32), _snapshot(labels.data, labels.name, keys, model), keys)]
+    frames = _by_frame(keys)
+    return [(f"{image.name} frame {t}", LayerArray(image, np.float32, frame=t),
+             _snapshot(labels.data[t], f"{labels.name} frame {t}", frames[t], model), frames[t])
+            for t in sorted(frames, key=lambda t: (t != first, t))]
+
+
+def _snapshot(data, name: str, slices: list[int], model) -> np.ndarray:
+    """The annotated slices of a Labels layer's (z, y, x) data, the rest zero, in the layer's own dtype
+    (painting goes on while the job runs): the job reads no other slice, and copying the whole volume as
+    int64 here took napari's thread 8 bytes per voxel. Labels the model has no class for are a user error."""
+    lab = np.zeros(data.shape, dtype=data.dtype)
+    lab[slices] = data[slices]
     top = int(lab[slices].max())
     if top >= model.config.n_classes:
-        raise UserError(f"labels layer {labels.name!r} uses label {top} but the model has classes "
+        raise UserError(f"labels layer {name!r} uses label {top} but the model has classes "
                         f"0..{model.config.n_classes - 1} ({', '.join(model.config.class_names)}); paint with those labels")
     return lab
