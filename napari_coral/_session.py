@@ -30,7 +30,9 @@ class CoralSession:
     model: UNet | None = None
     meta: dict = field(default_factory=dict)
     source: str = "none"
-    annotated: dict[str, list[int]] = field(default_factory=dict)  # image layer name -> slices
+    annotated: dict[str, list] = field(default_factory=dict)  # image layer name -> annotated slices
+    # weak references to the Fine-tune panels' counters: Labels layer -> its annotated slices, or None
+    annotation_counters: list = field(default_factory=list)
     _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def ensure_model(self) -> UNet:
@@ -47,6 +49,23 @@ class CoralSession:
         self.model, self.meta, self.source = model.eval(), meta, source
         for listener in list(self._listeners):
             listener()
+
+    def annotated_in(self, labels_layer) -> list:
+        """The slices a Fine-tune panel counts as annotated in ``labels_layer`` (numbers, or (frame, slice)
+        pairs in a cine); none when no open panel watches it. Segmenting into the layer keeps them."""
+        for ref in list(self.annotation_counters):
+            count = ref()
+            if count is None:
+                self.annotation_counters.remove(ref)
+                continue
+            try:
+                slices = count(labels_layer)
+            except RuntimeError:  # Qt deleted the panel
+                self.annotation_counters.remove(ref)
+                continue
+            if slices:
+                return slices
+        return []
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)

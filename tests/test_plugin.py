@@ -341,6 +341,48 @@ def test_finetune_without_annotations_says_what_to_do(viewer):
     assert "validation slice(s) 5 are not annotated" in widget.status.text()
 
 
+def test_segmenting_again_keeps_the_slices_painted_in_the_labels_layer(viewer, qtbot):
+    """Correcting the segmentation itself, then fine-tuning: the re-segmentation keeps the corrected slices
+    as painted (they train the next fine-tuning again), and its predictions elsewhere do not count as
+    painted. Segment does the same, also for a stroke made just before it writes."""
+    _fresh_model(viewer)
+    segment = dock(viewer, "Segment")
+    segment.segment()
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)
+    widget = dock(viewer, "Fine-tune")
+    widget.labels_picker.setCurrentText("phantom labels")
+    layer = viewer.layers["phantom labels"]
+    truth = viewer.layers["phantom ground truth"].data
+
+    def paint(k):
+        idx = np.nonzero(truth[k])
+        layer.data_setitem((np.full_like(idx[0], k), *idx), truth[k][idx].astype(layer.data.dtype))
+
+    paint(3)
+    painted = layer.data[3].copy()
+    first = layer.data.copy()
+    qtbot.waitUntil(lambda: widget.annotated_slices() == [3], timeout=5000)
+    widget.steps.setValue(30)
+    runner = widget.finetune(mode="thread")
+    qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    qtbot.waitUntil(lambda: "re-segmented" in widget.status.text(), timeout=60_000)
+    assert "keeping the 1 annotated slice as painted" in widget.status.text()
+    np.testing.assert_array_equal(layer.data[3], painted)
+    others = [k for k in range(truth.shape[0]) if k != 3]
+    assert (layer.data[others] != first[others]).any()  # the new model predicted other labels elsewhere
+    qtbot.wait(400)  # past the count's pause
+    assert widget.annotated_slices() == [3]
+    paint(5)  # and Segment at once, before the count's pause: the stroke is counted as Segment writes
+    painted5 = layer.data[5].copy()
+    worker = segment.segment()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: "keeping the 2 annotated slices as painted" in segment.status.text(), timeout=10_000)
+    np.testing.assert_array_equal(layer.data[3], painted)
+    np.testing.assert_array_equal(layer.data[5], painted5)
+    assert widget.annotated_slices() == [3, 5]
+
+
 # --------------------------------------------------------------------------- embedding
 
 

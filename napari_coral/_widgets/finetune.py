@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, full_resolution, shown_index
 from napari_coral._session import data_home, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
-from napari_coral._widgets.segment import start_segmentation
+from napari_coral._widgets.segment import _kept_text, start_segmentation
 from napari_coral._writer import write_labels
 
 
@@ -158,6 +159,7 @@ class FinetuneWidget(QWidget):
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(250)
         self._debounce.timeout.connect(self.update_touched)
+        self.session.annotation_counters.append(weakref.WeakMethod(self.annotated_in))
         self.labels_picker.currentTextChanged.connect(self._watch_labels)
         self.extra_slices.textChanged.connect(self._show_annotated)
         self.image_picker.currentTextChanged.connect(self._show_other)  # also when layers come and go
@@ -172,17 +174,38 @@ class FinetuneWidget(QWidget):
             return  # the layer list changed around the same layer: keep what was painted
         if self._watched is not None:
             self._watched.events.paint.disconnect(self._labels_edited)
-            self._watched.events.data.disconnect(self._labels_edited)
+            self._watched.events.data.disconnect(self._labels_replaced)
         self._watched = layer
         self._touched = set()
         self._baseline = None if layer is None else np.array(layer.data, copy=True)
         if layer is not None:
             layer.events.paint.connect(self._labels_edited)
-            layer.events.data.connect(self._labels_edited)
+            layer.events.data.connect(self._labels_replaced)
         self._show_annotated()
 
     def _labels_edited(self, event=None) -> None:
         self._debounce.start()  # recompute once the user pauses, not on every brush stroke
+
+    def _labels_replaced(self, event=None) -> None:
+        """The layer's data was replaced as a whole (re-segmented, not painted): the slices painted so far
+        stay annotated (segmenting kept them, :meth:`annotated_in`), and the new data is what later
+        painting is compared with, so predicted slices do not count as painted."""
+        self._debounce.stop()
+        layer = self._watched
+        if layer is not None:
+            self._baseline = np.array(layer.data, copy=True)
+        self._show_annotated()
+
+    def annotated_in(self, layer) -> list | None:
+        """The annotated slices of ``layer`` when it is the Labels layer this panel watches (painting not
+        yet counted included); None otherwise. Segmenting into the layer keeps these slices."""
+        if self._watched is None or layer != self._watched:
+            return None
+        self.update_touched()
+        try:
+            return self.annotated_slices()
+        except UserError:  # "Also use slices" does not parse: what was painted still counts
+            return sorted(self._touched)
 
     def update_touched(self) -> list[int]:
         """Slices whose labels differ from the layer as it was when chosen."""
@@ -459,7 +482,8 @@ class FinetuneWidget(QWidget):
             self.save_button.setEnabled(True)
             self.segment_worker = start_segmentation(
                 self.viewer, image, self.device_picker.device(),
-                on_done=lambda layer: alive(self) and self.status.setText(f"Fine-tuned and re-segmented into {layer.name}. Save the model if it looks right."),
+                on_done=lambda layer, kept: alive(self) and self.status.setText(
+                    f"Fine-tuned and re-segmented into {layer.name}{_kept_text(kept)}. Save the model if it looks right."),
             )
 
         loader.returned.connect(loaded)

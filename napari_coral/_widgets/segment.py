@@ -14,12 +14,23 @@ def labels_layer_name(image_name: str) -> str:
     return f"{image_name} labels"
 
 
-def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]):
-    """Add, or update in place, the Labels layer that belongs to ``image_layer``."""
+def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]) -> tuple[object, int]:
+    """Add, or update in place, the Labels layer that belongs to ``image_layer``; returns it and how many
+    slices were kept. Slices the Fine-tune panel counts as annotated in that layer keep what the user painted
+    (a fine-tuning trains on them again; a prediction must not take their place)."""
     name = labels_layer_name(image_layer.name)
     features = {"class": list(class_names)}
+    kept = 0
     if name in viewer.layers:
         layer = viewer.layers[name]
+        annotated = session_for(viewer).annotated_in(layer)
+        if annotated and tuple(layer.data.shape) == labels.shape:
+            index = tuple(np.array(axis) for axis in zip(*annotated)) if isinstance(annotated[0], tuple) else (np.array(annotated),)
+            old = np.asarray(layer.data[index])
+            if old.size and old.max() > np.iinfo(labels.dtype).max:
+                labels = labels.astype(old.dtype)
+            labels[index] = old
+            kept = len(annotated)
         layer.data = labels
     else:
         layer = viewer.add_labels(
@@ -28,8 +39,8 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]):
         )
     layer.colormap = class_colormap(len(class_names))
     layer.features = features
-    layer.metadata["coral_prediction"] = True  # its labelled slices are predictions, not annotations
-    return layer
+    layer.metadata["coral_prediction"] = True  # its unannotated slices are predictions
+    return layer, kept
 
 
 def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None):
@@ -61,9 +72,9 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
         bar.close()
         if image_layer not in viewer.layers:  # closed or removed while segmenting
             return
-        layer = put_labels(viewer, image_layer, labels, model.config.class_names)
+        layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names)
         if on_done:
-            on_done(layer)
+            on_done(layer, kept)
 
     def errored(exc):
         bar.close()
@@ -78,6 +89,10 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     worker.errored.connect(errored)
     worker.start()
     return worker
+
+
+def _kept_text(kept: int) -> str:
+    return f", keeping the {kept} annotated slice{'s' if kept != 1 else ''} as painted" if kept else ""
 
 
 class SegmentWidget(QWidget):
@@ -124,11 +139,11 @@ class SegmentWidget(QWidget):
         self.segment_button.setEnabled(False)
         self.status.setText(f"Segmenting {image.name} on {device.type}...")
 
-        def done(layer):
+        def done(layer, kept):
             if not alive(self):
                 return
             self.segment_button.setEnabled(True)
-            self.status.setText(f"Wrote {layer.name} ({self.session.source}).")
+            self.status.setText(f"Wrote {layer.name} ({self.session.source}){_kept_text(kept)}.")
 
         def failed(exc):
             if not alive(self):
