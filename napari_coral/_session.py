@@ -25,6 +25,31 @@ def data_home() -> Path:
     return home
 
 
+def file_name_part(name: str) -> str:
+    """A layer's name as part of a file name: letters, digits, '-' and '_' kept, anything else '_'."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def keep_model(path: str | os.PathLike, kind: str, name: str) -> Path:
+    """Copy a model a plugin job trained into ``data_home()/models`` as ``KIND-NAME-TIMESTAMP.safetensors``
+    (atomically; a second in the same second gets ``-2``, ...), where it stays until the user deletes it:
+    a model trained in the plugin is not lost when another one replaces it unsaved."""
+    import shutil
+    import time
+
+    from coral_core.fileio import atomic_target
+
+    folder = data_home() / "models"
+    folder.mkdir(exist_ok=True)
+    stem = f"{kind}-{file_name_part(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = folder / f"{stem}.safetensors", 2
+    while target.exists():
+        target, n = folder / f"{stem}-{n}.safetensors", n + 1
+    with atomic_target(target) as tmp:
+        shutil.copyfile(path, tmp)
+    return target
+
+
 @dataclass
 class CoralSession:
     model: UNet | None = None

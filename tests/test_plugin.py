@@ -182,11 +182,18 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     after = mean_dice(viewer.layers["phantom labels"].data, truth, unannotated)
     assert after > before + 0.2, (before, after)
     assert session.source == "fine-tuned on phantom"
+    # kept without asking, so that loading or training another model cannot lose it
+    kept = list((coral_home / "models").glob("finetuned-phantom-*.safetensors"))
+    assert len(kept) == 1 and f"The model is kept in {kept[0]}." in widget.status.text()
+    from coral_core.checkpoint import load_checkpoint
+
+    kept_model, _ = load_checkpoint(kept[0])
+    assert all(torch.equal(a, b) for a, b in zip(kept_model.state_dict().values(), session.model.state_dict().values()))
     saved = widget.save_model_file(str(tmp_path / "mine.safetensors"))
     assert saved.is_file()
 
 
-def test_cancel_keeps_the_previous_model(viewer, qtbot):
+def test_cancel_keeps_the_previous_model(viewer, qtbot, coral_home):
     session = _fresh_model(viewer)
     previous = session.model
     model_dock = dock(viewer, "Model")
@@ -226,6 +233,7 @@ def test_cancel_keeps_the_previous_model(viewer, qtbot):
     with qtbot.waitSignal(runner.finished, timeout=60_000):
         widget.cancel()
     assert session.model is previous
+    assert not list(coral_home.glob("models/*"))  # a stopped fine-tuning's model is not kept as a model
 
 
 def test_finetune_works_with_default_choices_on_the_sample(viewer, qtbot):
@@ -437,6 +445,8 @@ def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
     assert "is pretrained only" in segment.status.text() and segment.segment_button.isEnabled()
     assert runner.job.spec["resume_folder"] == str(tmp_path / "home" / "resume")  # progress kept there ...
     assert list((tmp_path / "home" / "resume").iterdir()) == []  # ... until the job is done
+    kept = list((tmp_path / "home" / "models").glob("pretrained-coral-*.safetensors"))
+    assert len(kept) == 1 and f"The model is kept in {kept[0]}." in widget.pretrain_status.text()
     saved = widget.save_model_file(str(tmp_path / "pre.safetensors"))
     widget.use_demo_model()
     assert session.source == "bundled demo model"

@@ -21,7 +21,7 @@ from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
 from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, full_resolution, shown_index
-from napari_coral._session import data_home, session_for
+from napari_coral._session import data_home, file_name_part, keep_model, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import _kept_text, start_segmentation
 from napari_coral._writer import write_labels
@@ -366,8 +366,7 @@ class FinetuneWidget(QWidget):
         folder = data_home() / "annotations"
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in labels_layer.name)
-        path = folder / f"{safe}-{stamp}.nii.gz"
+        path = folder / f"{file_name_part(labels_layer.name)}-{stamp}.nii.gz"
         write_labels(str(path), labels_layer.data, {"metadata": labels_layer.metadata, "scale": labels_layer.scale})
         return path
 
@@ -471,10 +470,18 @@ class FinetuneWidget(QWidget):
         from napari.qt.threading import thread_worker
 
         self.status.setText("Fine-tuned. Loading the model and re-segmenting the volume...")
-        loader = thread_worker(load_checkpoint, ignore_errors=True)(path)  # off the GUI thread; errors reported below
+
+        def keep_and_load(path):
+            try:
+                kept = f"The model is kept in {keep_model(path, 'finetuned', image.name)}."
+            except OSError as exc:  # a full or read-only disk: the model is still used, and Save model offered
+                kept = f"Could not keep a copy of the model ({exc}); save it with Save model."
+            return (*load_checkpoint(path), kept)
+
+        loader = thread_worker(keep_and_load, ignore_errors=True)(path)  # off the GUI thread; errors reported below
 
         def loaded(result):
-            model, meta = result
+            model, meta, kept = result
             self.session.set_model(model, meta, f"fine-tuned on {image.name}")
             if not alive(self):  # the dock was closed while the model loaded
                 return
@@ -482,8 +489,9 @@ class FinetuneWidget(QWidget):
             self.save_button.setEnabled(True)
             self.segment_worker = start_segmentation(
                 self.viewer, image, self.device_picker.device(),
-                on_done=lambda layer, kept: alive(self) and self.status.setText(
-                    f"Fine-tuned and re-segmented into {layer.name}{_kept_text(kept)}. Save the model if it looks right."),
+                on_done=lambda layer, n_kept: alive(self) and self.status.setText(
+                    f"Fine-tuned and re-segmented into {layer.name}{_kept_text(n_kept)}. {kept} Save the model if it "
+                    "looks right."),
             )
 
         loader.returned.connect(loaded)

@@ -22,7 +22,7 @@ from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
 from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray
-from napari_coral._session import session_for
+from napari_coral._session import data_home, keep_model, session_for
 from napari_coral._widgets._common import (
     DevicePicker, JobRunner, VolumeChecklist, any_job_running, on_job_events, status_label,
 )
@@ -115,7 +115,9 @@ class ModelWidget(QWidget):
         return save_checkpoint(path, model, training)
 
     def _ask_load(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load a napari-coral model", "", "Models (*.safetensors *.pth)")
+        kept = data_home() / "models"  # where the plugin keeps the models it trained
+        path, _ = QFileDialog.getOpenFileName(self, "Load a napari-coral model", str(kept) if kept.is_dir() else "",
+                                              "Models (*.safetensors *.pth)")
         if path:
             self.load_checkpoint_file(path)
 
@@ -206,8 +208,13 @@ class ModelWidget(QWidget):
                                          "with the same settings to continue where it stopped.")
             return
         model, meta = load_checkpoint(path)
-        self.session.set_model(model, meta, f"{meta['training'].get('method', '')}-pretrained encoder")
-        self.pretrain_status.setText("Pretraining finished. Paint a few slices and fine-tune.")
+        method = meta["training"].get("method", "")
+        self.session.set_model(model, meta, f"{method}-pretrained encoder")
+        try:
+            kept = f"The model is kept in {keep_model(path, 'pretrained', method)}."
+        except OSError as exc:
+            kept = f"Could not keep a copy of the model ({exc}); save it with Save model."
+        self.pretrain_status.setText(f"Pretraining finished. Paint a few slices and fine-tune. {kept}")
 
     def _failed(self, message: str) -> None:
         from napari.utils.notifications import show_error
