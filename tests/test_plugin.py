@@ -391,6 +391,28 @@ def test_segmenting_again_keeps_the_slices_painted_in_the_labels_layer(viewer, q
     assert widget.annotated_slices() == [3, 5]
 
 
+def test_segmenting_into_a_label_file_keeps_its_labelled_slices_annotated(viewer, qtbot):
+    """A Labels layer that is not a segmentation of ours counts its labelled slices as annotated; segmenting
+    into it (its name is the image's Labels layer's) keeps them, and they stay annotated afterwards."""
+    _fresh_model(viewer)
+    truth = viewer.layers["phantom ground truth"].data
+    partial = np.zeros_like(truth)
+    partial[[2, 6]] = truth[[2, 6]]
+    layer = viewer.add_labels(partial, name="phantom labels")
+    widget = dock(viewer, "Fine-tune")
+    widget.labels_picker.setCurrentText("phantom labels")
+    assert widget.annotated_slices() == [2, 6]
+    segment = dock(viewer, "Segment")
+    worker = segment.segment()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: "keeping the 2 annotated slices as painted" in segment.status.text(), timeout=10_000)
+    assert layer.metadata["coral_prediction"] and (layer.data[[0, 1, 3, 4, 5]] > 0).any()  # predicted there
+    np.testing.assert_array_equal(layer.data[[2, 6]], truth[[2, 6]])
+    qtbot.wait(400)
+    assert widget.annotated_slices() == [2, 6]
+
+
 # --------------------------------------------------------------------------- embedding
 
 

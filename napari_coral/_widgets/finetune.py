@@ -203,9 +203,13 @@ class FinetuneWidget(QWidget):
             return None
         self.update_touched()
         try:
-            return self.annotated_slices()
+            slices = self.annotated_slices()
         except UserError:  # "Also use slices" does not parse: what was painted still counts
-            return sorted(self._touched)
+            slices = sorted(self._touched)
+        # kept as painted, they stay annotated once the layer holds a segmentation (whose other slices do not
+        # count): the slices listed, or a label file's labelled slices
+        self._touched |= set(slices)
+        return slices
 
     def update_touched(self) -> list[int]:
         """Slices whose labels differ from the layer as it was when chosen."""
