@@ -576,7 +576,7 @@ def cmd_segment(args) -> tuple[dict, str]:
 def cmd_embed(args) -> tuple[dict, str]:
     import csv
 
-    from coral_core.data import discover_volumes
+    from coral_core.data import case_volumes, discover_volumes
     from coral_core.device import resolve_device
     from coral_core.embedding import project_trajectories
     from coral_core.fileio import atomic_target, check_output_path
@@ -591,8 +591,13 @@ def cmd_embed(args) -> tuple[dict, str]:
     device = resolve_device(args.device)
     model, _ = _load_model(args.model, device)
     features, names = [], []
-    for case in discover_volumes(args.images):  # files, DICOM series and dataset folders; one volume in memory at a time
-        volume = load_volume(case.image)
+    for case in discover_volumes(args.images, args.all_frames):  # files, DICOM series and dataset folders
+        if case.frames:  # --all-frames: each frame a volume, named SUBJECT_t00, SUBJECT_t01, ...
+            for name, frame in case_volumes(case):
+                features.append(embed_volume(model, frame.array, device))
+                names.append(name)
+            continue
+        volume = load_volume(case.image)  # one volume in memory at a time
         features.append(embed_volume(model, volume.array, device))
         names.append(volume.name)
         del volume
@@ -1095,6 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--out", required=True, metavar="TABLE.csv")
     p.add_argument("--plot", default=None, metavar="FIG.png")
+    p.add_argument("--all-frames", action="store_true",
+                   help="embed every frame of a 4-D (cine) file as a volume of its own (SUBJECT_t00, SUBJECT_t01, ...), "
+                        "and an ACDC patient as the frames of its _4d cine file")
 
     p = command("evaluate", "Dice and HD95 of a segmentation against ground truth.", cmd_evaluate)
     p.add_argument("pred", metavar="PRED", help="the label volume to score, e.g. written by coral segment")

@@ -762,6 +762,12 @@ def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
     res = json.loads(coral("pretrain", root, "--all-frames", "--epochs", 1, *TINY, "--out", tmp_path / "p.safetensors",
                            "--json").stdout)
     assert res["volumes"] == 16  # 4 patients x 4 frames, the ED and ES files not read twice
+    embedded = json.loads(coral("embed", root / "patient001" / "patient001_4d.nii.gz", root / "patient002",
+                                "--all-frames", "--out", tmp_path / "e.csv", "--json").stdout)["volumes"]
+    assert sorted(embedded) == [f"{name}_t0{t}" for name in ("patient001_4d", "patient002") for t in range(4)]  # a file, a folder
+    with open(tmp_path / "e.csv") as fh:
+        assert sum(1 for _ in fh) == 1 + 8 * 6  # a row per slice of every frame
+    assert len(json.loads(coral("embed", root / "patient002", "--out", tmp_path / "e.csv", "--json").stdout)["volumes"]) == 2
     assert json.loads(coral("pretrain", root, "--epochs", 1, *TINY, "--out", tmp_path / "p.safetensors",
                             "--json").stdout)["volumes"] == 8
     cache = ["--slice-cache", tmp_path / "slices.npy"]  # a cache of the frames is not the cache of the files
