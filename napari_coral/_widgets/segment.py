@@ -91,7 +91,8 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     return worker
 
 
-def _kept_text(kept: int) -> str:
+def kept_slices_text(kept: int) -> str:
+    """What a status line adds when segmenting kept ``kept`` annotated slices (nothing when none)."""
     return f", keeping the {kept} annotated slice{'s' if kept != 1 else ''} as painted" if kept else ""
 
 
@@ -143,7 +144,7 @@ class SegmentWidget(QWidget):
             if not alive(self):
                 return
             self.segment_button.setEnabled(True)
-            self.status.setText(f"Wrote {layer.name} ({self.session.source}){_kept_text(kept)}.")
+            self.status.setText(f"Wrote {layer.name} ({self.session.source}){kept_slices_text(kept)}.")
 
         def failed(exc):
             if not alive(self):
