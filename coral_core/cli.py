@@ -624,14 +624,18 @@ def cmd_evaluate(args) -> tuple[dict, str]:
 
     from coral_core.data import label_map, parse_label_values
     from coral_core.metrics import evaluate_segmentation
-    from coral_core.volume import load_volume
+    from coral_core.volume import load_frames
 
     label_values = parse_label_values(args.label_values) if args.label_values else None
-    pred, truth = load_volume(args.pred), load_volume(args.truth)
-    if pred.shape != truth.shape:
-        raise UserError(f"{args.pred}: shape {pred.shape} differs from {args.truth} shape {truth.shape}; compare a segmentation with the labels of the same image")
-    p = label_map(pred.array, args.pred).astype(np.int64)
-    t = label_map(truth.array, args.truth, label_values).astype(np.int64)
+    # a cine series (4-D files, as coral segment writes one) is scored frame by frame
+    preds, truths = load_frames(args.pred), load_frames(args.truth)
+    if len(preds) != len(truths) or preds[0].shape != truths[0].shape:
+        shapes = [f"{len(v)} frames of {v[0].shape}" if len(v) > 1 else str(v[0].shape) for v in (preds, truths)]
+        raise UserError(f"{args.pred}: shape {shapes[0]} differs from {args.truth} shape {shapes[1]}; compare a "
+                        "segmentation with the labels of the same image")
+    ps = [label_map(v.array, args.pred).astype(np.int64) for v in preds]
+    ts = [label_map(v.array, args.truth, label_values).astype(np.int64) for v in truths]
+    p, t = max(ps, key=lambda a: a.max()), max(ts, key=lambda a: a.max())  # the frames holding the highest labels
     n_classes = max(int(max(p.max(), t.max())) + 1, 2)
     names = None
     if args.class_names:
@@ -643,11 +647,23 @@ def cmd_evaluate(args) -> tuple[dict, str]:
                             "class(es); name each label from 1 up, e.g. RV,myocardium,LV")
         n_classes = len(foreground) + 1  # classes named but absent from both files are listed too
         names = ["background", *foreground]
-    result = evaluate_segmentation(p, t, n_classes, truth.spacing, names)
+    frames = [evaluate_segmentation(pf, tf, n_classes, truth.spacing, names) for pf, tf, truth in zip(ps, ts, truths)]
+    result = frames[0]
+    if len(frames) > 1:  # each class's and the mean's average over the frames where they are defined
+        def over_frames(values):
+            values = [v for v in values if np.isfinite(v)]
+            return float(np.mean(values)) if values else float("nan")
+
+        result = {key: {name: over_frames([f[key][name] for f in frames]) for name in frames[0][key]}
+                  for key in ("dice", "hd95")}
+        result |= {key: over_frames([f[key] for f in frames]) for key in ("mean_dice", "mean_hd95")}
+        result["frames"] = frames
     lines = [f"{'class':>12} {'Dice':>7} {'HD95 mm':>9}"]
     for name in result["dice"]:
         lines.append(f"{name:>12} {result['dice'][name]:7.3f} {result['hd95'][name]:9.2f}")
     lines.append(f"{'mean':>12} {result['mean_dice']:7.3f} {result['mean_hd95']:9.2f}")
+    if len(frames) > 1:
+        lines.insert(0, f"{len(frames)} frames; each number is the mean over the frames (per frame: --json)")
     return result, "\n".join(lines)
 
 

@@ -825,6 +825,23 @@ def test_segment_a_cine_series_frame_by_frame(tmp_path):
         np.testing.assert_array_equal(np.asarray(written.dataobj)[..., t].transpose(2, 1, 0), alone)
     text = coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.nii.gz").stdout
     assert "(3 frames of 5 slices)" in text
+    # scored frame by frame against a series of the same shape: each frame as coral evaluate scores it alone
+    truth = np.stack([make_phantom(80 + t, n_slices=5)[1].array.astype(np.uint8) for t in range(3)])
+    write_nifti_ijk(tmp_path / "cine_truth.nii.gz", np.stack([f.transpose(2, 1, 0) for f in truth], -1), affine)
+    series = json.loads(coral("evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "cine_truth.nii.gz",
+                              "--json").stdout)
+    alone = []
+    for t in range(3):
+        save_volume(tmp_path / "p.nii.gz", np.asarray(written.dataobj)[..., t].transpose(2, 1, 0), affine)
+        save_volume(tmp_path / "t.nii.gz", truth[t], affine)
+        alone.append(json.loads(coral("evaluate", tmp_path / "p.nii.gz", tmp_path / "t.nii.gz", "--json").stdout))
+    assert [f["mean_dice"] for f in series["frames"]] == [a["mean_dice"] for a in alone]
+    assert np.isclose(series["mean_dice"], np.mean([a["mean_dice"] for a in alone]))
+    assert np.isclose(series["dice"]["1"], np.mean([a["dice"]["1"] for a in alone]))
+    assert "3 frames; each number is the mean over the frames" in coral(
+        "evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "cine_truth.nii.gz").stdout
+    user_error(coral("evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "t.nii.gz", check=False),
+               "3 frames of (5, 128, 128)", "differs from")
     user_error(coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.mha", check=False),
                "cine_labels.mha", "series of 3 frames", "written as NIfTI")  # before any work: nothing written
     assert not (tmp_path / "cine_labels.mha").exists()
