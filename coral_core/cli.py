@@ -635,14 +635,14 @@ def cmd_evaluate(args) -> tuple[dict, str]:
                         "segmentation with the labels of the same image")
     ps = [label_map(v.array, args.pred).astype(np.int64) for v in preds]
     ts = [label_map(v.array, args.truth, label_values).astype(np.int64) for v in truths]
-    p, t = max(ps, key=lambda a: a.max()), max(ts, key=lambda a: a.max())  # the frames holding the highest labels
-    n_classes = max(int(max(p.max(), t.max())) + 1, 2)
+    top_p, top_t = max(int(a.max()) for a in ps), max(int(a.max()) for a in ts)  # over every frame
+    n_classes = max(max(top_p, top_t) + 1, 2)
     names = None
     if args.class_names:
         given = [n.strip() for n in args.class_names.split(",")]
         foreground = given[1:] if given[0].lower() == "background" else given
         if n_classes > len(foreground) + 1:
-            path = args.pred if p.max() >= t.max() else args.truth
+            path = args.pred if top_p >= top_t else args.truth
             raise UserError(f"{path}: holds label {n_classes - 1} but --class-names names {len(foreground)} foreground "
                             "class(es); name each label from 1 up, e.g. RV,myocardium,LV")
         n_classes = len(foreground) + 1  # classes named but absent from both files are listed too

@@ -50,6 +50,15 @@ def keep_model(path: str | os.PathLike, kind: str, name: str) -> Path:
     return target
 
 
+def keep_model_sentence(path: str | os.PathLike, kind: str, name: str) -> str:
+    """:func:`keep_model`, told as a status line's sentence; a full or read-only disk is said, not raised
+    (the model is still used, and Save model still offered)."""
+    try:
+        return f"The model is kept in {keep_model(path, kind, name)}."
+    except OSError as exc:
+        return f"Could not keep a copy of the model ({exc}); save it with Save model."
+
+
 @dataclass
 class CoralSession:
     model: UNet | None = None

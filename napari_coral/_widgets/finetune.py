@@ -21,7 +21,7 @@ from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
 from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, full_resolution, shown_index
-from napari_coral._session import data_home, file_name_part, keep_model, session_for
+from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import kept_slices_text, start_segmentation
 from napari_coral._writer import write_labels
@@ -476,11 +476,7 @@ class FinetuneWidget(QWidget):
         self.status.setText("Fine-tuned. Loading the model and re-segmenting the volume...")
 
         def keep_and_load(path):
-            try:
-                kept = f"The model is kept in {keep_model(path, 'finetuned', image.name)}."
-            except OSError as exc:  # a full or read-only disk: the model is still used, and Save model offered
-                kept = f"Could not keep a copy of the model ({exc}); save it with Save model."
-            return (*load_checkpoint(path), kept)
+            return (*load_checkpoint(path), keep_model_sentence(path, "finetuned", image.name))
 
         loader = thread_worker(keep_and_load, ignore_errors=True)(path)  # off the GUI thread; errors reported below
 

@@ -22,7 +22,7 @@ from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
 from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray
-from napari_coral._session import data_home, keep_model, session_for
+from napari_coral._session import data_home, keep_model_sentence, session_for
 from napari_coral._widgets._common import (
     DevicePicker, JobRunner, VolumeChecklist, any_job_running, on_job_events, status_label,
 )
@@ -210,11 +210,8 @@ class ModelWidget(QWidget):
         model, meta = load_checkpoint(path)
         method = meta["training"].get("method", "")
         self.session.set_model(model, meta, f"{method}-pretrained encoder")
-        try:
-            kept = f"The model is kept in {keep_model(path, 'pretrained', method)}."
-        except OSError as exc:
-            kept = f"Could not keep a copy of the model ({exc}); save it with Save model."
-        self.pretrain_status.setText(f"Pretraining finished. Paint a few slices and fine-tune. {kept}")
+        self.pretrain_status.setText(f"Pretraining finished. Paint a few slices and fine-tune. "
+                                     f"{keep_model_sentence(path, 'pretrained', method)}")
 
     def _failed(self, message: str) -> None:
         from napari.utils.notifications import show_error
