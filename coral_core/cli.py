@@ -298,8 +298,39 @@ def _cached_slices(args, rank: int):
     return data, description["names"], shapes, description["image_size"], how
 
 
-def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, size: int | None = None,
-                    label_values: list[int] | None = None):
+def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None, size: int | None = None,
+                     label_values: list[int] | None = None) -> list[tuple[str, str, tuple]]:
+    """The annotated scans of one image and the label volume drawn on it, checked, each as (name, the
+    labels' name, pair) with the pair as :func:`_annotated_pair` gives it: a 3-D image is one scan named by its path; a 4-D
+    (cine) image with 4-D labels gives one scan per frame that holds labels, named "IMAGE frame T", as
+    the plugin's Fine-tune panel trains on a cine layer."""
+    from coral_core.volume import frame_count, load_frames, load_volume
+
+    series = frame_count(image_path)
+    if series == 1:
+        image, labels = load_volume(image_path), load_volume(labels_path)
+        return [(image_path, labels_path, _annotated_pair(image.array, labels.array, image_path, labels_path, slices_text,
+                                                          size, label_values))]
+    if slices_text:
+        raise UserError(f"{image_path}: --slices names slices of one volume, and this is a series of {series} frames; "
+                        "leave --slices out to train on the slices that hold labels in each frame")
+    if frame_count(labels_path) != series:
+        raise UserError(f"{labels_path}: holds {_count_of(frame_count(labels_path), 'frame')} but {image_path} is a "
+                        f"series of {series} frames; give the 4-D labels drawn on this series")
+    images, labels = load_frames(image_path), load_frames(labels_path)
+    out = []
+    for t, (image, lab) in enumerate(zip(images, labels)):
+        if lab.array.any():  # the frames nobody painted are not training data
+            names = f"{image_path} frame {t}", f"{labels_path} frame {t}"
+            out.append((*names, _annotated_pair(image.array, lab.array, *names, None, size, label_values)))
+        images[t] = labels[t] = None  # only the prepared pairs stay
+    if not out:
+        raise UserError(f"{labels_path}: no frame holds any label; paint some slices of a frame")
+    return out
+
+
+def _annotated_pair(array, raw, image_name: str, labels_name: str, slices_text: str | None,
+                    size: int | None = None, label_values: list[int] | None = None):
     """One image and the label volume drawn on it, checked: (image, labels, annotated slices, the
     image's shape, its largest label). Image and labels are the (S, H, W) arrays as read (labels as
     uint8), or the pair prepared at the model's input size (:func:`coral_core.data.prepare_labelled`)
@@ -309,20 +340,16 @@ def _annotated_pair(image_path: str, labels_path: str, slices_text: str | None, 
     stand for classes 1, 2, ... in the label file (:func:`coral_core.data.label_map`)."""
     from coral_core.data import label_map, parse_slices, prepare_labelled
     from coral_core.finetune import annotated_from_labels
-    from coral_core.volume import load_volume
 
-    image = load_volume(image_path)
-    labels = load_volume(labels_path)
-    if labels.shape != image.shape:
-        raise UserError(f"{labels_path}: labels of shape {labels.shape} do not match {image_path} of shape {image.shape}; give the labels drawn on this image")
-    raw = labels.array
-    lab = label_map(raw, labels_path, label_values)  # uint8, up to 255 classes: an eighth of int64's memory
-    slices = parse_slices(slices_text, image.shape[0], image_path) if slices_text else annotated_from_labels(lab)
+    if raw.shape != array.shape:
+        raise UserError(f"{labels_name}: labels of shape {raw.shape} do not match {image_name} of shape {array.shape}; "
+                        "give the labels drawn on this image")
+    lab = label_map(raw, labels_name, label_values)  # uint8, up to 255 classes: an eighth of int64's memory
+    del raw
+    slices = parse_slices(slices_text, array.shape[0], image_name) if slices_text else annotated_from_labels(lab)
     if not slices:
-        raise UserError(f"{labels_path}: no slice holds any label; paint some slices or pass --slices")
-    shape, top = tuple(image.shape), int(lab.max())
-    array = image.array
-    del image, labels, raw  # only the prepared pair stays, when there is one
+        raise UserError(f"{labels_name}: no slice holds any label; paint some slices or pass --slices")
+    shape, top = tuple(array.shape), int(lab.max())
     if size is None and max(shape[1:]) > AUTO_IMAGE_SIZE_MAX:  # the automatic size will be the cap
         size = AUTO_IMAGE_SIZE_MAX
     if size:
@@ -376,7 +403,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
         raise UserError(f"--classes {args.classes} but --label-values lists {len(label_values)} foreground classes "
                         f"({len(label_values) + 1} with background); leave --classes out")
     images, label_files, skipped = _finetune_inputs(args)
-    n = len(images)
     if args.init:  # read first: its input size lets every scan be prepared at that size as it is read
         model, meta = load_checkpoint(args.init)
         size = model.config.image_size
@@ -387,8 +413,13 @@ def cmd_finetune(args) -> tuple[dict, str]:
                                 "fine-tune it as it is, or leave --init out to start from random init")
     else:
         size = _auto_image_size([], args.image_size) if args.image_size else None  # checked before any file is read
-    pairs = [_annotated_pair(image, labels, args.slices[i] if args.slices else None, size, label_values)
-             for i, (image, labels) in enumerate(zip(images, label_files))]
+    named = [one for i, (image, labels) in enumerate(zip(images, label_files))
+             for one in _annotated_pairs(image, labels, args.slices[i] if args.slices else None, size, label_values)]
+    scans = [name for name, _, _ in named]  # a cine file gives one scan per annotated frame
+    scan_labels = [name for _, name, _ in named]
+    pairs = [pair for *_, pair in named]
+    del named
+    n = len(scans)
     tops = [top for *_, top in pairs]
     top = max(tops)
     if label_values:
@@ -398,7 +429,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if n_classes < 2:
         raise UserError(f"{' and '.join(label_files)}: only background is labelled; at least one foreground class is needed")
     if top >= n_classes:
-        raise UserError(f"{label_files[tops.index(top)]}: holds label {top} but "
+        raise UserError(f"{scan_labels[tops.index(top)]}: holds label {top} but "
                         f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names, n_classes)
     # A new head (or a random-init model) draws its weights from torch's global generator, which each process
@@ -439,6 +470,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
         fingerprint["unlabelled"] = [str(Path(p).resolve()) for p in args.unlabelled]
     if label_values:
         fingerprint["label_values"] = label_values
+    if scans != images:  # a cine file's annotated frames
+        fingerprint["scans"] = scans
     state = _resume_state(args, fingerprint, every=50)
     bar, callback = _progress(cfg.steps, "fine-tune", args.json)
     t0 = time.perf_counter()
@@ -448,7 +481,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     _finish(state, result.history, cfg.steps)
     seconds = time.perf_counter() - t0
     # one image: "image" and "slices" as before; several: "images" and one slice list per image
-    where = {"image": images[0], "slices": slices[0]} if n == 1 else {"images": images, "slices": slices}
+    where = {"image": scans[0], "slices": slices[0]} if n == 1 else {"images": scans, "slices": slices}
     training = {"stage": "finetune", "init": init, **where, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction or unlabelled else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
@@ -463,12 +496,12 @@ def cmd_finetune(args) -> tuple[dict, str]:
     out = {"checkpoint": str(args.out), "init": init, "slices": where["slices"], "steps": len(result.history.steps),
            "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1)}
-    out.update({"images": images} if n > 1 else {"image": images[0]})
+    out.update({"images": scans} if n > 1 else {"image": scans[0]})
     if unlabelled:
         out["unlabelled"] = len(unlabelled)
     if skipped:
         out["skipped_without_labels"] = skipped
-    annotated = "; ".join(f"slices {s} of {image}" for s, image in zip(slices, images))
+    annotated = "; ".join(f"slices {s} of {scan}" for s, scan in zip(slices, scans))
     named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     note = f" ({_count_of(len(skipped), 'image')} without a label file skipped: {named})" if skipped else ""
     return out, f"fine-tuned on {annotated}{note} in {seconds:.0f} s; saved {args.out}"
@@ -1061,7 +1094,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("finetune", "Fine-tune on the annotated slices of one image or several.", cmd_finetune)
     p.add_argument("image", nargs="+", metavar="IMAGE",
                    help="the annotated image(s), or without --labels dataset folders (ACDC, imagesTr/labelsTr, "
-                        "CASE_image beside CASE_label, a folder per case) whose labelled cases are used; for a model "
+                        "CASE_image beside CASE_label, a folder per case) whose labelled cases are used; a 4-D (cine) "
+                        "image with 4-D labels trains on every frame that holds labels, each frame a scan; for a model "
                         "meant for other scans, a few slices in each of several scans did better than the same "
                         "number in one (docs/results.md)")
     p.add_argument("--labels", default=None, nargs="+", metavar="LABELS",

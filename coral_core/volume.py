@@ -250,7 +250,8 @@ def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:
     if array.ndim == 4:
         raise UserError(
             f"{p}: is a 4-D series with {array.shape[3]} frames; save the frame you want as a 3-D file (coral "
-            "segment, and coral pretrain and coral embed with --all-frames, take every frame)"
+            "segment takes every frame, coral finetune every frame its 4-D labels annotate, and coral pretrain and "
+            "coral embed every frame with --all-frames)"
         )
     if array.ndim != 3:
         raise UserError(f"{p}: has {array.ndim} dimensions; give a 3-D volume")

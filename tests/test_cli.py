@@ -803,6 +803,48 @@ def test_cine_frames_pretrain_as_the_published_methods_do(tmp_path):
                "holds no 4-D cine files")
 
 
+def test_finetune_a_cine_series_trains_on_each_annotated_frame(tmp_path):
+    """A 4-D image with 4-D labels fine-tunes on every frame that holds labels, each frame a scan named
+    "IMAGE frame T", exactly as the same frames given as 3-D files; a frame nobody painted is left out."""
+    from coral_core.checkpoint import load_checkpoint
+    from helpers import write_nifti_ijk
+
+    movie = [make_phantom(90 + t, n_slices=6) for t in range(3)]
+    labels = np.zeros((3, *movie[0][1].shape), np.uint8)
+    labels[0, [1, 4]] = movie[0][1].array[[1, 4]]
+    labels[2, [2]] = movie[2][1].array[[2]]  # frame 1 is not painted
+    affine = oblique_affine()
+    write_nifti_ijk(tmp_path / "cine.nii.gz", np.stack([v.array.transpose(2, 1, 0) for v, _ in movie], -1), affine)
+    write_nifti_ijk(tmp_path / "cine_gt.nii.gz", np.stack([f.transpose(2, 1, 0) for f in labels], -1), affine)
+    common = ("--steps", 3, "--batch-size", 2, "--base-filters", 4, "--image-size", 32, "--seed", 1, "--json")
+    res = json.loads(coral("finetune", tmp_path / "cine.nii.gz", "--labels", tmp_path / "cine_gt.nii.gz",
+                           "--out", tmp_path / "cine.safetensors", *common).stdout)
+    cine = str(tmp_path / "cine.nii.gz")
+    assert res["images"] == [f"{cine} frame 0", f"{cine} frame 2"] and res["slices"] == [[1, 4], [2]]
+    for t in (0, 2):
+        save_volume(tmp_path / f"f{t}.nii.gz", movie[t][0].array, affine)
+        save_volume(tmp_path / f"f{t}_gt.nii.gz", labels[t], affine)
+    alone = json.loads(coral("finetune", tmp_path / "f0.nii.gz", tmp_path / "f2.nii.gz", "--labels",
+                             tmp_path / "f0_gt.nii.gz", tmp_path / "f2_gt.nii.gz",
+                             "--out", tmp_path / "frames.safetensors", *common).stdout)
+    assert res["final_loss"] == alone["final_loss"]
+    a, meta = load_checkpoint(tmp_path / "cine.safetensors")
+    b, _ = load_checkpoint(tmp_path / "frames.safetensors")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert meta["training"]["images"] == res["images"]
+    user_error(coral("finetune", tmp_path / "cine.nii.gz", "--labels", tmp_path / "cine_gt.nii.gz", "--slices", "1",
+                     "--out", tmp_path / "x.safetensors", check=False), "cine.nii.gz", "series of 3 frames",
+               "leave --slices out")
+    user_error(coral("finetune", tmp_path / "cine.nii.gz", "--labels", tmp_path / "f0_gt.nii.gz",
+                     "--out", tmp_path / "x.safetensors", check=False), "f0_gt.nii.gz", "holds 1 frame",
+               "series of 3 frames")
+    write_nifti_ijk(tmp_path / "none.nii.gz", np.zeros_like(np.asarray(labels.transpose(3, 2, 1, 0))), affine)
+    user_error(coral("finetune", tmp_path / "cine.nii.gz", "--labels", tmp_path / "none.nii.gz",
+                     "--out", tmp_path / "x.safetensors", check=False), "none.nii.gz", "no frame holds any label")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_segment_a_cine_series_frame_by_frame(tmp_path):
     """A 4-D cine file is segmented frame by frame into one 4-D label file of its geometry, each frame
     labelled as segmenting that frame alone labels it; a 4-D series is written as NIfTI only."""
