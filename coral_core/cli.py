@@ -72,6 +72,17 @@ def _rename(model, names: list[str]):
 
 
 AUTO_IMAGE_SIZE_MAX = 256
+PIXEL_SPACING_IMAGE_SIZE = 128  # coral finetune --pixel-spacing's input size when --image-size is not given
+PIXEL_SPACING_HELP = ("give the model a physical scale: it sees a centred square of --image-size x MM millimetres of "
+                      "every slice (cut from a larger field of view, padded around a smaller one), so anatomy has one "
+                      "size in its pixels on every scanner; coral segment and the plugin then do the same with each "
+                      "scan's own spacing (default: each slice resized whole)")
+
+
+def _check_pixel_spacing(mm: float | None) -> None:
+    if mm is not None and not mm > 0:
+        raise UserError(f"--pixel-spacing {mm:g}: give the model's millimetres per pixel, above 0 (1.25 for ACDC's "
+                        "published preprocessing)")
 
 
 def _auto_image_size(shapes, requested: int | None) -> int:
@@ -86,22 +97,27 @@ def _auto_image_size(shapes, requested: int | None) -> int:
 
 
 def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int | None = None,
-                 all_frames: bool = False):
+                 all_frames: bool = False, mm: float | None = None):
     """Volumes from files/folders and ``--phantom N`` synthetic subjects: (volumes, names, shapes,
     image size); ``all_frames``: each frame of a 4-D (cine) file is a volume (``--all-frames``). A volume
     whose model input size is already known when it is read (``--image-size``
     given, or wider than the automatic size's cap) is normalised and resampled at once
     (:func:`coral_core.data.resize_slices`), so a large cohort never holds its full-resolution
-    volumes in memory together; the others, no larger than the cap, are kept as read."""
-    from coral_core.data import case_volumes, discover_volumes, resize_slices
+    volumes in memory together; the others, no larger than the cap, are kept as read. ``mm``: a model's
+    pixel spacing (``requested_size`` then given), whose field of view is cut from each volume as it is read
+    (:class:`coral_core.data.FieldOfView`); ``shapes`` stay the volumes' own."""
+    from coral_core.data import FieldOfView, case_volumes, discover_volumes, resize_slices
     from coral_core.phantom import make_cohort
 
     if requested_size:
         _auto_image_size([], requested_size)  # a bad --image-size fails before any file is read
     volumes, names, shapes = [], [], []
 
-    def add(array, name: str) -> None:  # array: (S, H, W)
+    def add(volume, name: str) -> None:
+        array = volume.array  # (S, H, W)
         shapes.append(tuple(array.shape))
+        if mm is not None:
+            array = FieldOfView.of(array.shape[1:], volume.spacing[1:], mm, requested_size).crop(array)
         wide = max(array.shape[1:]) > AUTO_IMAGE_SIZE_MAX  # the automatic size will be the cap
         target = requested_size or (AUTO_IMAGE_SIZE_MAX if wide else None)
         volumes.append(resize_slices(array, target) if target else array)
@@ -109,9 +125,9 @@ def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int
 
     for case in discover_volumes(inputs, all_frames) if inputs else []:
         for name, volume in case_volumes(case):
-            add(volume.array, name)
+            add(volume, name)
     for i, (img, _) in enumerate(make_cohort(phantom, seed=seed) if phantom else []):
-        add(img.array, f"phantom{seed + i}")
+        add(img, f"phantom{seed + i}")
     if not volumes:
         raise UserError("no input volumes; give image files or folders, or --phantom N")
     return volumes, names, shapes, _auto_image_size(shapes, requested_size)
@@ -222,16 +238,20 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.pretrain import PretrainConfig, pretrain
 
     check_output_path(args.out)
+    _check_pixel_spacing(args.pixel_spacing)
+    if args.pixel_spacing is not None and not args.image_size:  # the field of view is the input size times it
+        args.image_size = PIXEL_SPACING_IMAGE_SIZE
     rank, processes = _init_ddp(args.device) if args.ddp else (0, 1)
     if args.slice_cache:
         data, names, shapes, image_size, cache = _cached_slices(args, rank)
     else:
         volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size,
-                                                          args.all_frames)
+                                                          args.all_frames, args.pixel_spacing)
         data = PretrainSlices(volumes, image_size, consume=True,  # each volume freed once copied in
                               dtype=torch.float16 if args.slices_float16 else torch.float32)
         cache = None
-    model_cfg = UNetConfig(base_filters=args.base_filters, image_size=image_size, embedding_dim=args.embedding_dim)
+    model_cfg = UNetConfig(base_filters=args.base_filters, image_size=image_size, embedding_dim=args.embedding_dim,
+                           pixel_spacing=args.pixel_spacing)
     cfg = PretrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, device=args.device, model=model_cfg, levers=_levers(args),
@@ -281,10 +301,12 @@ def _cached_slices(args, rank: int):
                                "float16" if args.slices_float16 else "float32")
     if args.all_frames:  # recorded only when on, so caches written before the option stay valid
         key["all_frames"] = True
+    if args.pixel_spacing is not None:  # likewise
+        key["pixel_spacing"] = args.pixel_spacing
     found, how = (slicecache.open_cache(path, key), "reused") if rank == 0 else (None, None)
     if rank == 0 and found is None:
         volumes, names, shapes, image_size = _read_inputs(args.inputs, args.phantom, args.seed, args.image_size,
-                                                          args.all_frames)
+                                                          args.all_frames, args.pixel_spacing)
         slicecache.write_cache(path, key, volumes, image_size, names, shapes)
         how = "written"
     if args.ddp:
@@ -299,18 +321,35 @@ def _cached_slices(args, rank: int):
 
 
 def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None, size: int | None = None,
-                     label_values: list[int] | None = None) -> list[tuple[str, str, tuple]]:
+                     label_values: list[int] | None = None, mm: float | None = None) -> list[tuple[str, str, tuple]]:
     """The annotated scans of one image and the label volume drawn on it, checked, each as (name, the
     labels' name, pair) with the pair as :func:`_annotated_pair` gives it: a 3-D image is one scan named by its path; a 4-D
     (cine) image with 4-D labels gives one scan per frame that holds labels, named "IMAGE frame T", as
-    the plugin's Fine-tune panel trains on a cine layer."""
+    the plugin's Fine-tune panel trains on a cine layer. ``mm``: the model's pixel spacing, whose field of
+    view (:class:`coral_core.data.FieldOfView`, ``size`` pixels at ``mm``) is cut from each scan first; the
+    pair then carries how many labelled voxels lay outside it."""
+    import numpy as np
+
+    from coral_core.data import FieldOfView
     from coral_core.volume import frame_count, load_frames, load_volume
+
+    def pair(image, labels, names, slices):
+        image_array, labels_array, outside = image.array, labels.array, 0
+        if mm is not None:
+            fov = FieldOfView.of(image.shape[1:], image.spacing[1:], mm, size)
+            if labels.shape == image.shape:  # another shape is refused by _annotated_pair, naming both
+                outside = fov.outside(labels_array)
+                if outside and outside == np.count_nonzero(labels_array):
+                    raise UserError(f"{names[1]}: every label lies outside the {size * mm:g} mm square at the centre "
+                                    f"of the slices that a model at --pixel-spacing {mm:g} sees; raise --pixel-spacing "
+                                    "or --image-size, or crop the scan around the anatomy")
+                image_array, labels_array = fov.crop(image_array), fov.crop(labels_array, 0)
+        return (*_annotated_pair(image_array, labels_array, *names, slices, size, label_values), outside)
 
     series = frame_count(image_path)
     if series == 1:
         image, labels = load_volume(image_path), load_volume(labels_path)
-        return [(image_path, labels_path, _annotated_pair(image.array, labels.array, image_path, labels_path, slices_text,
-                                                          size, label_values))]
+        return [(image_path, labels_path, pair(image, labels, (image_path, labels_path), slices_text))]
     if slices_text:
         raise UserError(f"{image_path}: --slices names slices of one volume, and this is a series of {series} frames; "
                         "leave --slices out to train on the slices that hold labels in each frame")
@@ -322,7 +361,7 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     for t, (image, lab) in enumerate(zip(images, labels)):
         if lab.array.any():  # the frames nobody painted are not training data
             names = f"{image_path} frame {t}", f"{labels_path} frame {t}"
-            out.append((*names, _annotated_pair(image.array, lab.array, *names, None, size, label_values)))
+            out.append((*names, pair(image, lab, names, None)))
         images[t] = labels[t] = None  # only the prepared pairs stay
     if not out:
         raise UserError(f"{labels_path}: no frame holds any label; paint some slices of a frame")
@@ -411,16 +450,28 @@ def cmd_finetune(args) -> tuple[dict, str]:
             if given is not None and given != own:
                 raise UserError(f"{option} {given}: the --init model {args.init} has {own}; leave {option} out to "
                                 "fine-tune it as it is, or leave --init out to start from random init")
+        own_mm = model.config.pixel_spacing
+        if args.pixel_spacing is not None and own_mm is not None and args.pixel_spacing != own_mm:
+            raise UserError(f"--pixel-spacing {args.pixel_spacing:g}: the --init model {args.init} sees {own_mm:g} mm per "
+                            "pixel; leave --pixel-spacing out to fine-tune it as it is")
+        mm = own_mm if args.pixel_spacing is None else args.pixel_spacing
     else:
-        size = _auto_image_size([], args.image_size) if args.image_size else None  # checked before any file is read
+        mm = args.pixel_spacing
+        if args.image_size:  # checked before any file is read
+            size = _auto_image_size([], args.image_size)
+        else:  # at a pixel spacing the field of view is the input size times it: not the scans' own
+            size = PIXEL_SPACING_IMAGE_SIZE if mm is not None else None
+    _check_pixel_spacing(mm)
     named = [one for i, (image, labels) in enumerate(zip(images, label_files))
-             for one in _annotated_pairs(image, labels, args.slices[i] if args.slices else None, size, label_values)]
+             for one in _annotated_pairs(image, labels, args.slices[i] if args.slices else None, size, label_values,
+                                         mm)]
     scans = [name for name, _, _ in named]  # a cine file gives one scan per annotated frame
     scan_labels = [name for _, name, _ in named]
     pairs = [pair for *_, pair in named]
     del named
     n = len(scans)
-    tops = [top for *_, top in pairs]
+    tops = [top for *_, top, _ in pairs]
+    outside = sum(out for *_, out in pairs)  # labelled voxels beyond a physical scale's field of view
     top = max(tops)
     if label_values:
         n_classes = len(label_values) + 1
@@ -442,10 +493,14 @@ def cmd_finetune(args) -> tuple[dict, str]:
         fresh_head = pretrained_only(meta) or model.config.n_classes != n_classes
         if fresh_head or args.class_names:
             model = resize_head(model, n_classes, names) if fresh_head else _rename(model, names)
+        if mm != model.config.pixel_spacing:  # a model without a physical scale given one
+            from dataclasses import replace
+
+            model.config = replace(model.config, pixel_spacing=mm)
     else:
         model = build_model(UNetConfig(
             n_classes=n_classes, class_names=names, base_filters=args.base_filters or FINETUNE_BASE_FILTERS,
-            image_size=_auto_image_size([shape for *_, shape, _ in pairs], args.image_size),
+            image_size=size or _auto_image_size([shape for *_, shape, _, _ in pairs], args.image_size), pixel_spacing=mm,
         ))
         init = "random"
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
@@ -455,10 +510,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
         from coral_core.augment import AugmentConfig
 
         cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
-    slices = [pair_slices for _, _, pair_slices, _, _ in pairs]
+    slices = [pair_slices for _, _, pair_slices, *_ in pairs]
     unlabelled = None
     if args.unlabelled:
-        unlabelled = _read_inputs(args.unlabelled, 0, args.seed, model.config.image_size)[0]  # at the model's size
+        unlabelled = _read_inputs(args.unlabelled, 0, args.seed, model.config.image_size, mm=mm)[0]  # at its size
     # one image keeps the fingerprint it always had, so a run stopped by an earlier version continues
     paths = {"image": [str(Path(p).resolve()) for p in images], "labels": [str(Path(p).resolve()) for p in label_files],
              "slices": slices}
@@ -501,9 +556,15 @@ def cmd_finetune(args) -> tuple[dict, str]:
         out["unlabelled"] = len(unlabelled)
     if skipped:
         out["skipped_without_labels"] = skipped
+    if mm is not None:
+        out["pixel_spacing"] = mm
+        out["labels_outside_field_of_view"] = outside
     annotated = "; ".join(f"slices {s} of {scan}" for s, scan in zip(slices, scans))
     named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     note = f" ({_count_of(len(skipped), 'image')} without a label file skipped: {named})" if skipped else ""
+    if outside:
+        note += (f" ({_count_of(outside, 'labelled voxel')} outside the {model.config.image_size * mm:g} mm square "
+                 "the model sees at its pixel spacing, not trained on)")
     return out, f"fine-tuned on {annotated}{note} in {seconds:.0f} s; saved {args.out}"
 
 
@@ -571,7 +632,7 @@ def cmd_segment(args) -> tuple[dict, str]:
             t0 = time.perf_counter()
             with bar:
                 for slices_done, labels in iter_segment_series(model, [f.array for f in frames], device,
-                                                               args.batch_size, _levers(args)):
+                                                               args.batch_size, _levers(args), image.spacing):
                     bar.update(slices_done - bar.n)
             labels = labels[0] if len(frames) == 1 else labels
             del frames
@@ -627,11 +688,11 @@ def cmd_embed(args) -> tuple[dict, str]:
     for case in discover_volumes(args.images, args.all_frames):  # files, DICOM series and dataset folders
         if case.frames:  # --all-frames: each frame a volume, named SUBJECT_t00, SUBJECT_t01, ...
             for name, frame in case_volumes(case):
-                features.append(embed_volume(model, frame.array, device))
+                features.append(embed_volume(model, frame.array, device, spacing=frame.spacing))
                 names.append(name)
             continue
         volume = load_volume(case.image)  # one volume in memory at a time
-        features.append(embed_volume(model, volume.array, device))
+        features.append(embed_volume(model, volume.array, device, spacing=volume.spacing))
         names.append(volume.name)
         del volume
     direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
@@ -1072,7 +1133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--base-filters", type=_positive_int, default=16)
     p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="model input size, a multiple of 16 (default: from the data, at most 256)")
+                   help="model input size, a multiple of 16 (default: from the data, at most 256; 128 with "
+                        "--pixel-spacing)")
+    p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM", help=PIXEL_SPACING_HELP)
     p.add_argument("--embedding-dim", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
@@ -1127,8 +1190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-filters", type=_positive_int, default=None,
                    help=f"U-Net base filters (default {FINETUNE_BASE_FILTERS}; with --init, the model's own)")
     p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="model input size, a multiple of 16 (default: from the scans, at most 256; with --init, the "
-                        "model's own)")
+                   help="model input size, a multiple of 16 (default: from the scans, at most 256; 128 with "
+                        "--pixel-spacing; with --init, the model's own)")
+    p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
+                   help=PIXEL_SPACING_HELP + "; with --init, the model's own, if it has one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _lever_options(p)

@@ -30,6 +30,8 @@ __all__ = [
     "resample_slices",
     "resize_labels",
     "at_pixel_spacing",
+    "FieldOfView",
+    "field_of_view",
     "prepare_labelled",
     "PretrainSlices",
     "LabelledSlices",
@@ -129,6 +131,84 @@ def label_map(raw: np.ndarray, source, values: list[int] | None = None) -> np.nd
                         "if its values are codes (MM-WHS: 205, 420, ...), give --label-values with the values of "
                         "classes 1, 2, ... in order")
     return raw.astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    """The centred square of a slice that a model with a physical scale sees.
+
+    A model whose config has ``pixel_spacing`` (mm per pixel of its input) sees ``image_size x
+    pixel_spacing`` mm of every slice, whatever the scan's own spacing and field of view: the square of
+    that side centred on the slice, cut from a larger slice or padded around a smaller one, is then
+    resized whole to the model's input as any slice is. So one heart has one size in the model's pixels
+    on every scanner, as in the published methods' preprocessing. ``shape`` is the slice's (H, W) and
+    ``window`` that square's size in the slice's own pixels (h, w)."""
+
+    shape: tuple[int, int]
+    window: tuple[int, int]
+
+    @classmethod
+    def of(cls, shape, spacing, mm: float, size: int) -> "FieldOfView":
+        """The field of view of a model of input ``size`` at ``mm`` per pixel on slices of (H, W)
+        ``shape`` whose in-plane spacing is ``spacing`` (y, x) in mm."""
+        sy, sx = (float(v) for v in spacing)
+        if mm <= 0 or sy <= 0 or sx <= 0:
+            raise ValueError(f"pixel spacings must be above 0, got {mm} and ({sy}, {sx})")
+        side = size * mm
+        return cls((int(shape[0]), int(shape[1])), (max(1, round(side / sy)), max(1, round(side / sx))))
+
+    @property
+    def whole(self) -> bool:
+        """Whether the window is the slice itself (nothing to cut or pad)."""
+        return self.window == self.shape
+
+    def _spans(self):
+        """Per axis (slice start, window start, length) of the part the slice and the window share."""
+        out = []
+        for n_slice, n_window in zip(self.shape, self.window):
+            offset = (n_slice - n_window) // 2
+            out.append((max(offset, 0), max(-offset, 0), min(n_slice, n_window)))
+        return out
+
+    def crop(self, array: np.ndarray, fill: float | None = None) -> np.ndarray:
+        """The window of every slice of ``array`` (..., H, W): cut out, or padded with ``fill``
+        (default: the array's lowest finite value, as a scan's background)."""
+        if self.whole:
+            return array
+        (ys, yw, yn), (xs, xw, xn) = self._spans()
+        if fill is None:
+            finite = array[np.isfinite(array)] if np.issubdtype(array.dtype, np.floating) else array
+            fill = finite.min() if finite.size else 0
+        out = np.full((*array.shape[:-2], *self.window), fill, dtype=array.dtype)
+        out[..., yw : yw + yn, xw : xw + xn] = array[..., ys : ys + yn, xs : xs + xn]
+        return out
+
+    def paste(self, window: np.ndarray) -> np.ndarray:
+        """Labels of the window (..., h, w) put back on the slice's grid (..., H, W): background
+        (0) where the slice reaches beyond the window, the padding dropped."""
+        if self.whole:
+            return window
+        (ys, yw, yn), (xs, xw, xn) = self._spans()
+        out = np.zeros((*window.shape[:-2], *self.shape), dtype=window.dtype)
+        out[..., ys : ys + yn, xs : xs + xn] = window[..., yw : yw + yn, xw : xw + xn]
+        return out
+
+    def outside(self, labels: np.ndarray) -> int:
+        """How many labelled (non-zero) voxels of ``labels`` (..., H, W) lie outside the window."""
+        if self.whole:
+            return 0
+        (ys, _, yn), (xs, _, xn) = self._spans()
+        return int(np.count_nonzero(labels)) - int(np.count_nonzero(labels[..., ys : ys + yn, xs : xs + xn]))
+
+
+def field_of_view(config, shape, spacing) -> FieldOfView | None:
+    """The :class:`FieldOfView` a model of ``config`` (a UNetConfig) sees on slices of (H, W) ``shape``
+    at in-plane ``spacing`` (y, x) mm; None for a model without a physical scale, or a slice of
+    unknown spacing (``spacing`` None), which it sees whole."""
+    mm = getattr(config, "pixel_spacing", None)
+    if mm is None or spacing is None:
+        return None
+    return FieldOfView.of(shape[-2:], spacing[-2:], mm, config.image_size)
 
 
 def at_pixel_spacing(image: np.ndarray, spacing, mm: float, size: int, labels: np.ndarray | None = None,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from coral_core.data import resample_slices, resize_slices
+from coral_core.data import field_of_view, resample_slices, resize_slices
 from coral_core.device import mixed_precision
 from coral_core.levers import Levers, apply_layout, apply_levers, fits_on_device, for_inference
 from coral_core.model import UNet
@@ -96,13 +96,23 @@ def _empty_cache(device: torch.device) -> None:
 
 
 def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16,
-                        on_device: bool | None = None, levers: Levers | None = None):
+                        on_device: bool | None = None, levers: Levers | None = None, spacing=None):
     """Segment batch by batch, yielding ``(slices done, labels)``; ``labels`` (uint8, the
     volume's shape) is complete after the last yield (before it, with the volume on the GPU,
     it may still be zeros: the labels stay on the device until the last batch). ``on_device``: where to normalise and
     resample (None: on a CUDA GPU when it has room, see :func:`preprocess_on_device`);
     ``levers``: channels_last, ``torch.compile`` and BatchNorm folding (the model is converted in
-    place, or a folded copy of it is)."""
+    place, or a folded copy of it is); ``spacing``: the volume's (z, y, x) or (y, x) spacing in mm, which
+    a model with a physical scale needs (:class:`coral_core.data.FieldOfView`: it labels the centred
+    square it sees, and background beyond it)."""
+    fov = field_of_view(model.config, volume.shape, spacing)
+    if fov is not None and not fov.whole:
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        for done, window in iter_segment_volume(model, fov.crop(volume), device, batch_size, on_device, levers):
+            if done == volume.shape[0]:
+                labels = fov.paste(window)
+            yield done, labels
+        return
     device = torch.device(device)
     model = model.to(device).eval()
     net = apply_levers(for_inference(model, levers, device), levers)
@@ -130,13 +140,13 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
 
 
 def iter_segment_series(model: UNet, frames, device: torch.device | str = "cpu", batch_size: int = 16,
-                        levers: Levers | None = None):
+                        levers: Levers | None = None, spacing=None):
     """:func:`iter_segment_volume` over each (z, y, x) frame of a series (a cine: a (t, z, y, x) array or
     a list of frames of one shape) in turn, yielding ``(slices done over all frames, labels)``;
-    ``labels``, uint8 (t, z, y, x), is complete after the last yield."""
+    ``labels``, uint8 (t, z, y, x), is complete after the last yield; ``spacing`` as there."""
     out = np.zeros((len(frames), *frames[0].shape), dtype=np.uint8)
     for k, frame in enumerate(frames):
-        for done, labels in iter_segment_volume(model, frame, device, batch_size, levers=levers):
+        for done, labels in iter_segment_volume(model, frame, device, batch_size, levers=levers, spacing=spacing):
             if done == frame.shape[0]:
                 out[k] = labels
             yield k * frame.shape[0] + done, out
@@ -149,24 +159,27 @@ def _bf16(device: torch.device, levers: Levers | None) -> bool:
 
 def segment_volume(
     model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16, progress=None,
-    on_device: bool | None = None, levers: Levers | None = None,
+    on_device: bool | None = None, levers: Levers | None = None, spacing=None,
 ) -> np.ndarray:
     """Label every slice of a (z, y, x) volume; returns uint8 labels of the same shape.
 
-    ``progress``, if given, is called with (slices done, total); ``on_device`` and ``levers``
-    as in :func:`iter_segment_volume`.
+    ``progress``, if given, is called with (slices done, total); ``on_device``, ``levers`` and
+    ``spacing`` as in :func:`iter_segment_volume`.
     """
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    for done, labels in iter_segment_volume(model, volume, device, batch_size, on_device, levers):
+    for done, labels in iter_segment_volume(model, volume, device, batch_size, on_device, levers, spacing):
         if progress is not None:
             progress(done, volume.shape[0])
     return labels
 
 
 def embed_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 32,
-                 levers: Levers | None = None) -> np.ndarray:
+                 levers: Levers | None = None, spacing=None) -> np.ndarray:
     """(S, embedding_dim) float32 projection-head features, one row per slice (``levers``:
-    channels_last and BatchNorm folding; never compiled)."""
+    channels_last and BatchNorm folding; never compiled; ``spacing`` as in :func:`iter_segment_volume`)."""
+    fov = field_of_view(model.config, volume.shape, spacing)
+    if fov is not None:
+        volume = fov.crop(volume)
     device = torch.device(device)
     model = model.to(device).eval()
     net = apply_layout(for_inference(model, levers, device), levers)

@@ -31,6 +31,9 @@ class UNetConfig:
     norm: str = "batch"  # "batch" or "instance"
     image_size: int = 128  # slices are resampled to this square size
     class_names: list[str] = field(default_factory=lambda: ["background", "RV", "myocardium", "LV"])
+    # mm per pixel of the input: the model sees a centred square of image_size x pixel_spacing mm of each
+    # slice (coral_core.data.FieldOfView); None: each slice resized whole, its field of view setting the scale
+    pixel_spacing: float | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in ("batch", "instance"):
@@ -39,9 +42,14 @@ class UNetConfig:
             raise ValueError(f"{len(self.class_names)} class names given for {self.n_classes} classes")
         if self.image_size % (2**self.depth):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}")
+        if self.pixel_spacing is not None and not self.pixel_spacing > 0:
+            raise ValueError(f"pixel_spacing must be above 0 mm, got {self.pixel_spacing}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["pixel_spacing"] is None:  # left out, so models without one are stored as before
+            del out["pixel_spacing"]
+        return out
 
 
 class ChannelPaddedConv2d(nn.Conv2d):

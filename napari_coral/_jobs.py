@@ -36,15 +36,13 @@ def _finetune(spec: dict, messages, stop) -> None:
     data = np.load(spec["data"])
     arrays = {k: data[k] for k in sorted(data.files)}
     slices = [int(i) for i in arrays["slices"]]
-    validation = None
-    if arrays["val_slices"].size:
-        validation = ([arrays["image"]], [arrays["labels"]], [[int(i) for i in arrays["val_slices"]]])
     # Progress kept every 50 steps and when stopped: the same start model, annotations and settings
     # continue it (the file's name hashes all of them, here in the job, not on napari's thread).
     resume = None
     if spec.get("resume_folder"):
         weights = {f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-        path, fingerprint = resume_file("finetune", spec["config"], arrays | weights, Path(spec["resume_folder"]))
+        config = spec["config"] | ({"spacings": spec["spacings"]} if spec.get("spacings") else {})
+        path, fingerprint = resume_file("finetune", config, arrays | weights, Path(spec["resume_folder"]))
         resume = ResumeState(path, fingerprint, every=50)
     cfg = FinetuneConfig(**spec["config"])  # nested dicts become their dataclasses
     # other annotated scans, when the user added some, come as image_1, labels_1, slices_1, ...
@@ -54,6 +52,17 @@ def _finetune(spec: dict, messages, stop) -> None:
     annotated = [slices, *([int(i) for i in arrays[f"slices_{k}"]] for k in extra)]
     # and images without labels for the embedding loss, when asked for: unlabelled_0, unlabelled_1, ...
     unlabelled = [arrays[f"unlabelled_{k}"] for k in range(sum(name.startswith("unlabelled_") for name in arrays))]
+    if spec.get("spacings"):  # a model with a physical scale trains on the square of each scan it sees
+        from coral_core.data import field_of_view
+
+        windows = [field_of_view(model.config, image.shape, spacing) for image, spacing in zip(images, spec["spacings"])]
+        images = [fov.crop(image) for fov, image in zip(windows, images)]
+        labels = [fov.crop(lab, 0) for fov, lab in zip(windows, labels)]
+        unlabelled = [field_of_view(model.config, image.shape, spacing).crop(image)
+                      for image, spacing in zip(unlabelled, spec["unlabelled_spacings"])]
+    validation = None
+    if arrays["val_slices"].size:
+        validation = ([images[0]], [labels[0]], [[int(i) for i in arrays["val_slices"]]])
     result = finetune(
         cfg, model, images, labels, annotated, unlabelled=unlabelled or None,
         callback=lambda s, t, m: messages.put(("progress", s, t, m)), stop_event=stop, validation=validation,

@@ -73,13 +73,15 @@ def show_index(viewer, layer, index: tuple[int, ...]) -> None:
 class LayerArray:
     """A layer's voxels to be read later, off napari's GUI thread: for a lazy layer, reading is
     the whole cost (seconds per GB from disk), and napari would stop answering while it ran.
-    ``frame``: one frame of a cine series (t, z, y, x), the others never read.
+    ``frame``: one frame of a cine series (t, z, y, x), the others never read. ``spacing`` is the
+    layer's in-plane (y, x) scale: the mm per pixel a model with a physical scale needs.
 
     ``read()`` returns the NumPy array (in ``dtype`` if given), or raises a UserError that names
     the layer when its data cannot be read."""
 
     def __init__(self, layer, dtype=None, frame: int | None = None) -> None:
         self.name, self.data, self.dtype = layer.name, full_resolution(layer), dtype
+        self.spacing = tuple(float(v) for v in layer.scale[-2:])
         if frame is not None:
             self.name, self.data = f"{layer.name} frame {frame}", self.data[frame]
         self.shape = tuple(self.data.shape)

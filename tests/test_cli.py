@@ -845,6 +845,68 @@ def test_finetune_a_cine_series_trains_on_each_annotated_frame(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_view(tmp_path):
+    """--pixel-spacing gives a model a physical scale: a scan acquired with a wider field of view at the
+    same spacing (the same slices padded by 32 pixels on every side) fine-tunes to the same weights,
+    segments to the same labels where they overlap (background beyond) and embeds to the same rows."""
+    from coral_core.checkpoint import load_checkpoint
+
+    image, labels = make_phantom(7, n_slices=6)
+    save_volume(tmp_path / "scan.nii.gz", image.array, image.affine)
+    save_volume(tmp_path / "scan_gt.nii.gz", labels.array, labels.affine)
+    pad = ((0, 0), (32, 32), (32, 32))
+    save_volume(tmp_path / "wide.nii.gz", np.pad(image.array, pad, constant_values=image.array.min()), image.affine)
+    save_volume(tmp_path / "wide_gt.nii.gz", np.pad(labels.array, pad), labels.affine)
+    # 64 pixels at 3.6 mm: 230.4 mm, the phantom's 128 pixels of 1.8 mm
+    common = ("--slices", "1,4", "--steps", 3, "--batch-size", 2, "--base-filters", 4, "--pixel-spacing", 3.6,
+              "--image-size", 64, "--json")
+    runs = {name: json.loads(coral("finetune", tmp_path / f"{name}.nii.gz", "--labels", tmp_path / f"{name}_gt.nii.gz",
+                                   "--out", tmp_path / f"{name}.safetensors", *common).stdout) for name in ("scan", "wide")}
+    assert runs["scan"]["final_loss"] == runs["wide"]["final_loss"]
+    assert runs["wide"]["pixel_spacing"] == 3.6 and runs["wide"]["labels_outside_field_of_view"] == 0
+    model, _ = load_checkpoint(tmp_path / "wide.safetensors")
+    assert model.config.pixel_spacing == 3.6 and model.config.image_size == 64
+    for name in ("scan", "wide"):
+        coral("segment", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
+              "--out", tmp_path / f"{name}_seg.nii.gz")
+        coral("embed", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
+              "--out", tmp_path / f"{name}.csv")
+    seg, wide = (load_volume(tmp_path / f"{name}_seg.nii.gz").array for name in ("scan", "wide"))
+    assert wide.shape == (6, 192, 192) and seg.any()
+    np.testing.assert_array_equal(wide[:, 32:160, 32:160], seg)
+    assert not wide[:, :32].any() and not wide[:, 160:].any()
+    rows = [list(csv.reader(open(tmp_path / f"{name}.csv")))[1:] for name in ("scan", "wide")]
+    assert [r[1:] for r in rows[0]] == [r[1:] for r in rows[1]]
+    # the same scan fine-tuned from that model keeps its scale; another one is refused
+    user_error(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "scan_gt.nii.gz", "--init",
+                     tmp_path / "wide.safetensors", "--pixel-spacing", 1.25, "--out", tmp_path / "x.safetensors",
+                     check=False), "--pixel-spacing 1.25", "sees 3.6 mm")
+    # labels beyond the square the model sees are counted, or refused when none is inside it
+    corner = np.zeros_like(labels.array)
+    corner[2, :6, :6] = 1
+    save_volume(tmp_path / "corner_gt.nii.gz", corner, labels.affine)
+    user_error(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "corner_gt.nii.gz",
+                     "--pixel-spacing", 1.8, "--image-size", 96, "--out", tmp_path / "x.safetensors", check=False),
+               "corner_gt.nii.gz", "every label lies outside the 172.8 mm square")
+    both = labels.array.copy()
+    both[2, :6, :6] = 1
+    save_volume(tmp_path / "both_gt.nii.gz", both, labels.affine)
+    res = json.loads(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "both_gt.nii.gz",
+                           "--pixel-spacing", 1.8, "--image-size", 96, "--steps", 2, "--base-filters", 4,
+                           "--out", tmp_path / "x.safetensors", "--json").stdout)
+    assert res["labels_outside_field_of_view"] == 36
+    # pretraining at a pixel spacing sees the same square of each scan, and a fine-tuning from it keeps the scale
+    pre = {name: json.loads(coral("pretrain", tmp_path / f"{name}.nii.gz", "--epochs", 1, "--batch-size", 4,
+                                  "--base-filters", 4, "--pixel-spacing", 3.6, "--image-size", 64,
+                                  "--out", tmp_path / f"pre_{name}.safetensors", "--json").stdout)
+           for name in ("scan", "wide")}
+    assert pre["scan"]["final_loss"] == pre["wide"]["final_loss"]
+    res = json.loads(coral("finetune", tmp_path / "wide.nii.gz", "--labels", tmp_path / "wide_gt.nii.gz", "--init",
+                           tmp_path / "pre_wide.safetensors", "--steps", 2, "--out", tmp_path / "y.safetensors",
+                           "--json").stdout)
+    assert res["pixel_spacing"] == 3.6 and load_checkpoint(tmp_path / "y.safetensors")[0].config.pixel_spacing == 3.6
+
+
 def test_segment_a_cine_series_frame_by_frame(tmp_path):
     """A 4-D cine file is segmented frame by frame into one 4-D label file of its geometry, each frame
     labelled as segmenting that frame alone labels it; a 4-D series is written as NIfTI only."""

@@ -258,3 +258,34 @@ def test_at_pixel_spacing_keeps_millimetres_and_centres_the_crop():
     out, none, _, cut = at_pixel_spacing(image, (8.0, 1.5, 3.0), 1.5, 80)  # anisotropic: columns doubled
     assert none is None and cut == 0 and np.count_nonzero(out[0] == 1.0) > 0
     assert np.count_nonzero(out[0] >= 0.99) == pytest.approx(2 * np.count_nonzero(image[0] >= 0.99), rel=0.1)
+
+
+def test_field_of_view_cuts_pads_and_puts_back_the_centred_square():
+    from coral_core.data import FieldOfView, field_of_view
+    from coral_core.model import UNetConfig
+
+    # a 64-pixel model at 2 mm sees 128 mm: 128 rows of 1 mm, 64 columns of 2 mm
+    fov = FieldOfView.of((100, 70), (1.0, 2.0), 2.0, 64)
+    assert fov.window == (128, 64) and not fov.whole
+    image = np.arange(3 * 100 * 70, dtype=np.float32).reshape(3, 100, 70) + 5
+    window = fov.crop(image)
+    assert window.shape == (3, 128, 64)
+    # rows: padded by 14 above and below with the lowest value; columns: 3 cut on each side
+    np.testing.assert_array_equal(window[:, 14:114], image[:, :, 3:67])
+    assert (window[:, :14] == 5).all() and (window[:, 114:] == 5).all()
+    labels = np.zeros((3, 100, 70), np.uint8)
+    labels[1, 40:60, 30:40] = 2
+    labels[2, 10, 1] = 1  # outside the window's columns
+    assert fov.outside(labels) == 1
+    back = fov.paste(fov.crop(labels, 0))
+    assert back.shape == labels.shape and back[2, 10, 1] == 0
+    labels[2, 10, 1] = 0
+    np.testing.assert_array_equal(back, labels)
+    # a model without a physical scale, or a scan of unknown spacing, sees each slice whole
+    assert field_of_view(UNetConfig(image_size=64), (100, 70), (1.0, 2.0)) is None
+    assert field_of_view(UNetConfig(image_size=64, pixel_spacing=2.0), (100, 70), None) is None
+    same = field_of_view(UNetConfig(image_size=64, pixel_spacing=2.0), (5, 64, 64), (8.0, 2.0, 2.0))
+    assert same.whole and same.crop(image) is image
+    with pytest.raises(ValueError):
+        UNetConfig(pixel_spacing=0)
+    assert "pixel_spacing" not in UNetConfig().to_dict()  # stored as before when unset

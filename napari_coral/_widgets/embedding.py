@@ -76,7 +76,7 @@ class EmbeddingWidget(QWidget):
 
         @thread_worker(ignore_errors=True)  # reported by the errored handler below
         def work():
-            feats = {n: embed_volume(model, a.read(), device) for n, a in arrays.items()}
+            feats = {n: embed_volume(model, a.read(), device, spacing=a.spacing) for n, a in arrays.items()}
             return feats, project_trajectories(list(feats.values()), list(feats), direction)
 
         def done(result):

@@ -419,6 +419,9 @@ class FinetuneWidget(QWidget):
         }
         if unlabelled:
             spec["training"]["unlabelled"] = [reader.name for reader in unlabelled]
+        if model.config.pixel_spacing is not None:  # the job cuts the model's field of view from each scan
+            spec["spacings"] = [scan[1].spacing for scan in scans]
+            spec["unlabelled_spacings"] = [reader.spacing for reader in unlabelled]
         self.losses, self.val_dice = [], []
         self.continued_from = None
         n_slices = sum(len(scan[3]) for scan in scans)

@@ -60,7 +60,8 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     def work():
         data = volume.read()
         labels = None
-        for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device):
+        for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device,
+                                                spacing=volume.spacing):
             yield done  # handed to the GUI thread, which advances the bar
         return labels if data.ndim == 4 else labels[0]
 
