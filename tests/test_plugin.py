@@ -391,6 +391,52 @@ def test_segmenting_again_keeps_the_slices_painted_in_the_labels_layer(viewer, q
     assert widget.annotated_slices() == [3, 5]
 
 
+def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewer, qtbot):
+    """A model with a physical scale reads each layer's spacing from its scale: the sample and the sample
+    padded by 32 pixels on every side (a wider field of view at the same spacing) segment to the same labels
+    where they overlap, and fine-tune to the same losses."""
+    session = session_for(viewer)
+    torch.manual_seed(0)
+    session.set_model(build_model(UNetConfig(base_filters=4, image_size=64, pixel_spacing=3.6)), {"training": {}},
+                      "scaled test model")
+    assert "input 64 px at 3.6 mm (the central 230.4 mm of each slice)" in session.describe()
+    phantom, truth = viewer.layers["phantom"], viewer.layers["phantom ground truth"].data
+    assert tuple(phantom.scale[1:]) == pytest.approx((1.8, 1.8))
+    pad = ((0, 0), (32, 32), (32, 32))
+    viewer.add_image(np.pad(phantom.data, pad, constant_values=phantom.data.min()), name="wide", scale=phantom.scale)
+    segment = dock(viewer, "Segment")
+    for name in ("phantom", "wide"):
+        segment.image_picker.setCurrentText(name)
+        segment.segment()
+        qtbot.waitUntil(lambda: f"{name} labels" in viewer.layers, timeout=60_000)
+    seg, wide = viewer.layers["phantom labels"].data, viewer.layers["wide labels"].data
+    assert wide.shape == (truth.shape[0], 192, 192)
+    np.testing.assert_array_equal(wide[:, 32:160, 32:160], seg)
+    assert not wide[:, :32].any() and not wide[:, 160:].any()
+
+    widget = dock(viewer, "Fine-tune")
+    widget.steps.setValue(6)
+    losses = {}
+    for name, painted in (("phantom", truth), ("wide", np.pad(truth, pad))):
+        layer = viewer.add_labels(np.zeros_like(painted), name=f"{name} painted", scale=phantom.scale)
+        for k in (2, 5):
+            idx = np.nonzero(painted[k])
+            layer.data_setitem((np.full_like(idx[0], k), *idx), painted[k][idx])
+        widget.image_picker.setCurrentText(name)
+        widget.labels_picker.setCurrentText(f"{name} painted")
+        qtbot.waitUntil(lambda: widget.annotated_slices() == [2, 5], timeout=5000)
+        torch.manual_seed(0)  # the same start for both
+        session.set_model(build_model(UNetConfig(base_filters=4, image_size=64, pixel_spacing=3.6)), {"training": {}},
+                          "scaled test model")
+        runner = widget.finetune(mode="thread")
+        qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+        assert "failed" not in widget.status.text(), widget.status.text()
+        losses[name] = [loss for _, loss in widget.losses]
+        qtbot.waitUntil(lambda: "re-segmented" in widget.status.text(), timeout=60_000)
+    assert len(losses["wide"]) == 6 and losses["wide"] == losses["phantom"]
+    assert session.model.config.pixel_spacing == 3.6
+
+
 def test_segmenting_into_a_label_file_keeps_its_labelled_slices_annotated(viewer, qtbot):
     """A Labels layer that is not a segmentation of ours counts its labelled slices as annotated; segmenting
     into it (its name is the image's Labels layer's) keeps them, and they stay annotated afterwards."""
