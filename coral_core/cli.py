@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from coral_core.errors import UserError
@@ -219,8 +218,9 @@ def _fingerprint_config(cfg, device: str) -> dict:
     """What a resumed run must share with the first: the config, less the speed levers
     (they change results by rounding at most, so a run may resume with other ones)."""
     from coral_core.device import resolve_device
+    from coral_core.model import plain_config
 
-    config = asdict(cfg)
+    config = plain_config(cfg)
     config.pop("levers")
     return config | {"device": resolve_device(device).type}
 

@@ -7,13 +7,13 @@ decoder and segmentation head are trained during fine-tuning.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNetConfig", "UNet", "build_model"]
+__all__ = ["UNetConfig", "UNet", "build_model", "plain_config"]
 
 
 @dataclass
@@ -50,6 +50,17 @@ class UNetConfig:
         if out["pixel_spacing"] is None:  # left out, so models without one are stored as before
             del out["pixel_spacing"]
         return out
+
+
+def plain_config(config) -> dict:
+    """A dataclass config (a PretrainConfig, a FinetuneConfig) as plain values, any UNetConfig in it as
+    :meth:`UNetConfig.to_dict` gives it: the settings that name a resume file stay those of earlier
+    versions for a model without a pixel spacing."""
+    out = asdict(config)
+    for f in fields(config):
+        if isinstance(getattr(config, f.name), UNetConfig):
+            out[f.name] = getattr(config, f.name).to_dict()
+    return out
 
 
 class ChannelPaddedConv2d(nn.Conv2d):

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +55,10 @@ def _finetune(spec: dict, messages, stop) -> None:
         from coral_core.data import field_of_view
 
         windows = [field_of_view(model.config, image.shape, spacing) for image, spacing in zip(images, spec["spacings"])]
+        if all(fov.outside(lab) == np.count_nonzero(lab) for fov, lab in zip(windows, labels)):
+            side = model.config.image_size * model.config.pixel_spacing
+            raise UserError(f"every painted label lies outside the {side:g} mm square at the centre of each slice that "
+                            "this model sees (its pixel spacing); paint inside it, or use a model without one")
         images = [fov.crop(image) for fov, image in zip(windows, images)]
         labels = [fov.crop(lab, 0) for fov, lab in zip(windows, labels)]
         unlabelled = [field_of_view(model.config, image.shape, spacing).crop(image)
@@ -76,20 +79,25 @@ def _finetune(spec: dict, messages, stop) -> None:
 
 def _pretrain(spec: dict, messages, stop) -> None:
     from coral_core.checkpoint import save_checkpoint
+    from coral_core.data import field_of_view
     from coral_core.pretrain import PretrainConfig, pretrain
     from coral_core.resume import ResumeState
 
     data = np.load(spec["data"])
     arrays = {k: data[k] for k in sorted(data.files)}
-    volumes = [frame for v in arrays.values() for frame in (v if v.ndim == 4 else [v])]  # a cine: each frame
+    cfg = PretrainConfig(**spec["config"])
+    spacings = spec.get("spacings") or {}  # a model with a physical scale pretrains on the square of each it sees
+    volumes = [frame if name not in spacings else field_of_view(cfg.model, frame.shape, spacings[name]).crop(frame)
+               for name, v in arrays.items() for frame in (v if v.ndim == 4 else [v])]  # a cine: each frame
     # progress kept at every epoch's end and when stopped; a later job with the same images and
     # settings continues from it. Its name hashes every voxel (about 1 s per GB): done here, in the
     # job, not on napari's GUI thread.
     resume = None
     if spec.get("resume_folder"):
-        path, fingerprint = resume_file("pretrain", spec["config"], arrays, Path(spec["resume_folder"]))
+        config = spec["config"] | ({"spacings": spacings} if spacings else {})
+        path, fingerprint = resume_file("pretrain", config, arrays, Path(spec["resume_folder"]))
         resume = ResumeState(path, fingerprint)
-    result = pretrain(PretrainConfig(**spec["config"]), volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop,
+    result = pretrain(cfg, volumes, lambda s, t, m: messages.put(("progress", s, t, m)), stop,
                       resume=resume)
     save_checkpoint(spec["out"], result.model, {**spec.get("training", {}), "steps_done": len(result.history.steps),
                                                 "slices": sum(v.shape[0] for v in volumes)})
@@ -297,7 +305,9 @@ def write_inputs(folder: Path, **arrays) -> Path:
 
 def config_dict(config) -> dict:
     """A dataclass config as plain values for a job spec."""
-    return asdict(config)
+    from coral_core.model import plain_config
+
+    return plain_config(config)
 
 
 if __name__ == "__main__":

@@ -327,14 +327,19 @@ def test_finetune_prepares_scans_wider_than_the_automatic_size_as_it_reads_them(
     # how each scan is held while training: the wide one at the model's size only, the small one as read
     import torch
 
-    from coral_core.cli import _annotated_pair
+    from coral_core.cli import _annotated_pairs
 
-    image, labels, slices, shape, top = _annotated_pair(str(tmp_path / "wide.nii.gz"), str(tmp_path / "wide_lab.nii.gz"), None)
+    def held(name, size=None):
+        [(_, _, pair)] = _annotated_pairs(str(tmp_path / f"{name}.nii.gz"), str(tmp_path / f"{name}_lab.nii.gz"), None,
+                                          size)
+        return pair
+
+    image, labels, slices, shape, top, outside = held("wide")
     assert isinstance(image, torch.Tensor) and image.shape == (4, 1, 256, 256) and labels.shape == (4, 256, 256)
-    assert labels.dtype == torch.uint8 and shape == (4, 300, 300) and top == 3
-    image, labels, *_ = _annotated_pair(str(tmp_path / "small.nii.gz"), str(tmp_path / "small_lab.nii.gz"), None)
+    assert labels.dtype == torch.uint8 and shape == (4, 300, 300) and top == 3 and outside == 0
+    image, labels, *_ = held("small")
     assert isinstance(image, np.ndarray) and image.shape == img.array.shape and labels.dtype == np.uint8
-    image, _, *_ = _annotated_pair(str(tmp_path / "small.nii.gz"), str(tmp_path / "small_lab.nii.gz"), None, 64)
+    image, _, *_ = held("small", 64)
     assert image.shape == (4, 1, 64, 64)  # a size known when read (--init, --image-size)
 
 def test_finetune_with_unlabelled_scans_trains_the_embedding_loss_on_them(subject, tmp_path):

@@ -435,6 +435,32 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
         qtbot.waitUntil(lambda: "re-segmented" in widget.status.text(), timeout=60_000)
     assert len(losses["wide"]) == 6 and losses["wide"] == losses["phantom"]
     assert session.model.config.pixel_spacing == 3.6
+    # labels painted only beyond the square the model sees: refused, the model kept
+    model = session.model
+    corner = viewer.add_labels(np.zeros((truth.shape[0], 192, 192), np.uint8), name="corner", scale=phantom.scale)
+    corner.data_setitem((np.full(4, 2), np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])), np.full(4, 1))
+    widget.labels_picker.setCurrentText("corner")
+    qtbot.waitUntil(lambda: widget.annotated_slices() == [2], timeout=5000)
+    runner = widget.finetune(mode="thread")
+    qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
+    assert "every painted label lies outside the 230.4 mm square" in widget.status.text(), widget.status.text()
+    assert "The previous model is kept" in widget.status.text() and session.model is model
+    # pretraining from such a model keeps its scale, and sees the same square of either layer
+    panel = dock(viewer, "Model")
+    panel.epochs.setValue(1)
+    pretrained = {}
+    for name in ("phantom", "wide"):
+        torch.manual_seed(0)
+        session.set_model(build_model(UNetConfig(base_filters=4, image_size=64, pixel_spacing=3.6)), {"training": {}},
+                          "scaled test model")
+        _check_only(panel.volumes, name)
+        runner = panel.pretrain(mode="thread")
+        qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+        assert "pretrained encoder" in session.source, panel.pretrain_status.text()
+        pretrained[name] = session.model
+    assert pretrained["wide"].config.pixel_spacing == 3.6
+    for (key, a), b in zip(pretrained["phantom"].state_dict().items(), pretrained["wide"].state_dict().values()):
+        assert torch.equal(a, b), key
 
 
 def test_segmenting_into_a_label_file_keeps_its_labelled_slices_annotated(viewer, qtbot):

@@ -179,6 +179,8 @@ class ModelWidget(QWidget):
             "training": {"stage": "pretrain", "method": cfg.method, "epochs": cfg.epochs, "volumes": names},
             "resume_folder": str(resume_folder()),  # the job names its file there from a hash of images and settings
         }
+        if base.pixel_spacing is not None:  # the new model keeps the scale: the job cuts its square from each
+            spec["spacings"] = {key: reader.spacing for key, reader in volumes.items()}
         self._continued_from = None
         self.runner = JobRunner(Job("pretrain", spec, mode, inputs=(folder, volumes)), f"Pretraining ({cfg.method})", self)
         self.runner.progressed.connect(self._progress)
