@@ -169,6 +169,22 @@ def test_segmentation_on_cuda_agrees_with_the_cpu(demo):
     assert cos.min() > 0.99
 
 
+def test_a_physical_scale_on_cuda_labels_a_wider_field_of_view_as_the_scan(demo):
+    """A model with a pixel spacing cuts its square on the host, then segments on the device as any model:
+    the scan padded to a wider field of view gets the scan's labels where they overlap, background beyond."""
+    import dataclasses
+
+    model, image, _ = demo
+    scaled = build_model(dataclasses.replace(model.config, pixel_spacing=1.8 * 128 / model.config.image_size))
+    scaled.load_state_dict(model.state_dict())
+    wide = np.pad(image, ((0, 0), (40, 40), (40, 40)), constant_values=image.min())
+    spacing = (10.0, 1.8, 1.8)
+    own = segment_volume(scaled, image, CUDA, spacing=spacing)
+    padded = segment_volume(scaled, wide, CUDA, spacing=spacing)
+    assert (padded[:, 40:-40, 40:-40] == own).mean() > 0.9999 and not padded[:, :40].any()
+    assert (own == segment_volume(model, image, CUDA)).mean() > 0.9999  # its square is the whole scan
+
+
 def test_inference_levers_on_cuda_agree_with_eager(demo, tmp_path):
     from coral_core.checkpoint import save_checkpoint
 
