@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNetConfig", "UNet", "build_model", "plain_config"]
+__all__ = ["UNetConfig", "UNet", "build_model", "plain_config", "with_pixel_spacing"]
 
 
 @dataclass
@@ -50,6 +50,16 @@ class UNetConfig:
         if out["pixel_spacing"] is None:  # left out, so models without one are stored as before
             del out["pixel_spacing"]
         return out
+
+
+def with_pixel_spacing(model: "UNet", mm: float | None) -> "UNet":
+    """A copy of ``model`` (the same weights) whose config has ``pixel_spacing`` ``mm``: a physical scale
+    given to a model without one (:class:`coral_core.data.FieldOfView`)."""
+    from dataclasses import replace
+
+    new = UNet(replace(model.config, pixel_spacing=mm))
+    new.load_state_dict(model.state_dict())
+    return new.to(next(model.parameters()).device)
 
 
 def plain_config(config) -> dict:

@@ -461,6 +461,26 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
     assert pretrained["wide"].config.pixel_spacing == 3.6
     for (key, a), b in zip(pretrained["phantom"].state_dict().items(), pretrained["wide"].state_dict().values()):
         assert torch.equal(a, b), key
+    # "In millimetres" gives a model without a scale one: the annotated image's field of view fills its input
+    torch.manual_seed(0)
+    session.set_model(build_model(UNetConfig(base_filters=4, image_size=64)), {"training": {}}, "fresh test model")
+    widget.image_picker.setCurrentText("phantom")
+    widget.labels_picker.setCurrentText("phantom painted")
+    qtbot.waitUntil(lambda: widget.annotated_slices() == [2, 5], timeout=5000)
+    widget.physical_scale.setChecked(True)
+    widget.steps.setValue(3)
+    runner = widget.finetune(mode="thread")
+    assert "in millimetres (the central 230.4 mm of each slice)" in widget.status.text(), widget.status.text()
+    qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    qtbot.waitUntil(lambda: "re-segmented" in widget.status.text(), timeout=60_000)
+    assert session.model.config.pixel_spacing == pytest.approx(3.6)
+    for name in ("phantom", "wide"):
+        segment.image_picker.setCurrentText(name)
+        worker = segment.segment()
+        with qtbot.waitSignal(worker.finished, timeout=60_000):
+            pass
+    qtbot.wait(200)
+    np.testing.assert_array_equal(viewer.layers["wide labels"].data[:, 32:160, 32:160], viewer.layers["phantom labels"].data)
 
 
 def test_segmenting_into_a_label_file_keeps_its_labelled_slices_annotated(viewer, qtbot):
