@@ -996,8 +996,16 @@ def _phantom_appearance(args):
         low, high = _float_range(args.phantom_noise, "--phantom-noise", "0.05,0.2", zero_allowed=True)
         config.noise = (low, high)
         changed.append(f"noise {low:g}-{high:g}")
+    if args.phantom_fov is not None:
+        low, high = _float_range(args.phantom_fov, "--phantom-fov", "0.8,1.6")
+        if low < 0.75 or high > 4:
+            raise UserError(f"--phantom-fov {args.phantom_fov}: give a range within 0.75-4 (below 0.75 the cut would "
+                            "reach the heart), e.g. 0.8,1.6")
+        config.field_of_view = (low, high)
+        changed.append(f"field of view {low:g}-{high:g}x")
     if changed and args.data and not args.phantom:
-        raise UserError("--phantom-bias and --phantom-noise change the phantom cohort; add --phantom N, or leave them out with --data")
+        raise UserError("--phantom-bias, --phantom-noise and --phantom-fov change the phantom cohort; add --phantom N, "
+                        "or leave them out with --data")
     return config, f" ({', '.join(changed)})" if changed else ""
 
 
@@ -1288,6 +1296,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak-to-peak range of each phantom's smooth multiplicative bias field (default 0.35)")
     p.add_argument("--phantom-noise", default=None, metavar="LOW,HIGH",
                    help="range of each phantom's Rician noise, a fraction of its blood-pool signal (default 0.03,0.08)")
+    p.add_argument("--phantom-fov", default=None, metavar="LOW,HIGH",
+                   help="range of each phantom's field of view, a factor of its 230 mm at the same 1.8 mm spacing (the "
+                        "centre cut out, or background noise around it), as scanners' protocols differ (default: 1,1)")
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: 64 quick, 128 full)")
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
                    help="resample every scan in-plane to MM per pixel and centre-crop or pad it to --image-size, and "

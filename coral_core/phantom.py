@@ -35,6 +35,9 @@ class PhantomConfig:
     max_slices: int = 18
     noise: tuple[float, float] = (0.03, 0.08)  # Rician sigma, fraction of blood-pool signal
     bias: float = 0.35  # peak-to-peak multiplicative bias field
+    # each subject's field of view, a factor of size x pixel_mm drawn from this range (at the same spacing): the
+    # centre cut out, or the slices padded with background noise, as scanners' protocols differ; (1, 1): none
+    field_of_view: tuple[float, float] = (1.0, 1.0)
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx, angle):
@@ -163,7 +166,28 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
 
     affine = np.diag([cfg.pixel_mm, cfg.pixel_mm, cfg.slice_mm, 1.0])
     affine[:3, 3] = rng.normal(0, 20, size=3)
+    if tuple(cfg.field_of_view) != (1.0, 1.0):
+        fov_rng = np.random.default_rng([seed, 1])  # draws of its own: the anatomy and the rest stay as they were
+        image, labels = _at_field_of_view(image, labels, fov_rng.uniform(*cfg.field_of_view), noise_sigma * gain, fov_rng)
     return Volume(image, affine), Volume(labels, affine.copy())
+
+
+def _at_field_of_view(image: np.ndarray, labels: np.ndarray, factor: float, sigma: float, rng: np.random.Generator):
+    """The slices as acquired with ``factor`` times their field of view at the same spacing: the centre cut
+    out, or padded with the Rician background noise (``sigma``) that surrounds the body."""
+    n = image.shape[1]
+    side = max(1, int(round(n * factor)))
+    if side <= n:
+        start = (n - side) // 2
+        cut = (slice(None), slice(start, start + side), slice(start, start + side))
+        return np.ascontiguousarray(image[cut]), np.ascontiguousarray(labels[cut])
+    before = (side - n) // 2
+    shape = (image.shape[0], side, side)
+    wide = (np.hypot(rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))).astype(np.float32)
+    wide[:, before : before + n, before : before + n] = image
+    wide_labels = np.zeros(shape, np.uint8)
+    wide_labels[:, before : before + n, before : before + n] = labels
+    return wide, wide_labels
 
 
 def _bias_field(rng: np.random.Generator, size: int, amplitude: float) -> np.ndarray:

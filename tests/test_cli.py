@@ -691,8 +691,9 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     assert plain["config"]["source"] == "4 phantom subjects"  # the default cohort is named as before
     harder = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                               "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--base-filters", 4,
-                              "--image-size", 32, "--phantom-bias", 1, "--phantom-noise", "0.05,0.2", "--json").stdout)
-    assert harder["config"]["source"] == "4 phantom subjects (bias 1, noise 0.05-0.2)"
+                              "--image-size", 32, "--phantom-bias", 1, "--phantom-noise", "0.05,0.2", "--phantom-fov",
+                              "0.8,1.6", "--json").stdout)
+    assert harder["config"]["source"] == "4 phantom subjects (bias 1, noise 0.05-0.2, field of view 0.8-1.6x)"
     from coral_core.lowlabel import load_labelled_cases
     from coral_core.phantom import PhantomConfig
 
@@ -701,6 +702,8 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
         assert np.array_equal(a.labels, b.labels) and not np.allclose(a.image, b.image)
     user_error(coral("bench", "lowlabel", "--quick", "--phantom-noise", "0.2,0.05", check=False), "--phantom-noise", "LOW,HIGH")
     user_error(coral("bench", "lowlabel", "--quick", "--phantom-bias", -1, check=False), "--phantom-bias")
+    user_error(coral("bench", "lowlabel", "--quick", "--phantom-fov", "0.5,1", check=False), "--phantom-fov",
+               "within 0.75-4")
     user_error(coral("bench", "lowlabel", "--quick", "--labeled-slices", -1, check=False), "--labeled-slices")
     user_error(coral("bench", "lowlabel", "--quick", "--pretrain-scale", "1.4,0.7", check=False), "--pretrain-scale", "LOW,HIGH")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--folds", 2, "--labeled", "3", "--methods", "random",

@@ -46,3 +46,27 @@ def test_blood_pool_is_not_separable_by_a_threshold():
     threshold = np.median(img.array[cavity])
     bright = img.array > threshold
     assert (bright & ~cavity).sum() > (bright & cavity).sum()
+
+
+def test_a_field_of_view_range_cuts_or_pads_the_same_subject():
+    """PhantomConfig.field_of_view acquires each subject with another field of view at the same spacing: the
+    same anatomy and draws, the centre cut out or surrounded by background noise; (1, 1) changes nothing."""
+    from coral_core.phantom import PhantomConfig
+
+    image, labels = make_phantom(5)
+    same, _ = make_phantom(5, config=PhantomConfig(field_of_view=(1.0, 1.0)))
+    np.testing.assert_array_equal(same.array, image.array)
+    wide, wide_labels = make_phantom(5, config=PhantomConfig(field_of_view=(1.5, 1.5)))
+    assert wide.shape == (image.shape[0], 192, 192) and wide.spacing == image.spacing
+    np.testing.assert_array_equal(wide.array[:, 32:160, 32:160], image.array)
+    np.testing.assert_array_equal(wide_labels.array[:, 32:160, 32:160], labels.array)
+    border = wide.array[:, :32]
+    assert not wide_labels.array[:, :32].any() and (border > 0).all()
+    # noise of the body's surroundings: its level, not a constant
+    corner = image.array[:, :6, :6]
+    assert 0.5 < border.mean() / corner.mean() < 2 and border.std() > 0
+    narrow, narrow_labels = make_phantom(5, config=PhantomConfig(field_of_view=(0.75, 0.75)))
+    np.testing.assert_array_equal(narrow.array, image.array[:, 16:112, 16:112])
+    assert narrow_labels.array.sum() == labels.array.sum()  # the heart lies inside the cut
+    sizes = {make_phantom(s, config=PhantomConfig(field_of_view=(0.8, 1.6)))[0].shape[1] for s in range(8)}
+    assert len(sizes) > 4 and min(sizes) >= 102 and max(sizes) <= 205
