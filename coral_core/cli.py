@@ -657,12 +657,16 @@ def cmd_segment(args) -> tuple[dict, str]:
         one = results[0]
         out = {"labels": one["labels"], "shape": one["shape"], "voxels": one["voxels"], "seconds": one["seconds"],
                "device": str(device)}
+        if model.config.pixel_spacing is not None:  # the model's physical scale (docs/engine.md)
+            out["pixel_spacing"] = model.config.pixel_spacing
         what = (_count_of(one["shape"][0], "slice") if len(one["shape"]) == 3 else
                 f"{_count_of(one['shape'][0], 'frame')} of {_count_of(one['shape'][1], 'slice')}")
         return out, f"segmented {args.images[0]} ({what}) on {device} in {one['seconds']:.1f} s; wrote {one['labels']}"
     seconds = time.perf_counter() - t_all
     slices = sum(int(np.prod(r["shape"][:-2])) for r in results)  # a cine series: frames x slices
     out = {"volumes": results, "out_dir": str(Path(args.out_dir)), "seconds": round(seconds, 2), "device": str(device)}
+    if model.config.pixel_spacing is not None:
+        out["pixel_spacing"] = model.config.pixel_spacing
     return out, (f"segmented {_count_of(len(results), 'volume')} ({_count_of(slices, 'slice')}) on {device} in "
                  f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each")
 

@@ -875,8 +875,9 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_vi
     model, _ = load_checkpoint(tmp_path / "wide.safetensors")
     assert model.config.pixel_spacing == 3.6 and model.config.image_size == 64
     for name in ("scan", "wide"):
-        coral("segment", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
-              "--out", tmp_path / f"{name}_seg.nii.gz")
+        res = json.loads(coral("segment", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
+                               "--out", tmp_path / f"{name}_seg.nii.gz", "--json").stdout)
+        assert res["pixel_spacing"] == 3.6
         coral("embed", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
               "--out", tmp_path / f"{name}.csv")
     seg, wide = (load_volume(tmp_path / f"{name}_seg.nii.gz").array for name in ("scan", "wide"))

@@ -409,6 +409,8 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
         segment.image_picker.setCurrentText(name)
         segment.segment()
         qtbot.waitUntil(lambda: f"{name} labels" in viewer.layers, timeout=60_000)
+        qtbot.waitUntil(lambda: segment.status.text().startswith(f"Wrote {name} labels"), timeout=10_000)
+        assert ("sees the central 230.4 mm of each slice, of 345.6 x 345.6 mm" in segment.status.text()) == (name == "wide")
     seg, wide = viewer.layers["phantom labels"].data, viewer.layers["wide labels"].data
     assert wide.shape == (truth.shape[0], 192, 192)
     np.testing.assert_array_equal(wide[:, 32:160, 32:160], seg)

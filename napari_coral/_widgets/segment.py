@@ -97,6 +97,24 @@ def kept_slices_text(kept: int) -> str:
     return f", keeping the {kept} annotated slice{'s' if kept != 1 else ''} as painted" if kept else ""
 
 
+def scale_note(model, layer) -> str:
+    """What a status line adds when a model with a physical scale labels ``layer``: that it sees less than the
+    layer's field of view, and that a layer without a spacing (scale 1) is read as 1 mm per pixel."""
+    from coral_core.data import field_of_view
+
+    fov = field_of_view(model.config, layer.data.shape[-2:], layer.scale[-2:])
+    if fov is None:
+        return ""
+    (h, w), (sy, sx) = layer.data.shape[-2:], (float(v) for v in layer.scale[-2:])
+    note = ""
+    if fov.window[0] < h or fov.window[1] < w:
+        note = (f" The model sees the central {model.config.image_size * model.config.pixel_spacing:.4g} mm of each "
+                f"slice, of {h * sy:.4g} x {w * sx:.4g} mm: beyond it is labelled background.")
+    if (sy, sx) == (1.0, 1.0):
+        note += f" {layer.name} has no spacing (scale 1), so its pixels were read as 1 mm."
+    return note
+
+
 class SegmentWidget(QWidget):
     """Pick an image and a device, press Segment: a Labels layer appears with class names."""
 
@@ -145,7 +163,8 @@ class SegmentWidget(QWidget):
             if not alive(self):
                 return
             self.segment_button.setEnabled(True)
-            self.status.setText(f"Wrote {layer.name} ({self.session.source}){kept_slices_text(kept)}.")
+            self.status.setText(f"Wrote {layer.name} ({self.session.source}){kept_slices_text(kept)}."
+                                f"{scale_note(self.session.model, image)}")
 
         def failed(exc):
             if not alive(self):
