@@ -463,6 +463,15 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
     assert pretrained["wide"].config.pixel_spacing == 3.6
     for (key, a), b in zip(pretrained["phantom"].state_dict().items(), pretrained["wide"].state_dict().values()):
         assert torch.equal(a, b), key
+    # Pretrain's "In millimetres" gives a model without a scale one: the widest checked image fills its input
+    torch.manual_seed(0)
+    session.set_model(build_model(UNetConfig(base_filters=4, image_size=64)), {"training": {}}, "fresh test model")
+    panel.physical_scale.setChecked(True)
+    _check_only(panel.volumes, "wide")
+    runner = panel.pretrain(mode="thread")
+    qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    assert session.model.config.pixel_spacing == pytest.approx(192 * 1.8 / 64)
+    panel.physical_scale.setChecked(False)
     # "In millimetres" gives a model without a scale one: the annotated image's field of view fills its input
     torch.manual_seed(0)
     session.set_model(build_model(UNetConfig(base_filters=4, image_size=64)), {"training": {}}, "fresh test model")

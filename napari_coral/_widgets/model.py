@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -51,6 +52,12 @@ class ModelWidget(QWidget):
         self.epochs.setRange(1, 1000)
         self.epochs.setValue(3)
         self.volumes = VolumeChecklist(napari_viewer, cine=True)
+        self.physical_scale = QCheckBox("In millimetres")
+        self.physical_scale.setToolTip(
+            "Pretrain a model with a physical scale: it sees the same square of millimetres of every scan (the widest "
+            "checked image's field of view), read with each layer's scale as its spacing, so anatomy keeps its size "
+            "in its pixels (docs/results.md, 'Field of view'). A current model with a scale passes its own on."
+        )
         self.device_picker = DevicePicker()
         self.pretrain_button = QPushButton("Pretrain")
         self.cancel_button = QPushButton("Cancel")
@@ -64,6 +71,7 @@ class ModelWidget(QWidget):
         form.addRow("Epochs", self.epochs)
         form.addRow("Device", self.device_picker)
         form.addRow("Volumes", self.volumes)
+        form.addRow("", self.physical_scale)
         row = QHBoxLayout()
         row.addWidget(self.pretrain_button)
         row.addWidget(self.cancel_button)
@@ -169,6 +177,13 @@ class ModelWidget(QWidget):
             show_error(str(exc))
             return None
         base = self.session.ensure_model().config
+        if self.physical_scale.isChecked() and base.pixel_spacing is None:
+            from dataclasses import replace
+
+            # the widest checked image's field of view (its longer side) fills the input
+            widest = max(float(max(layer.data.shape[-2] * layer.scale[-2], layer.data.shape[-1] * layer.scale[-1]))
+                         for layer in (self.viewer.layers[n] for n in names))
+            base = replace(base, pixel_spacing=widest / base.image_size)
         cfg = PretrainConfig(method=self.method.currentText(), epochs=self.epochs.value(), device=device.type, model=base)
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")
         folder = Path(self._tmp.name)
