@@ -7,7 +7,7 @@ A model without a pixel spacing (the default) resizes each slice whole to its in
 with a wider field of view shows it a smaller heart; a model with one (``coral finetune --pixel-spacing``,
 ``UNetConfig.pixel_spacing``) sees the same square of millimetres of every scan
 (:class:`coral_core.data.FieldOfView`). Scanners and protocols set the field of view, not the anatomy, so
-a cohort's scans differ in it (ACDC's from about 300 to 420 mm).
+a cohort's scans can differ in it (ACDC's come from two scanners).
 
 Each labelled phantom (seeds 1000, 1001, ...) is fine-tuned from random init at the product's settings
 (``coral finetune``: 16 filters, 128 x 128, 200 steps, lr 3e-3, three annotated slices) twice: on the scan
