@@ -612,6 +612,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     import numpy as np
 
     from coral_core.checkpoint import pretrained_only
+    from coral_core.data import beyond_field_of_view
     from coral_core.device import resolve_device
     from coral_core.infer import iter_segment_series
     from coral_core.volume import load_frames, save_like
@@ -643,6 +644,8 @@ def cmd_segment(args) -> tuple[dict, str]:
             results.append({"image": str(image_path), "labels": str(out_path), "shape": list(labels.shape),
                             "voxels": {name: int(counts[c]) for c, name in enumerate(model.config.class_names)},
                             "seconds": round(seconds, 2)})
+            if model.config.pixel_spacing is not None:  # a physical scale: whether the square cut this scan
+                results[-1]["beyond"] = beyond_field_of_view(model.config, image.shape, image.spacing)
     except KeyboardInterrupt:
         if args.out_dir is None or not done:
             raise
@@ -657,18 +660,30 @@ def cmd_segment(args) -> tuple[dict, str]:
         one = results[0]
         out = {"labels": one["labels"], "shape": one["shape"], "voxels": one["voxels"], "seconds": one["seconds"],
                "device": str(device)}
+        beyond = one.pop("beyond", "")
         if model.config.pixel_spacing is not None:  # the model's physical scale (docs/engine.md)
             out["pixel_spacing"] = model.config.pixel_spacing
+            out["beyond_field_of_view"] = bool(beyond)
         what = (_count_of(one["shape"][0], "slice") if len(one["shape"]) == 3 else
                 f"{_count_of(one['shape'][0], 'frame')} of {_count_of(one['shape'][1], 'slice')}")
-        return out, f"segmented {args.images[0]} ({what}) on {device} in {one['seconds']:.1f} s; wrote {one['labels']}"
+        beyond = f"; {beyond}" if beyond else ""
+        return out, (f"segmented {args.images[0]} ({what}) on {device} in {one['seconds']:.1f} s; wrote "
+                     f"{one['labels']}{beyond}")
     seconds = time.perf_counter() - t_all
     slices = sum(int(np.prod(r["shape"][:-2])) for r in results)  # a cine series: frames x slices
     out = {"volumes": results, "out_dir": str(Path(args.out_dir)), "seconds": round(seconds, 2), "device": str(device)}
+    beyond = ""
     if model.config.pixel_spacing is not None:
         out["pixel_spacing"] = model.config.pixel_spacing
+        wider = [r for r in results if r["beyond"]]
+        for r in results:
+            r["beyond_field_of_view"] = bool(r.pop("beyond"))
+        side = model.config.image_size * model.config.pixel_spacing
+        if wider:
+            beyond = (f"; {len(wider)} of them wider than the central {side:.4g} mm of each slice the model sees: "
+                      "beyond it is labelled background")
     return out, (f"segmented {_count_of(len(results), 'volume')} ({_count_of(slices, 'slice')}) on {device} in "
-                 f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each")
+                 f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each{beyond}")
 
 
 def cmd_embed(args) -> tuple[dict, str]:

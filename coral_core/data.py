@@ -32,6 +32,7 @@ __all__ = [
     "at_pixel_spacing",
     "FieldOfView",
     "field_of_view",
+    "beyond_field_of_view",
     "prepare_labelled",
     "PretrainSlices",
     "LabelledSlices",
@@ -209,6 +210,17 @@ def field_of_view(config, shape, spacing) -> FieldOfView | None:
     if mm is None or spacing is None:
         return None
     return FieldOfView.of(shape[-2:], spacing[-2:], mm, config.image_size)
+
+
+def beyond_field_of_view(config, shape, spacing) -> str:
+    """A clause saying that a model with a physical scale sees less than slices of (H, W) ``shape`` at
+    (y, x) ``spacing`` mm, and labels the rest background; "" when it sees all of them, or has no scale."""
+    fov = field_of_view(config, shape, spacing)
+    (h, w), (sy, sx) = tuple(shape[-2:]), (float(v) for v in spacing[-2:])
+    if fov is None or (fov.window[0] >= h and fov.window[1] >= w):
+        return ""
+    return (f"the model sees the central {config.image_size * config.pixel_spacing:.4g} mm of each slice, of "
+            f"{h * sy:.4g} x {w * sx:.4g} mm: beyond it is labelled background")
 
 
 def at_pixel_spacing(image: np.ndarray, spacing, mm: float, size: int, labels: np.ndarray | None = None,

@@ -877,9 +877,15 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_vi
     for name in ("scan", "wide"):
         res = json.loads(coral("segment", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
                                "--out", tmp_path / f"{name}_seg.nii.gz", "--json").stdout)
-        assert res["pixel_spacing"] == 3.6
+        assert res["pixel_spacing"] == 3.6 and res["beyond_field_of_view"] == (name == "wide")
         coral("embed", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
               "--out", tmp_path / f"{name}.csv")
+    text = coral("segment", tmp_path / "wide.nii.gz", "--model", tmp_path / "wide.safetensors",
+                 "--out", tmp_path / "wide_seg.nii.gz").stdout
+    assert "the model sees the central 230.4 mm of each slice, of 345.6 x 345.6 mm" in text
+    folder = json.loads(coral("segment", tmp_path / "scan.nii.gz", tmp_path / "wide.nii.gz", "--model",
+                              tmp_path / "wide.safetensors", "--out-dir", tmp_path / "segs", "--json").stdout)
+    assert [v["beyond_field_of_view"] for v in folder["volumes"]] == [False, True]
     seg, wide = (load_volume(tmp_path / f"{name}_seg.nii.gz").array for name in ("scan", "wide"))
     assert wide.shape == (6, 192, 192) and seg.any()
     np.testing.assert_array_equal(wide[:, 32:160, 32:160], seg)

@@ -100,17 +100,13 @@ def kept_slices_text(kept: int) -> str:
 def scale_note(model, layer) -> str:
     """What a status line adds when a model with a physical scale labels ``layer``: that it sees less than the
     layer's field of view, and that a layer without a spacing (scale 1) is read as 1 mm per pixel."""
-    from coral_core.data import field_of_view
+    from coral_core.data import beyond_field_of_view
 
-    fov = field_of_view(model.config, layer.data.shape[-2:], layer.scale[-2:])
-    if fov is None:
+    if model.config.pixel_spacing is None:
         return ""
-    (h, w), (sy, sx) = layer.data.shape[-2:], (float(v) for v in layer.scale[-2:])
-    note = ""
-    if fov.window[0] < h or fov.window[1] < w:
-        note = (f" The model sees the central {model.config.image_size * model.config.pixel_spacing:.4g} mm of each "
-                f"slice, of {h * sy:.4g} x {w * sx:.4g} mm: beyond it is labelled background.")
-    if (sy, sx) == (1.0, 1.0):
+    beyond = beyond_field_of_view(model.config, layer.data.shape, layer.scale)
+    note = f" {beyond[0].upper()}{beyond[1:]}." if beyond else ""
+    if tuple(float(v) for v in layer.scale[-2:]) == (1.0, 1.0):
         note += f" {layer.name} has no spacing (scale 1), so its pixels were read as 1 mm."
     return note
 
