@@ -70,6 +70,13 @@ def show_index(viewer, layer, index: tuple[int, ...]) -> None:
         viewer.dims.set_point(offset + i, world[i])
 
 
+def extent_mm(layer) -> float:
+    """The longer in-plane side of ``layer``'s slices in mm (its scale as the spacing): the field of view a
+    model given a physical scale by the "In millimetres" options takes in whole."""
+    (h, w), (sy, sx) = layer.data.shape[-2:], layer.scale[-2:]
+    return float(max(h * sy, w * sx))
+
+
 class LayerArray:
     """A layer's voxels to be read later, off napari's GUI thread: for a lazy layer, reading is
     the whole cost (seconds per GB from disk), and napari would stop answering while it ran.

@@ -20,7 +20,7 @@ from coral_core.data import parse_slices
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
 from napari_coral._jobs import Job, config_dict, resume_folder
-from napari_coral._layers import LayerArray, full_resolution, shown_index
+from napari_coral._layers import LayerArray, extent_mm, full_resolution, shown_index
 from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import kept_slices_text, start_segmentation
@@ -398,9 +398,8 @@ class FinetuneWidget(QWidget):
         if self.physical_scale.isChecked() and model.config.pixel_spacing is None:
             from coral_core.model import with_pixel_spacing
 
-            # the image's whole field of view (its longer side) fills the input, at the model's input size
-            (h, w), (sy, sx) = image.data.shape[-2:], image.scale[-2:]
-            model = with_pixel_spacing(model, float(max(h * sy, w * sx)) / model.config.image_size)
+            # the image's whole field of view fills the input, at the model's input size
+            model = with_pixel_spacing(model, extent_mm(image) / model.config.image_size)
         self.autosaved = self.autosave(labels_layers[0])
         for other_labels in labels_layers[1:]:
             self.autosave(other_labels)

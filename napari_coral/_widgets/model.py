@@ -22,7 +22,7 @@ from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig
 from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
-from napari_coral._layers import LayerArray
+from napari_coral._layers import LayerArray, extent_mm
 from napari_coral._session import data_home, keep_model_sentence, session_for
 from napari_coral._widgets._common import (
     DevicePicker, JobRunner, VolumeChecklist, any_job_running, on_job_events, status_label,
@@ -180,9 +180,8 @@ class ModelWidget(QWidget):
         if self.physical_scale.isChecked() and base.pixel_spacing is None:
             from dataclasses import replace
 
-            # the widest checked image's field of view (its longer side) fills the input
-            widest = max(float(max(layer.data.shape[-2] * layer.scale[-2], layer.data.shape[-1] * layer.scale[-1]))
-                         for layer in (self.viewer.layers[n] for n in names))
+            # the widest checked image's field of view fills the input
+            widest = max(extent_mm(self.viewer.layers[n]) for n in names)
             base = replace(base, pixel_spacing=widest / base.image_size)
         cfg = PretrainConfig(method=self.method.currentText(), epochs=self.epochs.value(), device=device.type, model=base)
         self._tmp = tempfile.TemporaryDirectory(prefix="napari-coral-")
