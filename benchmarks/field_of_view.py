@@ -5,19 +5,23 @@
 
 A model without a pixel spacing (the default) resizes each slice whole to its input, so a scan acquired
 with a wider field of view shows it a smaller heart; a model with one (``coral finetune --pixel-spacing``,
-``UNetConfig.pixel_spacing``) sees the same square of millimetres of every scan
-(:class:`coral_core.data.FieldOfView`). Scanners and protocols set the field of view, not the anatomy, so
-a cohort's scans can differ in it (ACDC's come from two scanners).
+``UNetConfig.pixel_spacing``) sees a square of the same millimetres of a slice at a time
+(:class:`coral_core.data.FieldOfView`): fine-tuning places it where the labels are, segmentation covers a
+wider slice in overlapping squares. Scanners and protocols set the field of view, not the anatomy, so a
+cohort's scans differ in it (ACDC's come from two scanners), and the heart is not always at the centre.
 
 Each labelled phantom (seeds 1000, 1001, ...) is fine-tuned from random init at the product's settings
-(``coral finetune``: 16 filters, 128 x 128, 200 steps, lr 3e-3, three annotated slices) twice: on the scan
-as generated (128 pixels of 1.8 mm: 230.4 mm across) and on the same scan with a 1.5 times wider field of
-view (192 pixels of 1.8 mm: the slices padded by 32 pixels on every side with background drawn from the
-scan's own corners). Every held-out phantom (seeds 2000, 2001, ...) is scored at fields of view of 0.75,
-1, 1.5 and 2 times its own (the centre cut to 96 pixels, or padded to 192 or 256, all at 1.8 mm), by mean
-foreground Dice, two ways: resized whole, and at a pixel spacing of 1.8 mm (the central 230.4 mm). At that
-spacing the model trained on the wider scan trains on its central 230.4 mm, the scan as generated, so its
-weights are those of the first model (tests/test_cli.py checks that equality): it is scored as that model.
+(``coral finetune``: 16 filters, 128 x 128, 200 steps, lr 3e-3, three annotated slices) on three scans:
+as generated (128 pixels of 1.8 mm: 230.4 mm across), with a 1.5 times wider field of view (192 pixels of
+1.8 mm: the slices padded by 32 pixels on every side with background drawn from the scan's own corners),
+and with that field of view off the centre (the phantom at a random place in the 192 pixels). Every
+held-out phantom (seeds 2000, 2001, ...) is scored at fields of view of 0.75, 1, 1.5 and 2 times its own
+(the centre cut to 96 pixels, or padded to 192 or 256, all at 1.8 mm), and at 2 times with the phantom
+at a random place, by mean foreground Dice, three ways: resized whole; at 1.8 mm, the central 230.4 mm only
+(background beyond it: how napari-coral segmented before 2026-12-04's second session); at 1.8 mm in
+overlapping squares (the product now). At 1.8 mm the model trained on the centred wider scan trains on its
+central 230.4 mm, the scan as generated, so its weights are those of the first model (tests/test_cli.py
+checks that equality): it is scored as that model.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from coral_core.data import field_of_view  # noqa: E402
 from coral_core.finetune import FinetuneConfig, finetune  # noqa: E402
 from coral_core.infer import segment_volume  # noqa: E402
 from coral_core.lowlabel import sign_test_p  # noqa: E402
@@ -65,6 +70,41 @@ def at_field_of_view(image: np.ndarray, labels: np.ndarray, factor: float, rng: 
     return wide, wide_labels
 
 
+def off_centre(image: np.ndarray, labels: np.ndarray, factor: float, rng: np.random.Generator):
+    """The scan as acquired with ``factor`` (above 1) times its field of view, the phantom at a random place
+    in it (uniform over every place where it fits whole), background drawn from its 8 x 8 corners."""
+    n = image.shape[1]
+    side = int(round(n * factor))
+    top, left = (int(v) for v in rng.integers(0, side - n + 1, size=2))
+    corners = np.concatenate([image[:, :8, :8], image[:, :8, -8:], image[:, -8:, :8], image[:, -8:, -8:]], axis=1)
+    wide = np.empty((image.shape[0], side, side), image.dtype)
+    for z in range(image.shape[0]):
+        wide[z] = rng.choice(corners[z].ravel(), size=(side, side))
+    wide[:, top : top + n, left : left + n] = image
+    wide_labels = np.zeros((labels.shape[0], side, side), labels.dtype)
+    wide_labels[:, top : top + n, left : left + n] = labels
+    return wide, wide_labels
+
+
+WAYS = ("whole", "central square", "squares")  # how a model sees a test scan (the module's text)
+
+
+def segment_one_way(model, image: np.ndarray, way: str, device: str) -> np.ndarray:
+    """``image`` (at 1.8 mm) segmented by ``model`` (whose config has pixel_spacing 1.8 mm) one of WAYS."""
+    spacing = (10.0, MM, MM)
+    plain = dataclasses.replace(model.config, pixel_spacing=None)
+    if way == "squares":
+        return segment_volume(model, image, device, spacing=spacing)
+    scaled, model.config = model.config, plain
+    try:
+        if way == "whole":
+            return segment_volume(model, image, device)
+        fov = field_of_view(scaled, image.shape, spacing)
+        return fov.paste(segment_volume(model, fov.crop(image), device))
+    finally:
+        model.config = scaled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labelled", type=int, default=6, help="labelled phantoms (seeds 1000, 1001, ...)")
@@ -78,50 +118,59 @@ def main() -> None:
     tests = []
     for i in range(args.test):
         image, labels = (v.array for v in make_phantom(2000 + i))
-        tests.append([at_field_of_view(image, labels, f, rng) for f in FACTORS])
-    # dice[(training field of view, preprocessing)][test factor] = one value per (labelled, test) pair
-    dice = {key: {f: [] for f in FACTORS} for key in ((1.0, "whole"), (1.5, "whole"), (1.0, "at 1.8 mm"), (1.5, "at 1.8 mm"))}
+        tests.append([at_field_of_view(image, labels, f, rng) for f in FACTORS] + [off_centre(image, labels, 2.0, rng)])
+    columns = [*(f"{f:g}x" for f in FACTORS), "2x off centre"]
+    trained_on = ("1x", "1.5x", "1.5x off centre")
+    # At 1.8 mm the centred 1.5x scan trains as the 1x one (the same 230.4 mm): no rows of its own.
+    keys = [(t, way) for t in trained_on for way in WAYS if way == "whole" or t != "1.5x"]
+    # dice[(training scan, way)][test column] = one value per (labelled, test) pair
+    dice = {key: {c: [] for c in columns} for key in keys}
     for k in range(args.labelled):
         image, labels = (v.array for v in make_phantom(1000 + k))
         slices = sorted(set(np.linspace(1, image.shape[0] - 2, 3).round().astype(int).tolist()))
-        models = {}
-        for factor in (1.0, 1.5):
-            scan, scan_labels = at_field_of_view(image, labels, factor, rng)
-            torch.manual_seed(k)
-            init = build_model(UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES))
+        scans = {"1x": (image, labels), "1.5x": at_field_of_view(image, labels, 1.5, rng),
+                 "1.5x off centre": off_centre(image, labels, 1.5, rng)}
+        models = {}  # (training scan, at 1.8 mm) -> a model whose config has pixel_spacing 1.8
+        config = UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES, pixel_spacing=MM)
+        for name, scaled in ((t, s) for t in trained_on for s in (False, True)):
+            scan, scan_labels = scans[name]
+            if scaled and name == "1.5x":
+                continue
+            if scaled:  # as coral finetune --pixel-spacing does: the square placed on the labels
+                fov = field_of_view(config, scan.shape, (10.0, MM, MM)).around(scan_labels)
+                scan, scan_labels = fov.crop(scan), fov.crop(scan_labels, 0)
+                if name == "1x":  # its square is the whole scan: the model trained without a scale
+                    models[(name, scaled)] = models[(name, False)]
+                    continue
+            torch.manual_seed(k)  # fine-tuning reads no pixel spacing: the config's is for segmentation
             cfg = FinetuneConfig(steps=args.steps, lr=3e-3, seed=k, device=args.device, validate_every=0)
-            models[factor] = finetune(cfg, init, [scan], [scan_labels], [slices]).model
-        scaled = dataclasses.replace(models[1.0].config, pixel_spacing=MM)
-        for factor, model in models.items():
-            for way in ("whole", "at 1.8 mm"):
-                net = models[1.0] if way != "whole" else model  # at 1.8 mm both train on the same 230.4 mm
-                net.config = scaled if way != "whole" else dataclasses.replace(net.config, pixel_spacing=None)
-                for views in tests:
-                    for f, (img, lab) in zip(FACTORS, views):
-                        pred = segment_volume(net, img, args.device, spacing=(10.0, MM, MM))
-                        dice[(factor, way)][f].append(
-                            evaluate_segmentation(pred, lab, 4, (10.0, MM, MM))["mean_dice"])
-            models[1.0].config = dataclasses.replace(models[1.0].config, pixel_spacing=None)
+            models[(name, scaled)] = finetune(cfg, build_model(config), [scan], [scan_labels], [slices]).model
+        for name, way in keys:
+            model = models[(name, way != "whole")]
+            for views in tests:
+                for column, (img, lab) in zip(columns, views):
+                    pred = segment_one_way(model, img, way, args.device)
+                    dice[(name, way)][column].append(evaluate_segmentation(pred, lab, 4, (10.0, MM, MM))["mean_dice"])
         print(f"labelled phantom {1000 + k} done ({time.perf_counter() - t_all:.0f} s)", flush=True)
 
     pairs = args.labelled * args.test
     print(f"\nMean foreground Dice over {args.labelled} labelled x {args.test} held-out phantoms ({pairs} pairs), "
           f"{args.steps} fine-tuning steps; columns: the held-out scan's field of view, times its own 230.4 mm")
-    print(f"{'trained on':<14}{'model sees':<12}" + "".join(f"{f'{f:g}x':>16}" for f in FACTORS))
-    for (factor, way), row in dice.items():
-        print(f"{f'{factor:g}x ({128 * factor * MM:.0f} mm)':<14}{way:<12}"
-              + "".join(f"{np.mean(v):>9.3f} ± {np.std(v):.3f}" for v in row.values()))
-    print("\nat 1.8 mm minus whole, same training scan (higher in, sign-test p)")
-    for factor in (1.0, 1.5):
-        cells = []
-        for f in FACTORS:
-            d = np.array(dice[(factor, "at 1.8 mm")][f]) - np.array(dice[(factor, "whole")][f])
-            wins, losses = int((d > 0).sum()), int((d < 0).sum())
-            cells.append(f"{d.mean():+.3f} ({wins}/{len(d)}, {sign_test_p(wins, losses):.2g})")
-        print(f"{f'{factor:g}x':<26}" + "".join(f"{c:>24}" for c in cells))
+    print(f"{'trained on':<18}{'model sees':<16}" + "".join(f"{c:>17}" for c in columns))
+    for (name, way), row in dice.items():
+        print(f"{name:<18}{way:<16}" + "".join(f"{np.mean(v):>10.3f} ± {np.std(v):.3f}" for v in row.values()))
+    print("\nsquares minus the other ways, same model (higher in, sign-test p)")
+    for name in ("1x", "1.5x off centre"):
+        for other in ("whole", "central square"):
+            cells = []
+            for c in columns:
+                d = np.array(dice[(name, "squares")][c]) - np.array(dice[(name, other)][c])
+                wins, losses = int((d > 0).sum()), int((d < 0).sum())
+                cells.append(f"{d.mean():+.3f} ({wins}/{len(d)}, {sign_test_p(wins, losses):.2g})")
+            print(f"{name + ' vs ' + other:<34}" + "".join(f"{c:>24}" for c in cells))
     if args.json:
-        rows = [{"trained_on": factor, "model_sees": way, "test_field_of_view": f, "dice": values}
-                for (factor, way), row in dice.items() for f, values in row.items()]
+        rows = [{"trained_on": name, "model_sees": way, "test_field_of_view": c, "dice": values}
+                for (name, way), row in dice.items() for c, values in row.items()]
         Path(args.json).write_text(json.dumps({"labelled": args.labelled, "test": args.test, "steps": args.steps,
                                                "rows": rows}, indent=1))
     print(f"\n{time.perf_counter() - t_all:.0f} s on {args.device}, torch {torch.__version__}, "

@@ -72,10 +72,11 @@ def _rename(model, names: list[str]):
 
 AUTO_IMAGE_SIZE_MAX = 256
 PIXEL_SPACING_IMAGE_SIZE = 128  # coral finetune --pixel-spacing's input size when --image-size is not given
-PIXEL_SPACING_HELP = ("give the model a physical scale: it sees a centred square of --image-size x MM millimetres of "
-                      "every slice (cut from a larger field of view, padded around a smaller one), so anatomy has one "
-                      "size in its pixels on every scanner; coral segment and the plugin then do the same with each "
-                      "scan's own spacing (default: each slice resized whole)")
+PIXEL_SPACING_HELP = ("give the model a physical scale: it sees a square of --image-size x MM millimetres of a slice "
+                      "at a time (cut from a larger field of view, padded around a smaller one), so anatomy has one "
+                      "size in its pixels on every scanner; fine-tuning places the square on the labels, coral segment "
+                      "and the plugin cover wider slices in overlapping squares, each with the scan's own spacing "
+                      "(default: each slice resized whole)")
 
 
 def _check_pixel_spacing(mm: float | None) -> None:
@@ -326,10 +327,8 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     labels' name, pair) with the pair as :func:`_annotated_pair` gives it: a 3-D image is one scan named by its path; a 4-D
     (cine) image with 4-D labels gives one scan per frame that holds labels, named "IMAGE frame T", as
     the plugin's Fine-tune panel trains on a cine layer. ``mm``: the model's pixel spacing, whose field of
-    view (:class:`coral_core.data.FieldOfView`, ``size`` pixels at ``mm``) is cut from each scan first; the
-    pair then carries how many labelled voxels lay outside it."""
-    import numpy as np
-
+    view (:class:`coral_core.data.FieldOfView`, ``size`` pixels at ``mm``), placed on the scan's labels, is
+    cut from each scan first; the pair then carries how many labelled voxels lay outside it."""
     from coral_core.data import FieldOfView
     from coral_core.volume import frame_count, load_frames, load_volume
 
@@ -338,11 +337,8 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
         if mm is not None:
             fov = FieldOfView.of(image.shape[1:], image.spacing[1:], mm, size)
             if labels.shape == image.shape:  # another shape is refused by _annotated_pair, naming both
+                fov = fov.around(labels_array)  # where it holds the most labels
                 outside = fov.outside(labels_array)
-                if outside and outside == np.count_nonzero(labels_array):
-                    raise UserError(f"{names[1]}: every label lies outside the {size * mm:g} mm square at the centre "
-                                    f"of the slices that a model at --pixel-spacing {mm:g} sees; raise --pixel-spacing "
-                                    "or --image-size, or crop the scan around the anatomy")
                 image_array, labels_array = fov.crop(image_array), fov.crop(labels_array, 0)
         return (*_annotated_pair(image_array, labels_array, *names, slices, size, label_values), outside)
 
@@ -612,7 +608,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     import numpy as np
 
     from coral_core.checkpoint import pretrained_only
-    from coral_core.data import beyond_field_of_view
+    from coral_core.data import tiling_note, windows_per_slice
     from coral_core.device import resolve_device
     from coral_core.infer import iter_segment_series
     from coral_core.volume import load_frames, save_like
@@ -644,8 +640,9 @@ def cmd_segment(args) -> tuple[dict, str]:
             results.append({"image": str(image_path), "labels": str(out_path), "shape": list(labels.shape),
                             "voxels": {name: int(counts[c]) for c, name in enumerate(model.config.class_names)},
                             "seconds": round(seconds, 2)})
-            if model.config.pixel_spacing is not None:  # a physical scale: whether the square cut this scan
-                results[-1]["beyond"] = beyond_field_of_view(model.config, image.shape, image.spacing)
+            if model.config.pixel_spacing is not None:  # a physical scale: in how many windows of it
+                results[-1]["windows_per_slice"] = windows_per_slice(model.config, image.shape, image.spacing)
+                results[-1]["note"] = tiling_note(model.config, image.shape, image.spacing)
     except KeyboardInterrupt:
         if args.out_dir is None or not done:
             raise
@@ -660,30 +657,28 @@ def cmd_segment(args) -> tuple[dict, str]:
         one = results[0]
         out = {"labels": one["labels"], "shape": one["shape"], "voxels": one["voxels"], "seconds": one["seconds"],
                "device": str(device)}
-        beyond = one.pop("beyond", "")
+        note = one.pop("note", "")
         if model.config.pixel_spacing is not None:  # the model's physical scale (docs/engine.md)
             out["pixel_spacing"] = model.config.pixel_spacing
-            out["beyond_field_of_view"] = bool(beyond)
+            out["windows_per_slice"] = one["windows_per_slice"]
         what = (_count_of(one["shape"][0], "slice") if len(one["shape"]) == 3 else
                 f"{_count_of(one['shape'][0], 'frame')} of {_count_of(one['shape'][1], 'slice')}")
-        beyond = f"; {beyond}" if beyond else ""
+        note = f"; {note}" if note else ""
         return out, (f"segmented {args.images[0]} ({what}) on {device} in {one['seconds']:.1f} s; wrote "
-                     f"{one['labels']}{beyond}")
+                     f"{one['labels']}{note}")
     seconds = time.perf_counter() - t_all
     slices = sum(int(np.prod(r["shape"][:-2])) for r in results)  # a cine series: frames x slices
     out = {"volumes": results, "out_dir": str(Path(args.out_dir)), "seconds": round(seconds, 2), "device": str(device)}
-    beyond = ""
+    note = ""
     if model.config.pixel_spacing is not None:
         out["pixel_spacing"] = model.config.pixel_spacing
-        wider = [r for r in results if r["beyond"]]
-        for r in results:
-            r["beyond_field_of_view"] = bool(r.pop("beyond"))
+        wider = [r for r in results if r.pop("note")]
         side = model.config.image_size * model.config.pixel_spacing
         if wider:
-            beyond = (f"; {len(wider)} of them wider than the central {side:.4g} mm of each slice the model sees: "
-                      "beyond it is labelled background")
+            note = (f"; {len(wider)} of them wider than the {side:.4g} mm square the model sees, their slices "
+                    "segmented in overlapping windows of it")
     return out, (f"segmented {_count_of(len(results), 'volume')} ({_count_of(slices, 'slice')}) on {device} in "
-                 f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each{beyond}")
+                 f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each{note}")
 
 
 def cmd_embed(args) -> tuple[dict, str]:

@@ -32,7 +32,8 @@ __all__ = [
     "at_pixel_spacing",
     "FieldOfView",
     "field_of_view",
-    "beyond_field_of_view",
+    "windows_per_slice",
+    "tiling_note",
     "prepare_labelled",
     "PretrainSlices",
     "LabelledSlices",
@@ -136,21 +137,25 @@ def label_map(raw: np.ndarray, source, values: list[int] | None = None) -> np.nd
 
 @dataclass(frozen=True)
 class FieldOfView:
-    """The centred square of a slice that a model with a physical scale sees.
+    """A square of a slice that a model with a physical scale sees.
 
     A model whose config has ``pixel_spacing`` (mm per pixel of its input) sees ``image_size x
-    pixel_spacing`` mm of every slice, whatever the scan's own spacing and field of view: the square of
-    that side centred on the slice, cut from a larger slice or padded around a smaller one, is then
-    resized whole to the model's input as any slice is. So one heart has one size in the model's pixels
-    on every scanner, as in the published methods' preprocessing. ``shape`` is the slice's (H, W) and
-    ``window`` that square's size in the slice's own pixels (h, w)."""
+    pixel_spacing`` mm of a slice at a time, whatever the scan's own spacing and field of view: a square
+    of that side cut from a larger slice or padded around a smaller one, then resized whole to the
+    model's input as any slice is. So one heart has one size in the model's pixels on every scanner, as
+    in the published methods' preprocessing. ``shape`` is the slice's (H, W), ``window`` that square's
+    size in the slice's own pixels (h, w), and ``start`` its top-left corner in the slice (negative
+    where the window overhangs a smaller slice); None: centred on the slice. Segmentation covers a
+    larger slice with several windows (:meth:`tiles`); fine-tuning places one on the painted labels
+    (:meth:`around`)."""
 
     shape: tuple[int, int]
     window: tuple[int, int]
+    start: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, shape, spacing, mm: float, size: int) -> "FieldOfView":
-        """The field of view of a model of input ``size`` at ``mm`` per pixel on slices of (H, W)
+        """The centred field of view of a model of input ``size`` at ``mm`` per pixel on slices of (H, W)
         ``shape`` whose in-plane spacing is ``spacing`` (y, x) in mm."""
         sy, sx = (float(v) for v in spacing)
         if mm <= 0 or sy <= 0 or sx <= 0:
@@ -159,24 +164,33 @@ class FieldOfView:
         return cls((int(shape[0]), int(shape[1])), (max(1, round(side / sy)), max(1, round(side / sx))))
 
     @property
+    def origin(self) -> tuple[int, int]:
+        """The window's top-left corner in the slice's pixels (centred when ``start`` is None)."""
+        if self.start is not None:
+            return self.start
+        return tuple((n - w) // 2 for n, w in zip(self.shape, self.window))
+
+    @property
     def whole(self) -> bool:
         """Whether the window is the slice itself (nothing to cut or pad)."""
-        return self.window == self.shape
+        return self.window == self.shape and self.origin == (0, 0)
 
-    def _spans(self):
+    @property
+    def covers(self) -> bool:
+        """Whether this one window holds every pixel of the slice (cut nothing away)."""
+        return all(s <= 0 and s + w >= n for s, w, n in zip(self.origin, self.window, self.shape))
+
+    def spans(self):
         """Per axis (slice start, window start, length) of the part the slice and the window share."""
-        out = []
-        for n_slice, n_window in zip(self.shape, self.window):
-            offset = (n_slice - n_window) // 2
-            out.append((max(offset, 0), max(-offset, 0), min(n_slice, n_window)))
-        return out
+        return [(max(s, 0), max(-s, 0), min(n, s + w) - max(s, 0))
+                for s, w, n in zip(self.origin, self.window, self.shape)]
 
     def crop(self, array: np.ndarray, fill: float | None = None) -> np.ndarray:
         """The window of every slice of ``array`` (..., H, W): cut out, or padded with ``fill``
         (default: the array's lowest finite value, as a scan's background)."""
         if self.whole:
             return array
-        (ys, yw, yn), (xs, xw, xn) = self._spans()
+        (ys, yw, yn), (xs, xw, xn) = self.spans()
         if fill is None:
             finite = array[np.isfinite(array)] if np.issubdtype(array.dtype, np.floating) else array
             fill = finite.min() if finite.size else 0
@@ -189,17 +203,57 @@ class FieldOfView:
         (0) where the slice reaches beyond the window, the padding dropped."""
         if self.whole:
             return window
-        (ys, yw, yn), (xs, xw, xn) = self._spans()
+        (ys, yw, yn), (xs, xw, xn) = self.spans()
         out = np.zeros((*window.shape[:-2], *self.shape), dtype=window.dtype)
         out[..., ys : ys + yn, xs : xs + xn] = window[..., yw : yw + yn, xw : xw + xn]
         return out
 
     def outside(self, labels: np.ndarray) -> int:
         """How many labelled (non-zero) voxels of ``labels`` (..., H, W) lie outside the window."""
-        if self.whole:
+        if self.covers:
             return 0
-        (ys, _, yn), (xs, _, xn) = self._spans()
+        (ys, _, yn), (xs, _, xn) = self.spans()
         return int(np.count_nonzero(labels)) - int(np.count_nonzero(labels[..., ys : ys + yn, xs : xs + xn]))
+
+    def around(self, labels: np.ndarray) -> "FieldOfView":
+        """This window, moved where ``labels`` (..., H, W) are: unchanged when it already holds every
+        labelled voxel (or none is labelled); otherwise placed where it holds the most of them (of such
+        places, the nearest to centring the labels' bounding box), inside the slice along each axis where
+        the slice is the larger."""
+        if not self.outside(labels):
+            return self
+        counts = np.count_nonzero(labels.reshape(-1, *self.shape), axis=0)
+        integral = np.pad(counts.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        ranges, wanted = [], []
+        for axis, (w, n, s) in enumerate(zip(self.window, self.shape, self.origin)):
+            hits = np.flatnonzero(counts.any(axis=1 - axis))
+            ranges.append(np.arange(n - w + 1) if w <= n else np.array([s]))
+            wanted.append((hits[0] + hits[-1] + 1 - w) / 2)
+        ys, xs = np.meshgrid(*ranges, indexing="ij")
+        y0, x0 = np.clip(ys, 0, None), np.clip(xs, 0, None)
+        y1, x1 = np.clip(ys + self.window[0], None, self.shape[0]), np.clip(xs + self.window[1], None, self.shape[1])
+        held = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        distance = np.abs(ys - wanted[0]) + np.abs(xs - wanted[1])
+        best = np.lexsort((distance.ravel(), -held.ravel()))[0]
+        return FieldOfView(self.shape, self.window, (int(ys.ravel()[best]), int(xs.ravel()[best])))
+
+    def tiles(self, overlap: float = 0.5) -> list["FieldOfView"]:
+        """Windows that together cover the slice: the centred one and, along each axis where the slice
+        is the larger, others stepped out from it by ``1 - overlap`` of the window's side, the last ones
+        flush with the slice's edges; along an axis where the slice is the smaller, the one window that
+        pads it. One window (this one) when it covers the slice."""
+        per_axis = []
+        for s, w, n in zip(self.origin, self.window, self.shape):
+            if w >= n:
+                per_axis.append([s])
+                continue
+            step = max(1, int(w * (1 - overlap)))
+            down = list(range(s, 0, -step)) + [0]
+            up = list(range(s, n - w, step)) + [n - w]
+            per_axis.append(sorted(set(down + up)))
+        if per_axis == [[o] for o in self.origin]:
+            return [self]
+        return [FieldOfView(self.shape, self.window, (y, x)) for y in per_axis[0] for x in per_axis[1]]
 
 
 def field_of_view(config, shape, spacing) -> FieldOfView | None:
@@ -212,15 +266,23 @@ def field_of_view(config, shape, spacing) -> FieldOfView | None:
     return FieldOfView.of(shape[-2:], spacing[-2:], mm, config.image_size)
 
 
-def beyond_field_of_view(config, shape, spacing) -> str:
-    """A clause saying that a model with a physical scale sees less than slices of (H, W) ``shape`` at
-    (y, x) ``spacing`` mm, and labels the rest background; "" when it sees all of them, or has no scale."""
+def windows_per_slice(config, shape, spacing) -> int:
+    """How many windows (:meth:`FieldOfView.tiles`) a model of ``config`` segments each slice of (H, W)
+    ``shape`` at (y, x) ``spacing`` mm in: 1 for a model without a physical scale, or a slice that one
+    window covers."""
     fov = field_of_view(config, shape, spacing)
-    (h, w), (sy, sx) = tuple(shape[-2:]), (float(v) for v in spacing[-2:])
-    if fov is None or (fov.window[0] >= h and fov.window[1] >= w):
+    return 1 if fov is None or fov.covers else len(fov.tiles())
+
+
+def tiling_note(config, shape, spacing) -> str:
+    """A clause saying that a model with a physical scale segmented slices of (H, W) ``shape`` at (y, x)
+    ``spacing`` mm in several windows; "" when one window covers them, or the model has no scale."""
+    n = windows_per_slice(config, shape, spacing)
+    if n == 1:
         return ""
-    return (f"the model sees the central {config.image_size * config.pixel_spacing:.4g} mm of each slice, of "
-            f"{h * sy:.4g} x {w * sx:.4g} mm: beyond it is labelled background")
+    (h, w), (sy, sx) = tuple(shape[-2:]), (float(v) for v in spacing[-2:])
+    return (f"each {h * sy:.4g} x {w * sx:.4g} mm slice was segmented in {n} overlapping windows of the "
+            f"{config.image_size * config.pixel_spacing:.4g} mm square the model sees")
 
 
 def at_pixel_spacing(image: np.ndarray, spacing, mm: float, size: int, labels: np.ndarray | None = None,

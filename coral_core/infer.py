@@ -103,15 +103,18 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
     resample (None: on a CUDA GPU when it has room, see :func:`preprocess_on_device`);
     ``levers``: channels_last, ``torch.compile`` and BatchNorm folding (the model is converted in
     place, or a folded copy of it is); ``spacing``: the volume's (z, y, x) or (y, x) spacing in mm, which
-    a model with a physical scale needs (:class:`coral_core.data.FieldOfView`: it labels the centred
-    square it sees, and background beyond it)."""
+    a model with a physical scale needs (:class:`coral_core.data.FieldOfView`: a slice larger than the
+    square it sees is segmented in overlapping windows, :func:`_iter_segment_tiles`)."""
     fov = field_of_view(model.config, volume.shape, spacing)
     if fov is not None and not fov.whole:
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        for done, window in iter_segment_volume(model, fov.crop(volume), device, batch_size, on_device, levers):
-            if done == volume.shape[0]:
-                labels = fov.paste(window)
-            yield done, labels
+        if fov.covers:  # a slice no larger than the square: padded to it, one window
+            labels = np.zeros(volume.shape, dtype=np.uint8)
+            for done, window in iter_segment_volume(model, fov.crop(volume), device, batch_size, on_device, levers):
+                if done == volume.shape[0]:
+                    labels = fov.paste(window)
+                yield done, labels
+        else:
+            yield from _iter_segment_tiles(model, volume, fov, device, batch_size, levers)
         return
     device = torch.device(device)
     model = model.to(device).eval()
@@ -136,6 +139,67 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
                 out_dev[start:stop] = labels
                 if stop == volume.shape[0]:
                     out[:] = out_dev.cpu().numpy()
+            yield stop, out
+
+
+def _tile_weight(window: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(h, w) weights of a window's class probabilities where windows overlap: a Gaussian of a quarter of
+    the side, so each pixel is decided mostly by the windows it lies nearest the centre of (a model sees
+    least context at a window's edges), never quite zero."""
+    axes = []
+    for n in window:
+        t = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
+        axes.append(torch.exp(-0.5 * (t / max(n / 4, 1.0)) ** 2))
+    return (axes[0][:, None] * axes[1][None, :]).clamp_min(1e-3)
+
+
+def _iter_segment_tiles(model: UNet, volume: np.ndarray, fov, device, batch_size: int, levers: Levers | None):
+    """:func:`iter_segment_volume` for a model with a physical scale on slices larger than the square it
+    sees: every window of :meth:`coral_core.data.FieldOfView.tiles` is resized to the model's input and
+    segmented, its class probabilities resampled back and summed where windows overlap, weighted by
+    :func:`_tile_weight`. Intensities are scaled by the central window's percentiles over the volume, the
+    square a model trained on such scans saw. Runs batches of slices through every window in turn (on the
+    CPU for the preprocessing; a batch that runs out of device memory is split in two)."""
+    from coral_core.training import is_out_of_memory
+    from coral_core.volume import intensity_bounds, normalise_intensity
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    net = apply_levers(for_inference(model, levers, device), levers)
+    size_px = model.config.image_size
+    scaled = normalise_intensity(volume, bounds=intensity_bounds(fov.crop(volume)))
+    tiles = fov.tiles()
+    weight = _tile_weight(fov.window, device)
+    out = np.zeros(volume.shape, dtype=np.uint8)
+
+    def labels_of(batch: np.ndarray) -> np.ndarray:
+        total = None
+        for tile in tiles:
+            x = resample_slices(torch.from_numpy(tile.crop(batch, fill=0.0)).unsqueeze(1), size_px).to(device)
+            logits = F.interpolate(net(x).float(), size=tile.window, mode="bilinear", align_corners=False)
+            probs = logits.softmax(1) * weight
+            if total is None:
+                total = torch.zeros((batch.shape[0], probs.shape[1], *volume.shape[1:]), device=device)
+            (ys, yw, yn), (xs, xw, xn) = tile.spans()
+            total[..., ys : ys + yn, xs : xs + xn] += probs[..., yw : yw + yn, xw : xw + xn]
+        return total.argmax(1).to(torch.uint8).cpu().numpy()
+
+    start, size = 0, max(1, batch_size)
+    with torch.inference_mode(), mixed_precision(device, _bf16(device, levers)):
+        while start < volume.shape[0]:
+            stop = min(start + size, volume.shape[0])
+            try:
+                labels = labels_of(scaled[start:stop])
+            except Exception as exc:
+                if not is_out_of_memory(exc) or size == 1:
+                    raise
+                size //= 2
+                labels = None
+            if labels is None:  # outside the except block, so the failed batch's memory can go
+                _empty_cache(device)
+                continue
+            out[start:stop] = labels
+            start = stop
             yield stop, out
 
 

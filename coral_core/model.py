@@ -31,8 +31,8 @@ class UNetConfig:
     norm: str = "batch"  # "batch" or "instance"
     image_size: int = 128  # slices are resampled to this square size
     class_names: list[str] = field(default_factory=lambda: ["background", "RV", "myocardium", "LV"])
-    # mm per pixel of the input: the model sees a centred square of image_size x pixel_spacing mm of each
-    # slice (coral_core.data.FieldOfView); None: each slice resized whole, its field of view setting the scale
+    # mm per pixel of the input: the model sees a square of image_size x pixel_spacing mm of a slice at a time
+    # (coral_core.data.FieldOfView); None: each slice resized whole, its field of view setting the scale
     pixel_spacing: float | None = None
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "frame_count",
     "save_volume",
     "save_like",
+    "intensity_bounds",
     "normalise_intensity",
     "normalise_intensity_tensor",
     "is_volume_path",
@@ -323,26 +324,40 @@ def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
     sitk.WriteImage(img, str(p), useCompression=True)
 
 
-def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5, chunk: int = 8) -> np.ndarray:
-    """Scale intensities to about [0, 1] by robust percentiles, as float32.
-
-    NaN and infinite voxels become the lowest finite value; a constant (or all non-finite)
-    image becomes zeros instead of dividing by zero. The scaling runs ``chunk`` slices at a time
-    (in float64, as NumPy promotes it), so a large scan needs about three float32 copies of
-    itself at the peak rather than ten.
-    """
+def intensity_bounds(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float] | None:
+    """The robust (lo, hi) that :func:`normalise_intensity` maps to 0 and 1: the ``low`` and ``high``
+    percentiles of the finite voxels (their minimum and maximum if those percentiles are equal); None for
+    a constant or all non-finite image."""
     a = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(a)
     all_finite = bool(finite.all())
     if not all_finite and not finite.any():
-        return np.zeros_like(a)
+        return None
     values = a.ravel().copy() if all_finite else a[finite]  # a copy of its own, partitioned in place below
     lo, hi = np.percentile(values, [low, high], overwrite_input=True)
     if not hi > lo:
         lo, hi = values.min(), values.max()
-    del values
-    if not hi > lo:
+    return (float(lo), float(hi)) if hi > lo else None
+
+
+def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5, chunk: int = 8,
+                        bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale intensities to about [0, 1] by robust percentiles, as float32.
+
+    NaN and infinite voxels become the lowest finite value; a constant (or all non-finite)
+    image becomes zeros instead of dividing by zero. ``bounds``: (lo, hi) to scale by instead of the
+    image's own percentiles (:func:`intensity_bounds` of another part of it). The scaling runs ``chunk``
+    slices at a time (in float64, as NumPy promotes it), so a large scan needs about three float32 copies
+    of itself at the peak rather than ten.
+    """
+    a = np.asarray(array, dtype=np.float32)
+    if bounds is None:
+        bounds = intensity_bounds(a, low, high)
+    if bounds is None:
         return np.zeros_like(a)
+    lo, hi = bounds
+    finite = np.isfinite(a)
+    all_finite = bool(finite.all())
     out = np.empty(a.shape, dtype=np.float32)
     for start in range(0, max(a.shape[0], 1) if a.ndim else 1, chunk):
         part = np.s_[start : start + chunk] if a.ndim else ()

@@ -51,14 +51,11 @@ def _finetune(spec: dict, messages, stop) -> None:
     annotated = [slices, *([int(i) for i in arrays[f"slices_{k}"]] for k in extra)]
     # and images without labels for the embedding loss, when asked for: unlabelled_0, unlabelled_1, ...
     unlabelled = [arrays[f"unlabelled_{k}"] for k in range(sum(name.startswith("unlabelled_") for name in arrays))]
-    if spec.get("spacings"):  # a model with a physical scale trains on the square of each scan it sees
+    if spec.get("spacings"):  # a model with a physical scale trains on a square of each scan it sees
         from coral_core.data import field_of_view
 
-        windows = [field_of_view(model.config, image.shape, spacing) for image, spacing in zip(images, spec["spacings"])]
-        if all(fov.outside(lab) == np.count_nonzero(lab) for fov, lab in zip(windows, labels)):
-            side = model.config.image_size * model.config.pixel_spacing
-            raise UserError(f"every painted label lies outside the {side:g} mm square at the centre of each slice that "
-                            "this model sees (its pixel spacing); paint inside it, or use a model without one")
+        windows = [field_of_view(model.config, image.shape, spacing).around(lab)  # where it holds the most paint
+                   for image, lab, spacing in zip(images, labels, spec["spacings"])]
         images = [fov.crop(image) for fov, image in zip(windows, images)]
         labels = [fov.crop(lab, 0) for fov, lab in zip(windows, labels)]
         unlabelled = [field_of_view(model.config, image.shape, spacing).crop(image)

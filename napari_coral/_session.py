@@ -110,8 +110,8 @@ class CoralSession:
         cfg = self.model.config
         classes = ", ".join(cfg.class_names[1:])
         text = f"{self.source}: {cfg.n_classes - 1} classes ({classes}), input {cfg.image_size} px"
-        if cfg.pixel_spacing is not None:  # a physical scale: the square of each slice it sees
-            text += f" at {cfg.pixel_spacing:g} mm (the central {cfg.image_size * cfg.pixel_spacing:g} mm of each slice)"
+        if cfg.pixel_spacing is not None:  # a physical scale: the square of a slice it sees at a time
+            text += f" at {cfg.pixel_spacing:g} mm (a {cfg.image_size * cfg.pixel_spacing:g} mm square of a slice at a time)"
         return text + (" (pretrained only: fine-tune it before segmenting)" if self.pretrained_only else "")
 
     @property

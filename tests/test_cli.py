@@ -855,8 +855,8 @@ def test_finetune_a_cine_series_trains_on_each_annotated_frame(tmp_path):
 
 def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_view(tmp_path):
     """--pixel-spacing gives a model a physical scale: a scan acquired with a wider field of view at the
-    same spacing (the same slices padded by 32 pixels on every side) fine-tunes to the same weights,
-    segments to the same labels where they overlap (background beyond) and embeds to the same rows."""
+    same spacing (the same slices padded by 32 pixels on every side) fine-tunes to the same weights and
+    embeds to the same rows; its slices, wider than the model's square, are segmented in several windows of it."""
     from coral_core.checkpoint import load_checkpoint
 
     image, labels = make_phantom(7, n_slices=6)
@@ -877,39 +877,41 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_vi
     for name in ("scan", "wide"):
         res = json.loads(coral("segment", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
                                "--out", tmp_path / f"{name}_seg.nii.gz", "--json").stdout)
-        assert res["pixel_spacing"] == 3.6 and res["beyond_field_of_view"] == (name == "wide")
+        assert res["pixel_spacing"] == 3.6 and res["windows_per_slice"] == (9 if name == "wide" else 1)
         coral("embed", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
               "--out", tmp_path / f"{name}.csv")
     text = coral("segment", tmp_path / "wide.nii.gz", "--model", tmp_path / "wide.safetensors",
                  "--out", tmp_path / "wide_seg.nii.gz").stdout
-    assert "the model sees the central 230.4 mm of each slice, of 345.6 x 345.6 mm" in text
+    assert "each 345.6 x 345.6 mm slice was segmented in 9 overlapping windows of the 230.4 mm square" in text
     folder = json.loads(coral("segment", tmp_path / "scan.nii.gz", tmp_path / "wide.nii.gz", "--model",
                               tmp_path / "wide.safetensors", "--out-dir", tmp_path / "segs", "--json").stdout)
-    assert [v["beyond_field_of_view"] for v in folder["volumes"]] == [False, True]
+    assert [v["windows_per_slice"] for v in folder["volumes"]] == [1, 9]
+    text = coral("segment", tmp_path / "scan.nii.gz", tmp_path / "wide.nii.gz", "--model",
+                 tmp_path / "wide.safetensors", "--out-dir", tmp_path / "segs").stdout
+    assert "1 of them wider than the 230.4 mm square the model sees" in text
     seg, wide = (load_volume(tmp_path / f"{name}_seg.nii.gz").array for name in ("scan", "wide"))
-    assert wide.shape == (6, 192, 192) and seg.any()
-    np.testing.assert_array_equal(wide[:, 32:160, 32:160], seg)
-    assert not wide[:, :32].any() and not wide[:, 160:].any()
+    assert wide.shape == (6, 192, 192) and seg.shape == (6, 128, 128)
     rows = [list(csv.reader(open(tmp_path / f"{name}.csv")))[1:] for name in ("scan", "wide")]
     assert [r[1:] for r in rows[0]] == [r[1:] for r in rows[1]]
     # the same scan fine-tuned from that model keeps its scale; another one is refused
     user_error(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "scan_gt.nii.gz", "--init",
                      tmp_path / "wide.safetensors", "--pixel-spacing", 1.25, "--out", tmp_path / "x.safetensors",
                      check=False), "--pixel-spacing 1.25", "sees 3.6 mm")
-    # labels beyond the square the model sees are counted, or refused when none is inside it
+    # the square is placed on the labels, where it holds the most of them; the rest are counted
     corner = np.zeros_like(labels.array)
     corner[2, :6, :6] = 1
     save_volume(tmp_path / "corner_gt.nii.gz", corner, labels.affine)
-    user_error(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "corner_gt.nii.gz",
-                     "--pixel-spacing", 1.8, "--image-size", 96, "--out", tmp_path / "x.safetensors", check=False),
-               "corner_gt.nii.gz", "every label lies outside the 172.8 mm square")
-    both = labels.array.copy()
-    both[2, :6, :6] = 1
-    save_volume(tmp_path / "both_gt.nii.gz", both, labels.affine)
-    res = json.loads(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "both_gt.nii.gz",
-                           "--pixel-spacing", 1.8, "--image-size", 96, "--steps", 2, "--base-filters", 4,
-                           "--out", tmp_path / "x.safetensors", "--json").stdout)
-    assert res["labels_outside_field_of_view"] == 36
+    common = ("--pixel-spacing", 1.8, "--image-size", 96, "--steps", 2, "--base-filters", 4, "--json")
+    res = json.loads(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "corner_gt.nii.gz",
+                           "--out", tmp_path / "x.safetensors", *common).stdout)
+    assert res["labels_outside_field_of_view"] == 0  # the centred square (rows and columns 16-111) held none
+    apart = np.zeros_like(labels.array)
+    apart[2, :6, :6] = 1  # 36 voxels, and 1600 in rows and columns 60-99: the 96-pixel square holds all 1600
+    apart[2, 60:100, 60:100] = 2  # and at most 2 x 2 of the 36 (rows and columns 4-99)
+    save_volume(tmp_path / "apart_gt.nii.gz", apart, labels.affine)
+    res = json.loads(coral("finetune", tmp_path / "scan.nii.gz", "--labels", tmp_path / "apart_gt.nii.gz",
+                           "--out", tmp_path / "x.safetensors", *common).stdout)
+    assert res["labels_outside_field_of_view"] == 36 - 4
     # pretraining at a pixel spacing sees the same square of each scan, and a fine-tuning from it keeps the scale
     pre = {name: json.loads(coral("pretrain", tmp_path / f"{name}.nii.gz", "--epochs", 1, "--batch-size", 4,
                                   "--base-filters", 4, "--pixel-spacing", 3.6, "--image-size", 64,

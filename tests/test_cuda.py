@@ -170,18 +170,21 @@ def test_segmentation_on_cuda_agrees_with_the_cpu(demo):
 
 
 def test_a_physical_scale_on_cuda_labels_a_wider_field_of_view_as_the_scan(demo):
-    """A model with a pixel spacing cuts its square on the host, then segments on the device as any model:
-    the scan padded to a wider field of view gets the scan's labels where they overlap, background beyond."""
+    """A model with a pixel spacing segments a slice wider than its square in overlapping windows on the
+    device: the scan padded off-centre to a wider field of view gets the scan's labels where they overlap,
+    background beyond, and the same labels as on the CPU."""
     import dataclasses
 
     model, image, _ = demo
     scaled = build_model(dataclasses.replace(model.config, pixel_spacing=1.8 * 128 / model.config.image_size))
     scaled.load_state_dict(model.state_dict())
-    wide = np.pad(image, ((0, 0), (40, 40), (40, 40)), constant_values=image.min())
+    wide = np.pad(image, ((0, 0), (0, 100), (60, 20)), constant_values=image.min())
     spacing = (10.0, 1.8, 1.8)
     own = segment_volume(scaled, image, CUDA, spacing=spacing)
     padded = segment_volume(scaled, wide, CUDA, spacing=spacing)
-    assert (padded[:, 40:-40, 40:-40] == own).mean() > 0.9999 and not padded[:, :40].any()
+    inner = padded[:, :128, 60:188]
+    assert (inner == own).mean() > 0.99 and np.count_nonzero(padded) == np.count_nonzero(inner)
+    assert (padded == segment_volume(scaled, wide, "cpu", spacing=spacing)).mean() > 0.995  # bf16 on the device
     assert (own == segment_volume(model, image, CUDA)).mean() > 0.9999  # its square is the whole scan
 
 

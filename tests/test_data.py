@@ -289,3 +289,74 @@ def test_field_of_view_cuts_pads_and_puts_back_the_centred_square():
     with pytest.raises(ValueError):
         UNetConfig(pixel_spacing=0)
     assert "pixel_spacing" not in UNetConfig().to_dict()  # stored as before when unset
+
+
+
+def test_field_of_view_tiles_cover_the_slice_and_follow_the_labels():
+    from coral_core.data import FieldOfView, tiling_note, windows_per_slice
+    from coral_core.model import UNetConfig
+
+    # 100 x 250 pixels of 1 mm, a 40-pixel model at 1 mm: rows 30 + 40 + 30, columns 105 + 40 + 105
+    fov = FieldOfView.of((100, 250), (1.0, 1.0), 1.0, 40)
+    assert fov.origin == (30, 105) and not fov.covers
+    tiles = fov.tiles()
+    rows = sorted({t.origin[0] for t in tiles})
+    cols = sorted({t.origin[1] for t in tiles})
+    # stepped out from the centred window by half a side, the last ones flush with the edges
+    assert rows == [0, 10, 30, 50, 60] and cols == [0, 5, 25, 45, 65, 85, 105, 125, 145, 165, 185, 205, 210]
+    assert fov.origin in [t.origin for t in tiles] and len(tiles) == len(rows) * len(cols)
+    covered = np.zeros((100, 250), int)
+    for t in tiles:
+        assert t.window == (40, 40) and t.covers is False
+        covered += t.paste(np.ones((40, 40), int))
+    assert covered.min() >= 1
+    # along an axis where the slice is the smaller, the one window pads it
+    narrow = FieldOfView.of((30, 250), (1.0, 1.0), 1.0, 40)
+    assert {t.origin[0] for t in narrow.tiles()} == {-5}
+    assert FieldOfView.of((30, 36), (1.0, 1.0), 1.0, 40).tiles() == [FieldOfView((30, 36), (40, 40))]
+    # a window placed on the labels: unchanged when it holds them all, else where it holds the most (of
+    # those places, the nearest to centring them), within the slice
+    labels = np.zeros((3, 100, 250), np.uint8)
+    labels[1, 40:60, 110:140] = 1
+    assert fov.around(labels) is fov
+    labels[1:, 5:15, 20:30] = 2  # 200 voxels further than a window from the 600 above
+    moved = fov.around(labels)
+    assert moved.origin == (20, 100) and moved.outside(labels) == 200
+    labels[1] = 0
+    moved = fov.around(labels)
+    assert moved.origin == (0, 5) and moved.outside(labels) == 0
+    np.testing.assert_array_equal(moved.paste(moved.crop(labels, 0)), labels)
+    # how a model describes it
+    config = UNetConfig(image_size=32, pixel_spacing=1.25)  # 40 mm too
+    assert windows_per_slice(config, (7, 100, 250), (3.0, 1.0, 1.0)) == 65
+    assert windows_per_slice(config, (7, 30, 36), (3.0, 1.0, 1.0)) == 1
+    assert windows_per_slice(UNetConfig(image_size=32), (7, 100, 250), (3.0, 1.0, 1.0)) == 1
+    assert tiling_note(config, (7, 100, 250), (3.0, 1.0, 1.0)) == (
+        "each 100 x 250 mm slice was segmented in 65 overlapping windows of the 40 mm square the model sees")
+    assert tiling_note(config, (7, 30, 36), (3.0, 1.0, 1.0)) == ""
+
+
+def test_a_physical_scale_model_finds_anatomy_anywhere_in_a_wider_slice():
+    """The bundled model given the phantoms' scale (128 pixels of 1.8 mm) segments a phantom pasted off
+    the centre of a wider scan (background drawn from its corners) in overlapping windows: the phantom's
+    labels as when it is segmented alone, nothing elsewhere."""
+    import dataclasses
+
+    from coral_core.checkpoint import bundled_model_path, load_checkpoint
+    from coral_core.infer import segment_volume
+    from coral_core.phantom import make_phantom
+
+    model, _ = load_checkpoint(bundled_model_path())
+    model.config = dataclasses.replace(model.config, pixel_spacing=1.8 * 128 / model.config.image_size)
+    image, _ = make_phantom(2003, n_slices=6)
+    spacing = (10.0, 1.8, 1.8)
+    alone = segment_volume(model, image.array, spacing=spacing)
+    assert alone.any()
+    rng = np.random.default_rng(0)
+    for top, left, h, w in ((0, 0, 256, 256), (120, 10, 256, 200)):
+        scan = rng.choice(image.array[:, :8, :8].ravel(), size=(6, h, w)).astype(np.float32)
+        scan[:, top : top + 128, left : left + 128] = image.array
+        labels = segment_volume(model, scan, spacing=spacing)
+        assert (labels[:, top : top + 128, left : left + 128] == alone).mean() > 0.99
+        labels[:, top : top + 128, left : left + 128] = 0
+        assert not labels.any()

@@ -449,9 +449,14 @@ class FinetuneWidget(QWidget):
         self.cancel_button.setEnabled(True)
         held_out = f", validating on {val}" if val else ""
         also = "".join(f"; slices {scan[3]} of {scan[0]}" for scan in scans[1:])
-        if model.config.pixel_spacing is not None:
-            also += (f", in millimetres (the central {model.config.image_size * model.config.pixel_spacing:.4g} mm of "
-                     "each slice)")
+        if model.config.pixel_spacing is not None:  # the job trains on the square where most of the paint is
+            from coral_core.data import field_of_view
+
+            outside = sum(field_of_view(model.config, lab.shape, reader.spacing).around(lab).outside(lab)
+                          for _, reader, lab, _ in scans)
+            left_out = f"; {outside} painted voxels lie beyond it and are left out" if outside else ""
+            also += (f", in millimetres (a {model.config.image_size * model.config.pixel_spacing:.4g} mm square of each "
+                     f"scan's slices, placed on its paint{left_out})")
         self.status.setText(f"Annotations saved to {self.autosaved}{' and beside it' if len(labels_layers) > 1 else ''}. "
                             f"Fine-tuning on slices {slices} of {scans[0][0]}{held_out}{also}...")
         return self.runner.start()

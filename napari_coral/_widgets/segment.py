@@ -98,14 +98,15 @@ def kept_slices_text(kept: int) -> str:
 
 
 def scale_note(model, layer) -> str:
-    """What a status line adds when a model with a physical scale labels ``layer``: that it sees less than the
-    layer's field of view, and that a layer without a spacing (scale 1) is read as 1 mm per pixel."""
-    from coral_core.data import beyond_field_of_view
+    """What a status line adds when a model with a physical scale labels ``layer``: that its slices, larger than
+    the square the model sees, were segmented in several windows of it, and that a layer without a spacing
+    (scale 1) is read as 1 mm per pixel."""
+    from coral_core.data import tiling_note
 
     if model.config.pixel_spacing is None:
         return ""
-    beyond = beyond_field_of_view(model.config, layer.data.shape, layer.scale)
-    note = f" {beyond[0].upper()}{beyond[1:]}." if beyond else ""
+    tiled = tiling_note(model.config, layer.data.shape, layer.scale)
+    note = f" {tiled[0].upper()}{tiled[1:]}." if tiled else ""
     if tuple(float(v) for v in layer.scale[-2:]) == (1.0, 1.0):
         note += f" {layer.name} has no spacing (scale 1), so its pixels were read as 1 mm."
     return note
