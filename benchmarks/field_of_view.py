@@ -19,9 +19,12 @@ held-out phantom (seeds 2000, 2001, ...) is scored at fields of view of 0.75, 1,
 (the centre cut to 96 pixels, or padded to 192 or 256, all at 1.8 mm), and at 2 times with the phantom
 at a random place, by mean foreground Dice, three ways: resized whole; at 1.8 mm, the central 230.4 mm only
 (background beyond it: how napari-coral segmented before 2026-12-04's second session); at 1.8 mm in
-overlapping squares (the product now). At 1.8 mm the model trained on the centred wider scan trains on its
-central 230.4 mm, the scan as generated, so its weights are those of the first model (tests/test_cli.py
-checks that equality): it is scored as that model.
+overlapping squares (the product now). At 1.8 mm the models fine-tune as ``coral finetune --pixel-spacing``
+does, with shifts of up to 0.25 of the input (``--shift``; the others keep the default 0.08), on the square
+of the scan that holds the most labels; the model trained on the centred wider scan then trains on its
+central 230.4 mm, the scan as generated, so its weights are those of the model trained on that (tests/
+test_cli.py checks that equality): it is scored as that model. With ``--shift 0.08`` that model is also
+the one trained without a scale.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from coral_core.augment import SQUARES_TRANSLATE, AugmentConfig  # noqa: E402
 from coral_core.data import field_of_view  # noqa: E402
 from coral_core.finetune import FinetuneConfig, finetune  # noqa: E402
 from coral_core.infer import segment_volume  # noqa: E402
@@ -60,13 +64,20 @@ def at_field_of_view(image: np.ndarray, labels: np.ndarray, factor: float, rng: 
         start = (n - side) // 2
         return image[:, start : start + side, start : start + side], labels[:, start : start + side, start : start + side]
     before = (side - n) // 2
+    return placed(image, labels, side, before, before, rng)
+
+
+def placed(image: np.ndarray, labels: np.ndarray, side: int, top: int, left: int, rng: np.random.Generator):
+    """The scan and its labels put at (``top``, ``left``) in slices of ``side`` x ``side`` pixels whose
+    background is drawn from the scan's 8 x 8 corners."""
+    n = image.shape[1]
     corners = np.concatenate([image[:, :8, :8], image[:, :8, -8:], image[:, -8:, :8], image[:, -8:, -8:]], axis=1)
     wide = np.empty((image.shape[0], side, side), image.dtype)
     for z in range(image.shape[0]):
         wide[z] = rng.choice(corners[z].ravel(), size=(side, side))
-    wide[:, before : before + n, before : before + n] = image
+    wide[:, top : top + n, left : left + n] = image
     wide_labels = np.zeros((labels.shape[0], side, side), labels.dtype)
-    wide_labels[:, before : before + n, before : before + n] = labels
+    wide_labels[:, top : top + n, left : left + n] = labels
     return wide, wide_labels
 
 
@@ -76,14 +87,7 @@ def off_centre(image: np.ndarray, labels: np.ndarray, factor: float, rng: np.ran
     n = image.shape[1]
     side = int(round(n * factor))
     top, left = (int(v) for v in rng.integers(0, side - n + 1, size=2))
-    corners = np.concatenate([image[:, :8, :8], image[:, :8, -8:], image[:, -8:, :8], image[:, -8:, -8:]], axis=1)
-    wide = np.empty((image.shape[0], side, side), image.dtype)
-    for z in range(image.shape[0]):
-        wide[z] = rng.choice(corners[z].ravel(), size=(side, side))
-    wide[:, top : top + n, left : left + n] = image
-    wide_labels = np.zeros((labels.shape[0], side, side), labels.dtype)
-    wide_labels[:, top : top + n, left : left + n] = labels
-    return wide, wide_labels
+    return placed(image, labels, side, top, left, rng)
 
 
 WAYS = ("whole", "central square", "squares")  # how a model sees a test scan (the module's text)
@@ -111,6 +115,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=6, help="held-out phantoms (seeds 2000, 2001, ...)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shift", type=float, default=SQUARES_TRANSLATE,
+                        help="fine-tuning shift range of the models at 1.8 mm (coral finetune --pixel-spacing's; "
+                             "the others keep the default 0.08)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every pair's Dice there")
     args = parser.parse_args()
     t_all = time.perf_counter()
@@ -139,11 +146,12 @@ def main() -> None:
             if scaled:  # as coral finetune --pixel-spacing does: the square placed on the labels
                 fov = field_of_view(config, scan.shape, (10.0, MM, MM)).around(scan_labels)
                 scan, scan_labels = fov.crop(scan), fov.crop(scan_labels, 0)
-                if name == "1x":  # its square is the whole scan: the model trained without a scale
+                if name == "1x" and args.shift == AugmentConfig().translate:  # trains as the model without a scale
                     models[(name, scaled)] = models[(name, False)]
                     continue
             torch.manual_seed(k)  # fine-tuning reads no pixel spacing: the config's is for segmentation
-            cfg = FinetuneConfig(steps=args.steps, lr=3e-3, seed=k, device=args.device, validate_every=0)
+            cfg = FinetuneConfig(steps=args.steps, lr=3e-3, seed=k, device=args.device, validate_every=0,
+                                 augment=AugmentConfig(translate=args.shift if scaled else AugmentConfig().translate))
             models[(name, scaled)] = finetune(cfg, build_model(config), [scan], [scan_labels], [slices]).model
         for name, way in keys:
             model = models[(name, way != "whole")]
@@ -155,7 +163,8 @@ def main() -> None:
 
     pairs = args.labelled * args.test
     print(f"\nMean foreground Dice over {args.labelled} labelled x {args.test} held-out phantoms ({pairs} pairs), "
-          f"{args.steps} fine-tuning steps; columns: the held-out scan's field of view, times its own 230.4 mm")
+          f"{args.steps} fine-tuning steps, shift {args.shift:g} at 1.8 mm; columns: the held-out scan's field of "
+          "view, times its own 230.4 mm")
     print(f"{'trained on':<18}{'model sees':<16}" + "".join(f"{c:>17}" for c in columns))
     for (name, way), row in dice.items():
         print(f"{name:<18}{way:<16}" + "".join(f"{np.mean(v):>10.3f} ± {np.std(v):.3f}" for v in row.values()))
@@ -172,7 +181,7 @@ def main() -> None:
         rows = [{"trained_on": name, "model_sees": way, "test_field_of_view": c, "dice": values}
                 for (name, way), row in dice.items() for c, values in row.items()]
         Path(args.json).write_text(json.dumps({"labelled": args.labelled, "test": args.test, "steps": args.steps,
-                                               "rows": rows}, indent=1))
+                                               "shift": args.shift, "rows": rows}, indent=1))
     print(f"\n{time.perf_counter() - t_all:.0f} s on {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
 

@@ -31,7 +31,8 @@
 #   PROFILES="defaults + defer_metrics;defaults + fuse_batchnorm,segment" \
 #     bash benchmarks/gpu_session.sh tests:100 levers:65 profile:40   # at most 570 s, about 420 s expected
 #   (all CUDA tests: since the last GPU session pretraining slices its indices on the device, segmentation keeps
-#   its labels there until the last batch, defer_metrics is new, and so are models with a pixel spacing)
+#   its labels there until the last batch, defer_metrics is new, and so are models with a pixel spacing, which
+#   segment a wider slice in overlapping squares)
 #   then at once (the machine goes back 30 s after a call), with the time left:
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4" \
 #     bash benchmarks/gpu_session.sh lowlabel:230

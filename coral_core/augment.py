@@ -14,13 +14,19 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["AugmentConfig", "WIDER_ZOOM", "augment_batch"]
+__all__ = ["AugmentConfig", "WIDER_ZOOM", "SQUARES_TRANSLATE", "augment_batch"]
 
 
 # A fine-tuning zoom range for a model meant for other scans than the annotated one: on phantoms it scored
 # +0.028 Dice on other subjects and -0.006 on the annotated one's other slices (docs/results.md). The plugin's
 # "For other scans" box; `coral finetune --zoom 0.7,1.4`.
 WIDER_ZOOM = (0.7, 1.4)
+
+# The fine-tuning shift range (fraction of the input) of a model with a physical scale, which segments a wider
+# slice in overlapping squares, where anatomy lies anywhere in a square, not where it lay in the annotated scan.
+# On phantoms, at the default 0.08 such squares lost 0.04-0.07 Dice against the central square on centred
+# scans; at 0.25 none (docs/results.md, "Off the centre").
+SQUARES_TRANSLATE = 0.25
 
 
 @dataclass

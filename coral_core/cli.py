@@ -506,6 +506,12 @@ def cmd_finetune(args) -> tuple[dict, str]:
         from coral_core.augment import AugmentConfig
 
         cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
+    if model.config.pixel_spacing is not None:  # segmented in overlapping squares: anatomy anywhere in one
+        from dataclasses import replace
+
+        from coral_core.augment import SQUARES_TRANSLATE
+
+        cfg.augment = replace(cfg.augment, translate=SQUARES_TRANSLATE)
     slices = [pair_slices for _, _, pair_slices, *_ in pairs]
     unlabelled = None
     if args.unlabelled:
@@ -536,7 +542,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     training = {"stage": "finetune", "init": init, **where, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction or unlabelled else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
-                "zoom": list(cfg.augment.scale), "compute": _compute(cfg), "lr": args.lr, "seed": args.seed,
+                "zoom": list(cfg.augment.scale), "shift": cfg.augment.translate, "compute": _compute(cfg), "lr": args.lr, "seed": args.seed,
                 "final_loss": result.history.last("loss")}
     if unlabelled:
         training["unlabelled"] = list(map(str, args.unlabelled))

@@ -53,8 +53,6 @@ def _run_in_batches(model: UNet, volume: np.ndarray, device: torch.device, batch
     :func:`preprocess_on_device`. If the device runs out of memory the batch halves and the
     same slices are tried again.
     """
-    from coral_core.training import is_out_of_memory
-
     if volume.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
     size_px = model.config.image_size
@@ -71,11 +69,19 @@ def _run_in_batches(model: UNet, volume: np.ndarray, device: torch.device, batch
         def batch_of(lo, hi):
             return slices[lo:hi].to(device, non_blocking=True)
 
+    yield from _halving_batches(slices.shape[0], batch_size, lambda lo, hi: fn(batch_of(lo, hi)), device)
+
+
+def _halving_batches(n: int, batch_size: int, fn, device: torch.device):
+    """``(start, stop, fn(start, stop))`` for consecutive batches of ``n`` slices, in order; a batch that
+    runs out of device memory halves and the same slices are tried again (down to one slice)."""
+    from coral_core.training import is_out_of_memory
+
     start, size = 0, max(1, batch_size)
-    while start < slices.shape[0]:
-        stop = min(start + size, slices.shape[0])
+    while start < n:
+        stop = min(start + size, n)
         try:
-            out = fn(batch_of(start, stop))
+            out = fn(start, stop)
         except Exception as exc:
             if not is_out_of_memory(exc) or size == 1:
                 raise
@@ -142,14 +148,18 @@ def iter_segment_volume(model: UNet, volume: np.ndarray, device: torch.device | 
             yield stop, out
 
 
+# The Gaussian that weights a window's class probabilities: its standard deviation as a fraction of the side.
+TILE_SIGMA = 0.125
+
+
 def _tile_weight(window: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(h, w) weights of a window's class probabilities where windows overlap: a Gaussian of a quarter of
-    the side, so each pixel is decided mostly by the windows it lies nearest the centre of (a model sees
+    """(h, w) weights of a window's class probabilities where windows overlap: a Gaussian of TILE_SIGMA of
+    the side, so each pixel is decided mostly by the window it lies nearest the centre of (a model sees
     least context at a window's edges), never quite zero."""
     axes = []
     for n in window:
         t = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
-        axes.append(torch.exp(-0.5 * (t / max(n / 4, 1.0)) ** 2))
+        axes.append(torch.exp(-0.5 * (t / max(n * TILE_SIGMA, 1.0)) ** 2))
     return (axes[0][:, None] * axes[1][None, :]).clamp_min(1e-3)
 
 
@@ -158,9 +168,8 @@ def _iter_segment_tiles(model: UNet, volume: np.ndarray, fov, device, batch_size
     sees: every window of :meth:`coral_core.data.FieldOfView.tiles` is resized to the model's input and
     segmented, its class probabilities resampled back and summed where windows overlap, weighted by
     :func:`_tile_weight`. Intensities are scaled by the central window's percentiles over the volume, the
-    square a model trained on such scans saw. Runs batches of slices through every window in turn (on the
-    CPU for the preprocessing; a batch that runs out of device memory is split in two)."""
-    from coral_core.training import is_out_of_memory
+    square a model trained on such scans saw (on the CPU; each window is resized on the device). Runs batches
+    of slices through every window in turn; a batch that runs out of device memory is split in two."""
     from coral_core.volume import intensity_bounds, normalise_intensity
 
     device = torch.device(device)
@@ -175,7 +184,7 @@ def _iter_segment_tiles(model: UNet, volume: np.ndarray, fov, device, batch_size
     def labels_of(batch: np.ndarray) -> np.ndarray:
         total = None
         for tile in tiles:
-            x = resample_slices(torch.from_numpy(tile.crop(batch, fill=0.0)).unsqueeze(1), size_px).to(device)
+            x = resample_slices(torch.from_numpy(tile.crop(batch, fill=0.0)).unsqueeze(1).to(device), size_px)
             logits = F.interpolate(net(x).float(), size=tile.window, mode="bilinear", align_corners=False)
             probs = logits.softmax(1) * weight
             if total is None:
@@ -184,22 +193,10 @@ def _iter_segment_tiles(model: UNet, volume: np.ndarray, fov, device, batch_size
             total[..., ys : ys + yn, xs : xs + xn] += probs[..., yw : yw + yn, xw : xw + xn]
         return total.argmax(1).to(torch.uint8).cpu().numpy()
 
-    start, size = 0, max(1, batch_size)
     with torch.inference_mode(), mixed_precision(device, _bf16(device, levers)):
-        while start < volume.shape[0]:
-            stop = min(start + size, volume.shape[0])
-            try:
-                labels = labels_of(scaled[start:stop])
-            except Exception as exc:
-                if not is_out_of_memory(exc) or size == 1:
-                    raise
-                size //= 2
-                labels = None
-            if labels is None:  # outside the except block, so the failed batch's memory can go
-                _empty_cache(device)
-                continue
+        for start, stop, labels in _halving_batches(volume.shape[0], batch_size,
+                                                    lambda lo, hi: labels_of(scaled[lo:hi]), device):
             out[start:stop] = labels
-            start = stop
             yield stop, out
 
 

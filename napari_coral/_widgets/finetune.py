@@ -14,7 +14,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from coral_core.augment import WIDER_ZOOM, AugmentConfig
+from coral_core.augment import SQUARES_TRANSLATE, WIDER_ZOOM, AugmentConfig
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.data import parse_slices
 from coral_core.errors import UserError
@@ -419,6 +419,8 @@ class FinetuneWidget(QWidget):
                              balance_classes=self.balance_classes.isChecked())
         if self.wider_zoom.isChecked():
             cfg.augment = AugmentConfig(scale=WIDER_ZOOM)
+        if model.config.pixel_spacing is not None:  # segmented in overlapping squares: anatomy anywhere in one
+            cfg.augment.translate = SQUARES_TRANSLATE
         # as `coral finetune` records it: one image as "image" and "slices", several as "images" and a list each
         where = {"image": scans[0][0], "slices": slices}
         if len(scans) > 1:
@@ -428,7 +430,8 @@ class FinetuneWidget(QWidget):
             "config": config_dict(cfg),
             "training": {"stage": "finetune", "init": self.session.source, **where, "steps": cfg.steps,
                          "embedding_weight": cfg.embedding_weight if model.has_direction or unlabelled else 0.0,
-                         "balance_classes": cfg.balance_classes, "zoom": list(cfg.augment.scale)},
+                         "balance_classes": cfg.balance_classes, "zoom": list(cfg.augment.scale),
+                         "shift": cfg.augment.translate},
             "resume_folder": str(resume_folder()),  # the job names its progress file from a hash of all its inputs
         }
         if unlabelled:
