@@ -435,6 +435,7 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
         losses[name] = [loss for _, loss in widget.losses]
         qtbot.waitUntil(lambda: "re-segmented" in widget.status.text(), timeout=60_000)
     assert len(losses["wide"]) == 6 and losses["wide"] == losses["phantom"]
+    assert runner.job.spec["training"]["shift"] == 0.25  # segmented in squares: anatomy anywhere in one
     assert session.model.config.pixel_spacing == 3.6
     # paint far from the centre: the square the model trains on moves there, and paint beyond it is counted
     corner = viewer.add_labels(np.zeros((truth.shape[0], 192, 192), np.uint8), name="corner", scale=phantom.scale)
