@@ -542,7 +542,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
     training = {"stage": "finetune", "init": init, **where, "steps": args.steps,
                 "embedding_weight": args.embedding_weight if model.has_direction or unlabelled else 0.0,
                 "embedding_every": args.embedding_every, "balance_classes": args.balance_classes,
-                "zoom": list(cfg.augment.scale), "shift": cfg.augment.translate, "compute": _compute(cfg), "lr": args.lr, "seed": args.seed,
+                "zoom": list(cfg.augment.scale), "shift": cfg.augment.translate, "compute": _compute(cfg),
+                "lr": args.lr, "seed": args.seed,
                 "final_loss": result.history.last("loss")}
     if unlabelled:
         training["unlabelled"] = list(map(str, args.unlabelled))
@@ -625,7 +626,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     if pretrained_only(meta):  # before any image is read
         raise UserError(f"{args.model}: a pretrained model whose segmentation head is untrained; fine-tune it on a few "
                         f"annotated slices first (coral finetune IMAGE --labels LABELS --init {args.model} --out CKPT)")
-    results, done = [], 0
+    results, done, note = [], 0, ""
     t_all = time.perf_counter()
     try:
         for image_path, out_path in targets:
@@ -648,7 +649,7 @@ def cmd_segment(args) -> tuple[dict, str]:
                             "seconds": round(seconds, 2)})
             if model.config.pixel_spacing is not None:  # a physical scale: in how many windows of it
                 results[-1]["windows_per_slice"] = windows_per_slice(model.config, image.shape, image.spacing)
-                results[-1]["note"] = tiling_note(model.config, image.shape, image.spacing)
+                note = tiling_note(model.config, image.shape, image.spacing)  # one image's summary says it
     except KeyboardInterrupt:
         if args.out_dir is None or not done:
             raise
@@ -663,7 +664,6 @@ def cmd_segment(args) -> tuple[dict, str]:
         one = results[0]
         out = {"labels": one["labels"], "shape": one["shape"], "voxels": one["voxels"], "seconds": one["seconds"],
                "device": str(device)}
-        note = one.pop("note", "")
         if model.config.pixel_spacing is not None:  # the model's physical scale (docs/engine.md)
             out["pixel_spacing"] = model.config.pixel_spacing
             out["windows_per_slice"] = one["windows_per_slice"]
@@ -678,7 +678,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     note = ""
     if model.config.pixel_spacing is not None:
         out["pixel_spacing"] = model.config.pixel_spacing
-        wider = [r for r in results if r.pop("note")]
+        wider = [r for r in results if r["windows_per_slice"] > 1]
         side = model.config.image_size * model.config.pixel_spacing
         if wider:
             note = (f"; {len(wider)} of them wider than the {side:.4g} mm square the model sees, their slices "
