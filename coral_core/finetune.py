@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,6 +153,8 @@ def finetune(
     validation: tuple[list[np.ndarray], list[np.ndarray], list[list[int]]] | None = None,
     resume: ResumeState | None = None,
     unlabelled: list[np.ndarray] | None = None,
+    probe: Callable[[int, UNet], None] | None = None,
+    probe_every: int = 0,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a copy; the argument is not modified) on annotated slices.
 
@@ -177,6 +180,10 @@ def finetune(
         More (z, y, x) volumes, without labels, whose slices join the fine-tuning images' in the
         CORAL loss of ``embedding_weight`` (semi-supervised fine-tuning). With them the loss trains
         whatever the init: a model without a canonical direction starts from a random one.
+    probe : callable, optional
+        ``probe(step, model)``, called every ``probe_every`` steps and after the last, with the model
+        in evaluation mode (put back in training mode after): to score a schedule's checkpoints
+        without changing it (a probe must not train the model or draw from torch's random numbers).
 
     Returns
     -------
@@ -235,6 +242,9 @@ def finetune(
         metrics = {"loss": float(loss)}
         if val is not None and config.validate_every and (step % config.validate_every == 0 or step == config.steps):
             metrics["val_dice"] = _dice_on(model, val.images, val.labels, run.device)
+        if probe is not None and probe_every > 0 and (step % probe_every == 0 or step == config.steps):
+            probe(step, model.eval())
+            model.train()
         run.report(step, config.steps, metrics)
         run.save(step)
     if run.history.stopped:

@@ -31,7 +31,7 @@ from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
 from coral_core.levers import Levers
-from coral_core.metrics import evaluate_segmentation
+from coral_core.metrics import dice_per_class, evaluate_segmentation
 from coral_core.model import UNetConfig, build_model, resize_head
 from coral_core.pretrain import PretrainConfig, pretrain
 from coral_core.training import check_optimiser_settings
@@ -50,6 +50,9 @@ __all__ = [
     "format_pooled",
     "paired_differences",
     "format_paired",
+    "best_checkpoint_runs",
+    "best_checkpoint_summary",
+    "format_best_checkpoint",
     "EmbeddingFigureConfig",
     "run_embedding_figure",
 ]
@@ -115,6 +118,9 @@ class LowLabelConfig:
     finetune_scale: tuple[float, float] = (0.85, 1.15)
     # AugmentConfig.scale of the pretraining, for every method alike.
     pretrain_scale: tuple[float, float] = (0.85, 1.15)
+    # AugmentConfig.translate of the fine-tuning: the largest shift, a fraction of the input. The product
+    # shifts by up to 0.25 when a model segments in overlapping squares (coral_core.augment.SQUARES_TRANSLATE).
+    finetune_shift: float = 0.08
     # Weight of the CORAL loss on every subject's slices (the unlabelled cohort, as pretrained on) added
     # to the fine-tuning loss, for every method (random init starts from a random direction): whether
     # the unlabelled subjects, kept in view while fine-tuning, supply the anatomy one labelled volume
@@ -132,6 +138,10 @@ class LowLabelConfig:
     # Processes that run (seed, method) units side by side, each with its share of the CPU threads
     # (on one GPU they share it). Not part of the protocol: the runs are those of one process.
     workers: int = 1
+    # Score the test fold every this many fine-tuning steps too (0: only at the end), to see what the
+    # published code's choice of the epoch that scored best on the held-out fold would report (runs'
+    # "curve"). Not part of the protocol: a run's own Dice stays the one at the end of its schedule.
+    score_every: int = 0
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -152,6 +162,10 @@ class LowLabelConfig:
             if len(zoom) != 2 or not 0 < zoom[0] <= zoom[1]:
                 raise UserError(f"--{name.replace('_', '-')} must be LOW,HIGH with 0 < LOW <= HIGH, e.g. 0.7,1.4")
             setattr(self, name, zoom)
+        if not 0 <= self.finetune_shift <= 0.5:
+            raise UserError("--finetune-shift must be a fraction of the input between 0 and 0.5, e.g. 0.25")
+        if self.score_every < 0:
+            raise UserError("--score-every must be 0 (only at the end) or a number of steps")
         if self.finetune_cohort_weight < 0:
             raise UserError("--finetune-cohort-weight must be 0 (off) or more")
         check_optimiser_settings(self.finetune_lr, 0.0, "--finetune-lr")
@@ -297,18 +311,25 @@ def make_folds(subjects: list[str], k: int, seed: int = 0) -> list[list[str]]:
     return [[unique[j] for j in order[i::k]] for i in range(k)]
 
 
-def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Levers) -> tuple[float, float, float]:
+def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Levers,
+           hd95: bool = True) -> tuple[float, float, float]:
     """(Dice, HD95, pooled Dice) on the test cases. Dice and HD95: per volume, averaged over the classes
     present, then over the volumes. Pooled Dice: each class's overlap and sizes summed over every test
     slice before dividing, then averaged over the classes, as the published code (PCL's, which CORAL's
-    builds on) scores a fold: large volumes weigh more, and a class missed in one small volume costs less."""
+    builds on) scores a fold: large volumes weigh more, and a class missed in one small volume costs less.
+    ``hd95`` False: HD95 is not computed (NaN), the Dice are the same."""
     dice, hd = [], []
     overlap, sizes = np.zeros(n_classes), np.zeros(n_classes)
     for case in cases:
         pred = segment_volume(model, case.image, device, levers=levers)
-        m = evaluate_segmentation(pred, case.labels, n_classes, case.spacing)
-        dice.append(m["mean_dice"])
-        hd.append(m["mean_hd95"])
+        if hd95:
+            m = evaluate_segmentation(pred, case.labels, n_classes, case.spacing)
+            dice.append(m["mean_dice"])
+            hd.append(m["mean_hd95"])
+        else:
+            per_class = [d for d in dice_per_class(pred, case.labels, n_classes).values() if not np.isnan(d)]
+            dice.append(float(np.mean(per_class)) if per_class else float("nan"))
+            hd.append(float("nan"))
         for c in range(1, n_classes):
             p, t = pred == c, case.labels == c
             overlap[c] += np.count_nonzero(p & t)
@@ -325,13 +346,13 @@ PROTOCOL_FIELDS = (
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
     "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
     "finetune_cohort_weight", "pretrain_extra", "finetune_encoder_lr_scale", "finetune_repeats",
-    "pixel_spacing",
+    "pixel_spacing", "finetune_shift",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
                        "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0,
                        "pretrain_extra": 0, "finetune_encoder_lr_scale": 1.0, "finetune_repeats": 1,
-                       "pixel_spacing": None}
+                       "pixel_spacing": None, "finetune_shift": 0.08}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -522,7 +543,17 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
         test = [c for c in cases if c.name in test_subjects]
         say(f"seed {seed}: fine-tune {method} on {m} labelled, fold {k + 1}/{cfg.folds}")
         scores = []  # (dice, hd95, pooled) of each fine-tuning of this run
+        curve = []  # [step, dice, pooled] of the first fine-tuning's checkpoints, with cfg.score_every
         spent.update({f"finetune {method}": 0.0, f"score {method}": 0.0})
+
+        def probe(step: int, model) -> None:
+            t = time.perf_counter()
+            dice, _, pooled = _score(model, test, model_cfg.n_classes, device, levers, hd95=False)
+            curve.append([step, dice, pooled])
+            seconds = time.perf_counter() - t  # scoring, not fine-tuning
+            spent[f"score {method}"] += seconds
+            spent[f"finetune {method}"] -= seconds
+
         for repeat in range(cfg.finetune_repeats):
             t = time.perf_counter()
             ft_cfg = FinetuneConfig(
@@ -533,12 +564,14 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
                 # the same fine-tuning for every method: no extra loss for CORAL unless every method gets it
                 embedding_weight=cfg.finetune_cohort_weight,
                 freeze_encoder=cfg.finetune_freeze_encoder, encoder_lr_scale=cfg.finetune_encoder_lr_scale,
-                levers=levers, augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale),
+                levers=levers, augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale,
+                                                     translate=cfg.finetune_shift),
             )
             model = finetune(
                 ft_cfg, init, [c.image for c in train], [c.labels for c in train],
                 [labelled_slices(c.image.shape[0], cfg.finetune_slices) for c in train],
                 unlabelled=[c.image for c in cases if c.name not in chosen] if cfg.finetune_cohort_weight else None,
+                probe=probe if repeat == 0 else None, probe_every=cfg.score_every,
             ).model
             spent[f"finetune {method}"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -551,6 +584,8 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
                "device": work.device_name, "threads": torch.get_num_threads()}
         if cfg.finetune_repeats > 1:
             run["dice_repeats"] = [d for d, _, _ in scores]
+        if curve:
+            run["curve"] = curve
         take(run, spent)
         spent = {}
 
@@ -634,6 +669,55 @@ def _rows(runs: list[dict], methods, labeled) -> list[dict]:
                 "n": len(sel), "n_pooled": int(np.isfinite(pooled).sum()),
             })
     return rows
+
+
+def best_checkpoint_runs(runs: list[dict]) -> list[dict]:
+    """The runs that have a ``curve`` (``--score-every``), each scored at its best checkpoint on the test fold:
+    ``dice`` the highest per-volume Dice of its curve, ``dice_pooled`` the highest pooled Dice (each chosen
+    on its own metric), ``best_step`` and ``best_step_pooled`` where they were. This is how the published
+    code reports a fold (the epoch that scored best on it); it picks the schedule on the test data, so it is
+    optimistic, and shown only beside the runs' own Dice at the end of their schedule."""
+    out = []
+    for run in runs:
+        curve = np.array(run.get("curve") or [], dtype=float).reshape(-1, 3)
+        if not len(curve) or not np.isfinite(curve[:, 1]).any():
+            continue
+        best, best_pooled = int(np.nanargmax(curve[:, 1])), int(np.nanargmax(curve[:, 2]))
+        out.append({**{k: v for k, v in run.items() if k != "curve"}, "dice": float(curve[best, 1]),
+                    "hd95": float("nan"), "dice_pooled": float(curve[best_pooled, 2]),
+                    "best_step": int(curve[best, 0]), "best_step_pooled": int(curve[best_pooled, 0])})
+    return out
+
+
+def best_checkpoint_summary(runs: list[dict], methods, labeled) -> dict | None:
+    """Rows (as the benchmark's) and paired differences with random init and CORAL of the runs at their
+    best checkpoints (:func:`best_checkpoint_runs`); None when no run has a curve."""
+    best = best_checkpoint_runs(runs)
+    if not best:
+        return None
+    return {"rows": _rows(best, methods, labeled),
+            "paired": paired_differences(best, "random") + paired_differences(best, "coral")}
+
+
+def format_best_checkpoint(runs: list[dict]) -> str:
+    """Per method and labelled count: Dice and pooled Dice at the end of the schedule and at the best
+    checkpoint (:func:`best_checkpoint_runs`), over the runs that have a curve, and the median best step."""
+    best_runs = best_checkpoint_runs(runs)
+    if not best_runs:
+        return ""
+    end = {_run_key(r): r for r in runs}
+    head = f"{'method':<8}{'M':>4}{'runs':>6}{'Dice end':>10}{'best':>8}{'pooled end':>12}{'best':>8}{'best step':>11}"
+    lines = [head, "-" * len(head)]
+    for method in dict.fromkeys(r["method"] for r in best_runs):
+        for m in sorted({r["labeled"] for r in best_runs if r["method"] == method}):
+            sel = [r for r in best_runs if r["method"] == method and r["labeled"] == m]
+            ends = [end[_run_key(r)] for r in sel]
+            lines.append(
+                f"{method:<8}{m:>4}{len(sel):>6}{np.nanmean([r['dice'] for r in ends]):10.3f}"
+                f"{np.nanmean([r['dice'] for r in sel]):8.3f}"
+                f"{np.nanmean([r.get('dice_pooled', np.nan) for r in ends]):12.3f}"
+                f"{np.nanmean([r['dice_pooled'] for r in sel]):8.3f}{np.median([r['best_step'] for r in sel]):11.0f}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
