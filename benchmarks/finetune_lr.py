@@ -7,6 +7,7 @@
     python benchmarks/finetune_lr.py --lrs 3e-3 --layouts 1x3 1x6 2x3  # where to spend the annotated slices
     python benchmarks/finetune_lr.py --lrs 3e-3 --cohort-weights 0 0.1 # semi-supervised: the 16 unlabelled phantoms
     python benchmarks/finetune_lr.py --lrs 3e-3 --encoder-lr-scales 1 0.1  # the encoder at a tenth of the rate
+    python benchmarks/finetune_lr.py --lrs 3e-3 --shifts 0.08 0.25     # the augmentation's largest shift
 
 What `coral finetune` and the plugin's Fine-tune button do by default: a U-Net with 16 base
 filters at 128 x 128, three annotated slices of one phantom subject, 200 steps of batch 8.
@@ -24,6 +25,9 @@ the default and the protocol of every other row).
 
 ``--encoder-lr-scales F``: the encoder fine-tuned at F times the learning rate, the decoder and head at the
 full rate (``FinetuneConfig.encoder_lr_scale``; 1, the default, trains them alike).
+
+``--shifts F``: the fine-tuning's augmentation shifts slices by up to F of the input (``AugmentConfig.translate``;
+0.08, the default, is what `coral finetune` uses for a model without a pixel spacing).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def main() -> None:
                         help="weight of the CORAL loss on the unlabelled phantoms while fine-tuning, one row each")
     parser.add_argument("--encoder-lr-scales", type=float, nargs="+", default=[1.0], metavar="F",
                         help="the encoder's learning rate as a fraction of the rest's, one row each")
+    parser.add_argument("--shifts", type=float, nargs="+", default=[0.08], metavar="F",
+                        help="AugmentConfig.translate of the fine-tuning, one row each (default: the engine's 0.08)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -88,12 +94,14 @@ def main() -> None:
     rest = [k for k in range(image.shape[0]) if k not in used]  # the labelled subject's unannotated slices
     scales = args.encoder_lr_scales != [1.0]  # the encoder's column only when asked for, as the older logs were written
     encoder_column = f"{'encoder':>8}" if scales else ""
+    shifts = args.shifts != [0.08]  # likewise the shift's column
+    encoder_column += f"{'shift':>7}" if shifts else ""
     print(f"{'init':<8}{'lr':>8}{'balance':>8}{'zoom':>11}{'layout':>7}{'cohort':>7}{encoder_column}"
           f"{'mean Dice':>11}  per subject          seconds  own")
     for init_name in ("random", "coral"):
-        for lr, balance, zoom, (n_subjects, k), weight, scale in [
-                (lr, b, z, lay, w, f) for lr in args.lrs for b in args.balance for z in zooms for lay in layouts
-                for w in args.cohort_weights for f in args.encoder_lr_scales]:
+        for lr, balance, zoom, (n_subjects, k), weight, scale, shift in [
+                (lr, b, z, lay, w, f, sh) for lr in args.lrs for b in args.balance for z in zooms for lay in layouts
+                for w in args.cohort_weights for f in args.encoder_lr_scales for sh in args.shifts]:
             torch.manual_seed(0)
             if init_name == "random":
                 init = build_model(UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES))
@@ -103,7 +111,8 @@ def main() -> None:
             # embedding_weight 0 unless --cohort-weights: the protocol the lr study was measured with (and the
             # same for both inits)
             cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0,
-                                 embedding_weight=weight, balance_classes=bool(balance), augment=AugmentConfig(scale=zoom),
+                                 embedding_weight=weight, balance_classes=bool(balance),
+                                 augment=AugmentConfig(scale=zoom, translate=shift),
                                  encoder_lr_scale=scale)
             chosen = subjects[:n_subjects]
             model = finetune(cfg, init, [im for im, _ in chosen], [lab for _, lab in chosen],
@@ -114,7 +123,7 @@ def main() -> None:
             seconds = time.perf_counter() - t
             own = evaluate_segmentation(segment_volume(model, image, args.device)[rest], labels[rest], 4)["mean_dice"]
             print(f"{init_name:<8}{lr:>8g}{balance:>8}{f'{zoom[0]:g}-{zoom[1]:g}':>11}{f'{n_subjects}x{k}':>7}{weight:>7g}"
-                  f"{f'{scale:>8g}' if scales else ''}{np.mean(dice):>11.3f}  {per:<20} {seconds:>5.0f}  {own:.3f}", flush=True)
+                  f"{f'{scale:>8g}' if scales else ''}{f'{shift:>7g}' if shifts else ''}{np.mean(dice):>11.3f}  {per:<20} {seconds:>5.0f}  {own:.3f}", flush=True)
 
 
 if __name__ == "__main__":

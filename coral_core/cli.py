@@ -852,6 +852,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "finetune_cohort_weight": args.finetune_cohort_weight, "pretrain_extra": args.pretrain_phantom,
         "finetune_encoder_lr_scale": args.encoder_lr_scale, "finetune_repeats": args.finetune_repeats,
         "pixel_spacing": args.pixel_spacing, "finetune_shift": args.finetune_shift, "score_every": args.score_every,
+        "finetune_encoder_frozen_steps": args.freeze_encoder_steps,
     }
     if args.quick:
         cfg = LowLabelConfig.quick(**options)
@@ -1297,6 +1298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="fine-tune the decoder and head only, the encoder as pretrained (or as randomly initialised): "
                         "what each encoder holds by itself")
+    p.add_argument("--freeze-encoder-steps", type=int, default=None, metavar="N",
+                   help="keep the encoder frozen for the first N fine-tuning steps, then train it with the rest "
+                        "(linear probing, then fine-tuning), for every method (default 0)")
     p.add_argument("--finetune-repeats", type=_positive_int, default=None, metavar="R",
                    help="fine-tune each run R times with different fine-tuning seeds (the first the run's own) and "
                         "average their Dice: less of the spread that fine-tuning trajectories add (default 1)")

@@ -71,6 +71,10 @@ class FinetuneConfig:
     # and training it like the rest (1, the default). The projection head and the CORAL loss's
     # direction keep ``lr``.
     encoder_lr_scale: float = 1.0
+    # The encoder frozen for this many first steps, then trained with the rest (linear probing, then fine-
+    # tuning: the decoder and head first learn on the pretrained features, so that their first, random
+    # gradients do not reach the encoder). The CORAL loss above waits for it too. 0: trained from the start.
+    encoder_frozen_steps: int = 0
 
     def __post_init__(self) -> None:
         # nested settings may arrive as plain dicts (a job spec sent to a child process)
@@ -85,6 +89,8 @@ class FinetuneConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise UserError("fine-tuning needs --steps >= 1 and a batch size >= 1")
         check_optimiser_settings(self.lr, self.weight_decay)
+        if self.encoder_frozen_steps < 0:
+            raise UserError("the encoder's frozen steps must be 0 (trained from the start) or more")
         if not (self.encoder_lr_scale > 0 and np.isfinite(self.encoder_lr_scale)):
             raise UserError("the encoder's learning-rate scale must be a number above 0; to keep the encoder as it "
                             "is, freeze it instead")
@@ -208,6 +214,8 @@ def finetune(
     keep = config.embedding_weight > 0 and (model.has_direction or bool(unlabelled)) and not config.freeze_encoder
     keeper = _EmbeddingKeeper(model, [*images, *(unlabelled or [])], config, run) if keep else None
     optimiser, max_lr = _optimiser(model, config, list(keeper.loss.parameters()) if keeper else [])
+    # frozen for the first steps: in the optimiser, without gradients (AdamW skips them, decay included)
+    warming = config.encoder_frozen_steps > 0 and not config.freeze_encoder
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=config.steps,
                                                     pct_start=_warmup_fraction(config.steps))
     if keeper is None:
@@ -224,6 +232,8 @@ def finetune(
         if run.should_stop():
             step -= 1
             break
+        if warming:
+            model.encoder.requires_grad_(step > config.encoder_frozen_steps)
         idx = torch.randint(0, len(data), (config.batch_size,), generator=run.cpu_generator).to(run.device)
         x, y = augment_batch(x_all[idx], y_all[idx], config.augment, run.generator)
 
@@ -235,7 +245,7 @@ def finetune(
             return {"loss": loss.detach()}
 
         loss = accumulate(run, optimiser, len(idx), step_loss)["loss"]
-        if keeper is not None and step % config.embedding_every == 0:
+        if keeper is not None and step % config.embedding_every == 0 and not (warming and step <= config.encoder_frozen_steps):
             keeper.backward_or_explain()  # adds its gradients to the segmentation loss's
         optimiser.step()
         scheduler.step()

@@ -100,6 +100,9 @@ class LowLabelConfig:
     # FinetuneConfig.encoder_lr_scale: the encoder fine-tuned at this fraction of the learning rate,
     # between frozen and fully fine-tuned (docs/results.md).
     finetune_encoder_lr_scale: float = 1.0
+    # FinetuneConfig.encoder_frozen_steps: the encoder frozen for this many first fine-tuning steps, then
+    # trained with the rest (linear probing, then fine-tuning), for every method alike.
+    finetune_encoder_frozen_steps: int = 0
     # Fine-tunings per run, each with its own fine-tuning seed (the first with the run's seed, as with 1),
     # whose Dice are averaged: on two CPUs the same 40 quick runs gave uncorrelated paired differences, so
     # most of a run's spread is its fine-tuning trajectory, which more fine-tunings average out
@@ -175,6 +178,8 @@ class LowLabelConfig:
             raise UserError("--encoder-lr-scale must be above 0 (use --freeze-encoder to keep the encoder as it is)")
         if self.pretrain_extra < 0:
             raise UserError("--pretrain-phantom must be 0 (none) or more")
+        if not 0 <= self.finetune_encoder_frozen_steps < self.finetune_steps:
+            raise UserError("--freeze-encoder-steps must be 0 (off) or fewer than the fine-tuning steps")
         if self.finetune_repeats < 1:
             raise UserError("--finetune-repeats must be 1 or more")
         if self.finetune_slices < 0:
@@ -346,13 +351,13 @@ PROTOCOL_FIELDS = (
     "pretrain_batch", "pretrain_lr", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_balance_classes",
     "compute", "finetune_freeze_encoder", "finetune_augment", "finetune_slices", "finetune_scale", "pretrain_scale",
     "finetune_cohort_weight", "pretrain_extra", "finetune_encoder_lr_scale", "finetune_repeats",
-    "pixel_spacing", "finetune_shift",
+    "pixel_spacing", "finetune_shift", "finetune_encoder_frozen_steps",
 )
 # Protocol fields added after tables were first written, with the value those tables had.
 _FIELDS_ADDED_LATER = {"finetune_freeze_encoder": False, "finetune_augment": True, "finetune_slices": 0,
                        "finetune_scale": [0.85, 1.15], "pretrain_scale": [0.85, 1.15], "finetune_cohort_weight": 0.0,
                        "pretrain_extra": 0, "finetune_encoder_lr_scale": 1.0, "finetune_repeats": 1,
-                       "pixel_spacing": None, "finetune_shift": 0.08}
+                       "pixel_spacing": None, "finetune_shift": 0.08, "finetune_encoder_frozen_steps": 0}
 
 
 def protocol_difference(old: dict, new: dict) -> str | None:
@@ -564,6 +569,7 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
                 # the same fine-tuning for every method: no extra loss for CORAL unless every method gets it
                 embedding_weight=cfg.finetune_cohort_weight,
                 freeze_encoder=cfg.finetune_freeze_encoder, encoder_lr_scale=cfg.finetune_encoder_lr_scale,
+                encoder_frozen_steps=cfg.finetune_encoder_frozen_steps,
                 levers=levers, augment=AugmentConfig(enabled=cfg.finetune_augment, scale=cfg.finetune_scale,
                                                      translate=cfg.finetune_shift),
             )

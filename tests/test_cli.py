@@ -671,6 +671,14 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     text = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                  "--methods", "random", "--finetune-steps", 2, "--device", "cpu").stdout
     assert "random" in text and "M=1" in text and "Dice pooled over each fold's test slices" in text
+    assert "best checkpoint" not in text
+    scored = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
+                   "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--score-every", 1,
+                   "--finetune-shift", 0.2, "--base-filters", 4, "--image-size", 32, "--table", tmp_path / "s.json")
+    assert "each run also scored at its best checkpoint on the test fold" in scored.stdout
+    scored_table = json.loads((tmp_path / "s.json").read_text())
+    assert scored_table["config"]["finetune_shift"] == 0.2 and scored_table["config"]["score_every"] == 1
+    assert all([step for step, _, _ in r["curve"]] == [1, 2] for r in scored_table["runs"])
     frozen = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                               "--methods", "coral", "--pretrain-epochs", 1, "--finetune-steps", 2, "--device", "cpu",
                               "--freeze-encoder", "--json").stdout)
@@ -689,6 +697,7 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     assert plain["config"]["finetune_slices"] == 2
     assert plain["config"]["pretrain_scale"] == [0.7, 1.4] and plain["config"]["finetune_scale"] == [0.8, 1.2]
     assert (plain["config"]["base_filters"], plain["config"]["image_size"]) == (4, 32)
+    assert plain["config"]["finetune_shift"] == 0.08 and "best_checkpoint" not in plain
     assert plain["config"]["source"] == "4 phantom subjects"  # the default cohort is named as before
     harder = json.loads(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                               "--methods", "random", "--finetune-steps", 2, "--device", "cpu", "--base-filters", 4,
@@ -706,6 +715,10 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
     user_error(coral("bench", "lowlabel", "--quick", "--phantom-fov", "0.5,1", check=False), "--phantom-fov",
                "within 0.75-4")
     user_error(coral("bench", "lowlabel", "--quick", "--labeled-slices", -1, check=False), "--labeled-slices")
+    user_error(coral("bench", "lowlabel", "--quick", "--finetune-shift", 0.7, check=False), "--finetune-shift")
+    user_error(coral("bench", "lowlabel", "--quick", "--score-every", -1, check=False), "--score-every")
+    user_error(coral("bench", "lowlabel", "--quick", "--freeze-encoder-steps", 300, check=False), "--freeze-encoder-steps",
+               "fewer than the fine-tuning steps")
     user_error(coral("bench", "lowlabel", "--quick", "--pretrain-scale", "1.4,0.7", check=False), "--pretrain-scale", "LOW,HIGH")
     user_error(coral("bench", "lowlabel", "--phantom", 4, "--folds", 2, "--labeled", "3", "--methods", "random",
                      check=False), "--labeled 3 exceeds the 2 training subjects")

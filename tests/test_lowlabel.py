@@ -152,6 +152,69 @@ def test_finetune_repeats_average_fine_tunings_with_their_own_seeds():
         assert len(set(three["dice_repeats"])) > 1  # other seeds, other fine-tunings
 
 
+def test_scoring_checkpoints_leaves_each_run_as_it_was(monkeypatch):
+    """`--score-every K`: each run's first fine-tuning is scored on its test fold every K steps and at the end
+    (its "curve"), which leaves the run's own Dice as they were, bit for bit; it is not part of the protocol.
+    `--finetune-shift` and `--freeze-encoder-steps` reach the fine-tuning and are."""
+    seen, frozen = [], []
+    real = lowlabel.finetune
+
+    def recording(cfg, *args, **kwargs):
+        seen.append(cfg.augment.translate)
+        frozen.append(cfg.encoder_frozen_steps)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(lowlabel, "finetune", recording)
+    cases = load_labelled_cases(None, 4)
+    base = dict(methods=("random", "coral"), seeds=1, folds=2, workers=1, pretrain_epochs=1, finetune_steps=25,
+                base_filters=4, image_size=32, device="cpu")
+    plain = run_lowlabel(LowLabelConfig.quick(**base), cases)
+    scored = run_lowlabel(LowLabelConfig.quick(**base, score_every=10), cases)
+    assert seen == [0.08] * 8
+    assert protocol_difference(plain.config, scored.config) is None
+    for one, other in zip(plain.runs, scored.runs):
+        assert "curve" not in one and {k: v for k, v in other.items() if k != "curve"} == one
+        assert [step for step, _, _ in other["curve"]] == [10, 20, 25]
+        assert other["curve"][-1][1:] == [one["dice"], one["dice_pooled"]]  # the end is the run's own score
+    shifted = run_lowlabel(LowLabelConfig.quick(**base, finetune_shift=0.25), cases)
+    assert seen[8:] == [0.25] * 4 and shifted.config["finetune_shift"] == 0.25
+    assert "finetune_shift is 0.08, this run's 0.25" in protocol_difference(plain.config, shifted.config)
+    older = {k: v for k, v in plain.config.items() if k not in ("finetune_shift", "finetune_encoder_frozen_steps")}
+    assert protocol_difference(older, plain.config) is None  # a table from before these options
+    probed = run_lowlabel(LowLabelConfig.quick(**base, finetune_encoder_frozen_steps=10), cases)
+    assert frozen == [0] * 12 + [10] * 4 and probed.config["finetune_encoder_frozen_steps"] == 10
+    assert "finetune_encoder_frozen_steps is 0, this run's 10" in protocol_difference(plain.config, probed.config)
+
+
+def test_the_best_checkpoint_is_chosen_on_each_metric_and_shown_beside_the_end():
+    """What keeping each run's best epoch on the test fold (the published code's choice) reports: the highest
+    per-volume Dice and, chosen on its own, the highest pooled Dice of the curve; runs without one are left out."""
+    from coral_core.lowlabel import best_checkpoint_runs, best_checkpoint_summary, format_best_checkpoint
+
+    def run(method, fold, curve):
+        r = {"method": method, "labeled": 1, "fold": fold, "seed": 0, "dice": curve[-1][1], "hd95": 5.0,
+             "dice_pooled": curve[-1][2], "train": ["a"], "test": ["b"]}
+        return {**r, "curve": curve} if curve else r
+
+    runs = [run("random", 0, [[10, 0.5, 0.7], [20, 0.8, 0.6], [30, 0.7, 0.65]]),
+            run("random", 1, [[10, 0.6, 0.6], [20, 0.65, 0.66], [30, 0.7, 0.7]]),
+            run("coral", 0, [[10, 0.9, 0.5], [20, 0.7, 0.9], [30, 0.75, 0.8]]),
+            run("coral", 1, [[10, 0.7, 0.7], [20, 0.72, 0.72], [30, 0.71, 0.71]])]
+    best = best_checkpoint_runs(runs)
+    assert [(r["dice"], r["best_step"], r["dice_pooled"], r["best_step_pooled"]) for r in best] == [
+        (0.8, 20, 0.7, 10), (0.7, 30, 0.7, 30), (0.9, 10, 0.9, 20), (0.72, 20, 0.72, 20)]
+    assert all("curve" not in r and np.isnan(r["hd95"]) for r in best)
+    summary = best_checkpoint_summary(runs, ("random", "coral"), (1,))
+    (paired,) = [p for p in summary["paired"] if p["reference"] == "random"]
+    assert np.isclose(paired["diff"], ((0.9 - 0.8) + (0.72 - 0.7)) / 2) and paired["wins"] == 2
+    assert [r["dice"] for r in summary["rows"]] == [np.mean([0.8, 0.7]), np.mean([0.9, 0.72])]
+    text = format_best_checkpoint(runs).splitlines()
+    assert text[2].split() == ["random", "1", "2", "0.700", "0.750", "0.675", "0.700", "25"]
+    without = [{k: v for k, v in r.items() if k != "curve"} for r in runs]
+    assert best_checkpoint_runs(without) == [] and best_checkpoint_summary(without, ("random",), (1,)) is None
+    assert format_best_checkpoint(without) == ""
+
+
 def test_pixel_spacing_brings_every_case_to_one_scale_before_anything_sees_it(monkeypatch):
     """`--pixel-spacing MM`: pretraining, fine-tuning and scoring all get the cases resampled to MM per
     pixel at image_size x image_size, and HD95 is measured at that spacing, as the published code scores;

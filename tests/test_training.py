@@ -110,6 +110,52 @@ def test_a_frozen_encoder_keeps_its_weights_and_the_decoder_learns(cohort):
     assert len(result.history.metrics["val_dice"]) == 2
 
 
+def test_a_probe_sees_checkpoints_in_evaluation_mode_and_changes_nothing(cohort):
+    """finetune(probe=, probe_every=): called every k steps and after the last, on the model in evaluation
+    mode (segmenting with it, as `coral bench lowlabel --score-every` does), and the fine-tuned model is the
+    one a run without a probe gives, bit for bit."""
+    img, lab = cohort[0]
+    model = build_model(TINY)
+    cfg = FinetuneConfig(steps=25, batch_size=4, lr=3e-3, validate_every=0, device="cpu", seed=3)
+    args = (cfg, model, [img.array], [lab.array], [annotated_from_labels(lab.array)])
+    seen = []
+
+    def probe(step, net):
+        seen.append((step, net.training))
+        segment_volume(net, img.array, "cpu")
+
+    plain, probed = finetune(*args).model, finetune(*args, probe=probe, probe_every=10).model
+    assert seen == [(10, False), (20, False), (25, False)]
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), probed.state_dict().values()))
+    assert np.array_equal(segment_volume(plain, img.array, "cpu"), segment_volume(probed, img.array, "cpu"))
+
+
+def test_an_encoder_frozen_for_the_first_steps_then_trains(cohort):
+    """encoder_frozen_steps N: the decoder and head learn alone for N steps (the encoder's weights as they
+    came, as a probe at step N sees), then everything trains; the CORAL loss waits for the encoder too."""
+    img, lab = cohort[0]
+    model = build_model(TINY)
+    model.canonical_direction.copy_(torch.nn.functional.normalize(torch.ones(TINY.embedding_dim), dim=0))
+    cfg = FinetuneConfig(steps=12, batch_size=4, lr=1e-2, device="cpu", validate_every=0, encoder_frozen_steps=8,
+                         embedding_weight=0.1)
+    at = {}
+
+    def probe(step, net):
+        at[step] = ({k: v.clone() for k, v in net.encoder.state_dict().items() if "running" not in k and "num_batches" not in k},
+                    [p.clone() for p in net.decoder.parameters()])
+
+    tuned = finetune(cfg, model, [img.array], [lab.array], [annotated_from_labels(lab.array)], probe=probe,
+                     probe_every=8).model
+    encoder_at_8, decoder_at_8 = at[8]
+    before = model.encoder.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in encoder_at_8.items())  # frozen for 8 steps
+    assert not all(torch.equal(p, q) for p, q in zip(decoder_at_8, model.decoder.parameters()))
+    assert not all(torch.equal(v, tuned.encoder.state_dict()[k]) for k, v in encoder_at_8.items())  # then trained
+    assert all(p.requires_grad for p in tuned.parameters())
+    with pytest.raises(UserError, match="frozen steps"):
+        FinetuneConfig(encoder_frozen_steps=-1)
+
+
 def test_any_number_of_steps_fine_tunes(cohort):
     """Short schedules too: 10 steps once made the one-cycle schedule divide by zero."""
     img, lab = cohort[0]
