@@ -20,7 +20,8 @@ held-out phantom (seeds 2000, 2001, ...) is scored at fields of view of 0.75, 1,
 at a random place, by mean foreground Dice, three ways: resized whole; at 1.8 mm, the central 230.4 mm only
 (background beyond it: how napari-coral segmented before 2026-12-04's second session); at 1.8 mm in
 overlapping squares (the product now). At 1.8 mm the models fine-tune as ``coral finetune --pixel-spacing``
-does, with shifts of up to 0.25 of the input (``--shift``; the others keep the default 0.08), on the square
+does, with shifts of up to 0.25 of the input (``--shift``; the others 0.08, as `coral finetune` shifted a model
+without a scale when this was measured), on the square
 of the scan that holds the most labels; the model trained on the centred wider scan then trains on its
 central 230.4 mm, the scan as generated, so its weights are those of the model trained on that (tests/
 test_cli.py checks that equality): it is scored as that model. With ``--shift 0.08`` that model is also
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from coral_core.augment import SQUARES_TRANSLATE, AugmentConfig  # noqa: E402
+from coral_core.augment import FINETUNE_TRANSLATE, AugmentConfig  # noqa: E402
 from coral_core.data import field_of_view  # noqa: E402
 from coral_core.finetune import FinetuneConfig, finetune  # noqa: E402
 from coral_core.infer import segment_volume  # noqa: E402
@@ -109,13 +110,18 @@ def segment_one_way(model, image: np.ndarray, way: str, device: str) -> np.ndarr
         model.config = scaled
 
 
+# The fine-tuning shift of the whole-slice models, as when this was measured (2026-12-04; the product's fine-tuning
+# shifts every model by up to FINETUNE_TRANSLATE since the next session).
+UNSCALED_SHIFT = 0.08
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labelled", type=int, default=6, help="labelled phantoms (seeds 1000, 1001, ...)")
     parser.add_argument("--test", type=int, default=6, help="held-out phantoms (seeds 2000, 2001, ...)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--shift", type=float, default=SQUARES_TRANSLATE,
+    parser.add_argument("--shift", type=float, default=FINETUNE_TRANSLATE,
                         help="fine-tuning shift range of the models at 1.8 mm (coral finetune --pixel-spacing's; "
                              "the others keep the default 0.08)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every pair's Dice there")
@@ -146,12 +152,12 @@ def main() -> None:
             if scaled:  # as coral finetune --pixel-spacing does: the square placed on the labels
                 fov = field_of_view(config, scan.shape, (10.0, MM, MM)).around(scan_labels)
                 scan, scan_labels = fov.crop(scan), fov.crop(scan_labels, 0)
-                if name == "1x" and args.shift == AugmentConfig().translate:  # trains as the model without a scale
+                if name == "1x" and args.shift == UNSCALED_SHIFT:  # trains as the model without a scale
                     models[(name, scaled)] = models[(name, False)]
                     continue
             torch.manual_seed(k)  # fine-tuning reads no pixel spacing: the config's is for segmentation
             cfg = FinetuneConfig(steps=args.steps, lr=3e-3, seed=k, device=args.device, validate_every=0,
-                                 augment=AugmentConfig(translate=args.shift if scaled else AugmentConfig().translate))
+                                 augment=AugmentConfig(translate=args.shift if scaled else UNSCALED_SHIFT))
             models[(name, scaled)] = finetune(cfg, build_model(config), [scan], [scan_labels], [slices]).model
         for name, way in keys:
             model = models[(name, way != "whole")]

@@ -34,9 +34,11 @@
 #   its labels there until the last batch, defer_metrics is new, and so are models with a pixel spacing, which
 #   segment a wider slice in overlapping squares)
 #   then at once (the machine goes back 30 s after a call), with the time left:
-#   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4" \
+#   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-table.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4 --score-every 100" \
 #     bash benchmarks/gpu_session.sh lowlabel:230
-#   and copy the returned lowlabel_table.json to benchmarks/results/lowlabel-gpu-table.json.
+#   and copy the returned lowlabel_table.json to benchmarks/results/lowlabel-gpu-table.json. (--score-every 100:
+#   each fine-tuning also scored every 100 of its 1000 steps, for the published code's best-epoch choice; on the
+#   quick setting that choice raised both inits by 0.021 and left CORAL's lead as it was, docs/results.md.)
 # Later sessions continue that table with "--labeled 1,2,6 --seeds 3", and may run the frozen-encoder
 # check at full size into a table of its own (on the CPU's quick setting, frozen CORAL and PCL encoders beat a
 # random one in 15 of 20 runs while fully fine-tuned ones tied it; docs/results.md):

@@ -503,15 +503,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
                          embedding_weight=args.embedding_weight, embedding_every=args.embedding_every,
                          balance_classes=args.balance_classes, levers=_levers(args))
     if args.zoom:
-        from coral_core.augment import AugmentConfig
-
-        cfg.augment = AugmentConfig(scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
-    if model.config.pixel_spacing is not None:  # segmented in overlapping squares: anatomy anywhere in one
         from dataclasses import replace
 
-        from coral_core.augment import SQUARES_TRANSLATE
-
-        cfg.augment = replace(cfg.augment, translate=SQUARES_TRANSLATE)
+        cfg.augment = replace(cfg.augment, scale=_float_range(args.zoom, "--zoom", "0.7,1.4"))
     slices = [pair_slices for _, _, pair_slices, *_ in pairs]
     unlabelled = None
     if args.unlabelled:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from coral_core.augment import AugmentConfig, augment_batch
+from coral_core.augment import FINETUNE_TRANSLATE, AugmentConfig, augment_batch
 from coral_core.data import LabelledSlices
 from coral_core.errors import UserError
 from coral_core.levers import Levers, apply_levers, contiguous_layout
@@ -43,7 +43,9 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # shifts of up to a quarter of the input (FINETUNE_TRANSLATE), wider than pretraining's: the annotated
+    # slices show the anatomy at one place, other scans (and a physical-scale model's squares) elsewhere
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(translate=FINETUNE_TRANSLATE))
     levers: Levers = field(default_factory=Levers)
     # Weight of the CORAL loss on the fine-tuning images' slices (no labels needed), added to the
     # segmentation loss so that the embedding keeps its slice order across subjects. Only for a

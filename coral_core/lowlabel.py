@@ -121,8 +121,8 @@ class LowLabelConfig:
     finetune_scale: tuple[float, float] = (0.85, 1.15)
     # AugmentConfig.scale of the pretraining, for every method alike.
     pretrain_scale: tuple[float, float] = (0.85, 1.15)
-    # AugmentConfig.translate of the fine-tuning: the largest shift, a fraction of the input. The product
-    # shifts by up to 0.25 when a model segments in overlapping squares (coral_core.augment.SQUARES_TRANSLATE).
+    # AugmentConfig.translate of the fine-tuning: the largest shift, a fraction of the input. The product's
+    # fine-tuning shifts by up to 0.25 (coral_core.augment.FINETUNE_TRANSLATE); 0.08 keeps the tables comparable.
     finetune_shift: float = 0.08
     # Weight of the CORAL loss on every subject's slices (the unlabelled cohort, as pretrained on) added
     # to the fine-tuning loss, for every method (random init starts from a random direction): whether

@@ -223,10 +223,11 @@ def test_finetune_from_random_init_uses_the_label_classes(subject):
           "--out", d / "balanced.safetensors")
     assert load_checkpoint(d / "balanced.safetensors")[1]["training"]["balance_classes"] is True
     assert load_checkpoint(d / "balanced.safetensors")[1]["training"]["zoom"] == [0.85, 1.15]  # the default
-    assert load_checkpoint(d / "balanced.safetensors")[1]["training"]["shift"] == 0.08  # without a physical scale
+    assert load_checkpoint(d / "balanced.safetensors")[1]["training"]["shift"] == 0.25  # FINETUNE_TRANSLATE, any model
     coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--steps", 2, *TINY, "--zoom", "0.7,1.4",
           "--out", d / "zoomed.safetensors")
     assert load_checkpoint(d / "zoomed.safetensors")[1]["training"]["zoom"] == [0.7, 1.4]
+    assert load_checkpoint(d / "zoomed.safetensors")[1]["training"]["shift"] == 0.25  # a wider zoom keeps the shift
     user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--zoom", "1.4", "--out",
                      d / "bad.safetensors", check=False), "--zoom", "LOW,HIGH")
 
@@ -888,7 +889,7 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_vi
     assert runs["wide"]["pixel_spacing"] == 3.6 and runs["wide"]["labels_outside_field_of_view"] == 0
     model, meta = load_checkpoint(tmp_path / "wide.safetensors")
     assert model.config.pixel_spacing == 3.6 and model.config.image_size == 64
-    assert meta["training"]["shift"] == 0.25  # segmented in squares: trained with anatomy anywhere in one
+    assert meta["training"]["shift"] == 0.25  # anatomy anywhere in a square (FINETUNE_TRANSLATE, as every model)
     for name in ("scan", "wide"):
         res = json.loads(coral("segment", tmp_path / f"{name}.nii.gz", "--model", tmp_path / "wide.safetensors",
                                "--out", tmp_path / f"{name}_seg.nii.gz", "--json").stdout)

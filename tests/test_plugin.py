@@ -245,7 +245,7 @@ def test_finetune_works_with_default_choices_on_the_sample(viewer, qtbot):
     runner = widget.finetune()
     assert runner is not None
     assert tuple(runner.job.spec["config"]["augment"]["scale"]) == (0.7, 1.4)
-    assert runner.job.spec["training"]["zoom"] == [0.7, 1.4]
+    assert runner.job.spec["training"]["zoom"] == [0.7, 1.4] and runner.job.spec["training"]["shift"] == 0.25
     qtbot.waitUntil(lambda: len(widget.losses) > 0, timeout=120_000)  # the job took the setting and trains
     widget.cancel()
     qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
@@ -435,7 +435,7 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
         losses[name] = [loss for _, loss in widget.losses]
         qtbot.waitUntil(lambda: "re-segmented" in widget.status.text(), timeout=60_000)
     assert len(losses["wide"]) == 6 and losses["wide"] == losses["phantom"]
-    assert runner.job.spec["training"]["shift"] == 0.25  # segmented in squares: anatomy anywhere in one
+    assert runner.job.spec["training"]["shift"] == 0.25  # anatomy anywhere in a square (FINETUNE_TRANSLATE)
     assert session.model.config.pixel_spacing == 3.6
     # paint far from the centre: the square the model trains on moves there, and paint beyond it is counted
     corner = viewer.add_labels(np.zeros((truth.shape[0], 192, 192), np.uint8), name="corner", scale=phantom.scale)

@@ -14,7 +14,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from coral_core.augment import SQUARES_TRANSLATE, WIDER_ZOOM, AugmentConfig
+from coral_core.augment import WIDER_ZOOM
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.data import parse_slices
 from coral_core.errors import UserError
@@ -418,9 +418,7 @@ class FinetuneWidget(QWidget):
                              embedding_weight=FinetuneConfig.embedding_weight if self.keep_embedding.isChecked() else 0.0,
                              balance_classes=self.balance_classes.isChecked())
         if self.wider_zoom.isChecked():
-            cfg.augment = AugmentConfig(scale=WIDER_ZOOM)
-        if model.config.pixel_spacing is not None:  # segmented in overlapping squares: anatomy anywhere in one
-            cfg.augment.translate = SQUARES_TRANSLATE
+            cfg.augment.scale = WIDER_ZOOM
         # as `coral finetune` records it: one image as "image" and "slices", several as "images" and a list each
         where = {"image": scans[0][0], "slices": slices}
         if len(scans) > 1:
