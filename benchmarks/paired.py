@@ -28,3 +28,16 @@ def paired(a: dict, b: dict, keys: list) -> str:
     d = np.array([a[k] - b[k] for k in keys])
     up, down = int((d > 0).sum()), int((d < 0).sum())
     return f"{d.mean():+.3f} +- {d.std(ddof=1):.3f} (up in {up}/{len(d)}, p {sign_test_p(up, down):.2g})"
+
+
+def finetune_lr_rows(path: Path, column: int) -> dict:
+    """{(init, setting, labelled subject): (held-out mean Dice, own Dice)} of a `benchmarks/finetune_lr.py` loop's
+    output, the setting read from the whitespace-separated field ``column`` of each row (6: --shifts)."""
+    rows, subject = {}, None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("labelled phantom"):
+            subject = int(line.split()[2])
+        elif line.startswith(("random", "coral")):
+            f = line.split()
+            rows[(f[0], float(f[column]), subject)] = (float(f[column + 1]), float(f[-1]))
+    return rows

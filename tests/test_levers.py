@@ -36,13 +36,13 @@ def _pretrain(cohort, levers):
     return pretrain(cfg, [image.array for image, _ in cohort])
 
 
-def _assert_same_training(a, b, rtol=1e-4):
+def _assert_same_training(a, b, rtol=1e-4, atol=1e-3):
     assert len(a.history.metrics["loss"]) == len(b.history.metrics["loss"]) > 2
     np.testing.assert_allclose(b.history.metrics["loss"], a.history.metrics["loss"], rtol=rtol)
-    # Adam's normalised steps can turn rounding into up to one step of lr 1e-3 for a weight
-    # whose gradient is near zero; anything larger would be a real difference.
+    # Adam's normalised steps can turn rounding into up to one step of the learning rate (1e-3 for
+    # these pretrainings) for a weight whose gradient is near zero; anything larger would be a real difference.
     for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-3, msg=name)
+        torch.testing.assert_close(pb, pa, rtol=1e-3, atol=atol, msg=name)
 
 
 def test_channels_last_and_data_on_device_pretrain_like_the_default(cohort, tmp_path):
@@ -157,7 +157,10 @@ def test_channels_last_finetunes_and_segments_like_the_default(cohort):
                  start, [image], [labels], slices)
         for levers in (Levers(channels_last=False), Levers(channels_last=True))
     ]
-    _assert_same_training(*results)
+    # Fine-tuning peaks at lr 3e-3, and after the first step (equal to 3e-8 here) a few weights with near-zero
+    # gradients took Adam's step either way (3.5e-3 after two steps), which the next steps spread: up to 7e-3
+    # after six, where the losses still agree to 1e-4. (With shifts of 0.08 no weight happened to be there.)
+    _assert_same_training(*results, atol=3 * FinetuneConfig.lr)
     model = results[0].model
     plain = segment_volume(model, image, "cpu", batch_size=4, levers=Levers(channels_last=False))
     levered = segment_volume(model.to(memory_format=torch.contiguous_format), image, "cpu", batch_size=4,
