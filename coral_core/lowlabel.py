@@ -680,7 +680,9 @@ def _rows(runs: list[dict], methods, labeled) -> list[dict]:
 def best_checkpoint_runs(runs: list[dict]) -> list[dict]:
     """The runs that have a ``curve`` (``--score-every``), each scored at its best checkpoint on the test fold:
     ``dice`` the highest per-volume Dice of its curve, ``dice_pooled`` the highest pooled Dice (each chosen
-    on its own metric), ``best_step`` and ``best_step_pooled`` where they were. This is how the published
+    on its own metric), ``best_step`` and ``best_step_pooled`` where they were, ``dice_end`` and
+    ``dice_pooled_end`` the curve's last point (the run's own Dice, unless it averages --finetune-repeats,
+    whose first fine-tuning alone is scored at checkpoints). This is how the published
     code reports a fold (the epoch that scored best on it); it picks the schedule on the test data, so it is
     optimistic, and shown only beside the runs' own Dice at the end of their schedule."""
     out = []
@@ -691,7 +693,8 @@ def best_checkpoint_runs(runs: list[dict]) -> list[dict]:
         best, best_pooled = int(np.nanargmax(curve[:, 1])), int(np.nanargmax(curve[:, 2]))
         out.append({**{k: v for k, v in run.items() if k != "curve"}, "dice": float(curve[best, 1]),
                     "hd95": float("nan"), "dice_pooled": float(curve[best_pooled, 2]),
-                    "best_step": int(curve[best, 0]), "best_step_pooled": int(curve[best_pooled, 0])})
+                    "best_step": int(curve[best, 0]), "best_step_pooled": int(curve[best_pooled, 0]),
+                    "dice_end": float(curve[-1, 1]), "dice_pooled_end": float(curve[-1, 2])})
     return out
 
 
@@ -711,17 +714,15 @@ def format_best_checkpoint(runs: list[dict]) -> str:
     best_runs = best_checkpoint_runs(runs)
     if not best_runs:
         return ""
-    end = {_run_key(r): r for r in runs}
     head = f"{'method':<8}{'M':>4}{'runs':>6}{'Dice end':>10}{'best':>8}{'pooled end':>12}{'best':>8}{'best step':>11}"
     lines = [head, "-" * len(head)]
     for method in dict.fromkeys(r["method"] for r in best_runs):
         for m in sorted({r["labeled"] for r in best_runs if r["method"] == method}):
             sel = [r for r in best_runs if r["method"] == method and r["labeled"] == m]
-            ends = [end[_run_key(r)] for r in sel]
             lines.append(
-                f"{method:<8}{m:>4}{len(sel):>6}{np.nanmean([r['dice'] for r in ends]):10.3f}"
+                f"{method:<8}{m:>4}{len(sel):>6}{np.nanmean([r['dice_end'] for r in sel]):10.3f}"
                 f"{np.nanmean([r['dice'] for r in sel]):8.3f}"
-                f"{np.nanmean([r.get('dice_pooled', np.nan) for r in ends]):12.3f}"
+                f"{np.nanmean([r['dice_pooled_end'] for r in sel]):12.3f}"
                 f"{np.nanmean([r['dice_pooled'] for r in sel]):8.3f}{np.median([r['best_step'] for r in sel]):11.0f}")
     return "\n".join(lines)
 
