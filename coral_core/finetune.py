@@ -234,8 +234,9 @@ def finetune(
         if run.should_stop():
             step -= 1
             break
+        encoder_frozen = warming and step <= config.encoder_frozen_steps
         if warming:
-            model.encoder.requires_grad_(step > config.encoder_frozen_steps)
+            model.encoder.requires_grad_(not encoder_frozen)
         idx = torch.randint(0, len(data), (config.batch_size,), generator=run.cpu_generator).to(run.device)
         x, y = augment_batch(x_all[idx], y_all[idx], config.augment, run.generator)
 
@@ -247,7 +248,7 @@ def finetune(
             return {"loss": loss.detach()}
 
         loss = accumulate(run, optimiser, len(idx), step_loss)["loss"]
-        if keeper is not None and step % config.embedding_every == 0 and not (warming and step <= config.encoder_frozen_steps):
+        if keeper is not None and step % config.embedding_every == 0 and not encoder_frozen:
             keeper.backward_or_explain()  # adds its gradients to the segmentation loss's
         optimiser.step()
         scheduler.step()

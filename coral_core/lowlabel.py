@@ -31,7 +31,7 @@ from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
 from coral_core.levers import Levers
-from coral_core.metrics import dice_per_class, evaluate_segmentation
+from coral_core.metrics import dice_per_class, evaluate_segmentation, mean_over_present
 from coral_core.model import UNetConfig, build_model, resize_head
 from coral_core.pretrain import PretrainConfig, pretrain
 from coral_core.training import check_optimiser_settings
@@ -332,8 +332,7 @@ def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Lev
             dice.append(m["mean_dice"])
             hd.append(m["mean_hd95"])
         else:
-            per_class = [d for d in dice_per_class(pred, case.labels, n_classes).values() if not np.isnan(d)]
-            dice.append(float(np.mean(per_class)) if per_class else float("nan"))
+            dice.append(mean_over_present(dice_per_class(pred, case.labels, n_classes)))
             hd.append(float("nan"))
         for c in range(1, n_classes):
             p, t = pred == c, case.labels == c

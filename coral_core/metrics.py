@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["dice_per_class", "hd95_per_class", "evaluate_segmentation"]
+__all__ = ["dice_per_class", "mean_over_present", "hd95_per_class", "evaluate_segmentation"]
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -50,6 +50,12 @@ def hd95_per_class(
     return out
 
 
+def mean_over_present(dice: dict[int, float]) -> float:
+    """The mean of :func:`dice_per_class`'s values over the classes present (not NaN); NaN if none is."""
+    present = [d for d in dice.values() if not np.isnan(d)]
+    return float(np.mean(present)) if present else float("nan")
+
+
 def evaluate_segmentation(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -66,7 +72,7 @@ def evaluate_segmentation(
     return {
         "dice": {names[c]: dice[c] for c in dice},
         "hd95": {names[c]: hd[c] for c in hd},
-        "mean_dice": float(np.mean([dice[c] for c in present])) if present else float("nan"),
+        "mean_dice": mean_over_present(dice),
         "mean_hd95": float(np.mean(finite_hd)) if finite_hd else float("nan"),
     }
 
