@@ -8,6 +8,7 @@
     python benchmarks/finetune_lr.py --lrs 3e-3 --cohort-weights 0 0.1 # semi-supervised: the 16 unlabelled phantoms
     python benchmarks/finetune_lr.py --lrs 3e-3 --encoder-lr-scales 1 0.1  # the encoder at a tenth of the rate
     python benchmarks/finetune_lr.py --lrs 3e-3 --shifts 0.08 0.25     # the augmentation's largest shift
+    python benchmarks/finetune_lr.py --lrs 3e-3 --shifts 0.25 --frozen-steps 0 67 --encoder-lr-scales 1 0.1  # LP-FT
 
 What `coral finetune` and the plugin's Fine-tune button do by default: a U-Net with 16 base
 filters at 128 x 128, three annotated slices of one phantom subject, 200 steps of batch 8.
@@ -26,8 +27,15 @@ the default and the protocol of every other row).
 ``--encoder-lr-scales F``: the encoder fine-tuned at F times the learning rate, the decoder and head at the
 full rate (``FinetuneConfig.encoder_lr_scale``; 1, the default, trains them alike).
 
-``--shifts F``: the fine-tuning's augmentation shifts slices by up to F of the input (``AugmentConfig.translate``;
-0.08, the default, is what `coral finetune` uses for a model without a pixel spacing).
+``--shifts F``: the fine-tuning's augmentation shifts slices by up to F of the input (``AugmentConfig.translate``).
+The script's default stays 0.08, what `coral finetune` used until 2026-12-04, so that the commands of earlier logs
+give the same rows; the product now shifts by up to 0.25 (``coral_core.augment.FINETUNE_TRANSLATE``), so pass
+``--shifts 0.25`` for what users get.
+
+``--frozen-steps N``: the encoder kept frozen for the first N steps, then trained with the rest
+(``FinetuneConfig.encoder_frozen_steps``: linear probing, then fine-tuning). With ``--encoder-lr-scales`` the
+encoder trains at that fraction once unfrozen. ``--pairs`` takes these two lists side by side instead of crossed:
+``--frozen-steps 0 67 --encoder-lr-scales 1 0.1 --pairs`` gives the plain recipe and LP-FT with a slow encoder.
 """
 
 from __future__ import annotations
@@ -71,9 +79,16 @@ def main() -> None:
     parser.add_argument("--encoder-lr-scales", type=float, nargs="+", default=[1.0], metavar="F",
                         help="the encoder's learning rate as a fraction of the rest's, one row each")
     parser.add_argument("--shifts", type=float, nargs="+", default=[0.08], metavar="F",
-                        help="AugmentConfig.translate of the fine-tuning, one row each (default: the engine's 0.08)")
+                        help="AugmentConfig.translate of the fine-tuning, one row each (default 0.08, the engine's "
+                             "until 2026-12-04; the product's is now 0.25)")
+    parser.add_argument("--frozen-steps", type=int, nargs="+", default=[0], metavar="N",
+                        help="FinetuneConfig.encoder_frozen_steps, one row each (default 0)")
+    parser.add_argument("--pairs", action="store_true",
+                        help="pair --frozen-steps with --encoder-lr-scales element by element instead of crossing them")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.pairs and len(args.frozen_steps) != len(args.encoder_lr_scales):
+        parser.error("--pairs needs as many --frozen-steps as --encoder-lr-scales")
 
     model_cfg = UNetConfig(base_filters=16, image_size=128)
     unlabelled = [img.array for img, _ in make_cohort(16)]
@@ -96,12 +111,16 @@ def main() -> None:
     encoder_column = f"{'encoder':>8}" if scales else ""
     shifts = args.shifts != [0.08]  # likewise the shift's column
     encoder_column += f"{'shift':>7}" if shifts else ""
+    frozen = args.frozen_steps != [0]  # and the frozen steps'
+    encoder_column += f"{'frozen':>7}" if frozen else ""
+    recipes = (list(zip(args.frozen_steps, args.encoder_lr_scales)) if args.pairs else
+               [(n, f) for n in args.frozen_steps for f in args.encoder_lr_scales])
     print(f"{'init':<8}{'lr':>8}{'balance':>8}{'zoom':>11}{'layout':>7}{'cohort':>7}{encoder_column}"
           f"{'mean Dice':>11}  per subject          seconds  own")
     for init_name in ("random", "coral"):
-        for lr, balance, zoom, (n_subjects, k), weight, scale, shift in [
-                (lr, b, z, lay, w, f, sh) for lr in args.lrs for b in args.balance for z in zooms for lay in layouts
-                for w in args.cohort_weights for f in args.encoder_lr_scales for sh in args.shifts]:
+        for lr, balance, zoom, (n_subjects, k), weight, (n_frozen, scale), shift in [
+                (lr, b, z, lay, w, rec, sh) for lr in args.lrs for b in args.balance for z in zooms for lay in layouts
+                for w in args.cohort_weights for rec in recipes for sh in args.shifts]:
             torch.manual_seed(0)
             if init_name == "random":
                 init = build_model(UNetConfig(base_filters=16, image_size=128, n_classes=4, class_names=NAMES))
@@ -113,7 +132,7 @@ def main() -> None:
             cfg = FinetuneConfig(steps=args.steps, lr=lr, seed=args.seed, device=args.device, validate_every=0,
                                  embedding_weight=weight, balance_classes=bool(balance),
                                  augment=AugmentConfig(scale=zoom, translate=shift),
-                                 encoder_lr_scale=scale)
+                                 encoder_lr_scale=scale, encoder_frozen_steps=n_frozen)
             chosen = subjects[:n_subjects]
             model = finetune(cfg, init, [im for im, _ in chosen], [lab for _, lab in chosen],
                              [spread(im, k) for im, _ in chosen], unlabelled=unlabelled if weight else None).model
@@ -123,7 +142,8 @@ def main() -> None:
             seconds = time.perf_counter() - t
             own = evaluate_segmentation(segment_volume(model, image, args.device)[rest], labels[rest], 4)["mean_dice"]
             print(f"{init_name:<8}{lr:>8g}{balance:>8}{f'{zoom[0]:g}-{zoom[1]:g}':>11}{f'{n_subjects}x{k}':>7}{weight:>7g}"
-                  f"{f'{scale:>8g}' if scales else ''}{f'{shift:>7g}' if shifts else ''}{np.mean(dice):>11.3f}  {per:<20} {seconds:>5.0f}  {own:.3f}", flush=True)
+                  f"{f'{scale:>8g}' if scales else ''}{f'{shift:>7g}' if shifts else ''}{f'{n_frozen:>7d}' if frozen else ''}"
+                  f"{np.mean(dice):>11.3f}  {per:<20} {seconds:>5.0f}  {own:.3f}", flush=True)
 
 
 if __name__ == "__main__":
