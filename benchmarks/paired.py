@@ -41,3 +41,38 @@ def finetune_lr_rows(path: Path, column: int) -> dict:
             f = line.split()
             rows[(f[0], float(f[column]), subject)] = (float(f[column + 1]), float(f[-1]))
     return rows
+
+
+def finetune_lr_summary(path: Path, column: int, new: float, old: float, name: str = "shift") -> list[str]:
+    """Two settings of a `benchmarks/finetune_lr.py` loop's output (the setting in field ``column``, as
+    :func:`finetune_lr_rows`), paired by labelled subject: each init's mean held-out and own Dice at each setting,
+    ``new`` - ``old`` for each init and both, and CORAL - random init at each setting."""
+    rows = finetune_lr_rows(path, column)
+    subjects = sorted({k[2] for k in rows})
+
+    def split(d: np.ndarray, down_too: bool) -> str:
+        up, down = int((d > 0).sum()), int((d < 0).sum())
+        downs = f", down in {down}" if down_too else ""
+        return f"{d.mean():+.3f} +- {d.std(ddof=1):.3f} (up in {up}/{len(d)}{downs}, p {sign_test_p(up, down):.2g})"
+
+    def changes(which: int, inits=("random", "coral")) -> str:
+        return split(np.array([rows[(i, new, s)][which] - rows[(i, old, s)][which] for i in inits for s in subjects]),
+                     True)
+
+    def versus(setting: float, which: int) -> str:
+        return split(np.array([rows[("coral", setting, s)][which] - rows[("random", setting, s)][which]
+                               for s in subjects]), False)
+
+    lines = [f"{len(subjects)} labelled subjects"]
+    for init in ("random", "coral"):
+        for setting in (old, new):
+            held = [rows[(init, setting, s)][0] for s in subjects]
+            own = [rows[(init, setting, s)][1] for s in subjects]
+            lines.append(f"{init} {name} {setting:g}: held out {np.mean(held):.3f} +- {np.std(held, ddof=1):.3f}, "
+                         f"own {np.mean(own):.3f}")
+    for init in ("random", "coral"):
+        lines.append(f"{init}: {new:g} - {old:g}, held out {changes(0, (init,))}; own {changes(1, (init,))}")
+    lines.append(f"both inits, {new:g} - {old:g}: held out {changes(0)}; own {changes(1)}")
+    for setting in (old, new):
+        lines.append(f"coral - random at {setting:g}: held out {versus(setting, 0)}; own {versus(setting, 1)}")
+    return lines
