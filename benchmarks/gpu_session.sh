@@ -44,6 +44,11 @@
 # random one in 15 of 20 runs while fully fine-tuned ones tied it; docs/results.md):
 #   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-frozen.json \
 #   LOWLABEL_ARGS="--labeled 1 --seeds 1 --methods random,coral,simclr --freeze-encoder --workers 4" ...
+# and the recipe that ranks the methods as the paper does on the quick setting (LP-FT with a slow encoder: CORAL
+# +0.016 over random init in 58 of 80 runs there, but only by costing random init 0.011; docs/results.md, "Keeping
+# the pretrained encoder"), every method in a table of its own, with the plain table beside it:
+#   LOWLABEL_TABLE=benchmarks/results/lowlabel-gpu-lpft.json LOWLABEL_ARGS="--labeled 1 --seeds 1 --workers 4
+#   --methods random,simclr,gcl,pcl,coral --freeze-encoder-steps 333 --encoder-lr-scale 0.1 --score-every 100" ...
 # What the first call measures:
 # defer_metrics (new: each step's loss read back after the next step is queued; the GPU idled 16-19 ms of
 # each 92-96 ms step with the defaults), prefetch's step spread alone and with it (its two measurements
