@@ -8,7 +8,7 @@
     python benchmarks/finetune_lr.py --lrs 3e-3 --cohort-weights 0 0.1 # semi-supervised: the 16 unlabelled phantoms
     python benchmarks/finetune_lr.py --lrs 3e-3 --encoder-lr-scales 1 0.1  # the encoder at a tenth of the rate
     python benchmarks/finetune_lr.py --lrs 3e-3 --shifts 0.08 0.25     # the augmentation's largest shift
-    python benchmarks/finetune_lr.py --lrs 3e-3 --shifts 0.25 --frozen-steps 0 67 --encoder-lr-scales 1 0.1  # LP-FT
+    python benchmarks/finetune_lr.py --lrs 3e-3 --shifts 0.25 --frozen-steps 0 67 --encoder-lr-scales 1 0.1 --pairs  # LP-FT
 
 What `coral finetune` and the plugin's Fine-tune button do by default: a U-Net with 16 base
 filters at 128 x 128, three annotated slices of one phantom subject, 200 steps of batch 8.
