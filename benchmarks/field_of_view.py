@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shift", type=float, default=FINETUNE_TRANSLATE,
                         help="fine-tuning shift range of the models at 1.8 mm (coral finetune --pixel-spacing's; "
-                             "the others keep the default 0.08)")
+                             "the models without a scale 0.08, UNSCALED_SHIFT, as when this was measured)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every pair's Dice there")
     args = parser.parse_args()
     t_all = time.perf_counter()
