@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 
 import numpy as np
@@ -27,10 +29,54 @@ def layer_metadata(volume: Volume) -> dict:
     return {"affine": volume.affine.tolist(), "source_path": str(volume.path) if volume.path else None}
 
 
+@functools.cache
+def napari_has_units() -> bool:
+    """Whether this napari's layers take ``units`` (napari 0.6 and later)."""
+    from napari.layers import Image
+
+    return "units" in inspect.signature(Image).parameters
+
+
+def mm_per_unit(unit) -> float | None:
+    """Millimetres in one ``unit`` (a pint unit, as napari 0.6 and later give each axis of a layer), or None
+    for one that is not a length: napari's default, 'pixel', or none at all (older napari)."""
+    if unit is None:
+        return None
+    try:
+        return float((1 * unit).to("mm").magnitude)
+    except Exception:  # pint's DimensionalityError for 'pixel', or a unit that is not pint's
+        return None
+
+
+def spacing_mm(scale, units=None) -> tuple[float, ...]:
+    """A layer's ``scale`` in mm, axis by axis: an axis whose unit is a length (micrometres, say) converted to
+    mm, and one without a length unit (napari's 'pixel', the default) taken as mm, as this plugin has always
+    read it and as its reader writes it."""
+    units = list(units) if units is not None else [None] * len(scale)
+    return tuple(float(s) * (mm_per_unit(u) or 1.0) for s, u in zip(scale, units))
+
+
+def layer_spacing_mm(layer) -> tuple[float, ...]:
+    """``layer``'s scale in mm per voxel, every axis (see :func:`spacing_mm`)."""
+    return spacing_mm(layer.scale, getattr(layer, "units", None))
+
+
+def has_spacing(layer) -> bool:
+    """Whether ``layer``'s in-plane scale says something: a length unit, or a scale other than 1 (a layer made
+    from a plain array has scale 1 in 'pixel', which is read as 1 mm)."""
+    units = getattr(layer, "units", None)
+    if units is not None and any(mm_per_unit(u) is not None for u in list(units)[-2:]):
+        return True
+    return tuple(float(v) for v in layer.scale[-2:]) != (1.0, 1.0)
+
+
 def volume_to_layer(volume: Volume, as_labels: bool | None = None, name: str | None = None):
-    """A napari layer-data tuple ``(data, kwargs, layer_type)``; scale is the (z, y, x) spacing."""
+    """A napari layer-data tuple ``(data, kwargs, layer_type)``; scale is the (z, y, x) spacing, in mm (its units,
+    where napari has them)."""
     labels = looks_like_labels(volume) if as_labels is None else as_labels
     kwargs = {"name": name or volume.name, "scale": volume.spacing, "metadata": layer_metadata(volume)}
+    if napari_has_units():
+        kwargs["units"] = ("mm",) * len(volume.spacing)
     if labels:
         return volume.array.astype(np.int32 if volume.array.max(initial=0) > 255 else np.uint8), kwargs, "labels"
     return volume.array, kwargs, "image"
@@ -73,7 +119,7 @@ def show_index(viewer, layer, index: tuple[int, ...]) -> None:
 def extent_mm(layer) -> float:
     """The longer in-plane side of ``layer``'s slices in mm (its scale as the spacing): the field of view a
     model given a physical scale by the "In millimetres" options takes in whole."""
-    (h, w), (sy, sx) = layer.data.shape[-2:], layer.scale[-2:]
+    (h, w), (sy, sx) = layer.data.shape[-2:], layer_spacing_mm(layer)[-2:]
     return float(max(h * sy, w * sx))
 
 
@@ -81,14 +127,14 @@ class LayerArray:
     """A layer's voxels to be read later, off napari's GUI thread: for a lazy layer, reading is
     the whole cost (seconds per GB from disk), and napari would stop answering while it ran.
     ``frame``: one frame of a cine series (t, z, y, x), the others never read. ``spacing`` is the
-    layer's in-plane (y, x) scale: the mm per pixel a model with a physical scale needs.
+    layer's in-plane (y, x) scale in mm: the mm per pixel a model with a physical scale needs.
 
     ``read()`` returns the NumPy array (in ``dtype`` if given), or raises a UserError that names
     the layer when its data cannot be read."""
 
     def __init__(self, layer, dtype=None, frame: int | None = None) -> None:
         self.name, self.data, self.dtype = layer.name, full_resolution(layer), dtype
-        self.spacing = tuple(float(v) for v in layer.scale[-2:])
+        self.spacing = layer_spacing_mm(layer)[-2:]
         if frame is not None:
             self.name, self.data = f"{layer.name} frame {frame}", self.data[frame]
         self.shape = tuple(self.data.shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from coral_core.volume import save_volume
-from napari_coral._layers import affine_from_layer
+from napari_coral._layers import affine_from_layer, spacing_mm
 
 
 def _write(path: str, data, meta: dict, dtype) -> list[str]:
@@ -14,7 +14,9 @@ def _write(path: str, data, meta: dict, dtype) -> list[str]:
         raise ValueError(f"{path}: only 3-D layers and 4-D (cine) series can be saved as NIfTI (this one has "
                          f"{array.ndim} dimensions)")
     scale = meta.get("scale")
-    affine = affine_from_layer(meta.get("metadata"), None if scale is None else tuple(scale)[-3:])
+    if scale is not None:
+        scale = spacing_mm(scale, meta.get("units"))[-3:]  # a layer in micrometres is written in mm
+    affine = affine_from_layer(meta.get("metadata"), scale)
     save_volume(path, array.astype(dtype), affine)  # a (t, z, y, x) series: frames on the file's fourth axis
     return [path]
 

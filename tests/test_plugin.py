@@ -15,6 +15,7 @@ from coral_core.metrics import dice_per_class  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
 from coral_core.volume import load_volume  # noqa: E402
 from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
+from napari_coral._layers import has_spacing, layer_spacing_mm, napari_has_units  # noqa: E402
 from napari_coral._reader import get_reader  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
 
@@ -62,6 +63,31 @@ def test_reader_keeps_anisotropic_spacing_and_opens_label_maps_as_labels(tmp_pat
     image, seg = viewer.layers
     assert image.scale == pytest.approx([3.5, 0.9, 0.7], abs=1e-5)
     assert type(seg).__name__ == "Labels"
+    if napari_has_units():  # napari's scale bar and the plugin know the scale is in mm
+        assert [str(u) for u in image.units] == ["millimeter"] * 3
+
+
+needs_units = pytest.mark.skipif(not napari_has_units(), reason="napari before 0.6 has no layer units")
+
+
+@needs_units
+def test_a_layer_in_micrometres_is_read_and_written_in_mm(tmp_path, make_napari_viewer):
+    """A layer whose axes say micrometres (napari's units) has its scale converted to mm, where the plugin
+    reads it (a model's physical scale, the field of view) and where it writes a file; 'pixel', napari's default,
+    is read as mm, and only a plain array's scale of 1 counts as no spacing."""
+    from napari.layers import Image
+
+    viewer = make_napari_viewer()
+    labels = np.random.randint(0, 4, (5, 10, 12)).astype(np.uint8)
+    layer = viewer.add_labels(labels, scale=(5000.0, 1100.0, 1200.0), units="um", name="in micrometres")
+    assert layer_spacing_mm(layer) == pytest.approx((5.0, 1.1, 1.2))
+    layer.save(str(tmp_path / "micro.nii.gz"), plugin="napari-coral")
+    back = load_volume(tmp_path / "micro.nii.gz")
+    np.testing.assert_array_equal(back.array, labels)
+    assert back.spacing == pytest.approx((5.0, 1.1, 1.2))
+    plain = Image(np.zeros((2, 4, 4)))
+    assert layer_spacing_mm(plain) == (1.0, 1.0, 1.0) and not has_spacing(plain)
+    assert has_spacing(Image(np.zeros((2, 4, 4)), units="mm")) and has_spacing(Image(np.zeros((2, 4, 4)), scale=(1, 1.8, 1.8)))
 
 
 def test_writer_round_trip_restores_source_geometry(tmp_path, make_napari_viewer):
@@ -414,6 +440,19 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
         assert (tiled in segment.status.text()) == (name == "wide")
     seg, wide = viewer.layers["phantom labels"].data, viewer.layers["wide labels"].data
     assert wide.shape == (truth.shape[0], 192, 192) and seg.shape == truth.shape
+    if napari_has_units():  # the same scan with its scale in micrometres: the same anatomy in the model's square
+        viewer.add_image(phantom.data, name="micro", scale=[1000 * s for s in phantom.scale], units="um")
+        segment.image_picker.setCurrentText("micro")
+        segment.segment()
+        qtbot.waitUntil(lambda: segment.status.text().startswith("Wrote micro labels"), timeout=60_000)
+        assert "windows" not in segment.status.text() and "no spacing" not in segment.status.text()
+        np.testing.assert_array_equal(viewer.layers["micro labels"].data, seg)
+        assert [str(u) for u in viewer.layers["micro labels"].units] == ["micrometer"] * 3
+    viewer.add_image(phantom.data, name="plain")  # a plain array: scale 1, read as 1 mm, and the status says so
+    segment.image_picker.setCurrentText("plain")
+    segment.segment()
+    qtbot.waitUntil(lambda: segment.status.text().startswith("Wrote plain labels"), timeout=60_000)
+    assert "plain has no spacing (scale 1), so its pixels were read as 1 mm." in segment.status.text()
 
     widget = dock(viewer, "Fine-tune")
     widget.steps.setValue(6)

@@ -380,7 +380,8 @@ class FinetuneWidget(QWidget):
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = folder / f"{file_name_part(labels_layer.name)}-{stamp}.nii.gz"
-        write_labels(str(path), labels_layer.data, {"metadata": labels_layer.metadata, "scale": labels_layer.scale})
+        write_labels(str(path), labels_layer.data, {"metadata": labels_layer.metadata, "scale": labels_layer.scale,
+                                         "units": getattr(labels_layer, "units", None)})
         return path
 
     def finetune(self, mode: str | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QFormLayout, QPushButton, QVBoxLayout, QWidget
 
-from napari_coral._layers import LayerArray
+from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, napari_has_units
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
 
@@ -33,9 +33,10 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]) 
             kept = len(annotated)
         layer.data = labels
     else:
+        units = {"units": image_layer.units} if napari_has_units() else {}
         layer = viewer.add_labels(
             labels, name=name, scale=image_layer.scale, translate=image_layer.translate,
-            metadata={**image_layer.metadata},
+            metadata={**image_layer.metadata}, **units,
         )
     layer.colormap = class_colormap(len(class_names))
     layer.features = features
@@ -105,9 +106,9 @@ def scale_note(model, layer) -> str:
 
     if model.config.pixel_spacing is None:
         return ""
-    tiled = tiling_note(model.config, layer.data.shape, layer.scale)
+    tiled = tiling_note(model.config, layer.data.shape, layer_spacing_mm(layer))
     note = f" {tiled[0].upper()}{tiled[1:]}." if tiled else ""
-    if tuple(float(v) for v in layer.scale[-2:]) == (1.0, 1.0):
+    if not has_spacing(layer):
         note += f" {layer.name} has no spacing (scale 1), so its pixels were read as 1 mm."
     return note
 
