@@ -18,6 +18,7 @@ from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
 from napari_coral._layers import has_spacing, layer_spacing_mm, napari_has_units  # noqa: E402
 from napari_coral._reader import get_reader  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
+from napari_coral._widgets._common import alive  # noqa: E402
 
 WIDGETS = ("Model", "Segment", "Fine-tune", "Embedding")
 
@@ -115,6 +116,30 @@ def test_every_widget_opens_with_the_sample(viewer):
     for name in WIDGETS:
         assert dock(viewer, name) is not None
     assert len(viewer.window.dock_widgets) == 4
+
+
+def test_a_renamed_layer_stays_chosen_and_checked_under_its_new_name(viewer, qtbot):
+    """Renaming a layer in napari's layer list renames it in every panel: still the chosen image, still
+    unchecked if it was; a plot point of a layer no longer open under its name says so."""
+    segment, model, embedding = dock(viewer, "Segment"), dock(viewer, "Model"), dock(viewer, "Embedding")
+    viewer.add_image(viewer.layers["phantom"].data.copy(), name="other", scale=viewer.layers["phantom"].scale)
+    segment.image_picker.setCurrentText("other")
+    embedding.volumes.item(0).setCheckState(Qt.CheckState.Unchecked)  # phantom
+    viewer.layers["other"].name = "second scan"
+    viewer.layers["phantom"].name = "first scan"
+    assert segment.image_picker.currentText() == "second scan"
+    assert [segment.image_picker.itemText(i) for i in range(segment.image_picker.count())] == ["first scan", "second scan"]
+    assert embedding.volumes.checked() == ["second scan"] and model.volumes.checked() == ["first scan", "second scan"]
+    viewer.layers.move(1, 0)  # moved: the choice and the checks follow the layer, not its row
+    assert segment.image_picker.currentText() == "second scan" and embedding.volumes.checked() == ["second scan"]
+    embedding.go_to("phantom", 1)  # a trajectory embedded under the old name
+    assert embedding.status.text() == "Layer 'phantom' is no longer open under that name; press Embed again."
+    viewer.window.remove_dock_widget("all")  # closed docks: later layer events do not reach their deleted pickers
+    for widget in (segment, model, embedding):
+        widget.deleteLater()
+    qtbot.waitUntil(lambda: not alive(segment), timeout=5000)
+    viewer.add_image(np.zeros((3, 8, 8)), name="after")
+    viewer.layers["after"].name = "after, renamed"
 
 
 # --------------------------------------------------------------------------- segment

@@ -13,16 +13,24 @@ from coral_core.device import resolve_device
 from napari_coral._jobs import Job
 
 
+def follow_layer_list(viewer, callback) -> None:
+    """Call ``callback`` whenever a layer is added, removed, moved or renamed."""
+    events = viewer.layers.events
+    for name in ("inserted", "removed", "reordered", "renamed"):  # 'renamed': napari's LayerList event
+        emitter = getattr(events, name, None)
+        if emitter is not None:
+            emitter.connect(callback)
+
+
 class LayerPicker(QComboBox):
     """A combo box of the viewer's 3-D layers of one type (with ``cine``, 4-D (t, z, y, x) ones too),
-    kept in step with the layer list."""
+    kept in step with the layer list: a renamed layer stays chosen under its new name."""
 
     def __init__(self, viewer, layer_type: str, parent=None, cine: bool = False) -> None:
         super().__init__(parent)
         self.viewer, self.layer_type, self.cine = viewer, layer_type, cine
-        viewer.layers.events.inserted.connect(self.refresh)
-        viewer.layers.events.removed.connect(self.refresh)
-        viewer.layers.events.reordered.connect(self.refresh)
+        self._shown: list = []  # the layers listed, in the combo's order
+        follow_layer_list(viewer, self.refresh)
         self.refresh()
 
     def layers(self):
@@ -34,12 +42,14 @@ class LayerPicker(QComboBox):
                 and not getattr(layer, "rgb", False)]
 
     def refresh(self, *_):
-        current = self.currentText()
+        index = self.currentIndex()
+        current = self._shown[index] if 0 <= index < len(self._shown) else None
         self.blockSignals(True)
         self.clear()
-        self.addItems([layer.name for layer in self.layers()])
-        if current in [self.itemText(i) for i in range(self.count())]:
-            self.setCurrentText(current)
+        self._shown = self.layers()
+        self.addItems([layer.name for layer in self._shown])
+        if any(layer is current for layer in self._shown):
+            self.setCurrentIndex(next(i for i, layer in enumerate(self._shown) if layer is current))
         self.blockSignals(False)
         self.currentTextChanged.emit(self.currentText())
 
@@ -56,23 +66,26 @@ class VolumeChecklist(QListWidget):
         super().__init__(parent)
         self.viewer, self.cine = viewer, cine
         self.setMaximumHeight(85)
-        viewer.layers.events.inserted.connect(self.refresh)
-        viewer.layers.events.removed.connect(self.refresh)
+        self._shown: list = []  # the layers listed, in the list's order
+        follow_layer_list(viewer, self.refresh)
         self.refresh()
 
     def refresh(self, *_):
         from napari.layers import Image
 
-        before = {self.item(i).text(): self.item(i).checkState() for i in range(self.count())}
+        before = [(layer, self.item(i).checkState()) for i, layer in enumerate(self._shown) if i < self.count()]
         self.clear()
+        self._shown = []
         for layer in self.viewer.layers:
             if isinstance(layer, Image) and not layer.rgb and (layer.ndim == 3 or (self.cine and layer.ndim == 4)):
                 item = QListWidgetItem(layer.name)
                 if layer.ndim == 4:
                     item.setToolTip(f"a series of {layer.data.shape[0]} frames: each frame is a volume")
                 item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                item.setCheckState(before.get(layer.name, Qt.CheckState.Checked))
+                # a layer keeps its check when moved or renamed; a new one starts checked
+                item.setCheckState(next((state for old, state in before if old is layer), Qt.CheckState.Checked))
                 self.addItem(item)
+                self._shown.append(layer)
 
     def checked(self) -> list[str]:
         return [self.item(i).text() for i in range(self.count()) if self.item(i).checkState() == Qt.CheckState.Checked]

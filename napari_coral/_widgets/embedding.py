@@ -153,6 +153,9 @@ class EmbeddingWidget(QWidget):
     # ------------------------------------------------------------------ navigation
     def go_to(self, name: str, index: int) -> None:
         """Show slice ``index`` of layer ``name`` (of the frame embedded, in a cine) and select that layer."""
+        if name not in self.viewer.layers:
+            self.status.setText(f"Layer {name!r} is no longer open under that name; press Embed again.")
+            return
         layer = self.viewer.layers[name]
         show_index(self.viewer, layer, (self.frames[name], index) if name in self.frames else (index,))
         self.viewer.layers.selection.active = layer
