@@ -836,7 +836,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "methods": tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
         "labeled": _int_list(args.labeled, "--labeled") if args.labeled else None,
         "folds": args.folds, "seeds": args.seeds, "device": args.device,
-        "pretrain_epochs": args.pretrain_epochs, "finetune_steps": args.finetune_steps,
+        "pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr, "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
         "workers": args.workers, "finetune_freeze_encoder": args.freeze_encoder or None,
         "finetune_augment": args.finetune_augment, "base_filters": args.base_filters, "image_size": args.image_size,
@@ -1285,6 +1285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3)")
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
     p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--pretrain-lr", type=float, default=None,
+                   help="pretraining learning rate, for every method (default 0.001; cosine decay over the epochs)")
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,

@@ -172,6 +172,7 @@ class LowLabelConfig:
         if self.finetune_cohort_weight < 0:
             raise UserError("--finetune-cohort-weight must be 0 (off) or more")
         check_optimiser_settings(self.finetune_lr, 0.0, "--finetune-lr")
+        check_optimiser_settings(self.pretrain_lr, 0.0, "--pretrain-lr")
         if self.finetune_steps < 1 or self.pretrain_epochs < 1:
             raise UserError("the benchmark needs --finetune-steps >= 1 and --pretrain-epochs >= 1")
         if not 0 < self.finetune_encoder_lr_scale < float("inf"):
