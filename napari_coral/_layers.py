@@ -51,7 +51,7 @@ def mm_per_unit(unit) -> float | None:
 def spacing_mm(scale, units=None) -> tuple[float, ...]:
     """A layer's ``scale`` in mm, axis by axis: an axis whose unit is a length (micrometres, say) converted to
     mm, and one without a length unit (napari's 'pixel', the default) taken as mm, as this plugin has always
-    read it and as its reader writes it."""
+    read it and as its reader writes it (the spacing in mm, the units left at the default)."""
     units = list(units) if units is not None else [None] * len(scale)
     return tuple(float(s) * (mm_per_unit(u) or 1.0) for s, u in zip(scale, units))
 
@@ -71,12 +71,11 @@ def has_spacing(layer) -> bool:
 
 
 def volume_to_layer(volume: Volume, as_labels: bool | None = None, name: str | None = None):
-    """A napari layer-data tuple ``(data, kwargs, layer_type)``; scale is the (z, y, x) spacing, in mm (its units,
-    where napari has them)."""
+    """A napari layer-data tuple ``(data, kwargs, layer_type)``; scale is the (z, y, x) spacing in mm. Its units
+    stay napari's default (pixel, read as mm): napari warns on every new layer while layers' units differ, and
+    most layers (other readers', arrays from the console) have the default."""
     labels = looks_like_labels(volume) if as_labels is None else as_labels
     kwargs = {"name": name or volume.name, "scale": volume.spacing, "metadata": layer_metadata(volume)}
-    if napari_has_units():
-        kwargs["units"] = ("mm",) * len(volume.spacing)
     if labels:
         return volume.array.astype(np.int32 if volume.array.max(initial=0) > 255 else np.uint8), kwargs, "labels"
     return volume.array, kwargs, "image"

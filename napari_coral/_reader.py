@@ -36,8 +36,6 @@ def read_volume(path):
     if len(frames) > 1:
         data, kwargs, kind = volume_to_layer(frames[0], as_labels=False)
         kwargs["scale"] = (1.0, *kwargs["scale"])
-        if "units" in kwargs:
-            kwargs["units"] = ("pixel", *kwargs["units"])  # frames have no length
         kwargs["metadata"]["frames"] = len(frames)
         return [(np.stack([frame.array for frame in frames]), kwargs, kind)]
     return [volume_to_layer(frames[0])]

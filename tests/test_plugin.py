@@ -64,8 +64,8 @@ def test_reader_keeps_anisotropic_spacing_and_opens_label_maps_as_labels(tmp_pat
     image, seg = viewer.layers
     assert image.scale == pytest.approx([3.5, 0.9, 0.7], abs=1e-5)
     assert type(seg).__name__ == "Labels"
-    if napari_has_units():  # napari's scale bar and the plugin know the scale is in mm
-        assert [str(u) for u in image.units] == ["millimeter"] * 3
+    if napari_has_units():  # the default unit (read as mm): napari warns while layers' units differ
+        assert [str(u) for u in image.units] == ["pixel"] * 3
 
 
 needs_units = pytest.mark.skipif(not napari_has_units(), reason="napari before 0.6 has no layer units")
