@@ -1284,7 +1284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
     p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3)")
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
-    p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="pretraining epochs, for every method (default: 8 quick, 50 full; 8 under-train CORAL, which "
+                        "in the quick setting needed 64 before its pretraining showed: docs/results.md)")
     p.add_argument("--pretrain-lr", type=float, default=None,
                    help="pretraining learning rate, for every method (default 0.001; cosine decay over the epochs)")
     p.add_argument("--finetune-steps", type=int, default=None)

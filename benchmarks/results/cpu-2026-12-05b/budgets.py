@@ -3,8 +3,11 @@
 that every table holds, over the runs that every table holds for it: its mean Dice at each budget, its lead over
 random init, its change from the first table's budget, and CORAL's lead over it. Random init does not pretrain,
 so its runs must be the same in every table; the script checks that they are, bit for bit.
+Each argument is LABEL=TABLE, the label naming the budget (epochs, and the rate where it differs); the first is
+the reference:
 python budgets.py 8=../cpu-2026-12-05/plain_baselines_table.json 64=pre64_baselines_table.json
-python budgets.py 8=../cpu-2026-12-05/plain40_table.json 32=pre32_plain_table.json 64=pre64_plain_table.json"""
+python budgets.py 8=../cpu-2026-12-05/plain40_table.json 32=pre32_plain_table.json 64=pre64_plain_table.json \
+    8@3e-3=prelr3e-3_plain_table.json 8@1e-2=prelr1e-2_plain_table.json"""
 import sys
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from paired import paired, runs  # noqa: E402
 
-tables = {int(a.split("=")[0]): runs(a.split("=", 1)[1]) for a in sys.argv[1:]}
+tables = {a.split("=")[0]: runs(a.split("=", 1)[1]) for a in sys.argv[1:]}  # LABEL=TABLE: the label names the budget
 budgets = list(tables)
 base = budgets[0]
 
@@ -26,9 +29,9 @@ random = of(tables[base], "random")
 for budget in budgets[1:]:
     theirs = of(tables[budget], "random")
     same = [k for k in theirs if k in random]
-    assert all(theirs[k] == random[k] for k in same), f"random init differs in the {budget}-epoch table"
+    assert all(theirs[k] == random[k] for k in same), f"random init differs in table {budget}"
     if same:
-        print(f"random init: {len(same)} runs of the {budget}-epoch table equal the {base}-epoch table's, bit for bit")
+        print(f"random init: {len(same)} runs of table {budget} equal table {base}'s, bit for bit")
 methods = [m for m in dict.fromkeys(k[0] for k in tables[base]) if m != "random"
            and all(of(t, m) for t in tables.values())]
 for method in methods:
@@ -37,7 +40,7 @@ for method in methods:
           f"{np.mean([random[k] for k in keys]):.3f})")
     for budget in budgets:
         mine = of(tables[budget], method)
-        line = (f"  {budget:>3} epochs: {np.mean([mine[k] for k in keys]):.3f}; - random {paired(mine, random, keys)}")
+        line = (f"  {budget:>9}: {np.mean([mine[k] for k in keys]):.3f}; - random {paired(mine, random, keys)}")
         if budget != base:
             line += f"; - itself at {base} {paired(mine, of(tables[base], method), keys)}"
         if method != "coral":
