@@ -332,3 +332,35 @@ def test_a_training_process_killed_by_the_system_is_reported_as_such(tmp_path):
     assert len(messages) == 1 and messages[0][0] == "error", messages
     assert "killed by the system" in messages[0][1] and "out of memory" in messages[0][1]
     assert "previous model is kept" in messages[0][1] and not out.exists()
+
+
+def test_a_job_child_waits_passively_unless_the_user_said_otherwise(tmp_path, monkeypatch):
+    """A job's child process gets OMP_WAIT_POLICY=PASSIVE (its threads sleep, not spin, when napari or another
+    job holds their cores), unless the user's environment sets it."""
+    import json
+    import time
+
+    import napari_coral._jobs as jobs
+
+    assert jobs.child_environment({"PATH": "/bin"}) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert jobs.child_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    started = []
+
+    class Child:  # what subprocess.Popen was given, and a child that is done at once
+        def __init__(self, args, **kwargs):
+            started.append((args, kwargs["env"]))
+            self.stdout = iter([jobs.MESSAGE_PREFIX + json.dumps(["done", str(tmp_path / "m.safetensors"), False]) + "\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Child)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    job = jobs.Job("pretrain", {"out": str(tmp_path / "m.safetensors")}).start()
+    deadline, messages = time.monotonic() + 30, []
+    while not any(m[0] == "done" for m in messages) and time.monotonic() < deadline:
+        messages += job.poll()
+        time.sleep(0.01)
+    assert messages[-1][0] == "done"
+    (args, env), = started
+    assert args[1:3] == ["-m", "napari_coral._jobs"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
