@@ -357,9 +357,10 @@ def test_finetune_trains_on_annotated_slices_of_other_scans_too(viewer, qtbot, c
     widget.labels_picker.setCurrentText("my annotations")
     assert widget.finetune(mode="thread") is None
     assert "'second labels' uses label 9" in widget.status.text()
-    viewer.layers["second"].name = "renamed"
+    viewer.layers["second"].name = "renamed"  # the pair follows its layer
+    assert widget.other_scans.item(0).text() == "renamed / second labels: slices 1, 2, 4"
     assert widget.finetune(mode="thread") is None
-    assert "layer 'second' under 'Other scans' is no longer open under that name" in widget.status.text()
+    assert "'second labels' uses label 9" in widget.status.text()  # the renamed pair still trains
     viewer.layers.remove("second labels")  # a closed layer leaves the list
     assert widget.other_scans.count() == 0 and not widget.remove_scan_button.isEnabled()
 

@@ -102,6 +102,7 @@ class FinetuneWidget(QWidget):
         self.add_scan_button.clicked.connect(lambda: self.add_scan())
         self.remove_scan_button.clicked.connect(self._remove_scans)
         self._other: dict[tuple[str, str], list[int]] = {}  # (image layer, labels layer) -> annotated slices
+        self._other_layers: dict[tuple[str, str], tuple] = {}  # the same keys -> the layers, followed when renamed
         self.device_picker = DevicePicker()
         self.annotated_label = status_label()
         self.finetune_button = QPushButton("Fine-tune")
@@ -280,6 +281,7 @@ class FinetuneWidget(QWidget):
             self.status.setText(str(exc))
             return None
         self._other[(image.name, labels.name)] = slices
+        self._other_layers[(image.name, labels.name)] = (image, labels)
         self._show_other()
         self.status.setText(f"{image.name} ({len(slices)} annotated slices) will train too. Choose another image and its "
                             "Labels layer above and paint a few slices in it.")
@@ -288,13 +290,22 @@ class FinetuneWidget(QWidget):
     def _remove_scans(self) -> None:
         for item in self.other_scans.selectedItems():
             self._other.pop(tuple(item.data(Qt.ItemDataRole.UserRole)), None)
+            self._other_layers.pop(tuple(item.data(Qt.ItemDataRole.UserRole)), None)
         self._show_other()
 
     def _show_other(self, *_) -> None:
         from qtpy.QtWidgets import QListWidgetItem
 
-        names = {layer.name for layer in self.viewer.layers}
-        self._other = {key: s for key, s in self._other.items() if set(key) <= names}  # closed layers leave the list
+        open_layers = list(self.viewer.layers)
+        kept, layers = {}, {}
+        for key, slices in self._other.items():
+            pair = self._other_layers.get(key)
+            # == rather than is: napari hands plugins its layers through proxies, a new one at each lookup
+            if pair is None or not all(any(layer == o for o in open_layers) for layer in pair):
+                continue  # closed layers leave the list
+            renamed = (pair[0].name, pair[1].name)  # a renamed layer keeps its place under its new name
+            kept[renamed], layers[renamed] = slices, pair
+        self._other, self._other_layers = kept, layers
         self.other_scans.clear()
         for (image, labels), slices in self._other.items():
             item = QListWidgetItem(f"{image} / {labels}: slices {describe_slices(slices)}")
@@ -322,7 +333,7 @@ class FinetuneWidget(QWidget):
             if (image_name, labels_name) == current:
                 continue
             missing = [name for name in (image_name, labels_name) if name not in self.viewer.layers]
-            if missing:  # renamed: closed layers leave the list by themselves
+            if missing:  # closed or renamed layers leave or follow in the list as the layer list changes
                 raise UserError(f"layer {missing[0]!r} under 'Other scans' is no longer open under that name; remove "
                                 "the pair and add it again")
             image, labels = self._pair(self.viewer.layers[image_name], self.viewer.layers[labels_name])
