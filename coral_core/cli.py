@@ -836,7 +836,8 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         "methods": tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
         "labeled": _int_list(args.labeled, "--labeled") if args.labeled else None,
         "folds": args.folds, "seeds": args.seeds, "device": args.device,
-        "pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr, "finetune_steps": args.finetune_steps,
+        "pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr, "pretrain_batch": args.pretrain_batch,
+        "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
         "workers": args.workers, "finetune_freeze_encoder": args.freeze_encoder or None,
         "finetune_augment": args.finetune_augment, "base_filters": args.base_filters, "image_size": args.image_size,
@@ -1289,6 +1290,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the quick setting needed 64 before its pretraining showed: docs/results.md)")
     p.add_argument("--pretrain-lr", type=float, default=None,
                    help="pretraining learning rate, for every method (default 0.001; cosine decay over the epochs)")
+    p.add_argument("--pretrain-batch", type=int, default=None, metavar="B",
+                   help="pretraining batch in slices, for every method (default: 32 quick, 64 full); an epoch is "
+                        "the cohort's slices // B steps")
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,

@@ -173,6 +173,8 @@ class LowLabelConfig:
             raise UserError("--finetune-cohort-weight must be 0 (off) or more")
         check_optimiser_settings(self.finetune_lr, 0.0, "--finetune-lr")
         check_optimiser_settings(self.pretrain_lr, 0.0, "--pretrain-lr")
+        if self.pretrain_batch < 2:
+            raise UserError("--pretrain-batch must be at least 2 slices (the objectives compare slices within a batch)")
         if self.finetune_steps < 1 or self.pretrain_epochs < 1:
             raise UserError("the benchmark needs --finetune-steps >= 1 and --pretrain-epochs >= 1")
         if not 0 < self.finetune_encoder_lr_scale < float("inf"):

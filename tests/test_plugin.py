@@ -363,6 +363,11 @@ def test_finetune_trains_on_annotated_slices_of_other_scans_too(viewer, qtbot, c
     assert "'second labels' uses label 9" in widget.status.text()  # the renamed pair still trains
     viewer.layers.remove("second labels")  # a closed layer leaves the list
     assert widget.other_scans.count() == 0 and not widget.remove_scan_button.isEnabled()
+    assert widget.add_scan() == ("phantom", "my annotations")
+    assert widget.other_scans.count() == 1 and widget.remove_scan_button.isEnabled()
+    widget.other_scans.item(0).setSelected(True)
+    widget.remove_scan_button.click()  # removed by the user
+    assert widget.other_scans.count() == 0 and not widget.remove_scan_button.isEnabled()
 
 
 def test_finetune_can_learn_from_the_other_open_images_without_labels(viewer, qtbot):

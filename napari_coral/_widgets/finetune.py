@@ -8,7 +8,7 @@ import weakref
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QSpinBox, QVBoxLayout,
     QWidget,
@@ -101,8 +101,10 @@ class FinetuneWidget(QWidget):
         self.remove_scan_button = QPushButton("Remove")
         self.add_scan_button.clicked.connect(lambda: self.add_scan())
         self.remove_scan_button.clicked.connect(self._remove_scans)
-        self._other: dict[tuple[str, str], list[int]] = {}  # (image layer, labels layer) -> annotated slices
-        self._other_layers: dict[tuple[str, str], tuple] = {}  # the same keys -> the layers, followed when renamed
+        # Other scans that train too: [image layer, labels layer, annotated slices], in the order added. The
+        # layers are kept, not their names, so a renamed pair follows; napari hands plugins its layers through
+        # proxies, a new one at each lookup, so they are compared with ==, never with `is`.
+        self._other: list[tuple[object, object, list]] = []
         self.device_picker = DevicePicker()
         self.annotated_label = status_label()
         self.finetune_button = QPushButton("Fine-tune")
@@ -280,37 +282,28 @@ class FinetuneWidget(QWidget):
             show_error(str(exc))
             self.status.setText(str(exc))
             return None
-        self._other[(image.name, labels.name)] = slices
-        self._other_layers[(image.name, labels.name)] = (image, labels)
+        same = [i for i, (o_image, o_labels, _) in enumerate(self._other) if o_image == image and o_labels == labels]
+        if same:  # added again: the pair keeps its place with the slices painted since
+            self._other[same[0]] = (image, labels, slices)
+        else:
+            self._other.append((image, labels, slices))
         self._show_other()
         self.status.setText(f"{image.name} ({len(slices)} annotated slices) will train too. Choose another image and its "
                             "Labels layer above and paint a few slices in it.")
         return image.name, labels.name
 
     def _remove_scans(self) -> None:
-        for item in self.other_scans.selectedItems():
-            self._other.pop(tuple(item.data(Qt.ItemDataRole.UserRole)), None)
-            self._other_layers.pop(tuple(item.data(Qt.ItemDataRole.UserRole)), None)
+        chosen = {self.other_scans.row(item) for item in self.other_scans.selectedItems()}
+        self._other = [pair for row, pair in enumerate(self._other) if row not in chosen]
         self._show_other()
 
     def _show_other(self, *_) -> None:
         from qtpy.QtWidgets import QListWidgetItem
 
-        open_layers = list(self.viewer.layers)
-        kept, layers = {}, {}
-        for key, slices in self._other.items():
-            pair = self._other_layers.get(key)
-            # == rather than is: napari hands plugins its layers through proxies, a new one at each lookup
-            if pair is None or not all(any(layer == o for o in open_layers) for layer in pair):
-                continue  # closed layers leave the list
-            renamed = (pair[0].name, pair[1].name)  # a renamed layer keeps its place under its new name
-            kept[renamed], layers[renamed] = slices, pair
-        self._other, self._other_layers = kept, layers
-        self.other_scans.clear()
-        for (image, labels), slices in self._other.items():
-            item = QListWidgetItem(f"{image} / {labels}: slices {describe_slices(slices)}")
-            item.setData(Qt.ItemDataRole.UserRole, (image, labels))
-            self.other_scans.addItem(item)
+        self._other = [pair for pair in self._other if self._is_open(pair[0]) and self._is_open(pair[1])]
+        self.other_scans.clear()  # rows in the order of self._other, under the layers' names now
+        for image, labels, slices in self._other:
+            self.other_scans.addItem(QListWidgetItem(f"{image.name} / {labels.name}: slices {describe_slices(slices)}"))
         self.remove_scan_button.setEnabled(bool(self._other))
 
     # ------------------------------------------------------------------ training
@@ -325,20 +318,23 @@ class FinetuneWidget(QWidget):
             raise UserError(f"labels layer {labels.name!r} has shape {labels.data.shape} but image {image.name!r} has {shape}")
         return image, labels
 
-    def _others(self, current: tuple[str, str], model) -> list[tuple]:
+    def _is_open(self, layer) -> bool:
+        return any(layer == open_layer for open_layer in self.viewer.layers)
+
+    def _others(self, current: tuple, model) -> list[tuple]:
         """The other scans' (name, image reader, labels snapshot, slices) (:func:`_scans`), the chosen pair
-        left out, and their Labels layers."""
+        (``current``, its two layers) left out, and their Labels layers."""
         found, layers = [], []
-        for (image_name, labels_name), slices in self._other.items():
-            if (image_name, labels_name) == current:
+        for image, labels, slices in self._other:
+            if image == current[0] and labels == current[1]:
                 continue
-            missing = [name for name in (image_name, labels_name) if name not in self.viewer.layers]
-            if missing:  # closed or renamed layers leave or follow in the list as the layer list changes
-                raise UserError(f"layer {missing[0]!r} under 'Other scans' is no longer open under that name; remove "
-                                "the pair and add it again")
-            image, labels = self._pair(self.viewer.layers[image_name], self.viewer.layers[labels_name])
+            closed = [layer.name for layer in (image, labels) if not self._is_open(layer)]
+            if closed:  # closed layers leave the list as the layer list changes; this is in case they have not
+                raise UserError(f"layer {closed[0]!r} under 'Other scans' is closed; open it again and add the pair, "
+                                "or remove it")
+            image, labels = self._pair(image, labels)
             if labels.ndim != np.ndim(slices[0]) + 3 or any(np.greater_equal(k, labels.data.shape[:-2]).any() for k in slices):
-                raise UserError(f"labels layer {labels_name!r} has fewer slices than when it was added; add it again")
+                raise UserError(f"labels layer {labels.name!r} has fewer slices than when it was added; add it again")
             found += _scans(image, labels, slices, model)
             layers.append(labels)
         return found, layers
@@ -370,13 +366,13 @@ class FinetuneWidget(QWidget):
         val_slices = [z for _, z in val] if image.ndim == 4 else val
         scans = [(name, reader, lab, [k for k in keys if k not in val_slices] if i == 0 else keys)
                  for i, (name, reader, lab, keys) in enumerate(scans)]
-        others, other_labels = self._others((image.name, labels.name), model)
+        others, other_labels = self._others((image, labels), model)
         unlabelled = []
         if self.use_unlabelled.isChecked():
             if not self.keep_embedding.isChecked():
                 raise UserError("'Also learn from the other open images' trains the embedding loss; check 'Keep the "
                                 "embedding in slice order' too, or uncheck it")
-            annotated = {image.name, *(image_name for image_name, _ in self._other)}  # every pair trains
+            annotated = {image.name, *(other_image.name for other_image, _, _ in self._other)}  # every pair trains
             unlabelled = [reader for layer in self.image_picker.layers() if layer.name not in annotated
                           for reader in ([LayerArray(layer, np.float32)] if layer.ndim == 3 else
                                          [LayerArray(layer, np.float32, frame=t) for t in range(layer.data.shape[0])])]
