@@ -236,7 +236,7 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.data import PretrainSlices
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig
-    from coral_core.pretrain import PretrainConfig, pretrain
+    from coral_core.pretrain import PretrainConfig, budget_advice, pretrain, pretraining_steps
 
     check_output_path(args.out)
     _check_pixel_spacing(args.pixel_spacing)
@@ -283,7 +283,10 @@ def cmd_pretrain(args) -> tuple[dict, str]:
            "steps": len(result.history.steps), "resumed_from": _resumed_from(result.history),
            "final_loss": result.history.last("loss"), "seconds": round(seconds, 1), "slice_cache": cache}
     from_cache = f" (slices {cache} {args.slice_cache})" if cache else ""
-    return out, f"pretrained {args.method} on {_count_of(n_volumes, 'volume')} in {seconds:.0f} s{from_cache}; saved {args.out}"
+    steps = _count_of(pretraining_steps(len(data), args.batch_size, args.epochs), "step")  # a continued run's too
+    advice = budget_advice(len(data), args.batch_size, args.epochs)
+    return out, (f"pretrained {args.method} on {_count_of(n_volumes, 'volume')}, {steps} in {seconds:.0f} s{from_cache}; "
+                 f"saved {args.out}" + (f"\n{steps} is a quick look: {advice}" if advice else ""))
 
 
 def _cached_slices(args, rank: int):

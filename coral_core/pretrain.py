@@ -28,9 +28,32 @@ from coral_core.training import (
     training_bytes_per_image,
 )
 
-__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "METHODS"]
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "METHODS", "SUGGESTED_STEPS", "pretraining_steps", "budget_advice"]
 
 METHODS = ("coral", "ral", "oal", "pcl", "gcl", "simclr")
+
+# In the low-label benchmark on phantoms (batch 32), CORAL's pretraining improved the fine-tuned Dice only
+# after about this many steps: 64 did nothing measurable and 256 little, while SimCLR, GCL and PCL gained
+# less from the extra steps (docs/results.md, "A longer pretraining over 40 runs").
+SUGGESTED_STEPS = 500
+
+
+def pretraining_steps(n_slices: int, batch_size: int, epochs: int) -> int:
+    """The optimiser steps of :func:`pretrain` over ``n_slices`` slices: one per (global) batch of the
+    slices, rounded down, and at least one, per epoch."""
+    batch = min(batch_size, n_slices)
+    return max(1, n_slices // max(1, batch)) * epochs
+
+
+def budget_advice(n_slices: int, batch_size: int, epochs: int, option: str = "--epochs") -> str:
+    """For a pretraining of fewer than :data:`SUGGESTED_STEPS` steps, a clause saying how many epochs
+    (``option``) would reach them; "" otherwise."""
+    steps = pretraining_steps(n_slices, batch_size, epochs)
+    if steps >= SUGGESTED_STEPS:
+        return ""
+    per_epoch = pretraining_steps(n_slices, batch_size, 1)
+    return (f"on phantoms CORAL's pretraining helped fine-tuning only after about {SUGGESTED_STEPS} steps "
+            f"({option} {-(-SUGGESTED_STEPS // per_epoch)} here; docs/engine.md)")
 
 
 @dataclass
@@ -199,7 +222,7 @@ def pretrain(
     batch = min(config.batch_size, len(data))  # the global batch: each process takes a block of it
     if batch < 2 * world:
         raise UserError(f"a global batch of {batch} slices is too small for {world} processes; raise --batch-size")
-    steps_per_epoch = max(1, len(data) // batch)
+    steps_per_epoch = pretraining_steps(len(data), batch, 1)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     work = total * batch * config.model.image_size**2  # slice-pixels: whether compiling pays ("auto")

@@ -69,6 +69,27 @@ def workflow(subject):
     return d, json.loads(pre.stdout), json.loads(ft.stdout), json.loads(seg.stdout)
 
 
+def test_pretrain_counts_its_steps_and_says_when_they_are_few(tmp_path):
+    import re
+
+    from coral_core.pretrain import SUGGESTED_STEPS, budget_advice, pretraining_steps
+
+    vol = make_phantom(0, n_slices=9)[0].array
+    save_volume(tmp_path / "a.nii.gz", vol, np.eye(4))
+    text = coral("pretrain", tmp_path / "a.nii.gz", "--epochs", 3, "--batch-size", 4, *TINY,
+                 "--out", tmp_path / "p.safetensors").stdout
+    steps = pretraining_steps(9, 4, 3)
+    assert steps == 6  # 9 slices // 4 a step, 3 epochs
+    assert "pretrained coral on 1 volume, 6 steps in" in text, text
+    per_epoch = steps // 3
+    assert re.search(rf"6 steps is a quick look: .* about {SUGGESTED_STEPS} steps \(--epochs {-(-SUGGESTED_STEPS // per_epoch)} here", text), text
+    ran = coral("pretrain", tmp_path / "a.nii.gz", "--epochs", 3, "--batch-size", 4, *TINY,
+                "--out", tmp_path / "p.safetensors", "--json")
+    assert json.loads(ran.stdout)["steps"] == steps  # the count said is the count run
+    assert budget_advice(9, 4, 250) == "" and "--epochs 250 here" in budget_advice(9, 4, 249)  # 500 steps are enough
+    assert pretraining_steps(3, 32, 5) == 5  # a batch larger than the slices takes them all, a step an epoch
+
+
 def test_help_lists_every_command_and_each_has_help():
     out = coral("--help").stdout
     for name in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo", "bench"):

@@ -628,9 +628,27 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
 
 
 def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
+    from coral_core.pretrain import SUGGESTED_STEPS, pretraining_steps
+
     widget = dock(viewer, "Model")
     session = session_for(viewer)
     assert widget.volumes.checked() == ["phantom"]
+    # the steps the epochs make of the checked slices, and the epochs that would reach the suggested steps
+    z = viewer.layers["phantom"].data.shape[0]
+    per_epoch = pretraining_steps(z, 32, 1)
+    assert widget.budget.text().startswith(f"{3 * per_epoch} steps of {min(32, z)} slices ({z} checked): a quick look")
+    assert f"(Epochs {-(-SUGGESTED_STEPS // per_epoch)} here" in widget.budget.text()
+    viewer.add_image(np.zeros((5, 16, 16), np.float32), name="second")  # new layers start checked
+    assert f"({z + 5} checked)" in widget.budget.text()
+    widget.volumes.item(1).setCheckState(Qt.CheckState.Unchecked)
+    assert f"({z} checked)" in widget.budget.text()
+    widget.epochs.setValue(1000)
+    assert widget.budget.text() == f"{1000 * per_epoch} steps of {min(32, z)} slices ({z} checked)."
+    widget.volumes.item(0).setCheckState(Qt.CheckState.Unchecked)
+    assert widget.budget.text() == ""
+    widget.volumes.item(0).setCheckState(Qt.CheckState.Checked)
+    viewer.layers.remove("second")
+    widget.epochs.setValue(3)
     runner = widget.pretrain()  # default choices: CORAL, 3 epochs, the open image
     qtbot.waitUntil(lambda: not runner.running, timeout=300_000)
     assert "pretrained encoder" in session.source, widget.pretrain_status.text()

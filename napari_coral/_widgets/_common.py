@@ -60,7 +60,10 @@ class LayerPicker(QComboBox):
 
 class VolumeChecklist(QListWidget):
     """The viewer's 3-D image layers as a checkable list (new layers start checked); with ``cine``,
-    4-D (t, z, y, x) image layers too, each frame of which is a volume (pretraining)."""
+    4-D (t, z, y, x) image layers too, each frame of which is a volume (pretraining). ``changed`` is
+    emitted when the checked layers may have changed: a check toggled, or the layer list."""
+
+    changed = Signal()
 
     def __init__(self, viewer, parent=None, cine: bool = False) -> None:
         super().__init__(parent)
@@ -68,6 +71,7 @@ class VolumeChecklist(QListWidget):
         self.setMaximumHeight(85)
         self._shown: list = []  # the layers listed, in the list's order
         follow_layer_list(viewer, self.refresh)
+        self.itemChanged.connect(lambda *_: self.changed.emit())
         self.refresh()
 
     def refresh(self, *_):
@@ -86,9 +90,17 @@ class VolumeChecklist(QListWidget):
                 item.setCheckState(next((state for old, state in before if old is layer), Qt.CheckState.Checked))
                 self.addItem(item)
                 self._shown.append(layer)
+        self.changed.emit()
 
     def checked(self) -> list[str]:
         return [self.item(i).text() for i in range(self.count()) if self.item(i).checkState() == Qt.CheckState.Checked]
+
+    def checked_slices(self) -> int:
+        """The 2-D slices of the checked layers, every frame's of a cine series."""
+        from napari_coral._layers import full_resolution
+
+        return sum(int(np.prod(full_resolution(layer).shape[:-2])) for i, layer in enumerate(self._shown)
+                   if i < self.count() and self.item(i).checkState() == Qt.CheckState.Checked)
 
 
 class DevicePicker(QComboBox):

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
-from coral_core.pretrain import METHODS, PretrainConfig
+from coral_core.pretrain import METHODS, PretrainConfig, budget_advice, pretraining_steps
 from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray, extent_mm
 from napari_coral._session import data_home, keep_model_sentence, session_for
@@ -69,6 +69,8 @@ class ModelWidget(QWidget):
         form = QFormLayout()
         form.addRow("Method", self.method)
         form.addRow("Epochs", self.epochs)
+        self.budget = status_label()  # the steps those epochs make of the checked images
+        form.addRow("", self.budget)
         form.addRow("Device", self.device_picker)
         form.addRow("Volumes", self.volumes)
         form.addRow("", self.physical_scale)
@@ -91,6 +93,10 @@ class ModelWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(group)
         layout.addStretch(1)
+
+        self.epochs.valueChanged.connect(self._show_budget)
+        self.volumes.changed.connect(self._show_budget)
+        self._show_budget()
 
         self.runner: JobRunner | None = None
         self._tmp = None
@@ -135,6 +141,19 @@ class ModelWidget(QWidget):
             self.save_model_file(path)
 
     # ------------------------------------------------------------------ pretraining
+    def _show_budget(self, *_) -> None:
+        """How many steps the epochs make of the checked images, and how many epochs reach the steps
+        CORAL's pretraining needed on phantoms."""
+        slices = self.volumes.checked_slices()
+        if not slices:
+            self.budget.setText("")
+            return
+        batch = PretrainConfig.batch_size
+        steps = pretraining_steps(slices, batch, self.epochs.value())
+        advice = budget_advice(slices, batch, self.epochs.value(), option="Epochs")
+        text = f"{steps} step{'' if steps == 1 else 's'} of {min(batch, slices)} slices ({slices} checked)"
+        self.budget.setText(f"{text}: a quick look; {advice}." if advice else f"{text}.")
+
     def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
         self._show_stopped_runs()  # files may have come or gone while the dock was hidden
         super().showEvent(event)
