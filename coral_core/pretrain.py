@@ -33,8 +33,9 @@ __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "METHODS", "SUGGESTED
 METHODS = ("coral", "ral", "oal", "pcl", "gcl", "simclr")
 
 # In the low-label benchmark on phantoms (batch 32), CORAL's pretraining improved the fine-tuned Dice only
-# after about this many steps: 64 did nothing measurable and 256 little, while SimCLR, GCL and PCL gained
-# less from the extra steps (docs/results.md, "A longer pretraining over 40 runs").
+# after about this many steps: 64 did nothing measurable, 256 little and 1,024 no more than 512, while SimCLR,
+# GCL and PCL gained less from the extra steps (docs/results.md, "A longer pretraining over 40 runs" and
+# "Steps or slices").
 SUGGESTED_STEPS = 500
 
 
