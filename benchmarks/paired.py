@@ -17,10 +17,10 @@ import numpy as np  # noqa: E402
 from coral_core.lowlabel import sign_test_p  # noqa: E402
 
 
-def runs(path: Path) -> dict:
-    """{(method, seed, fold): Dice} of a `coral bench lowlabel --table` file's runs at M = 1."""
+def runs(path: Path, labeled: int = 1) -> dict:
+    """{(method, seed, fold): Dice} of a `coral bench lowlabel --table` file's runs at M = ``labeled``."""
     return {(r["method"], r["seed"], r["fold"]): r["dice"] for r in json.loads(Path(path).read_text())["runs"]
-            if r["labeled"] == 1}
+            if r["labeled"] == labeled}
 
 
 def paired(a: dict, b: dict, keys: list) -> str:
