@@ -831,8 +831,8 @@ PRETRAIN_PHANTOM_SEED = 100_000  # the first seed of `coral bench lowlabel --pre
 
 def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     from coral_core.lowlabel import (
-        LowLabelConfig, best_checkpoint_summary, format_best_checkpoint, format_paired, format_pooled, format_table,
-        load_labelled_cases, paired_differences, run_lowlabel,
+        LowLabelConfig, best_checkpoint_runs, best_checkpoint_summary, format_best_checkpoint, format_paired,
+        format_pooled, format_table, load_labelled_cases, paired_differences, run_lowlabel,
     )
 
     options = {
@@ -939,11 +939,13 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         if table:
             text += (f"\n\npaired with {reference} (same folds, seeds and labelled volumes; wins/runs, two-sided "
                      f"sign test p):\n" + table)
-    best = best_checkpoint_summary(result.runs, result.config["methods"], result.config["labeled"])
+    best_runs = best_checkpoint_runs(result.runs)
+    best = best_checkpoint_summary(result.runs, result.config["methods"], result.config["labeled"], best=best_runs)
     if best:
         out["best_checkpoint"] = best
         text += ("\n\neach run also scored at its best checkpoint on the test fold (the published code keeps its best "
-                 "epoch; this picks on the test data, so it is optimistic):\n" + format_best_checkpoint(result.runs))
+                 "epoch; this picks on the test data, so it is optimistic):\n"
+                 + format_best_checkpoint(result.runs, best=best_runs))
         for reference in ("random", "coral"):
             table = format_paired([r for r in best["paired"] if r["reference"] == reference])
             if table:

@@ -700,20 +700,22 @@ def best_checkpoint_runs(runs: list[dict]) -> list[dict]:
     return out
 
 
-def best_checkpoint_summary(runs: list[dict], methods, labeled) -> dict | None:
+def best_checkpoint_summary(runs: list[dict], methods, labeled, *, best: list[dict] | None = None) -> dict | None:
     """Rows (as the benchmark's) and paired differences with random init and CORAL of the runs at their
-    best checkpoints (:func:`best_checkpoint_runs`); None when no run has a curve."""
-    best = best_checkpoint_runs(runs)
+    best checkpoints (:func:`best_checkpoint_runs`, or ``best`` if the caller has them already); None when
+    no run has a curve."""
+    best = best_checkpoint_runs(runs) if best is None else best
     if not best:
         return None
     return {"rows": _rows(best, methods, labeled),
             "paired": paired_differences(best, "random") + paired_differences(best, "coral")}
 
 
-def format_best_checkpoint(runs: list[dict]) -> str:
+def format_best_checkpoint(runs: list[dict], *, best: list[dict] | None = None) -> str:
     """Per method and labelled count: Dice and pooled Dice at the end of the schedule and at the best
-    checkpoint (:func:`best_checkpoint_runs`), over the runs that have a curve, and the median best step."""
-    best_runs = best_checkpoint_runs(runs)
+    checkpoint (:func:`best_checkpoint_runs`, or ``best`` if the caller has them already), over the runs
+    that have a curve, and the median best step."""
+    best_runs = best_checkpoint_runs(runs) if best is None else best
     if not best_runs:
         return ""
     head = f"{'method':<8}{'M':>4}{'runs':>6}{'Dice end':>10}{'best':>8}{'pooled end':>12}{'best':>8}{'best step':>11}"
