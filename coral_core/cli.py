@@ -805,8 +805,11 @@ def cmd_demo(args) -> tuple[dict, str]:
         save_checkpoint(args.save_model, result.model, result.training, half=True)
     out = {"dice": result.metrics["dice"], "mean_dice": result.metrics["mean_dice"],
            "mean_hd95": result.metrics["mean_hd95"], "figure": str(result.figure), "seconds": round(result.seconds, 1),
-           "model": args.save_model}
+           "model": args.save_model, "pretrain_steps": result.pretrain_steps}
     lines = [f"CORAL demo on the phantom cohort ({result.seconds:.0f} s)"]
+    steps = _count_of(result.pretrain_steps, "pretraining step")
+    lines.append(f"  {steps} of CORAL" + (f", a demonstration: {result.pretrain_advice}" if result.pretrain_advice
+                                          else ""))
     lines += [f"  Dice {name:<11} {d:.3f}" for name, d in result.metrics["dice"].items()]
     lines.append(f"  mean Dice {result.metrics['mean_dice']:.3f}, mean HD95 {result.metrics['mean_hd95']:.1f} mm")
     lines.append(f"  figure: {result.figure}")

@@ -19,7 +19,7 @@ from coral_core.metrics import evaluate_segmentation
 from coral_core.model import UNet, UNetConfig
 from coral_core.phantom import LABEL_NAMES, make_cohort, make_phantom
 from coral_core.plotting import save_overlay_png
-from coral_core.pretrain import PretrainConfig, pretrain
+from coral_core.pretrain import PretrainConfig, budget_advice, pretrain, pretraining_steps
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -47,6 +47,8 @@ class DemoResult:
     figure: Path
     seconds: float
     training: dict
+    pretrain_steps: int = 0  # the optimiser steps of its CORAL pretraining
+    pretrain_advice: str = ""  # budget_advice for them: "" at SUGGESTED_STEPS or more
 
 
 def run_demo(cfg: DemoConfig, out_dir: Path, make_callback: Callable | None = None) -> DemoResult:
@@ -91,4 +93,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, make_callback: Callable | None = No
         "finetune": {"subjects": cfg.n_labelled, "steps": cfg.steps},
         "held_out_mean_dice": metrics["mean_dice"],
     }
-    return DemoResult(ft.model, metrics, figure, time.perf_counter() - t0, training)
+    n_slices = sum(len(image) for image in images)
+    return DemoResult(ft.model, metrics, figure, time.perf_counter() - t0, training,
+                      pretraining_steps(n_slices, pre_cfg.batch_size, cfg.epochs),
+                      budget_advice(n_slices, pre_cfg.batch_size, cfg.epochs))

@@ -466,6 +466,20 @@ def test_demo_runs_end_to_end(tmp_path):
     assert 0.0 <= res["mean_dice"] <= 1.0 and set(res["dice"]) == {"RV", "myocardium", "LV"}
     assert (tmp_path / "demo" / "demo_segmentation.png").stat().st_size > 10_000
     assert (tmp_path / "demo.safetensors").is_file()
+    # its pretraining says how many steps it made, and that so few are a demonstration
+    from coral_core.demo import LABELLED_SEED_OFFSET
+    from coral_core.phantom import make_cohort
+    from coral_core.pretrain import SUGGESTED_STEPS, pretraining_steps
+
+    cohort = make_cohort(2, seed=0) + make_cohort(2, seed=LABELLED_SEED_OFFSET)  # what it pretrained on
+    n_slices = sum(len(image.array) for image, _ in cohort)
+    per_epoch = pretraining_steps(n_slices, 32, 1)
+    assert res["pretrain_steps"] == per_epoch
+    text = coral("demo", "--phantom", 2, "--epochs", 1, "--steps", 2, "--out-dir", tmp_path / "demo2").stdout
+    (line,) = [ln for ln in text.splitlines() if "of CORAL" in ln]
+    assert line.strip().startswith(f"{per_epoch} pretraining step")
+    assert f"about {SUGGESTED_STEPS} steps (--epochs {-(-SUGGESTED_STEPS // per_epoch)} here" in line
+    assert "mean Dice" in text and (tmp_path / "demo2" / "demo_segmentation.png").is_file()
 
 
 def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
