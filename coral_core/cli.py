@@ -1271,10 +1271,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "Phantom cohort -> CORAL pretraining -> fine-tune on 2 subjects -> segment a held-out one.", cmd_demo)
     p.add_argument("--out-dir", default="coral-demo", help="where the figure goes (default: ./coral-demo)")
-    p.add_argument("--phantom", type=_count, default=16, metavar="N", help="unlabelled subjects for pretraining")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phantom", type=_count, default=16, metavar="N", help="unlabelled subjects for pretraining (default 16; the 2 labelled ones pretrain too)")
+    p.add_argument("--epochs", type=_positive_int, default=6,
+                   help="CORAL pretraining epochs (default 6: 42 steps with the default cohort, a demonstration; the "
+                        "demo says how many would reach the 500 after which pretraining helped on phantoms)")
+    p.add_argument("--steps", type=_positive_int, default=200, help="fine-tuning steps (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohort, the pretraining and the fine-tuning")
     p.add_argument("--save-model", default=None, metavar="CKPT", help="also save the fine-tuned model")
     _cpu_bf16_option(p)
 

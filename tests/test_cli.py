@@ -517,6 +517,9 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     (tmp_path / "a_file").write_text("")
     user_error(coral("demo", "--out-dir", tmp_path / "a_file" / "sub", check=False), "cannot create the output folder")
     (tmp_path / "a_file").unlink()
+    for option in ("--steps", "--epochs"):  # refused before the demo pretrains, not after
+        user_error(coral("demo", option, 0, "--out-dir", tmp_path / "demo", check=False), option, "at least 1")
+    assert not (tmp_path / "demo").exists()
     demo = Path(coral_core.__file__).parent / "assets" / "demo_model.safetensors"  # 16 filters at 128 x 128
     for option, value in (("--image-size", 64), ("--base-filters", 8)):
         user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--init", demo, option, value,
