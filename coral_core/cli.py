@@ -1209,7 +1209,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that hold any label)")
     p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint (default: random init)")
     p.add_argument("--out", required=True, metavar="CKPT")
-    p.add_argument("--classes", type=int, default=None, help="number of classes incl. background (default: from the labels)")
+    p.add_argument("--classes", type=_whole_number(2, "classes, background and at least one more"), default=None,
+                   help="number of classes incl. background, at least 2 (default: from the labels)")
     p.add_argument("--label-values", default=None, metavar="V1,V2,...", help=LABEL_VALUES_HELP)
     p.add_argument("--class-names", default=None, help="names of the foreground classes in label order, e.g. GM,WM")
     p.add_argument("--steps", type=int, default=200)

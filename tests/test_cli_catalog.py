@@ -88,6 +88,9 @@ def test_label_problems_exit_2_with_one_sentence(files, tmp_path):
                      "--out", tmp_path / "out.safetensors", check=False), "lab_small.nii.gz", "do not match")
     user_error(coral("finetune", files / "img.nii.gz", "--labels", files / "lab.nii.gz", "--classes", 3,
                      "--out", tmp_path / "out.safetensors", check=False), "holds label 3 but --classes is 3")
+    # a model of one class would have nothing to segment (this said "only background is labelled" of labels 1-3)
+    user_error(coral("finetune", files / "img.nii.gz", "--labels", files / "lab.nii.gz", "--classes", 1,
+                     "--out", tmp_path / "out.safetensors", check=False), "--classes", "at least 2")
     user_error(coral("finetune", files / "img.nii.gz", "--labels", files / "img.nii.gz",
                      "--out", tmp_path / "out.safetensors", check=False), "img.nii.gz", "not a label map")
     _no_partial_files(tmp_path)
