@@ -237,9 +237,11 @@ def cmd_pretrain(args) -> tuple[dict, str]:
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig
     from coral_core.pretrain import PretrainConfig, budget_advice, pretrain, pretraining_steps
+    from coral_core.training import check_optimiser_settings
 
     check_output_path(args.out)
     _check_pixel_spacing(args.pixel_spacing)
+    check_optimiser_settings(args.lr, 0.0)  # these, before any volume is read
     if args.pixel_spacing is not None and not args.image_size:  # the field of view is the input size times it
         args.image_size = PIXEL_SPACING_IMAGE_SIZE
     rank, processes = _init_ddp(args.device) if args.ddp else (0, 1)
@@ -431,9 +433,13 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.finetune import FinetuneConfig, finetune
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
+    from coral_core.training import check_optimiser_settings
 
     check_output_path(args.out)
-    if args.unlabelled and args.embedding_weight <= 0:  # before any volume is read
+    check_optimiser_settings(args.lr, 0.0)  # these, before any volume is read
+    if not args.embedding_weight >= 0 or not math.isfinite(args.embedding_weight):
+        raise UserError(f"--embedding-weight {args.embedding_weight:g}: give a weight of 0 (off) or more, e.g. 0.1")
+    if args.unlabelled and args.embedding_weight <= 0:
         raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
                         "(default 0.1), or leave --unlabelled out")
     label_values = parse_label_values(args.label_values) if args.label_values else None  # before any file is read
@@ -1167,10 +1173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pretrain", "Self-supervised pretraining of the encoder on unlabeled volumes.", cmd_pretrain)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
     p.add_argument("--method", default="coral", choices=["coral", "ral", "oal", "pcl", "gcl", "simclr"])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write (.safetensors)")
     p.add_argument("--phantom", type=_count, default=0, metavar="N", help="add N synthetic phantom subjects")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_whole_number(2, "slices per step, which the objectives compare"), default=32,
+                   help="slices per step, at least 2 (default 32)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--base-filters", type=_positive_int, default=16)
     p.add_argument("--image-size", type=_positive_int, default=None,
@@ -1213,13 +1220,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of classes incl. background, at least 2 (default: from the labels)")
     p.add_argument("--label-values", default=None, metavar="V1,V2,...", help=LABEL_VALUES_HELP)
     p.add_argument("--class-names", default=None, help="names of the foreground classes in label order, e.g. GM,WM")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=_positive_int, default=200)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 0.003, as FinetuneConfig)")
     p.add_argument("--embedding-weight", type=float, default=0.1,
                    help="weight of the CORAL loss that keeps a CORAL-pretrained model's embedding in slice order "
                         "while fine-tuning (default 0.1; 0: off, about 1.7x faster)")
-    p.add_argument("--embedding-every", type=int, default=1, metavar="K",
+    p.add_argument("--embedding-every", type=_positive_int, default=1, metavar="K",
                    help="that loss on every K-th step only, at K times the weight (default 1; 2 fine-tuned about "
                         "1.3x faster with the same embedding, and a Dice lower in most runs: docs/results.md)")
     p.add_argument("--balance-classes", action="store_true", help=BALANCE_HELP)

@@ -517,6 +517,15 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     (tmp_path / "a_file").write_text("")
     user_error(coral("demo", "--out-dir", tmp_path / "a_file" / "sub", check=False), "cannot create the output folder")
     (tmp_path / "a_file").unlink()
+    # training options that cannot work are refused before any file is read (a missing one is named only after)
+    missing, out = tmp_path / "missing.nii.gz", tmp_path / "m.safetensors"
+    for command, option, value, fragment in (
+            ("pretrain", "--epochs", 0, "at least 1"), ("pretrain", "--batch-size", 1, "at least 2"),
+            ("pretrain", "--lr", -1, "learning rate"), ("finetune", "--steps", 0, "at least 1"),
+            ("finetune", "--batch-size", 0, "at least 1"), ("finetune", "--embedding-every", 0, "at least 1"),
+            ("finetune", "--lr", 0, "learning rate"), ("finetune", "--embedding-weight", -1, "0 (off) or more")):
+        labels = ("--labels", d / "lab.nii.gz") if command == "finetune" else ()
+        user_error(coral(command, missing, *labels, option, value, "--out", out, check=False), option, fragment)
     for option in ("--steps", "--epochs"):  # refused before the demo pretrains, not after
         user_error(coral("demo", option, 0, "--out-dir", tmp_path / "demo", check=False), option, "at least 1")
     assert not (tmp_path / "demo").exists()
