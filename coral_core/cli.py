@@ -156,6 +156,13 @@ def _stop_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _ignore_further_ctrl_c() -> None:
+    """The command is stopping on Ctrl-C: another press, while it says so and exits, would only cut that
+    short with a traceback (the main thread only can set signals; the CLI runs there)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _resume_state(args, fingerprint: dict, every: int):
     """The run's resume file; without --resume an old one is replaced, not continued."""
     from coral_core.resume import ResumeState, resume_path
@@ -929,10 +936,13 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         result = run_lowlabel(cfg, cases, _stage_printer(), source=str(source), earlier=earlier,
                               earlier_name=str(args.table), on_run=write, pretrain_extra=extra)
     except KeyboardInterrupt:
-        if not written:
-            raise
-        raise _Interrupted(f"interrupted; {args.table} holds the runs finished so far ({written[-1]}), and the "
-                           "same command continues it") from None
+        if written:
+            raise _Interrupted(f"interrupted; {args.table} holds the runs finished so far ({written[-1]}), and the "
+                               "same command continues it") from None
+        if earlier and earlier.get("runs"):  # nothing new finished: the table is as it was
+            raise _Interrupted(f"interrupted before another run finished; {args.table} still holds its "
+                               f"{len(earlier['runs'])} runs, and the same command continues it") from None
+        raise
     write(result)
     out = as_table(result)
     paired = out["paired"]
@@ -1406,9 +1416,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except _Interrupted as exc:
+        _ignore_further_ctrl_c()
         print(f"error: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
+        _ignore_further_ctrl_c()
         print("error: interrupted; no partial output was written", file=sys.stderr)
         return 130
     finally:

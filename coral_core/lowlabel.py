@@ -18,7 +18,10 @@ fine-tuning.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -649,13 +652,31 @@ def _run_in_workers(work: _Work, units: list, workers: int, take, say) -> None:
                 say(message[1])
         pool.shutdown()
     except BaseException:  # an error, or Ctrl-C: stop the other workers now, not after their units
-        processes = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
+        with _sigint_ignored():  # a second Ctrl-C must not cut this short (it left a traceback and workers)
+            processes = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join(timeout=10)
+            pool.shutdown(wait=True)  # the pool's thread, joined now rather than at exit, where Ctrl-C could break in
         raise
     finally:
-        manager.shutdown()
+        with _sigint_ignored():
+            manager.shutdown()
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside (in the main thread; elsewhere signals cannot be set and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _rows(runs: list[dict], methods, labeled) -> list[dict]:

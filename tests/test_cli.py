@@ -650,6 +650,21 @@ def test_bench_lowlabel_ctrl_c_keeps_the_finished_runs(tmp_path, workers):
     assert 1 <= len(kept["runs"]) < 6 and not kept["complete"]
     assert err.strip().splitlines()[-1] == (f"error: interrupted; {table} holds the runs finished so far "
                                             f"({len(kept['runs'])}), and the same command continues it")
+    if workers == 2:  # Ctrl-C twice as the workers start: no traceback, no worker left, the table as it was
+        import signal
+        import time
+
+        proc = _popen_coral(*args)
+        while "units of work" not in proc.stderr.readline():
+            assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (f"error: interrupted before another run finished; {table} still "
+                                                f"holds its {len(kept['runs'])} runs, and the same command continues it")
+        assert json.loads(table.read_text()) == kept
     done = json.loads(coral(*args).stdout)
     assert all(run in done["runs"] for run in kept["runs"]) and len(done["runs"]) == 6 and done["complete"]
     assert done["rows"][0]["n"] == 6
