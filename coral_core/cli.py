@@ -444,8 +444,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
 
     check_output_path(args.out)
     check_optimiser_settings(args.lr, 0.0)  # these, before any volume is read
-    if not args.embedding_weight >= 0 or not math.isfinite(args.embedding_weight):
-        raise UserError(f"--embedding-weight {args.embedding_weight:g}: give a weight of 0 (off) or more, e.g. 0.1")
+    if not 0 <= args.embedding_weight < math.inf:  # NaN too
+        raise UserError(f"--embedding-weight {args.embedding_weight:g}: give a finite weight of 0 (off) or more, e.g. 0.1")
     if args.unlabelled and args.embedding_weight <= 0:
         raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
                         "(default 0.1), or leave --unlabelled out")
@@ -1289,7 +1289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "Phantom cohort -> CORAL pretraining -> fine-tune on 2 subjects -> segment a held-out one.", cmd_demo)
     p.add_argument("--out-dir", default="coral-demo", help="where the figure goes (default: ./coral-demo)")
-    p.add_argument("--phantom", type=_count, default=16, metavar="N", help="unlabelled subjects for pretraining (default 16; the 2 labelled ones pretrain too)")
+    p.add_argument("--phantom", type=_count, default=16, metavar="N",
+                   help="unlabelled subjects for pretraining (default 16; the 2 labelled ones pretrain too)")
     p.add_argument("--epochs", type=_positive_int, default=6,
                    help="CORAL pretraining epochs (default 6: 42 steps with the default cohort, a demonstration; the "
                         "demo says how many would reach the 500 after which pretraining helped on phantoms)")
