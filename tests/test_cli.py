@@ -650,7 +650,7 @@ def test_bench_lowlabel_ctrl_c_keeps_the_finished_runs(tmp_path, workers):
     assert 1 <= len(kept["runs"]) < 6 and not kept["complete"]
     assert err.strip().splitlines()[-1] == (f"error: interrupted; {table} holds the runs finished so far "
                                             f"({len(kept['runs'])}), and the same command continues it")
-    if workers == 2:  # Ctrl-C twice as the workers start: no traceback, no worker left, the table as it was
+    if workers == 2:  # Ctrl-C twice as the workers start: exit 130, no traceback, the table as it was
         import signal
         import time
 

@@ -212,10 +212,14 @@ def test_the_best_checkpoint_is_chosen_on_each_metric_and_shown_beside_the_end()
     assert [r["dice"] for r in summary["rows"]] == [np.mean([0.8, 0.7]), np.mean([0.9, 0.72])]
     text = format_best_checkpoint(runs).splitlines()
     assert text[2].split() == ["random", "1", "2", "0.700", "0.750", "0.675", "0.700", "25"]
-    # the CLI computes the best checkpoints once and hands them to both
+    # the CLI computes the best checkpoints once and hands them to both: what is handed in is what they use
     same = json.dumps(best_checkpoint_summary(runs, ("random", "coral"), (1,), best=best), sort_keys=True)
     assert same == json.dumps(summary, sort_keys=True)  # JSON: the rows' HD95 are NaN, never equal to themselves
     assert format_best_checkpoint(runs, best=best).splitlines() == text
+    only_random = best[:2]
+    assert [r["method"] for r in best_checkpoint_summary(runs, ("random", "coral"), (1,), best=only_random)["rows"]] \
+        == ["random"]
+    assert format_best_checkpoint(runs, best=only_random).splitlines() == text[:3]
     without = [{k: v for k, v in r.items() if k != "curve"} for r in runs]
     assert best_checkpoint_runs(without) == [] and best_checkpoint_summary(without, ("random",), (1,)) is None
     assert format_best_checkpoint(without) == ""
