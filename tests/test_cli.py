@@ -576,7 +576,33 @@ def _popen_coral(*args):
     return subprocess.Popen(
         [sys.executable, "-m", "coral_core.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's background job ignores it
+        start_new_session=True,  # its processes, workers included, are then the session's: see _left_running
     )
+
+
+def _left_running(proc, grace=15.0):
+    """The processes of ``proc``'s session still running (not zombies) ``grace`` seconds after it
+    exited, as "pid command" lines; multiprocessing's helpers (the resource tracker) leave within
+    that once their parent has gone. Linux only: elsewhere nothing is checked."""
+    import time
+
+    if not Path("/proc/self/stat").exists():
+        return []
+    deadline = time.monotonic() + grace
+    while True:
+        left = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # it has just exited
+                continue
+            fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session
+            if int(fields[3]) == proc.pid and fields[0] != "Z":
+                left.append(f"{stat.parent.name} {cmdline.strip()}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
@@ -646,6 +672,7 @@ def test_bench_lowlabel_ctrl_c_keeps_the_finished_runs(tmp_path, workers):
     proc = _popen_coral(*args)
     err = _interrupt_when(proc, table)
     assert proc.returncode == 130 and "Traceback" not in err
+    assert _left_running(proc) == []  # no worker goes on training after the command has returned
     kept = json.loads(table.read_text())
     assert 1 <= len(kept["runs"]) < 6 and not kept["complete"]
     assert err.strip().splitlines()[-1] == (f"error: interrupted; {table} holds the runs finished so far "
@@ -662,6 +689,7 @@ def test_bench_lowlabel_ctrl_c_keeps_the_finished_runs(tmp_path, workers):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "Traceback" not in err, err
+        assert _left_running(proc) == []
         assert err.strip().splitlines()[-1] == (f"error: interrupted before another run finished; {table} still "
                                                 f"holds its {len(kept['runs'])} runs, and the same command continues it")
         assert json.loads(table.read_text()) == kept
