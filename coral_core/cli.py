@@ -848,7 +848,7 @@ PRETRAIN_PHANTOM_SEED = 100_000  # the first seed of `coral bench lowlabel --pre
 def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     from coral_core.lowlabel import (
         LowLabelConfig, best_checkpoint_runs, best_checkpoint_summary, format_best_checkpoint, format_paired,
-        format_pooled, format_table, load_labelled_cases, paired_differences, run_lowlabel,
+        format_pooled, format_run_counts, format_table, load_labelled_cases, paired_differences, run_lowlabel,
     )
 
     options = {
@@ -949,6 +949,9 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     text = (f"low-label benchmark on {source}: {cfg.folds} folds x {result.config['seeds']} seeds, mean foreground Dice "
             f"+- std over folds and seeds (mean HD95 mm), {result.seconds:.0f} s on {result.config['device']}\n"
             + format_table(result.rows))
+    counts = format_run_counts(result.rows)
+    if counts:
+        text += "\n" + counts
     pooled = format_pooled(result.rows)
     if pooled:
         text += ("\n\nDice pooled over each fold's test slices (overlap and sizes summed before dividing), as the "

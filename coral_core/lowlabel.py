@@ -49,6 +49,7 @@ __all__ = [
     "load_cine_frames",
     "make_folds",
     "run_lowlabel",
+    "format_run_counts",
     "format_table",
     "format_pooled",
     "paired_differences",
@@ -766,6 +767,25 @@ def format_table(rows: list[dict]) -> str:
             parts.append(f"{r['dice']:.3f} +- {r['dice_std']:.3f} ({r['hd95']:5.1f})" if r else "-")
         lines.append(f"{method:<8}" + "".join(f"{p:>26}" for p in parts))
     return "\n".join(lines)
+
+
+def format_run_counts(rows: list[dict]) -> str:
+    """A note when the rows hold different numbers of runs (a table continued with more seeds for some
+    methods), naming the counts; "" when every row has as many."""
+    if len({r["n"] for r in rows}) <= 1:
+        return ""
+    labeled = sorted({r["labeled"] for r in rows})
+    groups: dict[str, list[str]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        counts = [next((r["n"] for r in rows if r["method"] == method and r["labeled"] == m), 0) for m in labeled]
+        if len(set(counts)) == 1:
+            text = f"{counts[0]} runs" if len(labeled) == 1 else f"{counts[0]} runs at each M"
+        else:
+            text = f"{'/'.join(map(str, counts))} runs at M = {'/'.join(map(str, labeled))}"
+        groups.setdefault(text, []).append(method)
+    described = "; ".join(f"{', '.join(methods)}: {text}" for text, methods in groups.items())
+    return (f"note: the rows hold different numbers of runs ({described}), so their means cover different seeds "
+            "or folds; the paired differences compare runs one for one")
 
 
 def format_pooled(rows: list[dict]) -> str:

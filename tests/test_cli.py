@@ -637,6 +637,7 @@ def test_bench_lowlabel_table_is_continued_not_rerun(tmp_path):
     proc = coral(*base, "--methods", "random", "--workers", 1)  # nothing new to run: no note
     assert "note:" not in proc.stderr
     proc = coral(*base[:-1], "--seeds", 2, "--methods", "random", "--workers", 1)
+    assert "note: the rows hold different numbers of runs (random: 4 runs; coral: 2 runs)" in proc.stdout
     assert (f"the table's runs used 99 CPU thread(s) per process, the new ones use {torch.get_num_threads()}"
             in proc.stderr)
     assert f"the table's runs ran on cpu (another CPU), the new ones on cpu ({cpu_name()})" in proc.stderr

@@ -279,3 +279,25 @@ def test_pixel_spacing_brings_every_case_to_one_scale_before_anything_sees_it(mo
         run_lowlabel(LowLabelConfig.quick(**{**cfg.to_dict(), "pixel_spacing": 1.8, "image_size": 32}), cases)
     with pytest.raises(UserError, match="--pixel-spacing must be"):
         LowLabelConfig.quick(pixel_spacing=-1.0)
+
+
+def test_rows_with_different_run_counts_are_named_in_a_note():
+    from coral_core.lowlabel import _rows, format_run_counts
+
+    def runs(method, seeds, labeled=(1, 6)):
+        return [{"method": method, "labeled": m, "fold": k, "seed": s, "dice": 0.8, "hd95": 5.0}
+                for s in range(seeds) for m in labeled for k in range(5)]
+
+    # a table continued with 8 seeds for the baselines, 16 for random init and CORAL
+    every = runs("random", 16) + runs("coral", 16) + runs("pcl", 8) + runs("gcl", 8)
+    note = format_run_counts(_rows(every, ["random", "coral", "pcl", "gcl"], [1, 6]))
+    assert note == ("note: the rows hold different numbers of runs (random, coral: 80 runs at each M; pcl, gcl: 40 "
+                    "runs at each M), so their means cover different seeds or folds; the paired differences compare "
+                    "runs one for one")
+    # a method with more runs at one labelled count than at another
+    uneven = runs("random", 2) + runs("coral", 2, labeled=(1,)) + runs("coral", 1, labeled=(6,))
+    assert "random: 10 runs at each M; coral: 10/5 runs at M = 1/6" in format_run_counts(
+        _rows(uneven, ["random", "coral"], [1, 6]))
+    assert format_run_counts(_rows(runs("random", 3) + runs("coral", 3), ["random", "coral"], [1, 6])) == ""
+    assert "(random: 5 runs; coral: 10 runs)" in format_run_counts(
+        _rows(runs("random", 1, (1,)) + runs("coral", 2, (1,)), ["random", "coral"], [1]))
