@@ -848,7 +848,8 @@ PRETRAIN_PHANTOM_SEED = 100_000  # the first seed of `coral bench lowlabel --pre
 def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     from coral_core.lowlabel import (
         LowLabelConfig, best_checkpoint_runs, best_checkpoint_summary, format_best_checkpoint, format_paired,
-        format_pooled, format_run_counts, format_table, load_labelled_cases, paired_differences, run_lowlabel,
+        format_paired_by_seed, format_pooled, format_run_counts, format_table, load_labelled_cases,
+        paired_differences, run_lowlabel,
     )
 
     options = {
@@ -961,6 +962,10 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         if table:
             text += (f"\n\npaired with {reference} (same folds, seeds and labelled volumes; wins/runs, two-sided "
                      f"sign test p):\n" + table)
+        by_seed = format_paired_by_seed([r for r in paired if r["reference"] == reference])
+        if by_seed:
+            text += ("\n\nthe same counted by pretraining (a seed is ahead when its mean difference over its folds "
+                     "is; its runs share one pretraining, which the count by run ignores):\n" + by_seed)
     best_runs = best_checkpoint_runs(result.runs)
     best = best_checkpoint_summary(result.runs, result.config["methods"], result.config["labeled"], best=best_runs)
     if best:

@@ -54,6 +54,7 @@ __all__ = [
     "format_pooled",
     "paired_differences",
     "format_paired",
+    "format_paired_by_seed",
     "best_checkpoint_runs",
     "best_checkpoint_summary",
     "format_best_checkpoint",
@@ -816,21 +817,28 @@ def paired_differences(runs: list[dict], reference: str = "random") -> list[dict
     The folds and the labelled draw are shared by all methods, so a paired difference removes
     the spread that comes from which subject happened to be labelled; ``wins`` counts the runs
     where the method scored higher, ``losses`` where it scored lower, and ``sign_p`` is the sign
-    test's p-value for that split. The test takes the runs as independent; the runs of one seed
-    share a pretraining, so it errs toward small p-values.
+    test's p-value for that split. That test takes the runs as independent; the runs of one seed
+    share a pretraining, so it errs toward small p-values. Counted by pretraining instead, each
+    seed's mean difference over its folds is one independent trial: ``seeds`` of them,
+    ``seed_wins`` where the method led on average, ``seed_losses`` where it trailed, and
+    ``seed_sign_p`` the sign test over those.
     """
     ref = {(r["labeled"], r["fold"], r["seed"]): r["dice"] for r in runs if r["method"] == reference}
     rows = []
     for method in dict.fromkeys(r["method"] for r in runs):
         for m in sorted({r["labeled"] for r in runs}):
-            d = np.array([r["dice"] - ref[(m, r["fold"], r["seed"])] for r in runs
-                          if r["method"] == method and r["labeled"] == m and (m, r["fold"], r["seed"]) in ref])
-            if method == reference or not len(d):
+            pairs = [(r["seed"], r["dice"] - ref[(m, r["fold"], r["seed"])]) for r in runs
+                     if r["method"] == method and r["labeled"] == m and (m, r["fold"], r["seed"]) in ref]
+            if method == reference or not pairs:
                 continue
+            d = np.array([x for _, x in pairs])
+            by_seed = np.array([np.mean([x for s, x in pairs if s == seed]) for seed in sorted({s for s, _ in pairs})])
             wins, losses = int((d > 0).sum()), int((d < 0).sum())
+            seed_wins, seed_losses = int((by_seed > 0).sum()), int((by_seed < 0).sum())
             rows.append({"method": method, "reference": reference, "labeled": m, "diff": float(d.mean()),
                          "diff_std": float(d.std()), "wins": wins, "losses": losses, "n": len(d),
-                         "sign_p": sign_test_p(wins, losses)})
+                         "sign_p": sign_test_p(wins, losses), "seeds": len(by_seed), "seed_wins": seed_wins,
+                         "seed_losses": seed_losses, "seed_sign_p": sign_test_p(seed_wins, seed_losses)})
     return rows
 
 
@@ -850,6 +858,24 @@ def format_paired(rows: list[dict]) -> str:
             parts.append(f"{r['diff']:+.3f} +- {r['diff_std']:.3f} ({r['wins']}/{r['n']}"
                          + (f", p {pval:.2g})" if pval is not None else ")") if r else "-")
         lines.append(f"{method:<12}" + "".join(f"{p:>38}" for p in parts))
+    return "\n".join(lines)
+
+
+def format_paired_by_seed(rows: list[dict]) -> str:
+    """The paired differences counted by pretraining: ``ahead/seeds (sign test p)`` per method and labelled
+    count, where a seed is ahead when its mean difference over its folds is positive. Empty when no seed holds
+    more than one run (then it would repeat the count by run) or fewer than two seeds are held."""
+    rows = [r for r in rows if "seeds" in r]
+    if not rows or all(r["n"] == r["seeds"] for r in rows) or max(r["seeds"] for r in rows) < 2:
+        return ""
+    labeled = sorted({r["labeled"] for r in rows})
+    cell = {(r["method"], r["labeled"]): r for r in rows}
+    head = f"{'vs ' + rows[0]['reference']:<12}" + "".join(f"{f'M={m}: seeds ahead (p)':>24}" for m in labeled)
+    lines = [head, "-" * len(head)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        parts = [f"{r['seed_wins']}/{r['seeds']} (p {r['seed_sign_p']:.2g})" if r else "-"
+                 for r in (cell.get((method, m)) for m in labeled)]
+        lines.append(f"{method:<12}" + "".join(f"{p:>24}" for p in parts))
     return "\n".join(lines)
 
 

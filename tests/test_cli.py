@@ -760,8 +760,23 @@ def test_bench_lowlabel_prints_rows_for_every_method_and_count(tmp_path):
                  if key[0] == row["method"] and key[1] == row["labeled"]]
         assert row["n"] == 4 and np.isclose(row["diff"], np.mean(diffs)) and row["wins"] == sum(x > 0 for x in diffs)
         assert row["losses"] == sum(x < 0 for x in diffs) and row["sign_p"] == sign_test_p(row["wins"], row["losses"])
+        # counted by pretraining: each seed's mean difference over its 2 folds
+        by_seed = [np.mean([d - dice[(row["reference"], *key[1:])] for key, d in dice.items()
+                            if key[0] == row["method"] and key[1] == row["labeled"] and key[3] == seed]) for seed in (0, 1)]
+        assert row["seeds"] == 2 and row["seed_wins"] == sum(x > 0 for x in by_seed)
+        assert row["seed_losses"] == sum(x < 0 for x in by_seed)
+        assert row["seed_sign_p"] == sign_test_p(row["seed_wins"], row["seed_losses"])
     assert {(r["method"], r["reference"]) for r in res["paired"]} == {
         ("coral", "random"), ("pcl", "random"), ("random", "coral"), ("pcl", "coral")}
+    # the same command on its finished table prints it again at once, with the count by pretraining
+    again = coral("bench", "lowlabel", "--quick", "--phantom", 6, "--folds", 2, "--seeds", 2, "--labeled", "1,2",
+                  "--methods", "random,coral,pcl", "--pretrain-epochs", 1, "--finetune-steps", 3,
+                  "--table", tmp_path / "t.json", "--device", "cpu").stdout
+    assert again.count("the same counted by pretraining") == 2
+    for row in res["paired"]:
+        line = next(ln for ln in again.split("the same counted by pretraining")[1 + (row["reference"] == "coral")]
+                    .splitlines() if ln.split()[:1] == [row["method"]])
+        assert f"{row['seed_wins']}/2 (p {row['seed_sign_p']:.2g})" in line
     text = coral("bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 1, "--labeled", "1",
                  "--methods", "random", "--finetune-steps", 2, "--device", "cpu").stdout
     assert "random" in text and "M=1" in text and "Dice pooled over each fold's test slices" in text

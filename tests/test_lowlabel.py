@@ -301,3 +301,30 @@ def test_rows_with_different_run_counts_are_named_in_a_note():
     assert format_run_counts(_rows(runs("random", 3) + runs("coral", 3), ["random", "coral"], [1, 6])) == ""
     assert "(random: 5 runs; coral: 10 runs)" in format_run_counts(
         _rows(runs("random", 1, (1,)) + runs("coral", 2, (1,)), ["random", "coral"], [1]))
+
+
+def test_paired_differences_are_also_counted_by_pretraining():
+    """A seed's runs share one pretraining: counted by seed, a method is ahead where its mean difference over
+    the seed's folds is positive, however many of those folds it won."""
+    from coral_core.lowlabel import format_paired_by_seed, paired_differences, sign_test_p
+
+    # seed 0: coral wins 4 folds by 0.01 and loses one by 0.1 (behind on average); seeds 1-3: ahead in every fold
+    gaps = {0: [0.01, 0.01, 0.01, 0.01, -0.1], 1: [0.02] * 5, 2: [0.01] * 5, 3: [0.03] * 5}
+    runs = []
+    for seed, diffs in gaps.items():
+        for fold, d in enumerate(diffs):
+            base = {"labeled": 1, "fold": fold, "seed": seed, "hd95": 5.0}
+            runs += [{**base, "method": "random", "dice": 0.7}, {**base, "method": "coral", "dice": 0.7 + d}]
+    (row,) = paired_differences(runs, "random")
+    assert (row["wins"], row["losses"], row["n"]) == (19, 1, 20) and row["sign_p"] == sign_test_p(19, 1)
+    assert (row["seed_wins"], row["seed_losses"], row["seeds"]) == (3, 1, 4) and row["seed_sign_p"] == 0.625
+    text = format_paired_by_seed([row]).splitlines()
+    assert text[0].split() == ["vs", "random", "M=1:", "seeds", "ahead", "(p)"]
+    assert text[2].split() == ["coral", "3/4", "(p", "0.62)"]
+    # one run per seed (a single fold): the count by seed is the count by run, so nothing more is printed
+    single = [r for r in runs if r["fold"] == 0]
+    assert format_paired_by_seed(paired_differences(single, "random")) == ""
+    # a single seed: nothing to count either
+    assert format_paired_by_seed(paired_differences([r for r in runs if r["seed"] == 1], "random")) == ""
+    # rows written before the count by seed existed (a continued table's "paired") are left out, not failed on
+    assert format_paired_by_seed([{k: v for k, v in row.items() if not k.startswith("seed")}]) == ""
