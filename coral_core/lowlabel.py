@@ -842,23 +842,30 @@ def paired_differences(runs: list[dict], reference: str = "random") -> list[dict
     return rows
 
 
+def _paired_grid(rows: list[dict], heading: str, width: int, cell: Callable[[dict], str]) -> str:
+    """One line per method, one column per labelled count (``heading`` names the column after ``M=m: ``),
+    ``cell`` of the method's row at that count in each (``-`` where it has none)."""
+    labeled = sorted({r["labeled"] for r in rows})
+    of = {(r["method"], r["labeled"]): r for r in rows}
+    head = f"{'vs ' + rows[0]['reference']:<12}" + "".join(f"{f'M={m}: {heading}':>{width}}" for m in labeled)
+    lines = [head, "-" * len(head)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        parts = [cell(r) if r else "-" for r in (of.get((method, m)) for m in labeled)]
+        lines.append(f"{method:<12}" + "".join(f"{p:>{width}}" for p in parts))
+    return "\n".join(lines)
+
+
 def format_paired(rows: list[dict]) -> str:
     """Paired Dice differences: ``mean +- std (wins/runs, sign test p)`` per method and labelled count."""
     if not rows:
         return ""
-    labeled = sorted({r["labeled"] for r in rows})
-    cell = {(r["method"], r["labeled"]): r for r in rows}
-    head = f"{'vs ' + rows[0]['reference']:<12}" + "".join(f"{f'M={m}: Dice difference (wins, p)':>38}" for m in labeled)
-    lines = [head, "-" * len(head)]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        parts = []
-        for m in labeled:
-            r = cell.get((method, m))
-            pval = r.get("sign_p") if r else None
-            parts.append(f"{r['diff']:+.3f} +- {r['diff_std']:.3f} ({r['wins']}/{r['n']}"
-                         + (f", p {pval:.2g})" if pval is not None else ")") if r else "-")
-        lines.append(f"{method:<12}" + "".join(f"{p:>38}" for p in parts))
-    return "\n".join(lines)
+
+    def cell(r: dict) -> str:
+        pval = r.get("sign_p")  # absent from tables written before the sign test
+        return (f"{r['diff']:+.3f} +- {r['diff_std']:.3f} ({r['wins']}/{r['n']}"
+                + (f", p {pval:.2g})" if pval is not None else ")"))
+
+    return _paired_grid(rows, "Dice difference (wins, p)", 38, cell)
 
 
 def format_paired_by_seed(rows: list[dict]) -> str:
@@ -868,15 +875,8 @@ def format_paired_by_seed(rows: list[dict]) -> str:
     rows = [r for r in rows if "seeds" in r]
     if not rows or all(r["n"] == r["seeds"] for r in rows) or max(r["seeds"] for r in rows) < 2:
         return ""
-    labeled = sorted({r["labeled"] for r in rows})
-    cell = {(r["method"], r["labeled"]): r for r in rows}
-    head = f"{'vs ' + rows[0]['reference']:<12}" + "".join(f"{f'M={m}: seeds ahead (p)':>24}" for m in labeled)
-    lines = [head, "-" * len(head)]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        parts = [f"{r['seed_wins']}/{r['seeds']} (p {r['seed_sign_p']:.2g})" if r else "-"
-                 for r in (cell.get((method, m)) for m in labeled)]
-        lines.append(f"{method:<12}" + "".join(f"{p:>24}" for p in parts))
-    return "\n".join(lines)
+    return _paired_grid(rows, "seeds ahead (p)", 24,
+                        lambda r: f"{r['seed_wins']}/{r['seeds']} (p {r['seed_sign_p']:.2g})")
 
 
 @dataclass
