@@ -42,3 +42,26 @@ for name, (repeats_file, methods_file) in PROTOCOLS.items():
             cells.append(f"{label} {d.mean():+.3f} ({int(np.sum(d > 0))}/{len(d)}, "
                          f"p {sign_test_p(int(np.sum(d > 0)), int(np.sum(d < 0))):.2g})")
         print(f"  {method:<7} " + "; ".join(cells))
+
+# CORAL fine-tuned twice as well (2-fold draws): its own luck, and both methods against the mean of their two
+coral_file = HERE / "coral_rep2_folds2_table.json"
+if coral_file.exists():
+    original = {(r["fold"], r["seed"]): r["dice"] for r in json.loads(PROTOCOLS["2 folds x 20 seeds"][1].read_text())["runs"]
+                if r["method"] == "coral" and r["labeled"] == 1}
+    coral = {(r["fold"], r["seed"]): r["dice_repeats"] for r in json.loads(coral_file.read_text())["runs"] if r["labeled"] == 1}
+    rand = {(r["fold"], r["seed"]): r["dice_repeats"] for r in
+            json.loads((HERE / "rand_rep2_folds2_table.json").read_text())["runs"] if r["labeled"] == 1}
+    keys = sorted(set(coral) & set(rand))
+    first = np.array([coral[k][0] for k in keys])
+    second = np.array([coral[k][1] for k in keys])
+    same = int(np.sum(first == np.array([original[k] for k in keys])))
+    print(f"\n2 folds, CORAL fine-tuned twice, {len(keys)} runs: the first equals the original run's in {same}; mean "
+          f"{first.mean():.4f}, second {second.mean():.4f} (second - first {np.mean(second - first):+.4f} +- "
+          f"{np.std(second - first):.3f}, up in {int(np.sum(second > first))}, sign test p "
+          f"{sign_test_p(int(np.sum(second > first)), int(np.sum(second < first))):.2g})")
+    for label, c, r in (("first - first", first, [rand[k][0] for k in keys]),
+                        ("second - second", second, [rand[k][1] for k in keys]),
+                        ("mean of both - mean of both", (first + second) / 2, [np.mean(rand[k]) for k in keys])):
+        d = c - np.array(r)
+        print(f"  CORAL - random, {label}: {d.mean():+.3f} +- {d.std():.3f} ({int(np.sum(d > 0))}/{len(d)}, "
+              f"p {sign_test_p(int(np.sum(d > 0)), int(np.sum(d < 0))):.2g})")
