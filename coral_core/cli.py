@@ -964,8 +964,9 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
                      f"sign test p):\n" + table)
         by_seed = format_paired_by_seed([r for r in paired if r["reference"] == reference])
         if by_seed:
-            text += ("\n\nthe same counted by pretraining (a seed is ahead when its mean difference over its folds "
-                     "is above 0; its runs share one pretraining, which the count by run ignores):\n" + by_seed)
+            text += ("\n\nthe same counted by pretraining (a seed's runs share one pretraining, which the count by run "
+                     "ignores): the mean of the seeds' mean differences over their folds +- its standard error, and "
+                     "the seeds whose mean is above 0:\n" + by_seed)
     best_runs = best_checkpoint_runs(result.runs)
     best = best_checkpoint_summary(result.runs, result.config["methods"], result.config["labeled"], best=best_runs)
     if best:

@@ -821,7 +821,9 @@ def paired_differences(runs: list[dict], reference: str = "random") -> list[dict
     share a pretraining, so it errs toward small p-values. Counted by pretraining instead, each
     seed's mean difference over its folds is one independent trial: ``seeds`` of them,
     ``seed_wins`` where the method led on average, ``seed_losses`` where it trailed, and
-    ``seed_sign_p`` the sign test over those.
+    ``seed_sign_p`` the sign test over those; ``seed_diff`` is the mean of the seeds' means (``diff`` when every
+    seed holds as many folds) and ``seed_se`` its standard error over the seeds (None below two seeds), the
+    uncertainty of the mean difference that the runs' own spread, ``diff_std``, does not give.
     """
     ref = {(r["labeled"], r["fold"], r["seed"]): r["dice"] for r in runs if r["method"] == reference}
     rows = []
@@ -838,7 +840,9 @@ def paired_differences(runs: list[dict], reference: str = "random") -> list[dict
             rows.append({"method": method, "reference": reference, "labeled": m, "diff": float(d.mean()),
                          "diff_std": float(d.std()), "wins": wins, "losses": losses, "n": len(d),
                          "sign_p": sign_test_p(wins, losses), "seeds": len(by_seed), "seed_wins": seed_wins,
-                         "seed_losses": seed_losses, "seed_sign_p": sign_test_p(seed_wins, seed_losses)})
+                         "seed_losses": seed_losses, "seed_sign_p": sign_test_p(seed_wins, seed_losses),
+                         "seed_diff": float(by_seed.mean()),
+                         "seed_se": float(by_seed.std(ddof=1) / np.sqrt(len(by_seed))) if len(by_seed) > 1 else None})
     return rows
 
 
@@ -869,14 +873,21 @@ def format_paired(rows: list[dict]) -> str:
 
 
 def format_paired_by_seed(rows: list[dict]) -> str:
-    """The paired differences counted by pretraining: ``ahead/seeds (sign test p)`` per method and labelled
-    count, where a seed is ahead when its mean difference over its folds is positive. Empty when no seed holds
-    more than one run (then it would repeat the count by run) or fewer than two seeds are held."""
+    """The paired differences counted by pretraining: ``mean +- standard error, ahead/seeds (sign test p)`` per
+    method and labelled count, over the seeds' mean differences, where a seed is ahead when its mean difference
+    over its folds is positive. Empty when no seed holds more than one run (then it would repeat the count by
+    run) or fewer than two seeds are held."""
     rows = [r for r in rows if "seeds" in r]
     if not rows or all(r["n"] == r["seeds"] for r in rows) or max(r["seeds"] for r in rows) < 2:
         return ""
-    return _paired_grid(rows, "seeds ahead (p)", 24,
-                        lambda r: f"{r['seed_wins']}/{r['seeds']} (p {r['seed_sign_p']:.2g})")
+
+    def cell(r: dict) -> str:
+        count = f"{r['seed_wins']}/{r['seeds']} (p {r['seed_sign_p']:.2g})"
+        if r.get("seed_se") is None:  # one seed, or a row written before the standard error was
+            return count
+        return f"{r['seed_diff']:+.3f} +- {r['seed_se']:.3f}, {count}"
+
+    return _paired_grid(rows, "mean +- se, seeds ahead (p)", 38, cell)
 
 
 @dataclass

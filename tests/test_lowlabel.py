@@ -318,13 +318,20 @@ def test_paired_differences_are_also_counted_by_pretraining():
     (row,) = paired_differences(runs, "random")
     assert (row["wins"], row["losses"], row["n"]) == (19, 1, 20) and row["sign_p"] == sign_test_p(19, 1)
     assert (row["seed_wins"], row["seed_losses"], row["seeds"]) == (3, 1, 4) and row["seed_sign_p"] == 0.625
+    # the seeds' means are -0.012, 0.02, 0.01 and 0.03: their mean, and its standard error over the 4 seeds
+    means = np.array([-0.012, 0.02, 0.01, 0.03])
+    assert np.isclose(row["seed_diff"], means.mean()) and np.isclose(row["seed_diff"], row["diff"])
+    assert np.isclose(row["seed_se"], np.sqrt(np.sum((means - means.mean()) ** 2) / 3 / 4))
     text = format_paired_by_seed([row]).splitlines()
-    assert text[0].split() == ["vs", "random", "M=1:", "seeds", "ahead", "(p)"]
-    assert text[2].split() == ["coral", "3/4", "(p", "0.62)"]
+    assert text[0].split() == ["vs", "random", "M=1:", "mean", "+-", "se,", "seeds", "ahead", "(p)"]
+    assert text[2].split() == ["coral", "+0.012", "+-", "0.009,", "3/4", "(p", "0.62)"]
     # one run per seed (a single fold): the count by seed is the count by run, so nothing more is printed
     single = [r for r in runs if r["fold"] == 0]
     assert format_paired_by_seed(paired_differences(single, "random")) == ""
     # a single seed: nothing to count either
     assert format_paired_by_seed(paired_differences([r for r in runs if r["seed"] == 1], "random")) == ""
+    # a row written before the standard error existed still gives its count
+    assert format_paired_by_seed([{k: v for k, v in row.items() if k != "seed_se"}]).splitlines()[2].split() == [
+        "coral", "3/4", "(p", "0.62)"]
     # rows written before the count by seed existed (a continued table's "paired") are left out, not failed on
     assert format_paired_by_seed([{k: v for k, v in row.items() if not k.startswith("seed")}]) == ""
