@@ -855,7 +855,7 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
     options = {
         "methods": tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
         "labeled": _int_list(args.labeled, "--labeled") if args.labeled else None,
-        "folds": args.folds, "seeds": args.seeds, "device": args.device,
+        "folds": args.folds, "fold_seed": args.fold_seed, "seeds": args.seeds, "device": args.device,
         "pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr, "pretrain_batch": args.pretrain_batch,
         "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr, "finetune_balance_classes": args.balance_classes, "cpu_bf16": args.cpu_bf16,
@@ -1321,6 +1321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", type=_count, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
+    p.add_argument("--fold-seed", type=int, default=None, metavar="N",
+                   help="seed of the split into folds, one split shared by every run (default 0); another N gives "
+                        "another split, a separate table")
     p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3)")
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
     p.add_argument("--pretrain-epochs", type=int, default=None,

@@ -508,6 +508,7 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     user_error(coral("bench", "lowlabel", "--quick", "--finetune-lr", "nan", check=False), "--finetune-lr nan")
     user_error(coral("bench", "lowlabel", "--quick", "--pretrain-lr", 0, check=False), "--pretrain-lr 0")
     user_error(coral("bench", "lowlabel", "--quick", "--pretrain-batch", 1, check=False), "--pretrain-batch")
+    user_error(coral("bench", "lowlabel", "--quick", "--fold-seed", -1, check=False), "--fold-seed", "0")
     user_error(coral("pretrain", "--phantom", -2, "--out", tmp_path / "p.safetensors", check=False), "--phantom", "0 or more")
     user_error(coral("segment", d / "img.nii.gz", "--out", tmp_path / "s.nii.gz", "--batch-size", 0, check=False),
                "--batch-size")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import coral_core.lowlabel as lowlabel
+from coral_core.errors import UserError
 from coral_core.lowlabel import LowLabelConfig, labelled_slices, load_labelled_cases, protocol_difference, run_lowlabel
 
 
@@ -70,8 +72,6 @@ def test_fine_tuning_gets_the_chosen_slices_and_settings(monkeypatch):
 
 def test_extra_unlabelled_volumes_join_the_pretraining_only(monkeypatch):
     """`--pretrain-phantom N`: more subjects in every method's pretraining, none in the folds."""
-    import pytest
-
     from coral_core.phantom import make_cohort
 
     pretrained, finetuned = [], []
@@ -186,6 +186,30 @@ def test_scoring_checkpoints_leaves_each_run_as_it_was(monkeypatch):
     probed = run_lowlabel(LowLabelConfig.quick(**base, finetune_encoder_frozen_steps=10), cases)
     assert frozen == [0] * 12 + [10] * 4 and probed.config["finetune_encoder_frozen_steps"] == 10
     assert "finetune_encoder_frozen_steps is 0, this run's 10" in protocol_difference(plain.config, probed.config)
+
+
+def test_another_fold_seed_splits_the_subjects_otherwise_and_is_another_protocol():
+    """Every run shares one split into folds; --fold-seed draws another, in which every subject is still tested
+    once per seed, and a table of one split is not continued with another."""
+    cases = load_labelled_cases(None, 6)
+    base = dict(methods=("random",), seeds=1, folds=3, workers=1, finetune_steps=1, base_filters=4, image_size=32,
+                device="cpu")
+    default = run_lowlabel(LowLabelConfig.quick(**base), cases)
+    other = run_lowlabel(LowLabelConfig.quick(**base, fold_seed=1), cases)
+    splits = []
+    for result in (default, other):
+        tested = [s for r in result.runs for s in r["test"]]
+        assert sorted(tested) == sorted(c.name for c in cases)  # each subject tested once
+        assert all(not set(r["train"]) & set(r["test"]) for r in result.runs)
+        splits.append({frozenset(r["test"]) for r in result.runs})
+    assert splits[0] == {frozenset(f) for f in lowlabel.make_folds([c.name for c in cases], 3)}
+    assert splits[1] == {frozenset(f) for f in lowlabel.make_folds([c.name for c in cases], 3, 1)} != splits[0]
+    assert default.config["fold_seed"] == 0 and other.config["fold_seed"] == 1
+    assert "fold_seed is 0, this run's 1" in protocol_difference(default.config, other.config)
+    older = {k: v for k, v in default.config.items() if k != "fold_seed"}  # a table from before the option
+    assert protocol_difference(older, default.config) is None
+    with pytest.raises(UserError, match="--fold-seed"):
+        LowLabelConfig.quick(fold_seed=-1)
 
 
 def test_the_best_checkpoint_is_chosen_on_each_metric_and_shown_beside_the_end():
