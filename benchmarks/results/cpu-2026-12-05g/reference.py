@@ -82,6 +82,41 @@ for name, (files, random_file, original_file) in PROTOCOLS.items():
                 keys = sorted(set(runs) & set(mean_of_both["coral"]))
                 print(lead(f"coral - {method}", keys,
                            np.array([mean_of_both["coral"][k] - runs[k] for k in keys])))
+# Which split: one split into folds is shared by every run of a table, so the seeds do not average it. The 2-fold
+# draws again with another split (--fold-seed 1), random init and CORAL both fine-tuned twice; the pretrainings
+# (seed s) are the same encoders in every table, so the splits are compared seed by seed.
+SPLITS = {  # name: (CORAL's table, random init's table)
+    "2 folds, split 0": (EARLIER / "coral_rep2_folds2_table.json", EARLIER / "rand_rep2_folds2_table.json"),
+    "2 folds, split 1": (HERE / "split1_rep2_folds2_table.json", HERE / "split1_rep2_folds2_table.json"),
+    "5 folds, split 0": (HERE / "coral_rep2_folds5_table.json", EARLIER / "rand_rep2_folds5_table.json"),
+}
+leads = {}  # split -> seed -> CORAL's lead over random init, both at the mean of two fine-tunings, over its folds
+for name, (coral_file, random_file) in SPLITS.items():
+    if coral_file.exists() and random_file.exists():
+        coral, rand = repeats(coral_file, "coral"), repeats(random_file, "random")
+        keys = sorted(set(coral) & set(rand))
+        if len({s for _, s in keys}) < 2:
+            continue
+        leads[name] = dict(zip(sorted({s for _, s in keys}),
+                               by_seed(keys, np.array([coral[k].mean() - rand[k].mean() for k in keys]))))
+if len(leads) > 1:
+    print("\nCORAL - random by split, both at the mean of two fine-tunings (mean over seeds +- standard error):")
+    for name, by in leads.items():
+        x = np.array(list(by.values()))
+        print(f"  {name}: {x.mean():+.4f} +- {x.std(ddof=1) / np.sqrt(len(x)):.4f} over {len(x)} seeds "
+              f"(ahead in {count(x)})")
+    names = list(leads)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            seeds = sorted(set(leads[a]) & set(leads[b]))
+            x, y = np.array([leads[a][s] for s in seeds]), np.array([leads[b][s] for s in seeds])
+            d = x - y
+            print(f"  {a} - {b}, over their {len(seeds)} shared pretrainings: {d.mean():+.4f} +- "
+                  f"{d.std(ddof=1) / np.sqrt(len(d)):.4f} (the seeds' leads correlate {np.corrcoef(x, y)[0, 1]:+.2f})")
+    means = np.array([np.mean(list(by.values())) for by in leads.values()])
+    print(f"  the splits' mean: {means.mean():+.4f}; their spread {means.std(ddof=1):.4f} "
+          f"(standard error of the mean over {len(means)} splits {means.std(ddof=1) / np.sqrt(len(means)):.4f})")
+
 if len(estimates) == len(PROTOCOLS):
     means, ses = (np.array(v) for v in zip(*estimates.values()))
     weights = 1 / ses**2
