@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -331,9 +332,9 @@ def make_folds(subjects: list[str], k: int, seed: int = 0) -> list[list[str]]:
 
 
 def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Levers,
-           hd95: bool = True) -> tuple[float, float, float]:
-    """(Dice, HD95, pooled Dice) on the test cases. Dice and HD95: per volume, averaged over the classes
-    present, then over the volumes. Pooled Dice: each class's overlap and sizes summed over every test
+           hd95: bool = True) -> tuple[float, float, float, list[float]]:
+    """(Dice, HD95, pooled Dice, each volume's Dice) on the test cases. Dice and HD95: per volume, averaged
+    over the classes present, then over the volumes. Pooled Dice: each class's overlap and sizes summed over every test
     slice before dividing, then averaged over the classes, as the published code (PCL's, which CORAL's
     builds on) scores a fold: large volumes weigh more, and a class missed in one small volume costs less.
     ``hd95`` False: HD95 is not computed (NaN), the Dice are the same."""
@@ -354,7 +355,8 @@ def _score(model, cases: list[LabelledCase], n_classes: int, device, levers: Lev
             sizes[c] += np.count_nonzero(p) + np.count_nonzero(t)
     present = sizes[1:] > 0
     pooled = float(np.mean(2 * overlap[1:][present] / sizes[1:][present])) if present.any() else float("nan")
-    return float(np.nanmean(dice)), float(np.nanmean(hd)) if np.isfinite(hd).any() else float("nan"), pooled
+    return (float(np.nanmean(dice)), float(np.nanmean(hd)) if np.isfinite(hd).any() else float("nan"), pooled,
+            [float(d) for d in dice])
 
 
 # What a run's result depends on, besides its own (method, labelled count, fold, seed): a table may
@@ -562,12 +564,13 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
         test = [c for c in cases if c.name in test_subjects]
         say(f"seed {seed}: fine-tune {method} on {m} labelled, fold {k + 1}/{cfg.folds}")
         scores = []  # (dice, hd95, pooled) of each fine-tuning of this run
+        case_scores = []  # each test volume's Dice, for each fine-tuning
         curve = []  # [step, dice, pooled] of the first fine-tuning's checkpoints, with cfg.score_every
         spent.update({f"finetune {method}": 0.0, f"score {method}": 0.0})
 
         def probe(step: int, model) -> None:
             t = time.perf_counter()
-            dice, _, pooled = _score(model, test, model_cfg.n_classes, device, levers, hd95=False)
+            dice, _, pooled, _ = _score(model, test, model_cfg.n_classes, device, levers, hd95=False)
             curve.append([step, dice, pooled])
             seconds = time.perf_counter() - t  # scoring, not fine-tuning
             spent[f"score {method}"] += seconds
@@ -595,13 +598,20 @@ def _run_unit(work: _Work, seed: int, method: str, todo: list, take, say) -> Non
             ).model
             spent[f"finetune {method}"] += time.perf_counter() - t
             t = time.perf_counter()
-            scores.append(_score(model, test, model_cfg.n_classes, device, levers))
+            *score, by_case = _score(model, test, model_cfg.n_classes, device, levers)
+            scores.append(score)
+            case_scores.append(by_case)
             spent[f"score {method}"] += time.perf_counter() - t
         dice, hd95, pooled = (float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
                               for v in np.array(scores, dtype=float).T)
         run = {"method": method, "labeled": m, "fold": k, "seed": seed, "dice": dice, "hd95": hd95,
                "dice_pooled": pooled, "train": sorted(chosen), "test": sorted(test_subjects),
                "device": work.device_name, "threads": torch.get_num_threads()}
+        # each test volume's Dice (mean over the fine-tunings), in the order of the cases: which subjects a
+        # method helps, and how a lead splits over the pairs of labelled and test subjects
+        with warnings.catch_warnings():  # a volume without foreground in any fine-tuning stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            run["dice_by_case"] = [[c.name, float(d)] for c, d in zip(test, np.nanmean(case_scores, axis=0))]
         if cfg.finetune_repeats > 1:
             run["dice_repeats"] = [d for d, _, _ in scores]
         if curve:

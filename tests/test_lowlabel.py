@@ -133,8 +133,9 @@ def test_pooled_dice_sums_every_test_slice_before_dividing(monkeypatch):
     preds = {"a": pred_a, "b": np.zeros_like(truth_b)}
     monkeypatch.setattr(lowlabel, "segment_volume",
                         lambda model, image, *a, **k: preds["a" if image.sum() == 8 else "b"])
-    dice, _, pooled = lowlabel._score(None, cases, 3, "cpu", Levers())
+    dice, _, pooled, by_case = lowlabel._score(None, cases, 3, "cpu", Levers())
     assert dice == 0.25 and abs(pooled - 8 / 18) < 1e-12
+    assert by_case == [0.5, 0.0]  # each volume's own: a found half of its class, b none
 
 
 def test_finetune_repeats_average_fine_tunings_with_their_own_seeds():
@@ -152,6 +153,11 @@ def test_finetune_repeats_average_fine_tunings_with_their_own_seeds():
         assert len(three["dice_repeats"]) == 3 and three["dice_repeats"][0] == one["dice"]
         assert np.isclose(three["dice"], np.mean(three["dice_repeats"]))
         assert len(set(three["dice_repeats"])) > 1  # other seeds, other fine-tunings
+        # each test volume's Dice, averaged over the fine-tunings: the run's Dice is their mean
+        for run in (one, three):
+            assert [name for name, _ in run["dice_by_case"]] == run["test"]
+            assert np.isclose(np.mean([d for _, d in run["dice_by_case"]]), run["dice"])
+        assert [d for _, d in three["dice_by_case"]] != [d for _, d in one["dice_by_case"]]
 
 
 def test_scoring_checkpoints_leaves_each_run_as_it_was(monkeypatch):
