@@ -6,8 +6,8 @@ Protocol (after the CORAL, GCL and PCL papers' ACDC experiments, with our own co
    the same model, augmentation, batch size, learning rate and number of steps. ``random``
    skips pretraining.
 2. Subjects are split into K folds, one split for every run (``fold_seed``). For fold k the test
-   set is fold k; M labelled subjects are drawn from the other folds (a fresh draw per seed). The model is fine-tuned on every
-   slice of those M volumes, again with one schedule for every method.
+   set is fold k; M labelled subjects are drawn from the other folds (a fresh draw per seed). The
+   model is fine-tuned on every slice of those M volumes, again with one schedule for every method.
 3. Each test volume is segmented slice by slice (a 2-D model); Dice and HD95 are computed per
    foreground class on the volume and averaged over the classes present, then over the test
    volumes. A cell of the table is the mean and standard deviation over folds x seeds.
