@@ -83,11 +83,12 @@ for name, (files, random_file, original_file) in PROTOCOLS.items():
                 print(lead(f"coral - {method}", keys,
                            np.array([mean_of_both["coral"][k] - runs[k] for k in keys])))
 # Which split: one split into folds is shared by every run of a table, so the seeds do not average it. The 2-fold
-# draws again with another split (--fold-seed 1), random init and CORAL both fine-tuned twice; the pretrainings
+# draws again with other splits (--fold-seed 1, 2), random init and CORAL both fine-tuned twice; the pretrainings
 # (seed s) are the same encoders in every table, so the splits are compared seed by seed.
 SPLITS = {  # name: (CORAL's table, random init's table)
     "2 folds, split 0": (EARLIER / "coral_rep2_folds2_table.json", EARLIER / "rand_rep2_folds2_table.json"),
     "2 folds, split 1": (HERE / "split1_rep2_folds2_table.json", HERE / "split1_rep2_folds2_table.json"),
+    "2 folds, split 2": (HERE / "split2_rep2_folds2_table.json", HERE / "split2_rep2_folds2_table.json"),
     "5 folds, split 0": (HERE / "coral_rep2_folds5_table.json", EARLIER / "rand_rep2_folds5_table.json"),
 }
 leads = {}  # split -> seed -> CORAL's lead over random init, both at the mean of two fine-tunings, over its folds
