@@ -82,6 +82,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such checkpoint file; check the path")
+    kind = _image_kind(p)
+    if kind:
+        raise UserError(f"{p}: this is {kind}, not a model; give a .safetensors model that coral pretrain or "
+                        "coral finetune wrote")
     if p.suffix == ".pth" or p.suffix == ".pt":
         state, meta = _read_legacy(p)
     else:
@@ -99,6 +103,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"{p}: tensors do not match the architecture its header describes ({what}); the file is damaged or not a napari-coral model")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.to(map_location).eval(), meta
+
+
+_IMAGE_NAMES = {".nii": "a NIfTI image", ".nii.gz": "a NIfTI image", ".mha": "an MHA image", ".mhd": "an MHD image",
+                ".nrrd": "an NRRD image", ".dcm": "a DICOM file", ".npy": "a NumPy array"}
+
+
+def _image_kind(p: Path) -> str | None:
+    """What kind of image ``p`` is, by its name or its first bytes (a volume given where a model belongs),
+    else None."""
+    name = p.name.lower()
+    for ending, kind in _IMAGE_NAMES.items():
+        if name.endswith(ending):
+            return kind
+    with open(p, "rb") as fh:
+        head = fh.read(348)
+    if head[8:9] == b"{":  # a safetensors file: an 8-byte length, then its JSON header
+        return None
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip-compressed file"
+    if head[344:348] in (b"n+1\0", b"ni1\0"):
+        return "a NIfTI image"
+    if head[:4] == b"NRRD":
+        return "an NRRD image"
+    if head[:10] == b"ObjectType" or head[:6] == b"NDims ":
+        return "an MHA image"
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    return None
 
 
 def _read_safetensors(p: Path) -> tuple[dict, dict]:

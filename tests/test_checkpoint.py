@@ -86,6 +86,26 @@ def test_damaged_files_are_refused_with_a_sentence(tmp_path):
         load_checkpoint(tmp_path / "empty.safetensors")
 
 
+def test_an_image_given_as_the_model_is_named_as_an_image(tmp_path):
+    import numpy as np
+
+    from coral_core.volume import save_volume
+
+    save_volume(tmp_path / "scan.nii.gz", np.zeros((4, 8, 8), np.float32), np.eye(4))
+    save_volume(tmp_path / "scan.nrrd", np.zeros((4, 8, 8), np.float32), np.eye(4))
+    (tmp_path / "renamed.safetensors").write_bytes((tmp_path / "scan.nii.gz").read_bytes())
+    (tmp_path / "nrrd.safetensors").write_bytes((tmp_path / "scan.nrrd").read_bytes())
+    for name, kind in (("scan.nii.gz", "a NIfTI image"), ("renamed.safetensors", "a gzip-compressed file"),
+                       ("nrrd.safetensors", "an NRRD image")):
+        with pytest.raises(UserError, match=f"{name}: this is {kind}, not a model; give a .safetensors model"):
+            load_checkpoint(tmp_path / name)
+    # a checkpoint (its JSON header begins at byte 8, which the image check looks at first) still loads
+    good = save_checkpoint(tmp_path / "good.safetensors", _model()).read_bytes()
+    assert good[8:9] == b"{"
+    loaded, _ = load_checkpoint(tmp_path / "good.safetensors")
+    assert loaded.config.base_filters == SMALL.base_filters
+
+
 def _rewrite_meta(src, dst, change):
     from safetensors.torch import load_file, save_file
 
