@@ -1125,6 +1125,7 @@ LABEL_VALUES_HELP = ("the values the label files use for classes 1, 2, ... in th
                      "background, with a warning")
 BALANCE_HELP = ("weight the cross-entropy by the square root of each class's inverse frequency in the batch, so "
                 "that small classes are learned early (docs/results.md)")
+SEED_HELP = "seed of the random initial weights, the order of slices and the augmentation (default 0)"
 RESUME_HELP = (
     "continue from OUT's resume file (OUT with .resume.safetensors), which is written as the run goes and "
     "when Ctrl-C stops it; the options must be the same"
@@ -1191,20 +1192,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("pretrain", "Self-supervised pretraining of the encoder on unlabeled volumes.", cmd_pretrain)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
-    p.add_argument("--method", default="coral", choices=["coral", "ral", "oal", "pcl", "gcl", "simclr"])
-    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--method", default="coral", choices=["coral", "ral", "oal", "pcl", "gcl", "simclr"],
+                   help="objective: coral (RAL + OAL, the default), ral or oal alone, or the baselines pcl, gcl, "
+                        "simclr (docs/losses.md)")
+    p.add_argument("--epochs", type=_positive_int, default=10,
+                   help="passes over the slices, each of slices // --batch-size steps (default 10; on phantoms CORAL "
+                        "helped fine-tuning only after about 500 steps: docs/engine.md)")
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write (.safetensors)")
     p.add_argument("--phantom", type=_count, default=0, metavar="N", help="add N synthetic phantom subjects")
     p.add_argument("--batch-size", type=_whole_number(2, "slices per step, which the objectives compare"), default=32,
                    help="slices per step, at least 2 (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--base-filters", type=_positive_int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="AdamW's learning rate at the start, decayed along a cosine to 0 (default 0.001)")
+    p.add_argument("--base-filters", type=_positive_int, default=16, help="U-Net base filters (default 16)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="model input size, a multiple of 16 (default: from the data, at most 256; 128 with "
                         "--pixel-spacing)")
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM", help=PIXEL_SPACING_HELP)
-    p.add_argument("--embedding-dim", type=_positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedding-dim", type=_positive_int, default=128,
+                   help="size of the slice embedding that the objectives compare (default 128)")
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--ddp", action="store_true",
                    help="distributed over the processes torchrun starts (--batch-size is the global batch)")
@@ -1234,13 +1241,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotated slices, e.g. 3,7,9 or 2-5; once per IMAGE, in the same order (default: the slices "
                         "that hold any label)")
     p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint (default: random init)")
-    p.add_argument("--out", required=True, metavar="CKPT")
+    p.add_argument("--out", required=True, metavar="CKPT", help="model to write (.safetensors)")
     p.add_argument("--classes", type=_whole_number(2, "classes, background and at least one more"), default=None,
                    help="number of classes incl. background, at least 2 (default: from the labels)")
     p.add_argument("--label-values", default=None, metavar="V1,V2,...", help=LABEL_VALUES_HELP)
     p.add_argument("--class-names", default=None, help="names of the foreground classes in label order, e.g. GM,WM")
-    p.add_argument("--steps", type=_positive_int, default=200)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--steps", type=_positive_int, default=200, help="training steps (default 200)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="annotated slices per step, drawn at random and augmented (default 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 0.003, as FinetuneConfig)")
     p.add_argument("--embedding-weight", type=float, default=0.1,
                    help="weight of the CORAL loss that keeps a CORAL-pretrained model's embedding in slice order "
@@ -1262,7 +1270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--pixel-spacing; with --init, the model's own)")
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
                    help=PIXEL_SPACING_HELP + "; with --init, the model's own, if it has one")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _lever_options(p)
 
@@ -1275,14 +1283,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="folder (created if missing) for NAME_labels of every volume, in its input's format (DICOM: "
                         ".nii.gz); the model is loaded once")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="slices per forward pass (default 16; halved by itself if the device runs out of memory)")
     _lever_options(p, inference=True)
 
     p = command("embed", "Per-slice embeddings, their 2-D trajectory and ordinal consistency.", cmd_embed)
     p.add_argument("images", nargs="+", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--out", required=True, metavar="TABLE.csv")
-    p.add_argument("--plot", default=None, metavar="FIG.png")
+    p.add_argument("--out", required=True, metavar="TABLE.csv",
+                   help="table to write: a row per slice (volume, slice, position, axis1, axis2, volume_score)")
+    p.add_argument("--plot", default=None, metavar="FIG.png",
+                   help="also draw every volume's trajectory in that 2-D projection into this figure")
     p.add_argument("--all-frames", action="store_true",
                    help="embed every frame of a 4-D (cine) file as a volume of its own (SUBJECT_t00, SUBJECT_t01, ...), "
                         "and an ACDC patient as the frames of its _4d cine file")
@@ -1334,7 +1345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-batch", type=int, default=None, metavar="B",
                    help="pretraining batch in slices, for every method (default: 32 quick, 64 full); an epoch is "
                         "the cohort's slices // B steps")
-    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="fine-tuning steps of every run (default: 300 quick, 1000 full)")
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced cross-entropy in fine-tuning (default: on here; see coral finetune)")
@@ -1395,11 +1407,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "same protocol is continued (its runs are not run again)")
     p = command("embedding", "PCL and CORAL slice-embedding trajectories of unseen subjects in one figure.",
                 cmd_bench_embedding, bench_sub)
-    p.add_argument("--out", required=True, metavar="FIG.png")
+    p.add_argument("--out", required=True, metavar="FIG.png", help="figure to write (.png)")
     p.add_argument("--phantom", type=_positive_int, default=20, metavar="N", help="phantom subjects to pretrain on")
-    p.add_argument("--epochs", type=_positive_int, default=8)
+    p.add_argument("--epochs", type=_positive_int, default=8, help="pretraining epochs of both methods (default 8)")
     p.add_argument("--show", type=_positive_int, default=5, help="unseen subjects drawn")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p = command("speed", "Pretraining and inference slices/s and fine-tuning time, ours next to a published-code-like baseline.",
                 cmd_bench_speed, bench_sub)
     p.add_argument("--quick", action="store_true", help="small images and model: about 2 minutes on a 2-core CPU (the default without CUDA)")

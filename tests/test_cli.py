@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -97,6 +98,19 @@ def test_help_lists_every_command_and_each_has_help():
     for command in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo", "bench lowlabel",
                     "bench embedding", "bench speed"):
         assert "--device" in coral(*command.split(), "--help").stdout
+    # and every option of every command says what it does (argparse leaves a bare option without a line)
+    from coral_core.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in dict.fromkeys(action.choices.values()):
+                    yield from parsers(sub)
+
+    silent = [f"{parser.prog} {action.option_strings[0]}" for parser in parsers(build_parser())
+              for action in parser._actions if action.option_strings and not action.help]
+    assert silent == [], silent
 
 
 def test_workflow_writes_labels_with_the_input_geometry(workflow):
