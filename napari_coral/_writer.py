@@ -1,4 +1,5 @@
-"""npe2 writers: Labels and Image layers (3-D, or 4-D cine series) to NIfTI, restoring the source geometry."""
+"""npe2 writers: Labels and Image layers to NIfTI, MHA or NRRD (3-D) or NIfTI (4-D cine series), restoring the
+source geometry."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from napari_coral._layers import affine_from_layer, spacing_mm
 def _write(path: str, data, meta: dict, dtype) -> list[str]:
     array = np.asarray(data)
     if array.ndim not in (3, 4):
-        raise ValueError(f"{path}: only 3-D layers and 4-D (cine) series can be saved as NIfTI (this one has "
-                         f"{array.ndim} dimensions)")
+        raise ValueError(f"{path}: only 3-D layers and 4-D (cine) series can be saved (this one has {array.ndim} "
+                         "dimensions)")
+    if array.ndim == 4 and not path.lower().endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{path}: a series of {array.shape[0]} frames is saved as NIfTI only; end the name with "
+                         ".nii.gz")
     scale = meta.get("scale")
     if scale is not None:
         scale = spacing_mm(scale, meta.get("units"))[-3:]  # a layer in micrometres is written in mm

@@ -99,10 +99,11 @@ def test_writer_round_trip_restores_source_geometry(tmp_path, make_napari_viewer
     viewer.open(str(tmp_path / "lab_seg.nii.gz"), plugin="napari-coral")
     layer = viewer.layers[0]
     layer.data[0, 0, 0] = 3
-    layer.save(str(tmp_path / "saved.nii.gz"), plugin="napari-coral")
-    back = load_volume(tmp_path / "saved.nii.gz")
-    np.testing.assert_array_equal(back.array, layer.data)
-    np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+    for name in ("saved.nii.gz", "saved.mha", "saved.nrrd"):  # the formats the reader opens, MHD's pair aside
+        layer.save(str(tmp_path / name), plugin="napari-coral")
+        back = load_volume(tmp_path / name)
+        np.testing.assert_array_equal(back.array, layer.data)
+        np.testing.assert_allclose(back.affine, affine, atol=1e-4)
 
 
 def test_sample_has_image_and_ground_truth(viewer):

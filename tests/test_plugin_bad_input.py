@@ -107,10 +107,15 @@ def _writable(folder) -> bool:
     return True
 
 
-def test_writer_refuses_a_2d_layer_with_one_sentence(tmp_path):
+def test_writer_refuses_a_2d_layer_and_a_cine_series_outside_nifti(tmp_path):
     with pytest.raises(ValueError) as info:
         write_labels(str(tmp_path / "x.nii.gz"), np.zeros((8, 8), np.uint8), {"metadata": {}, "scale": (1, 1)})
     one_sentence(str(info.value), "3-D")
+    assert not list(tmp_path.iterdir())
+
+    with pytest.raises(ValueError) as info:  # a cine series: NIfTI holds its frames, MHA and NRRD here do not
+        write_labels(str(tmp_path / "x.mha"), np.zeros((3, 4, 8, 8), np.uint8), {"metadata": {}, "scale": (1, 1, 1, 1)})
+    one_sentence(str(info.value), "x.mha", "3 frames", "NIfTI only", ".nii.gz")
     assert not list(tmp_path.iterdir())
 
 
