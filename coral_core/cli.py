@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -441,6 +442,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
     from coral_core.training import check_optimiser_settings
+    from coral_core.volume import read_class_names
 
     check_output_path(args.out)
     check_optimiser_settings(args.lr, 0.0)  # these, before any volume is read
@@ -495,6 +497,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
         raise UserError(f"{scan_labels[tops.index(top)]}: holds label {top} but "
                         f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names, n_classes)
+    if not args.class_names:  # the names the label files carry (coral segment's, napari-coral's writer's), if they fit
+        stored = next((n for n in map(read_class_names, dict.fromkeys(label_files)) if n and len(n) == n_classes), None)
+        names = stored or names
     # A new head (or a random-init model) draws its weights from torch's global generator, which each process
     # seeds at random: seeded here, as pretrain() seeds before building its model, --seed repeats the run.
     torch.manual_seed(args.seed)
@@ -651,7 +656,7 @@ def cmd_segment(args) -> tuple[dict, str]:
             labels = labels[0] if len(frames) == 1 else labels
             del frames
             seconds = time.perf_counter() - t0
-            save_like(out_path, labels, image)
+            save_like(out_path, labels, image, model.config.class_names)  # names in the header, for evaluate and napari
             done += 1
             counts = np.bincount(labels.ravel(), minlength=model.config.n_classes)
             results.append({"image": str(image_path), "labels": str(out_path), "shape": list(labels.shape),
@@ -748,7 +753,7 @@ def cmd_evaluate(args) -> tuple[dict, str]:
 
     from coral_core.data import label_map, parse_label_values
     from coral_core.metrics import evaluate_segmentation
-    from coral_core.volume import load_frames
+    from coral_core.volume import load_frames, read_class_names
 
     label_values = parse_label_values(args.label_values) if args.label_values else None
     # a cine series (4-D files, as coral segment writes one) is scored frame by frame
@@ -771,6 +776,10 @@ def cmd_evaluate(args) -> tuple[dict, str]:
                             "class(es); name each label from 1 up, e.g. RV,myocardium,LV")
         n_classes = len(foreground) + 1  # classes named but absent from both files are listed too
         names = ["background", *foreground]
+    else:  # the names a label file carries (coral segment writes the model's), PRED's first, if they cover its labels
+        names = next((stored for stored in map(read_class_names, (args.pred, args.truth))
+                      if stored and len(stored) >= n_classes), None)
+        n_classes = len(names) if names else n_classes
     frames = [evaluate_segmentation(pf, tf, n_classes, truth.spacing, names) for pf, tf, truth in zip(ps, ts, truths)]
     result = frames[0]
     if len(frames) > 1:  # each class's and the mean's average over the frames where they are defined
@@ -1451,8 +1460,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _leave_ddp(finished)
     if result is not None:
-        print(json.dumps(_finite(result), allow_nan=False) if args.json else text)
+        try:
+            print(json.dumps(_finite(result), allow_nan=False) if args.json else text, flush=True)
+        except BrokenPipeError:  # the reader left early (coral evaluate ... | head -3): the work is done
+            return _stdout_closed()
     return 0
+
+
+def _stdout_closed() -> int:
+    """Exit quietly when whatever read our standard output closed it, as shell tools do (status 141, a
+    shell's for SIGPIPE); stdout then points at /dev/null, so the interpreter's last flush fails no more.
+    (argparse's --help into such a pipe already ends quietly, with status 0.)"""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 def _leave_ddp(finished: bool = False) -> None:

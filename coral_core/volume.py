@@ -5,11 +5,15 @@ file (k, the slice axis of an axial or short-axis stack), plus the geometry need
 a result that overlays the input in any viewer: the 4x4 affine from file voxel indices
 (i, j, k) to world coordinates in RAS (NIfTI's convention; ITK's LPS is converted).
 
-NIfTI goes through nibabel; MHA/MHD/NRRD and DICOM series folders through SimpleITK.
+NIfTI goes through nibabel; MHA/MHD/NRRD and DICOM series folders through SimpleITK. A label map can carry
+its classes' names (background first) in its header, which :func:`read_class_names` reads back: NIfTI in a
+comment extension holding ``{"napari_coral": {"class_names": [...]}}``, MHA and NRRD in the header field
+``napari_coral_class_names`` (a JSON list). Other programs ignore both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ __all__ = [
     "frame_count",
     "save_volume",
     "save_like",
+    "read_class_names",
     "intensity_bounds",
     "normalise_intensity",
     "normalise_intensity_tensor",
@@ -39,6 +44,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_CLASS_NAMES_KEY = "napari_coral_class_names"  # MHA and NRRD header field
 
 
 @dataclass
@@ -268,13 +274,16 @@ def _short(exc: BaseException) -> str:
     return text[0][:120] if text else type(exc).__name__
 
 
-def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
+                class_names: list[str] | None = None) -> Path:
     """Write a (z, y, x) array with ``affine`` (file voxel (i, j, k) -> RAS), atomically; or a
     (t, z, y, x) series of such frames (NIfTI only, frames on its fourth axis, as cine files hold them).
 
     The format follows the suffix (.nii, .nii.gz, .mha, .nrrd). The file appears complete or
-    not at all: it is written to a temporary name in the same folder, then renamed.
+    not at all: it is written to a temporary name in the same folder, then renamed. ``class_names``
+    (a label map's, background first: label value i is named ``class_names[i]``) go into the header.
     """
+    names = None if class_names is None else [str(n) for n in class_names]
     p = Path(path)
     lower = p.name.lower()
     if not lower.endswith(VOLUME_SUFFIXES) or lower.endswith((".mhd", ".nhdr")):
@@ -286,21 +295,48 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
         raise UserError(f"{p}: a series of {array.shape[0]} frames is written as NIfTI; end the name with .nii.gz")
     with atomic_target(p, suffix=suffix) as tmp:
         if suffix in NIFTI_SUFFIXES:
-            _write_nifti(tmp, array, affine)
+            _write_nifti(tmp, array, affine, names)
         else:
-            _write_itk(tmp, array, affine)
+            _write_itk(tmp, array, affine, names)
     return p
 
 
-def save_like(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
+def save_like(path: str | os.PathLike, array: np.ndarray, like: Volume, class_names: list[str] | None = None) -> Path:
     """Write ``array`` (same shape as ``like``, or a (t, z, y, x) series of frames of its shape) with
-    ``like``'s geometry."""
+    ``like``'s geometry (and a label map's ``class_names``, as :func:`save_volume`)."""
     if array.shape[-3:] != like.array.shape or array.ndim not in (3, 4):
         raise ValueError(f"array shape {array.shape} differs from the reference volume's {like.shape}")
-    return save_volume(path, array, like.affine)
+    return save_volume(path, array, like.affine, class_names)
 
 
-def _write_nifti(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
+def read_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names (background first) that :func:`save_volume` wrote into a label file's header, from
+    the header alone; None for a file without them (any other program's), a folder or an unreadable file."""
+    p = Path(path)
+    names = None
+    try:
+        if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            for ext in nib.load(str(p)).header.extensions:
+                if ext.get_code() == 6 and ext.get_content().startswith(b'{"napari_coral"'):  # a comment: ours
+                    names = json.loads(ext.get_content())["napari_coral"]["class_names"]
+        elif p.is_file() and p.name.lower().endswith(ITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(p))
+            reader.ReadImageInformation()
+            if reader.HasMetaDataKey(_CLASS_NAMES_KEY):
+                names = json.loads(reader.GetMetaData(_CLASS_NAMES_KEY))
+    except Exception:  # noqa: BLE001 - a damaged header is the readers' to report; here it names nothing
+        return None
+    if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
+def _write_nifti(p: Path, array: np.ndarray, affine: np.ndarray, class_names: list[str] | None = None) -> None:
     import nibabel as nib
 
     # (z, y, x) -> (i, j, k); a series (t, z, y, x) -> (i, j, k, t)
@@ -308,10 +344,13 @@ def _write_nifti(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    if class_names is not None:
+        content = json.dumps({"napari_coral": {"class_names": class_names}}).encode()
+        img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", content))
     nib.save(img, str(p))
 
 
-def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
+def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray, class_names: list[str] | None = None) -> None:
     import SimpleITK as sitk
 
     lps = np.linalg.inv(_LPS_TO_RAS) @ affine
@@ -321,6 +360,8 @@ def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray) -> None:
     img.SetSpacing(tuple(float(s) for s in spacing))
     img.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
     img.SetDirection(tuple(float(d) for d in direction.ravel()))
+    if class_names is not None:
+        img.SetMetaData(_CLASS_NAMES_KEY, json.dumps(class_names))
     sitk.WriteImage(img, str(p), useCompression=True)
 
 

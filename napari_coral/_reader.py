@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from coral_core.errors import UserError
-from coral_core.volume import is_volume_path, load_frames
+from coral_core.volume import is_volume_path, load_frames, read_class_names
 from napari_coral._layers import volume_to_layer
 
 
@@ -25,7 +25,9 @@ def get_reader(path):
 
 def read_volume(path):
     """Layer data for one volume; a label map opens as Labels, and a 4-D (cine) series as one
-    (t, z, y, x) image with a slider for its frames, to look at (the widgets take 3-D images)."""
+    (t, z, y, x) image with a slider for its frames, to look at (the widgets take 3-D images). A label
+    file that names its classes (as coral segment and the napari-coral writer save them) opens with those
+    names as the layer's "class" feature and Segment's colours."""
     if isinstance(path, list):
         path = path[0]
     try:
@@ -38,4 +40,11 @@ def read_volume(path):
         kwargs["scale"] = (1.0, *kwargs["scale"])
         kwargs["metadata"]["frames"] = len(frames)
         return [(np.stack([frame.array for frame in frames]), kwargs, kind)]
-    return [volume_to_layer(frames[0])]
+    data, kwargs, kind = volume_to_layer(frames[0])
+    names = read_class_names(path) if kind == "labels" else None
+    if names and int(data.max(initial=0)) < len(names):  # names that cover every label (no label left uncoloured)
+        from napari_coral._widgets._common import class_colormap
+
+        kwargs["features"] = {"class": names}
+        kwargs["colormap"] = class_colormap(len(names))
+    return [(data, kwargs, kind)]

@@ -113,6 +113,22 @@ def test_help_lists_every_command_and_each_has_help():
     assert silent == [], silent
 
 
+def test_output_into_a_pipe_closed_early_ends_quietly(workflow):
+    """`coral evaluate ... | head -1`: the reader closes the pipe before the table is written; the command ends
+    without a traceback, with a shell's status for a closed pipe (141), as shell tools do (it printed a
+    BrokenPipeError traceback). `--help` ends quietly too, with status 0."""
+    d = workflow[0]
+    for args, status in ((("evaluate", d / "seg.nii.gz", d / "lab.nii.gz"), 141), (("--help",), 0)):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # closed before the command starts: its first write finds no reader
+        try:
+            proc = subprocess.run([sys.executable, "-m", "coral_core.cli", *map(str, args)], stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write_end)
+        assert proc.returncode == status and proc.stderr == "", proc.stderr
+
+
 def test_workflow_writes_labels_with_the_input_geometry(workflow):
     d, pre, ft, seg = workflow
     assert pre["volumes"] == 3 and pre["steps"] >= 1 and np.isfinite(pre["final_loss"])
@@ -136,7 +152,16 @@ def test_evaluate_reports_dice_and_hd95(workflow):
     named = coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--class-names", "RV,myocardium,LV,extra").stdout
     rows = {line.split()[0]: line.split()[1] for line in named.splitlines()[1:]}
     assert {"RV", "myocardium", "LV", "extra"} <= set(rows) and rows["extra"] == "nan"  # named, in neither file
-    numbered = json.loads(coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--json").stdout)
+    # seg.nii.gz carries its model's class names (fine-tuned without --class-names: "class 1", ...); a copy without
+    # them, and labels of any other program, are scored by number
+    from coral_core.volume import read_class_names
+
+    assert read_class_names(d / "seg.nii.gz") == ["background", "class 1", "class 2", "class 3"]
+    assert list(json.loads(coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--json").stdout)["dice"]) == [
+        "class 1", "class 2", "class 3"]
+    seg = load_volume(d / "seg.nii.gz")
+    save_volume(d / "seg_plain.nii.gz", seg.array, seg.affine)
+    numbered = json.loads(coral("evaluate", d / "seg_plain.nii.gz", d / "lab.nii.gz", "--json").stdout)
     assert float(rows["myocardium"]) == round(numbered["dice"]["2"], 3)  # the same scores under their names
     user_error(coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--class-names", "RV", check=False),
                "holds label 3", "names 1 foreground class")
@@ -244,6 +269,15 @@ def test_finetune_from_a_pretrained_encoder_names_the_new_classes(workflow):
     assert plain.config.class_names == ["background", "class 1", "class 2", "class 3"]
     user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--class-names", "a,b",
                      "--out", d / "bad.safetensors", check=False), "2 names for 4 classes")
+    # labels that carry their classes' names (as coral segment and the napari writer save them) name the classes;
+    # names that do not fit the labels' classes are left aside
+    lab = load_volume(d / "lab.nii.gz")
+    for names, expected in ((["background", "RV", "Myo", "LV"], ["background", "RV", "Myo", "LV"]),
+                            (["background", "RV"], ["background", "class 1", "class 2", "class 3"])):
+        save_volume(d / "lab_named.nrrd", lab.array, lab.affine, names)
+        coral("finetune", d / "img.nii.gz", "--labels", d / "lab_named.nrrd", "--init", d / "pre.safetensors",
+              "--steps", 1, "--out", d / "from_file.safetensors")
+        assert load_checkpoint(d / "from_file.safetensors")[0].config.class_names == expected
 
 
 def test_finetune_from_random_init_uses_the_label_classes(subject):
@@ -562,7 +596,7 @@ def test_segment_and_embed_default_to_the_bundled_demo_model(tmp_path):
     res = json.loads(coral("segment", tmp_path / "img.nii.gz", "--out", tmp_path / "seg.nii.gz", "--json").stdout)
     assert res["shape"] == list(img.shape)
     score = json.loads(coral("evaluate", tmp_path / "seg.nii.gz", tmp_path / "lab.nii.gz", "--json").stdout)
-    assert score["dice"]["3"] > 0.8  # the LV of an unseen phantom subject
+    assert score["dice"]["LV"] > 0.8  # an unseen phantom subject's; segment wrote the model's class names
     coral("segment", tmp_path / "img.nii.gz", "--out", tmp_path / "seg_cl.nii.gz", "--channels-last")
     same = load_volume(tmp_path / "seg_cl.nii.gz").array == load_volume(tmp_path / "seg.nii.gz").array
     assert same.mean() > 0.999
@@ -1100,7 +1134,7 @@ def test_segment_a_cine_series_frame_by_frame(tmp_path):
         alone.append(json.loads(coral("evaluate", tmp_path / "p.nii.gz", tmp_path / "t.nii.gz", "--json").stdout))
     assert [f["mean_dice"] for f in series["frames"]] == [a["mean_dice"] for a in alone]
     assert np.isclose(series["mean_dice"], np.mean([a["mean_dice"] for a in alone]))
-    assert np.isclose(series["dice"]["1"], np.mean([a["dice"]["1"] for a in alone]))
+    assert np.isclose(series["dice"]["RV"], np.mean([a["dice"]["1"] for a in alone]))  # the series names its classes
     assert "3 frames; each number is the mean over the frames" in coral(
         "evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "cine_truth.nii.gz").stdout
     user_error(coral("evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "t.nii.gz", check=False),

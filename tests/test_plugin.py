@@ -13,12 +13,12 @@ from qtpy.QtCore import Qt, QTimer  # noqa: E402
 
 from coral_core.metrics import dice_per_class  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
-from coral_core.volume import load_volume  # noqa: E402
+from coral_core.volume import load_volume, read_class_names  # noqa: E402
 from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
 from napari_coral._layers import has_spacing, layer_spacing_mm, napari_has_units  # noqa: E402
 from napari_coral._reader import get_reader  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
-from napari_coral._widgets._common import alive  # noqa: E402
+from napari_coral._widgets._common import alive, class_colormap  # noqa: E402
 
 WIDGETS = ("Model", "Segment", "Fine-tune", "Embedding")
 
@@ -99,11 +99,18 @@ def test_writer_round_trip_restores_source_geometry(tmp_path, make_napari_viewer
     viewer.open(str(tmp_path / "lab_seg.nii.gz"), plugin="napari-coral")
     layer = viewer.layers[0]
     layer.data[0, 0, 0] = 3
+    assert "class" not in layer.features  # a label file of another program names no classes
+    names = ["background", "RV", "myocardium", "LV"]
+    layer.features = {"class": names}  # as Segment names its layer's classes
     for name in ("saved.nii.gz", "saved.mha", "saved.nrrd"):  # the formats the reader opens, MHD's pair aside
         layer.save(str(tmp_path / name), plugin="napari-coral")
         back = load_volume(tmp_path / name)
         np.testing.assert_array_equal(back.array, layer.data)
         np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+        assert read_class_names(tmp_path / name) == names
+        reopened = viewer.open(str(tmp_path / name), plugin="napari-coral")[0]  # with its names, in Segment's colours
+        assert list(reopened.features["class"]) == names
+        assert tuple(reopened.colormap.map(np.array([3]))[0]) == tuple(class_colormap(4).map(np.array([3]))[0])
 
 
 def test_sample_has_image_and_ground_truth(viewer):

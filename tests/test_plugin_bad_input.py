@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("napari")
 
 from coral_core.model import UNetConfig, build_model  # noqa: E402
+from coral_core.volume import save_volume  # noqa: E402
 from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
 from napari_coral._reader import get_reader, read_volume  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
@@ -74,6 +75,19 @@ def test_reader_opens_odd_but_valid_volumes(tmp_path):
         (layer_data, kwargs, kind), = read_volume(str(tmp_path / name))
         assert kind == "image" and layer_data.ndim == 3, name
         assert layer_data.shape[1:] == (10, 12) and len(kwargs["scale"]) == 3, name
+
+
+def test_class_names_too_few_for_a_label_files_labels_are_left_aside(tmp_path):
+    """Names in a label file's header that leave a label unnamed would leave it uncoloured: the layer opens
+    without them, in napari's own colours, as a file without names does."""
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[1, 2:4, 2:4], labels[2, 2:4, 2:4] = 1, 4  # label 4 beyond the four names
+    save_volume(tmp_path / "few.nii.gz", labels, np.eye(4), ["background", "RV", "myocardium", "LV"])
+    (_, kwargs, kind), = read_volume(str(tmp_path / "few.nii.gz"))
+    assert kind == "labels" and "features" not in kwargs and "colormap" not in kwargs
+    save_volume(tmp_path / "five.nii.gz", labels, np.eye(4), ["background", "RV", "myocardium", "LV", "aorta"])
+    (_, kwargs, _), = read_volume(str(tmp_path / "five.nii.gz"))
+    assert kwargs["features"] == {"class": ["background", "RV", "myocardium", "LV", "aorta"]}
 
 
 # --------------------------------------------------------------------------- writer

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from coral_core.errors import UserError
-from coral_core.volume import load_volume, normalise_intensity, normalise_intensity_tensor, save_like, save_volume
+from coral_core.volume import (
+    load_volume, normalise_intensity, normalise_intensity_tensor, read_class_names, save_like, save_volume,
+)
 from helpers import oblique_affine, write_dicom_series, write_nifti_ijk
 
 
@@ -34,6 +36,28 @@ def test_segmentation_written_for_an_input_keeps_shape_and_affine(tmp_path, suff
     np.testing.assert_array_equal(back.array, labels)
     np.testing.assert_allclose(back.affine, affine, atol=1e-4)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    assert read_class_names(out) is None  # written without names: none read back
+    names = ["background", "RV", "myocardium", "LV"]
+    named = save_like(tmp_path / f"named{suffix}", labels, src, names)
+    assert read_class_names(named) == names
+    np.testing.assert_array_equal(load_volume(named).array, labels)  # the voxels and geometry as without
+    np.testing.assert_allclose(load_volume(named).affine, affine, atol=1e-4)
+
+
+def test_class_names_of_other_programs_files_are_none(tmp_path):
+    """A comment extension that is not ours, a damaged file, a folder: no names, and no error (the readers
+    report damage)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"acquired on scanner 2"))
+    nib.save(img, str(tmp_path / "other.nii.gz"))
+    (tmp_path / "damaged.nrrd").write_text("NRRD0004\nnot a header")
+    save_volume(tmp_path / "one.mha", np.zeros((2, 4, 4), np.uint8), np.eye(4), ["background"])  # too few to name
+    for path in ("other.nii.gz", "damaged.nrrd", "one.mha", ".", "missing.nii.gz"):
+        assert read_class_names(tmp_path / path) is None, path
+    series = save_volume(tmp_path / "cine.nii.gz", np.zeros((3, 2, 4, 4), np.uint8), np.eye(4), ["background", "LV"])
+    assert read_class_names(series) == ["background", "LV"]
 
 
 def test_dicom_series_folder_reads_with_slice_spacing(tmp_path):
