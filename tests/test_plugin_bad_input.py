@@ -198,10 +198,18 @@ def test_2d_layers_are_not_offered_and_a_cine_series_segments_frame_by_frame(tmp
     # the writer (File > Save Selected Layers) keeps the series as one 4-D NIfTI with the cine's geometry
     from coral_core.volume import load_frames
 
-    write_labels(str(tmp_path / "cine_labels.nii.gz"), labels.data, {"metadata": labels.metadata, "scale": labels.scale})
+    write_labels(str(tmp_path / "cine_labels.nii.gz"), labels.data,
+                 {"metadata": labels.metadata, "scale": labels.scale, "features": labels.features})
     frames = load_frames(tmp_path / "cine_labels.nii.gz")
     assert len(frames) == 5 and frames[0].spacing == (8.0, 1.5, 1.5)
     np.testing.assert_array_equal(np.stack([f.array for f in frames]), labels.data)
+    # opened again, the file is one 4-D Labels layer with its class names, which Fine-tune offers with the cine
+    # (it opened as an image, which Fine-tune could not train on)
+    reopened = viewer.open(str(tmp_path / "cine_labels.nii.gz"), plugin="napari-coral")[0]
+    assert type(reopened).__name__ == "Labels" and reopened.data.shape == (5, 4, 20, 24)
+    assert tuple(reopened.scale) == tuple(cine.scale) and list(reopened.features["class"]) == list(labels.features["class"])
+    np.testing.assert_array_equal(reopened.data, labels.data)
+    assert reopened.name in [finetune.labels_picker.itemText(i) for i in range(finetune.labels_picker.count())]
 
 
 def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_viewer):
