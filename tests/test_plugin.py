@@ -199,6 +199,7 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     session = _fresh_model(viewer)
     widget = dock(viewer, "Fine-tune")
     layer, truth = _paint_from_truth(viewer, [])
+    layer.features = {"class": ["background", "RV", "myocardium", "LV"]}  # a layer that names its classes
     widget.labels_picker.setCurrentText("my annotations")
     widget.image_picker.setCurrentText("phantom")
     held_out = truth.shape[0] // 2 + 1
@@ -233,6 +234,7 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     assert longest_pause < 0.25, f"event loop paused {longest_pause * 1000:.0f} ms"
     assert widget.autosaved.is_file()  # annotations were saved before training
     np.testing.assert_array_equal(load_volume(widget.autosaved).array, layer.data)
+    assert read_class_names(widget.autosaved) == ["background", "RV", "myocardium", "LV"]  # and their names
     assert widget.losses and widget.losses[-1][0] == 120
     assert len(widget.val_dice) == 10 and widget.val_dice[-1][1] > widget.val_dice[0][1]  # held-out slice scored
     assert widget.plot.hint is None and len(widget.plot.ax.get_xticks()) > 1  # the curves replaced the hint

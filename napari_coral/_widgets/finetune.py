@@ -382,13 +382,13 @@ class FinetuneWidget(QWidget):
         return image, scans + others, val_slices, model, [labels, *other_labels], unlabelled
 
     def autosave(self, labels_layer) -> Path:
-        """Write the annotations with their geometry before any training starts."""
+        """Write the annotations with their geometry (and the layer's class names) before any training starts."""
         folder = data_home() / "annotations"
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = folder / f"{file_name_part(labels_layer.name)}-{stamp}.nii.gz"
         write_labels(str(path), labels_layer.data, {"metadata": labels_layer.metadata, "scale": labels_layer.scale,
-                                         "units": getattr(labels_layer, "units", None)})
+                                         "units": getattr(labels_layer, "units", None), "features": labels_layer.features})
         return path
 
     def finetune(self, mode: str | None = None):
