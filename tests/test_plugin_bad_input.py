@@ -121,6 +121,19 @@ def _writable(folder) -> bool:
     return True
 
 
+def test_writer_names_classes_by_label_value_from_an_index_column(tmp_path):
+    """napari's Labels features may map rows to label values by an "index" column: names follow the values, a
+    value without a row is named by its number."""
+    import pandas as pd
+
+    from coral_core.volume import read_class_names
+
+    features = pd.DataFrame({"index": [0, 2], "class": ["background", "LV"]})
+    write_labels(str(tmp_path / "x.nii.gz"), np.zeros((2, 4, 4), np.uint8),
+                 {"metadata": {}, "scale": (1, 1, 1), "features": features})
+    assert read_class_names(tmp_path / "x.nii.gz") == ["background", "class 1", "LV"]
+
+
 def test_writer_refuses_a_2d_layer_and_a_cine_series_outside_nifti(tmp_path):
     with pytest.raises(ValueError) as info:
         write_labels(str(tmp_path / "x.nii.gz"), np.zeros((8, 8), np.uint8), {"metadata": {}, "scale": (1, 1)})
