@@ -33,9 +33,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
-def ordinal_consistency(along: np.ndarray, positions: np.ndarray) -> float:
-    """Spearman correlation between the projection on the canonical axis and slice position."""
-    if len(along) < 2 or np.ptp(along) == 0:
+def ordinal_consistency(along: np.ndarray, positions: np.ndarray, tol: float = 0.0) -> float:
+    """Spearman correlation between the projection on the canonical axis and slice position; NaN for
+    fewer than two slices or slices that all project alike (a spread of ``tol`` or less)."""
+    if len(along) < 2 or np.ptp(along) <= tol:
         return float("nan")
     return float(spearmanr(along, positions).statistic)
 
@@ -53,13 +54,16 @@ def project_trajectories(
     pooled = np.concatenate(features).astype(np.float64)
     centre = pooled.mean(0)
     centred = pooled - centre
+    # Identical slices (a blank scan) differ in their features by float32 rounding alone, about 1e-7 of
+    # their size; a spread below 1e-5 of it is no order at all, so it gets no score instead of noise's.
+    tol = 1e-5 * float(np.abs(pooled).max(initial=0.0))
     positions = [(np.arange(len(f)) + 1) / len(f) for f in features]
     pooled_pos = np.concatenate(positions)
     if direction is not None and np.linalg.norm(direction) > 0:
         axis1 = _unit(np.asarray(direction, np.float64))
     else:
         axis1 = _principal(centred)
-        if ordinal_consistency(centred @ axis1, pooled_pos) < 0:
+        if ordinal_consistency(centred @ axis1, pooled_pos, tol) < 0:
             axis1 = -axis1
     rest = centred - np.outer(centred @ axis1, axis1)
     axis2 = _principal(rest)
@@ -67,8 +71,8 @@ def project_trajectories(
     trajectories = []
     for name, f, pos in zip(names, features, positions):
         xy = (f.astype(np.float64) - centre) @ basis.T
-        trajectories.append(Trajectory(name, xy, pos, ordinal_consistency(xy[:, 0], pos)))
-    return trajectories, basis, ordinal_consistency(centred @ axis1, pooled_pos)
+        trajectories.append(Trajectory(name, xy, pos, ordinal_consistency(xy[:, 0], pos, tol)))
+    return trajectories, basis, ordinal_consistency(centred @ axis1, pooled_pos, tol)
 
 
 def _principal(x: np.ndarray) -> np.ndarray:

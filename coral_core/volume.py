@@ -266,6 +266,11 @@ def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:
         raise UserError(f"{p}: holds no voxels (shape {array.shape})")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise UserError(f"{p}: voxel type {array.dtype} is not numeric")
+    if np.iscomplexobj(array):
+        raise UserError(f"{p}: voxels are complex numbers; save their magnitude as a real-valued volume")
+    # slice by slice, so that a usable scan costs one slice's test, not a mask of the whole volume
+    if array.dtype.kind == "f" and not any(np.isfinite(s).any() for s in array):
+        raise UserError(f"{p}: every voxel is NaN or infinite; re-export the volume")
     return np.ascontiguousarray(array)
 
 

@@ -47,6 +47,21 @@ def test_ordered_trajectories_score_one_and_follow_the_direction():
     assert pca_score > 0.99
 
 
+def test_identical_slices_get_no_score_rather_than_their_rounding_noise():
+    """A blank scan's slices give the same features up to float32 rounding (about 1e-7 of their size):
+    neither its own score nor the pooled one may come from that noise, while a real volume beside it keeps its
+    score."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=16) * 3
+    blank = base[None] + rng.normal(scale=3e-7, size=(6, 16))
+    ordered = np.linspace(0, 1, 8)[:, None] * rng.normal(size=16)[None] + base[None]
+    traj, _, score = project_trajectories([blank], ["blank"])
+    assert np.isnan(score) and np.isnan(traj[0].score)
+    traj, _, score = project_trajectories([blank, ordered], ["blank", "ordered"])
+    assert np.isnan(traj[0].score) and traj[1].score == pytest.approx(1.0) and score > 0.5
+    assert np.isnan(ordinal_consistency(np.array([1.0, 1.0 + 1e-9]), np.array([0.5, 1.0]), tol=1e-6))
+
+
 def test_shuffled_slices_score_near_zero():
     rng = np.random.default_rng(1)
     assert abs(ordinal_consistency(rng.normal(size=200), np.linspace(0, 1, 200))) < 0.2

@@ -634,6 +634,21 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
     assert widget.suggestions.count() == 3
 
 
+def test_a_blank_volume_embeds_without_a_score_of_rounding_noise(viewer, qtbot):
+    """Its slices' features differ by float32 rounding alone: it shows no score, the phantom beside it keeps its."""
+    widget = dock(viewer, "Embedding")
+    viewer.layers.remove("phantom ground truth")
+    viewer.add_image(np.zeros((6, 64, 64), np.float32), name="blank")
+    qtbot.waitUntil(lambda: widget.volumes.checked() == ["phantom", "blank"], timeout=5_000)
+    worker = widget.embed()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: len(widget.trajectories) == 2, timeout=10_000)
+    scores = {t.name: t.score for t in widget.trajectories}
+    assert np.isnan(scores["blank"]) and scores["phantom"] > 0.5
+    assert "blank: none (one slice, or all alike)" in widget.status.text() and "nan" not in widget.status.text()
+
+
 # --------------------------------------------------------------------------- model
 
 

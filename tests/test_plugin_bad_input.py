@@ -41,11 +41,15 @@ def _bad_files(tmp_path):
     write_nifti_ijk(tmp_path / "good.nii.gz", np.random.rand(16, 16, 8).astype(np.float32), np.eye(4))
     raw = (tmp_path / "good.nii.gz").read_bytes()
     (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    write_nifti_ijk(tmp_path / "complex.nii.gz", np.ones((16, 16, 8), np.complex64), np.eye(4))
+    write_nifti_ijk(tmp_path / "nan.nii.gz", np.full((16, 16, 8), np.nan, np.float32), np.eye(4))
     return [
         ("missing", tmp_path / "missing.nii.gz", ["missing.nii.gz", "no such file"]),
         ("empty", tmp_path / "empty.nii.gz", ["empty.nii.gz", "empty"]),
         ("text", tmp_path / "text.nii.gz", ["text.nii.gz"]),
         ("truncated", tmp_path / "truncated.nii.gz", ["truncated.nii.gz"]),
+        ("complex", tmp_path / "complex.nii.gz", ["complex.nii.gz", "complex numbers", "magnitude"]),
+        ("nan", tmp_path / "nan.nii.gz", ["nan.nii.gz", "every voxel is NaN or infinite"]),
     ]
 
 

@@ -127,6 +127,19 @@ def test_unreadable_files_give_one_sentence(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     with pytest.raises(UserError, match="unknown volume format"):
         load_volume(tmp_path / "x.png")
+    # Voxels no model can read: complex numbers (raw MRI) and a scan with no finite value at all.
+    write_nifti_ijk(tmp_path / "complex.nii.gz", np.ones((4, 4, 3), np.complex64), np.eye(4))
+    with pytest.raises(UserError, match="complex.nii.gz: voxels are complex numbers; save their magnitude"):
+        load_volume(tmp_path / "complex.nii.gz")
+    blank = np.full((4, 4, 3), np.nan, np.float32)
+    blank[0, 0, 0] = np.inf
+    write_nifti_ijk(tmp_path / "nan.nii.gz", blank, np.eye(4))
+    with pytest.raises(UserError, match="nan.nii.gz: every voxel is NaN or infinite"):
+        load_volume(tmp_path / "nan.nii.gz")
+    blank[1, 1, 2] = 7.0  # one finite voxel, in the last slice: a scan with gaps still opens
+    write_nifti_ijk(tmp_path / "gaps.nii.gz", blank, np.eye(4))
+    gaps = load_volume(tmp_path / "gaps.nii.gz").array
+    assert gaps[np.isfinite(gaps)].tolist() == [7.0]
 
 
 def test_save_refuses_missing_folder_without_leaving_files(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout, QWidget
@@ -117,12 +119,12 @@ class EmbeddingWidget(QWidget):
         label = "CORAL direction" if has_direction else "first principal axis"
         ax.annotate("", xy=(0.35 * span, 0), xytext=(-0.35 * span, 0), arrowprops={"arrowstyle": "->", "color": "crimson", "lw": 1.5})
         ax.text(-0.35 * span, 0, f"{label} ", color="crimson", fontsize=7, va="bottom", ha="left")
-        ax.set_title(f"ordinal consistency {self.score:.2f}", fontsize=8)
+        ax.set_title(f"ordinal consistency {_score_text(self.score)}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
         self.status.setText(
             "Colour: slice position (dark = first slice). Click a point to go to that slice. "
-            + "; ".join(f"{self._title(t.name)}: {t.score:.2f}" for t in self.trajectories)
+            + "; ".join(f"{self._title(t.name)}: {_score_text(t.score)}" for t in self.trajectories)
         )
         self._highlight_current()
 
@@ -185,3 +187,8 @@ class EmbeddingWidget(QWidget):
                 self.suggestions.addItem(item)
                 out.append((name, int(k)))
         return out
+
+
+def _score_text(score: float) -> str:
+    """A score to two decimals, or why there is none (a volume of one slice, or of slices all alike)."""
+    return f"{score:.2f}" if math.isfinite(score) else "none (one slice, or all alike)"
