@@ -225,6 +225,7 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
         else:
             if p.stat().st_size == 0:
                 raise UserError(f"{p}: file is empty; re-export the volume")
+            _check_detached_data(p)
             img = sitk.ReadImage(str(p))
     except UserError:
         raise
@@ -247,6 +248,27 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
     if dim == 4:
         array = np.moveaxis(array, 0, -1)  # (t, z, y, x) -> (z, y, x, t) like NIfTI
     return array, _LPS_TO_RAS @ lps
+
+
+def _check_detached_data(p: Path) -> None:
+    """Refuse a header-only file (.mhd, .nhdr) whose voxel file is not where the header says, before ITK
+    reads it (ITK's own message is a line of its C++ source, and it prints to the terminal besides)."""
+    key = {".mhd": "elementdatafile", ".nhdr": "data file"}.get(p.suffix.lower())
+    if key is None:
+        return
+    with open(p, "rb") as f:
+        head = f.read(65536).decode("latin-1")
+    for line in head.splitlines():
+        name, sep, value = line.partition("=" if key == "elementdatafile" else ":")
+        name = name.strip().lower()
+        if sep and (name == key or (key == "data file" and name == "datafile")):
+            value = value.strip()
+            # LOCAL/LIST and numbered patterns ("slice%03d.raw 1 40 1") name no single file to look for
+            if value and value.upper() not in ("LOCAL", "LIST") and "%" not in value and " " not in value:
+                data = Path(value) if Path(value).is_absolute() else p.parent / value
+                if not data.is_file():
+                    raise UserError(f"{p}: its voxel file {value} is missing; keep it in the same folder as the header")
+            return
 
 
 def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:

@@ -81,6 +81,24 @@ def test_reader_opens_odd_but_valid_volumes(tmp_path):
         assert layer_data.shape[1:] == (10, 12) and len(kwargs["scale"]) == 3, name
 
 
+def test_header_and_voxel_file_pairs_open_and_a_missing_voxel_file_is_named(tmp_path, make_napari_viewer):
+    """MetaImage (.mhd + .raw) and detached NRRD (.nhdr + .raw) open through File > Open like one-file volumes; a
+    header whose voxel file was left behind is refused naming that file."""
+    import SimpleITK as sitk
+
+    viewer = make_napari_viewer()
+    data = np.random.rand(4, 10, 12).astype(np.float32)
+    for name in ("pair.mhd", "pair.nhdr"):
+        sitk.WriteImage(sitk.GetImageFromArray(data), str(tmp_path / name))
+        layer = viewer.open(str(tmp_path / name), plugin="napari-coral")[0]
+        np.testing.assert_array_equal(layer.data, data)
+        (tmp_path / "pair.raw").unlink()
+        with pytest.raises(Exception) as info:
+            viewer.open(str(tmp_path / name), plugin="napari-coral")
+        one_sentence(str(info.value).splitlines()[-1], name, "voxel file pair.raw is missing")
+    assert len(viewer.layers) == 2
+
+
 def test_class_names_too_few_for_a_label_files_labels_are_left_aside(tmp_path):
     """Names in a label file's header that leave a label unnamed would leave it uncoloured: the layer opens
     without them, in napari's own colours, as a file without names does."""

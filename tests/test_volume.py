@@ -127,6 +127,16 @@ def test_unreadable_files_give_one_sentence(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     with pytest.raises(UserError, match="unknown volume format"):
         load_volume(tmp_path / "x.png")
+    # A header whose voxel file is elsewhere: named, and ITK's message (a line of its source) is not shown.
+    import SimpleITK as sitk
+
+    for suffix, data in ((".mhd", ".raw"), (".nhdr", ".raw")):
+        path = tmp_path / f"detached{suffix}"
+        sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5), np.float32)), str(path))
+        assert load_volume(path).shape == (3, 4, 5)
+        (tmp_path / f"detached{data}").rename(tmp_path / "moved.raw")
+        with pytest.raises(UserError, match=rf"detached\{suffix}: its voxel file detached\.raw is missing; keep it"):
+            load_volume(path)
     # Voxels no model can read: complex numbers (raw MRI) and a scan with no finite value at all.
     write_nifti_ijk(tmp_path / "complex.nii.gz", np.ones((4, 4, 3), np.complex64), np.eye(4))
     with pytest.raises(UserError, match="complex.nii.gz: voxels are complex numbers; save their magnitude"):
