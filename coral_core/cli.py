@@ -589,7 +589,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
 def _segment_targets(args) -> list[tuple[Path, Path]]:
     """(image, labels file) of each volume `coral segment` is given: IMAGE with --out, or with --out-dir the
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
-    from coral_core.data import _stem, discover_volumes
+    from coral_core.data import _stem, discover_volumes, output_name
     from coral_core.fileio import check_output_path
     from coral_core.volume import NIFTI_SUFFIXES, frame_count, is_volume_path
 
@@ -608,14 +608,12 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     out_dir = Path(args.out_dir)
     targets: dict[Path, Path] = {}
     for case in discover_volumes(args.images):
-        stem = _stem(case.image)  # the file's own name: an ACDC patient's frames share their subject
+        stem = _stem(case.image)
         suffix = case.image.name[len(stem):].lower()
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd", "": ".nii.gz"}.get(suffix, suffix)  # one file each; DICOM -> NIfTI
         if frame_count(case.image) > 1 and suffix not in NIFTI_SUFFIXES:
             suffix = ".nii.gz"  # a cine series' labels: one 4-D file, which only NIfTI holds here
-        # a case's folder names its files (KiTS: case_00000/imaging.nii.gz -> case_00000_imaging_labels.nii.gz)
-        name = stem if case.subject in stem else f"{case.subject}_{stem}"
-        out = out_dir / f"{name}_labels{suffix}"
+        out = out_dir / f"{output_name(case)}_labels{suffix}"
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
         targets[out] = case.image
@@ -748,55 +746,111 @@ def cmd_embed(args) -> tuple[dict, str]:
     return out, text + (f" and {args.plot}" if args.plot else "")
 
 
-def cmd_evaluate(args) -> tuple[dict, str]:
+def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | None) -> dict:
+    """`coral evaluate PRED TRUTH` for two files: Dice and HD95 per class and their means (a cine series: the means
+    over its frames, each frame's in "frames")."""
     import numpy as np
 
-    from coral_core.data import label_map, parse_label_values
+    from coral_core.data import label_map
     from coral_core.metrics import evaluate_segmentation
     from coral_core.volume import load_frames, read_class_names
 
-    label_values = parse_label_values(args.label_values) if args.label_values else None
     # a cine series (4-D files, as coral segment writes one) is scored frame by frame
-    preds, truths = load_frames(args.pred), load_frames(args.truth)
+    preds, truths = load_frames(pred), load_frames(truth)
     if len(preds) != len(truths) or preds[0].shape != truths[0].shape:
         shapes = [f"{len(v)} frames of {v[0].shape}" if len(v) > 1 else str(v[0].shape) for v in (preds, truths)]
-        raise UserError(f"{args.pred}: shape {shapes[0]} differs from {args.truth} shape {shapes[1]}; compare a "
+        raise UserError(f"{pred}: shape {shapes[0]} differs from {truth} shape {shapes[1]}; compare a "
                         "segmentation with the labels of the same image")
-    ps = [label_map(v.array, args.pred).astype(np.int64) for v in preds]
-    ts = [label_map(v.array, args.truth, label_values).astype(np.int64) for v in truths]
+    ps = [label_map(v.array, pred).astype(np.int64) for v in preds]
+    ts = [label_map(v.array, truth, label_values).astype(np.int64) for v in truths]
     top_p, top_t = max(int(a.max()) for a in ps), max(int(a.max()) for a in ts)  # over every frame
     n_classes = max(max(top_p, top_t) + 1, 2)
     names = None
-    if args.class_names:
-        given = [n.strip() for n in args.class_names.split(",")]
+    if class_names:
+        given = [n.strip() for n in class_names.split(",")]
         foreground = given[1:] if given[0].lower() == "background" else given
         if n_classes > len(foreground) + 1:
-            path = args.pred if top_p >= top_t else args.truth
+            path = pred if top_p >= top_t else truth
             raise UserError(f"{path}: holds label {n_classes - 1} but --class-names names {len(foreground)} foreground "
                             "class(es); name each label from 1 up, e.g. RV,myocardium,LV")
         n_classes = len(foreground) + 1  # classes named but absent from both files are listed too
         names = ["background", *foreground]
     else:  # the names a label file carries (coral segment writes the model's), PRED's first, if they cover its labels
-        names = next((stored for stored in map(read_class_names, (args.pred, args.truth))
+        names = next((stored for stored in map(read_class_names, (pred, truth))
                       if stored and len(stored) >= n_classes), None)
         n_classes = len(names) if names else n_classes
-    frames = [evaluate_segmentation(pf, tf, n_classes, truth.spacing, names) for pf, tf, truth in zip(ps, ts, truths)]
-    result = frames[0]
-    if len(frames) > 1:  # each class's and the mean's average over the frames where they are defined
-        def over_frames(values):
-            values = [v for v in values if np.isfinite(v)]
-            return float(np.mean(values)) if values else float("nan")
+    frames = [evaluate_segmentation(pf, tf, n_classes, t.spacing, names) for pf, tf, t in zip(ps, ts, truths)]
+    if len(frames) == 1:
+        return frames[0]
+    from coral_core.metrics import summarise_cases
 
-        result = {key: {name: over_frames([f[key][name] for f in frames]) for name in frames[0][key]}
-                  for key in ("dice", "hd95")}
-        result |= {key: over_frames([f[key] for f in frames]) for key in ("mean_dice", "mean_hd95")}
-        result["frames"] = frames
-    lines = [f"{'class':>12} {'Dice':>7} {'HD95 mm':>9}"]
+    # each class's and the mean's average over the frames where they are defined
+    result = {key: value for key, value in summarise_cases(frames).items() if key != "hd95_missed"}
+    result["frames"] = frames
+    return result
+
+
+def _score_lines(result: dict, label: str = "class") -> list[str]:
+    lines = [f"{label:>12} {'Dice':>7} {'HD95 mm':>9}"]
     for name in result["dice"]:
         lines.append(f"{name:>12} {result['dice'][name]:7.3f} {result['hd95'][name]:9.2f}")
     lines.append(f"{'mean':>12} {result['mean_dice']:7.3f} {result['mean_hd95']:9.2f}")
-    if len(frames) > 1:
-        lines.insert(0, f"{len(frames)} frames; each number is the mean over the frames (per frame: --json)")
+    return lines
+
+
+def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
+    """`coral evaluate PRED_DIR TRUTH_DIR`: every prediction scored against its case's reference labels."""
+    from coral_core.data import evaluation_pairs
+    from coral_core.metrics import summarise_cases
+
+    pred_dir, truth_dir = Path(args.pred), Path(args.truth)
+    if not truth_dir.is_dir():
+        raise UserError(f"{truth_dir}: a file, but PRED {pred_dir} is a folder; give the folder of reference labels "
+                        "(or the dataset folder that was segmented) as TRUTH")
+    pairs, unmatched, missing = evaluation_pairs(pred_dir, truth_dir)
+    if not pairs:
+        held = f"its {_count_of(len(unmatched), 'label file')}" if unmatched else "no label file"
+        raise UserError(f"{pred_dir}: {held} matching none of {truth_dir}'s reference labels by name; give the folder "
+                        "coral segment --out-dir wrote (NAME_labels.nii.gz) and the dataset folder it segmented")
+    cases = []
+    for name, pred, truth in pairs:
+        scored = _score_pair(pred, truth, args.class_names, label_values)
+        cases.append({"name": name, "pred": str(pred), "truth": str(truth), **scored})
+    result = summarise_cases(cases)
+    result |= {"cases": cases, "unmatched_predictions": [str(p) for p in unmatched],
+               "missing_predictions": [str(p) for p in missing]}
+    width = max(12, *(len(c["name"]) for c in cases))
+    lines = [f"{'case':<{width}} {'Dice':>7} {'HD95 mm':>9}"]
+    lines += [f"{c['name']:<{width}} {c['mean_dice']:7.3f} {c['mean_hd95']:9.2f}" for c in cases]
+    lines += ["", f"{_count_of(len(cases), 'case')}; each class's number is its mean over the cases that hold it "
+                  "(per case and class: --json)"]
+    lines += _score_lines(result)
+    missed = sum(result["hd95_missed"].values())
+    if missed:
+        lines.append(f"HD95 leaves out {missed} case-class pair(s) with an infinite distance (a class in one file "
+                     "only: hd95_missed in --json)")
+    for files, what in ((unmatched, "prediction(s) without reference labels"),
+                        (missing, "reference label file(s) without a prediction")):
+        if files:
+            shown = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+            lines.append(f"not scored: {len(files)} {what} ({shown})")
+    return result, "\n".join(lines)
+
+
+def cmd_evaluate(args) -> tuple[dict, str]:
+    from coral_core.data import parse_label_values
+    from coral_core.volume import is_volume_path
+
+    label_values = parse_label_values(args.label_values) if args.label_values else None
+    if Path(args.pred).is_dir() and not is_volume_path(args.pred):
+        return _evaluate_folders(args, label_values)
+    if Path(args.truth).is_dir() and not is_volume_path(args.truth):
+        raise UserError(f"{args.truth}: a folder, but PRED {args.pred} is one file; give its reference label file, "
+                        "or give PRED as the folder coral segment --out-dir wrote")
+    result = _score_pair(args.pred, args.truth, args.class_names, label_values)
+    lines = _score_lines(result)
+    if "frames" in result:
+        lines.insert(0, f"{len(result['frames'])} frames; each number is the mean over the frames (per frame: --json)")
     return result, "\n".join(lines)
 
 
@@ -1307,9 +1361,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed every frame of a 4-D (cine) file as a volume of its own (SUBJECT_t00, SUBJECT_t01, ...), "
                         "and an ACDC patient as the frames of its _4d cine file")
 
-    p = command("evaluate", "Dice and HD95 of a segmentation against ground truth.", cmd_evaluate)
-    p.add_argument("pred", metavar="PRED", help="the label volume to score, e.g. written by coral segment")
-    p.add_argument("truth", metavar="TRUTH", help="the reference label volume of the same image")
+    p = command("evaluate", "Dice and HD95 of a segmentation against ground truth, or of a folder of them.",
+                cmd_evaluate)
+    p.add_argument("pred", metavar="PRED", help="the label volume to score, e.g. written by coral segment; or the "
+                   "folder coral segment --out-dir wrote, every file in it scored against its case's labels in TRUTH")
+    p.add_argument("truth", metavar="TRUTH", help="the reference label volume of the same image; for a PRED folder, "
+                   "the dataset folder segmented (ACDC, imagesTr/labelsTr, images beside their _gt files) or a folder "
+                   "of label files named as the images were")
     p.add_argument("--class-names", default=None,
                    help="names of the foreground classes in label order, e.g. RV,myocardium,LV (default: the numbers)")
     p.add_argument("--label-values", default=None, metavar="V1,V2,...",

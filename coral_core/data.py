@@ -43,6 +43,8 @@ __all__ = [
     "discover_flat",
     "discover_volumes",
     "case_volumes",
+    "output_name",
+    "evaluation_pairs",
     "parse_slices",
     "parse_label_values",
     "label_map",
@@ -675,3 +677,68 @@ def discover_volumes(paths: list[str | os.PathLike], all_frames: bool = False) -
                 raise UserError(f"{p}: folder holds no volumes (.nii.gz, .mha, .nrrd or DICOM series){held}")
             cases.extend(found)
     return cases
+
+
+def output_name(case: Case) -> str:
+    """The name ``coral segment --out-dir`` gives a case's labels, before ``_labels`` and the suffix: the image
+    file's own name, led by its case folder's when the folder names the case (KiTS:
+    ``case_00000/imaging.nii.gz`` -> ``case_00000_imaging``)."""
+    stem = _stem(case.image)  # the file's own name: an ACDC patient's frames share their subject
+    return stem if case.subject in stem else f"{case.subject}_{stem}"
+
+
+def _labelled_cases(folder: Path) -> dict[str, Path]:
+    """The label file of each labelled case of a dataset folder, by the name coral segment gives its labels."""
+    try:
+        cases = discover_volumes([folder])
+    except UserError:  # a folder of label files alone holds no images
+        return {}
+    return {output_name(c): c.label for c in cases if c.label is not None}
+
+
+def _reference_labels(folder: Path) -> dict[str, Path]:
+    """The reference label file of each case in ``folder``, by the name coral segment gives that case's labels: a
+    dataset folder's labelled cases (ACDC, imagesTr/labelsTr, images beside their label files), or else every volume
+    file in the folder, a folder of label files alone, each by its name less a ``_gt``/``_label``/``_seg`` ending."""
+    found = _labelled_cases(folder)
+    if found:
+        return found
+    return {_LABEL_ENDING.sub("", _stem(f)): f for f in sorted(folder.iterdir()) if f.is_file() and is_volume_path(f)}
+
+
+def evaluation_pairs(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike
+                     ) -> tuple[list[tuple[str, Path, Path]], list[Path], list[Path]]:
+    """Pair the label files in ``pred_dir`` (as ``coral segment --out-dir`` writes them: NAME_labels.nii.gz) with
+    the reference labels of the same cases in ``truth_dir`` (the dataset folder segmented, or a folder of label
+    files), by name: NAME, less a ``_labels``/``_seg``/... ending, equal to the case's name; failing that, equal once
+    an image ending (``_0000``, ``_image``) is dropped from both. Returns (name, prediction, reference) of each pair,
+    the predictions without a reference, and the references without a prediction."""
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    if _labelled_cases(pred_dir):
+        raise UserError(f"{pred_dir}: a dataset folder (images with their labels), given as the predictions; give the "
+                        "folder of predictions first and the dataset folder second")
+    preds: dict[str, Path] = {}
+    for f in sorted(pred_dir.iterdir()):
+        if f.is_file() and is_volume_path(f):
+            name = _LABEL_ENDING.sub("", _stem(f))
+            if name in preds:
+                raise UserError(f"{pred_dir}: {preds[name].name} and {f.name} are both labels of case {name}; keep one "
+                                "prediction per case in that folder")
+            preds[name] = f
+    truths = _reference_labels(truth_dir)
+
+    def loose(names):  # name without an image ending -> name, for the names it leaves distinct
+        keys: dict[str, list[str]] = {}
+        for n in names:
+            keys.setdefault(_IMAGE_ENDING.sub("", n), []).append(n)
+        return {k: v[0] for k, v in keys.items() if len(v) == 1}
+
+    loose_truths = loose(truths)
+    pairs, used = [], set()
+    for name, pred in preds.items():
+        match = name if name in truths else loose_truths.get(_IMAGE_ENDING.sub("", name))
+        if match is not None and match not in used:
+            used.add(match)
+            pairs.append((name, pred, truths[match]))
+    paired = {p for _, p, _ in pairs}
+    return pairs, [p for p in preds.values() if p not in paired], [t for n, t in truths.items() if n not in used]

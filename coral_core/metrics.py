@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["dice_per_class", "mean_over_present", "hd95_per_class", "evaluate_segmentation"]
+__all__ = ["dice_per_class", "mean_over_present", "hd95_per_class", "evaluate_segmentation", "summarise_cases"]
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -80,3 +80,27 @@ def evaluate_segmentation(
 def _check_shapes(pred: np.ndarray, truth: np.ndarray) -> None:
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+
+
+def _mean_finite(values) -> float:
+    finite = [float(v) for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def summarise_cases(results: list[dict]) -> dict:
+    """Several cases' :func:`evaluate_segmentation` results in one: each class's Dice averaged over the cases where
+    the class is in either file (where its Dice is defined), its HD95 over the cases where it is finite, with
+    ``hd95_missed`` counting the cases where it is not (the prediction holds none of a class the reference holds, or
+    the reverse); ``mean_dice`` and ``mean_hd95``: the mean over the cases of each case's own mean."""
+    names: list[str] = []
+    for r in results:
+        names += [n for n in r["dice"] if n not in names]
+    dice = {n: _mean_finite([r["dice"].get(n, float("nan")) for r in results]) for n in names}
+    hd = {n: [r["hd95"].get(n, float("nan")) for r in results] for n in names}
+    return {
+        "dice": dice,
+        "hd95": {n: _mean_finite(v) for n, v in hd.items()},
+        "hd95_missed": {n: int(sum(np.isinf(x) for x in v)) for n, v in hd.items()},
+        "mean_dice": _mean_finite([r["mean_dice"] for r in results]),
+        "mean_hd95": _mean_finite([r["mean_hd95"] for r in results]),
+    }

@@ -167,6 +167,56 @@ def test_evaluate_reports_dice_and_hd95(workflow):
                "holds label 3", "names 1 foreground class")
 
 
+def test_evaluate_a_folder_of_predictions_against_the_dataset_it_segmented(tmp_path):
+    """`coral segment DATASET --out-dir P` then `coral evaluate P DATASET`: each prediction scored against its case's
+    labels as `coral evaluate` scores the pair alone, the summary over the cases, and the files left unscored named."""
+    import shutil
+
+    data = tmp_path / "Task01"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for i in range(3):  # nnU-Net's naming: case_0000 the image, case the labels; c2 has none
+        img, lab = make_phantom(40 + i, n_slices=5)
+        save_volume(data / "imagesTr" / f"c{i}_0000.nii.gz", img.array, img.affine)
+        if i < 2:
+            save_volume(data / "labelsTr" / f"c{i}.nii.gz", lab.array, lab.affine)
+    preds = tmp_path / "preds"
+    coral("segment", data, "--out-dir", preds)
+    missed = load_volume(preds / "c1_0000_labels.nii.gz")  # c1's RV left out: its HD95 is infinite
+    save_volume(preds / "c1_0000_labels.nii.gz", np.where(missed.array == 1, 0, missed.array).astype(np.uint8),
+                missed.affine, ["background", "RV", "myocardium", "LV"])
+    res = json.loads(coral("evaluate", preds, data, "--json").stdout)
+    assert [(c["name"], Path(c["truth"]).name) for c in res["cases"]] == [("c0_0000", "c0.nii.gz"), ("c1_0000", "c1.nii.gz")]
+    assert [Path(p).name for p in res["unmatched_predictions"]] == ["c2_0000_labels.nii.gz"]
+    assert res["missing_predictions"] == []
+    for case in res["cases"]:
+        alone = json.loads(coral("evaluate", case["pred"], case["truth"], "--json").stdout)
+        assert case["dice"] == alone["dice"] and case["mean_dice"] == alone["mean_dice"]
+    assert res["mean_dice"] == pytest.approx(np.mean([c["mean_dice"] for c in res["cases"]]))
+    assert res["dice"]["LV"] == pytest.approx(np.mean([c["dice"]["LV"] for c in res["cases"]]))
+    assert res["hd95_missed"] == {"RV": 1, "myocardium": 0, "LV": 0}
+    assert res["hd95"]["RV"] == res["cases"][0]["hd95"]["RV"]  # the finite one alone
+    text = coral("evaluate", preds, data).stdout
+    assert "c0_0000" in text and "2 cases" in text and "HD95 leaves out 1 case-class pair" in text
+    assert "not scored: 1 prediction(s) without reference labels (c2_0000_labels.nii.gz)" in text
+    # a folder of label files alone (named as the images were, with a _gt ending) serves as the reference too
+    (tmp_path / "truth").mkdir()
+    for i in range(2):
+        shutil.copy(data / "labelsTr" / f"c{i}.nii.gz", tmp_path / "truth" / f"c{i}_0000_gt.nii.gz")
+    (preds / "c0_0000_labels.nii.gz").unlink()
+    alone = json.loads(coral("evaluate", preds, tmp_path / "truth", "--json").stdout)
+    assert [c["name"] for c in alone["cases"]] == ["c1_0000"] and alone["cases"][0]["dice"] == res["cases"][1]["dice"]
+    assert [Path(p).name for p in alone["missing_predictions"]] == ["c0_0000_gt.nii.gz"]
+    # mistakes: images given as the predictions, the folders swapped, a folder against a file, files matching no case
+    user_error(coral("evaluate", data / "imagesTr", preds, check=False), "c1_0000.nii.gz", "an image, not a label map")
+    (tmp_path / "other").mkdir()
+    shutil.copy(preds / "c1_0000_labels.nii.gz", tmp_path / "other" / "d9_labels.nii.gz")
+    user_error(coral("evaluate", tmp_path / "other", data, check=False), "other: its 1 label file matching none of")
+    user_error(coral("evaluate", data, preds, check=False), "a dataset folder", "predictions first")
+    user_error(coral("evaluate", preds, data / "labelsTr" / "c0.nii.gz", check=False), "a file, but PRED")
+    user_error(coral("evaluate", preds / "c1_0000_labels.nii.gz", data, check=False), "a folder, but PRED")
+
+
 def test_finetune_repeats_with_the_same_seed(workflow, tmp_path):
     """The head a pretrained encoder gets, and a random-init model, are drawn from the run's seed: two runs of the
     same command write the same weights (they used to differ, each process seeding torch at random)."""

@@ -9,6 +9,7 @@ from coral_core.data import (
     discover_acdc,
     discover_pairs,
     discover_volumes,
+    evaluation_pairs,
     slice_positions,
 )
 from coral_core.errors import UserError
@@ -162,6 +163,35 @@ def test_discover_a_folder_per_case(tmp_path):
     _write(only / "a_seg.nii.gz")
     with pytest.raises(UserError, match=r"holds no volumes .* \(only label files: a_seg.nii.gz\)"):
         discover_volumes([only])
+
+
+def test_evaluation_pairs_follow_the_names_coral_segment_writes(tmp_path):
+    """ACDC frames (one patient's frames share a subject, so the file's name counts) and KiTS's folder per case
+    (imaging.nii.gz named by its folder), each prediction as `coral segment --out-dir` names it."""
+    acdc, kits, preds = tmp_path / "acdc", tmp_path / "kits", tmp_path / "preds"
+    for frame in ("01", "12"):
+        (acdc / "patient001").mkdir(parents=True, exist_ok=True)
+        _write(acdc / "patient001" / f"patient001_frame{frame}.nii.gz")
+        _write(acdc / "patient001" / f"patient001_frame{frame}_gt.nii.gz")
+    for case in ("case_00000", "case_00001"):
+        (kits / case).mkdir(parents=True)
+        _write(kits / case / "imaging.nii.gz")
+        _write(kits / case / "segmentation.nii.gz")
+    preds.mkdir()
+    for name in ("patient001_frame01", "patient001_frame12", "patient009_frame01", "case_00001_imaging"):
+        _write(preds / f"{name}_labels.nii.gz")
+    pairs, unmatched, missing = evaluation_pairs(preds, acdc)
+    assert [(n, p.name, t.name) for n, p, t in pairs] == [
+        ("patient001_frame01", "patient001_frame01_labels.nii.gz", "patient001_frame01_gt.nii.gz"),
+        ("patient001_frame12", "patient001_frame12_labels.nii.gz", "patient001_frame12_gt.nii.gz")]
+    assert [p.name for p in unmatched] == ["case_00001_imaging_labels.nii.gz", "patient009_frame01_labels.nii.gz"]
+    assert missing == []
+    pairs, _, missing = evaluation_pairs(preds, kits)
+    assert [(n, t.parent.name, t.name) for n, _, t in pairs] == [("case_00001_imaging", "case_00001", "segmentation.nii.gz")]
+    assert [(t.parent.name, t.name) for t in missing] == [("case_00000", "segmentation.nii.gz")]
+    _write(preds / "patient001_frame01_seg.nii.gz")  # a second prediction of one case
+    with pytest.raises(UserError, match="patient001_frame01_labels.nii.gz and patient001_frame01_seg.nii.gz are both"):
+        evaluation_pairs(preds, acdc)
 
 
 def test_discover_refuses_a_label_file_two_images_claim(tmp_path):
