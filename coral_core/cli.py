@@ -630,7 +630,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     from coral_core.checkpoint import pretrained_only
     from coral_core.data import tiling_note, windows_per_slice
     from coral_core.device import resolve_device
-    from coral_core.infer import iter_segment_series
+    from coral_core.infer import iter_segment_series, keep_largest_components
     from coral_core.volume import load_frames, save_like
 
     targets = _segment_targets(args)
@@ -653,6 +653,9 @@ def cmd_segment(args) -> tuple[dict, str]:
                     bar.update(slices_done - bar.n)
             labels = labels[0] if len(frames) == 1 else labels
             del frames
+            removed = None
+            if args.largest_component:
+                labels, removed = keep_largest_components(labels)
             seconds = time.perf_counter() - t0
             save_like(out_path, labels, image, model.config.class_names)  # names in the header, for evaluate and napari
             done += 1
@@ -660,6 +663,8 @@ def cmd_segment(args) -> tuple[dict, str]:
             results.append({"image": str(image_path), "labels": str(out_path), "shape": list(labels.shape),
                             "voxels": {name: int(counts[c]) for c, name in enumerate(model.config.class_names)},
                             "seconds": round(seconds, 2)})
+            if removed is not None:  # voxels of smaller pieces, made background
+                results[-1]["removed_voxels"] = removed
             if model.config.pixel_spacing is not None:  # a physical scale: in how many windows of it
                 results[-1]["windows_per_slice"] = windows_per_slice(model.config, image.shape, image.spacing)
                 note = tiling_note(model.config, image.shape, image.spacing)  # one image's summary says it
@@ -677,6 +682,9 @@ def cmd_segment(args) -> tuple[dict, str]:
         one = results[0]
         out = {"labels": one["labels"], "shape": one["shape"], "voxels": one["voxels"], "seconds": one["seconds"],
                "device": str(device)}
+        if args.largest_component:
+            out["removed_voxels"] = one["removed_voxels"]
+            note = (f"{note}; " if note else "") + f"{_count_of(one['removed_voxels'], 'voxel')} of smaller pieces made background"
         if model.config.pixel_spacing is not None:  # the model's physical scale (docs/engine.md)
             out["pixel_spacing"] = model.config.pixel_spacing
             out["windows_per_slice"] = one["windows_per_slice"]
@@ -696,6 +704,8 @@ def cmd_segment(args) -> tuple[dict, str]:
         if wider:
             note = (f"; {len(wider)} of them wider than the {side:.4g} mm square the model sees, their slices "
                     "segmented in overlapping windows of it")
+    if args.largest_component:
+        note += f"; {_count_of(sum(r['removed_voxels'] for r in results), 'voxel')} of smaller pieces made background"
     return out, (f"segmented {_count_of(len(results), 'volume')} ({_count_of(slices, 'slice')}) on {device} in "
                  f"{seconds:.1f} s; wrote {Path(args.out_dir) / 'NAME_labels'} for each{note}")
 
@@ -1348,6 +1358,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ".nii.gz); the model is loaded once")
     p.add_argument("--batch-size", type=_positive_int, default=16,
                    help="slices per forward pass (default 16; halved by itself if the device runs out of memory)")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep each class's largest connected piece per volume (3-D: through faces, edges or corners) "
+                        "and make its other pieces background: for anatomy of one piece per class, such as the "
+                        "heart's; a class of several organs (both kidneys) would keep one")
     _lever_options(p, inference=True)
 
     p = command("embed", "Per-slice embeddings, their 2-D trajectory and ordinal consistency.", cmd_embed)

@@ -21,7 +21,8 @@ from coral_core.levers import Levers, apply_layout, apply_levers, fits_on_device
 from coral_core.model import UNet
 from coral_core.volume import normalise_intensity_tensor
 
-__all__ = ["segment_volume", "iter_segment_volume", "iter_segment_series", "embed_volume", "preprocess_on_device"]
+__all__ = ["segment_volume", "iter_segment_volume", "iter_segment_series", "embed_volume", "preprocess_on_device",
+           "keep_largest_components"]
 
 
 # Dtypes moved to the GPU as they are (fewer bytes to copy) and converted to float32 there.
@@ -247,3 +248,33 @@ def embed_volume(model: UNet, volume: np.ndarray, device: torch.device | str = "
     with torch.inference_mode(), mixed_precision(device, _bf16(device, levers)):
         rows = [r for _, _, r in _run_in_batches(model, volume, device, batch_size, lambda b: net.embed(b).float().cpu())]
     return torch.cat(rows).numpy()
+
+
+def keep_largest_components(labels: np.ndarray, connectivity: int = 3) -> tuple[np.ndarray, int]:
+    """Each foreground class's largest connected piece of a (z, y, x) label map, or of every frame of a
+    (t, z, y, x) series; its other pieces become background. Returns the labels and how many voxels changed.
+
+    Pieces are connected in 3-D through faces, edges or corners (``connectivity`` 3; 2: faces or edges; 1: faces
+    alone), so that a structure whose outline shifts between thick slices stays one piece. For anatomy that is one piece per class (the heart's chambers and myocardium),
+    where a stray island is an error; a class of several organs (both kidneys) would lose all but one of them.
+    """
+    from scipy import ndimage
+
+    if labels.ndim == 4:
+        frames = [keep_largest_components(frame, connectivity) for frame in labels]
+        return np.stack([f for f, _ in frames]), sum(n for _, n in frames)
+    out = labels.copy()
+    removed = 0
+    touching = ndimage.generate_binary_structure(3, connectivity)
+    for c in np.unique(labels):
+        if c == 0:
+            continue
+        pieces, n = ndimage.label(labels == c, structure=touching)
+        if n < 2:
+            continue
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0  # not class c
+        strays = (pieces > 0) & (pieces != int(np.argmax(sizes)))
+        out[strays] = 0
+        removed += int(strays.sum())
+    return out, removed

@@ -65,6 +65,8 @@ class CoralSession:
     meta: dict = field(default_factory=dict)
     source: str = "none"
     annotated: dict[str, list] = field(default_factory=dict)  # image layer name -> annotated slices
+    # Segment's "Keep each class's largest piece": every segmentation (Segment's, Fine-tune's re-segmenting) follows it
+    largest_component: bool = False
     # weak references to the Fine-tune panels' counters: Labels layer -> its annotated slices, or None
     annotation_counters: list = field(default_factory=list)
     _listeners: list[Callable[[], None]] = field(default_factory=list)

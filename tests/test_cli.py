@@ -167,6 +167,28 @@ def test_evaluate_reports_dice_and_hd95(workflow):
                "holds label 3", "names 1 foreground class")
 
 
+def test_segment_can_keep_each_class_largest_component(tmp_path):
+    """A second heart pasted into a corner of one slice is labelled, an island; --largest-component makes it
+    background, as keep_largest_components does to the plain segmentation, and counts the voxels."""
+    from coral_core.infer import keep_largest_components
+
+    img, lab = make_phantom(2026)
+    data = img.array.copy()
+    ys, xs = np.nonzero(lab.array[2])
+    patch = data[2, ys.min():ys.max() + 1, xs.min():xs.max() + 1].copy()
+    data[2, :patch.shape[0], -patch.shape[1]:] = patch
+    save_volume(tmp_path / "two.nii.gz", data, img.affine)
+    coral("segment", tmp_path / "two.nii.gz", "--out", tmp_path / "all.nii.gz")
+    proc = coral("segment", tmp_path / "two.nii.gz", "--out", tmp_path / "kept.nii.gz", "--largest-component")
+    kept, removed = keep_largest_components(load_volume(tmp_path / "all.nii.gz").array)
+    assert removed > 100
+    np.testing.assert_array_equal(load_volume(tmp_path / "kept.nii.gz").array, kept)
+    assert f"; {removed} voxels of smaller pieces made background" in proc.stdout
+    res = json.loads(coral("segment", tmp_path / "two.nii.gz", "--out-dir", tmp_path / "many", "--largest-component",
+                           "--json").stdout)
+    assert res["volumes"][0]["removed_voxels"] == removed
+
+
 def test_evaluate_a_folder_of_predictions_against_the_dataset_it_segmented(tmp_path):
     """`coral segment DATASET --out-dir P` then `coral evaluate P DATASET`: each prediction scored against its case's
     labels as `coral evaluate` scores the pair alone, the summary over the cases, and the files left unscored named."""

@@ -1,4 +1,4 @@
-"""Dice, HD95 (spacing-aware), trajectory projection, ordinal consistency, suggestions."""
+"""Dice, HD95 (spacing-aware), largest pieces, trajectory projection, ordinal consistency, suggestions."""
 
 import numpy as np
 import pytest
@@ -26,6 +26,29 @@ def test_hd95_uses_spacing():
     assert hd95_per_class(pred.astype(int), np.zeros_like(truth, int), 2)[1] == float("inf")
     result = evaluate_segmentation(pred.astype(int), truth.astype(int), 2, (3.0, 1.0, 1.0), ["bg", "fg"])
     assert result["mean_dice"] == pytest.approx(1 / 3) and result["hd95"]["fg"] == pytest.approx(6.0)
+
+
+def test_keeping_the_largest_piece_of_each_class():
+    from coral_core.infer import keep_largest_components
+
+    labels = np.zeros((4, 10, 10), np.uint8)
+    labels[0:2, 2:6, 2:6] = 1  # class 1's main piece: 32 voxels
+    labels[2, 6, 6] = 1  # touches it only at a corner (slice 1, voxel 5, 5): the same piece
+    labels[3, 0, 9] = 1  # an island of one voxel
+    labels[0:4, 8:10, 0:2] = 2  # class 2 in one piece
+    labels[1, 8, 8] = 3  # class 3: two single voxels, the first found kept
+    labels[3, 8, 8] = 3
+    kept, removed = keep_largest_components(labels)
+    expected = labels.copy()
+    expected[3, 0, 9] = 0
+    expected[3, 8, 8] = 0
+    np.testing.assert_array_equal(kept, expected)
+    assert removed == 2 and kept.dtype == labels.dtype and labels[3, 0, 9] == 1  # the input is left as it was
+    series, removed = keep_largest_components(np.stack([labels, np.zeros_like(labels), labels]))  # frame by frame
+    np.testing.assert_array_equal(series, np.stack([expected, np.zeros_like(labels), expected]))
+    assert removed == 4
+    faces, removed = keep_largest_components(labels, connectivity=1)  # joined through faces alone
+    assert removed == 3 and faces[2, 6, 6] == 0 and faces[1, 5, 5] == 1  # the corner-touching voxel is a piece
 
 
 def test_ordered_trajectories_score_one_and_follow_the_direction():

@@ -166,6 +166,37 @@ def test_segment_adds_a_labels_layer_with_class_names(viewer, qtbot):
     assert mean_dice(layer.data, truth, list(range(truth.shape[0]))) > 0.6  # bundled demo model
 
 
+def test_segment_can_keep_each_class_largest_piece(viewer, qtbot):
+    """A second heart pasted into a corner of one slice: the model labels it, an island; with the box checked the
+    same segmentation keeps each class's largest piece (as `coral segment --largest-component` does) and says how
+    many voxels went."""
+    from coral_core.infer import keep_largest_components
+
+    widget = dock(viewer, "Segment")
+    image, truth = viewer.layers["phantom"], viewer.layers["phantom ground truth"].data
+    data = np.array(image.data)
+    ys, xs = np.nonzero(truth[2])
+    patch = data[2, ys.min():ys.max() + 1, xs.min():xs.max() + 1].copy()
+    data[2, :patch.shape[0], -patch.shape[1]:] = patch
+    viewer.add_image(data, name="two hearts", scale=image.scale, metadata=dict(image.metadata))
+    widget.image_picker.setCurrentText("two hearts")
+    assert not widget.largest_box.isChecked()  # off by default: every piece kept
+    with qtbot.waitSignal(widget.segment().finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: "Wrote two hearts labels" in widget.status.text(), timeout=10_000)
+    raw = np.array(viewer.layers["two hearts labels"].data)
+    assert "smaller pieces" not in widget.status.text()
+    widget.largest_box.setChecked(True)
+    assert session_for(viewer).largest_component
+    with qtbot.waitSignal(widget.segment().finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: "smaller pieces made background" in widget.status.text(), timeout=10_000)
+    kept, removed = keep_largest_components(raw)
+    assert removed > 100 and (raw[2, :patch.shape[0], -patch.shape[1]:] > 0).sum() > 100  # the pasted heart was labelled
+    np.testing.assert_array_equal(viewer.layers["two hearts labels"].data, kept)
+    assert f"{removed} voxels of smaller pieces made background" in widget.status.text()
+
+
 # --------------------------------------------------------------------------- fine-tune
 
 

@@ -23,7 +23,7 @@ from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, extent_mm, full_resolution, shown_index
 from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
-from napari_coral._widgets.segment import kept_slices_text, start_segmentation
+from napari_coral._widgets.segment import kept_slices_text, removed_text, start_segmentation
 from napari_coral._writer import write_labels
 
 
@@ -523,9 +523,9 @@ class FinetuneWidget(QWidget):
             self.save_button.setEnabled(True)
             self.segment_worker = start_segmentation(
                 self.viewer, image, self.device_picker.device(),
-                on_done=lambda layer, n_kept: alive(self) and self.status.setText(
-                    f"Fine-tuned and re-segmented into {layer.name}{kept_slices_text(n_kept)}. {kept} Save the model if it "
-                    "looks right."),
+                on_done=lambda layer, n_kept, removed: alive(self) and self.status.setText(
+                    f"Fine-tuned and re-segmented into {layer.name}{kept_slices_text(n_kept)}{removed_text(removed)}. "
+                    f"{kept} Save the model if it looks right."),
             )
 
         loader.returned.connect(loaded)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import QFormLayout, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
 from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, napari_has_units
 from napari_coral._session import session_for
@@ -45,14 +45,18 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]) 
 
 
 def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None):
-    """Run :func:`coral_core.infer.iter_segment_series` (one frame for a 3-D image) in a napari thread worker."""
+    """Run :func:`coral_core.infer.iter_segment_series` (one frame for a 3-D image) in a napari thread worker, then
+    :func:`coral_core.infer.keep_largest_components` when the session asks for it. ``on_done(layer, kept, removed)``:
+    the Labels layer, the annotated slices kept as painted, and the voxels of smaller pieces made background (None
+    when the session keeps every piece)."""
     from napari.qt.threading import thread_worker
     from napari.utils import progress
 
-    from coral_core.infer import iter_segment_series
+    from coral_core.infer import iter_segment_series, keep_largest_components
 
     session = session_for(viewer)
     model = session.ensure_model()
+    largest = session.largest_component  # as it is when the run starts
     volume = LayerArray(image_layer)  # read in the worker: a lazy layer is read from disk there
     n_slices = int(np.prod(volume.shape[:-2]))  # a cine series (t, z, y, x): every slice of every frame
     bar = progress(total=n_slices, desc=f"Segmenting {image_layer.name}")
@@ -64,19 +68,21 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
         for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device,
                                                 spacing=volume.spacing):
             yield done  # handed to the GUI thread, which advances the bar
-        return labels if data.ndim == 4 else labels[0]
+        labels = labels if data.ndim == 4 else labels[0]
+        return keep_largest_components(labels) if largest else (labels, None)
 
     worker = work()
     worker.yielded.connect(lambda done: bar.update(done - bar.n))
 
-    def finished(labels):
+    def finished(result):
+        labels, removed = result
         bar.update(n_slices - bar.n)
         bar.close()
         if image_layer not in viewer.layers:  # closed or removed while segmenting
             return
         layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names)
         if on_done:
-            on_done(layer, kept)
+            on_done(layer, kept, removed)
 
     def errored(exc):
         bar.close()
@@ -91,6 +97,13 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     worker.errored.connect(errored)
     worker.start()
     return worker
+
+
+def removed_text(removed: int | None) -> str:
+    """What a status line adds when each class's largest piece was kept (nothing when every piece was)."""
+    if removed is None:
+        return ""
+    return f", {removed} voxel{'s' if removed != 1 else ''} of smaller pieces made background"
 
 
 def kept_slices_text(kept: int) -> str:
@@ -124,12 +137,20 @@ class SegmentWidget(QWidget):
         self.device_picker = DevicePicker()
         self.segment_button = QPushButton("Segment")
         self.segment_button.clicked.connect(self.segment)
+        self.largest_box = QCheckBox("Keep each class's largest piece")
+        self.largest_box.setToolTip(
+            "Make every piece of a class but its largest (3-D, touching at faces, edges or corners) background: "
+            "stray islands go, for anatomy of one piece per class such as the heart's. A class of several organs "
+            "(both kidneys) would keep one of them. Fine-tune's re-segmenting follows it too.")
+        self.largest_box.setChecked(self.session.largest_component)
+        self.largest_box.toggled.connect(lambda on: setattr(self.session, "largest_component", bool(on)))
         self.status = status_label("Choose an image and press Segment.")
         form = QFormLayout()
         form.addRow("Image", self.image_picker)
         form.addRow("Device", self.device_picker)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.largest_box)
         layout.addWidget(self.segment_button)
         layout.addWidget(self.status)
         layout.addStretch(1)
@@ -157,11 +178,12 @@ class SegmentWidget(QWidget):
         self.segment_button.setEnabled(False)
         self.status.setText(f"Segmenting {image.name} on {device.type}...")
 
-        def done(layer, kept):
+        def done(layer, kept, removed):
             if not alive(self):
                 return
             self.segment_button.setEnabled(True)
-            self.status.setText(f"Wrote {layer.name} ({self.session.source}){kept_slices_text(kept)}."
+            self.status.setText(f"Wrote {layer.name} ({self.session.source}){kept_slices_text(kept)}"
+                                f"{removed_text(removed)}."
                                 f"{scale_note(self.session.model, image)}")
 
         def failed(exc):
