@@ -255,8 +255,9 @@ def keep_largest_components(labels: np.ndarray, connectivity: int = 3) -> tuple[
     (t, z, y, x) series; its other pieces become background. Returns the labels and how many voxels changed.
 
     Pieces are connected in 3-D through faces, edges or corners (``connectivity`` 3; 2: faces or edges; 1: faces
-    alone), so that a structure whose outline shifts between thick slices stays one piece. For anatomy that is one piece per class (the heart's chambers and myocardium),
-    where a stray island is an error; a class of several organs (both kidneys) would lose all but one of them.
+    alone), so that a structure whose outline shifts between thick slices stays one piece. For anatomy that is one
+    piece per class (the heart's chambers and myocardium), where a stray island is an error; a class of several
+    organs (both kidneys) would lose all but one of them.
     """
     from scipy import ndimage
 
