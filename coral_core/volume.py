@@ -161,6 +161,11 @@ def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
         array, affine = _read_nifti(p)
     elif p.name.lower().endswith(ITK_SUFFIXES):
         array, affine = _read_itk(p, dicom=False)
+    elif _looks_like_dicom(p):  # a multi-frame DICOM file holds a volume; a single slice is a series' part
+        array, affine = _read_itk(p, dicom=False)
+        if array.ndim < 3 or array.shape[0] == 1:
+            raise UserError(f"{p}: one DICOM file, a single slice of a series; give the folder that holds the series "
+                            f"({p.parent})")
     else:
         raise UserError(
             f"{p}: unknown volume format; use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM folder"

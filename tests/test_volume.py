@@ -127,6 +127,16 @@ def test_unreadable_files_give_one_sentence(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     with pytest.raises(UserError, match="unknown volume format"):
         load_volume(tmp_path / "x.png")
+    series = write_dicom_series(tmp_path / "series", np.zeros((3, 8, 8), np.int16))
+    one = sorted(series.iterdir())[0]
+    with pytest.raises(UserError, match=r"one DICOM file, a single slice of a series; give the folder that holds"):
+        load_volume(one)
+    assert load_volume(series).shape == (3, 8, 8)
+    import SimpleITK as sitk  # a multi-frame DICOM file holds a whole volume: read as one
+
+    frames = np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8)
+    sitk.WriteImage(sitk.GetImageFromArray(frames), str(tmp_path / "multiframe.dcm"))
+    np.testing.assert_array_equal(load_volume(tmp_path / "multiframe.dcm").array, frames)
     # A header whose voxel file is elsewhere: named, and ITK's message (a line of its source) is not shown.
     import SimpleITK as sitk
 
