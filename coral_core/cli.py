@@ -591,7 +591,7 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
     from coral_core.data import _stem, discover_volumes, output_name
     from coral_core.fileio import check_output_path
-    from coral_core.volume import NIFTI_SUFFIXES, frame_count, is_volume_path
+    from coral_core.volume import NIFTI_SUFFIXES, VOLUME_SUFFIXES, frame_count, is_volume_path
 
     if (args.out is None) == (args.out_dir is None):
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
@@ -610,7 +610,8 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     for case in discover_volumes(args.images):
         stem = _stem(case.image)
         suffix = case.image.name[len(stem):].lower()
-        suffix = {".mhd": ".mha", ".nhdr": ".nrrd", "": ".nii.gz"}.get(suffix, suffix)  # one file each; DICOM -> NIfTI
+        # one file each; DICOM (a series' folder, a multi-frame file) -> NIfTI
+        suffix = {".mhd": ".mha", ".nhdr": ".nrrd"}.get(suffix, suffix if suffix in VOLUME_SUFFIXES else ".nii.gz")
         if frame_count(case.image) > 1 and suffix not in NIFTI_SUFFIXES:
             suffix = ".nii.gz"  # a cine series' labels: one 4-D file, which only NIfTI holds here
         out = out_dir / f"{output_name(case)}_labels{suffix}"

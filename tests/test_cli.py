@@ -288,6 +288,12 @@ def test_segment_many_volumes_into_a_folder(workflow, tmp_path):
     coral("segment", tmp_path / "acdc", "--model", d / "ft.safetensors", "--out-dir", tmp_path / "acdc_labels")
     assert sorted(p.name for p in (tmp_path / "acdc_labels").iterdir()) == [
         "patient001_frame01_labels.nii.gz", "patient001_frame12_labels.nii.gz"]
+    import SimpleITK as sitk  # a multi-frame DICOM file (with or without .dcm): its labels as NIfTI
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(src.array, 0, None).astype(np.uint16)), str(tmp_path / "mf.dcm"))
+    (tmp_path / "mf.dcm").rename(tmp_path / "IM0002")
+    coral("segment", tmp_path / "IM0002", "--model", d / "ft.safetensors", "--out-dir", tmp_path / "dicom_labels")
+    assert load_volume(tmp_path / "dicom_labels" / "IM0002_labels.nii.gz").shape == src.shape
 
     user_error(coral("segment", scans, "--out", tmp_path / "s.nii.gz", check=False), "folder of volumes", "--out-dir")
     user_error(coral("segment", d / "img.nii.gz", scans / "a.nii.gz", "--out", tmp_path / "s.nii.gz", check=False),
