@@ -795,8 +795,8 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
         return frames[0]
     from coral_core.metrics import summarise_cases
 
-    # each class's and the mean's average over the frames where they are defined
-    result = {key: value for key, value in summarise_cases(frames).items() if key != "hd95_missed"}
+    # each class's and the mean's average over the frames where they are defined, infinite HD95s counted
+    result = summarise_cases(frames)
     result["frames"] = frames
     return result
 
@@ -807,6 +807,17 @@ def _score_lines(result: dict, label: str = "class") -> list[str]:
         lines.append(f"{name:>12} {result['dice'][name]:7.3f} {result['hd95'][name]:9.2f}")
     lines.append(f"{'mean':>12} {result['mean_dice']:7.3f} {result['mean_hd95']:9.2f}")
     return lines
+
+
+def _missed_lines(result: dict, unit: str) -> list[str]:
+    """A line naming how many infinite HD95s (a class in only one of the two files) the means leave out, if any."""
+    missed = sum(result.get("hd95_missed", {}).values())
+    if not missed:
+        return []
+    if any("frames" in case for case in result.get("cases", ())):
+        unit = "case or frame"
+    return [f"HD95 leaves out {missed} {unit}-class pair(s) with an infinite distance (a class in one file only: "
+            "hd95_missed in --json)"]
 
 
 def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
@@ -836,10 +847,7 @@ def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
     lines += ["", f"{_count_of(len(cases), 'case')}; each class's number is its mean over the cases that hold it "
                   "(per case and class: --json)"]
     lines += _score_lines(result)
-    missed = sum(result["hd95_missed"].values())
-    if missed:
-        lines.append(f"HD95 leaves out {missed} case-class pair(s) with an infinite distance (a class in one file "
-                     "only: hd95_missed in --json)")
+    lines += _missed_lines(result, "case")
     for files, what in ((unmatched, "prediction(s) without reference labels"),
                         (missing, "reference label file(s) without a prediction")):
         if files:
@@ -862,6 +870,7 @@ def cmd_evaluate(args) -> tuple[dict, str]:
     lines = _score_lines(result)
     if "frames" in result:
         lines.insert(0, f"{len(result['frames'])} frames; each number is the mean over the frames (per frame: --json)")
+        lines += _missed_lines(result, "frame")
     return result, "\n".join(lines)
 
 

@@ -91,7 +91,8 @@ def summarise_cases(results: list[dict]) -> dict:
     """Several cases' :func:`evaluate_segmentation` results in one: each class's Dice averaged over the cases where
     the class is in either file (where its Dice is defined), its HD95 over the cases where it is finite, with
     ``hd95_missed`` counting the cases where it is not (the prediction holds none of a class the reference holds, or
-    the reverse); ``mean_dice`` and ``mean_hd95``: the mean over the cases of each case's own mean."""
+    the reverse; a case that is itself a summary, a cine series' frames, adds its own ``hd95_missed``);
+    ``mean_dice`` and ``mean_hd95``: the mean over the cases of each case's own mean."""
     names: list[str] = []
     for r in results:
         names += [n for n in r["dice"] if n not in names]
@@ -100,7 +101,8 @@ def summarise_cases(results: list[dict]) -> dict:
     return {
         "dice": dice,
         "hd95": {n: _mean_finite(v) for n, v in hd.items()},
-        "hd95_missed": {n: int(sum(np.isinf(x) for x in v)) for n, v in hd.items()},
+        "hd95_missed": {n: int(sum(r["hd95_missed"].get(n, 0) if "hd95_missed" in r else np.isinf(x)
+                                   for r, x in zip(results, v))) for n, v in hd.items()},
         "mean_dice": _mean_finite([r["mean_dice"] for r in results]),
         "mean_hd95": _mean_finite([r["mean_hd95"] for r in results]),
     }

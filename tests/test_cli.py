@@ -1216,6 +1216,17 @@ def test_segment_a_cine_series_frame_by_frame(tmp_path):
     assert np.isclose(series["dice"]["RV"], np.mean([a["dice"]["1"] for a in alone]))  # the series names its classes
     assert "3 frames; each number is the mean over the frames" in coral(
         "evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "cine_truth.nii.gz").stdout
+    assert series["hd95_missed"] == {"RV": 0, "myocardium": 0, "LV": 0}
+    # frame 1's RV left out of the prediction: its infinite HD95 is counted, not silently dropped from the mean
+    pred = np.asarray(written.dataobj).copy()
+    pred[..., 1][pred[..., 1] == 1] = 0
+    write_nifti_ijk(tmp_path / "cine_missed.nii.gz", pred, affine)
+    series = json.loads(coral("evaluate", tmp_path / "cine_missed.nii.gz", tmp_path / "cine_truth.nii.gz",
+                              "--json").stdout)
+    assert series["hd95_missed"] == {"1": 1, "2": 0, "3": 0}
+    assert np.isclose(series["hd95"]["1"], np.mean([alone[t]["hd95"]["1"] for t in (0, 2)]))
+    assert "HD95 leaves out 1 frame-class pair(s) with an infinite distance" in coral(
+        "evaluate", tmp_path / "cine_missed.nii.gz", tmp_path / "cine_truth.nii.gz").stdout
     user_error(coral("evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "t.nii.gz", check=False),
                "3 frames of (5, 128, 128)", "differs from")
     user_error(coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.mha", check=False),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from coral_core.embedding import ordinal_consistency, project_trajectories, suggest_slices
-from coral_core.metrics import dice_per_class, evaluate_segmentation, hd95_per_class
+from coral_core.metrics import dice_per_class, evaluate_segmentation, hd95_per_class, summarise_cases
 
 
 def test_dice_by_hand():
@@ -26,6 +26,20 @@ def test_hd95_uses_spacing():
     assert hd95_per_class(pred.astype(int), np.zeros_like(truth, int), 2)[1] == float("inf")
     result = evaluate_segmentation(pred.astype(int), truth.astype(int), 2, (3.0, 1.0, 1.0), ["bg", "fg"])
     assert result["mean_dice"] == pytest.approx(1 / 3) and result["hd95"]["fg"] == pytest.approx(6.0)
+
+
+def test_summaries_count_infinite_distances_down_to_the_frames():
+    """A class in only one of the two files has no finite HD95: the summary's means leave it out and hd95_missed
+    counts it, a case that is itself a summary (a cine series' frames) bringing its own count."""
+    truth = np.zeros((4, 8, 8), np.int64)
+    truth[1:3, 2:6, 2:6] = 1
+    found, missed = evaluate_segmentation(truth, truth, 2), evaluate_segmentation(np.zeros_like(truth), truth, 2)
+    assert missed["hd95"]["1"] == np.inf and found["hd95"]["1"] == 0.0
+    cine = summarise_cases([found, missed, missed])
+    assert cine["hd95_missed"] == {"1": 2} and cine["hd95"]["1"] == 0.0 and cine["dice"]["1"] == pytest.approx(1 / 3)
+    folder = summarise_cases([cine, missed, found])
+    assert folder["hd95_missed"] == {"1": 3}
+    assert folder["mean_dice"] == pytest.approx(np.mean([1 / 3, 0.0, 1.0]))
 
 
 def test_keeping_the_largest_piece_of_each_class():
