@@ -37,6 +37,9 @@ __all__ = [
     "normalise_intensity",
     "normalise_intensity_tensor",
     "is_volume_path",
+    "is_dicom_file",
+    "dicom_slice_series",
+    "load_dicom_series",
     "VOLUME_SUFFIXES",
 ]
 
@@ -103,6 +106,66 @@ def _looks_like_dicom(f: Path) -> bool:
             return fh.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a file that is DICOM by its name (.dcm) or its contents (the DICM marker): one slice of a series,
+    or a multi-frame file that holds a volume."""
+    p = Path(path)
+    return p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p)
+
+
+def dicom_slice_series(path: str | os.PathLike) -> str | None:
+    """The Series Instance UID of a DICOM file that holds one slice of a series, from its header alone; None for
+    anything else (a multi-frame DICOM file, which holds a volume; a file that is not DICOM or not readable)."""
+    p = Path(path)
+    if not is_dicom_file(p):
+        return None
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except Exception:  # noqa: BLE001 - not a readable DICOM file: load_volume says why in one sentence
+        return None
+    size = reader.GetSize()
+    if len(size) > 2 and int(np.prod(size[2:])) > 1:
+        return None
+    return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+
+
+def load_dicom_series(paths: str | os.PathLike | list) -> Volume:
+    """The DICOM series that one slice file belongs to (every file of its folder with its Series Instance UID), or
+    the series that several slice files make together (those files alone), as a volume in slice order, as medical
+    viewers open a series from any of its files; ``path`` is the folder, named after it. Raises :class:`UserError`
+    with one sentence for files of several series or folders, or a series GDCM cannot assemble."""
+    files = [Path(p).resolve() for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    uids = {dicom_slice_series(f) for f in files}
+    folders = {f.parent for f in files}
+    if None in uids:
+        bad = next(f for f in files if dicom_slice_series(f) is None)
+        raise UserError(f"{bad}: not a single-slice DICOM file; give the slices of one series, or its folder")
+    if len(uids) > 1 or len(folders) > 1:
+        raise UserError(f"{files[0]}: the {len(files)} files given belong to {max(len(uids), len(folders))} DICOM "
+                        "series or folders; open one series at a time")
+    import SimpleITK as sitk
+
+    folder, uid = folders.pop(), uids.pop()
+    reader = sitk.ImageSeriesReader()
+    try:
+        ordered = [Path(f).resolve() for f in reader.GetGDCMSeriesFileNames(str(folder), uid)] if uid else []
+    except Exception:  # noqa: BLE001 - GDCM could not sort the folder: fall back to the files as named
+        ordered = []
+    given = set(files) if len(files) > 1 else None
+    ordered = [f for f in ordered if given is None or f in given] or sorted(files)
+    try:
+        reader.SetFileNames([str(f) for f in ordered])
+        img = reader.Execute()
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{files[0]}: its DICOM series in {folder} is not readable ({_short(exc)}); re-export it") from None
+    array, affine = _itk_arrays(img, files[0])
+    return Volume(_as_zyx_3d(array, folder), affine, folder)
 
 
 def load_volume(path: str | os.PathLike) -> Volume:
@@ -236,6 +299,13 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as exc:
         raise UserError(f"{p}: not a readable volume ({_short(exc)}); re-export it") from None
+    return _itk_arrays(img, p)
+
+
+def _itk_arrays(img, p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels as ITK holds them, (z, y, x)[, t] last, RAS affine) of a SimpleITK image read from ``p``."""
+    import SimpleITK as sitk
+
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{p}: has {img.GetNumberOfComponentsPerPixel()} channels per voxel; give a grey-scale volume")
     array = sitk.GetArrayFromImage(img)  # (k, j, i) already = (z, y, x)

@@ -1,22 +1,31 @@
-"""npe2 reader: NIfTI, MHA/MHD, NRRD and DICOM series folders, and 4-D cine series (images and their labels)."""
+"""npe2 reader: NIfTI, MHA/MHD, NRRD, DICOM series (a folder, one of its slice files, or several), multi-frame
+DICOM files, and 4-D cine series (images and their labels)."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import numpy as np
 
 from coral_core.errors import UserError
-from coral_core.volume import Volume, is_volume_path, load_frames, read_class_names
+from coral_core.volume import (Volume, dicom_slice_series, is_dicom_file, is_volume_path, load_dicom_series,
+                               load_frames, read_class_names)
 from napari_coral._layers import volume_to_layer
+
+_NOTIFIED: dict[tuple[str, str], float] = {}  # (folder, series UID) -> when "already open" was last said
 
 
 def get_reader(path):
-    """Return a reader for a volume path we handle, else None (never raises)."""
-    if isinstance(path, list):
-        if len(path) != 1:
-            return None
-        path = path[0]
+    """Return a reader for a volume path we handle, else None (never raises): several paths only when each is a
+    single-slice DICOM file (napari's stacked open of a series' files)."""
     try:
-        if not is_volume_path(path):
+        if isinstance(path, list):
+            if len(path) == 1:
+                path = path[0]
+            else:
+                return read_volume if all(dicom_slice_series(p) is not None for p in path) else None
+        if not (is_volume_path(path) or is_dicom_file(path)):
             return None
     except OSError:
         return None
@@ -29,9 +38,12 @@ def read_volume(path):
     Fine-tune trains on with the cine's image, every annotated frame a scan). A label
     file that names its classes (as coral segment and the napari-coral writer save them) opens with those
     names as the layer's "class" feature and Segment's colours."""
-    if isinstance(path, list):
-        path = path[0]
+    paths = path if isinstance(path, list) else [path]
+    path = paths[0]
     try:
+        uid = dicom_slice_series(path)
+        if uid is not None:  # one slice file of a series (or several): the series
+            return _read_dicom_slices(paths, uid)
         frames = load_frames(path)
     except UserError as exc:
         # napari shows reader exceptions as a notification; keep it to the one sentence.
@@ -51,3 +63,32 @@ def read_volume(path):
         kwargs["features"] = {"class": names}
         kwargs["colormap"] = class_colormap(len(names))
     return [(data, kwargs, kind)]
+
+
+def _read_dicom_slices(paths: list, uid: str) -> list:
+    """The DICOM series one slice file belongs to, read from its folder (or the series several slice files make), as
+    medical viewers open a series from any of its files. napari opens the files of a multiple selection one by one:
+    a file whose series the viewer shows already (read from the same folder) adds nothing, so selecting all of a
+    series' files opens it once."""
+    folder = str(Path(paths[0]).resolve().parent)
+    if len(paths) == 1 and _series_open(folder, uid):
+        key = (folder, uid)
+        if time.monotonic() - _NOTIFIED.get(key, -1e9) > 10:  # once for a selection of many files
+            from napari.utils.notifications import show_info
+
+            show_info(f"{paths[0]}: its DICOM series is open already (from {folder}); remove that layer to open it again")
+        _NOTIFIED[key] = time.monotonic()
+        return [(None,)]  # npe2's "read, nothing to add"
+    data, kwargs, kind = volume_to_layer(load_dicom_series(paths))
+    kwargs["metadata"]["dicom_series"] = uid
+    return [(data, kwargs, kind)]
+
+
+def _series_open(folder: str, uid: str) -> bool:
+    """Whether the current napari viewer holds a layer this reader made from that folder's series."""
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    return viewer is not None and any(
+        layer.metadata.get("dicom_series") == uid and layer.metadata.get("source_path") == folder
+        for layer in viewer.layers)

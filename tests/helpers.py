@@ -25,14 +25,14 @@ def write_nifti_ijk(path: Path, data_ijk: np.ndarray, affine: np.ndarray) -> Pat
     return path
 
 
-def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0.8, 0.8)) -> Path:
-    """A minimal CT-like DICOM series (one file per slice) that GDCM can sort by position."""
+def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0.8, 0.8),
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1.12345", prefix: str = "slice") -> Path:
+    """A minimal CT-like DICOM series (one file per slice, PREFIXkkk.dcm) that GDCM can sort by position."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.12345"
     for k in range(volume_zyx.shape[0]):
         img = sitk.GetImageFromArray(volume_zyx[k].astype(np.int16))
         img.SetSpacing((spacing_zyx[2], spacing_zyx[1]))
@@ -48,6 +48,6 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0
         }
         for key, value in tags.items():
             img.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(img)
     return folder

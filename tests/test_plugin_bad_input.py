@@ -12,9 +12,10 @@ import pytest
 
 pytest.importorskip("napari")
 
+from coral_core.errors import UserError  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
 from coral_core.volume import save_volume  # noqa: E402
-from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
+from helpers import oblique_affine, write_dicom_series, write_nifti_ijk  # noqa: E402
 from napari_coral._reader import get_reader, read_volume  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
 from napari_coral._writer import write_labels  # noqa: E402
@@ -97,6 +98,44 @@ def test_header_and_voxel_file_pairs_open_and_a_missing_voxel_file_is_named(tmp_
             viewer.open(str(tmp_path / name), plugin="napari-coral")
         one_sentence(str(info.value).splitlines()[-1], name, "voxel file pair.raw is missing")
     assert len(viewer.layers) == 2
+
+
+def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path, make_napari_viewer):
+    """A slice file dropped or picked in File > Open opens its whole series (the files of its folder with its Series
+    Instance UID, as dropping the folder does); picking all of a series' files opens it once, not once per file;
+    napari's stacked open of several slice files reads those slices; files of two series together are refused."""
+    from coral_core.volume import load_volume
+
+    rng = np.random.default_rng(0)
+    ct, mr = (rng.integers(0, 2000, (n, 10, 12)).astype(np.int16) for n in (6, 4))
+    folder = write_dicom_series(tmp_path / "study", ct)
+    write_dicom_series(folder, mr, spacing_zyx=(2.0, 0.8, 0.8), series_uid="1.2.826.0.1.3680043.2.1125.1.999",
+                       prefix="mr")  # a second series in the same folder
+    viewer = make_napari_viewer()
+    layer, = viewer.open(str(folder / "slice003.dcm"), plugin="napari-coral")
+    np.testing.assert_array_equal(layer.data, ct)
+    np.testing.assert_allclose(layer.scale, (4.0, 0.8, 0.8))
+    assert layer.name == "study" and layer.metadata["source_path"] == str(folder.resolve())
+    mr_files = sorted(str(f) for f in folder.glob("mr*.dcm"))
+    added = viewer.open(mr_files[::-1], plugin="napari-coral")  # all of the second series' files, one by one
+    assert len(added) == 1 and len(viewer.layers) == 2
+    np.testing.assert_array_equal(added[0].data, mr)
+    np.testing.assert_allclose(added[0].scale, (2.0, 0.8, 0.8))
+    assert viewer.open(str(folder / "slice000.dcm"), plugin="napari-coral") == []  # shown already: nothing added
+    viewer.layers.clear()
+    stacked, = viewer.open(mr_files[1:3], stack=True, plugin="napari-coral")  # those two slices, in slice order
+    np.testing.assert_array_equal(stacked.data, mr[1:3])
+    with pytest.raises(ValueError) as info:  # files of both series at once
+        read_volume([str(folder / "slice000.dcm"), mr_files[0]])
+    one_sentence(str(info.value), "slice000.dcm", "2 DICOM series", "one series at a time")
+    assert get_reader([str(folder / "slice000.dcm"), str(tmp_path / "other.nii.gz")]) is None
+    import SimpleITK as sitk  # a multi-frame DICOM file holds a volume: it opens as one
+
+    sitk.WriteImage(sitk.GetImageFromArray(ct.astype(np.uint16)), str(tmp_path / "multiframe.dcm"))
+    np.testing.assert_array_equal(viewer.open(str(tmp_path / "multiframe.dcm"), plugin="napari-coral")[0].data, ct)
+    # the CLI keeps to the folder: a single slice file is refused there, naming the folder
+    with pytest.raises(UserError, match="a single slice of a series; give the folder"):
+        load_volume(folder / "slice000.dcm")
 
 
 def test_class_names_too_few_for_a_label_files_labels_are_left_aside(tmp_path):
