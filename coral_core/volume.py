@@ -285,9 +285,8 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
             if not ids:
                 raise UserError(f"{p}: no DICOM series found in this folder")
             if len(ids) > 1:
-                raise UserError(
-                    f"{p}: folder holds {len(ids)} DICOM series; put each series in its own folder"
-                )
+                raise UserError(f"{p}: folder holds {len(ids)} DICOM series ({_describe_series(reader, p, ids)}); put "
+                                "each series in its own folder, or open one of its files in napari")
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), ids[0]))
             img = reader.Execute()
         else:
@@ -300,6 +299,25 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:
         raise UserError(f"{p}: not a readable volume ({_short(exc)}); re-export it") from None
     return _itk_arrays(img, p)
+
+
+def _describe_series(reader, folder: Path, ids) -> str:
+    """Each series of a folder as its file count and its first file's modality and description, the first three."""
+    import SimpleITK as sitk
+
+    parts = []
+    for uid in ids[:3]:
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        words = []
+        try:
+            info = sitk.ImageFileReader()
+            info.SetFileName(files[0])
+            info.ReadImageInformation()
+            words = [info.GetMetaData(tag).strip() for tag in ("0008|0060", "0008|103e") if info.HasMetaDataKey(tag)]
+        except Exception:  # noqa: BLE001 - the count alone then
+            pass
+        parts.append(" ".join([f"{len(files)} files", *(w for w in words if w)]) + f" from {Path(files[0]).name}")
+    return "; ".join(parts) + ("; ..." if len(ids) > 3 else "")
 
 
 def _itk_arrays(img, p: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -132,6 +132,11 @@ def test_unreadable_files_give_one_sentence(tmp_path):
     with pytest.raises(UserError, match=r"one DICOM file, a single slice of a series; give the folder that holds"):
         load_volume(one)
     assert load_volume(series).shape == (3, 8, 8)
+    write_dicom_series(series, np.zeros((2, 8, 8), np.int16), series_uid="1.2.3.4", prefix="mr")
+    with pytest.raises(UserError) as info:  # two series in one folder: each named by its count and first file
+        load_volume(series)
+    assert "folder holds 2 DICOM series (" in str(info.value) and "2 files CT from mr000.dcm" in str(info.value)
+    assert "3 files CT from slice000.dcm" in str(info.value) and "open one of its files in napari" in str(info.value)
     import SimpleITK as sitk  # a multi-frame DICOM file holds a whole volume: read as one
 
     frames = np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8)
