@@ -20,8 +20,8 @@ from coral_core.errors import UserError
 from coral_core.fileio import atomic_target
 from coral_core.model import UNet, UNetConfig
 
-__all__ = ["save_checkpoint", "load_checkpoint", "bundled_model_path", "pretrained_only", "FORMAT_NAME", "FORMAT_VERSION",
-           "NORMALISATION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "describe_checkpoint", "training_summary", "bundled_model_path",
+           "pretrained_only", "FORMAT_NAME", "FORMAT_VERSION", "NORMALISATION"]
 
 FORMAT_NAME = "napari-coral"
 FORMAT_VERSION = 1
@@ -54,9 +54,12 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
+    from coral_core import __version__
+
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "software": {"napari_coral": __version__},
         "architecture": model.config.to_dict(),
         "class_names": list(model.config.class_names),
         "normalisation": NORMALISATION,
@@ -105,6 +108,76 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return model.to(map_location).eval(), meta
 
 
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """What a checkpoint file holds, as plain values: its classes, architecture, physical scale, size, how its
+    weights are stored, and how it was trained (its ``training`` record as saved, and a sentence of it). The file
+    is checked as :func:`load_checkpoint` checks it, and is refused in the same sentences."""
+    p = Path(path)
+    model, meta = load_checkpoint(p)
+    cfg = model.config
+    stored = _stored_dtypes(p)
+    training = meta.get("training") or {}
+    return {
+        "path": str(p),
+        "bytes": p.stat().st_size,
+        "weights": "/".join(sorted(stored)) if stored else "unknown",
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "classes": list(cfg.class_names[1:]),
+        "architecture": cfg.to_dict(),
+        "pixel_spacing": cfg.pixel_spacing,
+        "field_of_view_mm": cfg.image_size * cfg.pixel_spacing if cfg.pixel_spacing is not None else None,
+        "canonical_direction": model.has_direction,
+        "pretrained_only": pretrained_only(meta),
+        "trained": training_summary(training),
+        "training": training,
+        "software": meta.get("software"),
+    }
+
+
+def _stored_dtypes(p: Path) -> set[str]:
+    """The dtypes a checkpoint stores its floating tensors in (float16 for a file saved with ``half``)."""
+    if p.suffix in (".pth", ".pt"):
+        return {str(v.dtype).removeprefix("torch.") for v in _read_legacy(p)[0].values() if v.is_floating_point()}
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as f:
+        kinds = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+    return {names[k] for k in kinds if k in names}
+
+
+def training_summary(training: dict) -> str:
+    """A checkpoint's ``training`` record in a sentence: what stage made it, from what, on how much."""
+    stage = training.get("stage")
+    if stage == "pretrain":
+        word = "subject" if "subjects" in training else "volume"
+        volumes = training.get(f"{word}s")
+        n = len(volumes) if isinstance(volumes, list) else volumes
+        text = f"{training.get('method', 'unknown')} pretraining"
+        if training.get("epochs") is not None:
+            text += f" for {training['epochs']} epoch{'s' * (training['epochs'] != 1)}"
+        return text + (f" on {n} {word}{'s' * (n != 1)}" if isinstance(n, int) else "")
+    if stage == "finetune":
+        steps = training.get("steps", (training.get("finetune") or {}).get("steps"))
+        text = "fine-tuned" + (f" for {steps} steps" if steps is not None else "")
+        if "images" in training:
+            text += f" on {sum(len(s) for s in training.get('slices', []))} slices of {len(training['images'])} images"
+        elif "image" in training:
+            text += f" on {len(training.get('slices', []))} slices of {Path(str(training['image'])).name}"
+        elif isinstance(training.get("finetune"), dict) and "subjects" in training["finetune"]:
+            text += f" on {training['finetune']['subjects']} subjects"
+        if training.get("command"):
+            text += f" by {training['command']}"
+        pre = training.get("pretrain")
+        if isinstance(pre, dict):
+            return text + f", from {training_summary({'stage': 'pretrain', **pre})}"
+        init = training.get("init")
+        if init == "random":
+            return text + ", from random weights"
+        return text + (f", from {Path(str(init)).name}" if init else "")
+    return "no training record (a model not written by coral pretrain, coral finetune or the plugin)"
+
+
 _IMAGE_NAMES = {".nii": "a NIfTI image", ".nii.gz": "a NIfTI image", ".mha": "an MHA image", ".mhd": "an MHD image",
                 ".nrrd": "an NRRD image", ".dcm": "a DICOM file", ".npy": "a NumPy array"}
 
@@ -143,6 +216,9 @@ def _read_safetensors(p: Path) -> tuple[dict, dict]:
     if len(head) < 8:
         raise UserError(f"{p}: file is too short to be a checkpoint; it is truncated or empty")
     header_len = int.from_bytes(head, "little")
+    if header_len > min(_MAX_HEADER_BYTES, size - 8) and p.suffix != ".safetensors":  # another kind of file
+        raise UserError(f"{p}: not a model file (no safetensors header); give a .safetensors model that coral pretrain "
+                        "or coral finetune wrote")
     if header_len > min(_MAX_HEADER_BYTES, size - 8):
         raise UserError(f"{p}: checkpoint header claims {header_len} bytes, more than the file holds; the file is damaged")
     try:

@@ -874,6 +874,50 @@ def cmd_evaluate(args) -> tuple[dict, str]:
     return result, "\n".join(lines)
 
 
+def _model_files(paths: list[str]) -> list[tuple[Path, bool]]:
+    """(file, named by the user) for each MODEL given: a file as given, a folder as its .safetensors and .pth files."""
+    out = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found = sorted(f for f in given.iterdir() if f.suffix in (".safetensors", ".pth", ".pt") and f.is_file())
+            if not found:
+                raise UserError(f"{given}: folder holds no .safetensors or .pth model; give a model file or its folder")
+            out += [(f, False) for f in found]
+        else:
+            out.append((given, True))
+    return out
+
+
+def cmd_info(args) -> tuple[dict, str]:
+    from coral_core.checkpoint import describe_checkpoint
+
+    models, unreadable, blocks = [], [], []
+    for path, named in _model_files(args.models):
+        try:
+            info = describe_checkpoint(path)
+        except UserError as exc:
+            if named:
+                raise
+            unreadable.append({"path": str(path), "error": str(exc)})
+            blocks.append(f"{path}: not read ({exc})")
+            continue
+        models.append(info)
+        arch = info["architecture"]
+        scale = (f" at {info['pixel_spacing']:g} mm (a {info['field_of_view_mm']:g} mm square of a slice at a time)"
+                 if info["pixel_spacing"] is not None else ", each slice resized whole")
+        lines = [f"{path}: {info['trained']}",
+                 f"  classes: {', '.join(info['classes'])}",
+                 f"  U-Net: {arch['base_filters']} base filters, depth {arch['depth']}, {arch['norm']} norm, "
+                 f"{info['parameters'] / 1e6:.2f} M parameters ({info['weights']}, {info['bytes'] / 1e6:.1f} MB); "
+                 f"{arch['image_size']} px input{scale}",
+                 f"  embedding: {arch['embedding_dim']}-d, " + ("with a learned canonical direction (OAL)"
+                                                              if info["canonical_direction"] else "no canonical direction")]
+        if info["pretrained_only"]:
+            lines.append("  pretrained only: its segmentation head is untrained; fine-tune it before segmenting")
+        blocks.append("\n".join(lines))
+    return {"models": models, "unreadable": unreadable}, "\n\n".join(blocks)
+
+
 def cmd_demo(args) -> tuple[dict, str]:
     from coral_core.checkpoint import save_checkpoint
     from coral_core.demo import DemoConfig, run_demo
@@ -1397,6 +1441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-values", default=None, metavar="V1,V2,...",
                    help="the values TRUTH uses for classes 1, 2, ... when they are codes (MM-WHS: 205,420,...,850); "
                         "PRED holds class numbers, as coral segment writes them")
+
+    p = command("info", "Describe model files: classes, architecture, scale, and how each was trained.", cmd_info)
+    p.add_argument("models", nargs="+", metavar="MODEL", help="a .safetensors (or .pth) model, or a folder of them "
+                   "(such as ~/.napari-coral/models, where the plugin keeps every model it trained)")
 
     p = command("demo", "Phantom cohort -> CORAL pretraining -> fine-tune on 2 subjects -> segment a held-out one.", cmd_demo)
     p.add_argument("--out-dir", default="coral-demo", help="where the figure goes (default: ./coral-demo)")

@@ -93,9 +93,9 @@ def test_pretrain_counts_its_steps_and_says_when_they_are_few(tmp_path):
 
 def test_help_lists_every_command_and_each_has_help():
     out = coral("--help").stdout
-    for name in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo", "bench"):
+    for name in ("pretrain", "finetune", "segment", "embed", "evaluate", "info", "demo", "bench"):
         assert name in out
-    for command in ("pretrain", "finetune", "segment", "embed", "evaluate", "demo", "bench lowlabel",
+    for command in ("pretrain", "finetune", "segment", "embed", "evaluate", "info", "demo", "bench lowlabel",
                     "bench embedding", "bench speed"):
         assert "--device" in coral(*command.split(), "--help").stdout
     # and every option of every command says what it does (argparse leaves a bare option without a line)
@@ -237,6 +237,50 @@ def test_evaluate_a_folder_of_predictions_against_the_dataset_it_segmented(tmp_p
     user_error(coral("evaluate", data, preds, check=False), "a dataset folder", "predictions first")
     user_error(coral("evaluate", preds, data / "labelsTr" / "c0.nii.gz", check=False), "a file, but PRED")
     user_error(coral("evaluate", preds / "c1_0000_labels.nii.gz", data, check=False), "a folder, but PRED")
+
+
+def test_info_describes_each_model_and_how_it_was_trained(workflow, tmp_path):
+    """`coral info` on models and folders of them: classes, architecture, storage and a sentence of the training
+    record, the numbers in --json equal to the model's own; a damaged file in a folder is named, not fatal, and
+    one given by name exits 2 in one sentence."""
+    import shutil
+
+    from coral_core import __version__
+    from coral_core.checkpoint import bundled_model_path, load_checkpoint
+
+    d = workflow[0]
+    res = json.loads(coral("info", d / "pre.safetensors", d / "ft.safetensors", bundled_model_path(), "--json").stdout)
+    pre, ft, demo = res["models"]
+    assert pre["trained"] == "coral pretraining for 1 epoch on 3 volumes" and pre["pretrained_only"]
+    assert ft["trained"] == "fine-tuned for 5 steps on 3 slices of img.nii.gz, from pre.safetensors"
+    assert not ft["pretrained_only"] and ft["training"]["slices"] == [1, 4, 6]
+    assert demo["trained"] == ("fine-tuned for 200 steps on 2 subjects by coral demo, from coral pretraining for 6 "
+                               "epochs on 18 subjects")
+    model, _ = load_checkpoint(d / "ft.safetensors")
+    assert ft["parameters"] == sum(t.numel() for t in model.parameters())
+    assert ft["classes"] == ["class 1", "class 2", "class 3"] and ft["architecture"]["base_filters"] == 4
+    assert ft["weights"] == "float32" and demo["weights"] == "float16"  # the bundled model is stored in half
+    assert ft["software"] == {"napari_coral": __version__} and demo["software"] is None  # saved before it was recorded
+    text = coral("info", d / "pre.safetensors").stdout
+    assert "pre.safetensors: coral pretraining for 1 epoch on 3 volumes" in text
+    assert "U-Net: 4 base filters, depth 4, batch norm" in text and "32 px input, each slice resized whole" in text
+    assert "pretrained only: its segmentation head is untrained; fine-tune it before segmenting" in text
+    # a folder (as the plugin's ~/.napari-coral/models): every model in it, a damaged one named
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(d / "ft.safetensors", models / "a.safetensors")
+    (models / "b.safetensors").write_bytes((d / "ft.safetensors").read_bytes()[:5000])
+    (models / "notes.txt").write_text("not a model")
+    res = json.loads(coral("info", models, "--json").stdout)
+    assert [Path(m["path"]).name for m in res["models"]] == ["a.safetensors"]
+    assert [Path(m["path"]).name for m in res["unreadable"]] == ["b.safetensors"]
+    assert "b.safetensors: not read (" in coral("info", models).stdout
+    user_error(coral("info", models / "b.safetensors", check=False), "b.safetensors")
+    user_error(coral("info", models / "notes.txt", check=False), "notes.txt: not a model file")
+    user_error(coral("info", d / "img.nii.gz", check=False), "img.nii.gz: this is a NIfTI image, not a model")
+    user_error(coral("info", tmp_path / "none.safetensors", check=False), "none.safetensors: no such checkpoint file")
+    (tmp_path / "empty").mkdir()
+    user_error(coral("info", tmp_path / "empty", check=False), "empty: folder holds no .safetensors or .pth model")
 
 
 def test_finetune_repeats_with_the_same_seed(workflow, tmp_path):
