@@ -711,6 +711,7 @@ def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
     assert session.model.has_direction and session.meta["training"]["method"] == "coral"
     # its segmentation head is untrained: the Model panel says so, and Segment refuses until it is fine-tuned
     assert session.pretrained_only and "pretrained only: fine-tune it before segmenting" in widget.current.text()
+    assert "\nTrained: coral pretraining for 3 epochs on 1 volume." in widget.current.text()  # as coral info says
     segment = dock(viewer, "Segment")
     assert segment.segment() is None and "phantom labels" not in viewer.layers
     assert "is pretrained only" in segment.status.text() and segment.segment_button.isEnabled()
@@ -721,6 +722,7 @@ def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
     saved = widget.save_model_file(str(tmp_path / "pre.safetensors"))
     widget.use_demo_model()
     assert session.source == "bundled demo model"
+    assert "Trained: fine-tuned for 200 steps on 2 subjects by coral demo, from coral pretraining" in widget.current.text()
     assert widget.load_checkpoint_file(str(saved)) and session.source == "pre.safetensors"
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 40)
     before = session.model

@@ -107,7 +107,12 @@ class ModelWidget(QWidget):
 
     # ------------------------------------------------------------------ model source
     def _show_model(self) -> None:
-        self.current.setText(f"Current model: {self.session.describe()}")
+        from coral_core.checkpoint import training_summary
+
+        text = f"Current model: {self.session.describe()}"
+        if self.session.model is not None:  # how it was made, as `coral info` says it
+            text += f"\nTrained: {training_summary(self.session.meta.get('training') or {})}."
+        self.current.setText(text)
 
     def use_demo_model(self) -> None:
         self.session.use_bundled_model()
