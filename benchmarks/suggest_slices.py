@@ -2,6 +2,7 @@
 
     python benchmarks/suggest_slices.py                       # 12 phantom subjects, 1 painted slice + 2 more
     python benchmarks/suggest_slices.py --subjects 4 --add 2 5
+    python benchmarks/suggest_slices.py --beyond-heart 3 --strategies suggested spread suggested_heart suggested_seg
 
 The plugin's flow: a user paints one slice (here the middle one), presses **Suggest slices**, paints what it
 proposes, and fine-tunes. The suggestion is farthest-point sampling in the current model's slice embedding
@@ -12,7 +13,15 @@ proposes, and fine-tunes. The suggestion is farthest-point sampling in the curre
 * ``spread``: evenly from the second slice to the last but one (what a user might do without the button,
   and what `benchmarks/finetune_lr.py` annotates);
 * ``random``: drawn at random (seeded per subject);
-* ``neighbours``: the slices next to the first one, alternately below and above (annotating where one already is).
+* ``neighbours``: the slices next to the first one, alternately below and above (annotating where one already is);
+* ``suggested_heart``: by ``suggest_slices`` among the slices that hold the heart only (an oracle: what keeping the
+  button off slices beyond the structures could give at best);
+* ``suggested_seg``: by ``suggest_slices`` among the slices where a model fine-tuned on the first painted slice alone
+  (same settings) finds any foreground (what the button can do without an oracle, given a model that segments).
+
+``--beyond-heart K`` gives every phantom (pretraining cohort, painted and held-out subjects) K more slices above
+the base and K below the apex that hold no heart, as a scan reaches past the structures segmented
+(``PhantomConfig.beyond_heart``); ``spread`` then spreads over the heart's slices, as a user who sees the heart would.
 
 Each choice is fine-tuned from the same encoder at the product's settings (16 filters, 128 x 128, 200 steps,
 lr 3e-3, the engine's defaults otherwise, the CORAL loss off) and scored by mean foreground Dice
@@ -47,19 +56,25 @@ from coral_core.finetune import FinetuneConfig, finetune  # noqa: E402
 from coral_core.infer import embed_volume, segment_volume  # noqa: E402
 from coral_core.metrics import evaluate_segmentation  # noqa: E402
 from coral_core.model import UNetConfig, resize_head  # noqa: E402
-from coral_core.phantom import make_cohort, make_phantom  # noqa: E402
+from coral_core.phantom import PhantomConfig, make_cohort, make_phantom  # noqa: E402
 from coral_core.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 NAMES = ["background", "RV", "myocardium", "LV"]
-STRATEGIES = ("suggested", "spread", "random", "neighbours")
+STRATEGIES = ("suggested", "spread", "random", "neighbours", "suggested_heart", "suggested_seg")
 
 
-def choose(strategy: str, n_slices: int, first: int, add: int, features: np.ndarray, rng: np.random.Generator) -> list[int]:
-    """``first`` and ``add`` more slices of a volume of ``n_slices``, by ``strategy``."""
+def choose(strategy: str, n_slices: int, first: int, add: int, features: np.ndarray, rng: np.random.Generator,
+           heart: tuple[int, int] | None = None, candidates: list[int] | None = None) -> list[int]:
+    """``first`` and ``add`` more slices of a volume of ``n_slices``, by ``strategy``; ``heart``: the first and last
+    slice holding it (``spread`` spreads between them); ``candidates``: the slices the restricted suggestions
+    may take."""
+    lo, hi = heart if heart is not None else (0, n_slices - 1)
     if strategy == "suggested":
         more = suggest_slices(features, [first], k=add)
+    elif strategy in ("suggested_heart", "suggested_seg"):
+        more = suggest_slices(features, [first], k=add, candidates=candidates)
     elif strategy == "spread":
-        more = [int(k) for k in np.linspace(1, n_slices - 2, add + 1).round()]
+        more = [int(k) for k in np.linspace(lo + 1, hi - 1, add + 1).round()]
         # the evenly spaced positions, the one nearest the painted slice replaced by it
         more.pop(int(np.argmin([abs(k - first) for k in more])))
     elif strategy == "random":
@@ -81,6 +96,8 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--beyond-heart", type=int, default=0, metavar="K",
+                        help="slices without heart added above the base and below the apex of every phantom")
     parser.add_argument("--summarise", metavar="LOG", help="print the summary of an earlier run's output and stop")
     args = parser.parse_args()
     if args.summarise:
@@ -88,26 +105,38 @@ def main() -> None:
         return
 
     t0 = time.perf_counter()
-    unlabelled = [img.array for img, _ in make_cohort(16)]
+    phantoms = PhantomConfig(beyond_heart=args.beyond_heart)
+    unlabelled = [img.array for img, _ in make_cohort(16, config=phantoms)]
     encoder = pretrain(PretrainConfig(method="coral", epochs=6, batch_size=32, seed=0, device=args.device,
                                       model=UNetConfig(base_filters=16, image_size=128)), unlabelled).model
     print(f"CORAL encoder pretrained on 16 phantoms in {time.perf_counter() - t0:.0f} s; {args.steps} fine-tuning steps",
           flush=True)
-    print(f"{'subject':>8}{'slices':>7}{'add':>4}  {'choice':<11}{'painted':<24}{'volume':>8}{'unpainted':>10}"
+    print(f"{'subject':>8}{'slices':>7}{'add':>4}  {'choice':<16}{'painted':<24}{'volume':>8}{'unpainted':>10}"
           f"{'held out':>9}{'seconds':>8}")
     scores: dict[tuple[int, str], list[tuple[float, float, float]]] = {}
     for s in range(args.subjects):
-        image, labels = (v.array for v in make_phantom(1000 + s))
-        test = [make_phantom(2000 + 10 * s + i) for i in range(3)]
+        image, labels = (v.array for v in make_phantom(1000 + s, config=phantoms))
+        test = [make_phantom(2000 + 10 * s + i, config=phantoms) for i in range(3)]
         features = embed_volume(encoder, image, args.device)
         first = image.shape[0] // 2
+        holding = [k for k in range(image.shape[0]) if labels[k].any()]
+        heart = (holding[0], holding[-1])
+        cfg = FinetuneConfig(steps=args.steps, lr=3e-3, seed=s, device=args.device, validate_every=0,
+                             embedding_weight=0.0)
+        found = None
+        if "suggested_seg" in args.strategies:  # the slices a model fine-tuned on the first slice finds anything in
+            torch.manual_seed(0)
+            one = finetune(cfg, resize_head(encoder, 4, NAMES), [image], [labels], [[first]]).model
+            found = [k for k, sl in enumerate(segment_volume(one, image, args.device)) if sl.any()]
+            print(f"{1000 + s:>8}: the first slice's model finds foreground in slices {found}; the heart is in "
+                  f"{heart[0]}-{heart[1]}", flush=True)
         for add in args.add:
             for strategy in args.strategies:
-                painted = choose(strategy, image.shape[0], first, add, features, np.random.default_rng(s))
+                candidates = holding if strategy == "suggested_heart" else found
+                painted = choose(strategy, image.shape[0], first, add, features, np.random.default_rng(s), heart,
+                                 candidates)
                 t = time.perf_counter()
                 torch.manual_seed(0)
-                cfg = FinetuneConfig(steps=args.steps, lr=3e-3, seed=s, device=args.device, validate_every=0,
-                                     embedding_weight=0.0)
                 model = finetune(cfg, resize_head(encoder, 4, NAMES), [image], [labels], [painted]).model
                 pred = segment_volume(model, image, args.device)
                 unpainted = [k for k in range(image.shape[0]) if k not in painted]
@@ -117,7 +146,7 @@ def main() -> None:
                 held = float(np.mean([evaluate_segmentation(segment_volume(model, img.array, args.device), lab.array, 4)
                                       ["mean_dice"] for img, lab in test]))
                 scores.setdefault((add, strategy), []).append((volume, own, held))
-                print(f"{1000 + s:>8}{image.shape[0]:>7}{add:>4}  {strategy:<11}{str(painted):<24}{volume:>8.3f}"
+                print(f"{1000 + s:>8}{image.shape[0]:>7}{add:>4}  {strategy:<16}{str(painted):<24}{volume:>8.3f}"
                       f"{own:>10.3f}{held:>9.3f}{time.perf_counter() - t:>8.0f}", flush=True)
 
     summarise(scores)
@@ -143,7 +172,7 @@ def summarise(scores: dict) -> None:
     for (add, strategy), rows in scores.items():
         rows = np.array(rows)
         has_own = ~np.isnan(rows[:, 1])
-        line = (f"add {add}  {strategy:<11}volume {rows[:, 0].mean():.3f}  unpainted {rows[has_own, 1].mean():.3f}"
+        line = (f"add {add}  {strategy:<16}volume {rows[:, 0].mean():.3f}  unpainted {rows[has_own, 1].mean():.3f}"
                 f"{'' if has_own.all() else f' ({has_own.sum()})'}  held out {rows[:, 2].mean():.3f}")
         if strategy != "spread" and (add, "spread") in scores:
             ref = np.array(scores[(add, "spread")])

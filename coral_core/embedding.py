@@ -84,19 +84,27 @@ def _principal(x: np.ndarray) -> np.ndarray:
     return vt[0]
 
 
-def suggest_slices(features: np.ndarray, annotated: list[int], k: int = 3) -> list[int]:
+def suggest_slices(features: np.ndarray, annotated: list[int], k: int = 3,
+                   candidates: list[int] | None = None) -> list[int]:
     """Slices to annotate next: greedy farthest-point sampling in feature space, starting from
     the annotated slices (or from the slice nearest the mean), so that the annotations spread over
     the volume's anatomy. On phantoms, fine-tuning on them scored as evenly spaced slices did, and
-    better than neighbouring or random ones (benchmarks/suggest_slices.py, docs/results.md)."""
+    better than neighbouring or random ones (benchmarks/suggest_slices.py, docs/results.md).
+    ``candidates``: the slices that may be proposed (all when None), e.g. those holding the structures."""
     f = features.astype(np.float64)
     chosen = list(annotated)
+    allowed = np.zeros(len(f), bool)
+    allowed[list(range(len(f))) if candidates is None else list(candidates)] = True
     if not chosen:
-        chosen = [int(np.argmin(np.linalg.norm(f - f.mean(0), axis=1)))]
+        pool = np.flatnonzero(allowed)
+        if not len(pool):
+            return []
+        chosen = [int(pool[np.argmin(np.linalg.norm(f[pool] - f[pool].mean(0), axis=1))])]
         picks = list(chosen)
     else:
         picks = []
     dist = np.min(np.linalg.norm(f[:, None] - f[chosen][None], axis=2), axis=1)
+    dist[~allowed] = 0.0
     while len(picks) < k and dist.max() > 0:
         nxt = int(np.argmax(dist))
         picks.append(nxt)

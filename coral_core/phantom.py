@@ -38,6 +38,9 @@ class PhantomConfig:
     # each subject's field of view, a factor of size x pixel_mm drawn from this range (at the same spacing): the
     # centre cut out, or the slices padded with background noise, as scanners' protocols differ; (1, 1): none
     field_of_view: tuple[float, float] = (1.0, 1.0)
+    # slices added above the base and below the apex, holding no heart (great vessels above it, liver below), as a
+    # scan reaches past the structures segmented; 0: the stack is the heart alone, as in the published cohorts
+    beyond_heart: int = 0
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx, angle):
@@ -100,10 +103,17 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
     noise_sigma = rng.uniform(*cfg.noise) * blood
     blur_sigma = rng.uniform(0.6, 1.3)
 
-    image = np.zeros((n, size, size), np.float32)
-    labels = np.zeros((n, size, size), np.uint8)
-    for k in range(n):
-        t = k / max(n - 1, 1)  # 0 at the base, 1 at the apex
+    m = cfg.beyond_heart
+    extra_rng = np.random.default_rng([seed, 2])  # the slices beyond the heart draw from their own stream
+    image = np.zeros((n + 2 * m, size, size), np.float32)
+    labels = np.zeros((n + 2 * m, size, size), np.uint8)
+    for k in range(-m, n + m):
+        t = k / max(n - 1, 1)  # 0 at the base, 1 at the apex (beyond them: no heart)
+        if not 0 <= k < n:
+            sl = _torso_slice(yy, xx, t, scale, body_cy, body_cx, body_ry, body_rx, heart_cy, heart_cx, liver_start,
+                              tissue, fat, blood, liver_int)
+            image[k + m] = sl * extra_rng.uniform(0.93, 1.07)
+            continue
         cy = heart_cy + apex_drift[0] * t
         cx = heart_cx + apex_drift[1] * t
         r_lv = r_lv_base * max(0.0, 1.0 - 0.9 * t**1.6)
@@ -153,8 +163,8 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
         lab[rv] = 1
         lab[outer_lv] = 2
         lab[lv] = 3
-        image[k] = sl * rng.uniform(0.93, 1.07)  # slice-to-slice intensity drift
-        labels[k] = lab
+        image[k + m] = sl * rng.uniform(0.93, 1.07)  # slice-to-slice intensity drift
+        labels[k + m] = lab
 
     image = ndimage.gaussian_filter(image, sigma=(0, blur_sigma, blur_sigma))
     image *= _bias_field(rng, size, cfg.bias)[None]
@@ -170,6 +180,29 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
         fov_rng = np.random.default_rng([seed, 1])  # draws of its own: the anatomy and the rest stay as they were
         image, labels = _at_field_of_view(image, labels, fov_rng.uniform(*cfg.field_of_view), noise_sigma * gain, fov_rng)
     return Volume(image, affine), Volume(labels, affine.copy())
+
+
+def _torso_slice(yy, xx, t, scale, body_cy, body_cx, body_ry, body_rx, heart_cy, heart_cx, liver_start, tissue, fat,
+                 blood, liver_int) -> np.ndarray:
+    """A slice beyond the heart (``t`` < 0 above the base, > 1 below the apex): body, fat, lungs and the descending
+    aorta as in every slice; the ascending aorta and pulmonary trunk above the base; the liver, grown on, below."""
+    body, body_r = _ellipse(yy, xx, body_cy, body_cx, body_ry, body_rx, 0.0)
+    sl = np.where(body, tissue, 0.0).astype(np.float32)
+    sl[body & (body_r > 0.9)] = fat
+    for side in (-1, 1):
+        lung, _ = _ellipse(yy, xx, body_cy - 4, body_cx + side * body_rx * 0.5, body_ry * 0.65, body_rx * 0.33, side * 0.2)
+        sl[lung] = 0.05
+    aorta, _ = _ellipse(yy, xx, heart_cy + 26 * scale, heart_cx - 4, 5.5 * scale, 5.5 * scale, 0.0)
+    sl[aorta] = blood * 0.95
+    if t < 0:
+        for dy, dx, r in ((-22, 6, 6.5), (-20, -12, 6.0)):
+            vessel, _ = _ellipse(yy, xx, heart_cy + dy * scale, heart_cx + dx * scale, r * scale, r * scale, 0.0)
+            sl[vessel] = blood
+    else:
+        grow = min(1.5, (t - liver_start) / (1 - liver_start + 1e-6))
+        liver, _ = _ellipse(yy, xx, body_cy + 30 - 8 * grow, body_cx + 20, 14 * grow + 4, 24 * grow + 6, 0.3)
+        sl[liver & body] = liver_int
+    return sl
 
 
 def _at_field_of_view(image: np.ndarray, labels: np.ndarray, factor: float, sigma: float, rng: np.random.Generator):

@@ -108,3 +108,7 @@ def test_suggestions_are_far_from_annotated_slices():
     feats = np.array([[0.0], [0.1], [0.2], [5.0], [9.0], [9.1]])
     assert suggest_slices(feats, annotated=[0], k=2) == [5, 3]
     assert len(suggest_slices(feats, annotated=[], k=3)) == 3
+    # restricted to candidates (the slices holding the structures): the farthest of those, never another
+    assert suggest_slices(feats, annotated=[0], k=2, candidates=[1, 2, 3]) == [3, 2]
+    assert suggest_slices(feats, annotated=[], k=2, candidates=[3, 4, 5]) == [4, 3]  # the start is a candidate too
+    assert suggest_slices(feats, annotated=[0], k=3, candidates=[]) == []

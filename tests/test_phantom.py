@@ -70,3 +70,24 @@ def test_a_field_of_view_range_cuts_or_pads_the_same_subject():
     assert narrow_labels.array.sum() == labels.array.sum()  # the heart lies inside the cut
     sizes = {make_phantom(s, config=PhantomConfig(field_of_view=(0.8, 1.6)))[0].shape[1] for s in range(8)}
     assert len(sizes) > 4 and min(sizes) >= 102 and max(sizes) <= 205
+
+
+def test_slices_beyond_the_heart_hold_the_torso_without_labels():
+    """PhantomConfig.beyond_heart adds slices above the base and below the apex, as a scan that reaches past the
+    heart: the heart's slices keep their labels, the added ones hold the body (and the liver below) but no label;
+    0 changes nothing."""
+    from coral_core.phantom import PhantomConfig
+
+    image, labels = make_phantom(5)
+    same, _ = make_phantom(5, config=PhantomConfig(beyond_heart=0))
+    np.testing.assert_array_equal(same.array, image.array)
+    wide, wide_labels = make_phantom(5, config=PhantomConfig(beyond_heart=3))
+    n = image.shape[0]
+    assert wide.shape == (n + 6, *image.shape[1:]) and wide.spacing == image.spacing
+    np.testing.assert_array_equal(wide_labels.array[3:3 + n], labels.array)
+    assert not wide_labels.array[:3].any() and not wide_labels.array[3 + n:].any()
+    contrast = [wide.array[k].mean() / wide.array[k][:6, :6].mean() for k in range(n + 6)]  # body against noise
+    heart = np.mean(contrast[3:3 + n])
+    assert heart > 2 and all(0.6 * heart < c < 1.6 * heart for c in contrast[:3] + contrast[3 + n:]), contrast
+    centre = (slice(None), slice(32, 96), slice(32, 96))
+    assert 0.5 < wide.array[:3][centre].mean() / wide.array[3:3 + n][centre].mean() < 2
