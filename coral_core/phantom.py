@@ -110,8 +110,8 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
     for k in range(-m, n + m):
         t = k / max(n - 1, 1)  # 0 at the base, 1 at the apex (beyond them: no heart)
         if not 0 <= k < n:
-            sl = _torso_slice(yy, xx, t, scale, body_cy, body_cx, body_ry, body_rx, heart_cy, heart_cx, liver_start,
-                              tissue, fat, blood, liver_int)
+            sl = _beyond_heart(yy, xx, t, scale, (body_cy, body_cx, body_ry, body_rx), (heart_cy, heart_cx), liver_start,
+                               tissue, fat, blood, liver_int)
             image[k + m] = sl * extra_rng.uniform(0.93, 1.07)
             continue
         cy = heart_cy + apex_drift[0] * t
@@ -119,15 +119,7 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
         r_lv = r_lv_base * max(0.0, 1.0 - 0.9 * t**1.6)
         w = wall * (1.0 + 0.3 * t)
 
-        body, body_r = _ellipse(yy, xx, body_cy, body_cx, body_ry, body_rx, 0.0)
-        sl = np.where(body, tissue, 0.0).astype(np.float32)
-        sl[body & (body_r > 0.9)] = fat  # subcutaneous fat ring
-        for side in (-1, 1):  # lungs
-            lung, _ = _ellipse(yy, xx, body_cy - 4, body_cx + side * body_rx * 0.5, body_ry * 0.65, body_rx * 0.33, side * 0.2)
-            sl[lung] = 0.05
-        # descending aorta: a bright disc behind the heart in every slice (a cavity look-alike)
-        aorta, _ = _ellipse(yy, xx, heart_cy + 26 * scale, heart_cx - 4, 5.5 * scale, 5.5 * scale, 0.0)
-        sl[aorta] = blood * 0.95
+        body, sl = _torso(yy, xx, scale, (body_cy, body_cx, body_ry, body_rx), (heart_cy, heart_cx), tissue, fat, blood)
         if t < 0.25:  # ascending aorta and pulmonary trunk near the base
             for dy, dx, r in ((-22, 6, 6.5), (-20, -12, 6.0)):
                 vessel, _ = _ellipse(yy, xx, cy + dy * scale, cx + dx * scale, r * scale, r * scale, 0.0)
@@ -182,18 +174,28 @@ def make_phantom(seed: int, n_slices: int | None = None, config: PhantomConfig |
     return Volume(image, affine), Volume(labels, affine.copy())
 
 
-def _torso_slice(yy, xx, t, scale, body_cy, body_cx, body_ry, body_rx, heart_cy, heart_cx, liver_start, tissue, fat,
-                 blood, liver_int) -> np.ndarray:
-    """A slice beyond the heart (``t`` < 0 above the base, > 1 below the apex): body, fat, lungs and the descending
-    aorta as in every slice; the ascending aorta and pulmonary trunk above the base; the liver, grown on, below."""
+def _torso(yy, xx, scale, body_ellipse, heart_centre, tissue, fat, blood) -> tuple[np.ndarray, np.ndarray]:
+    """(body mask, slice) of what every slice holds: the body with its subcutaneous fat ring, the lungs, and the
+    descending aorta, a bright disc behind the heart (a cavity look-alike)."""
+    body_cy, body_cx, body_ry, body_rx = body_ellipse
     body, body_r = _ellipse(yy, xx, body_cy, body_cx, body_ry, body_rx, 0.0)
     sl = np.where(body, tissue, 0.0).astype(np.float32)
     sl[body & (body_r > 0.9)] = fat
     for side in (-1, 1):
         lung, _ = _ellipse(yy, xx, body_cy - 4, body_cx + side * body_rx * 0.5, body_ry * 0.65, body_rx * 0.33, side * 0.2)
         sl[lung] = 0.05
+    heart_cy, heart_cx = heart_centre
     aorta, _ = _ellipse(yy, xx, heart_cy + 26 * scale, heart_cx - 4, 5.5 * scale, 5.5 * scale, 0.0)
     sl[aorta] = blood * 0.95
+    return body, sl
+
+
+def _beyond_heart(yy, xx, t, scale, body_ellipse, heart_centre, liver_start, tissue, fat, blood, liver_int) -> np.ndarray:
+    """A slice beyond the heart (``t`` < 0 above the base, > 1 below the apex): the torso; the ascending aorta and
+    pulmonary trunk above the base; the liver, grown on, below."""
+    body, sl = _torso(yy, xx, scale, body_ellipse, heart_centre, tissue, fat, blood)
+    body_cy, body_cx = body_ellipse[:2]
+    heart_cy, heart_cx = heart_centre
     if t < 0:
         for dy, dx, r in ((-22, 6, 6.5), (-20, -12, 6.0)):
             vessel, _ = _ellipse(yy, xx, heart_cy + dy * scale, heart_cx + dx * scale, r * scale, r * scale, 0.0)
