@@ -663,6 +663,15 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
     suggested = widget.suggest()
     assert len(suggested) == 3 and all(name == "phantom" and k != 0 for name, k in suggested)
     assert widget.suggestions.count() == 3
+    # within the slices given (where the structures are, when the scan reaches past them): none outside
+    n = len(t.xy)
+    widget.suggest_within.setText(f"2-{n - 3}")
+    within = [k for _, k in widget.suggest()]
+    assert len(within) == 3 and all(2 <= k <= n - 3 for k in within)
+    widget.suggest_within.setText(f"2-{n + 4}")  # beyond the volume: one sentence, the last suggestions kept
+    assert widget.suggest() == [] and widget.suggestions.count() == 3
+    assert f"outside the {n} slices" in widget.status.text() and "of phantom" in widget.status.text()
+    widget.suggest_within.setText("")
 
 
 def test_a_blank_volume_embeds_without_a_score_of_rounding_noise(viewer, qtbot):

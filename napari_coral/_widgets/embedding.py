@@ -6,9 +6,12 @@ import math
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QHBoxLayout, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout,
+                            QWidget)
 
+from coral_core.data import parse_slices
 from coral_core.embedding import Trajectory, project_trajectories, suggest_slices
+from coral_core.errors import UserError
 from napari_coral._layers import LayerArray, show_index, shown_index
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, PlotCanvas, VolumeChecklist, alive, status_label
@@ -31,6 +34,11 @@ class EmbeddingWidget(QWidget):
         self.n_suggest = QSpinBox()
         self.n_suggest.setRange(1, 20)
         self.n_suggest.setValue(3)
+        self.suggest_within = QLineEdit()
+        self.suggest_within.setPlaceholderText("suggest within slices: all; e.g. 3-15, where the structures are")
+        self.suggest_within.setToolTip(
+            "Where a scan reaches past the structures you segment, the slices farthest in the embedding are often\n"
+            "those beyond them, which teach a model nothing of the structures: give the slices that hold them.")
         self.suggestions = QListWidget()
         self.suggestions.setMaximumHeight(80)
         self.suggestions.itemClicked.connect(lambda item: self.go_to(item.data(Qt.ItemDataRole.UserRole)[0], item.data(Qt.ItemDataRole.UserRole)[1]))
@@ -44,6 +52,7 @@ class EmbeddingWidget(QWidget):
         layout.addWidget(self.volumes)
         layout.addWidget(self.device_picker)
         layout.addLayout(row)
+        layout.addWidget(self.suggest_within)
         layout.addWidget(self.plot.canvas)
         layout.addWidget(self.status)
         layout.addWidget(self.suggestions)
@@ -175,13 +184,21 @@ class EmbeddingWidget(QWidget):
         if not self.features:
             show_error("Press Embed first.")
             return []
+        within = self.suggest_within.text().strip()
+        try:  # the slices each volume's suggestions may take
+            candidates = {name: parse_slices(within, len(feats), self._title(name)) if within else None
+                          for name, feats in self.features.items()}
+        except UserError as exc:
+            show_error(f"Suggest within slices: {exc}")
+            self.status.setText(f"Suggest within slices: {exc}")
+            return []
         self.suggestions.clear()
         out = []
         for name, feats in self.features.items():
             annotated = self.session.annotated.get(name, [])
             if name in self.frames:  # a cine's (frame, slice) pairs: those of the frame embedded
                 annotated = [z for t, z in annotated if t == self.frames[name]]
-            for k in suggest_slices(feats, annotated, self.n_suggest.value()):
+            for k in suggest_slices(feats, annotated, self.n_suggest.value(), candidates[name]):
                 item = QListWidgetItem(f"{self._title(name)}: slice {k}" + (" (farthest from annotated)" if annotated else ""))
                 item.setData(Qt.ItemDataRole.UserRole, (name, int(k)))
                 self.suggestions.addItem(item)
