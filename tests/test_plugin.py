@@ -663,6 +663,8 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
     suggested = widget.suggest()
     assert len(suggested) == 3 and all(name == "phantom" and k != 0 for name, k in suggested)
     assert widget.suggestions.count() == 3
+    assert any(k == len(t.xy) - 1 for _, k in suggested)  # the apex, farthest from the base painted
+    assert "A first or last slice is among them" in widget.status.text()  # so the status says when to give a range
     # within the slices given (where the structures are, when the scan reaches past them): none outside
     n = len(t.xy)
     widget.suggest_within.setText(f"2-{n - 3}")

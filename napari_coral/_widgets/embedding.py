@@ -203,6 +203,12 @@ class EmbeddingWidget(QWidget):
                 item.setData(Qt.ItemDataRole.UserRole, (name, int(k)))
                 self.suggestions.addItem(item)
                 out.append((name, int(k)))
+        ends = not within and any(k in (0, len(self.features[name]) - 1) for name, k in out)
+        self.status.setText(
+            f"Suggested {len(out)} slice(s): click one to go there."
+            + (" A first or last slice is among them: if the scan reaches past the structures you segment, give the "
+               "slices that hold them under 'suggest within' (slices beyond them teach the model nothing of them)."
+               if ends else ""))
         return out
 
 
