@@ -40,6 +40,7 @@ __all__ = [
     "is_dicom_file",
     "dicom_slice_series",
     "load_dicom_series",
+    "dicom_series_title",
     "VOLUME_SUFFIXES",
 ]
 
@@ -166,6 +167,36 @@ def load_dicom_series(paths: str | os.PathLike | list) -> Volume:
         raise UserError(f"{files[0]}: its DICOM series in {folder} is not readable ({_short(exc)}); re-export it") from None
     array, affine = _itk_arrays(img, files[0])
     return Volume(_as_zyx_3d(array, folder), affine, folder)
+
+
+def dicom_series_title(folder: str | os.PathLike, uid: str) -> str:
+    """A name for one DICOM series of a folder, as a layer's name: the folder's name when the series is the folder's
+    only one; else the folder's name and the series' description (0008|103e), or its number (0020|0011), or its first
+    file's name when its header holds neither, so that two series of one folder are told apart by name."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    reader = sitk.ImageSeriesReader()
+    try:
+        ids = reader.GetGDCMSeriesIDs(str(folder))
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid) if uid else []
+    except Exception:  # noqa: BLE001 - GDCM could not scan the folder: its name alone
+        return folder.name
+    if len(ids) < 2 or not files:
+        return folder.name
+    words = {}
+    try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(files[0])
+        info.ReadImageInformation()
+        words = {tag: info.GetMetaData(tag).strip() for tag in ("0008|103e", "0020|0011") if info.HasMetaDataKey(tag)}
+    except Exception:  # noqa: BLE001 - the first file's name then
+        pass
+    if words.get("0008|103e"):
+        return f"{folder.name} {words['0008|103e']}"
+    if words.get("0020|0011"):
+        return f"{folder.name} series {words['0020|0011']}"
+    return f"{folder.name} {Path(files[0]).name}"
 
 
 def load_volume(path: str | os.PathLike) -> Volume:

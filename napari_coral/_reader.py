@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from coral_core.errors import UserError
-from coral_core.volume import (Volume, dicom_slice_series, is_dicom_file, is_volume_path, load_dicom_series,
-                               load_frames, read_class_names)
+from coral_core.volume import (Volume, dicom_series_title, dicom_slice_series, is_dicom_file, is_volume_path,
+                               load_dicom_series, load_frames, read_class_names)
 from napari_coral._layers import volume_to_layer
 
 _NOTIFIED: dict[tuple[str, str], float] = {}  # (folder, series UID) -> when "already open" was last said
@@ -79,7 +79,7 @@ def _read_dicom_slices(paths: list, uid: str) -> list:
             show_info(f"{paths[0]}: its DICOM series is open already (from {folder}); remove that layer to open it again")
         _NOTIFIED[key] = time.monotonic()
         return [(None,)]  # npe2's "read, nothing to add"
-    data, kwargs, kind = volume_to_layer(load_dicom_series(paths))
+    data, kwargs, kind = volume_to_layer(load_dicom_series(paths), name=dicom_series_title(folder, uid))
     kwargs["metadata"]["dicom_series"] = uid
     return [(data, kwargs, kind)]
 

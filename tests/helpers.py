@@ -26,8 +26,10 @@ def write_nifti_ijk(path: Path, data_ijk: np.ndarray, affine: np.ndarray) -> Pat
 
 
 def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0.8, 0.8),
-                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1.12345", prefix: str = "slice") -> Path:
-    """A minimal CT-like DICOM series (one file per slice, PREFIXkkk.dcm) that GDCM can sort by position."""
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1.12345", prefix: str = "slice",
+                       extra: dict | None = None) -> Path:
+    """A minimal CT-like DICOM series (one file per slice, PREFIXkkk.dcm) that GDCM can sort by position;
+    ``extra`` adds header fields (such as the series description, 0008|103e) to every file."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,6 +47,7 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0
             "0020|0037": "1\\0\\0\\0\\1\\0",
             "0018|0050": str(spacing_zyx[0]),
             "0008|0018": f"{series_uid}.{k + 1}",
+            **(extra or {}),
         }
         for key, value in tags.items():
             img.SetMetaData(key, value)

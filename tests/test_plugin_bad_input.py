@@ -108,17 +108,18 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
 
     rng = np.random.default_rng(0)
     ct, mr = (rng.integers(0, 2000, (n, 10, 12)).astype(np.int16) for n in (6, 4))
-    folder = write_dicom_series(tmp_path / "study", ct)
+    folder = write_dicom_series(tmp_path / "study", ct, extra={"0020|0011": "3"})
     write_dicom_series(folder, mr, spacing_zyx=(2.0, 0.8, 0.8), series_uid="1.2.826.0.1.3680043.2.1125.1.999",
-                       prefix="mr")  # a second series in the same folder
+                       prefix="mr", extra={"0008|103e": "cine SAX"})  # a second series in the same folder
     viewer = make_napari_viewer()
     layer, = viewer.open(str(folder / "slice003.dcm"), plugin="napari-coral")
     np.testing.assert_array_equal(layer.data, ct)
     np.testing.assert_allclose(layer.scale, (4.0, 0.8, 0.8))
-    assert layer.name == "study" and layer.metadata["source_path"] == str(folder.resolve())
+    # two series of one folder are told apart by name: a description where the header has one, else the number
+    assert layer.name == "study series 3" and layer.metadata["source_path"] == str(folder.resolve())
     mr_files = sorted(str(f) for f in folder.glob("mr*.dcm"))
     added = viewer.open(mr_files[::-1], plugin="napari-coral")  # all of the second series' files, one by one
-    assert len(added) == 1 and len(viewer.layers) == 2
+    assert len(added) == 1 and len(viewer.layers) == 2 and added[0].name == "study cine SAX"
     np.testing.assert_array_equal(added[0].data, mr)
     np.testing.assert_allclose(added[0].scale, (2.0, 0.8, 0.8))
     assert viewer.open(str(folder / "slice000.dcm"), plugin="napari-coral") == []  # shown already: nothing added

@@ -8,7 +8,8 @@ import pytest
 
 from coral_core.errors import UserError
 from coral_core.volume import (
-    load_volume, normalise_intensity, normalise_intensity_tensor, read_class_names, save_like, save_volume,
+    dicom_series_title, dicom_slice_series, load_volume, normalise_intensity, normalise_intensity_tensor,
+    read_class_names, save_like, save_volume,
 )
 from helpers import oblique_affine, write_dicom_series, write_nifti_ijk
 
@@ -132,7 +133,9 @@ def test_unreadable_files_give_one_sentence(tmp_path):
     with pytest.raises(UserError, match=r"one DICOM file, a single slice of a series; give the folder that holds"):
         load_volume(one)
     assert load_volume(series).shape == (3, 8, 8)
+    assert dicom_series_title(series, dicom_slice_series(one)) == "series"  # the folder's only series: its name
     write_dicom_series(series, np.zeros((2, 8, 8), np.int16), series_uid="1.2.3.4", prefix="mr")
+    assert dicom_series_title(series, "1.2.3.4") == "series mr000.dcm"  # neither description nor number: first file
     with pytest.raises(UserError) as info:  # two series in one folder: each named by its count and first file
         load_volume(series)
     assert "folder holds 2 DICOM series (" in str(info.value) and "2 files CT from mr000.dcm" in str(info.value)
