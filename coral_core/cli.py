@@ -1310,10 +1310,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-coral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def command(name, help_, func, parent=None):
+    def command(name, help_, func, parent=None, device_help="compute device (default: auto)"):
         p = (parent or sub).add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default: auto)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help=device_help)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         return p
 
@@ -1442,7 +1442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the values TRUTH uses for classes 1, 2, ... when they are codes (MM-WHS: 205,420,...,850); "
                         "PRED holds class numbers, as coral segment writes them")
 
-    p = command("info", "Describe model files: classes, architecture, scale, and how each was trained.", cmd_info)
+    p = command("info", "Describe model files: classes, architecture, scale, and how each was trained.", cmd_info,
+                device_help="taken as every command takes it, and unused: a model file is read on the CPU")
     p.add_argument("models", nargs="+", metavar="MODEL", help="a .safetensors (or .pth) model, or a folder of them "
                    "(such as ~/.napari-coral/models, where the plugin keeps every model it trained)")
 
