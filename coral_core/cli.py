@@ -591,7 +591,7 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
     from coral_core.data import _stem, discover_volumes, output_name
     from coral_core.fileio import check_output_path
-    from coral_core.volume import NIFTI_SUFFIXES, VOLUME_SUFFIXES, frame_count, is_volume_path
+    from coral_core.volume import VOLUME_SUFFIXES, is_volume_path
 
     if (args.out is None) == (args.out_dir is None):
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
@@ -600,20 +600,15 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
             raise UserError(f"--out writes one label volume but {len(args.images)} inputs were given; use --out-dir DIR")
         if Path(args.images[0]).is_dir() and not is_volume_path(args.images[0]):
             raise UserError(f"{args.images[0]}: a folder of volumes, not one volume; use --out-dir DIR instead of --out")
-        series = frame_count(args.images[0])
-        if series > 1 and not str(args.out).lower().endswith(NIFTI_SUFFIXES):  # refused before any work
-            raise UserError(f"{args.out}: {args.images[0]} is a series of {series} frames, whose labels are written "
-                            "as NIfTI; end the name with .nii.gz")
         return [(Path(args.images[0]), check_output_path(args.out))]
     out_dir = Path(args.out_dir)
     targets: dict[Path, Path] = {}
     for case in discover_volumes(args.images):
         stem = _stem(case.image)
         suffix = case.image.name[len(stem):].lower()
-        # one file each; DICOM (a series' folder, a multi-frame file) -> NIfTI
+        # one file each, in the image's format (a cine's labels: one 4-D file); DICOM (a series' folder, a
+        # multi-frame file) -> NIfTI
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd"}.get(suffix, suffix if suffix in VOLUME_SUFFIXES else ".nii.gz")
-        if frame_count(case.image) > 1 and suffix not in NIFTI_SUFFIXES:
-            suffix = ".nii.gz"  # a cine series' labels: one 4-D file, which only NIfTI holds here
         out = out_dir / f"{output_name(case)}_labels{suffix}"
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")

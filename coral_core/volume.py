@@ -428,7 +428,7 @@ def _short(exc: BaseException) -> str:
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
                 class_names: list[str] | None = None) -> Path:
     """Write a (z, y, x) array with ``affine`` (file voxel (i, j, k) -> RAS), atomically; or a
-    (t, z, y, x) series of such frames (NIfTI only, frames on its fourth axis, as cine files hold them).
+    (t, z, y, x) series of such frames (frames on the file's fourth axis, as cine files hold them).
 
     The format follows the suffix (.nii, .nii.gz, .mha, .nrrd). The file appears complete or
     not at all: it is written to a temporary name in the same folder, then renamed. ``class_names``
@@ -442,8 +442,6 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
     if array.ndim not in (3, 4):
         raise ValueError(f"save_volume needs a (z, y, x) or (t, z, y, x) array, got shape {array.shape}")
     suffix = next(s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if lower.endswith(s))
-    if array.ndim == 4 and suffix not in NIFTI_SUFFIXES:
-        raise UserError(f"{p}: a series of {array.shape[0]} frames is written as NIfTI; end the name with .nii.gz")
     with atomic_target(p, suffix=suffix) as tmp:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(tmp, array, affine, names)
@@ -506,10 +504,11 @@ def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray, class_names: list
 
     lps = np.linalg.inv(_LPS_TO_RAS) @ affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    direction = lps[:3, :3] / spacing[None, :]
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    img.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
+    direction = np.eye(array.ndim)  # a series' frames: a fourth axis of unit spacing, as ITK reads cine files
+    direction[:3, :3] = lps[:3, :3] / spacing[None, :]
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)  # (t,) z, y, x -> x, y, z(, t)
+    img.SetSpacing(tuple(float(s) for s in spacing) + (1.0,) * (array.ndim - 3))
+    img.SetOrigin(tuple(float(o) for o in lps[:3, 3]) + (0.0,) * (array.ndim - 3))
     img.SetDirection(tuple(float(d) for d in direction.ravel()))
     if class_names is not None:
         img.SetMetaData(_CLASS_NAMES_KEY, json.dumps(class_names))

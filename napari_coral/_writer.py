@@ -1,4 +1,4 @@
-"""npe2 writers: Labels and Image layers to NIfTI, MHA or NRRD (3-D) or NIfTI (4-D cine series), restoring the
+"""npe2 writers: Labels and Image layers (3-D, or 4-D cine series) to NIfTI, MHA or NRRD, restoring the
 source geometry, and a Labels layer's class names (its features' "class" column) in the file's header."""
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ def _write(path: str, data, meta: dict, dtype, class_names: list[str] | None = N
     if array.ndim not in (3, 4):
         raise ValueError(f"{path}: only 3-D layers and 4-D (cine) series can be saved (this one has {array.ndim} "
                          "dimensions)")
-    if array.ndim == 4 and not path.lower().endswith((".nii", ".nii.gz")):
-        raise ValueError(f"{path}: a series of {array.shape[0]} frames is saved as NIfTI only; end the name with "
-                         ".nii.gz")
     scale = meta.get("scale")
     if scale is not None:
         scale = spacing_mm(scale, meta.get("units"))[-3:]  # a layer in micrometres is written in mm

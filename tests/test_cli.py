@@ -19,7 +19,7 @@ from coral_core.cli import FINETUNE_BASE_FILTERS
 from coral_core.lowlabel import sign_test_p
 from coral_core.model import UNetConfig
 from coral_core.phantom import make_phantom
-from coral_core.volume import load_volume, save_volume
+from coral_core.volume import frame_count, load_frames, load_volume, read_class_names, save_volume
 from helpers import oblique_affine
 
 TINY = ["--base-filters", "4", "--image-size", "32"]
@@ -154,8 +154,6 @@ def test_evaluate_reports_dice_and_hd95(workflow):
     assert {"RV", "myocardium", "LV", "extra"} <= set(rows) and rows["extra"] == "nan"  # named, in neither file
     # seg.nii.gz carries its model's class names (fine-tuned without --class-names: "class 1", ...); a copy without
     # them, and labels of any other program, are scored by number
-    from coral_core.volume import read_class_names
-
     assert read_class_names(d / "seg.nii.gz") == ["background", "class 1", "class 2", "class 3"]
     assert list(json.loads(coral("evaluate", d / "seg.nii.gz", d / "lab.nii.gz", "--json").stdout)["dice"]) == [
         "class 1", "class 2", "class 3"]
@@ -1225,7 +1223,7 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_vi
 
 def test_segment_a_cine_series_frame_by_frame(tmp_path):
     """A 4-D cine file is segmented frame by frame into one 4-D label file of its geometry, each frame
-    labelled as segmenting that frame alone labels it; a 4-D series is written as NIfTI only."""
+    labelled as segmenting that frame alone labels it; MHA and NRRD hold a series' labels as NIfTI does."""
     from helpers import oblique_affine, write_nifti_ijk
 
     movie = [make_phantom(80 + t, n_slices=5)[0].array for t in range(3)]
@@ -1273,16 +1271,19 @@ def test_segment_a_cine_series_frame_by_frame(tmp_path):
         "evaluate", tmp_path / "cine_missed.nii.gz", tmp_path / "cine_truth.nii.gz").stdout
     user_error(coral("evaluate", tmp_path / "cine_labels.nii.gz", tmp_path / "t.nii.gz", check=False),
                "3 frames of (5, 128, 128)", "differs from")
-    user_error(coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.mha", check=False),
-               "cine_labels.mha", "series of 3 frames", "written as NIfTI")  # before any work: nothing written
-    assert not (tmp_path / "cine_labels.mha").exists()
-    import SimpleITK as sitk  # a cine in an ITK format: --out-dir writes its labels as NIfTI all the same
+    coral("segment", tmp_path / "cine.nii.gz", "--out", tmp_path / "cine_labels.mha")  # the same labels, as MHA
+    as_mha = load_frames(tmp_path / "cine_labels.mha")
+    assert len(as_mha) == 3 and np.allclose(as_mha[0].affine, affine, atol=1e-5)
+    for t, frame in enumerate(as_mha):
+        np.testing.assert_array_equal(frame.array, np.asarray(written.dataobj)[..., t].transpose(2, 1, 0))
+    assert read_class_names(tmp_path / "cine_labels.mha") == read_class_names(tmp_path / "cine_labels.nii.gz")
+    import SimpleITK as sitk  # a cine in an ITK format: --out-dir writes its labels in that format
 
     (tmp_path / "in").mkdir()
-    sitk.WriteImage(sitk.GetImageFromArray(np.stack(movie), isVector=False), str(tmp_path / "in" / "cine2.mha"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack(movie), isVector=False), str(tmp_path / "in" / "cine2.nrrd"))
     coral("segment", tmp_path / "in", "--out-dir", tmp_path / "out")
-    assert [f.name for f in (tmp_path / "out").iterdir()] == ["cine2_labels.nii.gz"]
-    assert nib.load(str(tmp_path / "out" / "cine2_labels.nii.gz")).shape[3] == 3
+    assert [f.name for f in (tmp_path / "out").iterdir()] == ["cine2_labels.nrrd"]
+    assert frame_count(tmp_path / "out" / "cine2_labels.nrrd") == 3
 
 
 def test_bench_embedding_draws_both_methods(tmp_path):
