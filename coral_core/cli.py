@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from coral_core.errors import UserError
@@ -1559,7 +1560,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, ``warning: ...``, as a user mistake is ``error: ...``."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -14,6 +14,7 @@ comment extension holding ``{"napari_coral": {"class_names": [...]}}``, MHA and 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,11 +137,13 @@ def dicom_slice_series(path: str | os.PathLike) -> str | None:
     return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
 
 
-def load_dicom_series(paths: str | os.PathLike | list) -> Volume:
+def load_dicom_series(paths: str | os.PathLike | list) -> list[Volume]:
     """The DICOM series that one slice file belongs to (every file of its folder with its Series Instance UID), or
-    the series that several slice files make together (those files alone), as a volume in slice order, as medical
-    viewers open a series from any of its files; ``path`` is the folder, named after it. Raises :class:`UserError`
-    with one sentence for files of several series or folders, or a series GDCM cannot assemble."""
+    the series that several slice files make together (those files alone), as medical viewers open a series from any
+    of its files: its frames, each a volume in slice order (one for a plain series; a cine series, several images at
+    each slice position, one per phase, as :func:`load_frames` gives a 4-D file's); each ``path`` is the folder.
+    Raises :class:`UserError` with one sentence for files of several series or folders, or a series GDCM cannot
+    assemble."""
     files = [Path(p).resolve() for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
     uids = {dicom_slice_series(f) for f in files}
     folders = {f.parent for f in files}
@@ -161,12 +164,114 @@ def load_dicom_series(paths: str | os.PathLike | list) -> Volume:
     given = set(files) if len(files) > 1 else None
     ordered = [f for f in ordered if given is None or f in given] or sorted(files)
     try:
-        reader.SetFileNames([str(f) for f in ordered])
-        img = reader.Execute()
+        array, affine = _read_dicom_files(ordered, folder)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{files[0]}: its DICOM series in {folder} is not readable ({_short(exc)}); re-export it") from None
-    array, affine = _itk_arrays(img, files[0])
-    return Volume(_as_zyx_3d(array, folder), affine, folder)
+    frames = [array] if array.ndim == 3 else [array[..., t] for t in range(array.shape[3])]
+    return [Volume(_as_zyx_3d(frame, folder), affine, folder) for frame in frames]
+
+
+# The order of a cine series' images at one slice position: temporal position, trigger time, instance number.
+_DICOM_TIME_TAGS = ("0020|0100", "0018|1060", "0020|0013")
+
+
+def _slice_coordinate(position: str, orientation: str | None) -> float | tuple:
+    """Where a DICOM image lies along its stack, in mm to 0.01: its position (0020|0032) along the normal of its
+    orientation (0020|0037); the position itself where the orientation is missing."""
+    xyz = np.array([float(v) for v in position.split("\\")[:3]])
+    try:
+        o = [float(v) for v in orientation.split("\\")]
+        return round(float(xyz @ np.cross(o[:3], o[3:6])), 2)
+    except (AttributeError, ValueError):
+        return tuple(np.round(xyz, 2))
+
+
+def _dicom_frames(files: list, where: Path) -> list[list]:
+    """A DICOM series' files as its frames, each a list of files in slice order: one frame for a plain series (in
+    the order given), one per phase for a cine series (several images at each slice position: positions along the
+    stack's normal, the images at a position ordered by time). Files whose headers give no position: one frame."""
+    import SimpleITK as sitk
+
+    info = sitk.ImageFileReader()
+    at: dict = {}  # slice coordinate -> [(time key, file)]
+    for f in files:
+        try:
+            info.SetFileName(str(f))
+            info.ReadImageInformation()
+            orientation = info.GetMetaData("0020|0037") if info.HasMetaDataKey("0020|0037") else None
+            where_at = _slice_coordinate(info.GetMetaData("0020|0032"), orientation)
+        except Exception:  # noqa: BLE001 - no readable position: the series reader has the last word
+            return [list(files)]
+        at.setdefault(where_at, []).append((tuple(_header_number(info, tag) for tag in _DICOM_TIME_TAGS), f))
+    if len(at) == len(files):
+        return [list(files)]
+    counts = sorted({len(images) for images in at.values()})
+    if len(counts) > 1:
+        raise UserError(f"{where}: DICOM series holds {len(files)} images at {len(at)} slice positions, {counts[0]} to "
+                        f"{counts[-1]} at a position, so its frames cannot be told apart; re-export it with every slice "
+                        "in each frame")
+    stack = sorted(at, key=lambda c: c if isinstance(c, float) else 0.0)  # a tuple: as the files came (sort is stable)
+    by_time = [[f for _, f in sorted(at[c], key=lambda image: image[0])] for c in stack]
+    return [[images[t] for images in by_time] for t in range(counts[0])]
+
+
+def _header_number(info, tag: str) -> float:
+    try:
+        return float(info.GetMetaData(tag).strip())
+    except Exception:  # noqa: BLE001 - absent or not a number: last
+        return math.inf
+
+
+def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels (z, y, x), or (z, y, x, t) for a cine series, RAS affine) of a DICOM series' files in slice order.
+    The files are read once, their headers with them; a cine series (positions repeated: several images at each) is
+    read again frame by frame. ITK's warning that a cine's slices are unevenly spaced is ours to give: for a plain
+    series with uneven gaps (a slice missing) one sentence says where."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    reader.MetaDataDictionaryArrayUpdateOn()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        img = reader.Execute()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    try:
+        coordinates = [_slice_coordinate(reader.GetMetaData(i, "0020|0032"), reader.GetMetaData(i, "0020|0037")
+                                         if reader.HasMetaDataKey(i, "0020|0037") else None) for i in range(len(files))]
+    except Exception:  # noqa: BLE001 - no positions: a stack as the files come
+        coordinates = list(range(len(files)))
+    if len(set(coordinates)) == len(files):
+        _warn_uneven_gaps(coordinates, files, where)
+        return _itk_arrays(img, where)
+    del img
+    arrays, affine = [], None
+    for frame in _dicom_frames(files, where):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(f) for f in frame])
+        array, affine = _itk_arrays(reader.Execute(), where)
+        arrays.append(array if array.ndim == 3 else array.reshape(-1, *array.shape[-2:]))  # one slice: (1, y, x)
+    return (arrays[0], affine) if len(arrays) == 1 else (np.stack(arrays, -1), affine)
+
+
+def _warn_uneven_gaps(coordinates: list, files: list, where: Path) -> None:
+    """Warn (one sentence) when a plain series' slices are not evenly spaced along the stack: the volume's spacing
+    is then wrong somewhere, usually because a slice is missing."""
+    if len(coordinates) < 3 or not all(isinstance(c, float) for c in coordinates):
+        return
+    gaps = np.abs(np.diff(coordinates))
+    typical = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - typical)))
+    if abs(gaps[worst] - typical) > max(0.05, 0.1 * typical):
+        import warnings
+
+        warnings.warn(f"{where}: DICOM slices {Path(files[worst]).name} and {Path(files[worst + 1]).name} are "
+                      f"{gaps[worst]:.2f} mm apart where the others are {typical:.2f} mm; a slice may be missing, and "
+                      "the volume's slice spacing is wrong there", stacklevel=2)
 
 
 def dicom_series_title(folder: str | os.PathLike, uid: str) -> str:
@@ -220,8 +325,8 @@ def load_frames(path: str | os.PathLike) -> list[Volume]:
 
 
 def frame_count(path: str | os.PathLike) -> int:
-    """How many frames a volume file holds (1 for a 3-D file, a DICOM series or anything unreadable),
-    from its header alone: whether :func:`load_frames` would give a series, without reading the voxels."""
+    """How many frames a volume file or DICOM series folder holds (1 for a 3-D file, a plain DICOM series or anything
+    unreadable), from headers alone: whether :func:`load_frames` would give a series, without reading the voxels."""
     p = Path(path)
     try:
         if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
@@ -235,6 +340,13 @@ def frame_count(path: str | os.PathLike) -> int:
             reader.SetFileName(str(p))
             reader.ReadImageInformation()
             shape = reader.GetSize()
+        elif p.is_dir() and is_volume_path(p):  # a DICOM series: a cine holds several images at each position
+            import SimpleITK as sitk
+
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+            if len(ids) != 1:
+                return 1
+            return len(_dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])), p))
         else:
             return 1
     except Exception:  # noqa: BLE001 - unreadable here: load_frames will say why in one sentence
@@ -318,8 +430,7 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
             if len(ids) > 1:
                 raise UserError(f"{p}: folder holds {len(ids)} DICOM series ({_describe_series(reader, p, ids)}); put "
                                 "each series in its own folder, or open one of its files in napari")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), ids[0]))
-            img = reader.Execute()
+            return _read_dicom_files(list(reader.GetGDCMSeriesFileNames(str(p), ids[0])), p)
         else:
             if p.stat().st_size == 0:
                 raise UserError(f"{p}: file is empty; re-export the volume")

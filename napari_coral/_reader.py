@@ -48,14 +48,7 @@ def read_volume(path):
     except UserError as exc:
         # napari shows reader exceptions as a notification; keep it to the one sentence.
         raise ValueError(str(exc)) from None
-    if len(frames) > 1:  # one (t, z, y, x) layer: an image, or labels drawn on a cine (as Segment and the writer keep them)
-        series = Volume(np.stack([frame.array for frame in frames]), frames[0].affine, frames[0].path)
-        del frames
-        data, kwargs, kind = volume_to_layer(series)
-        kwargs["scale"] = (1.0, *kwargs["scale"])
-        kwargs["metadata"]["frames"] = len(series.array)
-    else:
-        data, kwargs, kind = volume_to_layer(frames[0])
+    data, kwargs, kind = _frames_layer(frames)
     names = read_class_names(path) if kind == "labels" else None
     if names and int(data.max(initial=0)) < len(names):  # names that cover every label (no label left uncoloured)
         from napari_coral._widgets._common import class_colormap
@@ -63,6 +56,19 @@ def read_volume(path):
         kwargs["features"] = {"class": names}
         kwargs["colormap"] = class_colormap(len(names))
     return [(data, kwargs, kind)]
+
+
+def _frames_layer(frames: list, name: str | None = None) -> tuple:
+    """Layer data for a volume, or for a series' frames one (t, z, y, x) layer: an image, or labels drawn on a cine
+    (as Segment and the writer keep them)."""
+    if len(frames) == 1:
+        return volume_to_layer(frames[0], name=name)
+    series = Volume(np.stack([frame.array for frame in frames]), frames[0].affine, frames[0].path)
+    frames.clear()
+    data, kwargs, kind = volume_to_layer(series, name=name)
+    kwargs["scale"] = (1.0, *kwargs["scale"])
+    kwargs["metadata"]["frames"] = len(series.array)
+    return data, kwargs, kind
 
 
 def _read_dicom_slices(paths: list, uid: str) -> list:
@@ -79,7 +85,7 @@ def _read_dicom_slices(paths: list, uid: str) -> list:
             show_info(f"{paths[0]}: its DICOM series is open already (from {folder}); remove that layer to open it again")
         _NOTIFIED[key] = time.monotonic()
         return [(None,)]  # npe2's "read, nothing to add"
-    data, kwargs, kind = volume_to_layer(load_dicom_series(paths), name=dicom_series_title(folder, uid))
+    data, kwargs, kind = _frames_layer(load_dicom_series(paths), name=dicom_series_title(folder, uid))
     kwargs["metadata"]["dicom_series"] = uid
     return [(data, kwargs, kind)]
 

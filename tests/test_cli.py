@@ -1221,6 +1221,20 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_vi
     assert res["pixel_spacing"] == 3.6 and load_checkpoint(tmp_path / "y.safetensors")[0].config.pixel_spacing == 3.6
 
 
+def test_a_warning_is_one_line(tmp_path):
+    """A warning (here: a DICOM series with a slice missing, read as labels) is one line, `warning: ...`, as an error
+    is `error: ...`: no source line, no ITK report."""
+    from helpers import write_dicom_series
+
+    labels = np.zeros((6, 8, 8), np.int16)
+    labels[:, 2:5, 2:5] = 1
+    gap = write_dicom_series(tmp_path / "gap", labels, skip=(2,))
+    proc = coral("evaluate", gap, gap)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {gap}: DICOM slices slice001.dcm and slice003.dcm are "
+                                                   "8.00 mm apart"), proc.stderr  # once, for PRED and TRUTH alike
+
+
 def test_segment_a_cine_series_frame_by_frame(tmp_path):
     """A 4-D cine file is segmented frame by frame into one 4-D label file of its geometry, each frame
     labelled as segmenting that frame alone labels it; MHA and NRRD hold a series' labels as NIfTI does."""
@@ -1284,6 +1298,12 @@ def test_segment_a_cine_series_frame_by_frame(tmp_path):
     coral("segment", tmp_path / "in", "--out-dir", tmp_path / "out")
     assert [f.name for f in (tmp_path / "out").iterdir()] == ["cine2_labels.nrrd"]
     assert frame_count(tmp_path / "out" / "cine2_labels.nrrd") == 3
+    from helpers import write_dicom_series  # a cine as a scanner exports it: one DICOM series, 3 images per slice
+
+    dicom = write_dicom_series(tmp_path / "cine3", np.round(np.stack(movie) * 1000), spacing_zyx=(8.0, 1.5, 1.5))
+    proc = coral("segment", dicom, "--out", tmp_path / "cine3_labels.nii.gz")
+    assert "(3 frames of 5 slices)" in proc.stdout and not proc.stderr.strip(), proc.stderr
+    assert nib.load(str(tmp_path / "cine3_labels.nii.gz")).shape == (*movie[0].shape[::-1], 3)
 
 
 def test_bench_embedding_draws_both_methods(tmp_path):

@@ -103,7 +103,8 @@ def test_header_and_voxel_file_pairs_open_and_a_missing_voxel_file_is_named(tmp_
 def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path, make_napari_viewer):
     """A slice file dropped or picked in File > Open opens its whole series (the files of its folder with its Series
     Instance UID, as dropping the folder does); picking all of a series' files opens it once, not once per file;
-    napari's stacked open of several slice files reads those slices; files of two series together are refused."""
+    napari's stacked open of several slice files reads those slices; files of two series together are refused; a cine
+    series opens as one layer of frames."""
     from coral_core.volume import load_volume
 
     rng = np.random.default_rng(0)
@@ -137,6 +138,13 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
     # the CLI keeps to the folder: a single slice file is refused there, naming the folder
     with pytest.raises(UserError, match="a single slice of a series; give the folder"):
         load_volume(folder / "slice000.dcm")
+    # a cine series (3 phases at each of 4 slice positions), by one of its files: one (t, z, y, x) layer
+    cine = rng.integers(0, 2000, (3, 4, 10, 12)).astype(np.int16)
+    write_dicom_series(tmp_path / "cine", cine, spacing_zyx=(8.0, 0.8, 0.8))
+    movie, = viewer.open(str(tmp_path / "cine" / "slice005.dcm"), plugin="napari-coral")
+    np.testing.assert_array_equal(movie.data, cine)
+    np.testing.assert_allclose(movie.scale, (1.0, 8.0, 0.8, 0.8))
+    assert movie.metadata["frames"] == 3 and movie.name == "cine"
 
 
 def test_class_names_too_few_for_a_label_files_labels_are_left_aside(tmp_path):
