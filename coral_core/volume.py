@@ -227,19 +227,11 @@ def _header_number(info, tag: str) -> float:
 def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]:
     """(voxels (z, y, x), or (z, y, x, t) for a cine series, RAS affine) of a DICOM series' files in slice order.
     The files are read once, their headers with them; a cine series (positions repeated: several images at each) is
-    read again frame by frame. ITK's warning that a cine's slices are unevenly spaced is ours to give: for a plain
-    series with uneven gaps (a slice missing) one sentence says where."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
+    read again frame by frame. ITK's warnings are not shown (a cine's repeated positions look to ITK like uneven
+    spacing, and it reports in several lines): for a plain series with uneven gaps, one sentence says where."""
+    reader = _series_reader(files)
     reader.MetaDataDictionaryArrayUpdateOn()
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        img = reader.Execute()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    img = _quietly(reader.Execute)
     try:
         coordinates = [_slice_coordinate(reader.GetMetaData(i, "0020|0032"), reader.GetMetaData(i, "0020|0037")
                                          if reader.HasMetaDataKey(i, "0020|0037") else None) for i in range(len(files))]
@@ -251,11 +243,29 @@ def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]
     del img
     arrays, affine = [], None
     for frame in _dicom_frames(files, where):
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(f) for f in frame])
-        array, affine = _itk_arrays(reader.Execute(), where)
+        array, affine = _itk_arrays(_quietly(_series_reader(frame).Execute), where)
         arrays.append(array if array.ndim == 3 else array.reshape(-1, *array.shape[-2:]))  # one slice: (1, y, x)
     return (arrays[0], affine) if len(arrays) == 1 else (np.stack(arrays, -1), affine)
+
+
+def _series_reader(files: list):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    return reader
+
+
+def _quietly(run):
+    """``run()`` with ITK's warnings (printed to stderr, several lines each) switched off."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return run()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _warn_uneven_gaps(coordinates: list, files: list, where: Path) -> None:
