@@ -188,23 +188,35 @@ def _slice_coordinate(position: str, orientation: str | None) -> float | tuple:
         return tuple(np.round(xyz, 2))
 
 
-def _dicom_frames(files: list, where: Path) -> list[list]:
-    """A DICOM series' files as its frames, each a list of files in slice order: one frame for a plain series (in
-    the order given), one per phase for a cine series (several images at each slice position: positions along the
-    stack's normal, the images at a position ordered by time). Files whose headers give no position: one frame."""
+def _image_keys(files: list) -> list[tuple] | None:
+    """(slice coordinate, time key, orientation) of each DICOM file, from its header; None when a file's header
+    gives no readable position."""
     import SimpleITK as sitk
 
     info = sitk.ImageFileReader()
-    at: dict = {}  # slice coordinate -> [(time key, file)]
+    keys = []
     for f in files:
         try:
             info.SetFileName(str(f))
             info.ReadImageInformation()
             orientation = info.GetMetaData("0020|0037") if info.HasMetaDataKey("0020|0037") else None
-            where_at = _slice_coordinate(info.GetMetaData("0020|0032"), orientation)
-        except Exception:  # noqa: BLE001 - no readable position: the series reader has the last word
-            return [list(files)]
-        at.setdefault(where_at, []).append((tuple(_header_number(info, tag) for tag in _DICOM_TIME_TAGS), f))
+            coordinate = _slice_coordinate(info.GetMetaData("0020|0032"), orientation)
+        except Exception:  # noqa: BLE001 - no readable position
+            return None
+        keys.append((coordinate, tuple(_header_number(info, tag) for tag in _DICOM_TIME_TAGS), orientation))
+    return keys
+
+
+def _dicom_frames(files: list, where: Path, keys: list | None = None) -> list[list]:
+    """A DICOM series' files as its frames, each a list of files in slice order: one frame for a plain series (in
+    the order given), one per phase for a cine series (several images at each slice position: positions along the
+    stack's normal, the images at a position ordered by time). Files whose headers give no position: one frame."""
+    keys = keys or _image_keys(files)
+    if keys is None:  # the series reader has the last word
+        return [list(files)]
+    at: dict = {}  # slice coordinate -> [(time key, file)]
+    for (coordinate, time, _), f in zip(keys, files):
+        at.setdefault(coordinate, []).append((time, f))
     if len(at) == len(files):
         return [list(files)]
     counts = sorted({len(images) for images in at.values()})
@@ -215,6 +227,26 @@ def _dicom_frames(files: list, where: Path) -> list[list]:
     stack = sorted(at, key=lambda c: c if isinstance(c, float) else 0.0)  # a tuple: as the files came (sort is stable)
     by_time = [[f for _, f in sorted(at[c], key=lambda image: image[0])] for c in stack]
     return [[images[t] for images in by_time] for t in range(counts[0])]
+
+
+def _per_slice_cine(folder: Path, ids) -> list[list] | None:
+    """The frames of a cine stack exported one series per slice position (as some scanners export short-axis cine
+    MRI): every series of the folder holds several images at one position, all series share one orientation and
+    their positions differ. None for any other folder of several series (refused, naming each)."""
+    import SimpleITK as sitk
+
+    files, orientations = [], set()
+    for uid in ids:
+        series = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        keys = _image_keys(series)
+        if keys is None or len(series) < 2 or len({k[0] for k in keys}) != 1 or not isinstance(keys[0][0], float):
+            return None
+        orientations |= {tuple(np.round([float(v) for v in (k[2] or "").split("\\") if v], 3)) for k in keys}
+        files.append((series, keys))
+    if len(orientations) != 1 or len({keys[0][0] for _, keys in files}) != len(files):
+        return None
+    every = [f for series, _ in files for f in series]
+    return _dicom_frames(every, folder, [k for _, keys in files for k in keys])
 
 
 def _header_number(info, tag: str) -> float:
@@ -241,8 +273,14 @@ def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]
         _warn_uneven_gaps(coordinates, files, where)
         return _itk_arrays(img, where)
     del img
+    return _read_frames(_dicom_frames(files, where), where)
+
+
+def _read_frames(frames: list[list], where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels (z, y, x, t), or (z, y, x) for one frame, RAS affine) of a DICOM cine's frames, each its files in
+    slice order."""
     arrays, affine = [], None
-    for frame in _dicom_frames(files, where):
+    for frame in frames:
         array, affine = _itk_arrays(_quietly(_series_reader(frame).Execute), where)
         arrays.append(array if array.ndim == 3 else array.reshape(-1, *array.shape[-2:]))  # one slice: (1, y, x)
     return (arrays[0], affine) if len(arrays) == 1 else (np.stack(arrays, -1), affine)
@@ -354,9 +392,9 @@ def frame_count(path: str | os.PathLike) -> int:
             import SimpleITK as sitk
 
             ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
-            if len(ids) != 1:
-                return 1
-            return len(_dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])), p))
+            if len(ids) > 1:  # a cine stack exported one series per slice position, or a folder load_frames refuses
+                return len(_per_slice_cine(p, ids) or [None])
+            return len(_dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])), p)) if ids else 1
         else:
             return 1
     except Exception:  # noqa: BLE001 - unreadable here: load_frames will say why in one sentence
@@ -438,6 +476,9 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
             if not ids:
                 raise UserError(f"{p}: no DICOM series found in this folder")
             if len(ids) > 1:
+                frames = _per_slice_cine(p, ids)
+                if frames is not None:  # a cine stack, one series per slice position
+                    return _read_frames(frames, p)
                 raise UserError(f"{p}: folder holds {len(ids)} DICOM series ({_describe_series(reader, p, ids)}); put "
                                 "each series in its own folder, or open one of its files in napari")
             return _read_dicom_files(list(reader.GetGDCMSeriesFileNames(str(p), ids[0])), p)

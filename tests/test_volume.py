@@ -72,8 +72,9 @@ def test_dicom_series_folder_reads_with_slice_spacing(tmp_path):
 
 def test_a_cine_dicom_series_reads_frame_by_frame(tmp_path, capfd):
     """A cine series holds several images at each slice position, one per cardiac phase: it is read as frames (in
-    trigger-time order, each in slice order along the stack), as a 4-D file is, not as one stack of every image; a
-    series with a different count of images at some positions is refused in one sentence; a plain series with a
+    trigger-time order, each in slice order along the stack), as a 4-D file is, not as one stack of every image, and
+    so is a folder of one series per slice position; a series with a different count of images at some positions is
+    refused in one sentence; a plain series with a
     slice missing is read with a one-sentence warning, and ITK prints nothing."""
     cine = (np.arange(3 * 4 * 6 * 8).reshape(3, 4, 6, 8) % 500).astype(np.int16)  # 3 phases x 4 slices
     scrambled = list(np.random.default_rng(0).permutation(12))  # file names and instance numbers in no order
@@ -92,6 +93,17 @@ def test_a_cine_dicom_series_reads_frame_by_frame(tmp_path, capfd):
     with pytest.raises(UserError, match=r"ragged: DICOM series holds 11 images at 4 slice positions, 2 to 3 at a "
                                         r"position, so its frames cannot be told apart; re-export it"):
         load_frames(ragged)
+    # a cine stack exported one series per slice position (some scanners' short-axis cine): one 4-D series
+    for k in (2, 0, 3, 1):
+        write_dicom_series(tmp_path / "per_slice", cine[:, k:k + 1], spacing_zyx=(8.0, 0.8, 0.8), first_slice=k,
+                           series_uid=f"1.2.3.{k}", prefix=f"s{k}_")
+    assert frame_count(tmp_path / "per_slice") == 3
+    np.testing.assert_array_equal(np.stack([f.array for f in load_frames(tmp_path / "per_slice")]), cine)
+    write_dicom_series(tmp_path / "per_slice", cine[:, :1], first_slice=9, series_uid="1.2.3.9", prefix="lax",
+                       extra={"0020|0037": "1\\0\\0\\0\\0\\1"})  # a series in another orientation: not one stack
+    with pytest.raises(UserError, match="folder holds 5 DICOM series"):
+        load_frames(tmp_path / "per_slice")
+    assert frame_count(tmp_path / "per_slice") == 1
     gap = write_dicom_series(tmp_path / "gap", np.zeros((6, 6, 8)), skip=(2,))  # 5 of 6 slices 4 mm apart
     with pytest.warns(UserWarning, match=r"gap: DICOM slices slice001.dcm and slice003.dcm are 8.00 mm apart where "
                                          r"the others are 4.00 mm; a slice may be missing"):
