@@ -64,7 +64,7 @@ def _frames_layer(frames: list, name: str | None = None) -> tuple:
     if len(frames) == 1:
         return volume_to_layer(frames[0], name=name)
     series = Volume(np.stack([frame.array for frame in frames]), frames[0].affine, frames[0].path)
-    frames.clear()
+    frames.clear()  # the caller's list: the frames' own arrays go now, the stacked copy stays
     data, kwargs, kind = volume_to_layer(series, name=name)
     kwargs["scale"] = (1.0, *kwargs["scale"])
     kwargs["metadata"]["frames"] = len(series.array)
