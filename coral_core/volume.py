@@ -337,14 +337,7 @@ def dicom_series_title(folder: str | os.PathLike, uid: str) -> str:
         return folder.name
     if len(ids) < 2 or not files:
         return folder.name
-    words = {}
-    try:
-        info = sitk.ImageFileReader()
-        info.SetFileName(files[0])
-        info.ReadImageInformation()
-        words = {tag: info.GetMetaData(tag).strip() for tag in ("0008|103e", "0020|0011") if info.HasMetaDataKey(tag)}
-    except Exception:  # noqa: BLE001 - the first file's name then
-        pass
+    words = _header_fields(files[0], ("0008|103e", "0020|0011"))
     if words.get("0008|103e"):
         return f"{folder.name} {words['0008|103e']}"
     if words.get("0020|0011"):
@@ -494,21 +487,25 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
     return _itk_arrays(img, p)
 
 
-def _describe_series(reader, folder: Path, ids) -> str:
-    """Each series of a folder as its file count and its first file's modality and description, the first three."""
+def _header_fields(path, tags: tuple) -> dict[str, str]:
+    """Those of ``tags`` a DICOM file's header holds, stripped, in the order asked; none for an unreadable file."""
     import SimpleITK as sitk
 
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    try:
+        info.ReadImageInformation()
+    except Exception:  # noqa: BLE001 - nothing to name it by
+        return {}
+    return {tag: info.GetMetaData(tag).strip() for tag in tags if info.HasMetaDataKey(tag)}
+
+
+def _describe_series(reader, folder: Path, ids) -> str:
+    """Each series of a folder as its file count and its first file's modality and description, the first three."""
     parts = []
     for uid in ids[:3]:
         files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-        words = []
-        try:
-            info = sitk.ImageFileReader()
-            info.SetFileName(files[0])
-            info.ReadImageInformation()
-            words = [info.GetMetaData(tag).strip() for tag in ("0008|0060", "0008|103e") if info.HasMetaDataKey(tag)]
-        except Exception:  # noqa: BLE001 - the count alone then
-            pass
+        words = _header_fields(files[0], ("0008|0060", "0008|103e")).values()
         parts.append(" ".join([f"{len(files)} files", *(w for w in words if w)]) + f" from {Path(files[0]).name}")
     return "; ".join(parts) + ("; ..." if len(ids) > 3 else "")
 
