@@ -1566,7 +1566,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``coral`` command; return its exit status. Warnings print as one line, and pretrain/finetune
+    take over Ctrl-C, only while the command runs: a program calling this gets its own back afterwards."""
+    showwarning = warnings.showwarning
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
     warnings.showwarning = _show_warning
+    try:
+        return _run(argv)
+    finally:
+        warnings.showwarning = showwarning
+        if on_main_thread and sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1235,6 +1235,27 @@ def test_a_warning_is_one_line(tmp_path):
                                                    "8.00 mm apart"), proc.stderr  # once, for PRED and TRUTH alike
 
 
+def test_main_in_process_gives_warnings_and_ctrl_c_back(tmp_path, capsys):
+    """A program calling `coral_core.cli.main` gets one-line warnings and Ctrl-C handling only while the command
+    runs: its own warning printer and SIGINT handler are back afterwards, whether the command ended well or not."""
+    import signal
+    import warnings
+
+    from coral_core.cli import main
+    from helpers import write_dicom_series
+
+    labels = np.zeros((6, 8, 8), np.int16)
+    labels[:, 2:5, 2:5] = 1
+    gap = write_dicom_series(tmp_path / "gap", labels, skip=(2,))
+    showwarning, sigint = warnings.showwarning, signal.getsignal(signal.SIGINT)
+    assert main(["evaluate", str(gap), str(gap), "--json"]) == 0
+    assert capsys.readouterr().err.startswith(f"warning: {gap}: DICOM slices slice001.dcm and slice003.dcm")
+    assert main(["finetune", str(tmp_path / "absent.nii.gz"), "--labels", str(tmp_path / "absent_gt.nii.gz"),
+                 "--out", str(tmp_path / "m.safetensors")]) == 2  # after pretrain/finetune took Ctrl-C over
+    assert capsys.readouterr().err.startswith("error: ")
+    assert warnings.showwarning is showwarning and signal.getsignal(signal.SIGINT) is sigint
+
+
 def test_segment_a_cine_series_frame_by_frame(tmp_path):
     """A 4-D cine file is segmented frame by frame into one 4-D label file of its geometry, each frame
     labelled as segmenting that frame alone labels it; MHA and NRRD hold a series' labels as NIfTI does."""
