@@ -83,6 +83,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     with one sentence; no code in the file is ever executed.
     """
     p = Path(path)
+    state, meta = _read_checkpoint(p)
+    return _model_from(p, state, meta).to(map_location).eval(), meta
+
+
+def _read_checkpoint(p: Path) -> tuple[dict, dict]:
+    """A checkpoint file's tensors, as stored, and its metadata."""
     if not p.is_file():
         raise UserError(f"{p}: no such checkpoint file; check the path")
     kind = _image_kind(p)
@@ -90,9 +96,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"{p}: this is {kind}, not a model; give a .safetensors model that coral pretrain or "
                         "coral finetune wrote")
     if p.suffix == ".pth" or p.suffix == ".pt":
-        state, meta = _read_legacy(p)
-    else:
-        state, meta = _read_safetensors(p)
+        return _read_legacy(p)
+    return _read_safetensors(p)
+
+
+def _model_from(p: Path, state: dict, meta: dict) -> UNet:
+    """The U-Net that ``meta`` describes, holding ``state``; refused when the tensors do not fit it."""
     config = _config_from(meta, p)
     model = UNet(config)
     expected = model.state_dict()
@@ -105,7 +114,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
         raise UserError(f"{p}: tensors do not match the architecture its header describes ({what}); the file is damaged or not a napari-coral model")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model.to(map_location).eval(), meta
+    return model
 
 
 def describe_checkpoint(path: str | os.PathLike) -> dict:
@@ -113,9 +122,10 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     weights are stored, and how it was trained (its ``training`` record as saved, and a sentence of it). The file
     is checked as :func:`load_checkpoint` checks it, and is refused in the same sentences."""
     p = Path(path)
-    model, meta = load_checkpoint(p)
+    state, meta = _read_checkpoint(p)
+    model = _model_from(p, state, meta)
     cfg = model.config
-    stored = _stored_dtypes(p)
+    stored = {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
     training = meta.get("training") or {}
     return {
         "path": str(p),
@@ -132,18 +142,6 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         "training": training,
         "software": meta.get("software"),
     }
-
-
-def _stored_dtypes(p: Path) -> set[str]:
-    """The dtypes a checkpoint stores its floating tensors in (float16 for a file saved with ``half``)."""
-    if p.suffix in (".pth", ".pt"):
-        return {str(v.dtype).removeprefix("torch.") for v in _read_legacy(p)[0].values() if v.is_floating_point()}
-    from safetensors import safe_open
-
-    with safe_open(str(p), "pt") as f:
-        kinds = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
-    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-    return {names[k] for k in kinds if k in names}
 
 
 def training_summary(training: dict) -> str:

@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from coral_core.checkpoint import load_checkpoint, save_checkpoint
+from coral_core.checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
 from coral_core.model import UNetConfig, build_model, resize_head
 
@@ -43,6 +43,7 @@ def test_half_precision_file_is_smaller_and_loads_as_float32(tmp_path):
     assert half.stat().st_size < 0.6 * full.stat().st_size
     loaded, _ = load_checkpoint(half)
     assert next(loaded.parameters()).dtype == torch.float32
+    assert describe_checkpoint(half)["weights"] == "float16" and describe_checkpoint(full)["weights"] == "float32"
 
 
 class _Exploit:
@@ -71,6 +72,10 @@ def test_legacy_plain_tensor_pth_loads(tmp_path):
     torch.save({"state_dict": m.state_dict(), "config": SMALL.to_dict()}, tmp_path / "old.pth")
     loaded, _ = load_checkpoint(tmp_path / "old.pth")
     torch.testing.assert_close(loaded.state_dict()["decoder.head.weight"], m.state_dict()["decoder.head.weight"])
+    half = {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    torch.save({"state_dict": half, "config": SMALL.to_dict()}, tmp_path / "half.pth")
+    info = describe_checkpoint(tmp_path / "half.pth")
+    assert info["weights"] == "float16" and info["parameters"] == sum(t.numel() for t in m.parameters())
 
 
 def test_damaged_files_are_refused_with_a_sentence(tmp_path):
