@@ -270,7 +270,7 @@ def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]
     except Exception:  # noqa: BLE001 - no positions: a stack as the files come
         coordinates = list(range(len(files)))
     if len(set(coordinates)) == len(files):
-        _warn_uneven_gaps(coordinates, files, where)
+        _warn_uneven_gaps(coordinates, [Path(f).name for f in files], where)
         return _itk_arrays(img, where)
     del img
     return _read_frames(_dicom_frames(files, where), where)
@@ -284,6 +284,67 @@ def _read_frames(frames: list[list], where: Path) -> tuple[np.ndarray, np.ndarra
         array, affine = _itk_arrays(_quietly(_series_reader(frame).Execute), where)
         arrays.append(array if array.ndim == 3 else array.reshape(-1, *array.shape[-2:]))  # one slice: (1, y, x)
     return (arrays[0], affine) if len(arrays) == 1 else (np.stack(arrays, -1), affine)
+
+
+def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
+    """How an enhanced (multi-frame) DICOM file's frames make a volume, from its per-frame functional groups: the
+    frame numbers of each phase in slice order along the normal of their orientation (one phase for a plain volume;
+    a cine holds several frames at each position, ordered by temporal position index, trigger delay, then number),
+    and the RAS affine of a phase. None for a file whose frames give no positions or lie in several orientations:
+    it is read as ITK reads it."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+        per = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+        if not per or len(per) < 2:
+            return None
+        shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
+
+        def value(frame, sequence: str, name: str):  # a frame's own value, else the one all frames share
+            for group in (frame, shared):
+                items = getattr(group, sequence, None) if group is not None else None
+                if items and name in items[0]:
+                    return items[0][name].value
+            return None
+
+        positions, times, orientations = [], [], set()
+        for i, frame in enumerate(per):
+            position = value(frame, "PlanePositionSequence", "ImagePositionPatient")
+            orientation = value(frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+            if position is None or orientation is None:
+                return None
+            positions.append(np.array([float(v) for v in position[:3]]))
+            orientations.add(tuple(round(float(v), 4) for v in orientation[:6]))
+            index = value(frame, "FrameContentSequence", "TemporalPositionIndex")
+            delay = value(frame, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime")
+            times.append((math.inf if index is None else float(index), math.inf if delay is None else float(delay), i))
+        pixel = value(per[0], "PixelMeasuresSequence", "PixelSpacing")
+        thickness = value(per[0], "PixelMeasuresSequence", "SliceThickness")
+    except Exception:  # noqa: BLE001 - not readable this way: ITK's reading stands
+        return None
+    if len(orientations) != 1:
+        return None
+    o = np.array(orientations.pop())
+    normal = np.cross(o[:3], o[3:])
+    at: dict = {}  # slice coordinate -> [(time key, frame number)]
+    for i, (position, time) in enumerate(zip(positions, times)):
+        at.setdefault(round(float(position @ normal), 2), []).append((time, i))
+    counts = sorted({len(frames) for frames in at.values()})
+    if len(counts) > 1:
+        raise UserError(f"{p}: DICOM file holds {len(per)} frames at {len(at)} slice positions, {counts[0]} to "
+                        f"{counts[-1]} at a position, so its phases cannot be told apart; re-export it with every slice "
+                        "in each phase")
+    stack = sorted(at)
+    by_time = [[i for _, i in sorted(at[c])] for c in stack]
+    phases = [[frames[t] for frames in by_time] for t in range(counts[0])]
+    _warn_uneven_gaps(stack, [f"frame {i + 1}" for i in phases[0]], p)
+    gap = float(np.median(np.diff(stack))) if len(stack) > 1 else float(thickness or 1.0)
+    row, column = ((float(v) for v in pixel[:2]) if pixel else (1.0, 1.0))
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = o[:3] * column, o[3:] * row, normal * gap
+    lps[:3, 3] = positions[phases[0][0]]
+    return phases, _LPS_TO_RAS @ lps
 
 
 def _series_reader(files: list):
@@ -306,9 +367,10 @@ def _quietly(run):
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def _warn_uneven_gaps(coordinates: list, files: list, where: Path) -> None:
+def _warn_uneven_gaps(coordinates: list, names: list, where: Path) -> None:
     """Warn (one sentence) when a plain series' slices are not evenly spaced along the stack: the volume's spacing
-    is then wrong somewhere, usually because a slice is missing."""
+    is then wrong somewhere, usually because a slice is missing. ``names``: each slice's (its file's name, or
+    "frame N" of a multi-frame file)."""
     if len(coordinates) < 3 or not all(isinstance(c, float) for c in coordinates):
         return
     gaps = np.abs(np.diff(coordinates))
@@ -317,9 +379,9 @@ def _warn_uneven_gaps(coordinates: list, files: list, where: Path) -> None:
     if abs(gaps[worst] - typical) > max(0.05, 0.1 * typical):
         import warnings
 
-        warnings.warn(f"{where}: DICOM slices {Path(files[worst]).name} and {Path(files[worst + 1]).name} are "
-                      f"{gaps[worst]:.2f} mm apart where the others are {typical:.2f} mm; a slice may be missing, and "
-                      "the volume's slice spacing is wrong there", stacklevel=2)
+        warnings.warn(f"{where}: DICOM slices {names[worst]} and {names[worst + 1]} are {gaps[worst]:.2f} mm apart "
+                      f"where the others are {typical:.2f} mm; a slice may be missing, and the volume's slice spacing "
+                      "is wrong there", stacklevel=2)
 
 
 def dicom_series_title(folder: str | os.PathLike, uid: str) -> str:
@@ -388,6 +450,9 @@ def frame_count(path: str | os.PathLike) -> int:
             if len(ids) > 1:  # a cine stack exported one series per slice position, or a folder load_frames refuses
                 return len(_per_slice_cine(p, ids) or [None])
             return len(_dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])), p)) if ids else 1
+        elif is_dicom_file(p):  # a multi-frame file: an enhanced cine's frames hold several phases
+            layout = _multiframe_layout(p)
+            return len(layout[0]) if layout else 1
         else:
             return 1
     except Exception:  # noqa: BLE001 - unreadable here: load_frames will say why in one sentence
@@ -413,6 +478,10 @@ def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
         if array.ndim < 3 or array.shape[0] == 1:
             raise UserError(f"{p}: one DICOM file, a single slice of a series; give the folder that holds the series "
                             f"({p.parent})")
+        layout = _multiframe_layout(p)  # an enhanced file's frames in slice order, a cine's phase by phase
+        if layout is not None and array.ndim == 3 and sum(map(len, layout[0])) == len(array):
+            phases, affine = layout
+            array = array[phases[0]] if len(phases) == 1 else np.stack([array[phase] for phase in phases], -1)
     else:
         raise UserError(
             f"{p}: unknown volume format; use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM folder"

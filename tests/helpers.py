@@ -63,3 +63,55 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0
         writer.SetFileName(str(folder / f"{prefix}{n:03d}.dcm"))
         writer.Execute(img)
     return folder
+
+
+def write_enhanced_dicom(path: Path, volume_zyx: np.ndarray, affine: np.ndarray, frame_order=None,
+                         drop: tuple = ()) -> Path:
+    """An enhanced MR DICOM file (one file, every image a frame, each frame's position in its per-frame functional
+    groups, as scanners export enhanced MR) of a (z, y, x) volume, or of a (t, z, y, x) cine: t frames at each
+    position, temporal position index t + 1, trigger delay 30 t ms. ``affine``: voxel (i, j, k) -> RAS of each
+    phase. ``frame_order``: the images (t, k), in t-major order, stored in that order instead (a permutation of
+    their indices); ``drop`` leaves out those images' indices (a ragged cine)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    movie = volume_zyx if volume_zyx.ndim == 4 else volume_zyx[None]
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    steps = np.linalg.norm(lps[:3, :3], axis=0)  # x, y, slice spacing
+    images = [(t, k) for t in range(movie.shape[0]) for k in range(movie.shape[1])]
+    images = [images[n] for n in (range(len(images)) if frame_order is None else frame_order) if n not in drop]
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "MR", generate_uid(), generate_uid()
+    ds.Rows, ds.Columns = movie.shape[2], movie.shape[3]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.NumberOfFrames = len(images)
+    measures, plane = Dataset(), Dataset()
+    measures.PixelSpacing = [round(float(steps[1]), 6), round(float(steps[0]), 6)]  # between rows, then columns
+    measures.SliceThickness = round(float(steps[2]), 6)
+    plane.ImageOrientationPatient = [round(float(v), 6) for v in
+                                     (*lps[:3, 0] / steps[0], *lps[:3, 1] / steps[1])]
+    shared = Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([plane])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    groups = []
+    for t, k in images:
+        position, content, cardiac, group = Dataset(), Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [round(float(v), 4) for v in lps[:3, 3] + k * lps[:3, 2]]
+        content.TemporalPositionIndex, content.InStackPositionNumber = t + 1, k + 1
+        cardiac.NominalCardiacTriggerDelayTime = 30.0 * t
+        group.PlanePositionSequence, group.FrameContentSequence = Sequence([position]), Sequence([content])
+        group.CardiacSynchronizationSequence = Sequence([cardiac])
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.PixelData = np.stack([movie[t, k] for t, k in images]).astype("<i2").tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return Path(path)

@@ -336,6 +336,14 @@ def test_segment_many_volumes_into_a_folder(workflow, tmp_path):
     (tmp_path / "mf.dcm").rename(tmp_path / "IM0002")
     coral("segment", tmp_path / "IM0002", "--model", d / "ft.safetensors", "--out-dir", tmp_path / "dicom_labels")
     assert load_volume(tmp_path / "dicom_labels" / "IM0002_labels.nii.gz").shape == src.shape
+    from helpers import write_enhanced_dicom  # an enhanced multi-frame cine: labels for each of its phases
+
+    movie = np.stack([src.array, src.array[:, ::-1]]).clip(0, 2000)
+    write_enhanced_dicom(tmp_path / "IM0003", movie, src.affine)
+    coral("segment", tmp_path / "IM0003", "--model", d / "ft.safetensors", "--out-dir", tmp_path / "dicom_labels")
+    labels = load_frames(tmp_path / "dicom_labels" / "IM0003_labels.nii.gz")
+    assert [f.shape for f in labels] == [src.shape] * 2
+    np.testing.assert_allclose(labels[0].affine, src.affine, atol=1e-3)
 
     user_error(coral("segment", scans, "--out", tmp_path / "s.nii.gz", check=False), "folder of volumes", "--out-dir")
     user_error(coral("segment", d / "img.nii.gz", scans / "a.nii.gz", "--out", tmp_path / "s.nii.gz", check=False),

@@ -104,7 +104,7 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
     """A slice file dropped or picked in File > Open opens its whole series (the files of its folder with its Series
     Instance UID, as dropping the folder does); picking all of a series' files opens it once, not once per file;
     napari's stacked open of several slice files reads those slices; files of two series together are refused; a cine
-    series opens as one layer of frames."""
+    series, and an enhanced multi-frame DICOM file of a cine, open as one layer of frames."""
     from coral_core.volume import load_volume
 
     rng = np.random.default_rng(0)
@@ -135,6 +135,13 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
 
     sitk.WriteImage(sitk.GetImageFromArray(ct.astype(np.uint16)), str(tmp_path / "multiframe.dcm"))
     np.testing.assert_array_equal(viewer.open(str(tmp_path / "multiframe.dcm"), plugin="napari-coral")[0].data, ct)
+    from helpers import write_enhanced_dicom  # an enhanced multi-frame cine: one layer of its phases
+
+    cine = rng.integers(0, 2000, (3, 4, 10, 12)).astype(np.int16)
+    write_enhanced_dicom(tmp_path / "cine.dcm", cine, np.diag([0.8, 0.8, 8.0, 1.0]), frame_order=range(11, -1, -1))
+    layer, = viewer.open(str(tmp_path / "cine.dcm"), plugin="napari-coral")
+    np.testing.assert_array_equal(layer.data, cine)
+    assert layer.metadata["frames"] == 3 and tuple(layer.scale) == pytest.approx((1.0, 8.0, 0.8, 0.8))
     # the CLI keeps to the folder: a single slice file is refused there, naming the folder
     with pytest.raises(UserError, match="a single slice of a series; give the folder"):
         load_volume(folder / "slice000.dcm")

@@ -111,6 +111,44 @@ def test_a_cine_dicom_series_reads_frame_by_frame(tmp_path, capfd):
     assert "WARNING" not in capfd.readouterr().err  # ITK's own, multi-line, is not shown
 
 
+def test_an_enhanced_multiframe_dicom_cine_reads_phase_by_phase(tmp_path):
+    """An enhanced (multi-frame) DICOM file of a cine holds every image of every phase as a frame, its position and
+    phase in per-frame headers: it is read as its phases, each in slice order along the stack with the geometry of
+    its headers (as ITK places a one-phase file), whatever order the frames are stored in; a plain enhanced volume
+    stored from the last slice to the first reads in slice order; a ragged one is refused in one sentence."""
+    import SimpleITK as sitk
+
+    from coral_core.volume import _itk_arrays
+    from helpers import write_enhanced_dicom
+
+    cine = (np.arange(3 * 4 * 6 * 8).reshape(3, 4, 6, 8) % 500).astype(np.int16)  # 3 phases x 4 slices
+    affine = oblique_affine(spacing_xyz=(0.8, 0.9, 8.0))
+    slice_major = [t * 4 + k for k in reversed(range(4)) for t in range(3)]  # last slice first, its phases together
+    path = write_enhanced_dicom(tmp_path / "IM0001", cine, affine, frame_order=slice_major)
+    assert frame_count(path) == 3
+    frames = load_frames(path)
+    assert len(frames) == 3
+    for t, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame.array, cine[t])
+        np.testing.assert_allclose(frame.affine, affine, atol=1e-3)
+    with pytest.raises(UserError, match="IM0001: is a 4-D series with 3 frames"):
+        load_volume(path)
+    one_phase = write_enhanced_dicom(tmp_path / "one.dcm", cine[0], affine)  # ITK's reading of a plain one agrees
+    np.testing.assert_allclose(_itk_arrays(sitk.ReadImage(str(one_phase)), one_phase)[1], affine, atol=1e-3)
+    backwards = write_enhanced_dicom(tmp_path / "backwards.dcm", cine[0], affine, frame_order=[3, 2, 1, 0])
+    assert frame_count(backwards) == 1
+    np.testing.assert_array_equal(load_volume(backwards).array, cine[0])
+    np.testing.assert_allclose(load_volume(backwards).affine, affine, atol=1e-3)
+    ragged = write_enhanced_dicom(tmp_path / "ragged.dcm", cine, affine, drop=(5,))
+    with pytest.raises(UserError, match=r"ragged.dcm: DICOM file holds 11 frames at 4 slice positions, 2 to 3 at a "
+                                        r"position, so its phases cannot be told apart; re-export it"):
+        load_frames(ragged)
+    gap = write_enhanced_dicom(tmp_path / "gap.dcm", np.zeros((5, 6, 8)), affine, drop=(2,))
+    with pytest.warns(UserWarning, match=r"gap.dcm: DICOM slices frame 2 and frame 3 are 16.00 mm apart where the "
+                                         r"others are 8.00 mm; a slice may be missing"):
+        assert load_volume(gap).shape == (4, 6, 8)
+
+
 def test_itk_and_nifti_agree_on_world_geometry(tmp_path):
     affine = oblique_affine()
     src = load_volume(write_nifti_ijk(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), affine))
