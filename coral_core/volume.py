@@ -214,18 +214,27 @@ def _dicom_frames(files: list, where: Path, keys: list | None = None) -> list[li
     keys = keys or _image_keys(files)
     if keys is None:  # the series reader has the last word
         return [list(files)]
-    at: dict = {}  # slice coordinate -> [(time key, file)]
-    for (coordinate, time, _), f in zip(keys, files):
-        at.setdefault(coordinate, []).append((time, f))
-    if len(at) == len(files):
+    if len({coordinate for coordinate, _, _ in keys}) == len(files):
         return [list(files)]
+    phases = _phases([k[0] for k in keys], [k[1] for k in keys], f"{where}: DICOM series holds {len(files)} images",
+                     "frame")
+    return [[files[i] for i in phase] for phase in phases]
+
+
+def _phases(coordinates: list, times: list, holds: str, unit: str) -> list[list[int]]:
+    """Images grouped into a cine's phases (one phase for a plain stack): each phase the images' indices in slice
+    order (coordinates ascending; tuple coordinates, positions without an orientation, as they came), the images at
+    a position taken in the order of their time keys. A different count of images at some positions is refused in
+    one sentence, ``holds`` (where, what it holds) and ``unit`` (what a phase is called) its words."""
+    at: dict = {}  # slice coordinate -> [(time key, index)]
+    for i, (coordinate, time) in enumerate(zip(coordinates, times)):
+        at.setdefault(coordinate, []).append((time, i))
     counts = sorted({len(images) for images in at.values()})
     if len(counts) > 1:
-        raise UserError(f"{where}: DICOM series holds {len(files)} images at {len(at)} slice positions, {counts[0]} to "
-                        f"{counts[-1]} at a position, so its frames cannot be told apart; re-export it with every slice "
-                        "in each frame")
+        raise UserError(f"{holds} at {len(at)} slice positions, {counts[0]} to {counts[-1]} at a position, so its "
+                        f"{unit}s cannot be told apart; re-export it with every slice in each {unit}")
     stack = sorted(at, key=lambda c: c if isinstance(c, float) else 0.0)  # a tuple: as the files came (sort is stable)
-    by_time = [[f for _, f in sorted(at[c], key=lambda image: image[0])] for c in stack]
+    by_time = [[i for _, i in sorted(at[c], key=lambda image: image[0])] for c in stack]
     return [[images[t] for images in by_time] for t in range(counts[0])]
 
 
@@ -327,17 +336,9 @@ def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
         return None
     o = np.array(orientations.pop())
     normal = np.cross(o[:3], o[3:])
-    at: dict = {}  # slice coordinate -> [(time key, frame number)]
-    for i, (position, time) in enumerate(zip(positions, times)):
-        at.setdefault(round(float(position @ normal), 2), []).append((time, i))
-    counts = sorted({len(frames) for frames in at.values()})
-    if len(counts) > 1:
-        raise UserError(f"{p}: DICOM file holds {len(per)} frames at {len(at)} slice positions, {counts[0]} to "
-                        f"{counts[-1]} at a position, so its phases cannot be told apart; re-export it with every slice "
-                        "in each phase")
-    stack = sorted(at)
-    by_time = [[i for _, i in sorted(at[c])] for c in stack]
-    phases = [[frames[t] for frames in by_time] for t in range(counts[0])]
+    coordinates = [round(float(position @ normal), 2) for position in positions]
+    phases = _phases(coordinates, times, f"{p}: DICOM file holds {len(per)} frames", "phase")
+    stack = [coordinates[i] for i in phases[0]]
     _warn_uneven_gaps(stack, [f"frame {i + 1}" for i in phases[0]], p)
     gap = float(np.median(np.diff(stack))) if len(stack) > 1 else float(thickness or 1.0)
     row, column = ((float(v) for v in pixel[:2]) if pixel else (1.0, 1.0))
