@@ -42,6 +42,7 @@ __all__ = [
     "dicom_slice_series",
     "load_dicom_series",
     "dicom_series_title",
+    "dicom_cine_stack",
     "VOLUME_SUFFIXES",
 ]
 
@@ -142,7 +143,8 @@ def load_dicom_series(paths: str | os.PathLike | list) -> list[Volume]:
     the series that several slice files make together (those files alone), as medical viewers open a series from any
     of its files: its frames, each a volume in slice order (one for a plain series; a cine series, several images at
     each slice position, one per phase, as :func:`load_frames` gives a 4-D file's); each ``path`` is the folder.
-    Raises :class:`UserError` with one sentence for files of several series or folders, or a series GDCM cannot
+    Any of the files of a cine stack exported one series per slice position give the whole stack, as its folder
+    does (:func:`dicom_cine_stack`). Raises :class:`UserError` with one sentence for files of several series or folders, or a series GDCM cannot
     assemble."""
     files = [Path(p).resolve() for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
     uids = {dicom_slice_series(f) for f in files}
@@ -150,6 +152,8 @@ def load_dicom_series(paths: str | os.PathLike | list) -> list[Volume]:
     if None in uids:
         bad = next(f for f in files if dicom_slice_series(f) is None)
         raise UserError(f"{bad}: not a single-slice DICOM file; give the slices of one series, or its folder")
+    if len(folders) == 1 and dicom_cine_stack(next(iter(folders)), uids):  # files of a per-slice cine: the stack
+        return load_frames(next(iter(folders)))
     if len(uids) > 1 or len(folders) > 1:
         raise UserError(f"{files[0]}: the {len(files)} files given belong to {max(len(uids), len(folders))} DICOM "
                         "series or folders; open one series at a time")
@@ -256,6 +260,22 @@ def _per_slice_cine(folder: Path, ids) -> list[list] | None:
         return None
     every = [f for series, _ in files for f in series]
     return _dicom_frames(every, folder, [k for _, keys in files for k in keys])
+
+
+def dicom_cine_stack(folder: str | os.PathLike, uids) -> list[str] | None:
+    """The Series Instance UIDs of the folder's series when they make one cine stack exported a series per slice
+    position (as :func:`load_frames` reads such a folder) and ``uids`` are among them; None otherwise. A slice file
+    of such a stack opens the whole stack, as its folder does."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    try:
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        if len(ids) < 2 or not set(uids) <= set(ids):
+            return None
+        return sorted(ids) if _per_slice_cine(folder, ids) is not None else None
+    except Exception:  # noqa: BLE001 - not readable as a stack: read as a series
+        return None
 
 
 def _header_number(info, tag: str) -> float:

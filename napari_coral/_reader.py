@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from coral_core.errors import UserError
-from coral_core.volume import (Volume, dicom_series_title, dicom_slice_series, is_dicom_file, is_volume_path,
-                               load_dicom_series, load_frames, read_class_names)
+from coral_core.volume import (Volume, dicom_cine_stack, dicom_series_title, dicom_slice_series, is_dicom_file,
+                               is_volume_path, load_dicom_series, load_frames, read_class_names)
 from napari_coral._layers import volume_to_layer
 
 _NOTIFIED: dict[tuple[str, str], float] = {}  # (folder, series UID) -> when "already open" was last said
@@ -85,16 +85,22 @@ def _read_dicom_slices(paths: list, uid: str) -> list:
             show_info(f"{paths[0]}: its DICOM series is open already (from {folder}); remove that layer to open it again")
         _NOTIFIED[key] = time.monotonic()
         return [(None,)]  # npe2's "read, nothing to add"
-    data, kwargs, kind = _frames_layer(load_dicom_series(paths), name=dicom_series_title(folder, uid))
-    kwargs["metadata"]["dicom_series"] = uid
+    stack = dicom_cine_stack(folder, {dicom_slice_series(p) for p in paths})  # a cine exported a series per slice
+    data, kwargs, kind = _frames_layer(load_dicom_series(paths),
+                                       name=Path(folder).name if stack else dicom_series_title(folder, uid))
+    kwargs["metadata"]["dicom_series"] = stack or uid
     return [(data, kwargs, kind)]
 
 
 def _series_open(folder: str, uid: str) -> bool:
-    """Whether the current napari viewer holds a layer this reader made from that folder's series."""
+    """Whether the current napari viewer holds a layer this reader made from that folder's series (or from the
+    cine stack, a series per slice position, that the series is part of)."""
     from napari import current_viewer
 
     viewer = current_viewer()
+    def holds(series) -> bool:  # a series' UID, or a stack's list of them
+        return series == uid or (isinstance(series, (list, tuple)) and uid in series)
+
     return viewer is not None and any(
-        layer.metadata.get("dicom_series") == uid and layer.metadata.get("source_path") == folder
+        layer.metadata.get("source_path") == folder and holds(layer.metadata.get("dicom_series"))
         for layer in viewer.layers)

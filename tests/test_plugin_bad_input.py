@@ -104,7 +104,8 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
     """A slice file dropped or picked in File > Open opens its whole series (the files of its folder with its Series
     Instance UID, as dropping the folder does); picking all of a series' files opens it once, not once per file;
     napari's stacked open of several slice files reads those slices; files of two series together are refused; a cine
-    series, and an enhanced multi-frame DICOM file of a cine, open as one layer of frames."""
+    series, an enhanced multi-frame DICOM file of a cine, and a file of a cine exported one series per slice position,
+    open as one layer of frames."""
     from coral_core.volume import load_volume
 
     rng = np.random.default_rng(0)
@@ -152,6 +153,17 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
     np.testing.assert_array_equal(movie.data, cine)
     np.testing.assert_allclose(movie.scale, (1.0, 8.0, 0.8, 0.8))
     assert movie.metadata["frames"] == 3 and movie.name == "cine"
+    # the same cine exported one series per slice position: a file of any of its series opens the whole stack, once
+    for k in range(4):
+        write_dicom_series(tmp_path / "sax", cine[:, k:k + 1], spacing_zyx=(8.0, 0.8, 0.8), first_slice=k,
+                           series_uid=f"1.2.3.{k}", prefix=f"s{k}_")
+    stack, = viewer.open(str(tmp_path / "sax" / "s2_001.dcm"), plugin="napari-coral")
+    np.testing.assert_array_equal(stack.data, cine)
+    assert stack.name == "sax" and stack.metadata["frames"] == 3
+    assert viewer.open(str(tmp_path / "sax" / "s0_002.dcm"), plugin="napari-coral") == []  # shown already
+    viewer.layers.remove(stack)
+    picked = sorted(str(f) for f in (tmp_path / "sax").glob("s[13]_*.dcm"))  # files of two of its series, one by one
+    assert len(viewer.open(picked, plugin="napari-coral")) == 1 and viewer.layers[-1].name == "sax"
 
 
 def test_class_names_too_few_for_a_label_files_labels_are_left_aside(tmp_path):

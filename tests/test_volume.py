@@ -8,7 +8,7 @@ import pytest
 
 from coral_core.errors import UserError
 from coral_core.volume import (
-    dicom_series_title, dicom_slice_series, frame_count, load_dicom_series, load_frames, load_volume,
+    dicom_cine_stack, dicom_series_title, dicom_slice_series, frame_count, load_dicom_series, load_frames, load_volume,
     normalise_intensity, normalise_intensity_tensor, read_class_names, save_like, save_volume,
 )
 from helpers import oblique_affine, write_dicom_series, write_nifti_ijk
@@ -99,10 +99,17 @@ def test_a_cine_dicom_series_reads_frame_by_frame(tmp_path, capfd):
                            series_uid=f"1.2.3.{k}", prefix=f"s{k}_")
     assert frame_count(tmp_path / "per_slice") == 3
     np.testing.assert_array_equal(np.stack([f.array for f in load_frames(tmp_path / "per_slice")]), cine)
+    stack_files = [tmp_path / "per_slice" / name for name in ("s2_001.dcm", "s0_000.dcm")]  # one file, or files of
+    for given in (stack_files[:1], stack_files):  # two of its series: the whole stack, as the folder
+        assert dicom_cine_stack(tmp_path / "per_slice", {dicom_slice_series(f) for f in given}) == [
+            f"1.2.3.{k}" for k in range(4)]
+        np.testing.assert_array_equal(np.stack([f.array for f in load_dicom_series(given)]), cine)
     write_dicom_series(tmp_path / "per_slice", cine[:, :1], first_slice=9, series_uid="1.2.3.9", prefix="lax",
                        extra={"0020|0037": "1\\0\\0\\0\\0\\1"})  # a series in another orientation: not one stack
     with pytest.raises(UserError, match="folder holds 5 DICOM series"):
         load_frames(tmp_path / "per_slice")
+    assert dicom_cine_stack(tmp_path / "per_slice", {"1.2.3.2"}) is None  # no stack now: a file opens its series
+    np.testing.assert_array_equal(np.stack([f.array for f in load_dicom_series(stack_files[0])]), cine[:, 2:3])
     assert frame_count(tmp_path / "per_slice") == 1
     gap = write_dicom_series(tmp_path / "gap", np.zeros((6, 6, 8)), skip=(2,))  # 5 of 6 slices 4 mm apart
     with pytest.warns(UserWarning, match=r"gap: DICOM slices slice001.dcm and slice003.dcm are 8.00 mm apart where "
