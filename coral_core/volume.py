@@ -192,23 +192,43 @@ def _slice_coordinate(position: str, orientation: str | None) -> float | tuple:
         return tuple(np.round(xyz, 2))
 
 
+_HEADER_KEYS: dict = {}  # file -> ((mtime, size), its key): a header is read once while its file stays the same
+
+
 def _image_keys(files: list) -> list[tuple] | None:
-    """(slice coordinate, time key, orientation) of each DICOM file, from its header; None when a file's header
-    gives no readable position."""
+    """(slice coordinate, time key, orientation, series UID) of each DICOM file, from its header; None when a file's
+    header gives no readable position. Each file's is read once while it stays the same (the headers of a series
+    are asked for when its frames are counted, and again when it is read)."""
+    keys = [_image_key(f) for f in files]
+    return None if None in keys else keys
+
+
+def _image_key(f) -> tuple | None:
     import SimpleITK as sitk
 
+    try:
+        stat = os.stat(f)
+    except OSError:
+        return None
+    name, stamp = str(f), (stat.st_mtime_ns, stat.st_size)
+    known = _HEADER_KEYS.get(name)
+    if known is not None and known[0] == stamp:
+        return known[1]
     info = sitk.ImageFileReader()
-    keys = []
-    for f in files:
-        try:
-            info.SetFileName(str(f))
-            info.ReadImageInformation()
-            orientation = info.GetMetaData("0020|0037") if info.HasMetaDataKey("0020|0037") else None
-            coordinate = _slice_coordinate(info.GetMetaData("0020|0032"), orientation)
-        except Exception:  # noqa: BLE001 - no readable position
-            return None
-        keys.append((coordinate, tuple(_header_number(info, tag) for tag in _DICOM_TIME_TAGS), orientation))
-    return keys
+    try:
+        info.SetFileName(name)
+        info.ReadImageInformation()
+        orientation = info.GetMetaData("0020|0037") if info.HasMetaDataKey("0020|0037") else None
+        coordinate = _slice_coordinate(info.GetMetaData("0020|0032"), orientation)
+    except Exception:  # noqa: BLE001 - no readable position
+        key = None
+    else:
+        key = (coordinate, tuple(_header_number(info, tag) for tag in _DICOM_TIME_TAGS), orientation,
+               info.GetMetaData("0020|000e").strip() if info.HasMetaDataKey("0020|000e") else "")
+    if len(_HEADER_KEYS) >= 100_000:  # a long session of many folders: start again
+        _HEADER_KEYS.clear()
+    _HEADER_KEYS[name] = (stamp, key)
+    return key
 
 
 def _dicom_frames(files: list, where: Path, keys: list | None = None) -> list[list]:
@@ -218,7 +238,7 @@ def _dicom_frames(files: list, where: Path, keys: list | None = None) -> list[li
     keys = keys or _image_keys(files)
     if keys is None:  # the series reader has the last word
         return [list(files)]
-    if len({coordinate for coordinate, _, _ in keys}) == len(files):
+    if len({k[0] for k in keys}) == len(files):
         return [list(files)]
     phases = _phases([k[0] for k in keys], [k[1] for k in keys], f"{where}: DICOM series holds {len(files)} images",
                      "frame")
@@ -246,13 +266,17 @@ def _per_slice_cine(folder: Path, ids) -> list[list] | None:
     """The frames of a cine stack exported one series per slice position (as some scanners export short-axis cine
     MRI): every series of the folder holds several images at one position, all series share one orientation and
     their positions differ. None for any other folder of several series (refused, naming each)."""
-    import SimpleITK as sitk
-
+    found: dict = {}  # series UID -> [(file, key)], from each DICOM file's header (one pass, not one per series)
+    for f in sorted(folder.iterdir()):
+        key = _image_key(f) if f.is_file() and _looks_like_dicom(f) else None
+        if key is not None:
+            found.setdefault(key[3], []).append((f, key))
+    if set(found) != set(ids):
+        return None
     files, orientations = [], set()
     for uid in ids:
-        series = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-        keys = _image_keys(series)
-        if keys is None or len(series) < 2 or len({k[0] for k in keys}) != 1 or not isinstance(keys[0][0], float):
+        series, keys = [f for f, _ in found[uid]], [k for _, k in found[uid]]
+        if len(series) < 2 or len({k[0] for k in keys}) != 1 or not isinstance(keys[0][0], float):
             return None
         orientations |= {tuple(np.round([float(v) for v in (k[2] or "").split("\\") if v], 3)) for k in keys}
         files.append((series, keys))

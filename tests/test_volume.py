@@ -156,6 +156,16 @@ def test_an_enhanced_multiframe_dicom_cine_reads_phase_by_phase(tmp_path):
         assert load_volume(gap).shape == (4, 6, 8)
 
 
+def test_dicom_headers_read_again_when_a_file_changes(tmp_path):
+    """The headers a DICOM folder is ordered by are read once while its files stay the same (counting a cine's frames
+    and then reading it, or a napari open, would read each several times), and again when a file is rewritten."""
+    cine = (np.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4) % 50).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "s", cine)
+    assert frame_count(folder) == 2
+    write_dicom_series(folder, cine.reshape(6, 4, 4))  # the same file names, now a plain series of 6 slices
+    assert frame_count(folder) == 1 and load_frames(folder)[0].shape == (6, 4, 4)
+
+
 def test_itk_and_nifti_agree_on_world_geometry(tmp_path):
     affine = oblique_affine()
     src = load_volume(write_nifti_ijk(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), affine))
