@@ -290,11 +290,9 @@ def dicom_cine_stack(folder: str | os.PathLike, uids) -> list[str] | None:
     """The Series Instance UIDs of the folder's series when they make one cine stack exported a series per slice
     position (as :func:`load_frames` reads such a folder) and ``uids`` are among them; None otherwise. A slice file
     of such a stack opens the whole stack, as its folder does."""
-    import SimpleITK as sitk
-
     folder = Path(folder)
     try:
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        ids = list(_series_ids(folder))
         if len(ids) < 2 or not set(uids) <= set(ids):
             return None
         return sorted(ids) if _per_slice_cine(folder, ids) is not None else None
@@ -400,6 +398,13 @@ def _series_reader(files: list):
     return reader
 
 
+def _series_ids(folder: Path) -> tuple:
+    """The Series Instance UIDs of a folder's DICOM image series (GDCM's; its warning when none is found not shown)."""
+    import SimpleITK as sitk
+
+    return tuple(_quietly(lambda: sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))))
+
+
 def _quietly(run):
     """``run()`` with ITK's warnings (printed to stderr, several lines each) switched off."""
     import SimpleITK as sitk
@@ -438,7 +443,7 @@ def dicom_series_title(folder: str | os.PathLike, uid: str) -> str:
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     try:
-        ids = reader.GetGDCMSeriesIDs(str(folder))
+        ids = _series_ids(folder)
         files = reader.GetGDCMSeriesFileNames(str(folder), uid) if uid else []
     except Exception:  # noqa: BLE001 - GDCM could not scan the folder: its name alone
         return folder.name
@@ -491,7 +496,7 @@ def frame_count(path: str | os.PathLike) -> int:
         elif p.is_dir() and is_volume_path(p):  # a DICOM series: a cine holds several images at each position
             import SimpleITK as sitk
 
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+            ids = _series_ids(p)
             if len(ids) > 1:  # a cine stack exported one series per slice position, or a folder load_frames refuses
                 return len(_per_slice_cine(p, ids) or [None])
             return len(_dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])), p)) if ids else 1
@@ -519,6 +524,7 @@ def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
     elif p.name.lower().endswith(ITK_SUFFIXES):
         array, affine = _read_itk(p, dicom=False)
     elif _looks_like_dicom(p):  # a multi-frame DICOM file holds a volume; a single slice is a series' part
+        _refuse_non_image(p, p)
         array, affine = _read_itk(p, dicom=False)
         if array.ndim < 3 or array.shape[0] == 1:
             raise UserError(f"{p}: one DICOM file, a single slice of a series; give the folder that holds the series "
@@ -579,16 +585,23 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
     try:
         if dicom:
             reader = sitk.ImageSeriesReader()
-            ids = reader.GetGDCMSeriesIDs(str(p))
+            ids = _series_ids(p)
             if not ids:
-                raise UserError(f"{p}: no DICOM series found in this folder")
+                for f in sorted(p.iterdir())[:20]:  # DICOM files, but no image among them: a SEG or contours?
+                    if f.is_file() and _looks_like_dicom(f):
+                        _refuse_non_image(f, p)
+                raise UserError(f"{p}: its DICOM files hold no image series GDCM can read; give the folder of an "
+                                "image series' slice files")
             if len(ids) > 1:
                 frames = _per_slice_cine(p, ids)
                 if frames is not None:  # a cine stack, one series per slice position
                     return _read_frames(frames, p)
                 raise UserError(f"{p}: folder holds {len(ids)} DICOM series ({_describe_series(reader, p, ids)}); put "
                                 "each series in its own folder, or open one of its files in napari")
-            return _read_dicom_files(list(reader.GetGDCMSeriesFileNames(str(p), ids[0])), p)
+            files = list(reader.GetGDCMSeriesFileNames(str(p), ids[0]))
+            if files:
+                _refuse_non_image(files[0], p)
+            return _read_dicom_files(files, p)
         else:
             if p.stat().st_size == 0:
                 raise UserError(f"{p}: file is empty; re-export the volume")
@@ -599,6 +612,33 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:
         raise UserError(f"{p}: not a readable volume ({_short(exc)}); re-export it") from None
     return _itk_arrays(img, p)
+
+
+# DICOM objects that are not images, by Modality: what each is, and what to give instead.
+_NOT_IMAGES = {
+    "SEG": ("a DICOM SEG segmentation", "convert it to a NIfTI, MHA or NRRD label map (3D Slicer or dcmqi do) to use "
+            "it as labels"),
+    "RTSTRUCT": ("a DICOM RT structure set (contours, not voxels)", "convert it to a NIfTI, MHA or NRRD label map (3D "
+                 "Slicer or dcmqi do) to use it as labels"),
+    "SR": ("a DICOM structured report", "give the image series' folder"),
+    "PR": ("a DICOM presentation state", "give the image series' folder"),
+    "REG": ("a DICOM registration", "give the image series' folder"),
+}
+
+
+def _refuse_non_image(f, where: Path) -> None:
+    """Refuse, in one sentence, a DICOM file (or a folder's series, by its first file) that holds no image: a
+    segmentation or contours, which would be misread as frames or fail in ITK's words."""
+    try:
+        import pydicom
+
+        modality = str(pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+    except Exception:  # noqa: BLE001 - not readable here: the image reader says why
+        return
+    if modality.upper() in _NOT_IMAGES:
+        what, instead = _NOT_IMAGES[modality.upper()]
+        inside = f" holds {what}" if where != Path(f) else f": is {what}"
+        raise UserError(f"{where}{inside}, not an image; {instead}")
 
 
 def _header_fields(path, tags: tuple) -> dict[str, str]:

@@ -14,7 +14,7 @@ import pytest
 
 from coral_core.phantom import make_phantom
 from coral_core.volume import load_volume, save_volume
-from helpers import write_nifti_ijk
+from helpers import write_nifti_ijk, write_non_image_dicom
 from test_cli import coral, user_error
 
 
@@ -40,6 +40,7 @@ def files(tmp_path_factory):
     save_volume(d / "lab_small.nii.gz", lab.array[:, :64], lab.affine)
     write_nifti_ijk(d / "complex.nii.gz", np.ones((32, 32, 4), np.complex64), img.affine)  # raw MRI, not magnitude
     write_nifti_ijk(d / "blank.nii.gz", np.full((32, 32, 4), np.nan, np.float32), img.affine)
+    write_non_image_dicom(d / "seg.dcm", "SEG")  # a segmentation exported as DICOM SEG, given as an image
     return d
 
 
@@ -58,6 +59,7 @@ def _no_partial_files(folder) -> None:
         ("cine.nii.gz", ["cine.nii.gz", "4-D series with 5 frames"]),
         ("complex.nii.gz", ["complex.nii.gz", "complex numbers", "save their magnitude"]),
         ("blank.nii.gz", ["blank.nii.gz", "every voxel is NaN or infinite"]),
+        ("seg.dcm", ["seg.dcm", "is a DICOM SEG segmentation, not an image", "NIfTI, MHA or NRRD label map"]),
     ],
 )
 def test_unreadable_inputs_exit_2_with_one_sentence(files, tmp_path, name, words):

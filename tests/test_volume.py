@@ -156,6 +156,26 @@ def test_an_enhanced_multiframe_dicom_cine_reads_phase_by_phase(tmp_path):
         assert load_volume(gap).shape == (4, 6, 8)
 
 
+def test_dicom_objects_that_are_not_images_are_named(tmp_path, capfd):
+    """A DICOM SEG file (frames of segments, several at a position) or an RT structure set (contours, no voxels), as a
+    file or as the only series of a folder, is named in one sentence saying how to use it as labels: a SEG was read
+    as frames of a cine, and an RT structure set failed in ITK's words."""
+    from helpers import write_non_image_dicom
+
+    seg = write_non_image_dicom(tmp_path / "seg.dcm", "SEG")
+    (tmp_path / "rt").mkdir()
+    write_non_image_dicom(tmp_path / "rt" / "RS0001.dcm", "RTSTRUCT")
+    with pytest.raises(UserError, match=r"seg.dcm: is a DICOM SEG segmentation, not an image; convert it to a NIfTI, "
+                                        r"MHA or NRRD label map"):
+        load_frames(seg)
+    with pytest.raises(UserError, match=r"RS0001.dcm: is a DICOM RT structure set \(contours, not voxels\), not an "
+                                        r"image; convert it"):
+        load_volume(tmp_path / "rt" / "RS0001.dcm")
+    with pytest.raises(UserError, match=r"rt holds a DICOM RT structure set \(contours, not voxels\), not an image"):
+        load_volume(tmp_path / "rt")
+    assert frame_count(tmp_path / "rt") == 1 and "WARNING" not in capfd.readouterr().err  # GDCM's "No Series" unshown
+
+
 def test_dicom_headers_read_again_when_a_file_changes(tmp_path):
     """The headers a DICOM folder is ordered by are read once while its files stay the same (counting a cine's frames
     and then reading it, or a napari open, would read each several times), and again when a file is rewritten."""
