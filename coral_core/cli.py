@@ -344,7 +344,7 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     view (:class:`coral_core.data.FieldOfView`, ``size`` pixels at ``mm``), placed on the scan's labels, is
     cut from each scan first; the pair then carries how many labelled voxels lay outside it."""
     from coral_core.data import FieldOfView
-    from coral_core.volume import frame_count, load_frames, load_volume
+    from coral_core.volume import frame_count, load_frames, load_labels_like, load_volume
 
     def pair(image, labels, names, slices):
         image_array, labels_array, outside = image.array, labels.array, 0
@@ -358,7 +358,8 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
 
     series = frame_count(image_path)
     if series == 1:
-        image, labels = load_volume(image_path), load_volume(labels_path)
+        image = load_volume(image_path)
+        labels = load_labels_like(labels_path, image)  # a DICOM SEG: placed on the image's grid
         return [(image_path, labels_path, pair(image, labels, (image_path, labels_path), slices_text))]
     if slices_text:
         raise UserError(f"{image_path}: --slices names slices of one volume, and this is a series of {series} frames; "
@@ -760,10 +761,21 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
 
     from coral_core.data import label_map
     from coral_core.metrics import evaluate_segmentation
-    from coral_core.volume import load_frames, read_class_names
+    from coral_core.volume import is_dicom_seg, load_frames, load_labels_like, read_class_names
 
-    # a cine series (4-D files, as coral segment writes one) is scored frame by frame
-    preds, truths = load_frames(pred), load_frames(truth)
+    # a cine series (4-D files, as coral segment writes one) is scored frame by frame; a DICOM SEG is placed on the
+    # grid of the other file
+    if is_dicom_seg(pred) and is_dicom_seg(truth):
+        raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG files, which hold no voxel grid of their own; give "
+                        "one of them as a label file (NIfTI, MHA or NRRD) of the image")
+    if is_dicom_seg(truth):
+        preds = load_frames(pred)
+        truths = [load_labels_like(truth, preds[0])] if len(preds) == 1 else load_frames(truth)
+    elif is_dicom_seg(pred):
+        truths = load_frames(truth)
+        preds = [load_labels_like(pred, truths[0])] if len(truths) == 1 else load_frames(pred)
+    else:
+        preds, truths = load_frames(pred), load_frames(truth)
     if len(preds) != len(truths) or preds[0].shape != truths[0].shape:
         shapes = [f"{len(v)} frames of {v[0].shape}" if len(v) > 1 else str(v[0].shape) for v in (preds, truths)]
         raise UserError(f"{pred}: shape {shapes[0]} differs from {truth} shape {shapes[1]}; compare a "

@@ -43,6 +43,8 @@ __all__ = [
     "load_dicom_series",
     "dicom_series_title",
     "dicom_cine_stack",
+    "is_dicom_seg",
+    "load_labels_like",
     "VOLUME_SUFFIXES",
 ]
 
@@ -352,12 +354,8 @@ def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
             return None
         shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
 
-        def value(frame, sequence: str, name: str):  # a frame's own value, else the one all frames share
-            for group in (frame, shared):
-                items = getattr(group, sequence, None) if group is not None else None
-                if items and name in items[0]:
-                    return items[0][name].value
-            return None
+        def value(frame, sequence: str, name: str):
+            return _functional_value(frame, shared, sequence, name)
 
         positions, times, orientations = [], [], set()
         for i, frame in enumerate(per):
@@ -500,8 +498,8 @@ def frame_count(path: str | os.PathLike) -> int:
             if len(ids) > 1:  # a cine stack exported one series per slice position, or a folder load_frames refuses
                 return len(_per_slice_cine(p, ids) or [None])
             return len(_dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])), p)) if ids else 1
-        elif is_dicom_file(p):  # a multi-frame file: an enhanced cine's frames hold several phases
-            layout = _multiframe_layout(p)
+        elif is_dicom_file(p):  # a multi-frame file: an enhanced cine's frames hold several phases (a SEG's, segments)
+            layout = None if _modality(p) == "SEG" else _multiframe_layout(p)
             return len(layout[0]) if layout else 1
         else:
             return 1
@@ -616,8 +614,8 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
 
 # DICOM objects that are not images, by Modality: what each is, and what to give instead.
 _NOT_IMAGES = {
-    "SEG": ("a DICOM SEG segmentation", "convert it to a NIfTI, MHA or NRRD label map (3D Slicer or dcmqi do) to use "
-            "it as labels"),
+    "SEG": ("a DICOM SEG segmentation", "give it as the labels of the image it was drawn on (coral finetune IMAGE "
+            "--labels SEG, coral evaluate PRED SEG), or convert it to a NIfTI, MHA or NRRD label map"),
     "RTSTRUCT": ("a DICOM RT structure set (contours, not voxels)", "convert it to a NIfTI, MHA or NRRD label map (3D "
                  "Slicer or dcmqi do) to use it as labels"),
     "SR": ("a DICOM structured report", "give the image series' folder"),
@@ -629,16 +627,96 @@ _NOT_IMAGES = {
 def _refuse_non_image(f, where: Path) -> None:
     """Refuse, in one sentence, a DICOM file (or a folder's series, by its first file) that holds no image: a
     segmentation or contours, which would be misread as frames or fail in ITK's words."""
+    modality = _modality(f)
+    if modality in _NOT_IMAGES:
+        what, instead = _NOT_IMAGES[modality]
+        inside = f" holds {what}" if where != Path(f) else f": is {what}"
+        raise UserError(f"{where}{inside}, not an image; {instead}")
+
+
+def _modality(f) -> str:
+    """A DICOM file's Modality (upper case), from its header; "" for a file that is not DICOM or not readable."""
     try:
         import pydicom
 
-        modality = str(pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+        return str(pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", "")).upper()
     except Exception:  # noqa: BLE001 - not readable here: the image reader says why
-        return
-    if modality.upper() in _NOT_IMAGES:
-        what, instead = _NOT_IMAGES[modality.upper()]
-        inside = f" holds {what}" if where != Path(f) else f": is {what}"
-        raise UserError(f"{where}{inside}, not an image; {instead}")
+        return ""
+
+
+def is_dicom_seg(path: str | os.PathLike) -> bool:
+    """True for a DICOM SEG file: a segmentation, read onto the grid of the image it was drawn on
+    (:func:`load_labels_like`)."""
+    p = Path(path)
+    return p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p) and _modality(p) == "SEG"
+
+
+def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
+    """Labels for the image ``like``: a label file or DICOM folder as :func:`load_volume` reads it (its shape is the
+    caller's to check), or a DICOM SEG file placed on the image's voxel grid, each segment's voxels labelled with its
+    segment number (segments drawn over one another: the highest number's, with a warning). Raises
+    :class:`UserError` with one sentence for a SEG whose frames do not lie on the image's grid."""
+    if not is_dicom_seg(path):
+        return load_volume(path)
+    return Volume(_seg_on_grid(Path(path), like), like.affine, Path(path))
+
+
+def _seg_on_grid(p: Path, like: Volume) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(p))
+        masks = ds.pixel_array
+        per = ds.PerFrameFunctionalGroupsSequence
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{p}: DICOM SEG is not readable ({_short(exc)}); re-export it") from None
+    masks = masks.reshape(-1, *masks.shape[-2:])
+    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":  # a probability or occupancy per pixel
+        masks = masks >= float(ds.get("MaximumFractionalValue", 255)) / 2
+    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
+    to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
+    labels = np.zeros(like.shape, np.uint8)
+    frames = []
+    for frame, mask in zip(per, masks):
+        position = _functional_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _functional_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        pixel = _functional_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
+        number = _functional_value(frame, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+        if position is None or orientation is None or pixel is None or number is None:
+            raise UserError(f"{p}: DICOM SEG frame {len(frames) + 1} gives no position, orientation, pixel spacing or "
+                            "segment number; re-export it")
+        o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
+        start = to_voxel @ np.array([*(float(v) for v in position[:3]), 1.0])
+        steps = to_voxel[:3, :3] @ np.stack([o[:3] * column, o[3:] * row], 1)  # one column, one row: in voxels
+        frames.append((int(number), start[:3], steps, mask))
+    for number, start, steps, mask in sorted(frames, key=lambda f: f[0]):
+        origin = np.round(start).astype(int)
+        i, j, k = origin
+        fits = (np.allclose(steps, [[1, 0], [0, 1], [0, 0]], atol=0.01) and np.allclose(start, origin, atol=0.05)
+                and 0 <= k < like.shape[0] and 0 <= j and j + mask.shape[0] <= like.shape[1] and 0 <= i
+                and i + mask.shape[1] <= like.shape[2])
+        if not fits:
+            raise UserError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, spacing "
+                            "or position differ); give the segmentation drawn on this image")
+        region = labels[k, j:j + mask.shape[0], i:i + mask.shape[1]]
+        drawn = mask.astype(bool)
+        over = int(np.count_nonzero(drawn & (region != 0) & (region != number)))
+        if over:
+            import warnings
+
+            warnings.warn(f"{p}: {over} voxels of slice {k} belong to more than one segment; each takes the highest "
+                          "segment number", stacklevel=3)
+        region[drawn] = number
+    return labels
+
+
+def _functional_value(frame, shared, sequence: str, name: str):
+    """A value of an enhanced DICOM file's functional groups: the frame's own, else the one all frames share."""
+    for group in (frame, shared):
+        items = getattr(group, sequence, None) if group is not None else None
+        if items and name in items[0]:
+            return items[0][name].value
+    return None
 
 
 def _header_fields(path, tags: tuple) -> dict[str, str]:
@@ -791,6 +869,13 @@ def read_class_names(path: str | os.PathLike) -> list[str] | None:
             reader.ReadImageInformation()
             if reader.HasMetaDataKey(_CLASS_NAMES_KEY):
                 names = json.loads(reader.GetMetaData(_CLASS_NAMES_KEY))
+        elif is_dicom_seg(p):  # its segments' labels, when they are numbered 1, 2, ...
+            import pydicom
+
+            segments = {int(s.SegmentNumber): str(s.SegmentLabel)
+                        for s in pydicom.dcmread(str(p), stop_before_pixels=True).SegmentSequence}
+            if sorted(segments) == list(range(1, len(segments) + 1)):
+                names = ["background", *(segments[n] for n in sorted(segments))]
     except Exception:  # noqa: BLE001 - a damaged header is the readers' to report; here it names nothing
         return None
     if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):

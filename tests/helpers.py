@@ -138,3 +138,47 @@ def write_non_image_dicom(path: Path, modality: str) -> Path:
     ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, generate_uid(), generate_uid()
     ds.save_as(path, enforce_file_format=True)
     return Path(path)
+
+
+def write_dicom_seg(path: Path, labels_zyx: np.ndarray, affine: np.ndarray, names: list[str],
+                    fractional: bool = False, extra_masks: tuple = ()) -> Path:
+    """A DICOM SEG file of a label volume drawn on an image of geometry ``affine`` (voxel (i, j, k) -> RAS): a frame for
+    each segment (label n is segment n, labelled ``names[n - 1]``) at each slice that holds it, none for empty slices,
+    as segmentation tools export them; BINARY (bits packed) or FRACTIONAL (0-255). ``extra_masks``: more frames,
+    (segment number, slice, mask), drawn over the others."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    write_enhanced_dicom(path, np.zeros((2, 2, 2), np.int16), affine)  # the file meta, shared groups and UIDs
+    ds = pydicom.dcmread(path)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    ds.Modality, ds.SOPClassUID = "SEG", "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SegmentationType = "FRACTIONAL" if fractional else "BINARY"
+    if fractional:
+        ds.SegmentationFractionalType, ds.MaximumFractionalValue = "PROBABILITY", 255
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (8, 8, 7, 0) if fractional else (1, 1, 0, 0)
+    ds.Rows, ds.Columns = labels_zyx.shape[1:]
+    segments = []
+    for n, name in enumerate(names, 1):
+        segment = Dataset()
+        segment.SegmentNumber, segment.SegmentLabel, segment.SegmentAlgorithmType = n, name, "MANUAL"
+        segments.append(segment)
+    ds.SegmentSequence = Sequence(segments)
+    frames = [(n, k, labels_zyx[k] == n) for n in range(1, len(names) + 1) for k in range(len(labels_zyx))
+              if (labels_zyx[k] == n).any()] + list(extra_masks)
+    groups = []
+    for n, k, _ in frames:
+        position, segment, group = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [round(float(v), 4) for v in lps[:3, 3] + k * lps[:3, 2]]
+        segment.ReferencedSegmentNumber = n
+        group.PlanePositionSequence, group.SegmentIdentificationSequence = Sequence([position]), Sequence([segment])
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.NumberOfFrames = len(frames)
+    masks = np.stack([mask for _, _, mask in frames]).astype(np.uint8)
+    data = (masks * 255).tobytes() if fractional else np.packbits(masks.ravel(), bitorder="little").tobytes()
+    ds.PixelData = data + b"\0" * (len(data) % 2)
+    ds.save_as(str(path))
+    return Path(path)

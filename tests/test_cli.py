@@ -1243,6 +1243,35 @@ def test_a_warning_is_one_line(tmp_path):
                                                    "8.00 mm apart"), proc.stderr  # once, for PRED and TRUTH alike
 
 
+def test_a_dicom_seg_as_labels(tmp_path):
+    """A DICOM SEG file (as segmentation tools export annotations) is taken as the labels of the image it was drawn
+    on: `coral finetune --labels` trains as on the same labels in NIfTI and names the classes after its segments,
+    and `coral evaluate` scores against it; two SEG files, or a SEG given as the scan, are refused in one sentence."""
+    from helpers import write_dicom_seg
+
+    img, lab = make_phantom(11, n_slices=6)
+    affine = oblique_affine((1.8, 1.8, 10.0))
+    save_volume(tmp_path / "img.nii.gz", img.array, affine)
+    painted = lab.array.copy()
+    painted[[0, 2, 5]] = 0  # three slices painted
+    save_volume(tmp_path / "lab.nii.gz", painted, affine)
+    image = load_volume(tmp_path / "img.nii.gz")
+    write_dicom_seg(tmp_path / "lab.dcm", load_volume(tmp_path / "lab.nii.gz").array, image.affine,
+                    ["RV", "myocardium", "LV"])
+    runs = {name: json.loads(coral("finetune", tmp_path / "img.nii.gz", "--labels", tmp_path / name, "--steps", 2,
+                                   *TINY, "--out", tmp_path / f"{name}.safetensors", "--json").stdout)
+            for name in ("lab.nii.gz", "lab.dcm")}
+    assert runs["lab.dcm"]["slices"] == runs["lab.nii.gz"]["slices"] == [1, 3, 4]
+    assert runs["lab.dcm"]["final_loss"] == runs["lab.nii.gz"]["final_loss"]
+    info = json.loads(coral("info", tmp_path / "lab.dcm.safetensors", "--json").stdout)["models"][0]
+    assert info["classes"] == ["RV", "myocardium", "LV"]
+    scores = json.loads(coral("evaluate", tmp_path / "lab.nii.gz", tmp_path / "lab.dcm", "--json").stdout)
+    assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
+    user_error(coral("evaluate", tmp_path / "lab.dcm", tmp_path / "lab.dcm", check=False), "both DICOM SEG files")
+    user_error(coral("segment", tmp_path / "lab.dcm", "--out", tmp_path / "s.nii.gz", check=False),
+               "lab.dcm: is a DICOM SEG segmentation, not an image", "coral finetune IMAGE --labels SEG")
+
+
 def test_main_in_process_gives_warnings_and_ctrl_c_back(tmp_path, capsys):
     """A program calling `coral_core.cli.main` gets one-line warnings and Ctrl-C handling only while the command
     runs: its own warning printer and SIGINT handler are back afterwards, whether the command ended well or not."""

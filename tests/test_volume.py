@@ -165,8 +165,8 @@ def test_dicom_objects_that_are_not_images_are_named(tmp_path, capfd):
     seg = write_non_image_dicom(tmp_path / "seg.dcm", "SEG")
     (tmp_path / "rt").mkdir()
     write_non_image_dicom(tmp_path / "rt" / "RS0001.dcm", "RTSTRUCT")
-    with pytest.raises(UserError, match=r"seg.dcm: is a DICOM SEG segmentation, not an image; convert it to a NIfTI, "
-                                        r"MHA or NRRD label map"):
+    with pytest.raises(UserError, match=r"seg.dcm: is a DICOM SEG segmentation, not an image; give it as the labels of "
+                                        r"the image it was drawn on \(coral finetune IMAGE --labels SEG"):
         load_frames(seg)
     with pytest.raises(UserError, match=r"RS0001.dcm: is a DICOM RT structure set \(contours, not voxels\), not an "
                                         r"image; convert it"):
@@ -174,6 +174,40 @@ def test_dicom_objects_that_are_not_images_are_named(tmp_path, capfd):
     with pytest.raises(UserError, match=r"rt holds a DICOM RT structure set \(contours, not voxels\), not an image"):
         load_volume(tmp_path / "rt")
     assert frame_count(tmp_path / "rt") == 1 and "WARNING" not in capfd.readouterr().err  # GDCM's "No Series" unshown
+
+
+def test_a_dicom_seg_is_read_onto_its_images_grid(tmp_path):
+    """A DICOM SEG file (a frame for each segment at each slice that holds it, bits packed across frames, or fractional)
+    is read as a label map on the grid of the image it was drawn on, segment n as label n, its segments' labels as the
+    class names; segments drawn over one another warn, the highest number taking the voxel; a SEG drawn on another
+    grid is refused in one sentence."""
+    from coral_core.volume import Volume, is_dicom_seg, load_labels_like
+    from helpers import write_dicom_seg
+
+    labels = np.zeros((5, 5, 7), np.uint8)  # 35 pixels a frame: frames share bytes once packed
+    labels[1:4, 1:4, 2:6], labels[2, 2, 3], labels[3, 0, 0] = 1, 2, 3
+    affine = oblique_affine(spacing_xyz=(0.8, 0.9, 4.0))
+    image = Volume(np.zeros(labels.shape, np.float32), affine, tmp_path / "img.nii.gz")
+    for fractional in (False, True):
+        seg = write_dicom_seg(tmp_path / f"seg{int(fractional)}.dcm", labels, affine, ["LV", "RV", "myo"], fractional)
+        assert is_dicom_seg(seg) and frame_count(seg) == 1
+        np.testing.assert_array_equal(load_labels_like(seg, image).array, labels)
+        assert read_class_names(seg) == ["background", "LV", "RV", "myo"]
+    assert not is_dicom_seg(write_dicom_series(tmp_path / "ct", labels.astype(np.int16)) / "slice000.dcm")
+    over = np.zeros((5, 7), bool)
+    over[1, 2:4] = True  # segment 2 drawn over two of segment 1's voxels at slice 1
+    seg = write_dicom_seg(tmp_path / "over.dcm", labels, affine, ["LV", "RV", "myo"], extra_masks=((2, 1, over),))
+    with pytest.warns(UserWarning, match=r"over.dcm: 2 voxels of slice 1 belong to more than one segment; each takes "
+                                         r"the highest segment number"):
+        drawn = load_labels_like(seg, image).array
+    assert (drawn[1][over] == 2).all() and (drawn == 1).sum() == (labels == 1).sum() - 2
+    moved = affine.copy()
+    moved[:3, 3] += affine[:3, 0] * 0.5  # half a voxel along x: not this image's grid
+    shifted = Volume(image.array, moved, image.path)
+    with pytest.raises(UserError, match=r"seg0.dcm: DICOM SEG frames do not lie on the voxel grid of .*img.nii.gz "
+                                        r"\(orientation, spacing or position differ\); give the segmentation drawn"):
+        load_labels_like(tmp_path / "seg0.dcm", shifted)
+    np.testing.assert_array_equal(load_labels_like(tmp_path / "ct", image).array, labels)  # anything else: as read
 
 
 def test_dicom_headers_read_again_when_a_file_changes(tmp_path):
