@@ -1,7 +1,11 @@
-"""The one exception type for mistakes a user can make and fix."""
+"""Exceptions for mistakes a user can make and fix: UserError, and the one kind of it a caller may act on."""
 
 
 class UserError(Exception):
     """A problem with the user's input, stated as one sentence: which file, what is wrong,
     what to do. The CLI prints it as ``error: <sentence>`` and exits with status 2; the
     plugin shows it as a notification."""
+
+
+class OffGridError(UserError):
+    """Labels (a DICOM SEG) whose slices do not lie on the voxel grid of the image given with them."""

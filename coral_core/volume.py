@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from coral_core.device import host_memory
-from coral_core.errors import UserError
+from coral_core.errors import OffGridError, UserError
 from coral_core.fileio import atomic_target
 
 __all__ = [
@@ -696,7 +696,7 @@ def _seg_on_grid(p: Path, like: Volume) -> np.ndarray:
                 and 0 <= k < like.shape[0] and 0 <= j and j + mask.shape[0] <= like.shape[1] and 0 <= i
                 and i + mask.shape[1] <= like.shape[2])
         if not fits:
-            raise UserError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, spacing "
+            raise OffGridError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, spacing "
                             "or position differ); give the segmentation drawn on this image")
         region = labels[k, j:j + mask.shape[0], i:i + mask.shape[1]]
         drawn = mask.astype(bool)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from coral_core.errors import UserError
+from coral_core.errors import OffGridError, UserError
 from coral_core.volume import (Volume, dicom_cine_stack, dicom_series_title, dicom_slice_series, is_dicom_file,
-                               is_volume_path, load_dicom_series, load_frames, read_class_names)
+                               is_dicom_seg, is_volume_path, load_dicom_series, load_frames, load_labels_like,
+                               read_class_names)
 from napari_coral._layers import volume_to_layer
 
 _NOTIFIED: dict[tuple[str, str], float] = {}  # (folder, series UID) -> when "already open" was last said
@@ -44,11 +45,13 @@ def read_volume(path):
         uid = dicom_slice_series(path)
         if uid is not None:  # one slice file of a series (or several): the series
             return _read_dicom_slices(paths, uid)
-        frames = load_frames(path)
+        if is_dicom_seg(path):  # a segmentation: on the open image it was drawn on
+            data, kwargs, kind = _seg_layer(path)
+        else:
+            data, kwargs, kind = _frames_layer(load_frames(path))
     except UserError as exc:
         # napari shows reader exceptions as a notification; keep it to the one sentence.
         raise ValueError(str(exc)) from None
-    data, kwargs, kind = _frames_layer(frames)
     names = read_class_names(path) if kind == "labels" else None
     if names and int(data.max(initial=0)) < len(names):  # names that cover every label (no label left uncoloured)
         from napari_coral._widgets._common import class_colormap
@@ -56,6 +59,30 @@ def read_volume(path):
         kwargs["features"] = {"class": names}
         kwargs["colormap"] = class_colormap(len(names))
     return [(data, kwargs, kind)]
+
+
+def _seg_layer(path) -> tuple:
+    """A DICOM SEG file as a Labels layer on the first open 3-D image whose voxel grid its frames lie on (a SEG holds
+    only the slices it labels, so it needs the image's grid), placed as that image is."""
+    from napari import current_viewer
+    from napari.layers import Image
+
+    viewer = current_viewer()
+    images = [layer for layer in (viewer.layers if viewer is not None else [])
+              if isinstance(layer, Image) and layer.ndim == 3 and "affine" in layer.metadata]
+    for layer in images:
+        like = Volume(np.broadcast_to(np.uint8(0), layer.data.shape), np.asarray(layer.metadata["affine"]),
+                      Path(layer.metadata.get("source_path") or layer.name))
+        try:
+            labels = load_labels_like(path, like)
+        except OffGridError:  # drawn on another grid: try the next image
+            continue
+        data, kwargs, kind = volume_to_layer(labels, as_labels=True, name=Path(path).stem)
+        kwargs.update(scale=tuple(layer.scale), translate=tuple(layer.translate))
+        return data, kwargs, kind
+    raise UserError(f"{path}: a DICOM SEG segmentation, which holds only the slices it labels; open the image it was "
+                    "drawn on first, then the SEG, to see it on that image"
+                    + (f" (none of the {len(images)} open images has its voxel grid)" if images else ""))
 
 
 def _frames_layer(frames: list, name: str | None = None) -> tuple:

@@ -166,6 +166,33 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
     assert len(viewer.open(picked, plugin="napari-coral")) == 1 and viewer.layers[-1].name == "sax"
 
 
+def test_a_dicom_seg_opens_on_the_image_it_was_drawn_on(tmp_path, make_napari_viewer):
+    """A DICOM SEG file opens as a Labels layer on the open image whose voxel grid its frames lie on (placed as that
+    image, its segments' labels as the class names); with no such image open it says to open the image first."""
+    from helpers import write_dicom_seg
+
+    labels = np.zeros((5, 10, 12), np.uint8)
+    labels[1:4, 2:6, 3:9], labels[2, 3:5, 4:6] = 1, 2
+    affine = oblique_affine(spacing_xyz=(0.8, 0.9, 4.0))
+    write_nifti_ijk(tmp_path / "img.nii.gz", np.random.default_rng(0).random((12, 10, 5)).astype(np.float32), affine)
+    write_nifti_ijk(tmp_path / "other.nii.gz", np.zeros((12, 10, 5), np.float32),
+                    oblique_affine(spacing_xyz=(1.0, 0.9, 4.0)))  # another grid: wider pixels
+    write_dicom_seg(tmp_path / "heart.dcm", labels, affine, ["LV", "myocardium"])
+    viewer = make_napari_viewer()
+    with pytest.raises(ValueError) as info:
+        read_volume(str(tmp_path / "heart.dcm"))
+    one_sentence(str(info.value), "heart.dcm: a DICOM SEG segmentation", "open the image it was drawn on first")
+    viewer.open(str(tmp_path / "other.nii.gz"), plugin="napari-coral")
+    with pytest.raises(ValueError, match="none of the 1 open images has its voxel grid"):
+        read_volume(str(tmp_path / "heart.dcm"))
+    image, = viewer.open(str(tmp_path / "img.nii.gz"), plugin="napari-coral")
+    seg, = viewer.open(str(tmp_path / "heart.dcm"), plugin="napari-coral")
+    assert seg.__class__.__name__ == "Labels" and seg.name == "heart"
+    np.testing.assert_array_equal(seg.data, labels)
+    np.testing.assert_allclose(seg.scale, image.scale)
+    assert list(seg.features["class"]) == ["background", "LV", "myocardium"]
+
+
 def test_class_names_too_few_for_a_label_files_labels_are_left_aside(tmp_path):
     """Names in a label file's header that leave a label unnamed would leave it uncoloured: the layer opens
     without them, in napari's own colours, as a file without names does."""
