@@ -146,8 +146,8 @@ def load_dicom_series(paths: str | os.PathLike | list) -> list[Volume]:
     of its files: its frames, each a volume in slice order (one for a plain series; a cine series, several images at
     each slice position, one per phase, as :func:`load_frames` gives a 4-D file's); each ``path`` is the folder.
     Any of the files of a cine stack exported one series per slice position give the whole stack, as its folder
-    does (:func:`dicom_cine_stack`). Raises :class:`UserError` with one sentence for files of several series or folders, or a series GDCM cannot
-    assemble."""
+    does (:func:`dicom_cine_stack`). Raises :class:`UserError` with one sentence for files of several series or
+    folders, or a series GDCM cannot assemble."""
     files = [Path(p).resolve() for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
     uids = {dicom_slice_series(f) for f in files}
     folders = {f.parent for f in files}
@@ -639,7 +639,8 @@ def _modality(f) -> str:
     try:
         import pydicom
 
-        return str(pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", "")).upper()
+        header = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"])
+        return str(header.get("Modality", "")).upper()
     except Exception:  # noqa: BLE001 - not readable here: the image reader says why
         return ""
 
