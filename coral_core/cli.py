@@ -1579,16 +1579,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``coral`` command; return its exit status. Warnings print as one line, and pretrain/finetune
-    take over Ctrl-C, only while the command runs: a program calling this gets its own back afterwards."""
+    take over Ctrl-C, only while the command runs: a program calling this gets its own back afterwards. After a
+    command stopped by Ctrl-C (status 130), further presses stay ignored: the process is on its way out (worker
+    processes and files closing), and another press would only cut that short with a traceback."""
     showwarning = warnings.showwarning
     on_main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
     warnings.showwarning = _show_warning
+    status = None
     try:
-        return _run(argv)
+        status = _run(argv)
+        return status
     finally:
         warnings.showwarning = showwarning
-        if on_main_thread and sigint is not None:
+        if on_main_thread and sigint is not None and status != 130:
             signal.signal(signal.SIGINT, sigint)
 
 
