@@ -13,6 +13,7 @@ comment extension holding ``{"napari_coral": {"class_names": [...]}}``, MHA and 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -649,7 +650,8 @@ def is_dicom_seg(path: str | os.PathLike) -> bool:
     """True for a DICOM SEG file: a segmentation, read onto the grid of the image it was drawn on
     (:func:`load_labels_like`)."""
     p = Path(path)
-    return p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p) and _modality(p) == "SEG"
+    return (p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p)
+            and _modality(p) == "SEG")
 
 
 def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
@@ -663,33 +665,12 @@ def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
 
 
 def _seg_on_grid(p: Path, like: Volume) -> np.ndarray:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(str(p))
-        masks = ds.pixel_array
-        per = ds.PerFrameFunctionalGroupsSequence
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{p}: DICOM SEG is not readable ({_short(exc)}); re-export it") from None
-    masks = masks.reshape(-1, *masks.shape[-2:])
-    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":  # a probability or occupancy per pixel
-        masks = masks >= float(ds.get("MaximumFractionalValue", 255)) / 2
-    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
     labels = np.zeros(like.shape, np.uint8)
     frames = []
-    for frame, mask in zip(per, masks):
-        position = _functional_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
-        orientation = _functional_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-        pixel = _functional_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
-        number = _functional_value(frame, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
-        if position is None or orientation is None or pixel is None or number is None:
-            raise UserError(f"{p}: DICOM SEG frame {len(frames) + 1} gives no position, orientation, pixel spacing or "
-                            "segment number; re-export it")
-        o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
-        start = to_voxel @ np.array([*(float(v) for v in position[:3]), 1.0])
-        steps = to_voxel[:3, :3] @ np.stack([o[:3] * column, o[3:] * row], 1)  # one column, one row: in voxels
-        frames.append((int(number), start[:3], steps, mask))
+    for number, position, axes, mask in _seg_frames(str(p), os.stat(p).st_mtime_ns):
+        start = to_voxel @ np.array([*position, 1.0])
+        frames.append((number, start[:3], to_voxel[:3, :3] @ axes, mask))  # one column, one row: in voxels
     for number, start, steps, mask in sorted(frames, key=lambda f: f[0]):
         origin = np.round(start).astype(int)
         i, j, k = origin
@@ -700,7 +681,7 @@ def _seg_on_grid(p: Path, like: Volume) -> np.ndarray:
             raise OffGridError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, spacing "
                             "or position differ); give the segmentation drawn on this image")
         region = labels[k, j:j + mask.shape[0], i:i + mask.shape[1]]
-        drawn = mask.astype(bool)
+        drawn = mask
         over = int(np.count_nonzero(drawn & (region != 0) & (region != number)))
         if over:
             import warnings
@@ -709,6 +690,38 @@ def _seg_on_grid(p: Path, like: Volume) -> np.ndarray:
                           "segment number", stacklevel=3)
         region[drawn] = number
     return labels
+
+
+@functools.lru_cache(maxsize=2)
+def _seg_frames(name: str, mtime: int) -> list[tuple]:
+    """A DICOM SEG file's frames, each (segment number, position in LPS, the LPS steps of one column and one row as a
+    (3, 2) array, mask as bool), read once while the file stays the same (napari tries it on each open image)."""
+    import pydicom
+
+    p = Path(name)
+    try:
+        ds = pydicom.dcmread(name)
+        masks = ds.pixel_array
+        per = ds.PerFrameFunctionalGroupsSequence
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{p}: DICOM SEG is not readable ({_short(exc)}); re-export it") from None
+    masks = masks.reshape(-1, *masks.shape[-2:])
+    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":  # a probability or occupancy per pixel
+        masks = masks >= float(ds.get("MaximumFractionalValue", 255)) / 2
+    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
+    frames = []
+    for frame, mask in zip(per, masks):
+        position = _functional_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _functional_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        pixel = _functional_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
+        number = _functional_value(frame, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+        if position is None or orientation is None or pixel is None or number is None:
+            raise UserError(f"{p}: DICOM SEG frame {len(frames) + 1} gives no position, orientation, pixel spacing or "
+                            "segment number; re-export it")
+        o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
+        axes = np.stack([o[:3] * column, o[3:] * row], 1)
+        frames.append((int(number), np.array([float(v) for v in position[:3]]), axes, mask.astype(bool)))
+    return frames
 
 
 def _functional_value(frame, shared, sequence: str, name: str):
