@@ -117,25 +117,17 @@ def write_enhanced_dicom(path: Path, volume_zyx: np.ndarray, affine: np.ndarray,
     return Path(path)
 
 
-def write_non_image_dicom(path: Path, modality: str) -> Path:
-    """A DICOM object that holds no image: a SEG (an enhanced file of two segment frames at each of four positions,
-    Modality SEG) or an RT structure set (a bare header, Modality RTSTRUCT)."""
-    import pydicom
+def write_rt_structure_set(path: Path) -> Path:
+    """A DICOM RT structure set (contours, no image): a bare header, Modality RTSTRUCT."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    if modality == "SEG":
-        write_enhanced_dicom(path, np.ones((2, 4, 8, 8), np.int16), np.diag([1.0, 1.0, 4.0, 1.0]))
-        ds = pydicom.dcmread(path)
-        ds.Modality, ds.SOPClassUID = "SEG", "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
-        ds.save_as(path)
-        return Path(path)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, generate_uid(), generate_uid()
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "RTSTRUCT", generate_uid(), generate_uid()
     ds.save_as(path, enforce_file_format=True)
     return Path(path)
 

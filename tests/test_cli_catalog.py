@@ -14,7 +14,7 @@ import pytest
 
 from coral_core.phantom import make_phantom
 from coral_core.volume import load_volume, save_volume
-from helpers import write_nifti_ijk, write_non_image_dicom
+from helpers import write_dicom_seg, write_nifti_ijk
 from test_cli import coral, user_error
 
 
@@ -40,7 +40,7 @@ def files(tmp_path_factory):
     save_volume(d / "lab_small.nii.gz", lab.array[:, :64], lab.affine)
     write_nifti_ijk(d / "complex.nii.gz", np.ones((32, 32, 4), np.complex64), img.affine)  # raw MRI, not magnitude
     write_nifti_ijk(d / "blank.nii.gz", np.full((32, 32, 4), np.nan, np.float32), img.affine)
-    write_non_image_dicom(d / "seg.dcm", "SEG")  # a segmentation exported as DICOM SEG, given as an image
+    write_dicom_seg(d / "seg.dcm", lab.array, img.affine, ["RV", "myocardium", "LV"])  # a segmentation, as a scan
     return d
 
 

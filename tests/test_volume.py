@@ -157,14 +157,16 @@ def test_an_enhanced_multiframe_dicom_cine_reads_phase_by_phase(tmp_path):
 
 
 def test_dicom_objects_that_are_not_images_are_named(tmp_path, capfd):
-    """A DICOM SEG file (frames of segments, several at a position) or an RT structure set (contours, no voxels), as a
+    """A DICOM SEG file (a frame per segment at each slice it covers) or an RT structure set (contours, no voxels), as a
     file or as the only series of a folder, is named in one sentence saying how to use it as labels: a SEG was read
     as frames of a cine, and an RT structure set failed in ITK's words."""
-    from helpers import write_non_image_dicom
+    from helpers import write_dicom_seg, write_rt_structure_set
 
-    seg = write_non_image_dicom(tmp_path / "seg.dcm", "SEG")
+    labels = np.zeros((4, 8, 8), np.uint8)
+    labels[1:3, 2:6, 2:6] = 1
+    seg = write_dicom_seg(tmp_path / "seg.dcm", labels, np.diag([1.0, 1.0, 4.0, 1.0]), ["LV"])
     (tmp_path / "rt").mkdir()
-    write_non_image_dicom(tmp_path / "rt" / "RS0001.dcm", "RTSTRUCT")
+    write_rt_structure_set(tmp_path / "rt" / "RS0001.dcm")
     with pytest.raises(UserError, match=r"seg.dcm: is a DICOM SEG segmentation, not an image; give it as the labels of "
                                         r"the image it was drawn on \(coral finetune IMAGE --labels SEG"):
         load_frames(seg)
