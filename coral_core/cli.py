@@ -592,8 +592,9 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     """(image, labels file) of each volume `coral segment` is given: IMAGE with --out, or with --out-dir the
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
     from coral_core.data import _stem, discover_volumes, output_name
+    from coral_core.dicomseg import check_dicom_seg_source, is_dicom_seg_name
     from coral_core.fileio import check_output_path
-    from coral_core.volume import VOLUME_SUFFIXES, is_volume_path
+    from coral_core.volume import VOLUME_SUFFIXES, frame_count, is_volume_path
 
     if (args.out is None) == (args.out_dir is None):
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
@@ -602,7 +603,13 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
             raise UserError(f"--out writes one label volume but {len(args.images)} inputs were given; use --out-dir DIR")
         if Path(args.images[0]).is_dir() and not is_volume_path(args.images[0]):
             raise UserError(f"{args.images[0]}: a folder of volumes, not one volume; use --out-dir DIR instead of --out")
-        return [(Path(args.images[0]), check_output_path(args.out))]
+        out = check_output_path(args.out)
+        if is_dicom_seg_name(out):  # a DICOM SEG refers to the DICOM images it labels: only for a DICOM input
+            check_dicom_seg_source(args.images[0], out)
+            if frame_count(args.images[0]) > 1:
+                raise UserError(f"{out}: a DICOM SEG is written for a 3-D image, and {args.images[0]} is a cine series; "
+                                "end the output's name with .nii.gz, .mha or .nrrd")
+        return [(Path(args.images[0]), out)]
     out_dir = Path(args.out_dir)
     targets: dict[Path, Path] = {}
     for case in discover_volumes(args.images):
@@ -629,6 +636,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     from coral_core.data import tiling_note, windows_per_slice
     from coral_core.device import resolve_device
     from coral_core.infer import iter_segment_series, keep_largest_components
+    from coral_core.dicomseg import is_dicom_seg_name, save_dicom_seg
     from coral_core.volume import load_frames, save_like
 
     targets = _segment_targets(args)
@@ -655,7 +663,10 @@ def cmd_segment(args) -> tuple[dict, str]:
             if args.largest_component:
                 labels, removed = keep_largest_components(labels)
             seconds = time.perf_counter() - t0
-            save_like(out_path, labels, image, model.config.class_names)  # names in the header, for evaluate and napari
+            if is_dicom_seg_name(out_path):  # a DICOM SEG on the input series' images, segments named by class
+                save_dicom_seg(out_path, labels, image, model.config.class_names)
+            else:
+                save_like(out_path, labels, image, model.config.class_names)  # names in the header, for evaluate, napari
             done += 1
             counts = np.bincount(labels.ravel(), minlength=model.config.n_classes)
             results.append({"image": str(image_path), "labels": str(out_path), "shape": list(labels.shape),
@@ -1414,7 +1425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="a volume file or DICOM series folder; with --out-dir also several, and dataset folders")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--out", default=None, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd), for one INPUT")
+    p.add_argument("--out", default=None, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd; or .dcm, a DICOM SEG on a DICOM INPUT's images), for one INPUT")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="folder (created if missing) for NAME_labels of every volume, in its input's format (DICOM: "
                         ".nii.gz); the model is loaded once")

@@ -669,27 +669,44 @@ def _seg_on_grid(p: Path, like: Volume) -> np.ndarray:
     labels = np.zeros(like.shape, np.uint8)
     frames = []
     for number, position, axes, mask in _seg_frames(str(p), os.stat(p).st_mtime_ns):
-        start = to_voxel @ np.array([*position, 1.0])
-        frames.append((number, start[:3], to_voxel[:3, :3] @ axes, mask))  # one column, one row: in voxels
-    for number, start, steps, mask in sorted(frames, key=lambda f: f[0]):
-        origin = np.round(start).astype(int)
-        i, j, k = origin
-        fits = (np.allclose(steps, [[1, 0], [0, 1], [0, 0]], atol=0.01) and np.allclose(start, origin, atol=0.05)
-                and 0 <= k < like.shape[0] and 0 <= j and j + mask.shape[0] <= like.shape[1] and 0 <= i
-                and i + mask.shape[1] <= like.shape[2])
-        if not fits:
+        start = (to_voxel @ np.array([*position, 1.0]))[:3]
+        steps = to_voxel[:3, :3] @ axes  # one column, one row: in voxels
+        frames.append((number, _plane_on_grid(start, steps[:, 0], steps[:, 1], *mask.shape, like.shape), mask))
+    for number, place, mask in sorted(frames, key=lambda f: f[0]):
+        if place is None:
             raise OffGridError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, spacing "
-                            "or position differ); give the segmentation drawn on this image")
-        region = labels[k, j:j + mask.shape[0], i:i + mask.shape[1]]
-        drawn = mask
-        over = int(np.count_nonzero(drawn & (region != 0) & (region != number)))
+                               "or position differ); give the segmentation drawn on this image")
+        k, j, i = place
+        drawn = labels[k]
+        over = int(np.count_nonzero(mask & (drawn[j, i] != 0) & (drawn[j, i] != number)))
         if over:
             import warnings
 
             warnings.warn(f"{p}: {over} voxels of slice {k} belong to more than one segment; each takes the highest "
                           "segment number", stacklevel=3)
-        region[drawn] = number
+        drawn[j[mask], i[mask]] = number
     return labels
+
+
+def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple | None:
+    """Where an image plane lies on a (z, y, x) voxel grid: (its slice k, then the j and the i index of each of its
+    pixels, (rows, columns) arrays), from its first pixel's voxel coordinates ``start`` (i, j, k) and the voxel steps
+    of one column and of one row (the plane's rows and columns may run along the grid's in either direction, or
+    swapped); None when its pixels are not the voxels of one slice (another orientation, spacing or position, or
+    partly outside)."""
+    origin = np.round(start).astype(int)
+    exact = np.stack([column, row])
+    steps = np.round(exact).astype(int)
+    units = np.abs(steps[:, :2])
+    if not (np.allclose(start, origin, atol=0.05) and np.allclose(exact, steps, atol=0.01) and not steps[:, 2].any()
+            and (units.sum(0) == 1).all() and (units.sum(1) == 1).all() and 0 <= origin[2] < shape[0]):
+        return None
+    a, b = np.meshgrid(np.arange(columns), np.arange(rows))
+    i = origin[0] + a * steps[0, 0] + b * steps[1, 0]
+    j = origin[1] + a * steps[0, 1] + b * steps[1, 1]
+    if min(i.min(), j.min()) < 0 or i.max() >= shape[2] or j.max() >= shape[1]:
+        return None
+    return int(origin[2]), j, i
 
 
 @functools.lru_cache(maxsize=2)

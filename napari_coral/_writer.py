@@ -1,19 +1,24 @@
 """npe2 writers: Labels and Image layers (3-D, or 4-D cine series) to NIfTI, MHA or NRRD, restoring the
-source geometry, and a Labels layer's class names (its features' "class" column) in the file's header."""
+source geometry, and a Labels layer's class names (its features' "class" column) in the file's header; a 3-D Labels
+layer drawn on a DICOM series also to a DICOM SEG (.dcm) that refers to the series' images."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from coral_core.volume import save_volume
+from pathlib import Path
+
+from coral_core.dicomseg import check_dicom_seg_source, is_dicom_seg_name, save_dicom_seg
+from coral_core.errors import UserError
+from coral_core.volume import Volume, save_volume
 from napari_coral._layers import affine_from_layer, spacing_mm
 
 
 def _write(path: str, data, meta: dict, dtype, class_names: list[str] | None = None) -> list[str]:
     array = np.asarray(data)
     if array.ndim not in (3, 4):
-        raise ValueError(f"{path}: only 3-D layers and 4-D (cine) series can be saved (this one has {array.ndim} "
-                         "dimensions)")
+        raise UserError(f"{path}: only 3-D layers and 4-D (cine) series can be saved (this one has {array.ndim} "
+                        "dimensions)")  # napari would take a ValueError for "no writer" and say only that
     scale = meta.get("scale")
     if scale is not None:
         scale = spacing_mm(scale, meta.get("units"))[-3:]  # a layer in micrometres is written in mm
@@ -35,8 +40,53 @@ def layer_class_names(features) -> list[str] | None:
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
+    if is_dicom_seg_name(path):
+        return _write_seg(path, data, meta)
     dtype = np.uint8 if np.asarray(data).max(initial=0) <= 255 else np.int32
     return _write(path, data, meta, dtype, layer_class_names(meta.get("features")))
+
+
+def _write_seg(path: str, data, meta: dict) -> list[str]:
+    """A Labels layer as a DICOM SEG on the DICOM images it was drawn on: the layer's own source (a layer Segment
+    made, or one read from the series), else the open image read from DICOM with the layer's shape and placement (a
+    label file opened over it). Segments are named by the layer's classes; Segment's predictions are SEMIAUTOMATIC
+    (corrected by hand or not), other layers MANUAL."""
+    array = np.asarray(data)
+    info = dict(meta.get("metadata") or {})
+    scale = meta.get("scale")
+    if scale is not None:
+        scale = spacing_mm(scale, meta.get("units"))[-3:]
+    affine = affine_from_layer(info, scale)
+    source = info.get("source_path")
+    try:
+        check_dicom_seg_source(source, path)
+    except UserError:
+        info = _dicom_image_like(array.shape, affine) or info  # the open DICOM image this label file lies on
+    series = info.get("dicom_series")
+    like = Volume(np.broadcast_to(np.uint8(0), array.shape), affine,
+                  Path(info["source_path"]) if info.get("source_path") else None)
+    save_dicom_seg(path, array, like, layer_class_names(meta.get("features")),  # UserError: napari shows it
+                   series_uid=series if isinstance(series, str) and series else None,
+                   algorithm="SEMIAUTOMATIC" if info.get("coral_prediction") else "MANUAL")
+    return [path]
+
+
+def _dicom_image_like(shape, affine) -> dict | None:
+    """The metadata of the first Image layer of the current viewer read from DICOM whose shape and affine are these."""
+    from napari import current_viewer
+    from napari.layers import Image
+
+    viewer = current_viewer()
+    for layer in (viewer.layers if viewer is not None else []):
+        info = layer.metadata
+        if (isinstance(layer, Image) and tuple(layer.data.shape) == tuple(shape) and info.get("affine") is not None
+                and np.allclose(np.asarray(info["affine"]), affine, atol=1e-4)):
+            try:
+                check_dicom_seg_source(info.get("source_path"), "")
+            except UserError:
+                continue
+            return dict(info)
+    return None
 
 
 def write_image(path: str, data, meta: dict) -> list[str]:

@@ -1272,6 +1272,36 @@ def test_a_dicom_seg_as_labels(tmp_path):
                "lab.dcm: is a DICOM SEG segmentation, not an image", "coral finetune IMAGE --labels SEG")
 
 
+def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
+    """`coral segment SERIES --out x.dcm` writes the labels as a DICOM SEG on the series' images, its segments named
+    after the model's classes: the labels it writes to NIfTI, as an independent reader (highdicom) and `coral
+    evaluate` see them. A SEG for an image not read from DICOM, or for a cine, is refused before the model runs."""
+    hd = pytest.importorskip("highdicom")
+    from helpers import write_dicom_series
+
+    img, _ = make_phantom(11, n_slices=6)
+    uid = "1.2.826.0.1.3680043.2.1125.1.4242"
+    series = write_dicom_series(tmp_path / "sax", np.round(img.array * 1000), spacing_zyx=(10.0, 1.8, 1.8),
+                                series_uid=uid)
+    done = json.loads(coral("segment", series, "--out", tmp_path / "pred.dcm", "--json").stdout)
+    assert done["labels"] == str(tmp_path / "pred.dcm") and done["shape"] == [6, 128, 128]
+    coral("segment", series, "--out", tmp_path / "pred.nii.gz")
+    labels = load_volume(tmp_path / "pred.nii.gz").array
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    seg = hd.seg.segread(tmp_path / "pred.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["RV", "myocardium", "LV"]
+    by_source = seg.get_pixels_by_source_instance([f"{uid}.{k + 1}" for k in range(6)], combine_segments=True)
+    np.testing.assert_array_equal(by_source, labels)  # slice k is file k, its rows and columns as stored
+    scores = json.loads(coral("evaluate", tmp_path / "pred.dcm", tmp_path / "pred.nii.gz", "--json").stdout)
+    assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
+    save_volume(tmp_path / "img.nii.gz", img.array, np.eye(4))
+    user_error(coral("segment", tmp_path / "img.nii.gz", "--out", tmp_path / "x.dcm", check=False),
+               "x.dcm: a DICOM SEG refers to the DICOM images it labels", "img.nii.gz was not read from DICOM")
+    cine = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 8)))
+    user_error(coral("segment", cine, "--out", tmp_path / "x.dcm", check=False), "cine is a cine series")
+    assert not list(tmp_path.glob("*x.dcm*"))
+
+
 def test_main_in_process_gives_warnings_and_ctrl_c_back(tmp_path, capsys):
     """A program calling `coral_core.cli.main` gets one-line warnings and Ctrl-C handling only while the command
     runs: its own warning printer and SIGINT handler are back afterwards, whether the command ended well or not."""

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("napari")
 from qtpy.QtCore import Qt, QTimer  # noqa: E402
 
+from coral_core.errors import UserError  # noqa: E402
 from coral_core.metrics import dice_per_class  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
 from coral_core.volume import load_volume, read_class_names  # noqa: E402
@@ -111,6 +112,49 @@ def test_writer_round_trip_restores_source_geometry(tmp_path, make_napari_viewer
         reopened = viewer.open(str(tmp_path / name), plugin="napari-coral")[0]  # with its names, in Segment's colours
         assert list(reopened.features["class"]) == names
         assert tuple(reopened.colormap.map(np.array([3]))[0]) == tuple(class_colormap(4).map(np.array([3]))[0])
+
+
+def test_labels_drawn_on_a_dicom_series_save_as_a_dicom_seg(tmp_path, make_napari_viewer, qtbot):
+    """A Labels layer on a DICOM series saves as a DICOM SEG on the series' images (.dcm) and opens again on it:
+    Segment's layer, corrected by hand, with its classes as segments (SEMIAUTOMATIC); a label file opened over the
+    series (MANUAL). Labels on no DICOM image are refused in one sentence."""
+    hd = pytest.importorskip("highdicom")
+    from coral_core.phantom import make_phantom
+    from coral_core.volume import save_volume
+    from helpers import write_dicom_series
+
+    img, truth = make_phantom(11, n_slices=6)
+    uid = "1.2.826.0.1.3680043.2.1125.1.4243"
+    sources = [f"{uid}.{k + 1}" for k in range(6)]
+    series = write_dicom_series(tmp_path / "sax", np.round(img.array * 1000), spacing_zyx=(10.0, 1.8, 1.8),
+                                series_uid=uid)
+    viewer = make_napari_viewer()
+    image, = viewer.open(str(series / "slice002.dcm"), plugin="napari-coral")  # the series, from one of its files
+    dock(viewer, "Segment").segment()
+    qtbot.waitUntil(lambda: f"{image.name} labels" in viewer.layers, timeout=60_000)
+    layer = viewer.layers[f"{image.name} labels"]
+    layer.data[2, :6, :6] = 3  # a correction painted
+    layer.save(str(tmp_path / "pred.dcm"), plugin="napari-coral")
+    seg = hd.seg.segread(tmp_path / "pred.dcm")
+    assert [(s.SegmentLabel, s.SegmentAlgorithmType) for s in seg.SegmentSequence] == [
+        ("RV", "SEMIAUTOMATIC"), ("myocardium", "SEMIAUTOMATIC"), ("LV", "SEMIAUTOMATIC")]
+    np.testing.assert_array_equal(seg.get_pixels_by_source_instance(sources, combine_segments=True), layer.data)
+    reopened, = viewer.open(str(tmp_path / "pred.dcm"), plugin="napari-coral")
+    np.testing.assert_array_equal(reopened.data, layer.data)
+    assert list(reopened.features["class"]) == ["background", "RV", "myocardium", "LV"]
+
+    save_volume(tmp_path / "truth.nii.gz", truth.array, np.asarray(image.metadata["affine"]),
+                ["background", "RV", "myocardium", "LV"])
+    drawn, = viewer.open(str(tmp_path / "truth.nii.gz"), plugin="napari-coral")
+    drawn.save(str(tmp_path / "truth.dcm"), plugin="napari-coral")
+    seg = hd.seg.segread(tmp_path / "truth.dcm")
+    assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"MANUAL"}
+    np.testing.assert_array_equal(seg.get_pixels_by_source_instance(sources, combine_segments=True), truth.array)
+    viewer.layers.remove(image)
+    with pytest.raises(UserError) as info:  # not a ValueError, which napari would take for "no writer here"
+        drawn.save(str(tmp_path / "alone.dcm"), plugin="napari-coral")
+    assert "alone.dcm: a DICOM SEG refers to the DICOM images it labels" in str(info.value)
+    assert "truth.nii.gz was not read from DICOM" in str(info.value) and not list(tmp_path.glob("*alone*"))
 
 
 def test_sample_has_image_and_ground_truth(viewer):

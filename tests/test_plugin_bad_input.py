@@ -251,7 +251,7 @@ def test_writer_names_classes_by_label_value_from_an_index_column(tmp_path):
 
 
 def test_writer_refuses_a_2d_layer_and_saves_a_cine_series_in_each_format(tmp_path):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UserError) as info:
         write_labels(str(tmp_path / "x.nii.gz"), np.zeros((8, 8), np.uint8), {"metadata": {}, "scale": (1, 1)})
     one_sentence(str(info.value), "3-D")
     assert not list(tmp_path.iterdir())

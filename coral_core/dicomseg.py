@@ -1,0 +1,300 @@
+"""Writing a label volume as a DICOM SEG: a segmentation object that PACS, OHIF, 3D Slicer and other DICOM tools
+show on the image series it was drawn on.
+
+The SEG refers to the DICOM images it labels, so it can be written only for an image read from DICOM (a series
+folder, or a multi-frame file): each frame is one segment on one source image (or one frame of a multi-frame
+source), in that image's own rows and columns, with the image's position, orientation and pixel spacing; frames
+that label nothing are left out. Label value n becomes segment n, named by ``class_names[n]``. The patient, study
+and frame of reference are the source's; the series is new. Reading one back: :func:`coral_core.volume.load_labels_like`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coral_core.errors import UserError
+from coral_core.fileio import atomic_target, check_output_path
+from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _plane_on_grid, _short,
+                               is_volume_path)
+
+__all__ = ["save_dicom_seg", "check_dicom_seg_source", "is_dicom_seg_name", "SEG_ALGORITHMS"]
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage SOP class
+SEG_ALGORITHMS = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")  # how the segments were made (DICOM's words)
+
+# Attributes copied from the source image: patient, study, frame of reference (type 2: present, maybe empty).
+_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
+           "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+           "FrameOfReferenceUID")
+_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+           "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_NOT_IMAGES = {"SEG", "RTSTRUCT", "SR", "PR", "REG", "KO"}
+
+
+def is_dicom_seg_name(path: str | os.PathLike) -> bool:
+    """True for an output name that asks for a DICOM SEG (ends with .dcm)."""
+    return Path(path).name.lower().endswith(".dcm")
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """One source image (or one frame of a multi-frame source) that a SEG frame can label."""
+
+    sop_class: str
+    sop_instance: str
+    frame: int | None  # its number in a multi-frame file (from 1); None for a file of one image
+    position: np.ndarray  # LPS of its first pixel's centre, mm
+    orientation: np.ndarray  # direction cosines of a row, then of a column
+    spacing: tuple[float, float]  # mm between rows, between columns
+    rows: int
+    columns: int
+
+
+def check_dicom_seg_source(source: str | os.PathLike | None, out: str | os.PathLike) -> Path:
+    """The DICOM source (a series folder or a multi-frame file) a SEG named ``out`` would refer to; raises
+    :class:`UserError` with one sentence when ``source`` is not DICOM (call before any work is done)."""
+    p = Path(source) if source is not None else None
+    if p is None or not (p.is_dir() and is_volume_path(p) or p.is_file() and _looks_like_dicom(p)
+                         and not p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr"))):
+        raise UserError(f"{out}: a DICOM SEG refers to the DICOM images it labels, but "
+                        f"{p if p is not None else 'this image'} was not read from DICOM; end the output's name with "
+                        ".nii.gz, .mha or .nrrd")
+    return p
+
+
+def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, class_names: list[str] | None = None,
+                   *, series_uid: str | None = None, algorithm: str = "AUTOMATIC",
+                   description: str = "napari-coral segmentation") -> Path:
+    """Write ``labels`` ((z, y, x), the shape of ``like``, which was read from a DICOM series folder or multi-frame
+    file) as a BINARY DICOM SEG referring to ``like``'s source images, atomically. ``series_uid`` picks the series of
+    a folder that holds several (napari's ``dicom_series``); ``algorithm`` is one of :data:`SEG_ALGORITHMS`.
+    Raises :class:`UserError` with one sentence for an image not read from DICOM, a cine, or labels whose grid is
+    not the source images'."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    import coral_core
+
+    p = check_output_path(path)
+    source = check_dicom_seg_source(like.path, p)
+    if algorithm not in SEG_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {SEG_ALGORITHMS}, not {algorithm!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise UserError(f"{p}: a DICOM SEG is written here for a 3-D image, and these labels have {labels.ndim} "
+                        "dimensions (a cine); end the output's name with .nii.gz, .mha or .nrrd")
+    if labels.shape != like.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from the image's {like.shape}")
+    if labels.min(initial=0) < 0:
+        raise UserError(f"{p}: labels hold negative values, which no DICOM segment can have; clear them first")
+    header, planes = _source_planes(source, series_uid, p)
+    placed = _on_planes(labels, like, planes, p, source)  # each plane's slice, and labels in its rows and columns
+    order = sorted(range(len(planes)), key=lambda index: placed[index][0])  # the planes in slice order
+    planes, sampled = [planes[index] for index in order], [placed[index][1] for index in order]
+    names = [str(n) for n in (class_names or ["background"])]
+    count = max(len(names) - 1, int(labels.max(initial=0)))
+    frames = [(n, index) for n in range(1, count + 1) for index in range(len(planes))
+              if (sampled[index] == n).any()]
+    if not frames:  # nothing labelled: one empty frame, as a SEG holds at least one
+        frames = [(1, 0)]
+    count = max(count, 1)
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SEG_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    for name in _COPIED:
+        if name in header:
+            setattr(ds, name, header[name].value)
+        elif name in _TYPE_2:
+            setattr(ds, name, "")
+    if "FrameOfReferenceUID" not in ds:  # a source without one: the SEG still needs its own
+        ds.FrameOfReferenceUID = generate_uid()
+    now = datetime.datetime.now()
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = "SEG", generate_uid(), 300, 1
+    ds.SeriesDescription = description[:64]
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = ds.ManufacturerModelName = "napari-coral"
+    ds.DeviceSerialNumber = "1"
+    ds.SoftwareVersions = coral_core.__version__
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.ContentLabel, ds.ContentDescription, ds.ContentCreatorName = "SEGMENTATION", description[:64], ""
+    ds.SegmentationType = "BINARY"
+    ds.LossyImageCompression = "00"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = planes[0].rows, planes[0].columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    ds.SegmentSequence = Sequence([_segment(n, names[n] if n < len(names) else f"class {n}", algorithm)
+                                   for n in range(1, count + 1)])
+
+    organisation = generate_uid()
+    ds.DimensionOrganizationType = "3D"
+    ds.DimensionOrganizationSequence = Sequence([_item(DimensionOrganizationUID=organisation)])
+    ds.DimensionIndexSequence = Sequence([
+        _item(DimensionOrganizationUID=organisation, DimensionIndexPointer=0x0062000B,
+              FunctionalGroupPointer=0x0062000A, DimensionDescriptionLabel="ReferencedSegmentNumber"),
+        _item(DimensionOrganizationUID=organisation, DimensionIndexPointer=0x00200032,
+              FunctionalGroupPointer=0x00209113, DimensionDescriptionLabel="ImagePositionPatient")])
+    first = planes[0]
+    shared = _item(
+        PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=_ds(first.orientation, 8))]),
+        PixelMeasuresSequence=Sequence([_item(PixelSpacing=_ds(first.spacing, 8),
+                                              SliceThickness=_ds([header.get("SliceThickness") or like.spacing[0]],
+                                                                 8)[0],
+                                              SpacingBetweenSlices=_ds([like.spacing[0]], 8)[0])]))
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for n, index in frames:
+        plane = planes[index]
+        image = _item(ReferencedSOPClassUID=plane.sop_class, ReferencedSOPInstanceUID=plane.sop_instance,
+                      SpatialLocationsPreserved="YES",  # the frame is the source image's own pixel grid
+                      PurposeOfReferenceCodeSequence=Sequence([_code("121322", "DCM", "Source image for image "
+                                                                                       "processing operation")]))
+        if plane.frame is not None:
+            image.ReferencedFrameNumber = plane.frame
+        per_frame.append(_item(
+            DerivationImageSequence=Sequence([_item(SourceImageSequence=Sequence([image]),
+                                                    DerivationCodeSequence=Sequence([_code("113076", "DCM",
+                                                                                           "Segmentation")]))]),
+            FrameContentSequence=Sequence([_item(DimensionIndexValues=[n, index + 1])]),
+            PlanePositionSequence=Sequence([_item(ImagePositionPatient=_ds(plane.position, 6))]),
+            SegmentIdentificationSequence=Sequence([_item(ReferencedSegmentNumber=n)])))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.NumberOfFrames = len(frames)
+    instances = {(plane.sop_class, plane.sop_instance): None for plane in planes}
+    ds.ReferencedSeriesSequence = Sequence([_item(
+        SeriesInstanceUID=header.SeriesInstanceUID,
+        ReferencedInstanceSequence=Sequence([_item(ReferencedSOPClassUID=c, ReferencedSOPInstanceUID=i)
+                                             for c, i in instances]))])
+    masks = np.stack([sampled[index] == n for n, index in frames]).astype(np.uint8)
+    ds.PixelData = pack_bits(masks)  # frames packed one after another, padded to an even length
+    with atomic_target(p, suffix=".dcm") as tmp:
+        ds.save_as(str(tmp), enforce_file_format=True)
+    return p
+
+
+def _source_planes(source: Path, series_uid: str | None, out: Path) -> tuple:
+    """(the first source header, the source's image planes) of a DICOM series folder (the files of ``series_uid``,
+    else of the one image series it holds) or of a multi-frame file."""
+    import pydicom
+
+    files = sorted(f for f in source.iterdir() if f.is_file() and _looks_like_dicom(f)) if source.is_dir() else [source]
+    headers = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not DICOM after all (a stray file named .dcm): not a source image
+            continue
+        if str(ds.get("Modality", "")).upper() in _NOT_IMAGES or "SOPInstanceUID" not in ds:
+            continue
+        if series_uid is not None and str(ds.get("SeriesInstanceUID", "")) != series_uid:
+            continue
+        headers.append(ds)
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
+    if not headers or len(series) > 1:
+        raise UserError(f"{out}: {source} holds {'no DICOM image' if not headers else f'{len(series)} DICOM series'} "
+                        "to refer the SEG to; give the folder of one image series")
+    planes = []
+    try:
+        for ds in headers:
+            planes.extend(_planes(ds))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UserError(f"{out}: the DICOM images in {source} give no position, orientation or pixel spacing "
+                        f"({_short(exc)}); a SEG cannot be placed on them, write .nii.gz instead") from None
+    return headers[0], planes
+
+
+def _planes(ds) -> list[_Plane]:
+    """The image planes of one source file: one for a file of one image, one per frame for a multi-frame file."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if frames == 1 and "ImagePositionPatient" in ds:
+        return [_Plane(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None, _floats(ds.ImagePositionPatient, 3),
+                       _floats(ds.ImageOrientationPatient, 6), tuple(_floats(ds.PixelSpacing, 2)), rows, columns)]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    per = ds.PerFrameFunctionalGroupsSequence
+    planes = []
+    for number, frame in enumerate(per, 1):
+        values = [_functional_value(frame, shared, sequence, name) for sequence, name in (
+            ("PlanePositionSequence", "ImagePositionPatient"), ("PlaneOrientationSequence", "ImageOrientationPatient"),
+            ("PixelMeasuresSequence", "PixelSpacing"))]
+        if any(v is None for v in values):
+            raise ValueError(f"frame {number} has none")
+        planes.append(_Plane(str(ds.SOPClassUID), str(ds.SOPInstanceUID), number, _floats(values[0], 3),
+                             _floats(values[1], 6), tuple(_floats(values[2], 2)), rows, columns))
+    return planes
+
+
+def _on_planes(labels: np.ndarray, like: Volume, planes: list[_Plane], out: Path, source: Path) -> list[tuple]:
+    """(slice k, the labels there in the plane's own rows and columns) of each source plane (the image reader may
+    have flipped or swapped the stored axes); raises :class:`UserError` when a plane does not lie on ``like``'s voxel
+    grid, or two lie on one slice (a cine)."""
+    to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS -> the image's voxel (i, j, k)
+    seen: set[int] = set()
+    sampled = []
+    for plane in planes:
+        start = (to_voxel @ np.array([*plane.position, 1.0]))[:3]
+        column = to_voxel[:3, :3] @ (plane.orientation[:3] * plane.spacing[1])  # one column to the right
+        row = to_voxel[:3, :3] @ (plane.orientation[3:] * plane.spacing[0])  # one row down
+        place = _plane_on_grid(start, column, row, plane.rows, plane.columns, like.shape)
+        if place is None or place[0] in seen:
+            what = "a grid other than the image's" if place is None else "two images at one slice position (a cine)"
+            raise UserError(f"{out}: the DICOM images in {source} lie on {what}, so the labels cannot be placed on "
+                            "them; write .nii.gz instead")
+        k, j, i = place
+        seen.add(k)
+        sampled.append((k, labels[k][j, i]))
+    return sampled
+
+
+def _segment(number: int, name: str, algorithm: str):
+    from pydicom.sequence import Sequence
+
+    segment = _item(SegmentNumber=number, SegmentLabel=name[:64], SegmentAlgorithmType=algorithm,
+                    SegmentedPropertyCategoryCodeSequence=Sequence([_code("85756007", "SCT", "Tissue")]),
+                    SegmentedPropertyTypeCodeSequence=Sequence([_code("85756007", "SCT", "Tissue")]))
+    if algorithm != "MANUAL":
+        segment.SegmentAlgorithmName = "napari-coral"
+    return segment
+
+
+def _code(value: str, scheme: str, meaning: str):
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def _item(**values):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for name, value in values.items():
+        setattr(ds, name, value)
+    return ds
+
+
+def _floats(values, n: int) -> np.ndarray:
+    out = np.array([float(v) for v in list(values)[:n]])
+    if len(out) != n:
+        raise ValueError(f"{n} numbers expected, {len(out)} given")
+    return out
+
+
+def _ds(values, digits: int) -> list[str]:
+    """Numbers as DICOM decimal strings (at most 16 characters)."""
+    out = []
+    for v in values:
+        text = f"{float(v):.{digits}g}"
+        while len(text) > 16:
+            digits -= 1
+            text = f"{float(v):.{digits}g}"
+        out.append(text)
+    return out

@@ -1,0 +1,127 @@
+"""Labels written as a DICOM SEG, checked with an independent reader (highdicom) as well as our own: each frame on
+the right source image, in that image's rows and columns, with the source's patient, study and frame of reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from coral_core.dicomseg import save_dicom_seg
+from coral_core.errors import UserError
+from coral_core.volume import Volume, load_frames, load_labels_like, load_volume, read_class_names
+from helpers import oblique_affine, write_dicom_series, write_enhanced_dicom, write_nifti_ijk
+
+hd = pytest.importorskip("highdicom")
+
+SERIES = "1.2.826.0.1.3680043.2.1125.1.12345"  # write_dicom_series's; file n holds SOP instance SERIES.(n + 1)
+NAMES = ["background", "RV", "myocardium", "LV"]
+
+
+def _labels(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = (rng.integers(1, 4, shape) * (rng.random(shape) > 0.6)).astype(np.uint8)
+    labels[3] = 0  # a slice with nothing on it: no frame
+    labels[4][labels[4] == 2] = 0  # a slice without segment 2
+    return labels
+
+
+def test_a_series_labels_written_as_a_dicom_seg_lie_on_its_images(tmp_path):
+    """Every (segment, slice) that holds voxels is one frame on the slice's source image; an independent reader gets
+    each source image's labels back, our reader the whole volume and the class names."""
+    volume = np.random.default_rng(1).integers(0, 900, (6, 10, 12)).astype(np.int16)
+    extra = {"0010|0010": "Doe^Jane", "0010|0020": "P-007", "0020|0052": "1.2.826.0.1.3680043.2.1125.1.77"}
+    image = load_volume(write_dicom_series(tmp_path / "ct", volume, spacing_zyx=(3.0, 0.7, 0.9), extra=extra))
+    labels = _labels(image.shape)
+    out = save_dicom_seg(tmp_path / "pred.dcm", labels, image, NAMES)
+
+    seg = hd.seg.segread(out)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.SegmentationType == "BINARY"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == NAMES[1:]
+    assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"AUTOMATIC"}
+    assert (str(seg.PatientName), seg.PatientID, seg.FrameOfReferenceUID) == ("Doe^Jane", "P-007", extra["0020|0052"])
+    assert seg.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.1.1" and seg.SeriesInstanceUID != SERIES
+    held = sum(int((labels[k] == n).any()) for n in (1, 2, 3) for k in range(6))
+    assert int(seg.NumberOfFrames) == held == 14  # 6 slices x 3 segments, less slice 3's three and slice 4's segment 2
+    sources = [f"{SERIES}.{k + 1}" for k in range(6)]
+    assert sorted(uid for _, _, uid in seg.get_source_image_uids()) == sorted(sources)
+    by_source = seg.get_pixels_by_source_instance(sources, combine_segments=True)
+    np.testing.assert_array_equal(by_source, labels)
+
+    np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
+    assert read_class_names(out) == NAMES
+
+
+def test_labels_of_an_image_held_flipped_or_transposed_go_to_the_right_pixels(tmp_path):
+    """The frames follow the source images' stored rows and columns, whatever axes the image was held in."""
+    image = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12)), spacing_zyx=(3.0, 0.7, 0.9)))
+    labels = _labels(image.shape, seed=2)
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])  # i and k reversed
+    flip[0, 3], flip[2, 3] = image.shape[2] - 1, image.shape[0] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]  # i and j exchanged
+    held = {"flipped": (image.affine @ flip, labels[::-1, :, ::-1]), "transposed": (image.affine @ swap,
+                                                                                     labels.transpose(0, 2, 1))}
+    sources = [f"{SERIES}.{k + 1}" for k in range(6)]
+    for name, (affine, array) in held.items():
+        like = Volume(np.ascontiguousarray(array), affine, image.path)
+        out = save_dicom_seg(tmp_path / f"{name}.dcm", array, like, NAMES)
+        by_source = hd.seg.segread(out).get_pixels_by_source_instance(sources, combine_segments=True)
+        np.testing.assert_array_equal(by_source, labels, err_msg=name)
+        np.testing.assert_array_equal(load_labels_like(out, like).array, array, err_msg=name)
+        np.testing.assert_array_equal(load_labels_like(out, image).array, labels, err_msg=name)
+
+
+def test_labels_of_a_multiframe_image_refer_to_its_frames(tmp_path):
+    """A multi-frame (enhanced) source: each SEG frame names the source frame it lies on, stored in any order."""
+    affine = oblique_affine((0.8, 0.9, 4.0))
+    order = [3, 0, 4, 1, 5, 2]
+    path = write_enhanced_dicom(tmp_path / "mr.dcm", np.zeros((6, 10, 12), np.int16), affine, frame_order=order)
+    image = load_volume(path)
+    labels = _labels(image.shape, seed=3)
+    out = save_dicom_seg(tmp_path / "seg.dcm", labels, image, NAMES[:2], algorithm="MANUAL")
+    seg = hd.seg.segread(out)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["RV", "class 2", "class 3"]  # unnamed labels
+    assert "SegmentAlgorithmName" not in seg.SegmentSequence[0]  # drawn by hand: no algorithm
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    by_frame = seg.get_pixels_by_source_frame(uid, source_frame_numbers=[order.index(k) + 1 for k in range(6)],
+                                              combine_segments=True)
+    np.testing.assert_array_equal(by_frame, labels)
+    np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
+
+
+def test_nothing_labelled_is_one_empty_frame_and_a_series_is_picked_by_uid(tmp_path):
+    """Empty labels still make a valid SEG (one empty frame); a folder of two series: the one named, else refused."""
+    folder = write_dicom_series(tmp_path / "study", np.zeros((4, 8, 8)))
+    write_dicom_series(folder, np.zeros((5, 8, 8)), spacing_zyx=(2.0, 0.8, 0.8), series_uid="1.2.826.0.1.3680043.9.2",
+                       prefix="mr")
+    like = Volume(np.zeros((4, 8, 8)), load_volume(write_dicom_series(tmp_path / "one", np.zeros((4, 8, 8)))).affine,
+                  folder)
+    out = save_dicom_seg(tmp_path / "empty.dcm", np.zeros((4, 8, 8), np.uint8), like, NAMES, series_uid=SERIES)
+    seg = hd.seg.segread(out)
+    assert int(seg.NumberOfFrames) == 1 and not seg.pixel_array.any()
+    assert {uid for _, _, uid in seg.get_source_image_uids()} == {f"{SERIES}.{k + 1}" for k in range(4)}
+    assert not load_labels_like(out, like).array.any()
+    with pytest.raises(UserError, match=r"study holds 2 DICOM series to refer the SEG to; give the folder of one"):
+        save_dicom_seg(tmp_path / "two.dcm", np.zeros((4, 8, 8), np.uint8), like, NAMES)
+
+
+def test_what_cannot_be_written_as_a_dicom_seg_is_one_sentence_and_no_file(tmp_path):
+    """An image not read from DICOM, a cine, or labels on another grid than the source images: one sentence each,
+    and nothing written."""
+    write_nifti_ijk(tmp_path / "img.nii.gz", np.zeros((8, 8, 4), np.float32), np.eye(4))
+    nifti = load_volume(tmp_path / "img.nii.gz")
+    cine = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 8)))
+    series = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((4, 8, 8))))
+    shifted = Volume(series.array, series.affine.copy(), series.path)
+    shifted.affine[0, 3] += 0.4  # half a voxel aside: not the source images' grid
+    cases = [(nifti, np.zeros((4, 8, 8), np.uint8), "img.nii.gz was not read from DICOM; end the output's name with "
+                                                    ".nii.gz, .mha or .nrrd"),
+             (load_frames(cine)[0], np.zeros((3, 4, 8, 8), np.uint8), "these labels have 4 dimensions (a cine)"),
+             (Volume(np.zeros((4, 8, 8)), load_frames(cine)[0].affine, cine), np.zeros((4, 8, 8), np.uint8),
+              "lie on two images at one slice position (a cine)"),
+             (shifted, np.zeros((4, 8, 8), np.uint8), "lie on a grid other than the image's")]
+    for like, labels, words in cases:
+        with pytest.raises(UserError) as info:
+            save_dicom_seg(tmp_path / "out.dcm", labels, like, NAMES)
+        assert words in str(info.value) and "\n" not in str(info.value)
+        assert not list(tmp_path.glob("*out.dcm*"))
