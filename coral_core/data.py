@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from coral_core.errors import UserError
 from coral_core.losses import partition_index
-from coral_core.volume import VOLUME_SUFFIXES, Volume, is_volume_path, load_frames, load_volume, normalise_intensity
+from coral_core.volume import (VOLUME_SUFFIXES, Volume, dicom_slice_series, is_dicom_file, is_dicom_seg, is_volume_path,
+                               load_frames, load_volume, normalise_intensity)
 
 __all__ = [
     "slice_positions",
@@ -610,14 +611,20 @@ def discover_flat(folder: str | os.PathLike, subject: str | None = None) -> list
     """The volumes directly in ``folder``, each image paired with a label file beside it when one is
     named after it: ``ct_1001_image.nii.gz`` with ``ct_1001_label.nii.gz`` (CHD, MM-WHS),
     ``case.nii.gz`` with ``case_gt.nii.gz`` or ``case_seg.nii.gz``, and the only image of a case's
-    folder with a bare ``segmentation.nii.gz`` (``seg``, ``label``, ``mask``, ``gt``; KiTS). Label
+    folder with a bare ``segmentation.nii.gz`` (``seg``, ``label``, ``mask``, ``gt``; KiTS). A DICOM SEG (a
+    ``.dcm`` file, or a folder of one, as TCIA exports a SEG series) labels the DICOM series folder beside it that it
+    refers to, or else the image it is named after (``case_seg.dcm``). Label
     files are never read as scans (pretraining must not learn from label maps), paired or not.
     ``subject``: the case name of every image (a case's folder); by default each image's own."""
-    files = [f for f in sorted(Path(folder).iterdir()) if is_volume_path(f)]
+    entries = sorted(Path(folder).iterdir())
+    segs = _dicom_segs(entries)
+    files = [f for f in entries if is_volume_path(f) and f not in segs]
     label_files = _label_files(files)
     images = [f for f in files if f not in label_files]
     by_key: dict[str, list[Path]] = {}
     for f, key in label_files.items():
+        by_key.setdefault(key, []).append(f)
+    for f, key in _segs_by_reference(segs, images).items():
         by_key.setdefault(key, []).append(f)
     if len(images) == 1 and len(by_key.get("", [])) == 1:  # a bare segmentation.nii.gz beside one image
         by_key.setdefault(_IMAGE_ENDING.sub("", _stem(images[0])), []).extend(by_key[""])
@@ -638,6 +645,64 @@ def discover_flat(folder: str | os.PathLike, subject: str | None = None) -> list
     return cases
 
 
+def _dicom_segs(entries: list[Path]) -> dict[Path, str]:
+    """The DICOM SEG files among ``entries``, and the folders that hold them (a folder whose first DICOM file is a
+    SEG, as TCIA exports a SEG series: never an image), each with the Series Instance UID of the image series it
+    refers to ("" when it names none). One header is read per folder of DICOM files, and one per SEG."""
+    import pydicom
+
+    found = {}
+    for entry in entries:
+        if entry.is_dir():
+            first = next((f for f in sorted(entry.iterdir()) if f.is_file() and is_dicom_file(f)), None)
+            if first is None or not is_dicom_seg(first):
+                continue  # no DICOM file, or an image series
+            segs = [f for f in sorted(entry.iterdir()) if f.is_file() and is_dicom_seg(f)]
+            found[entry] = ""
+        elif is_dicom_seg(entry):
+            segs = [entry]
+        else:
+            continue
+        for seg in segs:
+            try:
+                header = pydicom.dcmread(str(seg), stop_before_pixels=True, specific_tags=["ReferencedSeriesSequence"])
+                found[seg] = str(header.ReferencedSeriesSequence[0].SeriesInstanceUID)
+            except Exception:  # noqa: BLE001 - names no series: paired by its name alone, if at all
+                found[seg] = ""
+    return found
+
+
+def _segs_beside_folders(folder: Path) -> bool:
+    """Whether a folder of DICOM files holds SEG files beside folders (a study: series folders, a SEG file of one):
+    a dataset folder, not a series."""
+    if not any(d.is_dir() for d in folder.iterdir()):
+        return False
+    first = next((f for f in sorted(folder.iterdir()) if f.is_file() and is_dicom_file(f)), None)
+    return first is not None and is_dicom_seg(first)
+
+
+def _segs_by_reference(segs: dict[Path, str], images: list[Path]) -> dict[Path, str]:
+    """Each DICOM SEG file of ``segs`` with the case name (stem) of the image series folder among ``images`` that it
+    refers to; else, named as a label file (``case_seg.dcm``), that name; others left out."""
+    series = {}
+    for image in images:
+        if image.is_dir():
+            first = next((f for f in sorted(image.iterdir()) if f.is_file() and is_dicom_file(f)), None)
+            uid = dicom_slice_series(first) if first is not None else None
+            if uid:
+                series[uid] = _stem(image)
+    found = {}
+    for f, uid in segs.items():
+        if f.is_dir():
+            continue
+        named = _label_files([f])  # case_seg.dcm, or a bare segmentation.dcm beside one image
+        if uid in series:
+            found[f] = series[uid]
+        elif named:
+            found[f] = named[f]
+    return found
+
+
 def discover_volumes(paths: list[str | os.PathLike], all_frames: bool = False) -> list[Case]:
     """Expand the inputs a user gives (volume files, DICOM folders, dataset folders) into cases.
     ``all_frames``: every frame of a 4-D (cine) file is a volume (``Case.frames``), and an ACDC
@@ -653,7 +718,7 @@ def discover_volumes(paths: list[str | os.PathLike], all_frames: bool = False) -
         p = Path(raw)
         if not p.exists():
             raise UserError(f"{p}: no such file or folder; check the path")
-        if p.is_file() or is_volume_path(p):
+        if p.is_file() or is_volume_path(p) and not _segs_beside_folders(p):
             cases.append(Case(p, None, _stem(p), frames=all_frames))
             continue
         acdc = discover_acdc(p, cine=all_frames)

@@ -244,14 +244,15 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
     """
     from coral_core.data import discover_volumes, label_map
     from coral_core.phantom import make_cohort
-    from coral_core.volume import load_volume
+    from coral_core.volume import load_labels_like, load_volume
 
     cases: list[LabelledCase] = []
     if data:
         for case in discover_volumes([data]):
             if case.label is None:
                 continue
-            image, labels = load_volume(case.image), load_volume(case.label)
+            image = load_volume(case.image)
+            labels = load_labels_like(case.label, image)  # a DICOM SEG: placed on the image's grid
             if image.shape != labels.shape:
                 raise UserError(f"{case.label}: labels of shape {labels.shape} do not match {case.image} of shape {image.shape}")
             # classes as uint8: an eighth of int64's memory, for a cohort held whole (CT-sized scans add up)

@@ -1302,6 +1302,33 @@ def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
     assert not list(tmp_path.glob("*x.dcm*"))
 
 
+def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
+    """A folder of DICOM series with DICOM SEG files referring to them (one in a SEG series' folder, as TCIA exports
+    it): `coral finetune FOLDER` trains on the labelled series, `coral segment FOLDER --out-dir` segments the series
+    (the SEG folder is no image), and `coral evaluate` scores each prediction against its series' SEG."""
+    from coral_core.dicomseg import save_dicom_seg
+    from helpers import write_dicom_series
+
+    study = tmp_path / "study"
+    for n, name in enumerate(("ct_a", "ct_b", "ct_c")):
+        img, lab = make_phantom(20 + n, n_slices=5)
+        image = load_volume(write_dicom_series(study / name, np.round(img.array * 1000), spacing_zyx=(10.0, 1.8, 1.8),
+                                               series_uid=f"1.2.826.0.1.3680043.9.8.{n}"))
+        if name == "ct_a":
+            (study / "300-Segmentation").mkdir()
+            save_dicom_seg(study / "300-Segmentation" / "1-1.dcm", lab.array, image, ["bg", "RV", "myocardium", "LV"])
+        elif name == "ct_b":
+            save_dicom_seg(study / "ct_b_annotation.dcm", lab.array, image, ["bg", "RV", "myocardium", "LV"])
+    run = json.loads(coral("finetune", study, "--steps", 2, *TINY, "--out", tmp_path / "m.safetensors",
+                           "--json").stdout)
+    assert [Path(p).name for p in run["images"]] == ["ct_a", "ct_b"] and run["slices"] == [[0, 1, 2, 3, 4]] * 2
+    assert [Path(p).name for p in run["skipped_without_labels"]] == ["ct_c"]
+    coral("segment", study, "--out-dir", tmp_path / "pred")
+    assert sorted(f.name for f in (tmp_path / "pred").iterdir()) == [f"ct_{c}_labels.nii.gz" for c in "abc"]
+    scores = json.loads(coral("evaluate", tmp_path / "pred", study, "--json").stdout)
+    assert sorted(case["name"] for case in scores["cases"]) == ["ct_a", "ct_b"]
+
+
 def test_main_in_process_gives_warnings_and_ctrl_c_back(tmp_path, capsys):
     """A program calling `coral_core.cli.main` gets one-line warnings and Ctrl-C handling only while the command
     runs: its own warning printer and SIGINT handler are back afterwards, whether the command ended well or not."""

@@ -165,6 +165,45 @@ def test_discover_a_folder_per_case(tmp_path):
         discover_volumes([only])
 
 
+def test_discover_dicom_series_with_their_dicom_seg_labels(tmp_path):
+    """DICOM series folders beside DICOM SEG files: each SEG labels the series it refers to (a SEG file, or a folder
+    holding one as TCIA exports a SEG series, whatever their names), or else the image it is named after; a SEG
+    folder is never taken for an image, and the labelled cases load through lowlabel's reader."""
+    from coral_core.dicomseg import save_dicom_seg
+    from coral_core.lowlabel import load_labelled_cases
+    from coral_core.volume import load_volume
+    from helpers import write_dicom_series
+
+    study = tmp_path / "study"
+    labels = {}
+    for n, name in enumerate(("ct_a", "ct_b", "ct_c")):
+        image = load_volume(write_dicom_series(study / name, np.zeros((4, 8, 8)),
+                                               series_uid=f"1.2.826.0.1.3680043.9.7.{n}"))
+        labels[name] = np.zeros((4, 8, 8), np.uint8)
+        labels[name][1:3, 2:6, 2:5] = n + 1
+        if name == "ct_a":  # a SEG series' folder, named as TCIA names them
+            (study / "300.000000-Segmentation").mkdir()
+            save_dicom_seg(study / "300.000000-Segmentation" / "1-1.dcm", labels[name], image, ["bg", "x", "y", "z"])
+        elif name == "ct_b":  # a SEG file whose name says nothing
+            save_dicom_seg(study / "annotation.dcm", labels[name], image, ["bg", "x", "y", "z"])
+    cases = discover_volumes([study])
+    assert [(c.image.name, c.label and c.label.name) for c in cases] == [("ct_a", "1-1.dcm"), ("ct_b", "annotation.dcm"),
+                                                                           ("ct_c", None)]
+    loaded = load_labelled_cases(str(study), 0)
+    assert [(c.name, c.labels.max()) for c in loaded] == [("ct_a", 1), ("ct_b", 2)]
+    np.testing.assert_array_equal(loaded[1].labels, labels["ct_b"])
+
+    plain = tmp_path / "plain"  # no reference to go by: the name pairs them
+    image = load_volume(write_dicom_series(plain / "case1", np.zeros((4, 8, 8))))
+    save_dicom_seg(tmp_path / "elsewhere.dcm", labels["ct_a"], image, ["bg", "x"])
+    import pydicom
+
+    seg = pydicom.dcmread(tmp_path / "elsewhere.dcm")
+    del seg.ReferencedSeriesSequence
+    seg.save_as(plain / "case1_seg.dcm")
+    assert [(c.image.name, c.label.name) for c in discover_volumes([plain])] == [("case1", "case1_seg.dcm")]
+
+
 def test_evaluation_pairs_follow_the_names_coral_segment_writes(tmp_path):
     """ACDC frames (one patient's frames share a subject, so the file's name counts) and KiTS's folder per case
     (imaging.nii.gz named by its folder), each prediction as `coral segment --out-dir` names it."""
