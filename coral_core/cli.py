@@ -592,7 +592,7 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     """(image, labels file) of each volume `coral segment` is given: IMAGE with --out, or with --out-dir the
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
     from coral_core.data import _stem, discover_volumes, output_name
-    from coral_core.dicomseg import check_dicom_seg_source, is_dicom_seg_name
+    from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name
     from coral_core.fileio import check_output_path
     from coral_core.volume import VOLUME_SUFFIXES, frame_count, is_volume_path
 
@@ -636,7 +636,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     from coral_core.data import tiling_note, windows_per_slice
     from coral_core.device import resolve_device
     from coral_core.infer import iter_segment_series, keep_largest_components
-    from coral_core.dicomseg import is_dicom_seg_name, save_dicom_seg
+    from coral_core.dicomlabels import is_dicom_seg_name, save_dicom_seg
     from coral_core.volume import load_frames, save_like
 
     targets = _segment_targets(args)
@@ -772,17 +772,17 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
 
     from coral_core.data import label_map
     from coral_core.metrics import evaluate_segmentation
-    from coral_core.volume import is_dicom_seg, load_frames, load_labels_like, read_class_names
+    from coral_core.volume import is_dicom_labels, load_frames, load_labels_like, read_class_names
 
-    # a cine series (4-D files, as coral segment writes one) is scored frame by frame; a DICOM SEG is placed on the
-    # grid of the other file
-    if is_dicom_seg(pred) and is_dicom_seg(truth):
-        raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG files, which hold no voxel grid of their own; give "
-                        "one of them as a label file (NIfTI, MHA or NRRD) of the image")
-    if is_dicom_seg(truth):
+    # a cine series (4-D files, as coral segment writes one) is scored frame by frame; a DICOM SEG or RT structure
+    # set is placed on the grid of the other file
+    if is_dicom_labels(pred) and is_dicom_labels(truth):
+        raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG or RT structure set files, which hold no voxel grid "
+                        "of their own; give one of them as a label file (NIfTI, MHA or NRRD) of the image")
+    if is_dicom_labels(truth):
         preds = load_frames(pred)
         truths = [load_labels_like(truth, preds[0])] if len(preds) == 1 else load_frames(truth)
-    elif is_dicom_seg(pred):
+    elif is_dicom_labels(pred):
         truths = load_frames(truth)
         preds = [load_labels_like(pred, truths[0])] if len(truths) == 1 else load_frames(pred)
     else:

@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 
 from coral_core.errors import UserError
 from coral_core.losses import partition_index
-from coral_core.volume import (VOLUME_SUFFIXES, Volume, dicom_slice_series, is_dicom_file, is_dicom_seg, is_volume_path,
-                               load_frames, load_volume, normalise_intensity)
+from coral_core.volume import (VOLUME_SUFFIXES, Volume, dicom_slice_series, is_dicom_file, is_dicom_labels,
+                               is_volume_path, load_frames, load_volume, normalise_intensity)
 
 __all__ = [
     "slice_positions",
@@ -611,9 +611,9 @@ def discover_flat(folder: str | os.PathLike, subject: str | None = None) -> list
     """The volumes directly in ``folder``, each image paired with a label file beside it when one is
     named after it: ``ct_1001_image.nii.gz`` with ``ct_1001_label.nii.gz`` (CHD, MM-WHS),
     ``case.nii.gz`` with ``case_gt.nii.gz`` or ``case_seg.nii.gz``, and the only image of a case's
-    folder with a bare ``segmentation.nii.gz`` (``seg``, ``label``, ``mask``, ``gt``; KiTS). A DICOM SEG (a
-    ``.dcm`` file, or a folder of one, as TCIA exports a SEG series) labels the DICOM series folder beside it that it
-    refers to, or else the image it is named after (``case_seg.dcm``). Label
+    folder with a bare ``segmentation.nii.gz`` (``seg``, ``label``, ``mask``, ``gt``; KiTS). A DICOM SEG or RT
+    structure set (a ``.dcm`` file, or a folder of one, as TCIA exports a SEG or RTSTRUCT series) labels the DICOM
+    series folder beside it that it refers to, or else the image it is named after (``case_seg.dcm``). Label
     files are never read as scans (pretraining must not learn from label maps), paired or not.
     ``subject``: the case name of every image (a case's folder); by default each image's own."""
     entries = sorted(Path(folder).iterdir())
@@ -646,39 +646,36 @@ def discover_flat(folder: str | os.PathLike, subject: str | None = None) -> list
 
 
 def _dicom_segs(entries: list[Path]) -> dict[Path, str]:
-    """The DICOM SEG files among ``entries``, and the folders that hold them (a folder whose first DICOM file is a
-    SEG, as TCIA exports a SEG series: never an image), each with the Series Instance UID of the image series it
-    refers to ("" when it names none). One header is read per folder of DICOM files, and one per SEG."""
-    import pydicom
+    """The DICOM label files (SEG, RT structure set) among ``entries``, and the folders that hold them (a folder whose
+    first DICOM file is one, as TCIA exports a SEG or RTSTRUCT series: never an image), each with the Series Instance
+    UID of the image series it refers to ("" when it names none). One header is read per folder of DICOM files, and
+    one per label file."""
+    from coral_core.dicomlabels import referenced_series
 
     found = {}
     for entry in entries:
         if entry.is_dir():
             first = next((f for f in sorted(entry.iterdir()) if f.is_file() and is_dicom_file(f)), None)
-            if first is None or not is_dicom_seg(first):
+            if first is None or not is_dicom_labels(first):
                 continue  # no DICOM file, or an image series
-            segs = [f for f in sorted(entry.iterdir()) if f.is_file() and is_dicom_seg(f)]
+            segs = [f for f in sorted(entry.iterdir()) if f.is_file() and is_dicom_labels(f)]
             found[entry] = ""
-        elif is_dicom_seg(entry):
+        elif is_dicom_labels(entry):
             segs = [entry]
         else:
             continue
         for seg in segs:
-            try:
-                header = pydicom.dcmread(str(seg), stop_before_pixels=True, specific_tags=["ReferencedSeriesSequence"])
-                found[seg] = str(header.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            except Exception:  # noqa: BLE001 - names no series: paired by its name alone, if at all
-                found[seg] = ""
+            found[seg] = referenced_series(seg)
     return found
 
 
 def _segs_beside_folders(folder: Path) -> bool:
-    """Whether a folder of DICOM files holds SEG files beside folders (a study: series folders, a SEG file of one):
-    a dataset folder, not a series."""
+    """Whether a folder of DICOM files holds label files (SEG, RT structure set) beside folders (a study: series
+    folders, a SEG file of one): a dataset folder, not a series."""
     if not any(d.is_dir() for d in folder.iterdir()):
         return False
     first = next((f for f in sorted(folder.iterdir()) if f.is_file() and is_dicom_file(f)), None)
-    return first is not None and is_dicom_seg(first)
+    return first is not None and is_dicom_labels(first)
 
 
 def _segs_by_reference(segs: dict[Path, str], images: list[Path]) -> dict[Path, str]:

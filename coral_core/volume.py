@@ -13,7 +13,6 @@ comment extension holding ``{"napari_coral": {"class_names": [...]}}``, MHA and 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from coral_core.device import host_memory
-from coral_core.errors import OffGridError, UserError
+from coral_core.errors import UserError
 from coral_core.fileio import atomic_target
 
 __all__ = [
@@ -45,6 +44,8 @@ __all__ = [
     "dicom_series_title",
     "dicom_cine_stack",
     "is_dicom_seg",
+    "is_rt_structure_set",
+    "is_dicom_labels",
     "load_labels_like",
     "VOLUME_SUFFIXES",
 ]
@@ -617,8 +618,8 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
 _NOT_IMAGES = {
     "SEG": ("a DICOM SEG segmentation", "give it as the labels of the image it was drawn on (coral finetune IMAGE "
             "--labels SEG, coral evaluate PRED SEG), or convert it to a NIfTI, MHA or NRRD label map"),
-    "RTSTRUCT": ("a DICOM RT structure set (contours, not voxels)", "convert it to a NIfTI, MHA or NRRD label map (3D "
-                 "Slicer or dcmqi do) to use it as labels"),
+    "RTSTRUCT": ("a DICOM RT structure set (contours, not voxels)", "give it as the labels of the image it was drawn "
+                 "on (coral finetune IMAGE --labels RS.dcm, coral evaluate PRED RS.dcm)"),
     "SR": ("a DICOM structured report", "give the image series' folder"),
     "PR": ("a DICOM presentation state", "give the image series' folder"),
     "REG": ("a DICOM registration", "give the image series' folder"),
@@ -654,91 +655,35 @@ def is_dicom_seg(path: str | os.PathLike) -> bool:
             and _modality(p) == "SEG")
 
 
+def is_rt_structure_set(path: str | os.PathLike) -> bool:
+    """True for a DICOM RT structure set file: contours, filled on the grid of the image they were drawn on
+    (:func:`load_labels_like`)."""
+    p = Path(path)
+    return (p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p)
+            and _modality(p) == "RTSTRUCT")
+
+
+def is_dicom_labels(path: str | os.PathLike) -> bool:
+    """True for a DICOM SEG or RT structure set file: labels that need the grid of the image they were drawn on."""
+    p = Path(path)
+    return (p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p)
+            and _modality(p) in ("SEG", "RTSTRUCT"))
+
+
 def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
     """Labels for the image ``like``: a label file or DICOM folder as :func:`load_volume` reads it (its shape is the
-    caller's to check), or a DICOM SEG file placed on the image's voxel grid, each segment's voxels labelled with its
-    segment number (segments drawn over one another: the highest number's, with a warning). Raises
-    :class:`UserError` with one sentence for a SEG whose frames do not lie on the image's grid."""
-    if not is_dicom_seg(path):
+    caller's to check); a DICOM SEG file placed on the image's voxel grid, each segment's voxels labelled with its
+    segment number (segments drawn over one another: the highest number's, with a warning); or a DICOM RT structure
+    set's closed contours filled on the grid, ROI n of those with contours labelled n
+    (:func:`coral_core.dicomlabels.contours_on_grid`). Raises :class:`OffGridError` with one sentence for a SEG or
+    contours that do not lie on the image's grid."""
+    modality = _modality(path) if is_dicom_file(path) else ""
+    if modality not in ("SEG", "RTSTRUCT"):
         return load_volume(path)
-    return Volume(_seg_on_grid(Path(path), like), like.affine, Path(path))
+    from coral_core.dicomlabels import contours_on_grid, seg_on_grid
 
-
-def _seg_on_grid(p: Path, like: Volume) -> np.ndarray:
-    to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
-    labels = np.zeros(like.shape, np.uint8)
-    frames = []
-    for number, position, axes, mask in _seg_frames(str(p), os.stat(p).st_mtime_ns):
-        start = (to_voxel @ np.array([*position, 1.0]))[:3]
-        steps = to_voxel[:3, :3] @ axes  # one column, one row: in voxels
-        frames.append((number, _plane_on_grid(start, steps[:, 0], steps[:, 1], *mask.shape, like.shape), mask))
-    for number, place, mask in sorted(frames, key=lambda f: f[0]):
-        if place is None:
-            raise OffGridError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, spacing "
-                               "or position differ); give the segmentation drawn on this image")
-        k, j, i = place
-        drawn = labels[k]
-        over = int(np.count_nonzero(mask & (drawn[j, i] != 0) & (drawn[j, i] != number)))
-        if over:
-            import warnings
-
-            warnings.warn(f"{p}: {over} voxels of slice {k} belong to more than one segment; each takes the highest "
-                          "segment number", stacklevel=3)
-        drawn[j[mask], i[mask]] = number
-    return labels
-
-
-def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple | None:
-    """Where an image plane lies on a (z, y, x) voxel grid: (its slice k, then the j and the i index of each of its
-    pixels, (rows, columns) arrays), from its first pixel's voxel coordinates ``start`` (i, j, k) and the voxel steps
-    of one column and of one row (the plane's rows and columns may run along the grid's in either direction, or
-    swapped); None when its pixels are not the voxels of one slice (another orientation, spacing or position, or
-    partly outside)."""
-    origin = np.round(start).astype(int)
-    exact = np.stack([column, row])
-    steps = np.round(exact).astype(int)
-    units = np.abs(steps[:, :2])
-    if not (np.allclose(start, origin, atol=0.05) and np.allclose(exact, steps, atol=0.01) and not steps[:, 2].any()
-            and (units.sum(0) == 1).all() and (units.sum(1) == 1).all() and 0 <= origin[2] < shape[0]):
-        return None
-    a, b = np.meshgrid(np.arange(columns), np.arange(rows))
-    i = origin[0] + a * steps[0, 0] + b * steps[1, 0]
-    j = origin[1] + a * steps[0, 1] + b * steps[1, 1]
-    if min(i.min(), j.min()) < 0 or i.max() >= shape[2] or j.max() >= shape[1]:
-        return None
-    return int(origin[2]), j, i
-
-
-@functools.lru_cache(maxsize=2)
-def _seg_frames(name: str, mtime: int) -> list[tuple]:
-    """A DICOM SEG file's frames, each (segment number, position in LPS, the LPS steps of one column and one row as a
-    (3, 2) array, mask as bool), read once while the file stays the same (napari tries it on each open image)."""
-    import pydicom
-
-    p = Path(name)
-    try:
-        ds = pydicom.dcmread(name)
-        masks = ds.pixel_array
-        per = ds.PerFrameFunctionalGroupsSequence
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{p}: DICOM SEG is not readable ({_short(exc)}); re-export it") from None
-    masks = masks.reshape(-1, *masks.shape[-2:])
-    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":  # a probability or occupancy per pixel
-        masks = masks >= float(ds.get("MaximumFractionalValue", 255)) / 2
-    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
-    frames = []
-    for frame, mask in zip(per, masks):
-        position = _functional_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
-        orientation = _functional_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-        pixel = _functional_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
-        number = _functional_value(frame, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
-        if position is None or orientation is None or pixel is None or number is None:
-            raise UserError(f"{p}: DICOM SEG frame {len(frames) + 1} gives no position, orientation, pixel spacing or "
-                            "segment number; re-export it")
-        o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
-        axes = np.stack([o[:3] * column, o[3:] * row], 1)
-        frames.append((int(number), np.array([float(v) for v in position[:3]]), axes, mask.astype(bool)))
-    return frames
+    labels = seg_on_grid(Path(path), like) if modality == "SEG" else contours_on_grid(Path(path), like)[0]
+    return Volume(labels, like.affine, Path(path))
 
 
 def _functional_value(frame, shared, sequence: str, name: str):
@@ -907,6 +852,10 @@ def read_class_names(path: str | os.PathLike) -> list[str] | None:
                         for s in pydicom.dcmread(str(p), stop_before_pixels=True).SegmentSequence}
             if sorted(segments) == list(range(1, len(segments) + 1)):
                 names = ["background", *(segments[n] for n in sorted(segments))]
+        elif is_rt_structure_set(p):  # its contoured ROIs' names, in the order they are labelled
+            from coral_core.dicomlabels import structure_names
+
+            names = ["background", *structure_names(p)]
     except Exception:  # noqa: BLE001 - a damaged header is the readers' to report; here it names nothing
         return None
     if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):

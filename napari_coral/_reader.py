@@ -10,7 +10,7 @@ import numpy as np
 
 from coral_core.errors import OffGridError, UserError
 from coral_core.volume import (Volume, dicom_cine_stack, dicom_series_title, dicom_slice_series, is_dicom_file,
-                               is_dicom_seg, is_volume_path, load_dicom_series, load_frames, load_labels_like,
+                               is_dicom_labels, is_dicom_seg, is_volume_path, load_dicom_series, load_frames, load_labels_like,
                                read_class_names)
 from napari_coral._layers import volume_to_layer
 
@@ -45,7 +45,7 @@ def read_volume(path):
         uid = dicom_slice_series(path)
         if uid is not None:  # one slice file of a series (or several): the series
             return _read_dicom_slices(paths, uid)
-        if is_dicom_seg(path):  # a segmentation: on the open image it was drawn on
+        if is_dicom_labels(path):  # a SEG or contours: on the open image they were drawn on
             data, kwargs, kind = _seg_layer(path)
         else:
             data, kwargs, kind = _frames_layer(load_frames(path))
@@ -62,14 +62,21 @@ def read_volume(path):
 
 
 def _seg_layer(path) -> tuple:
-    """A DICOM SEG file as a Labels layer on the first open 3-D image whose voxel grid its frames lie on (a SEG holds
-    only the slices it labels, so it needs the image's grid), placed as that image is."""
+    """A DICOM SEG file (or RT structure set) as a Labels layer on an open 3-D image whose voxel grid its frames
+    (contours) lie on (it holds only what it labels, so it needs the image's grid), placed as that image is: the
+    image read from the series it refers to, else the topmost in the layer list that fits. Contours fit any image
+    with their slices; when several such images are open, a notification names the one they were filled on."""
     from napari import current_viewer
     from napari.layers import Image
+
+    from coral_core.dicomlabels import referenced_series
 
     viewer = current_viewer()
     images = [layer for layer in (viewer.layers if viewer is not None else [])
               if isinstance(layer, Image) and layer.ndim == 3 and "affine" in layer.metadata]
+    series = referenced_series(path)
+    images = sorted(reversed(images), key=lambda layer: not series or layer.metadata.get("dicom_series") != series)
+    fits = []
     for layer in images:
         like = Volume(np.broadcast_to(np.uint8(0), layer.data.shape), np.asarray(layer.metadata["affine"]),
                       Path(layer.metadata.get("source_path") or layer.name))
@@ -77,11 +84,22 @@ def _seg_layer(path) -> tuple:
             labels = load_labels_like(path, like)
         except OffGridError:  # drawn on another grid: try the next image
             continue
+        fits.append((layer, labels))
+        if is_dicom_seg(path) or layer.metadata.get("dicom_series") == series:  # a SEG's grid is exact
+            break
+    if fits:
+        layer, labels = fits[0]
+        if len(fits) > 1:
+            from napari.utils.notifications import show_info
+
+            show_info(f"{path}: its contours lie in the slices of {len(fits)} open images; filled on the grid of "
+                      f"{layer.name!r}, the topmost in the layer list")
         data, kwargs, kind = volume_to_layer(labels, as_labels=True, name=Path(path).stem)
         kwargs.update(scale=tuple(layer.scale), translate=tuple(layer.translate))
         return data, kwargs, kind
-    raise UserError(f"{path}: a DICOM SEG segmentation, which holds only the slices it labels; open the image it was "
-                    "drawn on first, then the SEG, to see it on that image"
+    what = ("a DICOM SEG segmentation, which holds only the slices it labels" if is_dicom_seg(path) else
+            "a DICOM RT structure set, which holds only contours")
+    raise UserError(f"{path}: {what}; open the image it was drawn on first, then this file, to see it on that image"
                     + (f" (none of the {len(images)} open images has its voxel grid)" if images else ""))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from pathlib import Path
 
-from coral_core.dicomseg import check_dicom_seg_source, is_dicom_seg_name, save_dicom_seg
+from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name, save_dicom_seg
 from coral_core.errors import UserError
 from coral_core.volume import Volume, save_volume
 from napari_coral._layers import affine_from_layer, spacing_mm

@@ -117,9 +117,14 @@ def write_enhanced_dicom(path: Path, volume_zyx: np.ndarray, affine: np.ndarray,
     return Path(path)
 
 
-def write_rt_structure_set(path: Path) -> Path:
-    """A DICOM RT structure set (contours, no image): a bare header, Modality RTSTRUCT."""
+def write_rt_structure_set(path: Path, affine: np.ndarray | None = None, rois: tuple = (),
+                           referenced_series: str | None = None) -> Path:
+    """A DICOM RT structure set (contours, no image) for an image of geometry ``affine`` (voxel (i, j, k) -> RAS):
+    ``rois``, each (name, interpreted type such as "ORGAN" or "EXTERNAL", [(slice k, [(i, j), ...] the polygon's
+    corners in voxel coordinates), ...]), written as CLOSED_PLANAR contours in patient coordinates (LPS mm), ROI
+    numbers 1, 2, ...; ``referenced_series``: the image series it names. Without ``rois``: a bare header."""
     from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     ds = Dataset()
@@ -128,6 +133,34 @@ def write_rt_structure_set(path: Path) -> Path:
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "RTSTRUCT", generate_uid(), generate_uid()
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ (np.eye(4) if affine is None else affine)
+    structures, contours, observations = [], [], []
+    for number, (name, kind, polygons) in enumerate(rois, 1):
+        roi, outline, observation = Dataset(), Dataset(), Dataset()
+        roi.ROINumber, roi.ROIName = number, name
+        outline.ReferencedROINumber = observation.ReferencedROINumber = number
+        observation.ObservationNumber, observation.RTROIInterpretedType = number, kind
+        items = []
+        for k, corners in polygons:
+            item = Dataset()
+            points = [(lps @ np.array([i, j, k, 1.0]))[:3] for i, j in corners]
+            item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+            item.ContourData = [f"{v:.6g}" for point in points for v in point]
+            items.append(item)
+        outline.ContourSequence = Sequence(items)
+        structures.append(roi)
+        contours.append(outline)
+        observations.append(observation)
+    if rois:
+        ds.StructureSetROISequence = Sequence(structures)
+        ds.ROIContourSequence = Sequence(contours)
+        ds.RTROIObservationsSequence = Sequence(observations)
+    if referenced_series:
+        series, study, frame = Dataset(), Dataset(), Dataset()
+        series.SeriesInstanceUID = referenced_series
+        study.RTReferencedSeriesSequence = Sequence([series])
+        frame.RTReferencedStudySequence = Sequence([study])
+        ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
     ds.save_as(path, enforce_file_format=True)
     return Path(path)
 

@@ -1267,9 +1267,37 @@ def test_a_dicom_seg_as_labels(tmp_path):
     assert info["classes"] == ["RV", "myocardium", "LV"]
     scores = json.loads(coral("evaluate", tmp_path / "lab.nii.gz", tmp_path / "lab.dcm", "--json").stdout)
     assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
-    user_error(coral("evaluate", tmp_path / "lab.dcm", tmp_path / "lab.dcm", check=False), "both DICOM SEG files")
+    user_error(coral("evaluate", tmp_path / "lab.dcm", tmp_path / "lab.dcm", check=False), "both DICOM SEG or RT structure set files")
     user_error(coral("segment", tmp_path / "lab.dcm", "--out", tmp_path / "s.nii.gz", check=False),
                "lab.dcm: is a DICOM SEG segmentation, not an image", "coral finetune IMAGE --labels SEG")
+
+
+def test_an_rt_structure_set_as_labels(tmp_path):
+    """An RT structure set (contours, as radiotherapy planning exports them) is taken as the labels of the image it
+    was drawn on, its contours filled on the image's grid and its ROIs' names the classes: `coral finetune --labels`
+    trains on the slices it outlines, `coral evaluate` scores against it."""
+    from helpers import write_rt_structure_set
+
+    img, _ = make_phantom(11, n_slices=6)
+    affine = oblique_affine((1.8, 1.8, 10.0))
+    save_volume(tmp_path / "img.nii.gz", img.array, affine)
+
+    def box(i0, i1, j0, j1):
+        return [(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)]
+
+    rs = write_rt_structure_set(tmp_path / "RS.dcm", affine, (
+        ("GTV", "GTV", [(1, box(40, 60, 50, 70)), (4, box(30, 50, 40, 60))]),
+        ("Lung_L", "ORGAN", [(1, box(70, 90, 30, 50))])))
+    truth = np.zeros(img.shape, np.uint8)
+    truth[1, 50:71, 40:61], truth[4, 40:61, 30:51], truth[1, 30:51, 70:91] = 1, 1, 2
+    save_volume(tmp_path / "truth.nii.gz", truth, affine)
+    run = json.loads(coral("finetune", tmp_path / "img.nii.gz", "--labels", rs, "--steps", 2, *TINY,
+                           "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert run["slices"] == [1, 4]
+    assert json.loads(coral("info", tmp_path / "m.safetensors", "--json").stdout)["models"][0]["classes"] == [
+        "GTV", "Lung_L"]
+    scores = json.loads(coral("evaluate", tmp_path / "truth.nii.gz", rs, "--json").stdout)
+    assert scores["dice"] == {"GTV": 1.0, "Lung_L": 1.0}
 
 
 def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
@@ -1306,7 +1334,7 @@ def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
     """A folder of DICOM series with DICOM SEG files referring to them (one in a SEG series' folder, as TCIA exports
     it): `coral finetune FOLDER` trains on the labelled series, `coral segment FOLDER --out-dir` segments the series
     (the SEG folder is no image), and `coral evaluate` scores each prediction against its series' SEG."""
-    from coral_core.dicomseg import save_dicom_seg
+    from coral_core.dicomlabels import save_dicom_seg
     from helpers import write_dicom_series
 
     study = tmp_path / "study"

@@ -166,17 +166,17 @@ def test_discover_a_folder_per_case(tmp_path):
 
 
 def test_discover_dicom_series_with_their_dicom_seg_labels(tmp_path):
-    """DICOM series folders beside DICOM SEG files: each SEG labels the series it refers to (a SEG file, or a folder
-    holding one as TCIA exports a SEG series, whatever their names), or else the image it is named after; a SEG
-    folder is never taken for an image, and the labelled cases load through lowlabel's reader."""
-    from coral_core.dicomseg import save_dicom_seg
+    """DICOM series folders beside DICOM SEG and RT structure set files: each labels the series it refers to (a file,
+    or a folder holding one as TCIA exports a SEG or RTSTRUCT series, whatever their names), or else the image it is
+    named after; such a folder is never taken for an image, and the labelled cases load through lowlabel's reader."""
+    from coral_core.dicomlabels import save_dicom_seg
     from coral_core.lowlabel import load_labelled_cases
     from coral_core.volume import load_volume
-    from helpers import write_dicom_series
+    from helpers import write_dicom_series, write_rt_structure_set
 
     study = tmp_path / "study"
     labels = {}
-    for n, name in enumerate(("ct_a", "ct_b", "ct_c")):
+    for n, name in enumerate(("ct_a", "ct_b", "ct_c", "ct_d")):
         image = load_volume(write_dicom_series(study / name, np.zeros((4, 8, 8)),
                                                series_uid=f"1.2.826.0.1.3680043.9.7.{n}"))
         labels[name] = np.zeros((4, 8, 8), np.uint8)
@@ -186,12 +186,18 @@ def test_discover_dicom_series_with_their_dicom_seg_labels(tmp_path):
             save_dicom_seg(study / "300.000000-Segmentation" / "1-1.dcm", labels[name], image, ["bg", "x", "y", "z"])
         elif name == "ct_b":  # a SEG file whose name says nothing
             save_dicom_seg(study / "annotation.dcm", labels[name], image, ["bg", "x", "y", "z"])
+        elif name == "ct_d":  # contours, in an RTSTRUCT series' folder
+            (study / "RTSTRUCT").mkdir()
+            write_rt_structure_set(study / "RTSTRUCT" / "RS1.dcm", image.affine,
+                                   (("GTV", "GTV", [(1, [(1.5, 1.5), (4.5, 1.5), (4.5, 5.5), (1.5, 5.5)])]),),
+                                   referenced_series=f"1.2.826.0.1.3680043.9.7.{n}")
     cases = discover_volumes([study])
-    assert [(c.image.name, c.label and c.label.name) for c in cases] == [("ct_a", "1-1.dcm"), ("ct_b", "annotation.dcm"),
-                                                                           ("ct_c", None)]
+    assert [(c.image.name, c.label and c.label.name) for c in cases] == [
+        ("ct_a", "1-1.dcm"), ("ct_b", "annotation.dcm"), ("ct_c", None), ("ct_d", "RS1.dcm")]
     loaded = load_labelled_cases(str(study), 0)
-    assert [(c.name, c.labels.max()) for c in loaded] == [("ct_a", 1), ("ct_b", 2)]
+    assert [(c.name, c.labels.max()) for c in loaded] == [("ct_a", 1), ("ct_b", 2), ("ct_d", 1)]
     np.testing.assert_array_equal(loaded[1].labels, labels["ct_b"])
+    assert loaded[2].labels.sum() == 12 and loaded[2].labels[1, 2:6, 2:5].all()  # voxels i 2..4, j 2..5
 
     plain = tmp_path / "plain"  # no reference to go by: the name pairs them
     image = load_volume(write_dicom_series(plain / "case1", np.zeros((4, 8, 8))))

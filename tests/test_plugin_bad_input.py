@@ -168,7 +168,8 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
 
 def test_a_dicom_seg_opens_on_the_image_it_was_drawn_on(tmp_path, make_napari_viewer):
     """A DICOM SEG file opens as a Labels layer on the open image whose voxel grid its frames lie on (placed as that
-    image, its segments' labels as the class names); with no such image open it says to open the image first."""
+    image, its segments' labels as the class names), and so does an RT structure set (its contours filled); with no
+    such image open each says to open the image first."""
     from helpers import write_dicom_seg
 
     labels = np.zeros((5, 10, 12), np.uint8)
@@ -191,6 +192,20 @@ def test_a_dicom_seg_opens_on_the_image_it_was_drawn_on(tmp_path, make_napari_vi
     np.testing.assert_array_equal(seg.data, labels)
     np.testing.assert_allclose(seg.scale, image.scale)
     assert list(seg.features["class"]) == ["background", "LV", "myocardium"]
+    from helpers import write_rt_structure_set  # contours open the same way, filled on the image's grid
+
+    box = [(2.5, 1.5), (8.5, 1.5), (8.5, 5.5), (2.5, 5.5)]  # voxels i 3..8, j 2..5
+    write_rt_structure_set(tmp_path / "RS.dcm", affine, (("GTV", "GTV", [(2, box)]),))
+    contours, = viewer.open(str(tmp_path / "RS.dcm"), plugin="napari-coral")
+    expected = np.zeros_like(labels)
+    expected[2, 2:6, 3:9] = 1
+    np.testing.assert_array_equal(contours.data, expected)
+    assert list(contours.features["class"]) == ["background", "GTV"]
+    viewer.layers.clear()
+    with pytest.raises(ValueError) as info:
+        read_volume(str(tmp_path / "RS.dcm"))
+    one_sentence(str(info.value), "RS.dcm: a DICOM RT structure set, which holds only contours; open the image it "
+                 "was drawn on first")
 
 
 def test_class_names_too_few_for_a_label_files_labels_are_left_aside(tmp_path):

@@ -171,7 +171,8 @@ def test_dicom_objects_that_are_not_images_are_named(tmp_path, capfd):
                                         r"the image it was drawn on \(coral finetune IMAGE --labels SEG"):
         load_frames(seg)
     with pytest.raises(UserError, match=r"RS0001.dcm: is a DICOM RT structure set \(contours, not voxels\), not an "
-                                        r"image; convert it"):
+                                        r"image; give it as the labels of the image it was drawn on \(coral finetune "
+                                        r"IMAGE --labels RS.dcm"):
         load_volume(tmp_path / "rt" / "RS0001.dcm")
     with pytest.raises(UserError, match=r"rt holds a DICOM RT structure set \(contours, not voxels\), not an image"):
         load_volume(tmp_path / "rt")

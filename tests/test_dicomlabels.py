@@ -7,10 +7,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from coral_core.dicomseg import save_dicom_seg
+from coral_core.dicomlabels import save_dicom_seg
 from coral_core.errors import UserError
 from coral_core.volume import Volume, load_frames, load_labels_like, load_volume, read_class_names
-from helpers import oblique_affine, write_dicom_series, write_enhanced_dicom, write_nifti_ijk
+from helpers import oblique_affine, write_dicom_series, write_enhanced_dicom, write_nifti_ijk, write_rt_structure_set
 
 hd = pytest.importorskip("highdicom")
 
@@ -125,3 +125,71 @@ def test_what_cannot_be_written_as_a_dicom_seg_is_one_sentence_and_no_file(tmp_p
             save_dicom_seg(tmp_path / "out.dcm", labels, like, NAMES)
         assert words in str(info.value) and "\n" not in str(info.value)
         assert not list(tmp_path.glob("*out.dcm*"))
+
+
+# --------------------------------------------------------------------------- RT structure sets
+
+
+def _box(i0, i1, j0, j1):
+    """The outline of voxels i0..i1, j0..j1 (through the corners between voxels: every centre clearly in or out)."""
+    return [(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)]
+
+
+def _in_triangle(corners, i, j):
+    """Whether (i, j) lies inside a triangle, by the signs of three cross products (the plain definition)."""
+    (a, b), (c, d), (e, f) = corners
+    signs = [(c - a) * (j - b) - (d - b) * (i - a), (e - c) * (j - d) - (f - d) * (i - c),
+             (a - e) * (j - f) - (b - f) * (i - e)]
+    return all(s > 0 for s in signs) or all(s < 0 for s in signs)
+
+
+def test_an_rt_structure_sets_contours_are_filled_on_the_images_grid(tmp_path):
+    """Closed contours become labels on the image's (oblique, anisotropic) grid: a voxel is inside when its centre is
+    (a triangle checked against the plain definition), a contour inside another of the same ROI on one slice is a
+    hole, the EXTERNAL body outline is filled first and the organs over it without a warning, the ROIs with contours
+    are labels 1, 2, ... named by their names."""
+    import warnings
+
+    from coral_core.volume import is_dicom_labels, is_rt_structure_set
+
+    shape = (5, 20, 24)
+    image = Volume(np.zeros(shape), oblique_affine((0.8, 0.9, 4.0)), tmp_path / "img.nii.gz")
+    triangle = [(2.3, 1.7), (15.2, 3.1), (6.4, 16.8)]
+    rois = (("Heart", "ORGAN", [(1, _box(3, 10, 4, 12)), (1, _box(5, 7, 6, 9)), (3, triangle)]),
+            ("Seeds", "MARKER", []),  # no contour: no label
+            ("Body", "EXTERNAL", [(k, _box(0, 23, 0, 19)) for k in range(5)]))
+    rs = write_rt_structure_set(tmp_path / "RS.dcm", image.affine, rois)
+    expected = np.full(shape, 2, np.uint8)
+    expected[1, 4:13, 3:11] = 1
+    expected[1, 6:10, 5:8] = 2  # the hole: the body shows through
+    for j in range(shape[1]):
+        for i in range(shape[2]):
+            if _in_triangle(triangle, i, j):
+                expected[3, j, i] = 1
+    assert 20 < np.count_nonzero(expected[3] == 1) < 120
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = load_labels_like(rs, image)
+    np.testing.assert_array_equal(labels.array, expected)
+    assert read_class_names(rs) == ["background", "Heart", "Body"]
+    assert is_rt_structure_set(rs) and is_dicom_labels(rs) and not is_rt_structure_set(tmp_path)
+
+
+def test_what_an_rt_structure_set_cannot_label_is_one_sentence(tmp_path):
+    """Organs drawn over one another warn (the later ROI takes the voxels); contours between the image's slices, or
+    a structure set without contours, are refused in one sentence."""
+    from coral_core.errors import OffGridError
+
+    image = Volume(np.zeros((4, 10, 10)), np.diag([1.0, 1.0, 3.0, 1.0]), tmp_path / "img.nii.gz")
+    rs = write_rt_structure_set(tmp_path / "over.dcm", image.affine,
+                                (("LV", "ORGAN", [(2, _box(1, 5, 1, 5))]), ("RV", "ORGAN", [(2, _box(4, 8, 4, 8))])))
+    with pytest.warns(UserWarning, match=r"over.dcm: 4 voxels lie inside the contours of more than one ROI; each takes "
+                                         r"the later ROI's label"):
+        labels = load_labels_like(rs, image).array
+    assert labels[2, 4, 4] == 2 and labels[2, 1, 1] == 1 and labels[2, 8, 8] == 2
+    between = write_rt_structure_set(tmp_path / "between.dcm", image.affine, (("LV", "ORGAN", [(1.5, _box(1, 5, 1, 5))]),))
+    with pytest.raises(OffGridError, match=r"between.dcm: contours of ROI 'LV' do not lie in the slices of .*img.nii.gz"):
+        load_labels_like(between, image)
+    with pytest.raises(UserError, match=r"bare.dcm: DICOM RT structure set holds no closed contours, so it labels "
+                                        r"nothing; give one that outlines the structures"):
+        load_labels_like(write_rt_structure_set(tmp_path / "bare.dcm"), image)

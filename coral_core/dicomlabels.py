@@ -1,28 +1,31 @@
-"""Writing a label volume as a DICOM SEG: a segmentation object that PACS, OHIF, 3D Slicer and other DICOM tools
-show on the image series it was drawn on.
+"""DICOM label objects: a DICOM SEG read onto an image's voxel grid (:func:`seg_on_grid`), an RT structure set's
+contours filled on it (:func:`contours_on_grid`; :func:`coral_core.volume.load_labels_like` uses both), and a label
+volume written as a DICOM SEG (:func:`save_dicom_seg`): a segmentation object that PACS, OHIF, 3D Slicer and other
+DICOM tools show on the image series it was drawn on.
 
 The SEG refers to the DICOM images it labels, so it can be written only for an image read from DICOM (a series
 folder, or a multi-frame file): each frame is one segment on one source image (or one frame of a multi-frame
 source), in that image's own rows and columns, with the image's position, orientation and pixel spacing; frames
 that label nothing are left out. Label value n becomes segment n, named by ``class_names[n]``. The patient, study
-and frame of reference are the source's; the series is new. Reading one back: :func:`coral_core.volume.load_labels_like`.
+and frame of reference are the source's; the series is new.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from coral_core.errors import UserError
+from coral_core.errors import OffGridError, UserError
 from coral_core.fileio import atomic_target, check_output_path
-from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _plane_on_grid, _short,
-                               is_volume_path)
+from coral_core.volume import _LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_volume_path
 
-__all__ = ["save_dicom_seg", "check_dicom_seg_source", "is_dicom_seg_name", "SEG_ALGORITHMS"]
+__all__ = ["save_dicom_seg", "seg_on_grid", "contours_on_grid", "structure_names", "referenced_series",
+           "check_dicom_seg_source", "is_dicom_seg_name", "SEG_ALGORITHMS"]
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage SOP class
 SEG_ALGORITHMS = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")  # how the segments were made (DICOM's words)
@@ -181,6 +184,187 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
     with atomic_target(p, suffix=".dcm") as tmp:
         ds.save_as(str(tmp), enforce_file_format=True)
     return p
+
+
+def seg_on_grid(p: Path, like: Volume) -> np.ndarray:
+    """A DICOM SEG file's segments on the voxel grid of the image ``like`` (segment n: label n; drawn over one
+    another, the highest number's, with a warning); :class:`OffGridError` when a frame does not lie on it."""
+    to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
+    labels = np.zeros(like.shape, np.uint8)
+    frames = []
+    for number, position, axes, mask in _seg_frames(str(p), os.stat(p).st_mtime_ns):
+        start = (to_voxel @ np.array([*position, 1.0]))[:3]
+        steps = to_voxel[:3, :3] @ axes  # one column, one row: in voxels
+        frames.append((number, _plane_on_grid(start, steps[:, 0], steps[:, 1], *mask.shape, like.shape), mask))
+    for number, place, mask in sorted(frames, key=lambda f: f[0]):
+        if place is None:
+            raise OffGridError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, "
+                               "spacing or position differ); give the segmentation drawn on this image")
+        k, j, i = place
+        drawn = labels[k]
+        over = int(np.count_nonzero(mask & (drawn[j, i] != 0) & (drawn[j, i] != number)))
+        if over:
+            import warnings
+
+            warnings.warn(f"{p}: {over} voxels of slice {k} belong to more than one segment; each takes the highest "
+                          "segment number", stacklevel=3)
+        drawn[j[mask], i[mask]] = number
+    return labels
+
+
+def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple | None:
+    """Where an image plane lies on a (z, y, x) voxel grid: (its slice k, then the j and the i index of each of its
+    pixels, (rows, columns) arrays), from its first pixel's voxel coordinates ``start`` (i, j, k) and the voxel steps
+    of one column and of one row (the plane's rows and columns may run along the grid's in either direction, or
+    swapped); None when its pixels are not the voxels of one slice (another orientation, spacing or position, or
+    partly outside)."""
+    origin = np.round(start).astype(int)
+    exact = np.stack([column, row])
+    steps = np.round(exact).astype(int)
+    units = np.abs(steps[:, :2])
+    if not (np.allclose(start, origin, atol=0.05) and np.allclose(exact, steps, atol=0.01) and not steps[:, 2].any()
+            and (units.sum(0) == 1).all() and (units.sum(1) == 1).all() and 0 <= origin[2] < shape[0]):
+        return None
+    a, b = np.meshgrid(np.arange(columns), np.arange(rows))
+    i = origin[0] + a * steps[0, 0] + b * steps[1, 0]
+    j = origin[1] + a * steps[0, 1] + b * steps[1, 1]
+    if min(i.min(), j.min()) < 0 or i.max() >= shape[2] or j.max() >= shape[1]:
+        return None
+    return int(origin[2]), j, i
+
+
+@functools.lru_cache(maxsize=2)
+def _seg_frames(name: str, mtime: int) -> list[tuple]:
+    """A DICOM SEG file's frames, each (segment number, position in LPS, the LPS steps of one column and one row as a
+    (3, 2) array, mask as bool), read once while the file stays the same (napari tries it on each open image)."""
+    import pydicom
+
+    p = Path(name)
+    try:
+        ds = pydicom.dcmread(name)
+        masks = ds.pixel_array
+        per = ds.PerFrameFunctionalGroupsSequence
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{p}: DICOM SEG is not readable ({_short(exc)}); re-export it") from None
+    masks = masks.reshape(-1, *masks.shape[-2:])
+    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":  # a probability or occupancy per pixel
+        masks = masks >= float(ds.get("MaximumFractionalValue", 255)) / 2
+    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
+    frames = []
+    for frame, mask in zip(per, masks):
+        position = _functional_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _functional_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        pixel = _functional_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
+        number = _functional_value(frame, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+        if position is None or orientation is None or pixel is None or number is None:
+            raise UserError(f"{p}: DICOM SEG frame {len(frames) + 1} gives no position, orientation, pixel spacing or "
+                            "segment number; re-export it")
+        o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
+        axes = np.stack([o[:3] * column, o[3:] * row], 1)
+        frames.append((int(number), np.array([float(v) for v in position[:3]]), axes, mask.astype(bool)))
+    return frames
+
+
+def referenced_series(path: str | os.PathLike) -> str:
+    """The Series Instance UID of the images a DICOM SEG (its referenced series) or RT structure set (the series of
+    its referenced frame of reference) was drawn on, from its header; "" when it names none or is not readable."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=[
+            "ReferencedSeriesSequence", "ReferencedFrameOfReferenceSequence"])
+        if "ReferencedSeriesSequence" in header:
+            return str(header.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        frame = header.ReferencedFrameOfReferenceSequence[0]
+        return str(frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID)
+    except Exception:  # noqa: BLE001 - names no series
+        return ""
+
+
+def structure_names(p: Path) -> list[str]:
+    """The names of an RT structure set's ROIs that have closed contours, in the order :func:`contours_on_grid`
+    labels them (label n: the n-th)."""
+    return [name for _, name, _, _ in _structures(str(p), os.stat(p).st_mtime_ns)]
+
+
+def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
+    """A DICOM RT structure set's closed planar contours filled on the voxel grid of the image ``like``: (labels,
+    the ROIs' names). The ROIs with contours, in ROI number order, are labels 1, 2, ...; a voxel is inside a contour
+    when its centre is; contours of one ROI on one slice combine even-odd (a contour inside another is a hole).
+    EXTERNAL ROIs (the body outline) are filled first, the others over them in order; other overlaps warn in one
+    sentence (the later ROI takes the voxel). Raises :class:`OffGridError` for a contour that does not lie in one of
+    the image's slices."""
+    from matplotlib.path import Path as Polygon
+
+    rois = _structures(str(p), os.stat(p).st_mtime_ns)
+    if not rois:
+        raise UserError(f"{p}: DICOM RT structure set holds no closed contours, so it labels nothing; give one that "
+                        "outlines the structures")
+    to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS -> the image's voxel (i, j, k)
+    labels = np.zeros(like.shape, np.uint8 if len(rois) < 256 else np.uint16)
+    rows, columns = like.shape[1:]
+    centres_j, centres_i = np.mgrid[0:rows, 0:columns]
+    over = 0
+    for value in sorted(range(1, len(rois) + 1), key=lambda n: rois[n - 1][2] != "EXTERNAL"):  # stable: ROI order
+        number, name, kind, contours = rois[value - 1]
+        filled: dict[int, np.ndarray] = {}
+        for points in contours:
+            voxels = (to_voxel @ np.c_[points, np.ones(len(points))].T).T[:, :3]  # (n, 3): i, j, k
+            k = int(np.round(voxels[:, 2].mean()))
+            if not (np.allclose(voxels[:, 2], k, atol=0.1) and 0 <= k < like.shape[0]):
+                raise OffGridError(f"{p}: contours of ROI {name!r} do not lie in the slices of {like.path} (another "
+                                   "orientation or slice position); give the structure set drawn on this image")
+            low = np.clip(np.floor(voxels[:, :2].min(0)).astype(int), 0, None)
+            high = np.minimum(np.ceil(voxels[:, :2].max(0)).astype(int) + 1, [columns, rows])
+            if (high <= low).any():
+                continue  # wholly outside the slice
+            box = (slice(low[1], high[1]), slice(low[0], high[0]))
+            centres = np.c_[centres_i[box].ravel(), centres_j[box].ravel()]
+            inside = Polygon(voxels[:, :2], closed=False).contains_points(centres).reshape(high[1] - low[1], -1)
+            mask = filled.setdefault(k, np.zeros((rows, columns), bool))
+            mask[box] ^= inside
+        for k, mask in filled.items():
+            if kind != "EXTERNAL":
+                held = labels[k][mask]
+                over += int(np.count_nonzero((held != 0) & ~np.isin(held, _external_values(rois))))
+            labels[k][mask] = value
+    if over:
+        import warnings
+
+        warnings.warn(f"{p}: {over} voxels lie inside the contours of more than one ROI; each takes the later ROI's "
+                      "label", stacklevel=3)
+    return labels, [name for _, name, _, _ in rois]
+
+
+def _external_values(rois: list) -> list[int]:
+    return [n for n, roi in enumerate(rois, 1) if roi[2] == "EXTERNAL"]
+
+
+@functools.lru_cache(maxsize=2)
+def _structures(name: str, mtime: int) -> list[tuple]:
+    """(ROI number, name, interpreted type in upper case, closed planar contours as (n, 3) LPS arrays) of each ROI of
+    an RT structure set that has such contours, by ROI number; read once while the file stays the same."""
+    import pydicom
+
+    p = Path(name)
+    try:
+        ds = pydicom.dcmread(name)
+        names = {int(r.ROINumber): str(r.get("ROIName", "") or f"ROI {r.ROINumber}")
+                 for r in ds.get("StructureSetROISequence", [])}
+        kinds = {int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "").upper()
+                 for o in ds.get("RTROIObservationsSequence", [])}
+        rois = []
+        for item in ds.get("ROIContourSequence", []):
+            number = int(item.ReferencedROINumber)
+            contours = [np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
+                        for c in item.get("ContourSequence", []) or []
+                        if str(c.get("ContourGeometricType", "")).upper() == "CLOSED_PLANAR"
+                        and len(c.ContourData) >= 9]
+            if contours:
+                rois.append((number, names.get(number, f"ROI {number}"), kinds.get(number, ""), contours))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{p}: DICOM RT structure set is not readable ({_short(exc)}); re-export it") from None
+    return sorted(rois, key=lambda roi: roi[0])
 
 
 def _source_planes(source: Path, series_uid: str | None, out: Path) -> tuple:
