@@ -314,8 +314,12 @@ def _header_number(info, tag: str) -> float:
 def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]:
     """(voxels (z, y, x), or (z, y, x, t) for a cine series, RAS affine) of a DICOM series' files in slice order.
     The files are read once, their headers with them; a cine series (positions repeated: several images at each) is
-    read again frame by frame. ITK's warnings are not shown (a cine's repeated positions look to ITK like uneven
-    spacing, and it reports in several lines): for a plain series with uneven gaps, one sentence says where."""
+    read frame by frame. ITK's warnings are not shown (a cine's repeated positions look to ITK like uneven
+    spacing, and it reports in several lines): for a plain series with uneven gaps, one sentence says where. A cine
+    whose headers (cached per file) show it is one is read frame by frame at once."""
+    keys = _image_keys(files)
+    if keys is not None and len({k[0] for k in keys}) < len(files):  # positions repeated: a cine's phases
+        return _read_frames(_dicom_frames(files, where, keys), where)
     reader = _series_reader(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     img = _quietly(reader.Execute)
