@@ -25,7 +25,7 @@ from coral_core.fileio import atomic_target, check_output_path
 from coral_core.volume import _LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_volume_path
 
 __all__ = ["save_dicom_seg", "seg_on_grid", "contours_on_grid", "structure_names", "referenced_series",
-           "check_dicom_seg_source", "is_dicom_seg_name", "SEG_ALGORITHMS"]
+           "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS"]
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage SOP class
 SEG_ALGORITHMS = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")  # how the segments were made (DICOM's words)
@@ -444,12 +444,29 @@ def _on_planes(labels: np.ndarray, like: Volume, planes: list[_Plane], out: Path
 def _segment(number: int, name: str, algorithm: str):
     from pydicom.sequence import Sequence
 
+    from coral_core.plotting import LABEL_COLOURS
+
+    colour = LABEL_COLOURS[number] if number < len(LABEL_COLOURS) else "#ffffff"  # napari's and the figures'
     segment = _item(SegmentNumber=number, SegmentLabel=name[:64], SegmentAlgorithmType=algorithm,
                     SegmentedPropertyCategoryCodeSequence=Sequence([_code("85756007", "SCT", "Tissue")]),
-                    SegmentedPropertyTypeCodeSequence=Sequence([_code("85756007", "SCT", "Tissue")]))
+                    SegmentedPropertyTypeCodeSequence=Sequence([_code("85756007", "SCT", "Tissue")]),
+                    RecommendedDisplayCIELabValue=dicom_lab(colour))
     if algorithm != "MANUAL":
         segment.SegmentAlgorithmName = "napari-coral"
     return segment
+
+
+def dicom_lab(colour: str) -> list[int]:
+    """An sRGB colour (``#rrggbb``) as DICOM's recommended display value: CIE L*a*b* (D65 white), scaled to 0-65535
+    (L* from 0-100, a* and b* from -128-127)."""
+    rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                    [0.0193339, 0.1191920, 0.9503041]]) @ linear / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    lab = np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+    scaled = [lab[0] * 65535 / 100, (lab[1] + 128) * 65535 / 255, (lab[2] + 128) * 65535 / 255]
+    return [int(np.clip(round(v), 0, 65535)) for v in scaled]
 
 
 def _code(value: str, scheme: str, meaning: str):

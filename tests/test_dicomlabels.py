@@ -52,6 +52,24 @@ def test_a_series_labels_written_as_a_dicom_seg_lie_on_its_images(tmp_path):
     assert read_class_names(out) == NAMES
 
 
+def test_segments_carry_the_colours_napari_shows_them_in(tmp_path):
+    """Each segment's recommended display colour is its napari (and figures') colour in DICOM's scaled CIE L*a*b*,
+    as scikit-image converts sRGB (D65), to within rounding."""
+    skimage_color = pytest.importorskip("skimage.color")
+    from coral_core.dicomlabels import dicom_lab
+    from coral_core.plotting import LABEL_COLOURS
+
+    image = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12))))
+    seg = hd.seg.segread(save_dicom_seg(tmp_path / "pred.dcm", _labels(image.shape), image, NAMES))
+    assert [list(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence] == [dicom_lab(c) for c in
+                                                                                     LABEL_COLOURS[1:4]]
+    for colour in [*LABEL_COLOURS[1:], "#ffffff", "#000000"]:
+        rgb = np.array([[[int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]]])
+        lightness, a, b = skimage_color.rgb2lab(rgb)[0, 0]
+        reference = [lightness * 65535 / 100, (a + 128) * 65535 / 255, (b + 128) * 65535 / 255]
+        np.testing.assert_allclose(dicom_lab(colour), reference, atol=2, err_msg=colour)
+
+
 def test_labels_of_an_image_held_flipped_or_transposed_go_to_the_right_pixels(tmp_path):
     """The frames follow the source images' stored rows and columns, whatever axes the image was held in."""
     image = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12)), spacing_zyx=(3.0, 0.7, 0.9)))
