@@ -103,8 +103,8 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
     planes, sampled = [planes[index] for index in order], [placed[index][1] for index in order]
     names = [str(n) for n in (class_names or ["background"])]
     count = max(len(names) - 1, int(labels.max(initial=0)))
-    frames = [(n, index) for n in range(1, count + 1) for index in range(len(planes))
-              if (sampled[index] == n).any()]
+    held = [np.unique(plane_labels) for plane_labels in sampled]  # the values on each plane
+    frames = sorted((int(n), index) for index, values in enumerate(held) for n in values if n > 0)
     if not frames:  # nothing labelled: one empty frame, as a SEG holds at least one
         frames = [(1, 0)]
     count = max(count, 1)
