@@ -598,6 +598,8 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
 
     if (args.out is None) == (args.out_dir is None):
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
+    if args.dicom_seg and args.out is not None:
+        raise UserError("--dicom-seg goes with --out-dir; with --out, end the file's name with .dcm for a DICOM SEG")
     if args.out is not None:
         if len(args.images) != 1:
             raise UserError(f"--out writes one label volume but {len(args.images)} inputs were given; use --out-dir DIR")
@@ -618,6 +620,8 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         # one file each, in the image's format (a cine's labels: one 4-D file); DICOM (a series' folder, a
         # multi-frame file) -> NIfTI
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd"}.get(suffix, suffix if suffix in VOLUME_SUFFIXES else ".nii.gz")
+        if args.dicom_seg and suffix == ".nii.gz" and _dicom_source(case.image) and frame_count(case.image) == 1:
+            suffix = ".dcm"  # a DICOM SEG on the series' images
         out = out_dir / f"{output_name(case)}_labels{suffix}"
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
@@ -627,6 +631,17 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     except OSError as exc:
         raise UserError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc}); choose another --out-dir") from None
     return [(image, check_output_path(out)) for out, image in targets.items()]
+
+
+def _dicom_source(path) -> bool:
+    """Whether a volume was read from DICOM (a series folder or a multi-frame file): a DICOM SEG can refer to it."""
+    from coral_core.dicomlabels import check_dicom_seg_source
+
+    try:
+        check_dicom_seg_source(path, "")
+    except UserError:
+        return False
+    return True
 
 
 def cmd_segment(args) -> tuple[dict, str]:
@@ -765,21 +780,25 @@ def cmd_embed(args) -> tuple[dict, str]:
     return out, text + (f" and {args.plot}" if args.plot else "")
 
 
-def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | None) -> dict:
+def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | None, grid=None) -> dict:
     """`coral evaluate PRED TRUTH` for two files: Dice and HD95 per class and their means (a cine series: the means
-    over its frames, each frame's in "frames")."""
+    over its frames, each frame's in "frames"). ``grid``: the image whose voxel grid two DICOM label files (SEG, RT
+    structure set) are placed on, which hold none of their own."""
     import numpy as np
 
     from coral_core.data import label_map
     from coral_core.metrics import evaluate_segmentation
-    from coral_core.volume import is_dicom_labels, load_frames, load_labels_like, read_class_names
+    from coral_core.volume import is_dicom_labels, load_frames, load_labels_like, load_volume, read_class_names
 
     # a cine series (4-D files, as coral segment writes one) is scored frame by frame; a DICOM SEG or RT structure
     # set is placed on the grid of the other file
-    if is_dicom_labels(pred) and is_dicom_labels(truth):
+    if is_dicom_labels(pred) and is_dicom_labels(truth) and grid is not None:
+        image = load_volume(grid)
+        preds, truths = [load_labels_like(pred, image)], [load_labels_like(truth, image)]
+    elif is_dicom_labels(pred) and is_dicom_labels(truth):
         raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG or RT structure set files, which hold no voxel grid "
                         "of their own; give one of them as a label file (NIfTI, MHA or NRRD) of the image")
-    if is_dicom_labels(truth):
+    elif is_dicom_labels(truth):
         preds = load_frames(pred)
         truths = [load_labels_like(truth, preds[0])] if len(preds) == 1 else load_frames(truth)
     elif is_dicom_labels(pred):
@@ -841,8 +860,9 @@ def _missed_lines(result: dict, unit: str) -> list[str]:
 
 def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
     """`coral evaluate PRED_DIR TRUTH_DIR`: every prediction scored against its case's reference labels."""
-    from coral_core.data import evaluation_pairs
+    from coral_core.data import case_images, evaluation_pairs
     from coral_core.metrics import summarise_cases
+    from coral_core.volume import is_dicom_labels
 
     pred_dir, truth_dir = Path(args.pred), Path(args.truth)
     if not truth_dir.is_dir():
@@ -853,9 +873,13 @@ def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
         held = f"its {_count_of(len(unmatched), 'label file')}" if unmatched else "no label file"
         raise UserError(f"{pred_dir}: {held} matching none of {truth_dir}'s reference labels by name; give the folder "
                         "coral segment --out-dir wrote (NAME_labels.nii.gz) and the dataset folder it segmented")
-    cases = []
+    cases, images = [], None
     for name, pred, truth in pairs:
-        scored = _score_pair(pred, truth, args.class_names, label_values)
+        grid = None
+        if is_dicom_labels(pred) and is_dicom_labels(truth):  # neither has a grid: the case's image's
+            images = images if images is not None else case_images(truth_dir)
+            grid = images.get(name)
+        scored = _score_pair(pred, truth, args.class_names, label_values, grid)
         cases.append({"name": name, "pred": str(pred), "truth": str(truth), **scored})
     result = summarise_cases(cases)
     result |= {"cases": cases, "unmatched_predictions": [str(p) for p in unmatched],
@@ -876,12 +900,12 @@ def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
 
 
 def cmd_evaluate(args) -> tuple[dict, str]:
-    from coral_core.data import parse_label_values
+    from coral_core.data import holds_dicom_labels, parse_label_values
     from coral_core.volume import is_volume_path
 
     label_values = parse_label_values(args.label_values) if args.label_values else None
-    if Path(args.pred).is_dir() and not is_volume_path(args.pred):
-        return _evaluate_folders(args, label_values)
+    if Path(args.pred).is_dir() and not (is_volume_path(args.pred) and not holds_dicom_labels(args.pred)):
+        return _evaluate_folders(args, label_values)  # a folder of label files (DICOM SEG files among them)
     if Path(args.truth).is_dir() and not is_volume_path(args.truth):
         raise UserError(f"{args.truth}: a folder, but PRED {args.pred} is one file; give its reference label file, "
                         "or give PRED as the folder coral segment --out-dir wrote")
@@ -1425,10 +1449,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="a volume file or DICOM series folder; with --out-dir also several, and dataset folders")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--out", default=None, metavar="LABELS", help="label volume to write (.nii.gz, .mha, .nrrd; or .dcm, a DICOM SEG on a DICOM INPUT's images), for one INPUT")
+    p.add_argument("--out", default=None, metavar="LABELS",
+                   help="label volume to write (.nii.gz, .mha, .nrrd; or .dcm, a DICOM SEG on a DICOM INPUT's images), "
+                        "for one INPUT")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="folder (created if missing) for NAME_labels of every volume, in its input's format (DICOM: "
-                        ".nii.gz); the model is loaded once")
+                        ".nii.gz, or with --dicom-seg a DICOM SEG); the model is loaded once")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="with --out-dir: write the labels of each 3-D DICOM input as a DICOM SEG on its images "
+                        "(NAME_labels.dcm); other inputs as without it")
     p.add_argument("--batch-size", type=_positive_int, default=16,
                    help="slices per forward pass (default 16; halved by itself if the device runs out of memory)")
     p.add_argument("--largest-component", action="store_true",

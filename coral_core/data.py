@@ -672,10 +672,7 @@ def _dicom_segs(entries: list[Path]) -> dict[Path, str]:
 def _segs_beside_folders(folder: Path) -> bool:
     """Whether a folder of DICOM files holds label files (SEG, RT structure set) beside folders (a study: series
     folders, a SEG file of one): a dataset folder, not a series."""
-    if not any(d.is_dir() for d in folder.iterdir()):
-        return False
-    first = next((f for f in sorted(folder.iterdir()) if f.is_file() and is_dicom_file(f)), None)
-    return first is not None and is_dicom_labels(first)
+    return any(d.is_dir() for d in folder.iterdir()) and holds_dicom_labels(folder)
 
 
 def _segs_by_reference(segs: dict[Path, str], images: list[Path]) -> dict[Path, str]:
@@ -749,6 +746,21 @@ def output_name(case: Case) -> str:
     return stem if case.subject in stem else f"{case.subject}_{stem}"
 
 
+def case_images(folder: str | os.PathLike) -> dict[str, Path]:
+    """The image of each case of a dataset folder, by the name coral segment gives its labels."""
+    try:
+        return {output_name(c): c.image for c in discover_volumes([folder])}
+    except UserError:
+        return {}
+
+
+def holds_dicom_labels(folder: str | os.PathLike) -> bool:
+    """Whether a folder's first DICOM file is a SEG or RT structure set (a folder of such files: labels, not a
+    series)."""
+    first = next((f for f in sorted(Path(folder).iterdir()) if f.is_file() and is_dicom_file(f)), None)
+    return first is not None and is_dicom_labels(first)
+
+
 def _labelled_cases(folder: Path) -> dict[str, Path]:
     """The label file of each labelled case of a dataset folder, by the name coral segment gives its labels."""
     try:
@@ -781,7 +793,7 @@ def evaluation_pairs(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike
                         "folder of predictions first and the dataset folder second")
     preds: dict[str, Path] = {}
     for f in sorted(pred_dir.iterdir()):
-        if f.is_file() and is_volume_path(f):
+        if f.is_file() and (is_volume_path(f) or is_dicom_labels(f)):  # DICOM SEG files too (coral segment --dicom-seg)
             name = _LABEL_ENDING.sub("", _stem(f))
             if name in preds:
                 raise UserError(f"{pred_dir}: {preds[name].name} and {f.name} are both labels of case {name}; keep one "

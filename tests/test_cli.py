@@ -1333,7 +1333,8 @@ def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
 def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
     """A folder of DICOM series with DICOM SEG files referring to them (one in a SEG series' folder, as TCIA exports
     it): `coral finetune FOLDER` trains on the labelled series, `coral segment FOLDER --out-dir` segments the series
-    (the SEG folder is no image), and `coral evaluate` scores each prediction against its series' SEG."""
+    (the SEG folder is no image), also into SEG files (--dicom-seg), and `coral evaluate` scores each prediction
+    against its series' SEG, a SEG prediction as the same labels in NIfTI."""
     from coral_core.dicomlabels import save_dicom_seg
     from helpers import write_dicom_series
 
@@ -1355,6 +1356,12 @@ def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
     assert sorted(f.name for f in (tmp_path / "pred").iterdir()) == [f"ct_{c}_labels.nii.gz" for c in "abc"]
     scores = json.loads(coral("evaluate", tmp_path / "pred", study, "--json").stdout)
     assert sorted(case["name"] for case in scores["cases"]) == ["ct_a", "ct_b"]
+    coral("segment", study, "--out-dir", tmp_path / "seg", "--dicom-seg")  # the same labels, as SEG files
+    assert sorted(f.name for f in (tmp_path / "seg").iterdir()) == [f"ct_{c}_labels.dcm" for c in "abc"]
+    as_seg = json.loads(coral("evaluate", tmp_path / "seg", study, "--json").stdout)  # SEG against SEG: on the image
+    assert [(c["name"], c["dice"]) for c in as_seg["cases"]] == [(c["name"], c["dice"]) for c in scores["cases"]]
+    user_error(coral("segment", study / "ct_a", "--out", tmp_path / "x.nii.gz", "--dicom-seg", check=False),
+               "--dicom-seg goes with --out-dir")
 
 
 def test_main_in_process_gives_warnings_and_ctrl_c_back(tmp_path, capsys):
