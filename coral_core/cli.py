@@ -797,7 +797,7 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
         preds, truths = [load_labels_like(pred, image)], [load_labels_like(truth, image)]
     elif is_dicom_labels(pred) and is_dicom_labels(truth):
         raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG or RT structure set files, which hold no voxel grid "
-                        "of their own; give one of them as a label file (NIfTI, MHA or NRRD) of the image")
+                        "of their own; give the image they were drawn on with --image IMAGE")
     elif is_dicom_labels(truth):
         preds = load_frames(pred)
         truths = [load_labels_like(truth, preds[0])] if len(preds) == 1 else load_frames(truth)
@@ -909,7 +909,9 @@ def cmd_evaluate(args) -> tuple[dict, str]:
     if Path(args.truth).is_dir() and not is_volume_path(args.truth):
         raise UserError(f"{args.truth}: a folder, but PRED {args.pred} is one file; give its reference label file, "
                         "or give PRED as the folder coral segment --out-dir wrote")
-    result = _score_pair(args.pred, args.truth, args.class_names, label_values)
+    if args.image is not None and not Path(args.image).exists():
+        raise UserError(f"{args.image}: no such file or folder; give the image PRED and TRUTH were drawn on as --image")
+    result = _score_pair(args.pred, args.truth, args.class_names, label_values, args.image)
     lines = _score_lines(result)
     if "frames" in result:
         lines.insert(0, f"{len(result['frames'])} frames; each number is the mean over the frames (per frame: --json)")
@@ -1489,6 +1491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-values", default=None, metavar="V1,V2,...",
                    help="the values TRUTH uses for classes 1, 2, ... when they are codes (MM-WHS: 205,420,...,850); "
                         "PRED holds class numbers, as coral segment writes them")
+    p.add_argument("--image", default=None, metavar="IMAGE",
+                   help="the image PRED and TRUTH were drawn on, when both are DICOM SEG or RT structure set files "
+                        "(which hold no voxel grid of their own)")
 
     p = command("info", "Describe model files: classes, architecture, scale, and how each was trained.", cmd_info,
                 device_help="taken as every command takes it, and unused: a model file is read on the CPU")

@@ -1267,7 +1267,8 @@ def test_a_dicom_seg_as_labels(tmp_path):
     assert info["classes"] == ["RV", "myocardium", "LV"]
     scores = json.loads(coral("evaluate", tmp_path / "lab.nii.gz", tmp_path / "lab.dcm", "--json").stdout)
     assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
-    user_error(coral("evaluate", tmp_path / "lab.dcm", tmp_path / "lab.dcm", check=False), "both DICOM SEG or RT structure set files")
+    user_error(coral("evaluate", tmp_path / "lab.dcm", tmp_path / "lab.dcm", check=False),
+               "both DICOM SEG or RT structure set files", "give the image they were drawn on with --image IMAGE")
     user_error(coral("segment", tmp_path / "lab.dcm", "--out", tmp_path / "s.nii.gz", check=False),
                "lab.dcm: is a DICOM SEG segmentation, not an image", "coral finetune IMAGE --labels SEG")
 
@@ -1275,8 +1276,8 @@ def test_a_dicom_seg_as_labels(tmp_path):
 def test_an_rt_structure_set_as_labels(tmp_path):
     """An RT structure set (contours, as radiotherapy planning exports them) is taken as the labels of the image it
     was drawn on, its contours filled on the image's grid and its ROIs' names the classes: `coral finetune --labels`
-    trains on the slices it outlines, `coral evaluate` scores against it."""
-    from helpers import write_rt_structure_set
+    trains on the slices it outlines, `coral evaluate` scores against it (and a SEG against it on --image)."""
+    from helpers import write_dicom_seg, write_rt_structure_set
 
     img, _ = make_phantom(11, n_slices=6)
     affine = oblique_affine((1.8, 1.8, 10.0))
@@ -1297,6 +1298,9 @@ def test_an_rt_structure_set_as_labels(tmp_path):
     assert json.loads(coral("info", tmp_path / "m.safetensors", "--json").stdout)["models"][0]["classes"] == [
         "GTV", "Lung_L"]
     scores = json.loads(coral("evaluate", tmp_path / "truth.nii.gz", rs, "--json").stdout)
+    assert scores["dice"] == {"GTV": 1.0, "Lung_L": 1.0}
+    seg = write_dicom_seg(tmp_path / "seg.dcm", truth, affine, ["GTV", "Lung_L"])  # contours against a SEG: on IMAGE
+    scores = json.loads(coral("evaluate", seg, rs, "--image", tmp_path / "img.nii.gz", "--json").stdout)
     assert scores["dice"] == {"GTV": 1.0, "Lung_L": 1.0}
 
 
