@@ -678,6 +678,8 @@ def _segs_beside_folders(folder: Path) -> bool:
 def _segs_by_reference(segs: dict[Path, str], images: list[Path]) -> dict[Path, str]:
     """Each DICOM SEG file of ``segs`` with the case name (stem) of the image series folder among ``images`` that it
     refers to; else, named as a label file (``case_seg.dcm``), that name; others left out."""
+    if not segs:
+        return {}
     series = {}
     for image in images:
         if image.is_dir():
