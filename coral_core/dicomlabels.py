@@ -22,7 +22,8 @@ import numpy as np
 
 from coral_core.errors import OffGridError, UserError
 from coral_core.fileio import atomic_target, check_output_path
-from coral_core.volume import _LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_volume_path
+from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_dicom_file,
+                               is_dicom_labels, is_volume_path)
 
 __all__ = ["save_dicom_seg", "seg_on_grid", "contours_on_grid", "structure_names", "referenced_series",
            "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS"]
@@ -62,11 +63,10 @@ def check_dicom_seg_source(source: str | os.PathLike | None, out: str | os.PathL
     """The DICOM source (a series folder or a multi-frame file) a SEG named ``out`` would refer to; raises
     :class:`UserError` with one sentence when ``source`` is not DICOM (call before any work is done)."""
     p = Path(source) if source is not None else None
-    if p is None or not (p.is_dir() and is_volume_path(p) or p.is_file() and _looks_like_dicom(p)
-                         and not p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr"))):
+    if p is None or not (p.is_dir() and is_volume_path(p) or is_dicom_file(p) and not is_dicom_labels(p)):
         raise UserError(f"{out}: a DICOM SEG refers to the DICOM images it labels, but "
-                        f"{p if p is not None else 'this image'} was not read from DICOM; end the output's name with "
-                        ".nii.gz, .mha or .nrrd")
+                        f"{p if p is not None else 'this image'} is not a DICOM image series; end the output's name "
+                        "with .nii.gz, .mha or .nrrd")
     return p
 
 

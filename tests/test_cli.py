@@ -1328,7 +1328,7 @@ def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
     assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
     save_volume(tmp_path / "img.nii.gz", img.array, np.eye(4))
     user_error(coral("segment", tmp_path / "img.nii.gz", "--out", tmp_path / "x.dcm", check=False),
-               "x.dcm: a DICOM SEG refers to the DICOM images it labels", "img.nii.gz was not read from DICOM")
+               "x.dcm: a DICOM SEG refers to the DICOM images it labels", "img.nii.gz is not a DICOM image series")
     cine = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 8)))
     user_error(coral("segment", cine, "--out", tmp_path / "x.dcm", check=False), "cine is a cine series")
     assert not list(tmp_path.glob("*x.dcm*"))

@@ -132,7 +132,7 @@ def test_what_cannot_be_written_as_a_dicom_seg_is_one_sentence_and_no_file(tmp_p
     series = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((4, 8, 8))))
     shifted = Volume(series.array, series.affine.copy(), series.path)
     shifted.affine[0, 3] += 0.4  # half a voxel aside: not the source images' grid
-    cases = [(nifti, np.zeros((4, 8, 8), np.uint8), "img.nii.gz was not read from DICOM; end the output's name with "
+    cases = [(nifti, np.zeros((4, 8, 8), np.uint8), "img.nii.gz is not a DICOM image series; end the output's name with "
                                                     ".nii.gz, .mha or .nrrd"),
              (load_frames(cine)[0], np.zeros((3, 4, 8, 8), np.uint8), "these labels have 4 dimensions (a cine)"),
              (Volume(np.zeros((4, 8, 8)), load_frames(cine)[0].affine, cine), np.zeros((4, 8, 8), np.uint8),

@@ -142,6 +142,9 @@ def test_labels_drawn_on_a_dicom_series_save_as_a_dicom_seg(tmp_path, make_napar
     reopened, = viewer.open(str(tmp_path / "pred.dcm"), plugin="napari-coral")
     np.testing.assert_array_equal(reopened.data, layer.data)
     assert list(reopened.features["class"]) == ["background", "RV", "myocardium", "LV"]
+    reopened.save(str(tmp_path / "again.dcm"), plugin="napari-coral")  # a SEG's layer: on the series it lies on
+    again = hd.seg.segread(tmp_path / "again.dcm")
+    np.testing.assert_array_equal(again.get_pixels_by_source_instance(sources, combine_segments=True), layer.data)
 
     save_volume(tmp_path / "truth.nii.gz", truth.array, np.asarray(image.metadata["affine"]),
                 ["background", "RV", "myocardium", "LV"])
@@ -154,7 +157,7 @@ def test_labels_drawn_on_a_dicom_series_save_as_a_dicom_seg(tmp_path, make_napar
     with pytest.raises(UserError) as info:  # not a ValueError, which napari would take for "no writer here"
         drawn.save(str(tmp_path / "alone.dcm"), plugin="napari-coral")
     assert "alone.dcm: a DICOM SEG refers to the DICOM images it labels" in str(info.value)
-    assert "truth.nii.gz was not read from DICOM" in str(info.value) and not list(tmp_path.glob("*alone*"))
+    assert "truth.nii.gz is not a DICOM image series" in str(info.value) and not list(tmp_path.glob("*alone*"))
 
 
 def test_sample_has_image_and_ground_truth(viewer):
