@@ -200,24 +200,24 @@ def seg_on_grid(p: Path, like: Volume) -> np.ndarray:
         if place is None:
             raise OffGridError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, "
                                "spacing or position differ); give the segmentation drawn on this image")
-        k, j, i = place
-        drawn = labels[k]
-        over = int(np.count_nonzero(mask & (drawn[j, i] != 0) & (drawn[j, i] != number)))
+        k, view = place
+        drawn = view(labels[k])  # a view: writing to it writes the labels
+        over = int(np.count_nonzero(mask & (drawn != 0) & (drawn != number)))
         if over:
             import warnings
 
             warnings.warn(f"{p}: {over} voxels of slice {k} belong to more than one segment; each takes the highest "
                           "segment number", stacklevel=3)
-        drawn[j[mask], i[mask]] = number
+        drawn[mask] = number
     return labels
 
 
 def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple | None:
-    """Where an image plane lies on a (z, y, x) voxel grid: (its slice k, then the j and the i index of each of its
-    pixels, (rows, columns) arrays), from its first pixel's voxel coordinates ``start`` (i, j, k) and the voxel steps
-    of one column and of one row (the plane's rows and columns may run along the grid's in either direction, or
-    swapped); None when its pixels are not the voxels of one slice (another orientation, spacing or position, or
-    partly outside)."""
+    """Where an image plane lies on a (z, y, x) voxel grid: (its slice k, a function giving the view of a (y, x) slice
+    array that holds the plane's pixels in its own (rows, columns) order), from its first pixel's voxel coordinates
+    ``start`` (i, j, k) and the voxel steps of one column and of one row (the plane's rows and columns may run along
+    the grid's in either direction, or swapped); None when its pixels are not the voxels of one slice (another
+    orientation, spacing or position, or partly outside)."""
     origin = np.round(start).astype(int)
     exact = np.stack([column, row])
     steps = np.round(exact).astype(int)
@@ -225,12 +225,19 @@ def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple 
     if not (np.allclose(start, origin, atol=0.05) and np.allclose(exact, steps, atol=0.01) and not steps[:, 2].any()
             and (units.sum(0) == 1).all() and (units.sum(1) == 1).all() and 0 <= origin[2] < shape[0]):
         return None
-    a, b = np.meshgrid(np.arange(columns), np.arange(rows))
-    i = origin[0] + a * steps[0, 0] + b * steps[1, 0]
-    j = origin[1] + a * steps[0, 1] + b * steps[1, 1]
-    if min(i.min(), j.min()) < 0 or i.max() >= shape[2] or j.max() >= shape[1]:
-        return None
-    return int(origin[2]), j, i
+    column_axis = 0 if steps[0, 0] else 1  # the voxel axis (0: i, 1: j) one column to the right moves along
+    spans = {column_axis: (int(steps[0, column_axis]), columns),
+             1 - column_axis: (int(steps[1, 1 - column_axis]), rows)}
+    cut = []
+    for axis, size in ((1, shape[1]), (0, shape[2])):  # j (the array's y), then i (its x)
+        step, count = spans[axis]
+        first, last = int(origin[axis]), int(origin[axis]) + step * (count - 1)
+        if min(first, last) < 0 or max(first, last) >= size:
+            return None
+        stop = last + step
+        cut.append(slice(first, stop if stop >= 0 else None, step))
+    rows_along_j = column_axis == 0
+    return int(origin[2]), (lambda image: image[cut[0], cut[1]] if rows_along_j else image[cut[0], cut[1]].T)
 
 
 @functools.lru_cache(maxsize=2)
@@ -435,9 +442,9 @@ def _on_planes(labels: np.ndarray, like: Volume, planes: list[_Plane], out: Path
             what = "a grid other than the image's" if place is None else "two images at one slice position (a cine)"
             raise UserError(f"{out}: the DICOM images in {source} lie on {what}, so the labels cannot be placed on "
                             "them; write .nii.gz instead")
-        k, j, i = place
+        k, view = place
         seen.add(k)
-        sampled.append((k, labels[k][j, i]))
+        sampled.append((k, np.ascontiguousarray(view(labels[k]))))
     return sampled
 
 
