@@ -176,7 +176,7 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
     ds.NumberOfFrames = len(frames)
     instances = {(plane.sop_class, plane.sop_instance): None for plane in planes}
     ds.ReferencedSeriesSequence = Sequence([_item(
-        SeriesInstanceUID=header.SeriesInstanceUID,
+        SeriesInstanceUID=str(header.get("SeriesInstanceUID", "")),
         ReferencedInstanceSequence=Sequence([_item(ReferencedSOPClassUID=c, ReferencedSOPInstanceUID=i)
                                              for c, i in instances]))])
     masks = np.stack([sampled[index] == n for n, index in frames]).astype(np.uint8)
