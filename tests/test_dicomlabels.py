@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from coral_core.dicomlabels import save_dicom_seg
 from coral_core.errors import UserError
@@ -132,8 +134,8 @@ def test_what_cannot_be_written_as_a_dicom_seg_is_one_sentence_and_no_file(tmp_p
     series = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((4, 8, 8))))
     shifted = Volume(series.array, series.affine.copy(), series.path)
     shifted.affine[0, 3] += 0.4  # half a voxel aside: not the source images' grid
-    cases = [(nifti, np.zeros((4, 8, 8), np.uint8), "img.nii.gz is not a DICOM image series; end the output's name with "
-                                                    ".nii.gz, .mha or .nrrd"),
+    cases = [(nifti, np.zeros((4, 8, 8), np.uint8),
+              "img.nii.gz is not a DICOM image series; end the output's name with .nii.gz, .mha or .nrrd"),
              (load_frames(cine)[0], np.zeros((3, 4, 8, 8), np.uint8), "these labels have 4 dimensions (a cine)"),
              (Volume(np.zeros((4, 8, 8)), load_frames(cine)[0].affine, cine), np.zeros((4, 8, 8), np.uint8),
               "lie on two images at one slice position (a cine)"),
@@ -205,9 +207,39 @@ def test_what_an_rt_structure_set_cannot_label_is_one_sentence(tmp_path):
                                          r"the later ROI's label"):
         labels = load_labels_like(rs, image).array
     assert labels[2, 4, 4] == 2 and labels[2, 1, 1] == 1 and labels[2, 8, 8] == 2
-    between = write_rt_structure_set(tmp_path / "between.dcm", image.affine, (("LV", "ORGAN", [(1.5, _box(1, 5, 1, 5))]),))
-    with pytest.raises(OffGridError, match=r"between.dcm: contours of ROI 'LV' do not lie in the slices of .*img.nii.gz"):
+    between = write_rt_structure_set(tmp_path / "between.dcm", image.affine,
+                                     (("LV", "ORGAN", [(1.5, _box(1, 5, 1, 5))]),))
+    with pytest.raises(OffGridError,
+                       match=r"between.dcm: contours of ROI 'LV' do not lie in the slices of .*img.nii.gz"):
         load_labels_like(between, image)
     with pytest.raises(UserError, match=r"bare.dcm: DICOM RT structure set holds no closed contours, so it labels "
                                         r"nothing; give one that outlines the structures"):
         load_labels_like(write_rt_structure_set(tmp_path / "bare.dcm"), image)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.tuples(st.integers(2, 5), st.integers(3, 9), st.integers(3, 9)),
+       spacing=st.tuples(st.floats(0.3, 3.0), st.floats(0.3, 3.0), st.floats(1.0, 8.0)),
+       origin=st.tuples(*[st.floats(-200, 200) for _ in range(3)]), seed=st.integers(0, 2**16))
+def test_a_seg_lies_where_its_labels_do_in_any_orientation(tmp_path, shape, spacing, origin, seed):
+    """Labels of a multi-frame image of any orientation (oblique, mirrored) written as a SEG: our reader gets them
+    back, and highdicom's own volume of the SEG holds each label at the same place in the patient (every voxel mapped
+    through both geometries)."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # orthogonal: oblique, and mirrored when its determinant is -1
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = rotation * np.array(spacing), origin
+    path = write_enhanced_dicom(tmp_path / f"mr{seed}.dcm", np.zeros(shape, np.int16), affine)
+    image = load_volume(path)
+    labels = (rng.integers(1, 4, image.shape) * (rng.random(image.shape) > 0.5)).astype(np.uint8)
+    labels[0, 0, 0] = 1
+    out = save_dicom_seg(tmp_path / f"seg{seed}.dcm", labels, image, NAMES)
+    np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
+
+    volume = hd.seg.segread(out).get_volume(combine_segments=True)  # (slice, row, column) -> LPS, highdicom's
+    k, j, i = np.indices(labels.shape).reshape(3, -1)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine @ np.stack([i, j, k, np.ones_like(i)])
+    where = np.round(np.linalg.inv(volume.affine) @ lps).astype(int)[:3]
+    inside = ((where >= 0) & (where < np.array(volume.array.shape)[:, None])).all(0)
+    assert not labels.ravel()[~inside].any()  # highdicom's volume spans the labelled slices
+    np.testing.assert_array_equal(volume.array[tuple(where[:, inside])], labels.ravel()[inside])
