@@ -567,11 +567,12 @@ def _acdc_patient(patient: Path, cine: bool = False) -> list[Case]:
 
 
 def _stem(path: Path) -> str:
+    """A volume's name less its suffix; a folder's (a DICOM series: ``1.000000-CT``) whole name."""
     name = path.name
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return name if path.is_dir() else path.stem
 
 
 # How label files end (``case_gt``, ``case_label``, ...) and how image files may end (nnU-Net's
@@ -707,7 +708,8 @@ def discover_volumes(paths: list[str | os.PathLike], all_frames: bool = False) -
     A folder that is an ACDC root (or one patient's folder), or an ``imagesTr``/``labelsTr`` (or
     ``images``/``labels``) parent, is read with its labels; any other folder contributes the volumes
     directly in it, each with the label file named after it, if any (:func:`discover_flat`), or, when
-    it holds none, those of each of its folders, named by that folder (a folder per case).
+    it holds none, those of each of its folders, named by that folder (a folder per case), found in it or up to two
+    levels below it (a patient's study folders of DICOM series, as TCIA exports them).
     """
     cases: list[Case] = []
     for raw in paths:
@@ -729,7 +731,7 @@ def discover_volumes(paths: list[str | os.PathLike], all_frames: bool = False) -
             found = discover_flat(p)
             if not found:  # a folder per case (KiTS's case_00000/imaging.nii.gz): each named by its folder
                 for case_dir in sorted(d for d in p.iterdir() if d.is_dir()):
-                    found.extend(discover_flat(case_dir, subject=case_dir.name))
+                    found.extend(_cases_below(case_dir, case_dir.name, depth=2))
             if all_frames:
                 found = [replace(case, frames=True) for case in found]
             if not found:
@@ -738,6 +740,18 @@ def discover_volumes(paths: list[str | os.PathLike], all_frames: bool = False) -
                 raise UserError(f"{p}: folder holds no volumes (.nii.gz, .mha, .nrrd or DICOM series){held}")
             cases.extend(found)
     return cases
+
+
+def _cases_below(folder: Path, subject: str, depth: int) -> list[Case]:
+    """The cases of ``folder``, or else of the first folders below it (down to ``depth`` levels) that hold volumes,
+    all of subject ``subject``: a case's folder (KiTS), or a patient's folder of study folders of DICOM series (TCIA:
+    patient/study/series)."""
+    found = discover_flat(folder, subject=subject)
+    if found or depth == 0:
+        return found
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+        found.extend(_cases_below(sub, subject, depth - 1))
+    return found
 
 
 def output_name(case: Case) -> str:

@@ -10,6 +10,7 @@ from coral_core.data import (
     discover_pairs,
     discover_volumes,
     evaluation_pairs,
+    output_name,
     slice_positions,
 )
 from coral_core.errors import UserError
@@ -198,6 +199,18 @@ def test_discover_dicom_series_with_their_dicom_seg_labels(tmp_path):
     assert [(c.name, c.labels.max()) for c in loaded] == [("ct_a", 1), ("ct_b", 2), ("ct_d", 1)]
     np.testing.assert_array_equal(loaded[1].labels, labels["ct_b"])
     assert loaded[2].labels.sum() == 12 and loaded[2].labels[1, 2:6, 2:5].all()  # voxels i 2..4, j 2..5
+
+    tcia = tmp_path / "tcia"  # patient / study / series, as TCIA exports a collection: each patient a subject
+    for n, patient in enumerate(("LUNG1-001", "LUNG1-002")):
+        study = tcia / patient / "01-01-2000-StudyID-1"
+        image = load_volume(write_dicom_series(study / "1.000000-CT", np.zeros((4, 8, 8)),
+                                               series_uid=f"1.2.826.0.1.3680043.9.6.{n}"))
+        (study / "300.000000-Segmentation").mkdir()
+        save_dicom_seg(study / "300.000000-Segmentation" / "1-1.dcm", labels["ct_a"], image, ["bg", "x"])
+    cases = discover_volumes([tcia])
+    assert [(c.subject, c.image.name, c.label.name) for c in cases] == [("LUNG1-001", "1.000000-CT", "1-1.dcm"),
+                                                                         ("LUNG1-002", "1.000000-CT", "1-1.dcm")]
+    assert [output_name(c) for c in cases] == ["LUNG1-001_1.000000-CT", "LUNG1-002_1.000000-CT"]  # folder names whole
 
     plain = tmp_path / "plain"  # no reference to go by: the name pairs them
     image = load_volume(write_dicom_series(plain / "case1", np.zeros((4, 8, 8))))
