@@ -13,6 +13,7 @@ comment extension holding ``{"napari_coral": {"class_names": [...]}}``, MHA and 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -641,11 +642,21 @@ def _refuse_non_image(f, where: Path) -> None:
 
 
 def _modality(f) -> str:
-    """A DICOM file's Modality (upper case), from its header; "" for a file that is not DICOM or not readable."""
+    """A DICOM file's Modality (upper case), from its header, read once while the file stays the same (a label file is
+    asked what it is by several callers); "" for a file that is not DICOM or not readable."""
+    try:
+        stat = os.stat(f)
+    except OSError:
+        return ""
+    return _modality_of(str(f), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _modality_of(name: str, mtime: int, size: int) -> str:
     try:
         import pydicom
 
-        header = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"])
+        header = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["Modality"])
         return str(header.get("Modality", "")).upper()
     except Exception:  # noqa: BLE001 - not readable here: the image reader says why
         return ""
