@@ -10,8 +10,8 @@ import numpy as np
 
 from coral_core.errors import OffGridError, UserError
 from coral_core.volume import (Volume, dicom_cine_stack, dicom_series_title, dicom_slice_series, is_dicom_file,
-                               is_dicom_labels, is_dicom_seg, is_volume_path, load_dicom_series, load_frames, load_labels_like,
-                               read_class_names)
+                               is_dicom_labels, is_dicom_seg, is_volume_path, load_dicom_series, load_frames,
+                               load_labels_like, read_class_names)
 from napari_coral._layers import volume_to_layer
 
 _NOTIFIED: dict[tuple[str, str], float] = {}  # (folder, series UID) -> when "already open" was last said

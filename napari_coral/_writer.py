@@ -4,9 +4,9 @@ layer drawn on a DICOM series also to a DICOM SEG (.dcm) that refers to the seri
 
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
+
+import numpy as np
 
 from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name, save_dicom_seg
 from coral_core.errors import UserError
@@ -19,12 +19,18 @@ def _write(path: str, data, meta: dict, dtype, class_names: list[str] | None = N
     if array.ndim not in (3, 4):
         raise UserError(f"{path}: only 3-D layers and 4-D (cine) series can be saved (this one has {array.ndim} "
                         "dimensions)")  # napari would take a ValueError for "no writer" and say only that
+    # a (t, z, y, x) series: frames on the file's fourth axis
+    save_volume(path, array.astype(dtype), _layer_affine(meta), class_names)
+    return [path]
+
+
+def _layer_affine(meta: dict) -> np.ndarray:
+    """The voxel-to-RAS affine of a layer being written: its source's, else one from its scale (a layer in
+    micrometres written in mm)."""
     scale = meta.get("scale")
     if scale is not None:
-        scale = spacing_mm(scale, meta.get("units"))[-3:]  # a layer in micrometres is written in mm
-    affine = affine_from_layer(meta.get("metadata"), scale)
-    save_volume(path, array.astype(dtype), affine, class_names)  # a (t, z, y, x) series: frames on the fourth axis
-    return [path]
+        scale = spacing_mm(scale, meta.get("units"))[-3:]
+    return affine_from_layer(meta.get("metadata"), scale)
 
 
 def layer_class_names(features) -> list[str] | None:
@@ -53,10 +59,7 @@ def _write_seg(path: str, data, meta: dict) -> list[str]:
     (corrected by hand or not), other layers MANUAL."""
     array = np.asarray(data)
     info = dict(meta.get("metadata") or {})
-    scale = meta.get("scale")
-    if scale is not None:
-        scale = spacing_mm(scale, meta.get("units"))[-3:]
-    affine = affine_from_layer(info, scale)
+    affine = _layer_affine(meta)
     source = info.get("source_path")
     try:
         check_dicom_seg_source(source, path)
