@@ -665,24 +665,18 @@ def _modality_of(name: str, mtime: int, size: int) -> str:
 def is_dicom_seg(path: str | os.PathLike) -> bool:
     """True for a DICOM SEG file: a segmentation, read onto the grid of the image it was drawn on
     (:func:`load_labels_like`)."""
-    p = Path(path)
-    return (p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p)
-            and _modality(p) == "SEG")
+    return is_dicom_file(path) and _modality(path) == "SEG"
 
 
 def is_rt_structure_set(path: str | os.PathLike) -> bool:
     """True for a DICOM RT structure set file: contours, filled on the grid of the image they were drawn on
     (:func:`load_labels_like`)."""
-    p = Path(path)
-    return (p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p)
-            and _modality(p) == "RTSTRUCT")
+    return is_dicom_file(path) and _modality(path) == "RTSTRUCT"
 
 
 def is_dicom_labels(path: str | os.PathLike) -> bool:
     """True for a DICOM SEG or RT structure set file: labels that need the grid of the image they were drawn on."""
-    p = Path(path)
-    return (p.is_file() and not p.name.lower().endswith(VOLUME_SUFFIXES) and _looks_like_dicom(p)
-            and _modality(p) in ("SEG", "RTSTRUCT"))
+    return is_dicom_file(path) and _modality(path) in ("SEG", "RTSTRUCT")
 
 
 def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
