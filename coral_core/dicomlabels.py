@@ -301,8 +301,6 @@ def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
     EXTERNAL ROIs (the body outline) are filled first, the others over them in order; other overlaps warn in one
     sentence (the later ROI takes the voxel). Raises :class:`OffGridError` for a contour that does not lie in one of
     the image's slices."""
-    from matplotlib.path import Path as Polygon
-
     rois = _structures(str(p), os.stat(p).st_mtime_ns)
     if not rois:
         raise UserError(f"{p}: DICOM RT structure set holds no closed contours, so it labels nothing; give one that "
@@ -310,7 +308,6 @@ def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS -> the image's voxel (i, j, k)
     labels = np.zeros(like.shape, np.uint8 if len(rois) < 256 else np.uint16)
     rows, columns = like.shape[1:]
-    centres_j, centres_i = np.mgrid[0:rows, 0:columns]
     over = 0
     for value in sorted(range(1, len(rois) + 1), key=lambda n: rois[n - 1][2] != "EXTERNAL"):  # stable: ROI order
         number, name, kind, contours = rois[value - 1]
@@ -321,13 +318,10 @@ def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
             if not (np.allclose(voxels[:, 2], k, atol=0.1) and 0 <= k < like.shape[0]):
                 raise OffGridError(f"{p}: contours of ROI {name!r} do not lie in the slices of {like.path} (another "
                                    "orientation or slice position); give the structure set drawn on this image")
-            low = np.clip(np.floor(voxels[:, :2].min(0)).astype(int), 0, None)
-            high = np.minimum(np.ceil(voxels[:, :2].max(0)).astype(int) + 1, [columns, rows])
-            if (high <= low).any():
-                continue  # wholly outside the slice
-            box = (slice(low[1], high[1]), slice(low[0], high[0]))
-            centres = np.c_[centres_i[box].ravel(), centres_j[box].ravel()]
-            inside = Polygon(voxels[:, :2], closed=False).contains_points(centres).reshape(high[1] - low[1], -1)
+            drawn = _polygon_centres(voxels[:, :2], rows, columns)
+            if drawn is None:
+                continue  # around no voxel centre of the slice
+            box, inside = drawn
             mask = filled.setdefault(k, np.zeros((rows, columns), bool))
             mask[box] ^= inside
         for k, mask in filled.items():
@@ -341,6 +335,40 @@ def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
         warnings.warn(f"{p}: {over} voxels lie inside the contours of more than one ROI; each takes the later ROI's "
                       "label", stacklevel=3)
     return labels, [name for _, name, _, _ in rois]
+
+
+def _polygon_centres(points: np.ndarray, rows: int, columns: int) -> tuple | None:
+    """Which voxel centres of a (rows, columns) slice a closed polygon (its corners as (i, j) voxel coordinates)
+    holds, by the even-odd rule along each row: ((the rows and columns it spans, as slices), their inside mask); None
+    when it holds none. A centre is inside when an odd number of the polygon's edges cross its row to its left
+    (an edge crosses a row when one end lies at or above it and the other below)."""
+    i, j = points[:, 0], points[:, 1]
+    j0, j1 = max(int(np.ceil(j.min())), 0), min(int(np.floor(j.max())), rows - 1)
+    i0, i1 = max(int(np.ceil(i.min())), 0), min(int(np.floor(i.max())), columns - 1)
+    if j1 < j0 or i1 < i0:
+        return None
+    start, end = points, np.roll(points, -1, axis=0)  # each edge, from start to end
+    row = np.arange(j0, j1 + 1)[:, None]
+    crosses = (start[None, :, 1] <= row) != (end[None, :, 1] <= row)  # (rows, edges)
+    rise = np.where(crosses, end[None, :, 1] - start[None, :, 1], 1.0)
+    x = np.where(crosses, start[None, :, 0] + (row - start[None, :, 1]) * (end - start)[None, :, 0] / rise, 0.0)
+    width = i1 - i0 + 1
+    counts = np.zeros((len(row), width + 1), np.int32)  # crossings by the first centre right of them
+    r, e = np.nonzero(crosses)
+    np.add.at(counts, (r, np.clip(np.floor(x[r, e]).astype(int) + 1 - i0, 0, width)), 1)
+    inside = np.cumsum(counts, axis=1)[:, :width] % 2 == 1
+    return (slice(j0, j1 + 1), slice(i0, i1 + 1)), inside
+
+
+def _contour_points(contour) -> np.ndarray:
+    """A contour's points, (n, 3) in LPS mm: its decimal strings parsed at once as read (pydicom's own conversion,
+    number by number, took most of the time of a structure set of many contours)."""
+    value = contour.get_item("ContourData").value
+    if isinstance(value, bytes):
+        numbers = np.array(value.strip(b" \0").split(b"\\"), dtype=float)
+    else:  # converted already (or made in memory)
+        numbers = np.array([float(v) for v in value], dtype=float)
+    return numbers[:len(numbers) // 3 * 3].reshape(-1, 3)
 
 
 def _external_values(rois: list) -> list[int]:
@@ -363,10 +391,9 @@ def _structures(name: str, mtime: int) -> list[tuple]:
         rois = []
         for item in ds.get("ROIContourSequence", []):
             number = int(item.ReferencedROINumber)
-            contours = [np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
-                        for c in item.get("ContourSequence", []) or []
+            contours = [points for c in item.get("ContourSequence", []) or []
                         if str(c.get("ContourGeometricType", "")).upper() == "CLOSED_PLANAR"
-                        and len(c.ContourData) >= 9]
+                        and len(points := _contour_points(c)) >= 3]
             if contours:
                 rois.append((number, names.get(number, f"ROI {number}"), kinds.get(number, ""), contours))
     except Exception as exc:  # noqa: BLE001

@@ -243,3 +243,27 @@ def test_a_seg_lies_where_its_labels_do_in_any_orientation(tmp_path, shape, spac
     inside = ((where >= 0) & (where < np.array(volume.array.shape)[:, None])).all(0)
     assert not labels.ravel()[~inside].any()  # highdicom's volume spans the labelled slices
     np.testing.assert_array_equal(volume.array[tuple(where[:, inside])], labels.ravel()[inside])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(corners=st.integers(3, 40), seed=st.integers(0, 2**16))
+def test_contours_are_filled_as_matplotlib_tests_points(corners, seed):
+    """The row-by-row even-odd fill of a contour (non-convex, self-crossing, partly outside the slice) holds the voxel
+    centres matplotlib's point-in-polygon test finds inside, wherever a centre is not on an edge."""
+    from matplotlib.path import Path as Polygon
+
+    from coral_core.dicomlabels import _polygon_centres
+
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(-4, 24, (corners, 2))  # i, j on a slice of 16 rows and 20 columns
+    filled = np.zeros((16, 20), bool)
+    drawn = _polygon_centres(points, 16, 20)
+    if drawn is not None:
+        filled[drawn[0]] = drawn[1]
+    j, i = np.mgrid[0:16, 0:20]
+    centres = np.c_[i.ravel(), j.ravel()].astype(float)
+    expected = Polygon(points).contains_points(centres).reshape(16, 20)
+    start, end = points, np.roll(points, -1, axis=0)  # centres within 1e-6 of an edge: either answer is right
+    t = np.clip(((centres[:, None] - start) * (end - start)).sum(-1) / ((end - start) ** 2).sum(-1), 0, 1)
+    near = (np.linalg.norm(centres[:, None] - (start + t[..., None] * (end - start)), axis=-1) < 1e-6).any(1)
+    np.testing.assert_array_equal(filled.ravel()[~near], expected.ravel()[~near])

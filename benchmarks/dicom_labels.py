@@ -1,0 +1,98 @@
+"""How long DICOM label objects take: writing a DICOM SEG, reading it back onto the image's grid, filling an RT
+structure set's contours.
+
+    python benchmarks/dicom_labels.py                 # a 200-slice 512 x 512 CT-like series
+    python benchmarks/dicom_labels.py --slices 50 --size 256
+
+The series is written once (not timed) with the tests' DICOM writer. The labels: three nested boxes over 160
+slices (label 1), 100 (label 3) and 80 (label 2); the SEG holds one frame per label and slice it covers. The RT
+structure set: ten round ROIs of 100-point contours on 90 slices each, and an EXTERNAL body outline on every slice.
+Each step runs ``--repeats`` times; every read starts from the file (the readers' per-file caches are cleared). The
+first write of a process also pays for pydicom's imports and the source headers' first read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+
+from coral_core import dicomlabels  # noqa: E402
+from coral_core.volume import load_labels_like, load_volume  # noqa: E402
+from helpers import write_dicom_series, write_rt_structure_set  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    s, n = args.slices, args.size
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        image = load_volume(write_dicom_series(tmp / "ct", np.zeros((s, n, n), np.int16), spacing_zyx=(2.0, 0.8, 0.8)))
+        labels = np.zeros(image.shape, np.uint8)
+        middle = slice(s // 10, s // 10 + s * 8 // 10)
+        labels[middle, n // 5:n * 3 // 5, n * 3 // 10:n * 7 // 10] = 1
+        labels[s // 4:s // 4 + s // 2, n * 2 // 5:n // 2, n * 2 // 5:n // 2] = 3
+        labels[s * 3 // 10:s * 3 // 10 + s * 2 // 5, n // 4:n // 3, n // 3:n // 2] = 2
+        rows = []
+
+        def timed(what: str, run) -> None:
+            seconds = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                run()
+                seconds.append(time.perf_counter() - t0)
+            rows.append((what, seconds))
+
+        seg = tmp / "seg.dcm"
+        timed("write SEG", lambda: dicomlabels.save_dicom_seg(seg, labels, image, ["bg", "a", "b", "c"]))
+
+        def read_seg():
+            dicomlabels._seg_frames.cache_clear()
+            assert (load_labels_like(seg, image).array == labels).all()
+
+        timed("read SEG onto the grid", read_seg)
+        rng = np.random.default_rng(0)
+        rois = []
+        for r in range(10):
+            cx, cy, radius = *rng.uniform(n * 0.3, n * 0.7, 2), rng.uniform(n / 25, n / 8)
+            angles = np.linspace(0, 2 * np.pi, 100, endpoint=False)
+            outline = list(zip(cx + radius * np.cos(angles), cy + radius * np.sin(angles)))
+            rois.append((f"organ {r}", "ORGAN", [(k, outline) for k in range(s // 5, s // 5 + min(90, s - s // 5))]))
+        body = [(n / 50, n / 50), (n * 0.98, n / 50), (n * 0.98, n * 0.98), (n / 50, n * 0.98)]
+        rois.append(("body", "EXTERNAL", [(k, body) for k in range(s)]))
+        rs = write_rt_structure_set(tmp / "rs.dcm", image.affine, tuple(rois))
+        contours = sum(len(roi[2]) for roi in rois)
+
+        def read_rs():
+            dicomlabels._structures.cache_clear()
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the round ROIs overlap: one warning, not the subject here
+                load_labels_like(rs, image)
+
+        timed(f"fill RT structure set ({contours} contours)", read_rs)
+        frames = int(__import__("pydicom").dcmread(seg, stop_before_pixels=True).NumberOfFrames)
+    print(f"{platform.machine()}, {platform.processor() or 'CPU'}; series {s} x {n} x {n}; SEG of {frames} frames; "
+          f"{args.repeats} runs each")
+    print(f"| {'step':<40} | {'runs (s)':<22} | {'median s':>8} |")
+    print(f"|{'-' * 42}|{'-' * 24}|{'-' * 10}|")
+    for what, seconds in rows:
+        print(f"| {what:<40} | {', '.join(f'{t:.2f}' for t in seconds):<22} | {np.median(seconds):8.2f} |")
+
+
+if __name__ == "__main__":
+    main()
