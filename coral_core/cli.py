@@ -1408,7 +1408,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "meant for other scans, a few slices in each of several scans did better than the same "
                         "number in one (docs/results.md)")
     p.add_argument("--labels", default=None, nargs="+", metavar="LABELS",
-                   help="the label volume drawn on each IMAGE, in the same order")
+                   help="the label volume drawn on each IMAGE, in the same order (or a DICOM SEG or RT structure "
+                        "set drawn on it)")
     p.add_argument("--slices", default=None, action="append", metavar="SLICES",
                    help="annotated slices, e.g. 3,7,9 or 2-5; once per IMAGE, in the same order (default: the slices "
                         "that hold any label)")
@@ -1483,7 +1484,8 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_evaluate)
     p.add_argument("pred", metavar="PRED", help="the label volume to score, e.g. written by coral segment; or the "
                    "folder coral segment --out-dir wrote, every file in it scored against its case's labels in TRUTH")
-    p.add_argument("truth", metavar="TRUTH", help="the reference label volume of the same image; for a PRED folder, "
+    p.add_argument("truth", metavar="TRUTH", help="the reference label volume of the same image (or a DICOM SEG or "
+                   "RT structure set drawn on it); for a PRED folder, "
                    "the dataset folder segmented (ACDC, imagesTr/labelsTr, images beside their _gt files) or a folder "
                    "of label files named as the images were")
     p.add_argument("--class-names", default=None,
