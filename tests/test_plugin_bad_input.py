@@ -166,7 +166,7 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
     assert len(viewer.open(picked, plugin="napari-coral")) == 1 and viewer.layers[-1].name == "sax"
 
 
-def test_a_dicom_seg_opens_on_the_image_it_was_drawn_on(tmp_path, make_napari_viewer):
+def test_a_dicom_seg_opens_on_the_image_it_was_drawn_on(tmp_path, make_napari_viewer, monkeypatch):
     """A DICOM SEG file opens as a Labels layer on the open image whose voxel grid its frames lie on (placed as that
     image, its segments' labels as the class names), and so does an RT structure set (its contours filled); with no
     such image open each says to open the image first."""
@@ -196,7 +196,13 @@ def test_a_dicom_seg_opens_on_the_image_it_was_drawn_on(tmp_path, make_napari_vi
 
     box = [(2.5, 1.5), (8.5, 1.5), (8.5, 5.5), (2.5, 5.5)]  # voxels i 3..8, j 2..5
     write_rt_structure_set(tmp_path / "RS.dcm", affine, (("GTV", "GTV", [(2, box)]),))
-    contours, = viewer.open(str(tmp_path / "RS.dcm"), plugin="napari-coral")
+    import napari.utils.notifications
+
+    said = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    contours, = viewer.open(str(tmp_path / "RS.dcm"), plugin="napari-coral")  # 'other' has its slices too
+    assert said == [f"{tmp_path / 'RS.dcm'}: its contours lie in the slices of 2 open images; filled on the grid of "
+                    "'img', the topmost in the layer list"]
     expected = np.zeros_like(labels)
     expected[2, 2:6, 3:9] = 1
     np.testing.assert_array_equal(contours.data, expected)
