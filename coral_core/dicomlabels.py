@@ -22,6 +22,7 @@ import numpy as np
 
 from coral_core.errors import OffGridError, UserError
 from coral_core.fileio import atomic_target, check_output_path
+from coral_core.volume import _NOT_IMAGES as _NOT_IMAGE_MODALITIES
 from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_dicom_file,
                                is_dicom_labels, is_volume_path)
 
@@ -37,7 +38,7 @@ _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Patien
            "FrameOfReferenceUID")
 _TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
            "ReferringPhysicianName", "StudyID", "AccessionNumber")
-_NOT_IMAGES = {"SEG", "RTSTRUCT", "SR", "PR", "REG", "KO"}
+_NOT_IMAGES = {*_NOT_IMAGE_MODALITIES, "KO"}  # objects in a series folder that are no source image
 
 
 def is_dicom_seg_name(path: str | os.PathLike) -> bool:

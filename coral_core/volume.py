@@ -619,6 +619,7 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
     return _itk_arrays(img, p)
 
 
+_LABEL_MODALITIES = ("SEG", "RTSTRUCT")  # DICOM objects read as labels on an image's grid
 # DICOM objects that are not images, by Modality: what each is, and what to give instead.
 _NOT_IMAGES = {
     "SEG": ("a DICOM SEG segmentation", "give it as the labels of the image it was drawn on (coral finetune IMAGE "
@@ -676,7 +677,7 @@ def is_rt_structure_set(path: str | os.PathLike) -> bool:
 
 def is_dicom_labels(path: str | os.PathLike) -> bool:
     """True for a DICOM SEG or RT structure set file: labels that need the grid of the image they were drawn on."""
-    return is_dicom_file(path) and _modality(path) in ("SEG", "RTSTRUCT")
+    return is_dicom_file(path) and _modality(path) in _LABEL_MODALITIES
 
 
 def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
@@ -687,7 +688,7 @@ def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
     (:func:`coral_core.dicomlabels.contours_on_grid`). Raises :class:`OffGridError` with one sentence for a SEG or
     contours that do not lie on the image's grid."""
     modality = _modality(path) if is_dicom_file(path) else ""
-    if modality not in ("SEG", "RTSTRUCT"):
+    if modality not in _LABEL_MODALITIES:
         return load_volume(path)
     from coral_core.dicomlabels import contours_on_grid, seg_on_grid
 
