@@ -1,13 +1,14 @@
 """DICOM label objects: a DICOM SEG read onto an image's voxel grid (:func:`seg_on_grid`), an RT structure set's
 contours filled on it (:func:`contours_on_grid`; :func:`coral_core.volume.load_labels_like` uses both), and a label
-volume written as a DICOM SEG (:func:`save_dicom_seg`): a segmentation object that PACS, OHIF, 3D Slicer and other
-DICOM tools show on the image series it was drawn on.
+volume written as a DICOM SEG (:func:`save_dicom_seg`), a segmentation object that PACS, OHIF, 3D Slicer and other
+DICOM tools show on the image series it was drawn on, or as an RT structure set (:func:`save_rt_structure_set`),
+the closed contours that radiotherapy planning systems import.
 
-The SEG refers to the DICOM images it labels, so it can be written only for an image read from DICOM (a series
-folder, or a multi-frame file): each frame is one segment on one source image (or one frame of a multi-frame
+Both refer to the DICOM images they label, so they can be written only for an image read from DICOM (a series
+folder, or a multi-frame file). A SEG frame is one segment on one source image (or one frame of a multi-frame
 source), in that image's own rows and columns, with the image's position, orientation and pixel spacing; frames
-that label nothing are left out. Label value n becomes segment n, named by ``class_names[n]``. The patient, study
-and frame of reference are the source's; the series is new.
+that label nothing are left out. Label value n becomes segment n (ROI n of a structure set), named by
+``class_names[n]``. The patient, study and frame of reference are the source's; the series is new.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from coral_core.volume import _NOT_IMAGES as _NOT_IMAGE_MODALITIES
 from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_dicom_file,
                                is_dicom_labels, is_volume_path)
 
-__all__ = ["save_dicom_seg", "seg_on_grid", "contours_on_grid", "structure_names", "referenced_series",
-           "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS"]
+__all__ = ["save_dicom_seg", "save_rt_structure_set", "seg_on_grid", "contours_on_grid", "structure_names",
+           "referenced_series", "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS"]
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage SOP class
-SEG_ALGORITHMS = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")  # how the segments were made (DICOM's words)
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+SEG_ALGORITHMS = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")  # how the segments (ROIs) were made (DICOM's words)
 
 # Attributes copied from the source image: patient, study, frame of reference (type 2: present, maybe empty).
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
@@ -39,10 +41,11 @@ _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Patien
 _TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
            "ReferringPhysicianName", "StudyID", "AccessionNumber")
 _NOT_IMAGES = {*_NOT_IMAGE_MODALITIES, "KO"}  # objects in a series folder that are no source image
+_POINT_TYPES = {"MARKER", "REGISTRATION", "ISOCENTER"}  # RT ROI interpreted types of points, not regions
 
 
 def is_dicom_seg_name(path: str | os.PathLike) -> bool:
-    """True for an output name that asks for a DICOM SEG (ends with .dcm)."""
+    """True for an output name that asks for DICOM labels, a SEG or an RT structure set (ends with .dcm)."""
     return Path(path).name.lower().endswith(".dcm")
 
 
@@ -60,12 +63,13 @@ class _Plane:
     columns: int
 
 
-def check_dicom_seg_source(source: str | os.PathLike | None, out: str | os.PathLike) -> Path:
-    """The DICOM source (a series folder or a multi-frame file) a SEG named ``out`` would refer to; raises
-    :class:`UserError` with one sentence when ``source`` is not DICOM (call before any work is done)."""
+def check_dicom_seg_source(source: str | os.PathLike | None, out: str | os.PathLike, what: str = "DICOM SEG") -> Path:
+    """The DICOM source (a series folder or a multi-frame file) a SEG (or another DICOM label object, ``what``) named
+    ``out`` would refer to; raises :class:`UserError` with one sentence when ``source`` is not DICOM (call before any
+    work is done)."""
     p = Path(source) if source is not None else None
     if p is None or not (p.is_dir() and is_volume_path(p) or is_dicom_file(p) and not is_dicom_labels(p)):
-        raise UserError(f"{out}: a DICOM SEG refers to the DICOM images it labels, but "
+        raise UserError(f"{out}: a {what} refers to the DICOM images it labels, but "
                         f"{p if p is not None else 'this image'} is not a DICOM image series; end the output's name "
                         "with .nii.gz, .mha or .nrrd")
     return p
@@ -79,29 +83,11 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
     a folder that holds several (napari's ``dicom_series``); ``algorithm`` is one of :data:`SEG_ALGORITHMS`.
     Raises :class:`UserError` with one sentence for an image not read from DICOM, a cine, or labels whose grid is
     not the source images'."""
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.pixels import pack_bits
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
-    import coral_core
-
-    p = check_output_path(path)
-    source = check_dicom_seg_source(like.path, p)
-    if algorithm not in SEG_ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {SEG_ALGORITHMS}, not {algorithm!r}")
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise UserError(f"{p}: a DICOM SEG is written here for a 3-D image, and these labels have {labels.ndim} "
-                        "dimensions (a cine); end the output's name with .nii.gz, .mha or .nrrd")
-    if labels.shape != like.shape:
-        raise ValueError(f"labels shape {labels.shape} differs from the image's {like.shape}")
-    if labels.min(initial=0) < 0:
-        raise UserError(f"{p}: labels hold negative values, which no DICOM segment can have; clear them first")
-    header, planes = _source_planes(source, series_uid, p)
-    placed = _on_planes(labels, like, planes, p, source)  # each plane's slice, and labels in its rows and columns
-    order = sorted(range(len(planes)), key=lambda index: placed[index][0])  # the planes in slice order
-    planes, sampled = [planes[index] for index in order], [placed[index][1] for index in order]
+    p, header, planes, sampled = _labels_on_sources(path, labels, like, series_uid, algorithm, "DICOM SEG")
     names = [str(n) for n in (class_names or ["background"])]
     count = max(len(names) - 1, int(labels.max(initial=0)))
     held = [np.unique(plane_labels) for plane_labels in sampled]  # the values on each plane
@@ -110,27 +96,7 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
         frames = [(1, 0)]
     count = max(count, 1)
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SEG_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    for name in _COPIED:
-        if name in header:
-            setattr(ds, name, header[name].value)
-        elif name in _TYPE_2:
-            setattr(ds, name, "")
-    if "FrameOfReferenceUID" not in ds:  # a source without one: the SEG still needs its own
-        ds.FrameOfReferenceUID = generate_uid()
-    now = datetime.datetime.now()
-    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = "SEG", generate_uid(), 300, 1
-    ds.SeriesDescription = description[:64]
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.PositionReferenceIndicator = ""
-    ds.Manufacturer = ds.ManufacturerModelName = "napari-coral"
-    ds.DeviceSerialNumber = "1"
-    ds.SoftwareVersions = coral_core.__version__
+    ds = _new_object(header, SEG_STORAGE, "SEG", description)
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.ContentLabel, ds.ContentDescription, ds.ContentCreatorName = "SEGMENTATION", description[:64], ""
     ds.SegmentationType = "BINARY"
@@ -185,6 +151,152 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
     with atomic_target(p, suffix=".dcm") as tmp:
         ds.save_as(str(tmp), enforce_file_format=True)
     return p
+
+
+def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Volume,
+                          class_names: list[str] | None = None, *, series_uid: str | None = None,
+                          algorithm: str = "AUTOMATIC", description: str = "napari-coral segmentation") -> Path:
+    """Write ``labels`` ((z, y, x), the shape of ``like``, which was read from a DICOM series folder or multi-frame
+    file) as a DICOM RT structure set on ``like``'s source images, atomically: label n is ROI n, named
+    ``class_names[n]``, with napari's colour for n; each of its pieces on a source image is a CLOSED_PLANAR contour
+    referring to that image, and a hole in a piece is a contour inside it (read even-odd, as
+    :func:`contours_on_grid` and planning systems read them). A contour runs through the midpoints between the
+    voxel centres inside and outside, so the voxels whose centres it holds are exactly the labelled ones; corners
+    only (points along a straight run are left out). A class no voxel holds is an ROI without contours.
+    ``series_uid`` and ``algorithm`` (the ROIs' generation algorithm) as for :func:`save_dicom_seg`; raises
+    :class:`UserError` in the same cases."""
+    from pydicom.sequence import Sequence
+
+    from coral_core.plotting import LABEL_COLOURS
+
+    p, header, planes, sampled = _labels_on_sources(path, labels, like, series_uid, algorithm,
+                                                    "DICOM RT structure set")
+    names = [str(n) for n in (class_names or ["background"])]
+    count = max(len(names) - 1, int(labels.max(initial=0)), 1)
+    ds = _new_object(header, RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", description)
+    ds.OperatorsName = ""
+    ds.StructureSetLabel = "napari-coral"
+    ds.StructureSetName = description[:64]
+    ds.StructureSetDate, ds.StructureSetTime = ds.SeriesDate, ds.SeriesTime
+    images = [_image_reference(plane) for plane in planes]
+    ds.ReferencedFrameOfReferenceSequence = Sequence([_item(
+        FrameOfReferenceUID=ds.FrameOfReferenceUID,
+        RTReferencedStudySequence=Sequence([_item(
+            ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1",  # the study, as structure sets name it
+            ReferencedSOPInstanceUID=ds.get("StudyInstanceUID", ""),
+            RTReferencedSeriesSequence=Sequence([_item(SeriesInstanceUID=str(header.get("SeriesInstanceUID", "")),
+                                                       ContourImageSequence=Sequence(images))]))]))])
+    rois, outlines, observations = [], [], []
+    for n in range(1, count + 1):
+        rois.append(_item(ROINumber=n, ReferencedFrameOfReferenceUID=ds.FrameOfReferenceUID,
+                          ROIName=(names[n] if n < len(names) else f"class {n}")[:64],
+                          ROIGenerationAlgorithm=algorithm))
+        colour = LABEL_COLOURS[n] if n < len(LABEL_COLOURS) else "#ffffff"
+        outline = _item(ReferencedROINumber=n, ROIDisplayColor=[int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        contours = []
+        for plane, image, plane_labels in zip(planes, images, sampled):
+            for corners in _outlines(plane_labels == n):
+                contours.append(_item(ContourImageSequence=Sequence([image]), ContourGeometricType="CLOSED_PLANAR",
+                                      NumberOfContourPoints=len(corners),
+                                      ContourData=_ds(_patient_points(plane, corners).ravel(), 10)))
+        if contours:  # none: an ROI no voxel holds
+            outline.ContourSequence = Sequence(contours)
+        outlines.append(outline)
+        observations.append(_item(ObservationNumber=n, ReferencedROINumber=n, RTROIInterpretedType="ORGAN",
+                                  ROIInterpreter=""))
+    ds.StructureSetROISequence = Sequence(rois)
+    ds.ROIContourSequence = Sequence(outlines)
+    ds.RTROIObservationsSequence = Sequence(observations)
+    with atomic_target(p, suffix=".dcm") as tmp:
+        ds.save_as(str(tmp), enforce_file_format=True)
+    return p
+
+
+def _labels_on_sources(path, labels: np.ndarray, like: Volume, series_uid: str | None, algorithm: str,
+                       what: str) -> tuple:
+    """The checks both writers make, then (output path, first source header, the source planes in slice order, the
+    labels on each in its own rows and columns)."""
+    p = check_output_path(path)
+    source = check_dicom_seg_source(like.path, p, what)
+    if algorithm not in SEG_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {SEG_ALGORITHMS}, not {algorithm!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise UserError(f"{p}: a {what} is written here for a 3-D image, and these labels have {labels.ndim} "
+                        "dimensions (a cine); end the output's name with .nii.gz, .mha or .nrrd")
+    if labels.shape != like.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from the image's {like.shape}")
+    if labels.min(initial=0) < 0:
+        raise UserError(f"{p}: labels hold negative values, which no {what} can hold; clear them first")
+    header, planes = _source_planes(source, series_uid, p)
+    placed = _on_planes(labels, like, planes, p, source)  # each plane's slice, and labels in its rows and columns
+    order = sorted(range(len(planes)), key=lambda index: placed[index][0])  # the planes in slice order
+    return p, header, [planes[index] for index in order], [placed[index][1] for index in order]
+
+
+def _new_object(header, sop_class: str, modality: str, description: str):
+    """A new DICOM object of a new series in the source's patient, study and frame of reference, made by us now."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    import coral_core
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    for name in _COPIED:
+        if name in header:
+            setattr(ds, name, header[name].value)
+        elif name in _TYPE_2:
+            setattr(ds, name, "")
+    if "FrameOfReferenceUID" not in ds:  # a source without one: the labels still need one
+        ds.FrameOfReferenceUID = generate_uid()
+    now = datetime.datetime.now()
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = modality, generate_uid(), 300, 1
+    ds.SeriesDescription = description[:64]
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = ds.ManufacturerModelName = "napari-coral"
+    ds.DeviceSerialNumber = "1"
+    ds.SoftwareVersions = coral_core.__version__
+    return ds
+
+
+def _image_reference(plane: _Plane):
+    reference = _item(ReferencedSOPClassUID=plane.sop_class, ReferencedSOPInstanceUID=plane.sop_instance)
+    if plane.frame is not None:
+        reference.ReferencedFrameNumber = plane.frame
+    return reference
+
+
+def _outlines(mask: np.ndarray) -> list[np.ndarray]:
+    """The closed outlines of a (rows, columns) mask's pieces and of their holes, each (n, 2) corners as (row, column):
+    the 0.5 level line between the mask's pixel centres (through the midpoints of the steps between a pixel inside
+    and one outside), so the pixel centres inside an odd number of outlines are the mask's; points where the line goes
+    straight on are left out."""
+    if not mask.any():
+        return []
+    import contourpy
+
+    padded = np.pad(mask, 1).astype(np.float32)  # every line closes inside the padding
+    lines = contourpy.contour_generator(z=padded, name="serial", line_type="Separate", corner_mask=False).lines(0.5)
+    outlines = []
+    for line in lines:
+        corners = np.round(line[:-1, ::-1] * 2).astype(np.int64)  # (row, column) in half pixels, exact; the last
+        before, after = corners - np.roll(corners, 1, 0), np.roll(corners, -1, 0) - corners  # repeats the first
+        turns = before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]
+        outlines.append(corners[turns] / 2 - 1)  # the padding's pixel taken off
+    return outlines
+
+
+def _patient_points(plane: _Plane, corners: np.ndarray) -> np.ndarray:
+    """(row, column) positions on a source image plane in LPS mm, (n, 3)."""
+    row_step = plane.orientation[3:] * plane.spacing[0]  # one row down
+    column_step = plane.orientation[:3] * plane.spacing[1]  # one column to the right
+    return plane.position + corners[:, :1] * row_step + corners[:, 1:] * column_step
 
 
 def seg_on_grid(p: Path, like: Volume) -> np.ndarray:
@@ -290,20 +402,23 @@ def referenced_series(path: str | os.PathLike) -> str:
 
 
 def structure_names(p: Path) -> list[str]:
-    """The names of an RT structure set's ROIs that have closed contours, in the order :func:`contours_on_grid`
-    labels them (label n: the n-th)."""
+    """The names of an RT structure set's region ROIs (those with closed contours, or none), in the order
+    :func:`contours_on_grid` labels them (label n: the n-th)."""
     return [name for _, name, _, _ in _structures(str(p), os.stat(p).st_mtime_ns)]
 
 
 def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
     """A DICOM RT structure set's closed planar contours filled on the voxel grid of the image ``like``: (labels,
-    the ROIs' names). The ROIs with contours, in ROI number order, are labels 1, 2, ...; a voxel is inside a contour
+    the ROIs' names). Its regions, in ROI number order, are labels 1, 2, ...: the ROIs with closed contours, and those
+    with no contours at all (a structure drawn nowhere: a label no voxel has, so that the labels of a structure set
+    keep their numbers whichever of its ROIs are empty); an ROI of points or open lines only, or an empty one of a
+    point's type (a marker, an isocentre), is none. A voxel is inside a contour
     when its centre is; contours of one ROI on one slice combine even-odd (a contour inside another is a hole).
     EXTERNAL ROIs (the body outline) are filled first, the others over them in order; other overlaps warn in one
     sentence (the later ROI takes the voxel). Raises :class:`OffGridError` for a contour that does not lie in one of
     the image's slices."""
     rois = _structures(str(p), os.stat(p).st_mtime_ns)
-    if not rois:
+    if not any(contours for *_, contours in rois):
         raise UserError(f"{p}: DICOM RT structure set holds no closed contours, so it labels nothing; give one that "
                         "outlines the structures")
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS -> the image's voxel (i, j, k)
@@ -378,8 +493,9 @@ def _external_values(rois: list) -> list[int]:
 
 @functools.lru_cache(maxsize=2)
 def _structures(name: str, mtime: int) -> list[tuple]:
-    """(ROI number, name, interpreted type in upper case, closed planar contours as (n, 3) LPS arrays) of each ROI of
-    an RT structure set that has such contours, by ROI number; read once while the file stays the same."""
+    """(ROI number, name, interpreted type in upper case, closed planar contours as (n, 3) LPS arrays) of each region
+    ROI of an RT structure set (with such contours, or with none at all), by ROI number; read once while the file
+    stays the same."""
     import pydicom
 
     p = Path(name)
@@ -392,10 +508,10 @@ def _structures(name: str, mtime: int) -> list[tuple]:
         rois = []
         for item in ds.get("ROIContourSequence", []):
             number = int(item.ReferencedROINumber)
-            contours = [points for c in item.get("ContourSequence", []) or []
-                        if str(c.get("ContourGeometricType", "")).upper() == "CLOSED_PLANAR"
+            drawn = item.get("ContourSequence", []) or []
+            contours = [points for c in drawn if str(c.get("ContourGeometricType", "")).upper() == "CLOSED_PLANAR"
                         and len(points := _contour_points(c)) >= 3]
-            if contours:
+            if contours or not drawn and kinds.get(number, "") not in _POINT_TYPES:  # a region, drawn or empty
                 rois.append((number, names.get(number, f"ROI {number}"), kinds.get(number, ""), contours))
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{p}: DICOM RT structure set is not readable ({_short(exc)}); re-export it") from None
@@ -422,14 +538,14 @@ def _source_planes(source: Path, series_uid: str | None, out: Path) -> tuple:
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
     if not headers or len(series) > 1:
         raise UserError(f"{out}: {source} holds {'no DICOM image' if not headers else f'{len(series)} DICOM series'} "
-                        "to refer the SEG to; give the folder of one image series")
+                        "to refer the labels to; give the folder of one image series")
     planes = []
     try:
         for ds in headers:
             planes.extend(_planes(ds))
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise UserError(f"{out}: the DICOM images in {source} give no position, orientation or pixel spacing "
-                        f"({_short(exc)}); a SEG cannot be placed on them, write .nii.gz instead") from None
+                        f"({_short(exc)}); DICOM labels cannot be placed on them, write .nii.gz instead") from None
     return headers[0], planes
 
 

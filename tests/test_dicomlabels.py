@@ -1,5 +1,7 @@
 """Labels written as a DICOM SEG, checked with an independent reader (highdicom) as well as our own: each frame on
-the right source image, in that image's rows and columns, with the source's patient, study and frame of reference."""
+the right source image, in that image's rows and columns, with the source's patient, study and frame of reference.
+Labels written as an RT structure set, checked against the source images' own headers and matplotlib's point test
+as well as our reader; RT structure sets and SEG files read onto an image's grid."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coral_core.dicomlabels import save_dicom_seg
+from coral_core.dicomlabels import save_dicom_seg, save_rt_structure_set
+from coral_core.plotting import LABEL_COLOURS
 from coral_core.errors import UserError
 from coral_core.volume import Volume, load_frames, load_labels_like, load_volume, read_class_names
 from helpers import oblique_affine, write_dicom_series, write_enhanced_dicom, write_nifti_ijk, write_rt_structure_set
@@ -59,7 +62,6 @@ def test_segments_carry_the_colours_napari_shows_them_in(tmp_path):
     as scikit-image converts sRGB (D65), to within rounding."""
     skimage_color = pytest.importorskip("skimage.color")
     from coral_core.dicomlabels import dicom_lab
-    from coral_core.plotting import LABEL_COLOURS
 
     image = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12))))
     seg = hd.seg.segread(save_dicom_seg(tmp_path / "pred.dcm", _labels(image.shape), image, NAMES))
@@ -121,7 +123,7 @@ def test_nothing_labelled_is_one_empty_frame_and_a_series_is_picked_by_uid(tmp_p
     assert int(seg.NumberOfFrames) == 1 and not seg.pixel_array.any()
     assert {uid for _, _, uid in seg.get_source_image_uids()} == {f"{SERIES}.{k + 1}" for k in range(4)}
     assert not load_labels_like(out, like).array.any()
-    with pytest.raises(UserError, match=r"study holds 2 DICOM series to refer the SEG to; give the folder of one"):
+    with pytest.raises(UserError, match=r"study holds 2 DICOM series to refer the labels to; give the folder of one"):
         save_dicom_seg(tmp_path / "two.dcm", np.zeros((4, 8, 8), np.uint8), like, NAMES)
 
 
@@ -176,8 +178,9 @@ def test_an_rt_structure_sets_contours_are_filled_on_the_images_grid(tmp_path):
     image = Volume(np.zeros(shape), oblique_affine((0.8, 0.9, 4.0)), tmp_path / "img.nii.gz")
     triangle = [(2.3, 1.7), (15.2, 3.1), (6.4, 16.8)]
     rois = (("Heart", "ORGAN", [(1, _box(3, 10, 4, 12)), (1, _box(5, 7, 6, 9)), (3, triangle)]),
-            ("Seeds", "MARKER", []),  # no contour: no label
-            ("Body", "EXTERNAL", [(k, _box(0, 23, 0, 19)) for k in range(5)]))
+            ("Seeds", "MARKER", []),  # points' type, no contour: no label
+            ("Body", "EXTERNAL", [(k, _box(0, 23, 0, 19)) for k in range(5)]),
+            ("Spleen", "ORGAN", []))  # a region drawn nowhere: its label, on no voxel
     rs = write_rt_structure_set(tmp_path / "RS.dcm", image.affine, rois)
     expected = np.full(shape, 2, np.uint8)
     expected[1, 4:13, 3:11] = 1
@@ -191,7 +194,7 @@ def test_an_rt_structure_sets_contours_are_filled_on_the_images_grid(tmp_path):
         warnings.simplefilter("error")
         labels = load_labels_like(rs, image)
     np.testing.assert_array_equal(labels.array, expected)
-    assert read_class_names(rs) == ["background", "Heart", "Body"]
+    assert read_class_names(rs) == ["background", "Heart", "Body", "Spleen"]
     assert is_rt_structure_set(rs) and is_dicom_labels(rs) and not is_rt_structure_set(tmp_path)
 
 
@@ -267,3 +270,175 @@ def test_contours_are_filled_as_matplotlib_tests_points(corners, seed):
     t = np.clip(((centres[:, None] - start) * (end - start)).sum(-1) / ((end - start) ** 2).sum(-1), 0, 1)
     near = (np.linalg.norm(centres[:, None] - (start + t[..., None] * (end - start)), axis=-1) < 1e-6).any(1)
     np.testing.assert_array_equal(filled.ravel()[~near], expected.ravel()[~near])
+
+
+def _source_headers(paths):
+    """SOP instance UID -> (position, row and column directions, spacing between rows and columns) of each image of
+    DICOM files, from their own headers (per frame for a multi-frame file: the key is (uid, frame number))."""
+    planes = {}
+    for path in paths:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        if "PerFrameFunctionalGroupsSequence" not in ds:
+            o = np.array(ds.ImageOrientationPatient, float)
+            planes[str(ds.SOPInstanceUID)] = (np.array(ds.ImagePositionPatient, float), o[:3], o[3:],
+                                              np.array(ds.PixelSpacing, float))
+            continue
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        for number, frame in enumerate(ds.PerFrameFunctionalGroupsSequence, 1):
+            def value(group, name):
+                return np.array((frame.get(group) or shared.get(group))[0].get(name), float)
+            o = value("PlaneOrientationSequence", "ImageOrientationPatient")
+            planes[(str(ds.SOPInstanceUID), number)] = (value("PlanePositionSequence", "ImagePositionPatient"), o[:3],
+                                                        o[3:], value("PixelMeasuresSequence", "PixelSpacing"))
+    return planes
+
+
+def _outlined(rs_path, planes, rows, columns):
+    """{(ROI number, source key): the (rows, columns) pixels of that source image whose centres lie inside an odd
+    number of the ROI's contours on it}, by matplotlib's point test, in each source image's own rows and columns
+    (from its header); every contour point checked to lie in its image's plane."""
+    from matplotlib.path import Path as Polygon
+
+    rs = pydicom.dcmread(str(rs_path))
+    r, c = np.mgrid[0:rows, 0:columns]
+    centres = np.c_[r.ravel(), c.ravel()].astype(float)
+    filled = {}
+    for roi in rs.ROIContourSequence:
+        for contour in roi.get("ContourSequence", []):
+            (image,) = contour.ContourImageSequence
+            key = str(image.ReferencedSOPInstanceUID)
+            key = (key, int(image.ReferencedFrameNumber)) if "ReferencedFrameNumber" in image else key
+            position, along_row, along_column, (row_mm, column_mm) = planes[key]
+            points = np.array(contour.ContourData, float).reshape(-1, 3) - position
+            assert contour.ContourGeometricType == "CLOSED_PLANAR"
+            assert int(contour.NumberOfContourPoints) == len(points) >= 4
+            assert np.abs(points @ np.cross(along_row, along_column)).max() < 1e-4  # in the image's plane
+            on_image = np.c_[points @ along_column / row_mm, points @ along_row / column_mm]  # (row, column)
+            inside = Polygon(on_image).contains_points(centres).reshape(rows, columns)
+            mask = filled.setdefault((int(roi.ReferencedROINumber), key), np.zeros((rows, columns), bool))
+            mask ^= inside
+    return filled
+
+
+def test_a_series_labels_written_as_an_rt_structure_set_outline_them_on_its_images(tmp_path):
+    """Each label's pieces on each source image are closed contours referring to it, in its plane, that hold exactly
+    the labelled pixel centres (holes as contours inside; checked with matplotlib in the image's own rows and columns
+    from its header); an empty class is an ROI without contours that keeps the others' numbers; our reader gets the
+    labels and names back; the patient, study and frame of reference are the source's."""
+    volume = np.zeros((6, 16, 18), np.int16)
+    extra = {"0010|0010": "Doe^Jane", "0010|0020": "P-007", "0020|0052": "1.2.826.0.1.3680043.2.1125.1.77"}
+    folder = write_dicom_series(tmp_path / "ct", volume, spacing_zyx=(3.0, 0.7, 0.9), extra=extra)
+    image = load_volume(folder)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[:, 2:12, 3:15] = 3  # a ring around a hole, and two pieces on slice 2
+    labels[:, 5:8, 6:10] = 0
+    labels[1, 6, 7] = 3  # an island in the hole
+    labels[2, 13:15, 1:4] = 3
+    labels[2:5, 9:11, 4:6] = 1
+    labels[4, 0, 0] = 1  # one pixel in the corner
+    labels[5] = 0  # nothing on the last slice
+    out = save_rt_structure_set(tmp_path / "RS.dcm", labels, image, ["background", "RV", "myocardium", "LV"])
+
+    rs = pydicom.dcmread(out)
+    assert rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and rs.Modality == "RTSTRUCT"
+    assert (str(rs.PatientName), rs.PatientID, rs.FrameOfReferenceUID) == ("Doe^Jane", "P-007", extra["0020|0052"])
+    assert rs.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.1.1" and rs.SeriesInstanceUID != SERIES
+    assert [r.ROIName for r in rs.StructureSetROISequence] == ["RV", "myocardium", "LV"]
+    assert [int(r.ROINumber) for r in rs.StructureSetROISequence] == [1, 2, 3]
+    assert {r.ROIGenerationAlgorithm for r in rs.StructureSetROISequence} == {"AUTOMATIC"}
+    assert {r.ReferencedFrameOfReferenceUID for r in rs.StructureSetROISequence} == {extra["0020|0052"]}
+    assert [list(map(int, r.ROIDisplayColor)) for r in rs.ROIContourSequence] == [
+        [int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in LABEL_COLOURS[1:4]]
+    assert "ContourSequence" not in rs.ROIContourSequence[1]  # myocardium: on no voxel
+    (reference,) = rs.ReferencedFrameOfReferenceSequence
+    series = reference.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == SERIES
+    sources = [f"{SERIES}.{k + 1}" for k in range(6)]
+    assert sorted(i.ReferencedSOPInstanceUID for i in series.ContourImageSequence) == sorted(sources)
+    # LV, slice by slice: the ring's two outlines, + the island, + the piece and RV's hole, + RV's hole (twice)
+    assert len(rs.ROIContourSequence[2].ContourSequence) == 2 + 3 + 4 + 3 + 3
+
+    filled = _outlined(out, _source_headers(sorted(folder.iterdir())), 16, 18)
+    for n in (1, 2, 3):
+        for k, uid in enumerate(sources):
+            np.testing.assert_array_equal(filled.get((n, uid), np.zeros((16, 18), bool)), labels[k] == n,
+                                          err_msg=f"label {n}, slice {k}")
+    np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
+    assert read_class_names(out) == ["background", "RV", "myocardium", "LV"]
+
+
+def test_an_rt_structure_set_of_an_image_held_flipped_or_transposed_outlines_the_right_pixels(tmp_path):
+    """The contours follow the source images' stored rows and columns, whatever axes the image was held in; drawn by
+    hand: MANUAL."""
+    folder = write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12)), spacing_zyx=(3.0, 0.7, 0.9))
+    image = load_volume(folder)
+    labels = _labels(image.shape, seed=2)
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])  # i and k reversed
+    flip[0, 3], flip[2, 3] = image.shape[2] - 1, image.shape[0] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]  # i and j exchanged
+    held = {"flipped": (image.affine @ flip, labels[::-1, :, ::-1]), "transposed": (image.affine @ swap,
+                                                                                     labels.transpose(0, 2, 1))}
+    planes = _source_headers(sorted(folder.iterdir()))
+    for name, (affine, array) in held.items():
+        like = Volume(np.ascontiguousarray(array), affine, image.path)
+        out = save_rt_structure_set(tmp_path / f"{name}.dcm", array, like, NAMES, algorithm="MANUAL")
+        filled = _outlined(out, planes, 10, 12)
+        for k in range(6):
+            for n in (1, 2, 3):
+                np.testing.assert_array_equal(filled.get((n, f"{SERIES}.{k + 1}"), np.zeros((10, 12), bool)),
+                                              labels[k] == n, err_msg=f"{name}: label {n}, slice {k}")
+        np.testing.assert_array_equal(load_labels_like(out, like).array, array, err_msg=name)
+        np.testing.assert_array_equal(load_labels_like(out, image).array, labels, err_msg=name)
+        assert {r.ROIGenerationAlgorithm for r in pydicom.dcmread(out).StructureSetROISequence} == {"MANUAL"}
+
+
+def test_what_cannot_be_written_as_an_rt_structure_set_is_one_sentence_and_no_file(tmp_path):
+    image = Volume(np.zeros((4, 8, 8)), np.eye(4), tmp_path / "img.nii.gz")
+    with pytest.raises(UserError, match=r"rs.dcm: a DICOM RT structure set refers to the DICOM images it labels, but "
+                                        r".*img.nii.gz is not a DICOM image series; end the output's name with .nii.gz"):
+        save_rt_structure_set(tmp_path / "rs.dcm", np.zeros((4, 8, 8), np.uint8), image, NAMES)
+    series = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((4, 8, 8))))
+    with pytest.raises(UserError, match=r"rs.dcm: labels hold negative values, which no DICOM RT structure set can "
+                                        r"hold; clear them first"):
+        save_rt_structure_set(tmp_path / "rs.dcm", np.full((4, 8, 8), -1, np.int16), series, NAMES)
+    assert not list(tmp_path.glob("*.dcm"))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.tuples(st.integers(2, 5), st.integers(3, 9), st.integers(3, 9)),
+       spacing=st.tuples(st.floats(0.3, 3.0), st.floats(0.3, 3.0), st.floats(1.0, 8.0)),
+       origin=st.tuples(*[st.floats(-200, 200) for _ in range(3)]), seed=st.integers(0, 2**16))
+def test_an_rt_structure_set_outlines_its_labels_in_any_orientation(tmp_path, shape, spacing, origin, seed):
+    """Random labels (many pieces, holes, pixels touching at corners) of a multi-frame image of any orientation
+    written as an RT structure set: every source frame's contours hold exactly its labelled pixel centres
+    (matplotlib, in the frame's own rows and columns from its header), and our reader gets the labels back."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # orthogonal: oblique, and mirrored when its determinant is -1
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = rotation * np.array(spacing), origin
+    path = write_enhanced_dicom(tmp_path / f"mr{seed}.dcm", np.zeros(shape, np.int16), affine)
+    image = load_volume(path)
+    labels = (rng.integers(1, 4, image.shape) * (rng.random(image.shape) > 0.5)).astype(np.uint8)
+    out = save_rt_structure_set(tmp_path / f"rs{seed}.dcm", labels, image, NAMES)
+    np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
+
+    rows, columns = shape[1:]  # the stored frames' (write_enhanced_dicom's (z, y, x))
+    filled = _outlined(out, _source_headers([path]), rows, columns)
+    k, j, i = np.indices(labels.shape).reshape(3, -1)  # every voxel of the image as read, in LPS mm
+    lps = (np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    outlined, found = np.zeros(labels.size, np.uint8), np.zeros(labels.size, bool)
+    for key, (position, along_row, along_column, (row_mm, column_mm)) in _source_headers([path]).items():
+        offset = lps - position
+        # the voxels in this frame's plane (the frames' positions in the header and the grid read from it differ by
+        # micrometres)
+        on = np.abs(offset @ np.cross(along_row, along_column)) < 0.25 * spacing[2]
+        r = np.round(offset[on] @ along_column / row_mm).astype(int)
+        c = np.round(offset[on] @ along_row / column_mm).astype(int)
+        value = np.zeros((rows, columns), np.uint8)
+        for n in (1, 2, 3):
+            mask = filled.get((n, key), np.zeros((rows, columns), bool))
+            assert not (value[mask]).any()  # one label's contours per pixel
+            value[mask] = n
+        outlined[on], found[on] = value[r, c], True
+    assert found.all()
+    np.testing.assert_array_equal(outlined, labels.ravel())
