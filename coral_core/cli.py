@@ -600,16 +600,21 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
     if args.dicom_seg and args.out is not None:
         raise UserError("--dicom-seg goes with --out-dir; with --out, end the file's name with .dcm for a DICOM SEG")
+    if args.dicom_seg and args.rt_struct:
+        raise UserError("give --dicom-seg or --rt-struct, not both: DICOM labels are written as one or the other")
+    if args.rt_struct and args.out is not None and not is_dicom_seg_name(args.out):
+        raise UserError(f"{args.out}: --rt-struct writes a DICOM RT structure set; end the output's name with .dcm")
+    what = "DICOM RT structure set" if args.rt_struct else "DICOM SEG"
     if args.out is not None:
         if len(args.images) != 1:
             raise UserError(f"--out writes one label volume but {len(args.images)} inputs were given; use --out-dir DIR")
         if Path(args.images[0]).is_dir() and not is_volume_path(args.images[0]):
             raise UserError(f"{args.images[0]}: a folder of volumes, not one volume; use --out-dir DIR instead of --out")
         out = check_output_path(args.out)
-        if is_dicom_seg_name(out):  # a DICOM SEG refers to the DICOM images it labels: only for a DICOM input
-            check_dicom_seg_source(args.images[0], out)
+        if is_dicom_seg_name(out):  # DICOM labels refer to the DICOM images they label: only for a DICOM input
+            check_dicom_seg_source(args.images[0], out, what)
             if frame_count(args.images[0]) > 1:
-                raise UserError(f"{out}: a DICOM SEG is written for a 3-D image, and {args.images[0]} is a cine series; "
+                raise UserError(f"{out}: a {what} is written for a 3-D image, and {args.images[0]} is a cine series; "
                                 "end the output's name with .nii.gz, .mha or .nrrd")
         return [(Path(args.images[0]), out)]
     out_dir = Path(args.out_dir)
@@ -620,8 +625,9 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         # one file each, in the image's format (a cine's labels: one 4-D file); DICOM (a series' folder, a
         # multi-frame file) -> NIfTI
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd"}.get(suffix, suffix if suffix in VOLUME_SUFFIXES else ".nii.gz")
-        if args.dicom_seg and suffix == ".nii.gz" and _dicom_source(case.image) and frame_count(case.image) == 1:
-            suffix = ".dcm"  # a DICOM SEG on the series' images
+        if ((args.dicom_seg or args.rt_struct) and suffix == ".nii.gz" and _dicom_source(case.image)
+                and frame_count(case.image) == 1):
+            suffix = ".dcm"  # a DICOM SEG (or RT structure set) on the series' images
         out = out_dir / f"{output_name(case)}_labels{suffix}"
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
@@ -651,7 +657,7 @@ def cmd_segment(args) -> tuple[dict, str]:
     from coral_core.data import tiling_note, windows_per_slice
     from coral_core.device import resolve_device
     from coral_core.infer import iter_segment_series, keep_largest_components
-    from coral_core.dicomlabels import is_dicom_seg_name, save_dicom_seg
+    from coral_core.dicomlabels import is_dicom_seg_name, save_dicom_seg, save_rt_structure_set
     from coral_core.volume import load_frames, save_like
 
     targets = _segment_targets(args)
@@ -678,8 +684,9 @@ def cmd_segment(args) -> tuple[dict, str]:
             if args.largest_component:
                 labels, removed = keep_largest_components(labels)
             seconds = time.perf_counter() - t0
-            if is_dicom_seg_name(out_path):  # a DICOM SEG on the input series' images, segments named by class
-                save_dicom_seg(out_path, labels, image, model.config.class_names)
+            if is_dicom_seg_name(out_path):  # DICOM labels on the input series' images, named by class
+                save = save_rt_structure_set if args.rt_struct else save_dicom_seg
+                save(out_path, labels, image, model.config.class_names)
             else:
                 save_like(out_path, labels, image, model.config.class_names)  # names in the header, for evaluate, napari
             done += 1
@@ -1453,14 +1460,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a volume file or DICOM series folder; with --out-dir also several, and dataset folders")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--out", default=None, metavar="LABELS",
-                   help="label volume to write (.nii.gz, .mha, .nrrd; or .dcm, a DICOM SEG on a DICOM INPUT's images), "
-                        "for one INPUT")
+                   help="label volume to write (.nii.gz, .mha, .nrrd; or .dcm, a DICOM SEG on a DICOM INPUT's images, "
+                        "or with --rt-struct an RT structure set), for one INPUT")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="folder (created if missing) for NAME_labels of every volume, in its input's format (DICOM: "
-                        ".nii.gz, or with --dicom-seg a DICOM SEG); the model is loaded once")
+                        ".nii.gz, or with --dicom-seg a DICOM SEG, with --rt-struct an RT structure set); the model is "
+                        "loaded once")
     p.add_argument("--dicom-seg", action="store_true",
                    help="with --out-dir: write the labels of each 3-D DICOM input as a DICOM SEG on its images "
                         "(NAME_labels.dcm); other inputs as without it")
+    p.add_argument("--rt-struct", action="store_true",
+                   help="DICOM labels as an RT structure set (closed contours, as radiotherapy planning systems "
+                        "import them) instead of a SEG: --out NAME.dcm, or with --out-dir each 3-D DICOM input's as "
+                        "NAME_labels.dcm")
     p.add_argument("--batch-size", type=_positive_int, default=16,
                    help="slices per forward pass (default 16; halved by itself if the device runs out of memory)")
     p.add_argument("--largest-component", action="store_true",

@@ -1334,6 +1334,42 @@ def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
     assert not list(tmp_path.glob("*x.dcm*"))
 
 
+def test_segment_a_dicom_series_into_an_rt_structure_set(tmp_path):
+    """`coral segment SERIES --out rs.dcm --rt-struct` writes the labels as an RT structure set on the series'
+    images, its ROIs named after the model's classes, which `coral evaluate` and `coral finetune` read back as the
+    labels written to NIfTI; `--out-dir --rt-struct` writes one per DICOM input. Misuse: one sentence, nothing run."""
+    import pydicom
+
+    from helpers import write_dicom_series
+
+    img, _ = make_phantom(11, n_slices=6)
+    uid = "1.2.826.0.1.3680043.2.1125.1.4243"
+    series = write_dicom_series(tmp_path / "sax", np.round(img.array * 1000), spacing_zyx=(10.0, 1.8, 1.8),
+                                series_uid=uid)
+    done = json.loads(coral("segment", series, "--out", tmp_path / "rs.dcm", "--rt-struct", "--json").stdout)
+    assert done["labels"] == str(tmp_path / "rs.dcm")
+    coral("segment", series, "--out", tmp_path / "pred.nii.gz")
+    rs = pydicom.dcmread(tmp_path / "rs.dcm")
+    assert rs.Modality == "RTSTRUCT" and [r.ROIName for r in rs.StructureSetROISequence] == ["RV", "myocardium", "LV"]
+    assert {i.ReferencedSOPInstanceUID for roi in rs.ROIContourSequence for c in roi.ContourSequence
+            for i in c.ContourImageSequence} <= {f"{uid}.{k + 1}" for k in range(6)}
+    scores = json.loads(coral("evaluate", tmp_path / "rs.dcm", tmp_path / "pred.nii.gz", "--json").stdout)
+    assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
+    run = json.loads(coral("finetune", series, "--labels", tmp_path / "rs.dcm", "--steps", 2, *TINY,
+                           "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert run["slices"] == [k for k in range(6) if load_volume(tmp_path / "pred.nii.gz").array[k].any()]
+    coral("segment", series, tmp_path / "pred.nii.gz", "--out-dir", tmp_path / "out", "--rt-struct")
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["pred_labels.nii.gz", "sax_labels.dcm"]
+    assert pydicom.dcmread(tmp_path / "out" / "sax_labels.dcm").Modality == "RTSTRUCT"
+    user_error(coral("segment", series, "--out", tmp_path / "x.nii.gz", "--rt-struct", check=False),
+               "x.nii.gz: --rt-struct writes a DICOM RT structure set; end the output's name with .dcm")
+    user_error(coral("segment", series, "--out-dir", tmp_path / "y", "--rt-struct", "--dicom-seg", check=False),
+               "give --dicom-seg or --rt-struct, not both")
+    user_error(coral("segment", tmp_path / "pred.nii.gz", "--out", tmp_path / "x.dcm", "--rt-struct", check=False),
+               "x.dcm: a DICOM RT structure set refers to the DICOM images it labels")
+    assert not list(tmp_path.glob("x.*")) and not (tmp_path / "y").exists()
+
+
 def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
     """A folder of DICOM series with DICOM SEG files referring to them (one in a SEG series' folder, as TCIA exports
     it): `coral finetune FOLDER` trains on the labelled series, `coral segment FOLDER --out-dir` segments the series
