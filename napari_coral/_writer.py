@@ -1,6 +1,7 @@
 """npe2 writers: Labels and Image layers (3-D, or 4-D cine series) to NIfTI, MHA or NRRD, restoring the
 source geometry, and a Labels layer's class names (its features' "class" column) in the file's header; a 3-D Labels
-layer drawn on a DICOM series also to a DICOM SEG (.dcm) that refers to the series' images."""
+layer drawn on a DICOM series also to a DICOM SEG (.dcm) or, with the "RT structure set" writer that napari's Save
+dialog offers beside it, to an RT structure set (.dcm), both referring to the series' images."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name, save_dicom_seg
+from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name, save_dicom_seg, save_rt_structure_set
 from coral_core.errors import UserError
 from coral_core.volume import Volume, save_volume
 from napari_coral._layers import affine_from_layer, spacing_mm
@@ -47,30 +48,36 @@ def layer_class_names(features) -> list[str] | None:
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
     if is_dicom_seg_name(path):
-        return _write_seg(path, data, meta)
+        return _write_dicom_labels(path, data, meta, save_dicom_seg, "DICOM SEG")
     dtype = np.uint8 if np.asarray(data).max(initial=0) <= 255 else np.int32
     return _write(path, data, meta, dtype, layer_class_names(meta.get("features")))
 
 
-def _write_seg(path: str, data, meta: dict) -> list[str]:
-    """A Labels layer as a DICOM SEG on the DICOM images it was drawn on: the layer's own source (a layer Segment
-    made, or one read from the series), else the open image read from DICOM with the layer's shape and placement (a
-    label file opened over it). Segments are named by the layer's classes; Segment's predictions are SEMIAUTOMATIC
-    (corrected by hand or not), other layers MANUAL."""
+def write_rt_structure_set(path: str, data, meta: dict) -> list[str]:
+    if not is_dicom_seg_name(path):
+        raise UserError(f"{path}: an RT structure set is a DICOM file; end the name with .dcm")
+    return _write_dicom_labels(path, data, meta, save_rt_structure_set, "DICOM RT structure set")
+
+
+def _write_dicom_labels(path: str, data, meta: dict, save, what: str) -> list[str]:
+    """A Labels layer as DICOM labels (``save``: a SEG's or an RT structure set's writer) on the DICOM images it was
+    drawn on: the layer's own source (a layer Segment made, or one read from the series), else the open image read
+    from DICOM with the layer's shape and placement (a label file opened over it). Segments (ROIs) are named by the
+    layer's classes; Segment's predictions are SEMIAUTOMATIC (corrected by hand or not), other layers MANUAL."""
     array = np.asarray(data)
     info = dict(meta.get("metadata") or {})
     affine = _layer_affine(meta)
     source = info.get("source_path")
     try:
-        check_dicom_seg_source(source, path)
+        check_dicom_seg_source(source, path, what)
     except UserError:
         info = _dicom_image_like(array.shape, affine) or info  # the open DICOM image this label file lies on
     series = info.get("dicom_series")
     like = Volume(np.broadcast_to(np.uint8(0), array.shape), affine,
                   Path(info["source_path"]) if info.get("source_path") else None)
-    save_dicom_seg(path, array, like, layer_class_names(meta.get("features")),  # UserError: napari shows it
-                   series_uid=series if isinstance(series, str) and series else None,
-                   algorithm="SEMIAUTOMATIC" if info.get("coral_prediction") else "MANUAL")
+    save(path, array, like, layer_class_names(meta.get("features")),  # UserError: napari shows it
+         series_uid=series if isinstance(series, str) and series else None,
+         algorithm="SEMIAUTOMATIC" if info.get("coral_prediction") else "MANUAL")
     return [path]
 
 

@@ -108,7 +108,7 @@ print(json.dumps({
     assert found["name"] == "napari-coral"
     assert found["widgets"] == ["Embedding", "Fine-tune", "Model", "Segment"]
     assert "*.nii.gz" in found["readers"][0]
-    assert len(found["commands"]) == 8
+    assert len(found["commands"]) == 9
 
 
 def test_installed_coral_segments_with_its_own_bundled_model(installed, tmp_path):

@@ -160,6 +160,50 @@ def test_labels_drawn_on_a_dicom_series_save_as_a_dicom_seg(tmp_path, make_napar
     assert "truth.nii.gz is not a DICOM image series" in str(info.value) and not list(tmp_path.glob("*alone*"))
 
 
+def test_labels_drawn_on_a_dicom_series_save_as_an_rt_structure_set_from_the_save_dialog(
+        tmp_path, make_napari_viewer, qtbot, monkeypatch):
+    """File > Save Selected Layers offers "RT structure set" for a Labels layer; chosen, with a .dcm name, it writes
+    the layer (Segment's, corrected by hand) as an RT structure set on the series' images (ROIs named by class,
+    SEMIAUTOMATIC), which opens again as the same labels; the plain choice for .dcm stays a DICOM SEG."""
+    import pydicom
+    from qtpy.QtWidgets import QFileDialog
+
+    from coral_core.phantom import make_phantom
+    from helpers import write_dicom_series
+
+    img, _ = make_phantom(12, n_slices=5)
+    series = write_dicom_series(tmp_path / "sax", np.round(img.array * 1000), spacing_zyx=(10.0, 1.8, 1.8),
+                                series_uid="1.2.826.0.1.3680043.2.1125.1.4244")
+    viewer = make_napari_viewer()
+    image, = viewer.open(str(series), plugin="napari-coral")
+    dock(viewer, "Segment").segment()
+    qtbot.waitUntil(lambda: f"{image.name} labels" in viewer.layers, timeout=60_000)
+    layer = viewer.layers[f"{image.name} labels"]
+    layer.data[1, 4:12, 4:12] = 2  # a correction painted
+    viewer.layers.selection = {layer}
+    offered = []
+
+    def choose(name, choice):
+        def dialog(self, parent, caption, directory, filter, options):  # noqa: A002 - Qt's keyword
+            offered.append(filter.split(";;"))
+            return str(tmp_path / name), next(f for f in filter.split(";;") if f.startswith(choice))
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", dialog)
+        viewer.window._qt_viewer._save_layers_dialog(selected=True)
+
+    choose("rs.dcm", "CORAL segmentation RT structure set")
+    assert "CORAL segmentation RT structure set (*.dcm)" in offered[0]
+    rs = pydicom.dcmread(tmp_path / "rs.dcm")
+    assert rs.Modality == "RTSTRUCT"
+    assert [(r.ROIName, r.ROIGenerationAlgorithm) for r in rs.StructureSetROISequence] == [
+        ("RV", "SEMIAUTOMATIC"), ("myocardium", "SEMIAUTOMATIC"), ("LV", "SEMIAUTOMATIC")]
+    reopened, = viewer.open(str(tmp_path / "rs.dcm"), plugin="napari-coral")
+    np.testing.assert_array_equal(reopened.data, layer.data)
+    assert list(reopened.features["class"]) == ["background", "RV", "myocardium", "LV"]
+    viewer.layers.selection = {layer}
+    choose("seg.dcm", "CORAL segmentation (")
+    assert pydicom.dcmread(tmp_path / "seg.dcm", stop_before_pixels=True).Modality == "SEG"
+
+
 def test_sample_has_image_and_ground_truth(viewer):
     image, truth = viewer.layers
     assert image.data.ndim == 3 and truth.data.shape == image.data.shape
