@@ -186,6 +186,7 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
             ReferencedSOPInstanceUID=ds.get("StudyInstanceUID", ""),
             RTReferencedSeriesSequence=Sequence([_item(SeriesInstanceUID=str(header.get("SeriesInstanceUID", "")),
                                                        ContourImageSequence=Sequence(images))]))]))])
+    pieces = [_pieces(plane_labels, count) for plane_labels in sampled]  # {n: (box, mask)} of each plane
     rois, outlines, observations = [], [], []
     for n in range(1, count + 1):
         rois.append(_item(ROINumber=n, ReferencedFrameOfReferenceUID=ds.FrameOfReferenceUID,
@@ -194,11 +195,15 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
         colour = LABEL_COLOURS[n] if n < len(LABEL_COLOURS) else "#ffffff"
         outline = _item(ReferencedROINumber=n, ROIDisplayColor=[int(colour[i:i + 2], 16) for i in (1, 3, 5)])
         contours = []
-        for plane, image, plane_labels in zip(planes, images, sampled):
-            for corners in _outlines(plane_labels == n):
-                contours.append(_item(ContourImageSequence=Sequence([image]), ContourGeometricType="CLOSED_PLANAR",
-                                      NumberOfContourPoints=len(corners),
-                                      ContourData=_ds(_patient_points(plane, corners).ravel(), 10)))
+        for plane, image, held in zip(planes, images, pieces):
+            if n not in held:
+                continue
+            (top, left), mask = held[n]
+            for corners in _outlines(mask):
+                contour = _item(ContourImageSequence=Sequence([image]), ContourGeometricType="CLOSED_PLANAR",
+                                NumberOfContourPoints=len(corners))
+                _set_decimals(contour, 0x30060050, _patient_points(plane, corners + (top, left)).ravel())
+                contours.append(contour)
         if contours:  # none: an ROI no voxel holds
             outline.ContourSequence = Sequence(contours)
         outlines.append(outline)
@@ -270,6 +275,32 @@ def _image_reference(plane: _Plane):
     if plane.frame is not None:
         reference.ReferencedFrameNumber = plane.frame
     return reference
+
+
+def _set_decimals(item, tag: int, values: np.ndarray) -> None:
+    """Set a decimal string (DS) element of a new dataset ``item`` to ``values``, 10 significant digits each (at most
+    16 characters: valid), held as the bytes to write. Set as numbers, pydicom made and checked an object for each
+    one, which took most of the time of writing a structure set of many contours. The item is marked as encoded as
+    the file will be (explicit VR little endian, the default character set), so that pydicom writes the bytes as
+    they are."""
+    from pydicom.charset import default_encoding
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    text = "\\".join(f"{v:.10g}" for v in values.tolist()).encode("ascii")
+    if len(text) % 2:
+        text += b" "  # DICOM values have even lengths
+    item[tag] = RawDataElement(Tag(tag), "DS", len(text), text, 0, False, True)
+    item.set_original_encoding(False, True, default_encoding)  # a new item: pydicom's default character set
+
+
+def _pieces(plane_labels: np.ndarray, count: int) -> dict[int, tuple]:
+    """Each label (1 to ``count``) on a plane: {n: ((first row, first column) of its bounding box, its mask there)}."""
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(plane_labels, max_label=count)
+    return {n: ((box[0].start, box[1].start), plane_labels[box] == n) for n, box in enumerate(boxes, 1)
+            if box is not None}
 
 
 def _outlines(mask: np.ndarray) -> list[np.ndarray]:
