@@ -174,13 +174,16 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
     names = [str(n) for n in (class_names or ["background"])]
     count = max(len(names) - 1, int(labels.max(initial=0)), 1)
     ds = _new_object(header, RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", description)
+    frame_of_reference = ds.FrameOfReferenceUID  # named where the structure set refers to it, not as an image's
+    for name in ("FrameOfReferenceUID", "PositionReferenceIndicator", "ContentDate", "ContentTime"):
+        del ds[name]
     ds.OperatorsName = ""
     ds.StructureSetLabel = "napari-coral"
     ds.StructureSetName = description[:64]
     ds.StructureSetDate, ds.StructureSetTime = ds.SeriesDate, ds.SeriesTime
     images = [_image_reference(plane) for plane in planes]
     ds.ReferencedFrameOfReferenceSequence = Sequence([_item(
-        FrameOfReferenceUID=ds.FrameOfReferenceUID,
+        FrameOfReferenceUID=frame_of_reference,
         RTReferencedStudySequence=Sequence([_item(
             ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1",  # the study, as structure sets name it
             ReferencedSOPInstanceUID=ds.get("StudyInstanceUID", ""),
@@ -189,7 +192,7 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
     pieces = [_pieces(plane_labels, count) for plane_labels in sampled]  # {n: (box, mask)} of each plane
     rois, outlines, observations = [], [], []
     for n in range(1, count + 1):
-        rois.append(_item(ROINumber=n, ReferencedFrameOfReferenceUID=ds.FrameOfReferenceUID,
+        rois.append(_item(ROINumber=n, ReferencedFrameOfReferenceUID=frame_of_reference,
                           ROIName=(names[n] if n < len(names) else f"class {n}")[:64],
                           ROIGenerationAlgorithm=algorithm))
         colour = LABEL_COLOURS[n] if n < len(LABEL_COLOURS) else "#ffffff"

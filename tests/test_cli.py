@@ -1373,8 +1373,9 @@ def test_segment_a_dicom_series_into_an_rt_structure_set(tmp_path):
 def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
     """A folder of DICOM series with DICOM SEG files referring to them (one in a SEG series' folder, as TCIA exports
     it): `coral finetune FOLDER` trains on the labelled series, `coral segment FOLDER --out-dir` segments the series
-    (the SEG folder is no image), also into SEG files (--dicom-seg), and `coral evaluate` scores each prediction
-    against its series' SEG, a SEG prediction as the same labels in NIfTI."""
+    (the SEG folder is no image), also into SEG files (--dicom-seg) and RT structure sets (--rt-struct), and `coral
+    evaluate` scores each prediction against its series' SEG, a SEG or structure set prediction as the same labels in
+    NIfTI."""
     from coral_core.dicomlabels import save_dicom_seg
     from helpers import write_dicom_series
 
@@ -1400,6 +1401,10 @@ def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
     assert sorted(f.name for f in (tmp_path / "seg").iterdir()) == [f"ct_{c}_labels.dcm" for c in "abc"]
     as_seg = json.loads(coral("evaluate", tmp_path / "seg", study, "--json").stdout)  # SEG against SEG: on the image
     assert [(c["name"], c["dice"]) for c in as_seg["cases"]] == [(c["name"], c["dice"]) for c in scores["cases"]]
+    coral("segment", study, "--out-dir", tmp_path / "rs", "--rt-struct")  # and as RT structure sets
+    assert sorted(f.name for f in (tmp_path / "rs").iterdir()) == [f"ct_{c}_labels.dcm" for c in "abc"]
+    as_rs = json.loads(coral("evaluate", tmp_path / "rs", study, "--json").stdout)
+    assert [(c["name"], c["dice"]) for c in as_rs["cases"]] == [(c["name"], c["dice"]) for c in scores["cases"]]
     user_error(coral("segment", study / "ct_a", "--out", tmp_path / "x.nii.gz", "--dicom-seg", check=False),
                "--dicom-seg goes with --out-dir")
 

@@ -341,8 +341,27 @@ def test_a_series_labels_written_as_an_rt_structure_set_outline_them_on_its_imag
 
     rs = pydicom.dcmread(out)
     assert rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and rs.Modality == "RTSTRUCT"
-    assert (str(rs.PatientName), rs.PatientID, rs.FrameOfReferenceUID) == ("Doe^Jane", "P-007", extra["0020|0052"])
+    assert (str(rs.PatientName), rs.PatientID) == ("Doe^Jane", "P-007")
     assert rs.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.1.1" and rs.SeriesInstanceUID != SERIES
+    assert rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == extra["0020|0052"]
+    assert "FrameOfReferenceUID" not in rs  # an image's attribute, not in a structure set's modules
+    required = {  # the type 1 and 2 attributes of the RT Structure Set IOD's modules (PS3.3 A.19)
+        "patient": ["PatientName", "PatientID", "PatientBirthDate", "PatientSex"],
+        "general study": ["StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                          "AccessionNumber"],
+        "RT series": ["Modality", "SeriesInstanceUID", "SeriesNumber", "OperatorsName"],
+        "general equipment": ["Manufacturer"],
+        "structure set": ["StructureSetLabel", "StructureSetDate", "StructureSetTime", "StructureSetROISequence"],
+        "ROI contour": ["ROIContourSequence"], "RT ROI observations": ["RTROIObservationsSequence"],
+        "SOP common": ["SOPClassUID", "SOPInstanceUID"]}
+    assert not {m: [a for a in names if a not in rs] for m, names in required.items() if any(a not in rs for a in names)}
+    for roi in rs.StructureSetROISequence:
+        assert all(a in roi for a in ("ROINumber", "ReferencedFrameOfReferenceUID", "ROIName", "ROIGenerationAlgorithm"))
+    for observation in rs.RTROIObservationsSequence:
+        assert all(a in observation for a in ("ObservationNumber", "ReferencedROINumber", "RTROIInterpretedType",
+                                              "ROIInterpreter"))
+    assert [int(o.ReferencedROINumber) for o in rs.RTROIObservationsSequence] == [1, 2, 3]
+    assert [int(c.ReferencedROINumber) for c in rs.ROIContourSequence] == [1, 2, 3]
     assert [r.ROIName for r in rs.StructureSetROISequence] == ["RV", "myocardium", "LV"]
     assert [int(r.ROINumber) for r in rs.StructureSetROISequence] == [1, 2, 3]
     assert {r.ROIGenerationAlgorithm for r in rs.StructureSetROISequence} == {"AUTOMATIC"}
