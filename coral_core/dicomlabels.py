@@ -116,12 +116,14 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
         _item(DimensionOrganizationUID=organisation, DimensionIndexPointer=0x00200032,
               FunctionalGroupPointer=0x00209113, DimensionDescriptionLabel="ImagePositionPatient")])
     first = planes[0]
+    columns = like.affine[:3, :3]
+    normal = np.cross(columns[:, 0], columns[:, 1])
+    between = abs(float(columns[:, 2] @ normal)) / float(np.linalg.norm(normal))  # along the normal (a tilt: shorter)
     shared = _item(
         PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=_ds(first.orientation, 8))]),
         PixelMeasuresSequence=Sequence([_item(PixelSpacing=_ds(first.spacing, 8),
-                                              SliceThickness=_ds([header.get("SliceThickness") or like.spacing[0]],
-                                                                 8)[0],
-                                              SpacingBetweenSlices=_ds([like.spacing[0]], 8)[0])]))
+                                              SliceThickness=_ds([header.get("SliceThickness") or between], 8)[0],
+                                              SpacingBetweenSlices=_ds([between], 8)[0])]))
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per_frame = []
     for n, index in frames:

@@ -331,7 +331,13 @@ def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]
         coordinates = list(range(len(files)))
     if len(set(coordinates)) == len(files):
         _warn_uneven_gaps(coordinates, [Path(f).name for f in files], where)
-        return _itk_arrays(img, where)
+        array, affine = _itk_arrays(img, where)
+        try:
+            first, last = (np.array([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")[:3]])
+                           for i in (0, len(files) - 1))
+        except Exception:  # noqa: BLE001 - no positions: ITK's geometry stands
+            return array, affine
+        return array, _stack_geometry(affine, first, last, len(files), where)
     del img
     return _read_frames(_dicom_frames(files, where), where)
 
@@ -392,7 +398,41 @@ def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = o[:3] * column, o[3:] * row, normal * gap
     lps[:3, 3] = positions[phases[0][0]]
-    return phases, _LPS_TO_RAS @ lps
+    first, last = positions[phases[0][0]], positions[phases[0][-1]]  # the step from the positions as given
+    return phases, _stack_geometry(_LPS_TO_RAS @ lps, first, last, len(phases[0]), p)
+
+
+def _stack_geometry(affine: np.ndarray, first: np.ndarray, last: np.ndarray, count: int, where: Path) -> np.ndarray:
+    """A DICOM stack's RAS affine with its slice axis the mean step from the first slice's position to the last's
+    (LPS mm of their first pixels; ``count`` slices), where ``affine`` has it along the images' normal: along the
+    normal still, its length from the positions, when the step's part across the normal moves the last slice by
+    less than a twentieth of a pixel; else sheared, as for slices acquired with a tilted gantry, which is then said
+    in one sentence: each slice stays as acquired, at the place its header gives."""
+    if count < 2:
+        return affine
+    lps = np.linalg.inv(_LPS_TO_RAS) @ affine
+    step = (np.asarray(last, float) - np.asarray(first, float)) / (count - 1)
+    normal = np.cross(lps[:3, 0], lps[:3, 1])
+    normal /= np.linalg.norm(normal)
+    along = float(step @ normal)
+    across = step - along * normal
+    if along == 0:
+        return affine
+    pixel = float(min(np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])))
+    sheared = float(np.linalg.norm(across)) * (count - 1) >= 0.05 * pixel
+    if not sheared:
+        step = along * normal
+    if np.allclose(step, lps[:3, 2], rtol=0, atol=1e-6 * abs(along)) and np.allclose(first, lps[:3, 3], atol=1e-6):
+        return affine
+    lps[:3, 2], lps[:3, 3] = step, first
+    if sheared:
+        import warnings
+
+        tilt = float(np.degrees(np.arctan2(np.linalg.norm(across), abs(along))))
+        warnings.warn(f"{where}: its slices are tilted {tilt:.1f} degrees from the stack's normal (a gantry tilt); "
+                      "each is kept as acquired, in a sheared geometry (NIfTI outputs hold it in the sform, and the "
+                      "stack untilted in the qform, which ITK-based tools read)", stacklevel=3)
+    return _LPS_TO_RAS @ lps
 
 
 def _series_reader(files: list):
@@ -879,12 +919,27 @@ def _write_nifti(p: Path, array: np.ndarray, affine: np.ndarray, class_names: li
     # (z, y, x) -> (i, j, k); a series (t, z, y, x) -> (i, j, k, t)
     data = np.moveaxis(array, (0, 1, 2), (2, 1, 0)) if array.ndim == 3 else array.transpose(3, 2, 1, 0)
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    img.set_qform(affine, code=1)
+    img.set_qform(_unsheared(affine), code=1)  # a qform holds no shear; ITK reads it when the sform has one
     img.set_sform(affine, code=1)
     if class_names is not None:
         content = json.dumps({"napari_coral": {"class_names": class_names}}).encode()
         img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", content))
     nib.save(img, str(p))
+
+
+def _unsheared(affine: np.ndarray) -> np.ndarray:
+    """``affine`` with its slice axis along the normal of its first two (as ITK reads a tilted DICOM stack: the
+    distance between slice positions along the normal), when that axis is sheared; else ``affine``."""
+    columns = affine[:3, :3]
+    normal = np.cross(columns[:, 0], columns[:, 1])
+    normal /= np.linalg.norm(normal)
+    length = float(np.linalg.norm(columns[:, 2]))
+    if np.allclose(columns[:, 2], normal * length, atol=1e-6 * length) or np.allclose(
+            columns[:, 2], -normal * length, atol=1e-6 * length):
+        return affine
+    out = affine.copy()
+    out[:3, 2] = np.sign(columns[:, 2] @ normal) * normal * length
+    return out
 
 
 def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray, class_names: list[str] | None = None) -> None:

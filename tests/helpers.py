@@ -27,12 +27,14 @@ def write_nifti_ijk(path: Path, data_ijk: np.ndarray, affine: np.ndarray) -> Pat
 
 def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0.8, 0.8),
                        series_uid: str = "1.2.826.0.1.3680043.2.1125.1.12345", prefix: str = "slice",
-                       extra: dict | None = None, skip: tuple = (), file_order=None, first_slice: int = 0) -> Path:
+                       extra: dict | None = None, skip: tuple = (), file_order=None, first_slice: int = 0,
+                       tilt_degrees: float = 0.0) -> Path:
     """A minimal CT-like DICOM series (one file per slice, PREFIXnnn.dcm) that GDCM can sort by position; a
     (t, z, y, x) array writes a cine series, t images at each position (trigger times 0, 30, ... ms). ``extra`` adds
     header fields (such as the series description, 0008|103e) to every file; ``skip`` leaves out those slices (in
     (t, z) order for a cine); ``file_order`` numbers the files (and their instance numbers) in another order than
-    the images': a permutation of range(images); ``first_slice`` places slice k at position first_slice + k."""
+    the images': a permutation of range(images); ``first_slice`` places slice k at position first_slice + k;
+    ``tilt_degrees`` shifts each slice along y by its z times the tilt's tangent (a gantry tilt)."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,8 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing_zyx=(4.0, 0
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1.1",
             "0020|000e": series_uid,
             "0020|0013": str(n + 1),
-            "0020|0032": f"0\\0\\{(first_slice + k) * spacing_zyx[0]}",
+            "0020|0032": f"0\\{(first_slice + k) * spacing_zyx[0] * np.tan(np.radians(tilt_degrees)):.6f}\\"
+                         f"{(first_slice + k) * spacing_zyx[0]}",
             "0020|0037": "1\\0\\0\\0\\1\\0",
             "0018|0050": str(spacing_zyx[0]),
             "0008|0018": f"{series_uid}.{n + 1}",

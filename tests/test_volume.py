@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import pydicom
 import pytest
 
 from coral_core.errors import UserError
@@ -375,3 +376,78 @@ def test_headers_claiming_more_than_the_file_or_the_machine_are_refused_before_r
         fh.write(header.binaryblock + b"\x00" * 4)
     with pytest.raises(UserError, match="header claims a 30000 x 30000 x 30000 volume .* more than this machine's memory"):
         load_volume(tmp_path / "huge.nii.gz")
+
+
+@pytest.mark.parametrize("kind", ["series", "multiframe"])
+def test_a_gantry_tilted_dicom_stack_keeps_each_slice_where_it_was(tmp_path, kind):
+    """CT slices acquired with a tilted gantry step along a direction that is not their normal. Each slice is kept
+    as acquired, the geometry sheared so that its first pixel lies where its header says (one sentence says so);
+    labels saved for it keep that in NIfTI's sform (nibabel, and we, read it back) and the untilted stack in the
+    qform, which ITK reads as it reads the series itself; DICOM SEG and RT structure sets are written on its images
+    and read back onto it."""
+    import SimpleITK as sitk
+
+    from coral_core.dicomlabels import save_dicom_seg, save_rt_structure_set
+    from coral_core.volume import load_labels_like
+    from helpers import write_enhanced_dicom
+
+    tilt = np.radians(15.0)
+    rng = np.random.default_rng(4)
+    volume = rng.integers(0, 900, (6, 12, 14)).astype(np.int16)
+    if kind == "series":
+        source = write_dicom_series(tmp_path / "ct", volume, spacing_zyx=(3.0, 0.7, 0.8), tilt_degrees=15.0)
+        headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in source.iterdir()),
+                         key=lambda ds: float(ds.ImagePositionPatient[2]))
+        positions = [np.array(ds.ImagePositionPatient, float) for ds in headers]
+    else:
+        affine = np.diag([0.8, 0.7, 3.0, 1.0])
+        affine[1, 2] = -3.0 * np.tan(tilt)  # RAS: posterior as z grows, as the series above (LPS y grows)
+        source = write_enhanced_dicom(tmp_path / "ct.dcm", volume, affine)
+        frames = pydicom.dcmread(source, stop_before_pixels=True).PerFrameFunctionalGroupsSequence
+        positions = [np.array(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in frames]
+    with pytest.warns(UserWarning, match=r"its slices are tilted 15.0 degrees from the stack's normal \(a gantry tilt\); "
+                                         r"each is kept as acquired, in a sheared geometry"):
+        image = load_volume(source)
+    np.testing.assert_array_equal(image.array, volume)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine
+    for k, position in enumerate(positions):
+        np.testing.assert_allclose(lps[:3, 3] + k * lps[:3, 2], position, atol=1e-3)
+
+    labels = (rng.random(volume.shape) > 0.7).astype(np.uint8) * rng.integers(1, 4, volume.shape).astype(np.uint8)
+    nifti = save_like(tmp_path / "labels.nii.gz", labels, image)
+    back = load_volume(nifti)
+    np.testing.assert_allclose(back.affine, image.affine, atol=1e-5)
+    np.testing.assert_array_equal(back.array, labels)
+    itk = sitk.ReadImage(str(nifti))  # refuses a sheared sform without a qform to fall back on
+    np.testing.assert_allclose(itk.GetSpacing()[2], 3.0 / np.cos(tilt), atol=1e-3)  # the distance between positions
+    if kind == "series":  # ITK's reading of the series itself
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source)))
+        untilted = reader.Execute()
+        np.testing.assert_allclose(itk.GetDirection(), untilted.GetDirection(), atol=1e-5)
+        np.testing.assert_allclose(itk.GetOrigin(), untilted.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(itk.GetSpacing(), untilted.GetSpacing(), atol=1e-4)
+    mha = save_like(tmp_path / "labels.mha", labels, image)
+    np.testing.assert_allclose(load_volume(mha).affine, image.affine, atol=1e-5)
+
+    for save in (save_dicom_seg, save_rt_structure_set):
+        out = save(tmp_path / f"{save.__name__}.dcm", labels, image, ["background", "a", "b", "c"])
+        np.testing.assert_array_equal(load_labels_like(out, image).array, labels, err_msg=save.__name__)
+    measures = pydicom.dcmread(tmp_path / "save_dicom_seg.dcm").SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(3.0)  # along the normal, not between positions
+
+
+def test_a_stack_along_its_normal_keeps_its_geometry_without_a_word(tmp_path):
+    """No tilt: no warning, the affine's slice axis along the normal, its length the distance between slices (for a
+    multi-frame file from the positions themselves, not rounded)."""
+    import warnings
+
+    from helpers import write_enhanced_dicom
+
+    affine = oblique_affine((0.8, 0.9, 1.875))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        series = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((5, 6, 8)), spacing_zyx=(3.3, 0.8, 0.8)))
+        frames = load_volume(write_enhanced_dicom(tmp_path / "mr.dcm", np.zeros((40, 6, 8), np.int16), affine))
+    np.testing.assert_allclose(series.affine, np.diag([-0.8, -0.8, 3.3, 1.0]), atol=1e-6)
+    np.testing.assert_allclose(frames.affine[:3, 2], affine[:3, 2], atol=1e-4)  # was off by 0.005 mm a slice
