@@ -451,3 +451,6 @@ def test_a_stack_along_its_normal_keeps_its_geometry_without_a_word(tmp_path):
         frames = load_volume(write_enhanced_dicom(tmp_path / "mr.dcm", np.zeros((40, 6, 8), np.int16), affine))
     np.testing.assert_allclose(series.affine, np.diag([-0.8, -0.8, 3.3, 1.0]), atol=1e-6)
     np.testing.assert_allclose(frames.affine[:3, 2], affine[:3, 2], atol=1e-4)  # was off by 0.005 mm a slice
+    from coral_core.dicomlabels import save_dicom_seg
+
+    save_dicom_seg(tmp_path / "seg.dcm", np.ones(frames.shape, np.uint8), frames)  # its far frames were off the grid
