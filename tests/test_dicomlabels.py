@@ -74,15 +74,20 @@ def test_segments_carry_the_colours_napari_shows_them_in(tmp_path):
         np.testing.assert_allclose(dicom_lab(colour), reference, atol=2, err_msg=colour)
 
 
+def _held_other_ways(image, labels) -> dict:
+    """{how: (the affine of ``image`` held that way, ``labels`` held that way)}: i and k reversed, i and j exchanged."""
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])
+    flip[0, 3], flip[2, 3] = image.shape[2] - 1, image.shape[0] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    return {"flipped": (image.affine @ flip, labels[::-1, :, ::-1]),
+            "transposed": (image.affine @ swap, labels.transpose(0, 2, 1))}
+
+
 def test_labels_of_an_image_held_flipped_or_transposed_go_to_the_right_pixels(tmp_path):
     """The frames follow the source images' stored rows and columns, whatever axes the image was held in."""
     image = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12)), spacing_zyx=(3.0, 0.7, 0.9)))
     labels = _labels(image.shape, seed=2)
-    flip = np.diag([-1.0, 1.0, -1.0, 1.0])  # i and k reversed
-    flip[0, 3], flip[2, 3] = image.shape[2] - 1, image.shape[0] - 1
-    swap = np.eye(4)[[1, 0, 2, 3]]  # i and j exchanged
-    held = {"flipped": (image.affine @ flip, labels[::-1, :, ::-1]), "transposed": (image.affine @ swap,
-                                                                                     labels.transpose(0, 2, 1))}
+    held = _held_other_ways(image, labels)
     sources = [f"{SERIES}.{k + 1}" for k in range(6)]
     for name, (affine, array) in held.items():
         like = Volume(np.ascontiguousarray(array), affine, image.path)
@@ -220,21 +225,30 @@ def test_what_an_rt_structure_set_cannot_label_is_one_sentence(tmp_path):
         load_labels_like(write_rt_structure_set(tmp_path / "bare.dcm"), image)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shape=st.tuples(st.integers(2, 5), st.integers(3, 9), st.integers(3, 9)),
-       spacing=st.tuples(st.floats(0.3, 3.0), st.floats(0.3, 3.0), st.floats(1.0, 8.0)),
-       origin=st.tuples(*[st.floats(-200, 200) for _ in range(3)]), seed=st.integers(0, 2**16))
-def test_a_seg_lies_where_its_labels_do_in_any_orientation(tmp_path, shape, spacing, origin, seed):
-    """Labels of a multi-frame image of any orientation (oblique, mirrored) written as a SEG: our reader gets them
-    back, and highdicom's own volume of the SEG holds each label at the same place in the patient (every voxel mapped
-    through both geometries)."""
+# a multi-frame image of any orientation (oblique, mirrored) and size, and random labels of it
+_ORIENTED = dict(shape=st.tuples(st.integers(2, 5), st.integers(3, 9), st.integers(3, 9)),
+                 spacing=st.tuples(st.floats(0.3, 3.0), st.floats(0.3, 3.0), st.floats(1.0, 8.0)),
+                 origin=st.tuples(*[st.floats(-200, 200) for _ in range(3)]), seed=st.integers(0, 2**16))
+
+
+def _oriented_image(tmp_path, shape, spacing, origin, seed) -> tuple:
+    """(its file, the image read, random labels 0-3 of it) for one draw of ``_ORIENTED``."""
     rng = np.random.default_rng(seed)
     rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # orthogonal: oblique, and mirrored when its determinant is -1
     affine = np.eye(4)
     affine[:3, :3], affine[:3, 3] = rotation * np.array(spacing), origin
     path = write_enhanced_dicom(tmp_path / f"mr{seed}.dcm", np.zeros(shape, np.int16), affine)
     image = load_volume(path)
-    labels = (rng.integers(1, 4, image.shape) * (rng.random(image.shape) > 0.5)).astype(np.uint8)
+    return path, image, (rng.integers(1, 4, image.shape) * (rng.random(image.shape) > 0.5)).astype(np.uint8)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**_ORIENTED)
+def test_a_seg_lies_where_its_labels_do_in_any_orientation(tmp_path, shape, spacing, origin, seed):
+    """Labels of a multi-frame image of any orientation (oblique, mirrored) written as a SEG: our reader gets them
+    back, and highdicom's own volume of the SEG holds each label at the same place in the patient (every voxel mapped
+    through both geometries)."""
+    path, image, labels = _oriented_image(tmp_path, shape, spacing, origin, seed)
     labels[0, 0, 0] = 1
     out = save_dicom_seg(tmp_path / f"seg{seed}.dcm", labels, image, NAMES)
     np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
@@ -392,11 +406,7 @@ def test_an_rt_structure_set_of_an_image_held_flipped_or_transposed_outlines_the
     folder = write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12)), spacing_zyx=(3.0, 0.7, 0.9))
     image = load_volume(folder)
     labels = _labels(image.shape, seed=2)
-    flip = np.diag([-1.0, 1.0, -1.0, 1.0])  # i and k reversed
-    flip[0, 3], flip[2, 3] = image.shape[2] - 1, image.shape[0] - 1
-    swap = np.eye(4)[[1, 0, 2, 3]]  # i and j exchanged
-    held = {"flipped": (image.affine @ flip, labels[::-1, :, ::-1]), "transposed": (image.affine @ swap,
-                                                                                     labels.transpose(0, 2, 1))}
+    held = _held_other_ways(image, labels)
     planes = _source_headers(sorted(folder.iterdir()))
     for name, (affine, array) in held.items():
         like = Volume(np.ascontiguousarray(array), affine, image.path)
@@ -424,20 +434,12 @@ def test_what_cannot_be_written_as_an_rt_structure_set_is_one_sentence_and_no_fi
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shape=st.tuples(st.integers(2, 5), st.integers(3, 9), st.integers(3, 9)),
-       spacing=st.tuples(st.floats(0.3, 3.0), st.floats(0.3, 3.0), st.floats(1.0, 8.0)),
-       origin=st.tuples(*[st.floats(-200, 200) for _ in range(3)]), seed=st.integers(0, 2**16))
+@given(**_ORIENTED)
 def test_an_rt_structure_set_outlines_its_labels_in_any_orientation(tmp_path, shape, spacing, origin, seed):
     """Random labels (many pieces, holes, pixels touching at corners) of a multi-frame image of any orientation
     written as an RT structure set: every source frame's contours hold exactly its labelled pixel centres
     (matplotlib, in the frame's own rows and columns from its header), and our reader gets the labels back."""
-    rng = np.random.default_rng(seed)
-    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # orthogonal: oblique, and mirrored when its determinant is -1
-    affine = np.eye(4)
-    affine[:3, :3], affine[:3, 3] = rotation * np.array(spacing), origin
-    path = write_enhanced_dicom(tmp_path / f"mr{seed}.dcm", np.zeros(shape, np.int16), affine)
-    image = load_volume(path)
-    labels = (rng.integers(1, 4, image.shape) * (rng.random(image.shape) > 0.5)).astype(np.uint8)
+    path, image, labels = _oriented_image(tmp_path, shape, spacing, origin, seed)
     out = save_rt_structure_set(tmp_path / f"rs{seed}.dcm", labels, image, NAMES)
     np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
 
