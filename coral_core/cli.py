@@ -336,15 +336,17 @@ def _cached_slices(args, rank: int):
 
 
 def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None, size: int | None = None,
-                     label_values: list[int] | None = None, mm: float | None = None) -> list[tuple[str, str, tuple]]:
+                     label_values: list[int] | None = None, mm: float | None = None,
+                     structures: list[str] | None = None) -> list[tuple[str, str, tuple]]:
     """The annotated scans of one image and the label volume drawn on it, checked, each as (name, the
     labels' name, pair) with the pair as :func:`_annotated_pair` gives it: a 3-D image is one scan named by its path; a 4-D
     (cine) image with 4-D labels gives one scan per frame that holds labels, named "IMAGE frame T", as
     the plugin's Fine-tune panel trains on a cine layer. ``mm``: the model's pixel spacing, whose field of
     view (:class:`coral_core.data.FieldOfView`, ``size`` pixels at ``mm``), placed on the scan's labels, is
-    cut from each scan first; the pair then carries how many labelled voxels lay outside it."""
+    cut from each scan first; the pair then carries how many labelled voxels lay outside it. ``structures``: the
+    classes (SEG segments, RT structure set ROIs) of these names only, as classes 1, 2, ..."""
     from coral_core.data import FieldOfView
-    from coral_core.volume import frame_count, load_frames, load_labels_like, load_volume
+    from coral_core.volume import Volume, frame_count, load_frames, load_labels_like, load_volume, pick_classes
 
     def pair(image, labels, names, slices):
         image_array, labels_array, outside = image.array, labels.array, 0
@@ -359,7 +361,7 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     series = frame_count(image_path)
     if series == 1:
         image = load_volume(image_path)
-        labels = load_labels_like(labels_path, image)  # a DICOM SEG: placed on the image's grid
+        labels = load_labels_like(labels_path, image, structures)  # a DICOM SEG: placed on the image's grid
         return [(image_path, labels_path, pair(image, labels, (image_path, labels_path), slices_text))]
     if slices_text:
         raise UserError(f"{image_path}: --slices names slices of one volume, and this is a series of {series} frames; "
@@ -368,6 +370,8 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
         raise UserError(f"{labels_path}: holds {_count_of(frame_count(labels_path), 'frame')} but {image_path} is a "
                         f"series of {series} frames; give the 4-D labels drawn on this series")
     images, labels = load_frames(image_path), load_frames(labels_path)
+    if structures is not None:
+        labels = [Volume(pick_classes(lab.array, labels_path, structures), lab.affine, lab.path) for lab in labels]
     out = []
     for t, (image, lab) in enumerate(zip(images, labels)):
         if lab.array.any():  # the frames nobody painted are not training data
@@ -377,6 +381,30 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     if not out:
         raise UserError(f"{labels_path}: no frame holds any label; paint some slices of a frame")
     return out
+
+
+def _structures_option(args) -> list[str] | None:
+    """--structures NAME,NAME,... as a list (None without it), checked against --label-values before any file is
+    read."""
+    text = getattr(args, "structures", None)
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UserError("--structures: give the names of the structures to take, separated by commas, e.g. Heart,Lung_L")
+    if len({name.casefold() for name in names}) != len(names):
+        raise UserError(f"--structures {text}: a name is listed twice; give each structure once")
+    if getattr(args, "label_values", None):
+        raise UserError("give --structures (by name) or --label-values (by value), not both")
+    return names
+
+
+def _as_spelled(structures: list[str], path) -> list[str]:
+    """Structure names as the label file ``path`` spells them (they are matched without regard to case)."""
+    from coral_core.volume import read_class_names
+
+    spelled = {name.strip().casefold(): name for name in reversed((read_class_names(path) or [])[1:])}
+    return [spelled.get(name.casefold(), name) for name in structures]
 
 
 def _annotated_pair(array, raw, image_name: str, labels_name: str, slices_text: str | None,
@@ -454,9 +482,13 @@ def cmd_finetune(args) -> tuple[dict, str]:
         raise UserError("--unlabelled trains the embedding loss on those images; give --embedding-weight above 0 "
                         "(default 0.1), or leave --unlabelled out")
     label_values = parse_label_values(args.label_values) if args.label_values else None  # before any file is read
+    structures = _structures_option(args)
     if label_values and args.classes is not None and args.classes != len(label_values) + 1:
         raise UserError(f"--classes {args.classes} but --label-values lists {len(label_values)} foreground classes "
                         f"({len(label_values) + 1} with background); leave --classes out")
+    if structures and args.classes is not None and args.classes != len(structures) + 1:
+        raise UserError(f"--classes {args.classes} but --structures names {len(structures)} foreground classes "
+                        f"({len(structures) + 1} with background); leave --classes out")
     images, label_files, skipped = _finetune_inputs(args)
     if args.init:  # read first: its input size lets every scan be prepared at that size as it is read
         model, meta = load_checkpoint(args.init)
@@ -480,7 +512,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     _check_pixel_spacing(mm)
     named = [one for i, (image, labels) in enumerate(zip(images, label_files))
              for one in _annotated_pairs(image, labels, args.slices[i] if args.slices else None, size, label_values,
-                                         mm)]
+                                         mm, structures)]
     scans = [name for name, _, _ in named]  # a cine file gives one scan per annotated frame
     scan_labels = [name for _, name, _ in named]
     pairs = [pair for *_, pair in named]
@@ -489,8 +521,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
     tops = [top for *_, top, _ in pairs]
     outside = sum(out for *_, out in pairs)  # labelled voxels beyond a physical scale's field of view
     top = max(tops)
-    if label_values:
-        n_classes = len(label_values) + 1
+    if label_values or structures:
+        n_classes = len(label_values or structures) + 1
     else:
         n_classes = top + 1 if args.classes is None else args.classes
     if n_classes < 2:
@@ -498,8 +530,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if top >= n_classes:
         raise UserError(f"{scan_labels[tops.index(top)]}: holds label {top} but "
                         f"--classes is {n_classes}; raise --classes")
-    names = _class_names(args.class_names, n_classes)
-    if not args.class_names:  # the names the label files carry (coral segment's, napari-coral's writer's), if they fit
+    names = _class_names(args.class_names or (",".join(_as_spelled(structures, label_files[0])) if structures else None),
+                         n_classes)
+    if not args.class_names and not structures:  # the names the label files carry (coral segment's, napari-coral's writer's), if they fit
         stored = next((n for n in map(read_class_names, dict.fromkeys(label_files)) if n and len(n) == n_classes), None)
         names = stored or names
     # A new head (or a random-init model) draws its weights from torch's global generator, which each process
@@ -544,6 +577,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
         fingerprint["unlabelled"] = [str(Path(p).resolve()) for p in args.unlabelled]
     if label_values:
         fingerprint["label_values"] = label_values
+    if structures:
+        fingerprint["structures"] = structures
     if scans != images:  # a cine file's annotated frames
         fingerprint["scans"] = scans
     state = _resume_state(args, fingerprint, every=50)
@@ -566,6 +601,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
         training["unlabelled"] = list(map(str, args.unlabelled))
     if label_values:
         training["label_values"] = label_values
+    if structures:
+        training["structures"] = structures
     save_checkpoint(args.out, result.model, training)
     state.remove()
     out = {"checkpoint": str(args.out), "init": init, "slices": where["slices"], "steps": len(result.history.steps),
@@ -787,32 +824,44 @@ def cmd_embed(args) -> tuple[dict, str]:
     return out, text + (f" and {args.plot}" if args.plot else "")
 
 
-def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | None, grid=None) -> dict:
+def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | None, grid=None,
+                structures: list[str] | None = None) -> dict:
     """`coral evaluate PRED TRUTH` for two files: Dice and HD95 per class and their means (a cine series: the means
     over its frames, each frame's in "frames"). ``grid``: the image whose voxel grid two DICOM label files (SEG, RT
-    structure set) are placed on, which hold none of their own."""
+    structure set) are placed on, which hold none of their own. ``structures``: TRUTH's structures of these names
+    as classes 1, 2, ..., and PRED's too when it names its classes (else its labels are taken as those classes)."""
     import numpy as np
 
     from coral_core.data import label_map
     from coral_core.metrics import evaluate_segmentation
-    from coral_core.volume import is_dicom_labels, load_frames, load_labels_like, load_volume, read_class_names
+    from coral_core.volume import (Volume, is_dicom_labels, load_frames, load_labels_like, load_volume, pick_classes,
+                                   read_class_names)
+
+    def frames_of(path, like=None, picked=False) -> list:
+        """A file's labels (a DICOM SEG or structure set on ``like``'s grid), the structures picked where asked."""
+        if is_dicom_labels(path):
+            return [load_labels_like(path, like, structures)]
+        frames = load_frames(path)
+        if structures and (picked or read_class_names(path)):
+            frames = [Volume(pick_classes(f.array, path, structures), f.affine, f.path) for f in frames]
+        return frames
 
     # a cine series (4-D files, as coral segment writes one) is scored frame by frame; a DICOM SEG or RT structure
     # set is placed on the grid of the other file
     if is_dicom_labels(pred) and is_dicom_labels(truth) and grid is not None:
         image = load_volume(grid)
-        preds, truths = [load_labels_like(pred, image)], [load_labels_like(truth, image)]
+        preds, truths = frames_of(pred, image), frames_of(truth, image)
     elif is_dicom_labels(pred) and is_dicom_labels(truth):
         raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG or RT structure set files, which hold no voxel grid "
                         "of their own; give the image they were drawn on with --image IMAGE")
     elif is_dicom_labels(truth):
-        preds = load_frames(pred)
-        truths = [load_labels_like(truth, preds[0])] if len(preds) == 1 else load_frames(truth)
+        preds = frames_of(pred)
+        truths = frames_of(truth, preds[0]) if len(preds) == 1 else load_frames(truth)
     elif is_dicom_labels(pred):
-        truths = load_frames(truth)
-        preds = [load_labels_like(pred, truths[0])] if len(truths) == 1 else load_frames(pred)
+        truths = frames_of(truth, picked=True)
+        preds = frames_of(pred, truths[0]) if len(truths) == 1 else load_frames(pred)
     else:
-        preds, truths = load_frames(pred), load_frames(truth)
+        preds, truths = frames_of(pred), frames_of(truth, picked=True)
     if len(preds) != len(truths) or preds[0].shape != truths[0].shape:
         shapes = [f"{len(v)} frames of {v[0].shape}" if len(v) > 1 else str(v[0].shape) for v in (preds, truths)]
         raise UserError(f"{pred}: shape {shapes[0]} differs from {truth} shape {shapes[1]}; compare a "
@@ -822,12 +871,14 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
     top_p, top_t = max(int(a.max()) for a in ps), max(int(a.max()) for a in ts)  # over every frame
     n_classes = max(max(top_p, top_t) + 1, 2)
     names = None
+    option = "--class-names" if class_names else "--structures"
+    class_names = class_names or (",".join(_as_spelled(structures, truth)) if structures else None)
     if class_names:
         given = [n.strip() for n in class_names.split(",")]
         foreground = given[1:] if given[0].lower() == "background" else given
         if n_classes > len(foreground) + 1:
             path = pred if top_p >= top_t else truth
-            raise UserError(f"{path}: holds label {n_classes - 1} but --class-names names {len(foreground)} foreground "
+            raise UserError(f"{path}: holds label {n_classes - 1} but {option} names {len(foreground)} foreground "
                             "class(es); name each label from 1 up, e.g. RV,myocardium,LV")
         n_classes = len(foreground) + 1  # classes named but absent from both files are listed too
         names = ["background", *foreground]
@@ -886,7 +937,7 @@ def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
         if is_dicom_labels(pred) and is_dicom_labels(truth):  # neither has a grid: the case's image's
             images = images if images is not None else case_images(truth_dir)
             grid = images.get(name)
-        scored = _score_pair(pred, truth, args.class_names, label_values, grid)
+        scored = _score_pair(pred, truth, args.class_names, label_values, grid, _structures_option(args))
         cases.append({"name": name, "pred": str(pred), "truth": str(truth), **scored})
     result = summarise_cases(cases)
     result |= {"cases": cases, "unmatched_predictions": [str(p) for p in unmatched],
@@ -911,6 +962,7 @@ def cmd_evaluate(args) -> tuple[dict, str]:
     from coral_core.volume import is_volume_path
 
     label_values = parse_label_values(args.label_values) if args.label_values else None
+    _structures_option(args)  # checked before any file is read
     if Path(args.pred).is_dir() and not (is_volume_path(args.pred) and not holds_dicom_labels(args.pred)):
         return _evaluate_folders(args, label_values)  # a folder of label files (DICOM SEG files among them)
     if Path(args.truth).is_dir() and not is_volume_path(args.truth):
@@ -918,7 +970,7 @@ def cmd_evaluate(args) -> tuple[dict, str]:
                         "or give PRED as the folder coral segment --out-dir wrote")
     if args.image is not None and not Path(args.image).exists():
         raise UserError(f"{args.image}: no such file or folder; give the image PRED and TRUTH were drawn on as --image")
-    result = _score_pair(args.pred, args.truth, args.class_names, label_values, args.image)
+    result = _score_pair(args.pred, args.truth, args.class_names, label_values, args.image, _structures_option(args))
     lines = _score_lines(result)
     if "frames" in result:
         lines.insert(0, f"{len(result['frames'])} frames; each number is the mean over the frames (per frame: --json)")
@@ -1302,6 +1354,10 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 LABEL_VALUES_HELP = ("the values the label files use for classes 1, 2, ... in that order, when they are codes "
                      "rather than 1, 2, ... (MM-WHS: 205,420,500,550,600,820,850); any other value is read as "
                      "background, with a warning")
+STRUCTURES_HELP = ("only the structures of these names, as classes 1, 2, ... in this order, the others background: "
+                   "ROIs of RT structure sets (filled alone, so that others drawn over them take nothing), segments "
+                   "of DICOM SEG files, classes of label files that name theirs (coral segment's); names matched "
+                   "without regard to case")
 BALANCE_HELP = ("weight the cross-entropy by the square root of each class's inverse frequency in the batch, so "
                 "that small classes are learned early (docs/results.md)")
 SEED_HELP = "seed of the random initial weights, the order of slices and the augmentation (default 0)"
@@ -1425,6 +1481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=_whole_number(2, "classes, background and at least one more"), default=None,
                    help="number of classes incl. background, at least 2 (default: from the labels)")
     p.add_argument("--label-values", default=None, metavar="V1,V2,...", help=LABEL_VALUES_HELP)
+    p.add_argument("--structures", default=None, metavar="NAME,NAME,...", help=STRUCTURES_HELP)
     p.add_argument("--class-names", default=None, help="names of the foreground classes in label order, e.g. GM,WM")
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps (default 200)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
@@ -1505,6 +1562,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-values", default=None, metavar="V1,V2,...",
                    help="the values TRUTH uses for classes 1, 2, ... when they are codes (MM-WHS: 205,420,...,850); "
                         "PRED holds class numbers, as coral segment writes them")
+    p.add_argument("--structures", default=None, metavar="NAME,NAME,...",
+                   help="TRUTH's structures of these names as classes 1, 2, ..., and PRED's when it names its classes "
+                        "(coral segment's files, DICOM SEG, RT structure sets; else PRED's labels are taken as those "
+                        "classes): " + STRUCTURES_HELP)
     p.add_argument("--image", default=None, metavar="IMAGE",
                    help="the image PRED and TRUTH were drawn on, when both are DICOM SEG or RT structure set files "
                         "(which hold no voxel grid of their own)")

@@ -28,7 +28,8 @@ from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_li
                                is_dicom_labels, is_volume_path)
 
 __all__ = ["save_dicom_seg", "save_rt_structure_set", "seg_on_grid", "contours_on_grid", "structure_names",
-           "referenced_series", "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS"]
+           "referenced_series", "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS",
+           "pick_structures"]
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage SOP class
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -335,13 +336,35 @@ def _patient_points(plane: _Plane, corners: np.ndarray) -> np.ndarray:
     return plane.position + corners[:, :1] * row_step + corners[:, 1:] * column_step
 
 
-def seg_on_grid(p: Path, like: Volume) -> np.ndarray:
+def pick_structures(available: list[str], wanted: list[str], p) -> list[int]:
+    """The positions in ``available`` (a label file's classes, a SEG's segments or a structure set's ROIs, by name)
+    of the ``wanted`` names, in their order, matched without regard to case; one sentence naming the file and what it
+    holds when a name is not there."""
+    index = {}
+    for i, name in enumerate(available):
+        index.setdefault(name.strip().casefold(), i)
+    missing = [name for name in wanted if name.strip().casefold() not in index]
+    if missing:
+        held = ", ".join(available) if available else "no named structures"
+        raise UserError(f"{p}: holds no structure named {', '.join(map(repr, missing))}; it holds {held} (names are "
+                        "matched without regard to case)")
+    return [index[name.strip().casefold()] for name in wanted]
+
+
+def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> np.ndarray:
     """A DICOM SEG file's segments on the voxel grid of the image ``like`` (segment n: label n; drawn over one
-    another, the highest number's, with a warning); :class:`OffGridError` when a frame does not lie on it."""
+    another, the highest number's, with a warning); :class:`OffGridError` when a frame does not lie on it.
+    ``structures``: only the segments of these labels, in this order (label 1, 2, ...; :func:`pick_structures`)."""
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
     labels = np.zeros(like.shape, np.uint8)
     frames = []
-    for number, position, axes, mask in _seg_frames(str(p), os.stat(p).st_mtime_ns):
+    seg_frames, segments = _seg_frames(str(p), os.stat(p).st_mtime_ns)
+    if structures is not None:  # renumbered: the picked segments 1, 2, ... in the order asked, the others left out
+        numbers = sorted(segments)
+        picked = pick_structures([segments[n] for n in numbers], structures, p)
+        renumber = {numbers[i]: n for n, i in enumerate(picked, 1)}
+        seg_frames = [(renumber[number], *rest) for number, *rest in seg_frames if number in renumber]
+    for number, position, axes, mask in seg_frames:
         start = (to_voxel @ np.array([*position, 1.0]))[:3]
         steps = to_voxel[:3, :3] @ axes  # one column, one row: in voxels
         frames.append((number, _plane_on_grid(start, steps[:, 0], steps[:, 1], *mask.shape, like.shape), mask))
@@ -390,9 +413,10 @@ def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple 
 
 
 @functools.lru_cache(maxsize=2)
-def _seg_frames(name: str, mtime: int) -> list[tuple]:
+def _seg_frames(name: str, mtime: int) -> tuple[list[tuple], dict[int, str]]:
     """A DICOM SEG file's frames, each (segment number, position in LPS, the LPS steps of one column and one row as a
-    (3, 2) array, mask as bool), read once while the file stays the same (napari tries it on each open image)."""
+    (3, 2) array, mask as bool), and its segments' labels by number, read once while the file stays the same (napari
+    tries it on each open image)."""
     import pydicom
 
     p = Path(name)
@@ -418,7 +442,9 @@ def _seg_frames(name: str, mtime: int) -> list[tuple]:
         o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
         axes = np.stack([o[:3] * column, o[3:] * row], 1)
         frames.append((int(number), np.array([float(v) for v in position[:3]]), axes, mask.astype(bool)))
-    return frames
+    segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment {s.SegmentNumber}")
+                for s in ds.get("SegmentSequence", [])}
+    return frames, segments
 
 
 def referenced_series(path: str | os.PathLike) -> str:
@@ -443,7 +469,7 @@ def structure_names(p: Path) -> list[str]:
     return [name for _, name, _, _ in _structures(str(p), os.stat(p).st_mtime_ns)]
 
 
-def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
+def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """A DICOM RT structure set's closed planar contours filled on the voxel grid of the image ``like``: (labels,
     the ROIs' names). Its regions, in ROI number order, are labels 1, 2, ...: the ROIs with closed contours, and those
     with no contours at all (a structure drawn nowhere: a label no voxel has, so that the labels of a structure set
@@ -452,8 +478,11 @@ def contours_on_grid(p: Path, like: Volume) -> tuple[np.ndarray, list[str]]:
     when its centre is; contours of one ROI on one slice combine even-odd (a contour inside another is a hole).
     EXTERNAL ROIs (the body outline) are filled first, the others over them in order; other overlaps warn in one
     sentence (the later ROI takes the voxel). Raises :class:`OffGridError` for a contour that does not lie in one of
-    the image's slices."""
+    the image's slices. ``structures``: only the ROIs of these names, in this order (labels 1, 2, ...;
+    :func:`pick_structures`), the others not filled at all."""
     rois = _structures(str(p), os.stat(p).st_mtime_ns)
+    if structures is not None:
+        rois = [rois[i] for i in pick_structures([name for _, name, _, _ in rois], structures, p)]
     if not any(contours for *_, contours in rois):
         raise UserError(f"{p}: DICOM RT structure set holds no closed contours, so it labels nothing; give one that "
                         "outlines the structures")

@@ -720,20 +720,41 @@ def is_dicom_labels(path: str | os.PathLike) -> bool:
     return is_dicom_file(path) and _modality(path) in _LABEL_MODALITIES
 
 
-def load_labels_like(path: str | os.PathLike, like: Volume) -> Volume:
+def load_labels_like(path: str | os.PathLike, like: Volume, structures: list[str] | None = None) -> Volume:
     """Labels for the image ``like``: a label file or DICOM folder as :func:`load_volume` reads it (its shape is the
     caller's to check); a DICOM SEG file placed on the image's voxel grid, each segment's voxels labelled with its
     segment number (segments drawn over one another: the highest number's, with a warning); or a DICOM RT structure
-    set's closed contours filled on the grid, ROI n of those with contours labelled n
+    set's closed contours filled on the grid, ROI n of its regions labelled n
     (:func:`coral_core.dicomlabels.contours_on_grid`). Raises :class:`OffGridError` with one sentence for a SEG or
-    contours that do not lie on the image's grid."""
+    contours that do not lie on the image's grid. ``structures``: only the classes, segments or ROIs of these names,
+    labelled 1, 2, ... in this order (a label file must name its classes; one sentence says what a file lacks)."""
     modality = _modality(path) if is_dicom_file(path) else ""
     if modality not in _LABEL_MODALITIES:
-        return load_volume(path)
+        volume = load_volume(path)
+        return volume if structures is None else Volume(pick_classes(volume.array, path, structures),
+                                                        volume.affine, volume.path)
     from coral_core.dicomlabels import contours_on_grid, seg_on_grid
 
-    labels = seg_on_grid(Path(path), like) if modality == "SEG" else contours_on_grid(Path(path), like)[0]
+    if modality == "SEG":
+        labels = seg_on_grid(Path(path), like, structures)
+    else:
+        labels = contours_on_grid(Path(path), like, structures)[0]
     return Volume(labels, like.affine, Path(path))
+
+
+def pick_classes(array: np.ndarray, path, structures: list[str]) -> np.ndarray:
+    """A label file's classes of these names (:func:`read_class_names`), labelled 1, 2, ... in this order, the others
+    background."""
+    from coral_core.dicomlabels import pick_structures
+
+    names = read_class_names(path)
+    if not names:
+        raise UserError(f"{path}: names none of its classes, so structures cannot be picked from it by name; give "
+                        "its label values with --label-values instead")
+    out = np.zeros(array.shape, np.uint8)
+    for n, i in enumerate(pick_structures(names[1:], structures, path), 1):
+        out[array == i + 1] = n
+    return out
 
 
 def _functional_value(frame, shared, sequence: str, name: str):

@@ -1370,6 +1370,40 @@ def test_segment_a_dicom_series_into_an_rt_structure_set(tmp_path):
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "y").exists()
 
 
+def test_structures_picked_by_name_for_finetune_and_evaluate(tmp_path):
+    """`--structures LV,RV` takes those ROIs of an RT structure set (any others, here a body outline drawn first,
+    left out) as classes 1, 2 in that order: `coral finetune` trains a model of those classes, named so, and `coral
+    evaluate` scores its segmentation against the structure set by the same names. A name the file lacks, or
+    --structures with --label-values: exit 2, one sentence, before any training."""
+    import pydicom
+
+    from coral_core.dicomlabels import save_rt_structure_set
+    from helpers import write_dicom_series
+
+    img, lab = make_phantom(13, n_slices=6)
+    series = write_dicom_series(tmp_path / "ct", np.round(img.array * 1000), spacing_zyx=(10.0, 1.8, 1.8))
+    image = load_volume(series)
+    rs = save_rt_structure_set(tmp_path / "rs.dcm", lab.array, image, ["background", "RV", "myocardium", "LV"])
+    run = json.loads(coral("finetune", series, "--labels", rs, "--structures", "lv,RV", "--steps", 2, *TINY,
+                           "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert run["slices"] == [k for k in range(6) if (np.isin(lab.array[k], (1, 3))).any()]
+    (model,) = json.loads(coral("info", tmp_path / "m.safetensors", "--json").stdout)["models"]
+    assert model["classes"] == ["LV", "RV"] and model["training"]["structures"] == ["lv", "RV"]  # as the file spells
+    coral("segment", series, "--model", tmp_path / "m.safetensors", "--out", tmp_path / "pred.nii.gz")
+    scores = json.loads(coral("evaluate", tmp_path / "pred.nii.gz", rs, "--structures", "lv,rv", "--json").stdout)
+    assert list(scores["dice"]) == ["LV", "RV"]
+    truth = np.select([lab.array == 3, lab.array == 1], [1, 2], 0)
+    pred = load_volume(tmp_path / "pred.nii.gz").array
+    expected = 2 * np.count_nonzero((pred == 1) & (truth == 1)) / (np.count_nonzero(pred == 1) + np.count_nonzero(truth == 1))
+    assert scores["dice"]["LV"] == pytest.approx(expected)
+    user_error(coral("finetune", series, "--labels", rs, "--structures", "LV,Aorta", "--steps", 2, *TINY,
+                     "--out", tmp_path / "x.safetensors", check=False),
+               "rs.dcm: holds no structure named 'Aorta'; it holds RV, myocardium, LV")
+    user_error(coral("evaluate", tmp_path / "pred.nii.gz", rs, "--structures", "LV", "--label-values", "3",
+                     check=False), "give --structures (by name) or --label-values (by value), not both")
+    assert not (tmp_path / "x.safetensors").exists() and pydicom.dcmread(rs).Modality == "RTSTRUCT"
+
+
 def test_a_study_of_dicom_series_with_seg_labels_as_a_dataset(tmp_path):
     """A folder of DICOM series with DICOM SEG files referring to them (one in a SEG series' folder, as TCIA exports
     it): `coral finetune FOLDER` trains on the labelled series, `coral segment FOLDER --out-dir` segments the series

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from coral_core.dicomlabels import save_dicom_seg, save_rt_structure_set
 from coral_core.plotting import LABEL_COLOURS
 from coral_core.errors import UserError
-from coral_core.volume import Volume, load_frames, load_labels_like, load_volume, read_class_names
+from coral_core.volume import Volume, load_frames, load_labels_like, load_volume, read_class_names, save_like
 from helpers import oblique_affine, write_dicom_series, write_enhanced_dicom, write_nifti_ijk, write_rt_structure_set
 
 hd = pytest.importorskip("highdicom")
@@ -463,3 +463,40 @@ def test_an_rt_structure_set_outlines_its_labels_in_any_orientation(tmp_path, sh
         outlined[on], found[on] = value[r, c], True
     assert found.all()
     np.testing.assert_array_equal(outlined, labels.ravel())
+
+
+def test_structures_are_picked_by_name_from_any_labels_that_name_them(tmp_path):
+    """Picked structures are labels 1, 2, ... in the order asked, whatever their numbers in the file: ROIs of an RT
+    structure set filled alone (a PTV drawn over the heart takes nothing from it when only the heart is asked for),
+    segments of a SEG, classes of a label file that names them; names matched without regard to case; a name the
+    file lacks, or a file that names nothing, is one sentence."""
+    import warnings
+
+    from coral_core.volume import pick_classes
+
+    image = Volume(np.zeros((4, 12, 12)), np.diag([1.0, 1.0, 3.0, 1.0]), tmp_path / "img.nii.gz")
+    rs = write_rt_structure_set(tmp_path / "rs.dcm", image.affine, (
+        ("Heart", "ORGAN", [(1, _box(2, 7, 2, 7))]), ("PTV", "PTV", [(1, _box(5, 10, 5, 10))]),
+        ("BODY", "EXTERNAL", [(k, _box(0, 11, 0, 11)) for k in range(4)])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the PTV is not filled, so nothing overlaps
+        heart = load_labels_like(rs, image, ["heart"]).array
+    assert np.count_nonzero(heart) == 36 and heart[1, 2:8, 2:8].all()
+    with pytest.warns(UserWarning, match="more than one ROI"):
+        both = load_labels_like(rs, image, ["PTV", "Heart"]).array  # the heart, second, drawn over the PTV
+    assert both[1, 6, 6] == 2 and both[1, 9, 9] == 1 and both[1, 2, 2] == 2
+    with pytest.raises(UserError, match=r"rs.dcm: holds no structure named 'Lung_L'; it holds Heart, PTV, BODY \(names "
+                                        r"are matched without regard to case\)"):
+        load_labels_like(rs, image, ["Heart", "Lung_L"])
+
+    series = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12))))
+    labels = _labels(series.shape)
+    seg = save_dicom_seg(tmp_path / "seg.dcm", labels, series, NAMES)
+    picked = load_labels_like(seg, series, ["lv", "RV"]).array
+    np.testing.assert_array_equal(picked, np.select([labels == 3, labels == 1], [1, 2], 0))
+    nifti = save_like(tmp_path / "lab.nii.gz", labels, series, NAMES)
+    np.testing.assert_array_equal(load_labels_like(nifti, series, ["LV", "RV"]).array, picked)
+    plain = save_like(tmp_path / "plain.nii.gz", labels, series)
+    with pytest.raises(UserError, match=r"plain.nii.gz: names none of its classes, so structures cannot be picked from "
+                                        r"it by name; give its label values with --label-values instead"):
+        pick_classes(labels, plain, ["LV"])
