@@ -25,7 +25,7 @@ from coral_core.errors import OffGridError, UserError
 from coral_core.fileio import atomic_target, check_output_path
 from coral_core.volume import _NOT_IMAGES as _NOT_IMAGE_MODALITIES
 from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_dicom_file,
-                               is_dicom_labels, is_volume_path)
+                               is_dicom_labels, is_volume_path, main_orientation)
 
 __all__ = ["save_dicom_seg", "save_rt_structure_set", "seg_on_grid", "contours_on_grid", "structure_names",
            "referenced_series", "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS",
@@ -611,7 +611,8 @@ def _source_planes(source: Path, series_uid: str | None, out: Path) -> tuple:
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise UserError(f"{out}: the DICOM images in {source} give no position, orientation or pixel spacing "
                         f"({_short(exc)}); DICOM labels cannot be placed on them, write .nii.gz instead") from None
-    return headers[0], planes
+    keep = main_orientation([plane.orientation for plane in planes])  # no localizer: the image leaves them out too
+    return headers[0], [plane for plane, kept in zip(planes, keep) if kept]
 
 
 def _planes(ds) -> list[_Plane]:

@@ -236,6 +236,24 @@ def _image_key(f) -> tuple | None:
     return key
 
 
+def main_orientation(orientations: list) -> list[bool]:
+    """Which of a series' images lie in the orientation most of them share (image orientation (patient), as DICOM's
+    backslash-separated text or as numbers, to 0.001): localizer (scout) images exported among the slices of a
+    series do not. An image without one goes with the others without one."""
+    def key(orientation):
+        try:
+            values = orientation.split("\\") if isinstance(orientation, str) else list(orientation)
+            return tuple(round(float(v), 3) + 0.0 for v in values[:6])
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    keys = [key(o) for o in orientations]
+    if len(set(keys)) < 2:
+        return [True] * len(keys)
+    main = max(dict.fromkeys(keys), key=keys.count)  # the most common; a tie: the first image's
+    return [k == main for k in keys]
+
+
 def _dicom_frames(files: list, where: Path, keys: list | None = None) -> list[list]:
     """A DICOM series' files as its frames, each a list of files in slice order: one frame for a plain series (in
     the order given), one per phase for a cine series (several images at each slice position: positions along the
@@ -243,6 +261,8 @@ def _dicom_frames(files: list, where: Path, keys: list | None = None) -> list[li
     keys = keys or _image_keys(files)
     if keys is None:  # the series reader has the last word
         return [list(files)]
+    keep = main_orientation([k[2] for k in keys])  # localizers left out, as _read_dicom_files leaves them
+    files, keys = [f for f, kept in zip(files, keep) if kept], [k for k, kept in zip(keys, keep) if kept]
     if len({k[0] for k in keys}) == len(files):
         return [list(files)]
     phases = _phases([k[0] for k in keys], [k[1] for k in keys], f"{where}: DICOM series holds {len(files)} images",
@@ -319,6 +339,16 @@ def _read_dicom_files(files: list, where: Path) -> tuple[np.ndarray, np.ndarray]
     spacing, and it reports in several lines): for a plain series with uneven gaps, one sentence says where. A cine
     whose headers (cached per file) show it is one is read frame by frame at once."""
     keys = _image_keys(files)
+    if keys is not None:
+        keep = main_orientation([k[2] for k in keys])
+        if not all(keep):  # localizer (scout) images among the slices: not part of the stack
+            import warnings
+
+            left = [Path(f).name for f, kept in zip(files, keep) if not kept]
+            warnings.warn(f"{where}: left out {len(left)} image(s) in another orientation than the series' other "
+                          f"{sum(keep)}, localizer or scout images ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})",
+                          stacklevel=2)
+            files, keys = [f for f, kept in zip(files, keep) if kept], [k for k, kept in zip(keys, keep) if kept]
     if keys is not None and len({k[0] for k in keys}) < len(files):  # positions repeated: a cine's phases
         return _read_frames(_dicom_frames(files, where, keys), where)
     reader = _series_reader(files)

@@ -454,3 +454,28 @@ def test_a_stack_along_its_normal_keeps_its_geometry_without_a_word(tmp_path):
     from coral_core.dicomlabels import save_dicom_seg
 
     save_dicom_seg(tmp_path / "seg.dcm", np.ones(frames.shape, np.uint8), frames)  # its far frames were off the grid
+
+
+def test_a_localizer_among_a_series_slices_is_left_out_in_one_sentence(tmp_path):
+    """A localizer (scout) image exported with a series' slices, in another orientation, is not a slice: the volume
+    holds the others, its geometry theirs (it was read as a seventh slice, spacing and tilt made up from it), one
+    sentence names the file left out, and DICOM labels written for the volume refer to its slices alone."""
+    from coral_core.dicomlabels import save_dicom_seg
+
+    volume = np.arange(6 * 10 * 12).reshape(6, 10, 12).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "ct", volume, spacing_zyx=(3.0, 0.7, 0.7))
+    scout = pydicom.dcmread(folder / "slice000.dcm")
+    scout.ImageOrientationPatient, scout.ImagePositionPatient = [1, 0, 0, 0, 0, -1], [0, 10, 50]
+    scout.SOPInstanceUID, scout.InstanceNumber = scout.SOPInstanceUID + ".99", 99
+    scout.save_as(folder / "scout.dcm")
+    with pytest.warns(UserWarning) as caught:
+        image = load_volume(folder)
+    assert [str(w.message) for w in caught] == [
+        f"{folder}: left out 1 image(s) in another orientation than the series' other 6, localizer or scout images "
+        "(scout.dcm)"]
+    np.testing.assert_array_equal(image.array, volume)
+    np.testing.assert_allclose(image.affine, np.diag([-0.7, -0.7, 3.0, 1.0]), atol=1e-6)
+    assert frame_count(folder) == 1
+    seg = pydicom.dcmread(save_dicom_seg(tmp_path / "seg.dcm", np.ones(image.shape, np.uint8), image))
+    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert len(referenced) == 6 and scout.SOPInstanceUID not in referenced
