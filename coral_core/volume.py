@@ -238,20 +238,23 @@ def _image_key(f) -> tuple | None:
 
 def main_orientation(orientations: list) -> list[bool]:
     """Which of a series' images lie in the orientation most of them share (image orientation (patient), as DICOM's
-    backslash-separated text or as numbers, to 0.001): localizer (scout) images exported among the slices of a
-    series do not. An image without one goes with the others without one."""
-    def key(orientation):
+    backslash-separated text or as numbers; within 0.001 of it): localizer (scout) images exported among the slices
+    of a series do not. Images without a readable one are kept."""
+    vectors = []
+    for orientation in orientations:
         try:
             values = orientation.split("\\") if isinstance(orientation, str) else list(orientation)
-            return tuple(round(float(v), 3) + 0.0 for v in values[:6])
+            vector = [float(v) for v in values[:6]]
         except (AttributeError, TypeError, ValueError):
-            return None
-
-    keys = [key(o) for o in orientations]
-    if len(set(keys)) < 2:
-        return [True] * len(keys)
-    main = max(dict.fromkeys(keys), key=keys.count)  # the most common; a tie: the first image's
-    return [k == main for k in keys]
+            vector = []
+        vectors.append(vector if len(vector) == 6 else None)
+    known = np.array([v for v in vectors if v is not None])
+    if len(known) < 2:
+        return [True] * len(vectors)
+    distinct, counts = np.unique(known, axis=0, return_counts=True)
+    near = np.abs(distinct[:, None] - distinct[None]).max(-1) <= 1e-3  # which orientations agree with which
+    main = distinct[int(np.argmax(near.astype(int) @ counts))]  # the one most images agree with
+    return [v is None or bool(np.abs(np.array(v) - main).max() <= 1e-3) for v in vectors]
 
 
 def _dicom_frames(files: list, where: Path, keys: list | None = None) -> list[list]:
