@@ -479,3 +479,14 @@ def test_a_localizer_among_a_series_slices_is_left_out_in_one_sentence(tmp_path)
     seg = pydicom.dcmread(save_dicom_seg(tmp_path / "seg.dcm", np.ones(image.shape, np.uint8), image))
     referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert len(referenced) == 6 and scout.SOPInstanceUID not in referenced
+
+
+def test_orientations_that_differ_by_float_noise_are_one_stack():
+    """Orientations within 0.001 are one (noise across a stack's headers, even either side of a rounding edge);
+    a localizer's is not; numbers and DICOM text alike; images without one are kept."""
+    from coral_core.volume import main_orientation
+
+    oblique = [0.8660254, 0.5, 0.0, -0.12345, 0.2138, 0.9690]
+    noisy = [oblique, [v + 1e-8 for v in oblique], [v - 1e-8 for v in oblique],
+             "\\".join(f"{v:.7f}" for v in oblique), [0.8660254, 0.5, 0.0, -0.1235001, 0.2138, 0.9690]]
+    assert main_orientation([*noisy, [1, 0, 0, 0, 0, -1], None]) == [True] * 5 + [False, True]
