@@ -97,7 +97,7 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
         frames = [(1, 0)]
     count = max(count, 1)
 
-    ds = _new_object(header, SEG_STORAGE, "SEG", description)
+    ds = _new_object(header, SEG_STORAGE, "SEG", description, names)
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.ContentLabel, ds.ContentDescription, ds.ContentCreatorName = "SEGMENTATION", description[:64], ""
     ds.SegmentationType = "BINARY"
@@ -176,7 +176,7 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
                                                     "DICOM RT structure set")
     names = [str(n) for n in (class_names or ["background"])]
     count = max(len(names) - 1, int(labels.max(initial=0)), 1)
-    ds = _new_object(header, RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", description)
+    ds = _new_object(header, RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", description, names)
     frame_of_reference = ds.FrameOfReferenceUID  # named where the structure set refers to it, not as an image's
     for name in ("FrameOfReferenceUID", "PositionReferenceIndicator", "ContentDate", "ContentTime"):
         del ds[name]
@@ -245,8 +245,10 @@ def _labels_on_sources(path, labels: np.ndarray, like: Volume, series_uid: str |
     return p, header, [planes[index] for index in order], [placed[index][1] for index in order]
 
 
-def _new_object(header, sop_class: str, modality: str, description: str):
-    """A new DICOM object of a new series in the source's patient, study and frame of reference, made by us now."""
+def _new_object(header, sop_class: str, modality: str, description: str, names=()):
+    """A new DICOM object of a new series in the source's patient, study and frame of reference, made by us now. Its
+    text is UTF-8 (ISO_IR 192) when the source declares a character set (its patient's name may need one) or the
+    description or ``names`` (of segments, ROIs) are not ASCII; plain ASCII otherwise."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -257,6 +259,8 @@ def _new_object(header, sop_class: str, modality: str, description: str):
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    if header.get("SpecificCharacterSet") or not all(str(text).isascii() for text in (description, *names)):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # every value read from the source is text by now: UTF-8 holds it
     for name in _COPIED:
         if name in header:
             setattr(ds, name, header[name].value)

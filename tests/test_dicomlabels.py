@@ -500,3 +500,26 @@ def test_structures_are_picked_by_name_from_any_labels_that_name_them(tmp_path):
     with pytest.raises(UserError, match=r"plain.nii.gz: names none of its classes, so structures cannot be picked from "
                                         r"it by name; give its label values with --label-values instead"):
         pick_classes(labels, plain, ["LV"])
+
+
+def test_names_in_any_script_survive_in_seg_and_rt_structure_set_files(tmp_path):
+    """A patient's name in another script (the source in UTF-8) and class names beyond ASCII are written as UTF-8
+    (ISO_IR 192) and read back as they were (they were written as question marks); a plain ASCII source with ASCII
+    names declares no character set."""
+    folder = write_dicom_series(tmp_path / "ct", np.zeros((3, 8, 8)))
+    plain = load_volume(folder)
+    assert "SpecificCharacterSet" not in pydicom.dcmread(save_dicom_seg(tmp_path / "plain.dcm", np.ones(plain.shape,
+                                                                         np.uint8), plain, NAMES))
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 192", "山田^太郎"
+        ds.save_as(f)
+    image = load_volume(folder)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[:, 2:5, 2:6], labels[:, 5:7, 1:3] = 1, 2
+    names = ["background", "Herzmuskel (Myokard)", "血液"]
+    for save in (save_dicom_seg, save_rt_structure_set):
+        written = pydicom.dcmread(save(tmp_path / f"{save.__name__}.dcm", labels, image, names))
+        assert written.SpecificCharacterSet == "ISO_IR 192" and str(written.PatientName) == "山田^太郎"
+        assert read_class_names(tmp_path / f"{save.__name__}.dcm") == names
+        np.testing.assert_array_equal(load_labels_like(tmp_path / f"{save.__name__}.dcm", image).array, labels)
