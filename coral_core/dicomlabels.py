@@ -360,7 +360,6 @@ def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> n
     another, the highest number's, with a warning); :class:`OffGridError` when a frame does not lie on it.
     ``structures``: only the segments of these labels, in this order (label 1, 2, ...; :func:`pick_structures`)."""
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
-    labels = np.zeros(like.shape, np.uint8)
     frames = []
     seg_frames, segments = _seg_frames(str(p), os.stat(p).st_mtime_ns)
     if structures is not None:  # renumbered: the picked segments 1, 2, ... in the order asked, the others left out
@@ -368,6 +367,8 @@ def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> n
         picked = pick_structures([segments[n] for n in numbers], structures, p)
         renumber = {numbers[i]: n for n, i in enumerate(picked, 1)}
         seg_frames = [(renumber[number], *rest) for number, *rest in seg_frames if number in renumber]
+    top = max((number for number, *_ in seg_frames), default=0)
+    labels = np.zeros(like.shape, np.uint8 if top < 256 else np.uint16)
     for number, position, axes, mask in seg_frames:
         start = (to_voxel @ np.array([*position, 1.0]))[:3]
         steps = to_voxel[:3, :3] @ axes  # one column, one row: in voxels
@@ -420,7 +421,8 @@ def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple 
 def _seg_frames(name: str, mtime: int) -> tuple[list[tuple], dict[int, str]]:
     """A DICOM SEG file's frames, each (segment number, position in LPS, the LPS steps of one column and one row as a
     (3, 2) array, mask as bool), and its segments' labels by number, read once while the file stays the same (napari
-    tries it on each open image)."""
+    tries it on each open image). A LABELMAP SEG (each frame's pixels the numbers of their segments, 0 none) gives a
+    frame for each segment a frame holds; a BINARY or FRACTIONAL one names each frame's segment."""
     import pydicom
 
     p = Path(name)
@@ -431,23 +433,28 @@ def _seg_frames(name: str, mtime: int) -> tuple[list[tuple], dict[int, str]]:
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{p}: DICOM SEG is not readable ({_short(exc)}); re-export it") from None
     masks = masks.reshape(-1, *masks.shape[-2:])
-    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":  # a probability or occupancy per pixel
+    kind = str(ds.get("SegmentationType", "BINARY")).upper()
+    if kind == "FRACTIONAL":  # a probability or occupancy per pixel
         masks = masks >= float(ds.get("MaximumFractionalValue", 255)) / 2
     shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
     frames = []
-    for frame, mask in zip(per, masks):
+    for frame_index, (frame, mask) in enumerate(zip(per, masks)):
         position = _functional_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
         orientation = _functional_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
         pixel = _functional_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
         number = _functional_value(frame, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
-        if position is None or orientation is None or pixel is None or number is None:
-            raise UserError(f"{p}: DICOM SEG frame {len(frames) + 1} gives no position, orientation, pixel spacing or "
-                            "segment number; re-export it")
+        if position is None or orientation is None or pixel is None or (number is None and kind != "LABELMAP"):
+            raise UserError(f"{p}: DICOM SEG frame {frame_index + 1} gives no position, orientation, "
+                            "pixel spacing or segment number; re-export it")
         o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
         axes = np.stack([o[:3] * column, o[3:] * row], 1)
-        frames.append((int(number), np.array([float(v) for v in position[:3]]), axes, mask.astype(bool)))
+        where = np.array([float(v) for v in position[:3]])
+        if kind == "LABELMAP":  # the segments' numbers in the pixels
+            frames.extend((int(n), where, axes, mask == n) for n in np.unique(mask) if n > 0)
+        else:
+            frames.append((int(number), where, axes, mask.astype(bool)))
     segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment {s.SegmentNumber}")
-                for s in ds.get("SegmentSequence", [])}
+                for s in ds.get("SegmentSequence", []) if int(s.SegmentNumber) > 0}  # a LABELMAP's 0: background
     return frames, segments
 
 

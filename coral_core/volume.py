@@ -952,8 +952,8 @@ def read_class_names(path: str | os.PathLike) -> list[str] | None:
         elif is_dicom_seg(p):  # its segments' labels, when they are numbered 1, 2, ...
             import pydicom
 
-            segments = {int(s.SegmentNumber): str(s.SegmentLabel)
-                        for s in pydicom.dcmread(str(p), stop_before_pixels=True).SegmentSequence}
+            segments = {int(s.SegmentNumber): str(s.SegmentLabel)  # a LABELMAP's segment 0 is its background
+                        for s in pydicom.dcmread(str(p), stop_before_pixels=True).SegmentSequence if int(s.SegmentNumber)}
             if sorted(segments) == list(range(1, len(segments) + 1)):
                 names = ["background", *(segments[n] for n in sorted(segments))]
         elif is_rt_structure_set(p):  # its contoured ROIs' names, in the order they are labelled

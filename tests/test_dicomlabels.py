@@ -523,3 +523,31 @@ def test_names_in_any_script_survive_in_seg_and_rt_structure_set_files(tmp_path)
         assert written.SpecificCharacterSet == "ISO_IR 192" and str(written.PatientName) == "山田^太郎"
         assert read_class_names(tmp_path / f"{save.__name__}.dcm") == names
         np.testing.assert_array_equal(load_labels_like(tmp_path / f"{save.__name__}.dcm", image).array, labels)
+
+
+def test_a_labelmap_seg_made_by_highdicom_is_read_onto_the_images_grid(tmp_path):
+    """A LABELMAP SEG (DICOM's newer kind: each frame's pixels the numbers of their segments, as highdicom and other
+    tools write many-class segmentations) is read as labels, its segments' names with them; it was refused as if
+    damaged, its frames naming no segment."""
+    from pydicom.sr.codedict import codes
+
+    folder = write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12)), spacing_zyx=(3.0, 0.7, 0.9),
+                                extra={"0020|0052": "1.2.826.0.1.3680043.2.1125.1.77"})
+    sources = sorted((pydicom.dcmread(f) for f in folder.iterdir()), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    labels = _labels((6, 10, 12), seed=5)  # slice 3 empty
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=name, segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for n, name in enumerate(NAMES[1:], 1)]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=labels, segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1")
+    seg.save_as(tmp_path / "labelmap.dcm")
+    assert pydicom.dcmread(tmp_path / "labelmap.dcm").SegmentationType == "LABELMAP"
+    image = load_volume(folder)
+    np.testing.assert_array_equal(load_labels_like(tmp_path / "labelmap.dcm", image).array, labels)
+    assert read_class_names(tmp_path / "labelmap.dcm") == NAMES
+    picked = load_labels_like(tmp_path / "labelmap.dcm", image, ["LV"]).array
+    np.testing.assert_array_equal(picked, (labels == 3).astype(np.uint8))
