@@ -43,6 +43,9 @@ _TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyD
            "ReferringPhysicianName", "StudyID", "AccessionNumber")
 _NOT_IMAGES = {*_NOT_IMAGE_MODALITIES, "KO"}  # objects in a series folder that are no source image
 _POINT_TYPES = {"MARKER", "REGISTRATION", "ISOCENTER"}  # RT ROI interpreted types of points, not regions
+# Contour geometric types of closed outlines: both read even-odd (CLOSEDPLANAR_XOR says so; for CLOSED_PLANAR, a
+# contour inside another of its ROI on a slice is its hole, as planning systems mostly read it)
+_CLOSED = {"CLOSED_PLANAR", "CLOSEDPLANAR_XOR"}
 
 
 def is_dicom_seg_name(path: str | os.PathLike) -> bool:
@@ -585,7 +588,7 @@ def _structures(name: str, mtime: int) -> list[tuple]:
         for item in ds.get("ROIContourSequence", []):
             number = int(item.ReferencedROINumber)
             drawn = item.get("ContourSequence", []) or []
-            contours = [points for c in drawn if str(c.get("ContourGeometricType", "")).upper() == "CLOSED_PLANAR"
+            contours = [points for c in drawn if str(c.get("ContourGeometricType", "")).upper() in _CLOSED
                         and len(points := _contour_points(c)) >= 3]
             if contours or not drawn and kinds.get(number, "") not in _POINT_TYPES:  # a region, drawn or empty
                 rois.append((number, names.get(number, f"ROI {number}"), kinds.get(number, ""), contours))

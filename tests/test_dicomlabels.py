@@ -551,3 +551,17 @@ def test_a_labelmap_seg_made_by_highdicom_is_read_onto_the_images_grid(tmp_path)
     assert read_class_names(tmp_path / "labelmap.dcm") == NAMES
     picked = load_labels_like(tmp_path / "labelmap.dcm", image, ["LV"]).array
     np.testing.assert_array_equal(picked, (labels == 3).astype(np.uint8))
+
+
+def test_closedplanar_xor_contours_are_filled_as_closed_planar_ones(tmp_path):
+    """CLOSEDPLANAR_XOR (DICOM's explicit even-odd type) is read as the CLOSED_PLANAR contours are: the inner one a
+    hole (it was left out, its ROI empty)."""
+    image = Volume(np.zeros((3, 12, 12)), np.diag([1.0, 1.0, 3.0, 1.0]), tmp_path / "img.nii.gz")
+    rs = write_rt_structure_set(tmp_path / "rs.dcm", image.affine,
+                                (("Ring", "ORGAN", [(1, _box(1, 10, 1, 10)), (1, _box(4, 7, 4, 7))]),))
+    ds = pydicom.dcmread(rs)
+    for contour in ds.ROIContourSequence[0].ContourSequence:
+        contour.ContourGeometricType = "CLOSEDPLANAR_XOR"
+    ds.save_as(tmp_path / "xor.dcm")
+    np.testing.assert_array_equal(load_labels_like(tmp_path / "xor.dcm", image).array, load_labels_like(rs, image).array)
+    assert load_labels_like(rs, image).array[1, 2, 2] == 1 and load_labels_like(rs, image).array[1, 5, 5] == 0
