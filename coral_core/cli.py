@@ -866,6 +866,14 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
         shapes = [f"{len(v)} frames of {v[0].shape}" if len(v) > 1 else str(v[0].shape) for v in (preds, truths)]
         raise UserError(f"{pred}: shape {shapes[0]} differs from {truth} shape {shapes[1]}; compare a "
                         "segmentation with the labels of the same image")
+    if not (structures or class_names or label_values):  # compared by number: say so when the names disagree
+        named = [read_class_names(pred), read_class_names(truth)]
+        if all(named) and [n.casefold() for n in named[0][1:]] != [n.casefold() for n in named[1][1:]]:
+            import warnings
+
+            warnings.warn(f"{pred} names its classes {', '.join(named[0][1:])} and {truth} {', '.join(named[1][1:])}; "
+                          "they are compared by number (1 with 1, ...); give --structures NAME,... to compare them "
+                          "by name", stacklevel=2)
     ps = [label_map(v.array, pred).astype(np.int64) for v in preds]
     ts = [label_map(v.array, truth, label_values).astype(np.int64) for v in truths]
     top_p, top_t = max(int(a.max()) for a in ps), max(int(a.max()) for a in ts)  # over every frame
