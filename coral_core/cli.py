@@ -1123,9 +1123,13 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
         if not args.data:
             raise UserError("--label-values renumbers the label files of --data DIR; give --data, or leave it out")
         label_values = parse_label_values(args.label_values)
+    structures = _structures_option(args)
+    if structures and not args.data:
+        raise UserError("--structures picks structures of the label files of --data DIR; give --data, or leave it out")
     if args.pretrain_cine and not args.data:  # before any phantom is made
         raise UserError("--pretrain-cine pretrains on the 4-D cine files of --data DIR; give --data, or leave it out")
     data = f"{args.data} (label values {','.join(map(str, label_values))})" if label_values else args.data
+    data = f"{data} (structures {','.join(structures)})" if structures else data
     source = (f"{data} + {phantoms}" if args.phantom else data) if args.data else phantoms
     extra = []
     if cfg.pretrain_extra:
@@ -1153,7 +1157,8 @@ def cmd_bench_lowlabel(args) -> tuple[dict, str]:
 
         check_output_path(args.table)
         earlier = _read_lowlabel_table(args.table)
-    cases = load_labelled_cases(args.data, args.phantom or 0, phantom_config=phantom_config, label_values=label_values)
+    cases = load_labelled_cases(args.data, args.phantom or 0, phantom_config=phantom_config, label_values=label_values,
+                                structures=structures)
 
     def as_table(result) -> dict:
         paired = paired_differences(result.runs, "random") + paired_differences(result.runs, "coral")
@@ -1605,6 +1610,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ACDC-style folder, one with imagesTr/labelsTr, or one with CASE_image and CASE_label files "
                         "side by side (CHD)")
     p.add_argument("--label-values", default=None, metavar="V1,V2,...", help=LABEL_VALUES_HELP + " (with --data)")
+    p.add_argument("--structures", default=None, metavar="NAME,NAME,...", help=STRUCTURES_HELP + " (with --data)")
     p.add_argument("--phantom", type=_count, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")

@@ -233,11 +233,14 @@ class LowLabelResult:
 
 
 def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_config=None,
-                        label_values: list[int] | None = None) -> list[LabelledCase]:
+                        label_values: list[int] | None = None,
+                        structures: list[str] | None = None) -> list[LabelledCase]:
     """Labelled subjects from a dataset folder (``data``: ACDC, imagesTr/labelsTr, or images beside
     their label files) or ``phantom`` synthetic ones, made with ``phantom_config`` (a
     :class:`~coral_core.phantom.PhantomConfig`; its defaults if None). ``label_values``: the values
-    the folder's label files use for classes 1, 2, ... (:func:`coral_core.data.label_map`).
+    the folder's label files use for classes 1, 2, ... (:func:`coral_core.data.label_map`); ``structures``: the
+    names of the classes to take (RT structure set ROIs, SEG segments, named classes), as classes 1, 2, ...
+    (:func:`coral_core.volume.load_labels_like`).
 
     For ACDC every labelled frame (end-diastole and end-systole) is a case of its patient; the
     folds split patients, never frames of one patient.
@@ -252,7 +255,7 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
             if case.label is None:
                 continue
             image = load_volume(case.image)
-            labels = load_labels_like(case.label, image)  # a DICOM SEG: placed on the image's grid
+            labels = load_labels_like(case.label, image, structures)  # a DICOM SEG: placed on the image's grid
             if image.shape != labels.shape:
                 raise UserError(f"{case.label}: labels of shape {labels.shape} do not match {case.image} of shape {image.shape}")
             # classes as uint8: an eighth of int64's memory, for a cohort held whole (CT-sized scans add up)

@@ -1038,6 +1038,8 @@ def test_bench_lowlabel_reads_an_acdc_folder_and_splits_patients_not_frames(tmp_
     assert set(res["runs"][0]["test"]) | set(res["runs"][1]["test"]) == patients
     user_error(coral("bench", "lowlabel", "--data", tmp_path / "nothing", check=False), "nothing")
     user_error(coral("bench", "lowlabel", "--data", root, "--phantom-bias", 1, check=False), "--phantom N")
+    user_error(coral("bench", "lowlabel", "--phantom", 2, "--structures", "LV", check=False),
+               "--structures picks structures of the label files of --data DIR; give --data, or leave it out")
     # the published preprocessing: every scan at one mm per pixel, centre-cropped (here 1.8 mm -> 3.6 mm: 64 pixels)
     res = json.loads(coral("bench", "lowlabel", "--quick", "--data", root, "--folds", 2, "--seeds", 1, "--labeled", 1,
                            "--methods", "random", "--finetune-steps", 2, "--pixel-spacing", 3.6, "--image-size", 48,
