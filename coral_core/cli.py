@@ -871,9 +871,10 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
         if all(named) and [n.casefold() for n in named[0][1:]] != [n.casefold() for n in named[1][1:]]:
             import warnings
 
-            warnings.warn(f"{pred} names its classes {', '.join(named[0][1:])} and {truth} {', '.join(named[1][1:])}; "
-                          "they are compared by number (1 with 1, ...); give --structures NAME,... to compare them "
-                          "by name", stacklevel=2)
+            # without the paths: a folder of cases named alike says it once
+            warnings.warn(f"PRED names its classes {', '.join(named[0][1:])} and TRUTH {', '.join(named[1][1:])}; they "
+                          "are compared by number (1 with 1, ...); give --structures NAME,... to compare them by name",
+                          stacklevel=2)
     ps = [label_map(v.array, pred).astype(np.int64) for v in preds]
     ts = [label_map(v.array, truth, label_values).astype(np.int64) for v in truths]
     top_p, top_t = max(int(a.max()) for a in ps), max(int(a.max()) for a in ts)  # over every frame

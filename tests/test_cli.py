@@ -1399,8 +1399,8 @@ def test_structures_picked_by_name_for_finetune_and_evaluate(tmp_path):
     expected = 2 * np.count_nonzero((pred == 1) & (truth == 1)) / (np.count_nonzero(pred == 1) + np.count_nonzero(truth == 1))
     assert scores["dice"]["LV"] == pytest.approx(expected)
     unnamed = coral("evaluate", tmp_path / "pred.nii.gz", rs, "--json")  # LV, RV against RV, myocardium, LV
-    assert f"warning: {tmp_path / 'pred.nii.gz'} names its classes LV, RV and {rs} RV, myocardium, LV; they are " \
-           "compared by number (1 with 1, ...); give --structures NAME,... to compare them by name" in unnamed.stderr
+    assert "warning: PRED names its classes LV, RV and TRUTH RV, myocardium, LV; they are compared by number (1 with " \
+           "1, ...); give --structures NAME,... to compare them by name" in unnamed.stderr
     user_error(coral("finetune", series, "--labels", rs, "--structures", "LV,Aorta", "--steps", 2, *TINY,
                      "--out", tmp_path / "x.safetensors", check=False),
                "rs.dcm: holds no structure named 'Aorta'; it holds RV, myocardium, LV")
