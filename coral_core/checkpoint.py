@@ -164,6 +164,8 @@ def training_summary(training: dict) -> str:
             text += f" on {len(training.get('slices', []))} slices of {Path(str(training['image'])).name}"
         elif isinstance(training.get("finetune"), dict) and "subjects" in training["finetune"]:
             text += f" on {training['finetune']['subjects']} subjects"
+        if isinstance(training.get("structures"), list):  # coral finetune --structures
+            text += f" (structures {', '.join(map(str, training['structures']))})"
         if training.get("command"):
             text += f" by {training['command']}"
         pre = training.get("pretrain")

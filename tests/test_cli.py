@@ -1391,6 +1391,8 @@ def test_structures_picked_by_name_for_finetune_and_evaluate(tmp_path):
     assert run["slices"] == [k for k in range(6) if (np.isin(lab.array[k], (1, 3))).any()]
     (model,) = json.loads(coral("info", tmp_path / "m.safetensors", "--json").stdout)["models"]
     assert model["classes"] == ["LV", "RV"] and model["training"]["structures"] == ["lv", "RV"]  # as the file spells
+    assert model["trained"] == (f"fine-tuned for 2 steps on {len(run['slices'])} slices of ct (structures lv, RV), "
+                                "from random weights")
     coral("segment", series, "--model", tmp_path / "m.safetensors", "--out", tmp_path / "pred.nii.gz")
     scores = json.loads(coral("evaluate", tmp_path / "pred.nii.gz", rs, "--structures", "lv,rv", "--json").stdout)
     assert list(scores["dice"]) == ["LV", "RV"]
