@@ -1369,6 +1369,9 @@ def test_segment_a_dicom_series_into_an_rt_structure_set(tmp_path):
                "give --dicom-seg or --rt-struct, not both")
     user_error(coral("segment", tmp_path / "pred.nii.gz", "--out", tmp_path / "x.dcm", "--rt-struct", check=False),
                "x.dcm: a DICOM RT structure set refers to the DICOM images it labels")
+    cine = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 8)))
+    user_error(coral("segment", cine, "--out", tmp_path / "x.dcm", "--rt-struct", check=False),
+               "x.dcm: a DICOM RT structure set is written for a 3-D image, and", "cine is a cine series")
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "y").exists()
 
 

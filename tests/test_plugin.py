@@ -202,6 +202,9 @@ def test_labels_drawn_on_a_dicom_series_save_as_an_rt_structure_set_from_the_sav
     viewer.layers.selection = {layer}
     choose("seg.dcm", "CORAL segmentation (")
     assert pydicom.dcmread(tmp_path / "seg.dcm", stop_before_pixels=True).Modality == "SEG"
+    with pytest.raises(UserError, match=r"rs.nii.gz: an RT structure set is a DICOM file; end the name with .dcm"):
+        choose("rs.nii.gz", "CORAL segmentation RT structure set")
+    assert not (tmp_path / "rs.nii.gz").exists()
 
 
 def test_sample_has_image_and_ground_truth(viewer):
