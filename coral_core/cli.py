@@ -866,8 +866,9 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
         shapes = [f"{len(v)} frames of {v[0].shape}" if len(v) > 1 else str(v[0].shape) for v in (preds, truths)]
         raise UserError(f"{pred}: shape {shapes[0]} differs from {truth} shape {shapes[1]}; compare a "
                         "segmentation with the labels of the same image")
-    if not (structures or class_names or label_values):  # compared by number: say so when the names disagree
-        named = [read_class_names(pred), read_class_names(truth)]
+    # the names the files carry (coral segment writes the model's), read once, when no option names the classes
+    named = None if structures or class_names else [read_class_names(pred), read_class_names(truth)]
+    if named and not label_values:  # compared by number: say so when the names disagree
         if all(named) and [n.casefold() for n in named[0][1:]] != [n.casefold() for n in named[1][1:]]:
             import warnings
 
@@ -891,9 +892,8 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
                             "class(es); name each label from 1 up, e.g. RV,myocardium,LV")
         n_classes = len(foreground) + 1  # classes named but absent from both files are listed too
         names = ["background", *foreground]
-    else:  # the names a label file carries (coral segment writes the model's), PRED's first, if they cover its labels
-        names = next((stored for stored in map(read_class_names, (pred, truth))
-                      if stored and len(stored) >= n_classes), None)
+    else:  # the names the label files carry, PRED's first, if they cover its labels
+        names = next((stored for stored in named if stored and len(stored) >= n_classes), None)
         n_classes = len(names) if names else n_classes
     frames = [evaluate_segmentation(pf, tf, n_classes, t.spacing, names) for pf, tf, t in zip(ps, ts, truths)]
     if len(frames) == 1:

@@ -132,12 +132,10 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
     per_frame = []
     for n, index in frames:
         plane = planes[index]
-        image = _item(ReferencedSOPClassUID=plane.sop_class, ReferencedSOPInstanceUID=plane.sop_instance,
-                      SpatialLocationsPreserved="YES",  # the frame is the source image's own pixel grid
-                      PurposeOfReferenceCodeSequence=Sequence([_code("121322", "DCM", "Source image for image "
-                                                                                       "processing operation")]))
-        if plane.frame is not None:
-            image.ReferencedFrameNumber = plane.frame
+        image = _image_reference(plane)
+        image.SpatialLocationsPreserved = "YES"  # the frame is the source image's own pixel grid
+        image.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM", "Source image for image processing "
+                                                                                "operation")])
         per_frame.append(_item(
             DerivationImageSequence=Sequence([_item(SourceImageSequence=Sequence([image]),
                                                     DerivationCodeSequence=Sequence([_code("113076", "DCM",
@@ -284,6 +282,7 @@ def _new_object(header, sop_class: str, modality: str, description: str, names=(
 
 
 def _image_reference(plane: _Plane):
+    """A reference to a source image (and its frame, in a multi-frame file)."""
     reference = _item(ReferencedSOPClassUID=plane.sop_class, ReferencedSOPInstanceUID=plane.sop_instance)
     if plane.frame is not None:
         reference.ReferencedFrameNumber = plane.frame
