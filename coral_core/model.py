@@ -210,3 +210,32 @@ def resize_head(model: UNet, n_classes: int, class_names: list[str] | None = Non
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.head.")}
     new.load_state_dict(state, strict=False)
     return new.to(next(model.parameters()).device)
+
+
+def for_classes(model: UNet, class_names: list[str], fresh: bool = False, seed: int = 0) -> UNet:
+    """``model`` set up to fine-tune on ``class_names`` (background first). The same classes (names matched
+    without regard to case, in order) keep the head, spelled as given; other classes get a new head whose rows
+    for classes ``model`` already has (background included, matched by name) keep their trained weights, and
+    whose other rows are drawn from ``seed``, so the same request gives the same model (a stopped fine-tuning
+    of it can be continued). ``fresh``: a new head throughout (a pretrained model's head was never trained)."""
+    from dataclasses import replace
+
+    old = [name.strip().casefold() for name in model.config.class_names]
+    new_names = [name.strip() for name in class_names]
+    if not fresh and new_names == model.config.class_names:
+        return model
+    if not fresh and old == [name.casefold() for name in new_names]:
+        new = UNet(replace(model.config, class_names=new_names))
+        new.load_state_dict(model.state_dict())
+        return new.to(next(model.parameters()).device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = resize_head(model, len(new_names), new_names)
+    if not fresh:
+        with torch.no_grad():
+            for row, name in enumerate(new_names):
+                if name.casefold() in old:
+                    was = old.index(name.casefold())
+                    new.decoder.head.weight[row] = model.decoder.head.weight[was]
+                    new.decoder.head.bias[row] = model.decoder.head.bias[was]
+    return new

@@ -111,7 +111,9 @@ class CoralSession:
             return "no model loaded yet (the bundled demo model is used)"
         cfg = self.model.config
         classes = ", ".join(cfg.class_names[1:])
-        text = f"{self.source}: {cfg.n_classes - 1} classes ({classes}), input {cfg.image_size} px"
+        # a pretrained-only model's head and class names are placeholders: fine-tuning gives it its classes
+        text = f"{self.source}: " + ("" if self.pretrained_only else f"{cfg.n_classes - 1} classes ({classes}), ")
+        text += f"input {cfg.image_size} px"
         if cfg.pixel_spacing is not None:  # a physical scale: the square of a slice it sees at a time
             text += f" at {cfg.pixel_spacing:g} mm (a {cfg.image_size * cfg.pixel_spacing:g} mm square of a slice at a time)"
         return text + (" (pretrained only: fine-tune it before segmenting)" if self.pretrained_only else "")

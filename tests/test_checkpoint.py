@@ -10,7 +10,7 @@ import torch
 
 from coral_core.checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from coral_core.errors import UserError
-from coral_core.model import UNetConfig, build_model, resize_head
+from coral_core.model import UNetConfig, build_model, for_classes, resize_head
 
 SMALL = UNetConfig(base_filters=4, depth=2, image_size=32, embedding_dim=8)
 
@@ -135,6 +135,34 @@ def test_wrong_shapes_and_unknown_version_are_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(UserError, match="no napari-coral description"):
         load_checkpoint(tmp_path / "foreign.safetensors")
+
+
+def test_for_classes_keeps_what_the_model_learned_of_the_classes_it_has():
+    m = _model()
+    with torch.no_grad():
+        m.decoder.head.weight.normal_()
+        m.decoder.head.bias.normal_()
+    names = m.config.class_names
+    assert for_classes(m, names) is m  # the same classes: the model itself
+    renamed = for_classes(m, [n.upper() for n in names])  # a spelling: the same head, the names as given
+    assert renamed.config.class_names == [n.upper() for n in names]
+    assert all(torch.equal(a, b) for a, b in zip(renamed.state_dict().values(), m.state_dict().values()))
+    head = m.decoder.head
+    new = for_classes(m, ["background", "liver", names[2], "spleen"])
+    assert new.config.class_names == ["background", "liver", names[2], "spleen"] and new.decoder.head.out_channels == 4
+    for row, was in ((0, 0), (2, 2)):  # background and the class it had keep their trained rows
+        torch.testing.assert_close(new.decoder.head.weight[row], head.weight[was])
+        torch.testing.assert_close(new.decoder.head.bias[row], head.bias[was])
+    for row in (1, 3):  # a new class starts afresh
+        assert not any(torch.equal(new.decoder.head.weight[row], head.weight[k]) for k in range(4))
+    torch.testing.assert_close(new.encoder.blocks[0][0].weight, m.encoder.blocks[0][0].weight)
+    # the same request gives the same model (a stopped fine-tuning of it continues), whatever the global seed
+    torch.manual_seed(123)
+    again = for_classes(m, ["background", "liver", names[2], "spleen"])
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), new.state_dict().values()))
+    fresh = for_classes(m, names, fresh=True)  # a pretrained model's head was never trained: none of it kept
+    assert not torch.equal(fresh.decoder.head.weight[0], head.weight[0])
+    assert fresh.config.class_names == names
 
 
 def test_resize_head_keeps_the_pretrained_encoder():

@@ -529,6 +529,95 @@ def test_finetune_can_learn_from_the_other_open_images_without_labels(viewer, qt
     assert session.model.has_direction  # the embedding loss trained, from random init
 
 
+def test_finetune_trains_classes_named_in_the_panel_and_picks_a_layer_s_structures_by_name(viewer, qtbot):
+    """The demo model knows RV, myocardium and LV; a researcher's own labels are other classes, or come named
+    from a structure set with more in it than the model is to learn."""
+    from coral_core.checkpoint import pretrained_only
+
+    session = session_for(viewer)
+    widget = dock(viewer, "Fine-tune")
+    model = session.ensure_model()  # the bundled demo model
+    truth = viewer.layers["phantom ground truth"].data
+    assert widget.labels_picker.currentText() == "phantom ground truth"  # it names its classes as the model does
+    assert widget.classes_label.text() == "1 RV, 2 myocardium, 3 LV (the model's classes)"
+    k = [2, truth.shape[0] // 2]
+
+    # A layer that names its labels otherwise (an RT structure set opened in napari): a body outline under them.
+    rs = np.where(truth > 0, truth + 1, 0).astype(np.uint8)  # 2 RV, 3 myocardium, 4 LV
+    rs[:, 4:-4, 4:-4][rs[:, 4:-4, 4:-4] == 0] = 1
+    structures = viewer.add_labels(rs, name="RS", features={"class": ["background", "BODY", "rv", "Myocardium", "LV"]})
+    widget.labels_picker.setCurrentText("RS")
+    widget.image_picker.setCurrentText("phantom")
+    # it holds the model's classes by name (in its own spelling and order): they are picked from it
+    assert widget.classes_label.text() == ("picked by name from 'RS': RV (its label 2), myocardium (its label 3), LV "
+                                           "(its label 4) as 1, 2, ...; its other labels are background (the model's "
+                                           "classes)")
+    structures.features = {"class": ["background", "BODY", "Right ventricle", "Myocardium", "LV"]}
+    assert ("'RS' names its labels BODY, Right ventricle, Myocardium, LV, not the model's classes (RV, myocardium, LV)"
+            in widget.classes_label.text())
+    assert widget.finetune(mode="thread") is None and "list the classes to train under Classes" in widget.status.text()
+    widget.classes.setText("LV, right ventricle")  # picked by name, in this order; BODY and the myocardium become background
+    assert widget.classes_label.text() == ("picked by name from 'RS': LV (its label 4), Right ventricle (its label 2) as 1, "
+                                           "2, ...; its other labels are background; a new head for these classes "
+                                           "(classes the model has keep what it learned)")
+    widget.extra_slices.setText("")
+    image, scans, _, start, _, _, plan = widget._inputs()
+    assert start.config.class_names == ["background", "LV", "Right ventricle"] and model.config.n_classes == 4  # the session's kept
+    lab = scans[0][2]
+    np.testing.assert_array_equal(lab, np.select([truth == 3, truth == 1], [1, 2], 0))
+    assert plan.picked() == ["LV", "Right ventricle"]  # the layer's spelling
+    torch.testing.assert_close(start.decoder.head.weight[1], model.decoder.head.weight[3])  # LV keeps what it learned
+    widget.steps.setValue(1)
+    runner = widget.finetune(mode="thread")
+    assert runner.job.spec["training"]["structures"] == ["LV", "Right ventricle"]  # as --structures records them
+    qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=120_000)
+    assert session.model.config.class_names == ["background", "LV", "Right ventricle"]
+    assert "(structures LV, Right ventricle)" in dock(viewer, "Model").current.text()
+    structures.data = rs  # as a user who only opened it: the structure set's labelled slices are its annotation
+    widget.classes.setText("Lung")
+    assert widget.finetune(mode="thread") is None
+    assert "'RS' uses label 4 but Classes names 1 class (Lung); add a name for each label painted" in widget.status.text()
+    widget.classes.setText("LV, Lung, BODY")  # its names under other labels, and one it does not have
+    assert "'RS' holds 'LV' as label 4, not 1, and has no class named 'Lung'" in widget.classes_label.text()
+    widget.classes.setText("Right ventricle, Myocardium, background")
+    assert "label 0 is always background" in widget.classes_label.text()
+
+    # Classes of one's own, painted by value in a new layer: a new head, trained; the segmentation names them.
+    mine = viewer.add_labels(np.zeros_like(truth), name="mine")
+    widget.labels_picker.setCurrentText("mine")
+    for z in k:
+        idx = np.nonzero(truth[z] == 3)
+        mine.data_setitem((np.full_like(idx[0], z), *idx), np.full(idx[0].size, 1, truth.dtype))
+    widget.classes.setText(" cavity ")
+    assert widget.classes_label.text() == ("1 cavity; a new head for these classes (classes the model has keep what "
+                                           "it learned)")
+    qtbot.waitUntil(lambda: widget.annotated_slices() == k, timeout=5000)
+    widget.steps.setValue(3)
+    runner = widget.finetune(mode="thread")
+    assert runner is not None, widget.status.text()
+    assert "structures" not in runner.job.spec["training"]  # painted by value, not picked
+    qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    assert "failed" not in widget.status.text(), widget.status.text()
+    qtbot.waitUntil(lambda: list(viewer.layers["phantom labels"].features["class"]) == ["background", "cavity"],
+                    timeout=60_000)  # re-segmented, named by the new model
+    assert session.model.config.class_names == ["background", "cavity"]
+    assert widget.classes_label.text() == "1 cavity"  # now the model's own classes: its head is kept
+    widget.classes.setText("")
+    assert widget.classes_label.text() == "1 cavity (the model's classes)"
+
+    # A pretrained-only model has no classes yet: empty Classes take the layer's labels as painted.
+    session.set_model(build_model(UNetConfig(base_filters=8, image_size=64)), {"training": {"stage": "pretrain"}},
+                      "pretrained")
+    assert pretrained_only(session.meta)
+    widget.classes.setText("")
+    assert widget.classes_label.text().startswith("The model is pretrained only: labels 1, 2, ... as painted")
+    _, _, _, start, _, _, _ = widget._inputs()
+    assert start.config.class_names == ["background", "class 1"]
+    widget.labels_picker.setCurrentText("RS")  # named: its names, up to the largest label annotated
+    _, _, _, start, _, _, _ = widget._inputs()
+    assert start.config.class_names == ["background", "BODY", "Right ventricle", "Myocardium", "LV"]
+
+
 def test_finetune_without_annotations_says_what_to_do(viewer):
     widget = dock(viewer, "Fine-tune")
     viewer.add_labels(np.zeros_like(viewer.layers["phantom ground truth"].data), name="empty")

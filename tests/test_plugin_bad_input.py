@@ -381,7 +381,13 @@ def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_v
     viewer.add_labels(beyond, name="too many classes")
     widget.labels_picker.setCurrentText("too many classes")
     assert widget.finetune() is None
-    one_sentence(widget.status.text(), "label 5", "classes 0..2")
+    one_sentence(widget.status.text(), "label 5", "2 classes (c1, c2)", "under Classes")
+    widget.classes.setText("a, b, c, d")  # named, but one short
+    assert widget.finetune() is None
+    one_sentence(widget.status.text(), "label 5", "Classes names 4 classes (a, b, c, d)")
+    widget.classes.setText("a, b, A")
+    assert widget.finetune() is None
+    one_sentence(widget.status.text(), "Classes", "'A' is listed twice")
     assert not (session_for(viewer).meta.get("training") or {})  # the model was not touched
 
 

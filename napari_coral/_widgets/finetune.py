@@ -19,12 +19,14 @@ from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.data import parse_slices
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig
+from coral_core.model import for_classes
+from napari_coral._classes import describe_plan, parse_classes, plan_classes
 from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, extent_mm, full_resolution, shown_index
 from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
 from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
 from napari_coral._widgets.segment import kept_slices_text, removed_text, start_segmentation
-from napari_coral._writer import write_labels
+from napari_coral._writer import layer_class_names, write_labels
 
 
 class FinetuneWidget(QWidget):
@@ -52,6 +54,16 @@ class FinetuneWidget(QWidget):
         self.extra_slices.setPlaceholderText("e.g. 3,7,9 or 2-5")
         self.validation_slices = QLineEdit()
         self.validation_slices.setPlaceholderText("optional: annotated slices held out and scored")
+        self.classes = QLineEdit()
+        self.classes.setPlaceholderText("the model's; or your own, e.g. liver, spleen")
+        self.classes.setToolTip(
+            "The foreground classes to train, by name, label 1 first. Empty: the model's classes (for a pretrained-"
+            "only model, the labels layer's). Classes the model does not have get a new head (classes it has keep "
+            "what they learned). A labels layer that names every class listed here (a DICOM SEG, an RT structure "
+            "set, a label file that names its classes) gives them by name, its other labels background, as "
+            "coral finetune --structures does."
+        )
+        self.classes_label = status_label()
         self.steps = QSpinBox()
         self.steps.setRange(1, 100000)
         self.steps.setValue(200)
@@ -134,6 +146,8 @@ class FinetuneWidget(QWidget):
         form.addRow("Annotated", self.annotated_label)
         form.addRow("Also use slices", self.extra_slices)
         form.addRow("Validation slices", self.validation_slices)
+        form.addRow("Classes", self.classes)
+        form.addRow("", self.classes_label)
         others = QVBoxLayout()
         others.addWidget(self.other_scans)
         other_buttons = QHBoxLayout()
@@ -173,6 +187,8 @@ class FinetuneWidget(QWidget):
         self._debounce.timeout.connect(self.update_touched)
         self.session.annotation_counters.append(weakref.WeakMethod(self.annotated_in))
         self.labels_picker.currentTextChanged.connect(self._watch_labels)
+        self.classes.textChanged.connect(self._show_classes)
+        self.session.subscribe(lambda: alive(self) and self._show_classes())  # another model, other classes
         self.extra_slices.textChanged.connect(self._show_annotated)
         self.image_picker.currentTextChanged.connect(self._show_other)  # also when layers come and go
         self._watch_labels()
@@ -187,13 +203,16 @@ class FinetuneWidget(QWidget):
         if self._watched is not None:
             self._watched.events.paint.disconnect(self._labels_edited)
             self._watched.events.data.disconnect(self._labels_replaced)
+            self._watched.events.features.disconnect(self._show_classes)
         self._watched = layer
         self._touched = set()
         self._baseline = None if layer is None else np.array(layer.data, copy=True)
         if layer is not None:
             layer.events.paint.connect(self._labels_edited)
             layer.events.data.connect(self._labels_replaced)
+            layer.events.features.connect(self._show_classes)  # Segment names the classes of its layer
         self._show_annotated()
+        self._show_classes()
 
     def _labels_edited(self, event=None) -> None:
         self._debounce.start()  # recompute once the user pauses, not on every brush stroke
@@ -267,6 +286,32 @@ class FinetuneWidget(QWidget):
         if image:
             self.session.annotated[image] = slices
 
+    # ------------------------------------------------------------------ classes
+    def class_plan(self, labels_layers: list, top: int | None = None):
+        """The classes a fine-tuning trains and how each of ``labels_layers`` (the chosen one first) gives them
+        (:func:`napari_coral._classes.plan_classes`); ``top``: the largest label in the chosen layer's
+        annotated slices."""
+        model = self.session.ensure_model()
+        layers = [(layer.name, layer_class_names(layer.features)) for layer in labels_layers]
+        return plan_classes(parse_classes(self.classes.text()), model.config.class_names, self.session.pretrained_only,
+                            layers, top)
+
+    def _show_classes(self, *_) -> None:
+        layer = self.labels_picker.layer()
+        model = self.session.ensure_model()
+        if self.session.pretrained_only and not self.classes.text().strip() and (
+                layer is None or not layer_class_names(layer.features)):
+            self.classes_label.setText("The model is pretrained only: labels 1, 2, ... as painted, named class 1, "
+                                       "class 2, ...; list their names here, e.g. liver, spleen")
+            return
+        try:
+            plan = self.class_plan([layer] if layer is not None else [])
+            text = describe_plan(plan, model.config.class_names, self.session.pretrained_only,
+                                 layer.name if layer is not None else None)
+        except UserError as exc:
+            text = str(exc)
+        self.classes_label.setText(text)
+
     # ------------------------------------------------------------------ other scans
     def add_scan(self) -> tuple[str, str] | None:
         """Keep the chosen pair and its annotated slices in the training set; returns its key."""
@@ -321,10 +366,10 @@ class FinetuneWidget(QWidget):
     def _is_open(self, layer) -> bool:
         return any(layer == open_layer for open_layer in self.viewer.layers)
 
-    def _others(self, current: tuple, model) -> list[tuple]:
-        """The other scans' (name, image reader, labels snapshot, slices) (:func:`_scans`), the chosen pair
-        (``current``, its two layers) left out, and their Labels layers."""
-        found, layers = [], []
+    def _other_pairs(self, current: tuple) -> list[tuple]:
+        """The other scans' (image, Labels layer, slices), checked, the chosen pair (``current``, its two
+        layers) left out."""
+        pairs = []
         for image, labels, slices in self._other:
             if image == current[0] and labels == current[1]:
                 continue
@@ -335,15 +380,15 @@ class FinetuneWidget(QWidget):
             image, labels = self._pair(image, labels)
             if labels.ndim != np.ndim(slices[0]) + 3 or any(np.greater_equal(k, labels.data.shape[:-2]).any() for k in slices):
                 raise UserError(f"labels layer {labels.name!r} has fewer slices than when it was added; add it again")
-            found += _scans(image, labels, slices, model)
-            layers.append(labels)
-        return found, layers
+            pairs.append((image, labels, slices))
+        return pairs
 
     def _inputs(self):
         """What a fine-tuning trains on: the chosen image, the scans (name, image reader, labels snapshot,
         training slices) with the chosen pair's first (for a cine, the frame holding the validation slices,
         or the frame shown if annotated), the validation slices of that first scan, the model, every
-        Labels layer to save, and the readers of unlabelled images."""
+        Labels layer to save, the readers of unlabelled images, and the classes' plan (the model is set up for
+        its classes: :func:`coral_core.model.for_classes`)."""
         image, labels = self._pair()
         self.update_touched()
         slices = self.annotated_slices()
@@ -357,16 +402,22 @@ class FinetuneWidget(QWidget):
         train = [k for k in slices if k not in val]
         if not train:
             raise UserError("every annotated slice is a validation slice; keep at least one for training")
-        model = self.session.ensure_model()
+        other_pairs = self._other_pairs((image, labels))
+        other_labels = [pair[1] for pair in other_pairs]
+        top = max(int(np.asarray(labels.data[k]).max(initial=0)) for k in slices)
+        plan = self.class_plan([labels, *other_labels], top)
+        start = self.session.ensure_model()
+        model = for_classes(start, plan.names, fresh=self.session.pretrained_only, seed=FinetuneConfig.seed)
         first = None  # in a cine, the frame that trains first: the validation slices' or the one shown
         if image.ndim == 4:
             shown = shown_index(self.viewer, image)[0]
             first = val[0][0] if val else shown if any(t == shown for t, _ in slices) else slices[0][0]
-        scans = _scans(image, labels, slices, model, first)
+        scans = _scans(image, labels, slices, plan, first)
         val_slices = [z for _, z in val] if image.ndim == 4 else val
         scans = [(name, reader, lab, [k for k in keys if k not in val_slices] if i == 0 else keys)
                  for i, (name, reader, lab, keys) in enumerate(scans)]
-        others, other_labels = self._others((image, labels), model)
+        others = [scan for other_image, other_lab, other_slices in other_pairs
+                  for scan in _scans(other_image, other_lab, other_slices, plan)]
         unlabelled = []
         if self.use_unlabelled.isChecked():
             if not self.keep_embedding.isChecked():
@@ -379,7 +430,7 @@ class FinetuneWidget(QWidget):
             if not unlabelled:
                 raise UserError("no other image is open to learn from; open unlabelled scans, or uncheck 'Also "
                                 "learn from the other open images'")
-        return image, scans + others, val_slices, model, [labels, *other_labels], unlabelled
+        return image, scans + others, val_slices, model, [labels, *other_labels], unlabelled, plan
 
     def autosave(self, labels_layer) -> Path:
         """Write the annotations with their geometry (and the layer's class names) before any training starts."""
@@ -397,7 +448,7 @@ class FinetuneWidget(QWidget):
         if self.runner is not None and self.runner.running:
             return None
         try:
-            image, scans, val, model, labels_layers, unlabelled = self._inputs()
+            image, scans, val, model, labels_layers, unlabelled, plan = self._inputs()
             device = self.device_picker.device()
         except UserError as exc:
             show_error(str(exc))
@@ -442,6 +493,8 @@ class FinetuneWidget(QWidget):
         }
         if unlabelled:
             spec["training"]["unlabelled"] = [reader.name for reader in unlabelled]
+        if plan.picked():  # named in the model's training sentence, as coral finetune --structures records them
+            spec["training"]["structures"] = plan.picked()
         if model.config.pixel_spacing is not None:  # the job cuts the model's field of view from each scan
             spec["spacings"] = [scan[1].spacing for scan in scans]
             spec["unlabelled_spacings"] = [reader.spacing for reader in unlabelled]
@@ -570,25 +623,22 @@ def describe_slices(keys) -> str:
     return ", ".join(map(str, keys))
 
 
-def _scans(image, labels, keys: list, model, first: int | None = None) -> list[tuple[str, LayerArray, np.ndarray, list[int]]]:
-    """(name, image reader, labels snapshot, slices) for a pair of layers: one scan, or in a cine one per
-    annotated frame (frame ``first`` first, when given), named "IMAGE frame T"."""
+def _scans(image, labels, keys: list, plan, first: int | None = None) -> list[tuple[str, LayerArray, np.ndarray, list[int]]]:
+    """(name, image reader, labels snapshot as ``plan``'s classes, slices) for a pair of layers: one scan, or in a
+    cine one per annotated frame (frame ``first`` first, when given), named "IMAGE frame T"."""
     if image.ndim == 3:
-        return [(image.name, LayerArray(image, np.float32), _snapshot(labels.data, labels.name, keys, model), keys)]
+        return [(image.name, LayerArray(image, np.float32), _snapshot(labels.data, labels.name, keys, plan), keys)]
     frames = _by_frame(keys)
     return [(f"{image.name} frame {t}", LayerArray(image, np.float32, frame=t),
-             _snapshot(labels.data[t], f"{labels.name} frame {t}", frames[t], model), frames[t])
+             _snapshot(labels.data[t], labels.name, frames[t], plan, f"{labels.name} frame {t}"), frames[t])
             for t in sorted(frames, key=lambda t: (t != first, t))]
 
 
-def _snapshot(data, name: str, slices: list[int], model) -> np.ndarray:
-    """The annotated slices of a Labels layer's (z, y, x) data, the rest zero, in the layer's own dtype
-    (painting goes on while the job runs): the job reads no other slice, and copying the whole volume as
-    int64 here took napari's thread 8 bytes per voxel. Labels the model has no class for are a user error."""
+def _snapshot(data, layer: str, slices: list[int], plan, name: str | None = None) -> np.ndarray:
+    """The annotated slices of a Labels layer's (z, y, x) data, the rest zero, as the classes of ``plan``
+    (:meth:`napari_coral._classes.ClassPlan.convert`: picked by name, or checked to hold no label beyond them),
+    in the layer's own dtype or uint8 (painting goes on while the job runs): the job reads no other slice, and
+    copying the whole volume as int64 here took napari's thread 8 bytes per voxel."""
     lab = np.zeros(data.shape, dtype=data.dtype)
     lab[slices] = data[slices]
-    top = int(lab[slices].max())
-    if top >= model.config.n_classes:
-        raise UserError(f"labels layer {name!r} uses label {top} but the model has classes "
-                        f"0..{model.config.n_classes - 1} ({', '.join(model.config.class_names)}); paint with those labels")
-    return lab
+    return plan.convert(lab, layer, name)
