@@ -1024,7 +1024,8 @@ def cmd_info(args) -> tuple[dict, str]:
         scale = (f" at {info['pixel_spacing']:g} mm (a {info['field_of_view_mm']:g} mm square of a slice at a time)"
                  if info["pixel_spacing"] is not None else ", each slice resized whole")
         lines = [f"{path}: {info['trained']}",
-                 f"  classes: {', '.join(info['classes'])}",
+                 # a pretrained-only model's classes are placeholders (the architecture's default); fine-tuning names them
+                 "  classes: none yet" if info["pretrained_only"] else f"  classes: {', '.join(info['classes'])}",
                  f"  U-Net: {arch['base_filters']} base filters, depth {arch['depth']}, {arch['norm']} norm, "
                  f"{info['parameters'] / 1e6:.2f} M parameters ({info['weights']}, {info['bytes'] / 1e6:.1f} MB); "
                  f"{arch['image_size']} px input{scale}",

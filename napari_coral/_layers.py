@@ -29,6 +29,15 @@ def layer_metadata(volume: Volume) -> dict:
     return {"affine": volume.affine.tolist(), "source_path": str(volume.path) if volume.path else None}
 
 
+def slice_digests(data) -> list[str]:
+    """A short digest of each slice of a (z, y, x) array: kept in the metadata of a Labels layer read from a DICOM
+    SEG or RT structure set, so the slices still as read can be told from those painted since."""
+    import hashlib
+
+    return [hashlib.blake2b(np.ascontiguousarray(np.asarray(plane)).tobytes(), digest_size=8).hexdigest()
+            for plane in data]
+
+
 @functools.cache
 def napari_has_units() -> bool:
     """Whether this napari's layers take ``units`` (napari 0.6 and later)."""

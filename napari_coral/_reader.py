@@ -12,7 +12,7 @@ from coral_core.errors import OffGridError, UserError
 from coral_core.volume import (Volume, dicom_cine_stack, dicom_series_title, dicom_slice_series, is_dicom_file,
                                is_dicom_labels, is_dicom_seg, is_volume_path, load_dicom_series, load_frames,
                                load_labels_like, read_class_names)
-from napari_coral._layers import volume_to_layer
+from napari_coral._layers import slice_digests, volume_to_layer
 
 _NOTIFIED: dict[tuple[str, str], float] = {}  # (folder, series UID) -> when "already open" was last said
 
@@ -96,6 +96,8 @@ def _seg_layer(path) -> tuple:
                       f"{layer.name!r}, the topmost in the layer list")
         data, kwargs, kind = volume_to_layer(labels, as_labels=True, name=Path(path).stem)
         kwargs.update(scale=tuple(layer.scale), translate=tuple(layer.translate))
+        # the Fine-tune panel fills structures picked by name from the file one by one on the slices not painted since
+        kwargs["metadata"]["coral_slice_digests"] = slice_digests(data)
         return data, kwargs, kind
     what = ("a DICOM SEG segmentation, which holds only the slices it labels" if is_dicom_seg(path) else
             "a DICOM RT structure set, which holds only contours")

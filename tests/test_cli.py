@@ -263,6 +263,7 @@ def test_info_describes_each_model_and_how_it_was_trained(workflow, tmp_path):
     assert "pre.safetensors: coral pretraining for 1 epoch on 3 volumes" in text
     assert "U-Net: 4 base filters, depth 4, batch norm" in text and "32 px input, each slice resized whole" in text
     assert "pretrained only: its segmentation head is untrained; fine-tune it before segmenting" in text
+    assert "  classes: none yet\n" in text  # not the architecture's placeholder names
     # a folder (as the plugin's ~/.napari-coral/models): every model in it, a damaged one named
     models = tmp_path / "models"
     models.mkdir()

@@ -618,6 +618,49 @@ def test_finetune_trains_classes_named_in_the_panel_and_picks_a_layer_s_structur
     assert start.config.class_names == ["background", "BODY", "Right ventricle", "Myocardium", "LV"]
 
 
+def test_structures_picked_from_an_opened_structure_set_are_filled_alone_where_not_painted(tmp_path,
+                                                                                           make_napari_viewer):
+    """An RT structure set opened in napari is one Labels layer, where a PTV drawn over the heart has taken the
+    heart's voxels. Picked by name under Classes, the heart is filled from the file on its own (as coral finetune
+    --structures does) on the slices not painted since; a slice painted since trains as painted."""
+    from helpers import write_rt_structure_set
+
+    def box(i0, i1, j0, j1):
+        return [(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)]
+
+    affine = oblique_affine(spacing_xyz=(1.5, 1.5, 3.0))
+    write_nifti_ijk(tmp_path / "ct.nii.gz", np.random.default_rng(0).random((12, 12, 4)).astype(np.float32), affine)
+    write_rt_structure_set(tmp_path / "RS.dcm", affine, (
+        ("Heart", "ORGAN", [(k, box(2, 7, 2, 7)) for k in (1, 2)]), ("PTV", "PTV", [(k, box(5, 10, 5, 10)) for k in (1, 2)]),
+        ("BODY", "EXTERNAL", [(k, box(0, 11, 0, 11)) for k in range(4)])))
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "ct.nii.gz"), plugin="napari-coral")
+    with pytest.warns(UserWarning, match="more than one ROI"):
+        rs, = viewer.open(str(tmp_path / "RS.dcm"), plugin="napari-coral")
+    heart = np.zeros((4, 12, 12), np.uint8)
+    heart[1:3, 2:8, 2:8] = 1  # (z, j, i): the heart's box on slices 1 and 2
+    assert rs.data[1, 6, 6] == 2 and rs.data[1, 3, 3] == 1  # in the layer, the PTV holds the boxes' overlap
+    widget = dock(viewer, "Fine-tune")
+    widget.image_picker.setCurrentText("ct")
+    widget.labels_picker.setCurrentText("RS")
+    widget.classes.setText("heart")
+    assert widget.classes_label.text() == (
+        "picked by name from 'RS': Heart (its label 1) as 1, 2, ...; its other labels are background; a new head for "
+        "these classes (classes the model has keep what it learned); slices not painted since it was opened are "
+        "filled from RS.dcm one structure at a time, so one drawn over another keeps its voxels")
+    _, scans, _, model, _, _, _ = widget._inputs()
+    assert model.config.class_names == ["background", "Heart"]
+    np.testing.assert_array_equal(scans[0][2], heart)  # the whole heart, under the PTV too
+    rs.data_setitem((np.array([2]), np.array([0]), np.array([0])), np.array([1], rs.data.dtype))  # slice 2 painted
+    _, scans, _, _, _, _, _ = widget._inputs()
+    assert widget.annotated_slices() == [2]  # once something is painted, the slices painted are the annotation
+    painted = np.zeros_like(heart)
+    painted[2, 2:8, 2:8] = 1
+    painted[2, 5:8, 5:8] = 0  # the PTV's in the layer
+    painted[2, 0, 0] = 1
+    np.testing.assert_array_equal(scans[0][2], painted)
+
+
 def test_finetune_without_annotations_says_what_to_do(viewer):
     widget = dock(viewer, "Fine-tune")
     viewer.add_labels(np.zeros_like(viewer.layers["phantom ground truth"].data), name="empty")

@@ -308,6 +308,9 @@ class FinetuneWidget(QWidget):
             plan = self.class_plan([layer] if layer is not None else [])
             text = describe_plan(plan, model.config.class_names, self.session.pretrained_only,
                                  layer.name if layer is not None else None)
+            if layer is not None and plan.mappings.get(layer.name) is not None and source_file(layer) is not None:
+                text += (f"; slices not painted since it was opened are filled from {source_file(layer).name} one "
+                         "structure at a time, so one drawn over another keeps its voxels")
         except UserError as exc:
             text = str(exc)
         self.classes_label.setText(text)
@@ -627,11 +630,53 @@ def _scans(image, labels, keys: list, plan, first: int | None = None) -> list[tu
     """(name, image reader, labels snapshot as ``plan``'s classes, slices) for a pair of layers: one scan, or in a
     cine one per annotated frame (frame ``first`` first, when given), named "IMAGE frame T"."""
     if image.ndim == 3:
-        return [(image.name, LayerArray(image, np.float32), _snapshot(labels.data, labels.name, keys, plan), keys)]
+        lab = _snapshot(labels.data, labels.name, keys, plan)
+        _fill_from_source(labels, keys, plan, lab)
+        return [(image.name, LayerArray(image, np.float32), lab, keys)]
     frames = _by_frame(keys)
     return [(f"{image.name} frame {t}", LayerArray(image, np.float32, frame=t),
              _snapshot(labels.data[t], labels.name, frames[t], plan, f"{labels.name} frame {t}"), frames[t])
             for t in sorted(frames, key=lambda t: (t != first, t))]
+
+
+def source_file(labels) -> Path | None:
+    """The DICOM SEG or RT structure set a Labels layer was read from (napari_coral's reader), while it is there."""
+    source = labels.metadata.get("source_path")
+    if "coral_slice_digests" not in labels.metadata or not source or not Path(source).is_file():
+        return None
+    return Path(source)
+
+
+def _fill_from_source(labels, slices: list[int], plan, lab: np.ndarray) -> int:
+    """Where classes are picked by name from a layer read from a DICOM SEG or RT structure set, its annotated slices
+    that are still as read take them from the file, each structure filled alone (as ``coral finetune --structures``
+    does), not from the layer, where a structure drawn over another (a PTV over the heart) has taken its voxels.
+    Slices painted since keep what the layer holds. Returns how many slices came from the file (none when the file
+    cannot be read as it was: the layer's labels are used)."""
+    import warnings
+
+    from coral_core.volume import Volume, load_labels_like
+    from napari_coral._layers import slice_digests
+
+    source = source_file(labels)
+    if source is None or plan.mappings.get(labels.name) is None:
+        return 0
+    read = labels.metadata["coral_slice_digests"]
+    if len(read) != labels.data.shape[0]:
+        return 0
+    now = slice_digests(labels.data[z] for z in slices)
+    unchanged = [z for z, digest in zip(slices, now) if digest == read[z]]
+    if not unchanged:
+        return 0
+    like = Volume(np.broadcast_to(np.uint8(0), labels.data.shape), np.asarray(labels.metadata["affine"]), source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # picked structures drawn over one another: the later one's, as read
+            alone = load_labels_like(source, like, plan.names[1:]).array
+    except (UserError, OSError, ValueError):
+        return 0
+    lab[unchanged] = alone[unchanged]
+    return len(unchanged)
 
 
 def _snapshot(data, layer: str, slices: list[int], plan, name: str | None = None) -> np.ndarray:

@@ -250,7 +250,8 @@ class ModelWidget(QWidget):
         model, meta = load_checkpoint(path)
         method = meta["training"].get("method", "")
         self.session.set_model(model, meta, f"{method}-pretrained encoder")
-        self.pretrain_status.setText(f"Pretraining finished. Paint a few slices and fine-tune. "
+        self.pretrain_status.setText(f"Pretraining finished. Paint a few slices and fine-tune (name your classes "
+                                     f"under Classes in the Fine-tune panel). "
                                      f"{keep_model_sentence(path, 'pretrained', method)}")
 
     def _failed(self, message: str) -> None:

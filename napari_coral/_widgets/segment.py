@@ -166,7 +166,8 @@ class SegmentWidget(QWidget):
         self.session.ensure_model()
         if self.session.pretrained_only:
             message = (f"The current model ({self.session.source}) is pretrained only: its segmentation head is "
-                       "untrained. Paint a few slices and fine-tune it first (Fine-tune panel).")
+                       "untrained. Paint a few slices and fine-tune it first (Fine-tune panel, where Classes names your "
+                       "classes).")
             self.status.setText(message)
             show_error(message)
             return None
