@@ -140,7 +140,7 @@ def describe_plan(plan: ClassPlan, model_names: list[str], pretrained_only: bool
         by_class = {cls: value for value, cls in mapping.items()}
         text = (f"picked by name from {layer!r}: " +
                 ", ".join(f"{plan.names[c]} (its label {by_class[c]})" for c in range(1, len(plan.names))) +
-                " as 1, 2, ...; its other labels are background")
+                f" as {', '.join(map(str, range(1, len(plan.names))))}; its other labels are background")
     else:
         text = ", ".join(f"{c} {name}" for c, name in enumerate(plan.names[1:], 1))
     same = not pretrained_only and [n.casefold() for n in plan.names] == [n.strip().casefold() for n in model_names]

@@ -550,7 +550,7 @@ def test_finetune_trains_classes_named_in_the_panel_and_picks_a_layer_s_structur
     widget.image_picker.setCurrentText("phantom")
     # it holds the model's classes by name (in its own spelling and order): they are picked from it
     assert widget.classes_label.text() == ("picked by name from 'RS': RV (its label 2), myocardium (its label 3), LV "
-                                           "(its label 4) as 1, 2, ...; its other labels are background (the model's "
+                                           "(its label 4) as 1, 2, 3; its other labels are background (the model's "
                                            "classes)")
     structures.features = {"class": ["background", "BODY", "Right ventricle", "Myocardium", "LV"]}
     assert ("'RS' names its labels BODY, Right ventricle, Myocardium, LV, not the model's classes (RV, myocardium, LV)"
@@ -558,9 +558,8 @@ def test_finetune_trains_classes_named_in_the_panel_and_picks_a_layer_s_structur
     assert widget.finetune(mode="thread") is None and "list the classes to train under Classes" in widget.status.text()
     widget.classes.setText("LV, right ventricle")  # picked by name, in this order; BODY and the myocardium become background
     assert widget.classes_label.text() == ("picked by name from 'RS': LV (its label 4), Right ventricle (its label 2) as 1, "
-                                           "2, ...; its other labels are background; a new head for these classes "
+                                           "2; its other labels are background; a new head for these classes "
                                            "(classes the model has keep what it learned)")
-    widget.extra_slices.setText("")
     image, scans, _, start, _, _, plan = widget._inputs()
     assert start.config.class_names == ["background", "LV", "Right ventricle"] and model.config.n_classes == 4  # the session's kept
     lab = scans[0][2]
@@ -645,7 +644,7 @@ def test_structures_picked_from_an_opened_structure_set_are_filled_alone_where_n
     widget.labels_picker.setCurrentText("RS")
     widget.classes.setText("heart")
     assert widget.classes_label.text() == (
-        "picked by name from 'RS': Heart (its label 1) as 1, 2, ...; its other labels are background; a new head for "
+        "picked by name from 'RS': Heart (its label 1) as 1; its other labels are background; a new head for "
         "these classes (classes the model has keep what it learned); slices not painted since it was opened are "
         "filled from RS.dcm one structure at a time, so one drawn over another keeps its voxels")
     _, scans, _, model, _, _, _ = widget._inputs()
