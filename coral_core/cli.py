@@ -532,6 +532,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
                         f"--classes is {n_classes}; raise --classes")
     names = _class_names(args.class_names or (",".join(_as_spelled(structures, label_files[0])) if structures else None),
                          n_classes)
+    stored = None
     if not args.class_names and not structures:  # the names the label files carry (coral segment's, napari-coral's writer's), if they fit
         stored = next((n for n in map(read_class_names, dict.fromkeys(label_files)) if n and len(n) == n_classes), None)
         names = stored or names
@@ -548,7 +549,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
             model = resize_head(model, n_classes, names)
         elif fresh_head:
             model = for_classes(model, names, seed=args.seed)
-        elif args.class_names:
+        elif args.class_names or structures or stored:  # named classes, as many as it has: its head, their names
             model = _rename(model, names)
         if mm != model.config.pixel_spacing:  # a model without a physical scale given one
             from dataclasses import replace

@@ -415,6 +415,12 @@ def test_finetune_from_a_pretrained_encoder_names_the_new_classes(workflow):
         coral("finetune", d / "img.nii.gz", "--labels", d / "lab_named.nrrd", "--init", d / "pre.safetensors",
               "--steps", 1, "--out", d / "from_file.safetensors")
         assert load_checkpoint(d / "from_file.safetensors")[0].config.class_names == expected
+    # a fine-tuned model (RV, Myo, LV) fine-tuned on as many classes that the label file names otherwise: its head,
+    # under the file's names (it kept its own, so a liver was segmented as "RV")
+    save_volume(d / "lab_named.nrrd", lab.array, lab.affine, ["background", "liver", "spleen", "kidney"])
+    coral("finetune", d / "img.nii.gz", "--labels", d / "lab_named.nrrd", "--init", d / "named.safetensors",
+          "--steps", 1, "--out", d / "renamed.safetensors")
+    assert load_checkpoint(d / "renamed.safetensors")[0].config.class_names == ["background", "liver", "spleen", "kidney"]
 
 
 def test_finetune_from_random_init_uses_the_label_classes(subject):
