@@ -389,10 +389,13 @@ def _structures_option(args) -> list[str] | None:
     text = getattr(args, "structures", None)
     if text is None:
         return None
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    from coral_core.dicomlabels import alternatives
+
+    names = [name.strip() for name in text.split(",") if alternatives(name)]
     if not names:
         raise UserError("--structures: give the names of the structures to take, separated by commas, e.g. Heart,Lung_L")
-    if len({name.casefold() for name in names}) != len(names):
+    each = [one.casefold() for name in names for one in alternatives(name)]
+    if len(set(each)) != len(each):
         raise UserError(f"--structures {text}: a name is listed twice; give each structure once")
     if getattr(args, "label_values", None):
         raise UserError("give --structures (by name) or --label-values (by value), not both")
@@ -400,11 +403,14 @@ def _structures_option(args) -> list[str] | None:
 
 
 def _as_spelled(structures: list[str], path) -> list[str]:
-    """Structure names as the label file ``path`` spells them (they are matched without regard to case)."""
+    """Structure names as the label file ``path`` spells them (they are matched without regard to case); an entry
+    of alternatives (``Heart|Cor``) is named by its first, as given, whichever a file holds."""
+    from coral_core.dicomlabels import alternatives
     from coral_core.volume import read_class_names
 
     spelled = {name.strip().casefold(): name for name in reversed((read_class_names(path) or [])[1:])}
-    return [spelled.get(name.casefold(), name) for name in structures]
+    return [spelled.get(name.casefold(), name) if len(alternatives(name)) == 1 else alternatives(name)[0]
+            for name in structures]
 
 
 def _annotated_pair(array, raw, image_name: str, labels_name: str, slices_text: str | None,
@@ -1378,7 +1384,8 @@ LABEL_VALUES_HELP = ("the values the label files use for classes 1, 2, ... in th
 STRUCTURES_HELP = ("only the structures of these names, as classes 1, 2, ... in this order, the others background: "
                    "ROIs of RT structure sets (filled alone, so that others drawn over them take nothing), segments "
                    "of DICOM SEG files, classes of label files that name theirs (coral segment's); names matched "
-                   "without regard to case")
+                   "without regard to case; NAME|OTHER takes the first of those names a file holds (a structure "
+                   "named differently from file to file, e.g. Heart|Cor), the class named by the first")
 BALANCE_HELP = ("weight the cross-entropy by the square root of each class's inverse frequency in the batch, so "
                 "that small classes are learned early (docs/results.md)")
 SEED_HELP = "seed of the random initial weights, the order of slices and the augmentation (default 0)"

@@ -342,19 +342,32 @@ def _patient_points(plane: _Plane, corners: np.ndarray) -> np.ndarray:
     return plane.position + corners[:, :1] * row_step + corners[:, 1:] * column_step
 
 
+def alternatives(name: str) -> list[str]:
+    """The names a wanted structure may have: ``Heart|Cor`` is Heart or else Cor (a structure named differently
+    from file to file); a plain name is itself."""
+    return [one.strip() for one in name.split("|") if one.strip()]
+
+
 def pick_structures(available: list[str], wanted: list[str], p) -> list[int]:
     """The positions in ``available`` (a label file's classes, a SEG's segments or a structure set's ROIs, by name)
-    of the ``wanted`` names, in their order, matched without regard to case; one sentence naming the file and what it
-    holds when a name is not there."""
+    of the ``wanted`` names, in their order, matched without regard to case, an entry ``A|B`` by the first of its
+    names that is there (:func:`alternatives`); one sentence naming the file and what it holds when a name is not
+    there, or when two entries would take one structure."""
     index = {}
     for i, name in enumerate(available):
         index.setdefault(name.strip().casefold(), i)
-    missing = [name for name in wanted if name.strip().casefold() not in index]
+    found = [next((index[one.casefold()] for one in alternatives(name) if one.casefold() in index), None)
+             for name in wanted]
+    missing = [" or ".join(map(repr, alternatives(name))) for name, i in zip(wanted, found) if i is None]
     if missing:
         held = ", ".join(available) if available else "no named structures"
-        raise UserError(f"{p}: holds no structure named {', '.join(map(repr, missing))}; it holds {held} (names are "
+        raise UserError(f"{p}: holds no structure named {', '.join(missing)}; it holds {held} (names are "
                         "matched without regard to case)")
-    return [index[name.strip().casefold()] for name in wanted]
+    for k, i in enumerate(found):
+        if i in found[:k]:
+            raise UserError(f"{p}: {wanted[found.index(i)]!r} and {wanted[k]!r} both name its structure "
+                            f"{available[i]!r}; give each structure once")
+    return found
 
 
 def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> np.ndarray:

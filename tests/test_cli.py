@@ -1426,6 +1426,17 @@ def test_structures_picked_by_name_for_finetune_and_evaluate(tmp_path):
                "rs.dcm: holds no structure named 'Aorta'; it holds RV, myocardium, LV")
     user_error(coral("evaluate", tmp_path / "pred.nii.gz", rs, "--structures", "LV", "--label-values", "3",
                      check=False), "give --structures (by name) or --label-values (by value), not both")
+    # NAME|OTHER: a structure named differently from file to file, the class named by the first name
+    run = json.loads(coral("finetune", series, "--labels", rs, "--structures", "Left ventricle|lv,RV", "--steps", 1,
+                           *TINY, "--out", tmp_path / "alt.safetensors", "--json").stdout)
+    (model,) = json.loads(coral("info", tmp_path / "alt.safetensors", "--json").stdout)["models"]
+    assert model["classes"] == ["Left ventricle", "RV"] and model["training"]["structures"] == ["Left ventricle|lv", "RV"]
+    coral("segment", series, "--model", tmp_path / "alt.safetensors", "--out", tmp_path / "alt.nii.gz")
+    scores = json.loads(coral("evaluate", tmp_path / "alt.nii.gz", rs, "--structures", "Left ventricle|LV,rv",
+                              "--json").stdout)  # PRED's "Left ventricle", TRUTH's "LV"
+    assert list(scores["dice"]) == ["Left ventricle", "RV"]
+    user_error(coral("evaluate", tmp_path / "alt.nii.gz", rs, "--structures", "LV|rv,RV", check=False),
+               "--structures LV|rv,RV: a name is listed twice; give each structure once")
     assert not (tmp_path / "x.safetensors").exists() and pydicom.dcmread(rs).Modality == "RTSTRUCT"
 
 

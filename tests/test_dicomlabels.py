@@ -488,6 +488,13 @@ def test_structures_are_picked_by_name_from_any_labels_that_name_them(tmp_path):
     with pytest.raises(UserError, match=r"rs.dcm: holds no structure named 'Lung_L'; it holds Heart, PTV, BODY \(names "
                                         r"are matched without regard to case\)"):
         load_labels_like(rs, image, ["Heart", "Lung_L"])
+    # a structure named differently from file to file: the first of its names the file holds
+    np.testing.assert_array_equal(load_labels_like(rs, image, ["Cor|heart"]).array, heart)
+    with pytest.raises(UserError, match=r"rs.dcm: holds no structure named 'Lung_L' or 'LungL'; it holds"):
+        load_labels_like(rs, image, ["Heart", "Lung_L|LungL"])
+    with pytest.raises(UserError, match=r"rs.dcm: 'Heart' and 'Cor\|HEART' both name its structure 'Heart'; give each "
+                                        r"structure once"):
+        load_labels_like(rs, image, ["Heart", "Cor|HEART"])
 
     series = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12))))
     labels = _labels(series.shape)
