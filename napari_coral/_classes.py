@@ -14,19 +14,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coral_core.dicomlabels import alternatives
 from coral_core.errors import UserError
 
 
 def parse_classes(text: str) -> list[str] | None:
-    """The Classes box's names ("liver, spleen"), or None when it is empty."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    """The Classes box's names ("liver, spleen"; "Heart|Cor" for a class a layer may name either way), or None
+    when it is empty."""
+    names = [name.strip() for name in text.split(",") if alternatives(name)]
     if not names:
         return None
     seen: set[str] = set()
-    for name in names:
-        if name.casefold() in seen:
-            raise UserError(f"Classes: {name!r} is listed twice; name each class once")
-        seen.add(name.casefold())
+    for one in (one for name in names for one in alternatives(name)):
+        if one.casefold() in seen:
+            raise UserError(f"Classes: {one!r} is listed twice; name each class once")
+        seen.add(one.casefold())
     if "background" in seen:
         raise UserError("Classes: list the foreground classes only (label 0 is always background), e.g. liver, spleen")
     if len(names) > 254:
@@ -50,6 +52,7 @@ class ClassPlan:
     names: list[str]
     mappings: dict[str, dict[int, int] | None]
     typed: bool  # listed in the Classes box (else the model's, or for a pretrained-only model the layer's)
+    entries: list[str]  # the foreground classes as asked for, "Heart|Cor" for a class of two names, to pick from files
 
     def convert(self, lab: np.ndarray, layer: str, name: str | None = None) -> np.ndarray:
         """A snapshot of ``layer``'s labels (``name``: the scan it is, "LAYER frame T" in a cine) as the
@@ -82,7 +85,7 @@ def plan_classes(typed: list[str] | None, model_names: list[str], pretrained_onl
     the chosen one first. ``top``: the largest label painted in the first layer's annotated slices, which
     names the classes of a pretrained-only model when the box is empty (None: the layer's names, else one)."""
     if typed is not None:
-        wanted = typed
+        wanted = typed  # entries "A|B" are named by their first name once each layer's mapping is known
     elif pretrained_only:  # its head was never trained: the classes are the labels', named as the layer names them
         own = layers[0][1] if layers and layers[0][1] else ["background"]
         count = top if top is not None else max(len(own) - 1, 1)
@@ -98,8 +101,11 @@ def plan_classes(typed: list[str] | None, model_names: list[str], pretrained_onl
     picked_from = next(((names, mappings[layer]) for layer, names in layers if mappings[layer] is not None), None)
     if picked_from is not None and typed is not None:  # spelled as the (first) layer they are picked from spells them
         names, mapping = picked_from
-        wanted = [names[value].strip() for value, _ in sorted(mapping.items(), key=lambda item: item[1])]
-    return ClassPlan(["background", *wanted], mappings, typed is not None)
+        spelled = [names[value].strip() for value, _ in sorted(mapping.items(), key=lambda item: item[1])]
+        wanted = [own if len(alternatives(entry)) == 1 else entry for own, entry in zip(spelled, wanted)]
+    entries = list(wanted)
+    wanted = [alternatives(entry)[0] for entry in wanted]  # "Heart|Cor" is the class Heart
+    return ClassPlan(["background", *wanted], mappings, typed is not None, entries)
 
 
 def _mapping(wanted: list[str], layer: str, layer_names: list[str] | None, chosen: bool,
@@ -109,7 +115,8 @@ def _mapping(wanted: list[str], layer: str, layer_names: list[str] | None, chose
     if not layer_names:
         return None
     index = _index(layer_names)
-    found = [index.get(name.casefold()) for name in wanted]
+    found = [next((index[one.casefold()] for one in alternatives(name) if one.casefold() in index), None)
+             for name in wanted]
     if all(value is not None for value in found):
         mapping = {value: cls for cls, value in enumerate(found, 1)}
         return None if all(v == c for v, c in mapping.items()) and len(layer_names) <= len(wanted) + 1 else mapping

@@ -650,6 +650,11 @@ def test_structures_picked_from_an_opened_structure_set_are_filled_alone_where_n
     _, scans, _, model, _, _, _ = widget._inputs()
     assert model.config.class_names == ["background", "Heart"]
     np.testing.assert_array_equal(scans[0][2], heart)  # the whole heart, under the PTV too
+    widget.classes.setText("Cardiac|heart")  # a class that scans name either way: the first name it has here
+    assert widget.classes_label.text().startswith("picked by name from 'RS': Cardiac (its label 1) as 1;")
+    _, scans, _, model, _, _, _ = widget._inputs()
+    assert model.config.class_names == ["background", "Cardiac"]
+    np.testing.assert_array_equal(scans[0][2], heart)
     rs.data_setitem((np.array([2]), np.array([0]), np.array([0])), np.array([1], rs.data.dtype))  # slice 2 painted
     _, scans, _, _, _, _, _ = widget._inputs()
     assert widget.annotated_slices() == [2]  # once something is painted, the slices painted are the annotation

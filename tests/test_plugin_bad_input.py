@@ -388,6 +388,9 @@ def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_v
     widget.classes.setText("a, b, A")
     assert widget.finetune() is None
     one_sentence(widget.status.text(), "Classes", "'A' is listed twice")
+    widget.classes.setText("a|b, B")
+    assert widget.finetune() is None
+    one_sentence(widget.status.text(), "Classes", "'B' is listed twice")
     assert not (session_for(viewer).meta.get("training") or {})  # the model was not touched
 
 

@@ -672,7 +672,7 @@ def _fill_from_source(labels, slices: list[int], plan, lab: np.ndarray) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # picked structures drawn over one another: the later one's, as read
-            alone = load_labels_like(source, like, plan.names[1:]).array
+            alone = load_labels_like(source, like, plan.entries).array
     except (UserError, OSError, ValueError):
         return 0
     lab[unchanged] = alone[unchanged]
