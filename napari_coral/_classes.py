@@ -82,8 +82,8 @@ def plan_classes(typed: list[str] | None, model_names: list[str], pretrained_onl
                  layers: list[tuple[str, list[str] | None]], top: int | None = None) -> ClassPlan:
     """The :class:`ClassPlan` for the Classes box's names ``typed`` (None: empty), a model with
     ``model_names`` (background first), and the labels ``layers`` as (name, its class names by value or None),
-    the chosen one first. ``top``: the largest label painted in the first layer's annotated slices, which
-    names the classes of a pretrained-only model when the box is empty (None: the layer's names, else one)."""
+    the chosen one first. ``top``: the largest label in the layers' annotated slices, which numbers the classes
+    of a pretrained-only model when the box is empty (None: the first layer's names, else one)."""
     if typed is not None:
         wanted = typed  # entries "A|B" are named by their first name once each layer's mapping is known
     elif pretrained_only:  # its head was never trained: the classes are the labels', named as the layer names them
@@ -91,7 +91,7 @@ def plan_classes(typed: list[str] | None, model_names: list[str], pretrained_onl
         count = top if top is not None else max(len(own) - 1, 1)
         if count < 1:
             raise UserError(f"labels layer {layers[0][0]!r} holds only background in its annotated slices; paint at "
-                            "least one foreground class")
+                            "least one foreground class")  # slices listed under Also use slices may be empty
         wanted = [own[v] if v < len(own) else f"class {v}" for v in range(1, count + 1)]
     else:
         wanted = list(model_names[1:])

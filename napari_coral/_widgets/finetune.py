@@ -407,7 +407,8 @@ class FinetuneWidget(QWidget):
             raise UserError("every annotated slice is a validation slice; keep at least one for training")
         other_pairs = self._other_pairs((image, labels))
         other_labels = [pair[1] for pair in other_pairs]
-        top = max(int(np.asarray(labels.data[k]).max(initial=0)) for k in slices)
+        top = max(int(np.asarray(layer.data[k]).max(initial=0))  # names a pretrained-only model's classes
+                  for layer, keys in [(labels, slices), *((pair[1], pair[2]) for pair in other_pairs)] for k in keys)
         plan = self.class_plan([labels, *other_labels], top)
         start = self.session.ensure_model()
         model = for_classes(start, plan.names, fresh=self.session.pretrained_only, seed=FinetuneConfig.seed)
