@@ -289,8 +289,7 @@ class FinetuneWidget(QWidget):
     # ------------------------------------------------------------------ classes
     def class_plan(self, labels_layers: list, top: int | None = None):
         """The classes a fine-tuning trains and how each of ``labels_layers`` (the chosen one first) gives them
-        (:func:`napari_coral._classes.plan_classes`); ``top``: the largest label in the chosen layer's
-        annotated slices."""
+        (:func:`napari_coral._classes.plan_classes`); ``top``: the largest label in their annotated slices."""
         model = self.session.ensure_model()
         layers = [(layer.name, layer_class_names(layer.features)) for layer in labels_layers]
         return plan_classes(parse_classes(self.classes.text()), model.config.class_names, self.session.pretrained_only,
