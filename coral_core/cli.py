@@ -476,7 +476,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.data import parse_label_values
     from coral_core.finetune import FinetuneConfig, finetune
     from coral_core.fileio import check_output_path
-    from coral_core.model import UNetConfig, build_model, for_classes, resize_head
+    from coral_core.model import UNetConfig, build_model, resize_head
     from coral_core.training import check_optimiser_settings
     from coral_core.volume import read_class_names
 
@@ -548,13 +548,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if args.init:
         init = str(args.init)
         # A pretrained encoder has no trained head: give it one for these labels. A fine-tuned
-        # model keeps its head (and names) when the classes match; for other classes, the rows of
-        # those it has (by name, background included) keep their weights, as the plugin's Classes box.
+        # model keeps its head when the classes match, under the names given or read (if any).
         fresh_head = pretrained_only(meta) or model.config.n_classes != n_classes
-        if pretrained_only(meta):
+        if fresh_head:
             model = resize_head(model, n_classes, names)
-        elif fresh_head:
-            model = for_classes(model, names, seed=args.seed)
         elif args.class_names or structures or stored:  # named classes, as many as it has: its head, their names
             model = _rename(model, names)
         if mm != model.config.pixel_spacing:  # a model without a physical scale given one

@@ -153,5 +153,4 @@ def describe_plan(plan: ClassPlan, model_names: list[str], pretrained_only: bool
     same = not pretrained_only and [n.casefold() for n in plan.names] == [n.strip().casefold() for n in model_names]
     if same:
         return text + ("" if plan.typed else " (the model's classes)")
-    return text + ("; a new head for these classes" if pretrained_only else
-                   "; a new head for these classes (classes the model has keep what it learned)")
+    return text + "; a new head for these classes"

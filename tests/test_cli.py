@@ -394,14 +394,6 @@ def test_finetune_from_a_pretrained_encoder_names_the_new_classes(workflow):
     # a CORAL-pretrained init: fine-tuning kept the embedding (and says so), with a unit direction
     assert meta["training"]["embedding_weight"] == 0.1 and meta["training"]["compute"] in ("bf16", "float32")
     assert abs(float(model.canonical_direction.norm()) - 1) < 1e-3
-    # from that fine-tuned model, a class more: a new head whose rows for the classes it has keep their weights
-    # (a learning rate too small to move them in one step shows it)
-    coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--init", d / "named.safetensors", "--steps", 1,
-          "--lr", "1e-12", "--classes", 5, "--class-names", "RV,Myo,LV,aorta", "--out", d / "more.safetensors")
-    more, _ = load_checkpoint(d / "more.safetensors")
-    assert more.config.class_names == ["background", "RV", "Myo", "LV", "aorta"]
-    torch.testing.assert_close(more.decoder.head.weight[:4], model.decoder.head.weight, atol=1e-6, rtol=0)
-    torch.testing.assert_close(more.decoder.head.bias[:4], model.decoder.head.bias, atol=1e-6, rtol=0)
     plain, _ = load_checkpoint(d / "ft.safetensors")  # from the pretrain stage, no names given
     assert plain.config.class_names == ["background", "class 1", "class 2", "class 3"]
     user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--class-names", "a,b",

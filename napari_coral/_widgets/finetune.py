@@ -58,8 +58,8 @@ class FinetuneWidget(QWidget):
         self.classes.setPlaceholderText("the model's; or your own, e.g. liver, spleen")
         self.classes.setToolTip(
             "The foreground classes to train, by name, label 1 first. Empty: the model's classes (for a pretrained-"
-            "only model, the labels layer's). Classes the model does not have get a new head (classes it has keep "
-            "what they learned). A labels layer that names every class listed here (a DICOM SEG, an RT structure "
+            "only model, the labels layer's). Other classes than the model's get a new segmentation head; the "
+            "rest of the model is kept. A labels layer that names every class listed here (a DICOM SEG, an RT structure "
             "set, a label file that names its classes) gives them by name, its other labels background, as "
             "coral finetune --structures does."
         )
