@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from coral_core.errors import UserError
+from coral_core.errors import MissingStructureError, UserError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -383,6 +383,16 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     return out
 
 
+def _leave_out(incomplete: list[tuple], any_left: bool, what: str) -> None:
+    """Dataset cases left out for want of a structure of --structures ((file, its MissingStructureError)): one
+    warning line each, ending in ``what``; when none is left, one error, the first case's sentence."""
+    if incomplete and not any_left:
+        raise UserError(f"{incomplete[0][1]}, nor does any other case; give names that every case holds "
+                        "(NAME|OTHER for a structure named two ways)")
+    for _, exc in incomplete:
+        warnings.warn(f"{exc}; {what}")
+
+
 def _structures_option(args) -> list[str] | None:
     """--structures NAME,NAME,... as a list (None without it), checked against --label-values before any file is
     read."""
@@ -516,9 +526,20 @@ def cmd_finetune(args) -> tuple[dict, str]:
         else:  # at a pixel spacing the field of view is the input size times it: not the scans' own
             size = PIXEL_SPACING_IMAGE_SIZE if mm is not None else None
     _check_pixel_spacing(mm)
-    named = [one for i, (image, labels) in enumerate(zip(images, label_files))
-             for one in _annotated_pairs(image, labels, args.slices[i] if args.slices else None, size, label_values,
-                                         mm, structures)]
+    named, incomplete = [], []
+    for i, (image, labels) in enumerate(zip(images, label_files)):
+        try:
+            named += _annotated_pairs(image, labels, args.slices[i] if args.slices else None, size, label_values,
+                                      mm, structures)
+        except MissingStructureError as exc:
+            if args.labels is not None:  # a file the user named: it must hold them
+                raise
+            incomplete.append((labels, exc))  # a dataset's case: left out, as a case without labels is
+    _leave_out(incomplete, bool(named), "the case is left out")
+    incomplete = [labels for labels, _ in incomplete]
+    if incomplete:
+        images = [image for image, labels in zip(images, label_files) if labels not in incomplete]
+        label_files = [labels for labels in label_files if labels not in incomplete]
     scans = [name for name, _, _ in named]  # a cine file gives one scan per annotated frame
     scan_labels = [name for _, name, _ in named]
     pairs = [pair for *_, pair in named]
@@ -622,12 +643,16 @@ def cmd_finetune(args) -> tuple[dict, str]:
         out["unlabelled"] = len(unlabelled)
     if skipped:
         out["skipped_without_labels"] = skipped
+    if incomplete:
+        out["skipped_without_structures"] = incomplete
     if mm is not None:
         out["pixel_spacing"] = mm
         out["labels_outside_field_of_view"] = outside
     annotated = "; ".join(f"slices {s} of {scan}" for s, scan in zip(slices, scans))
     named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     note = f" ({_count_of(len(skipped), 'image')} without a label file skipped: {named})" if skipped else ""
+    if incomplete:
+        note += f" ({_count_of(len(incomplete), 'case')} without every structure left out)"
     if outside:
         note += (f" ({_count_of(outside, 'labelled voxel')} outside the {model.config.image_size * mm:g} mm square "
                  "the model sees at its pixel spacing, not trained on)")
@@ -949,17 +974,25 @@ def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
         held = f"its {_count_of(len(unmatched), 'label file')}" if unmatched else "no label file"
         raise UserError(f"{pred_dir}: {held} matching none of {truth_dir}'s reference labels by name; give the folder "
                         "coral segment --out-dir wrote (NAME_labels.nii.gz) and the dataset folder it segmented")
-    cases, images = [], None
+    cases, images, incomplete = [], None, []
     for name, pred, truth in pairs:
         grid = None
         if is_dicom_labels(pred) and is_dicom_labels(truth):  # neither has a grid: the case's image's
             images = images if images is not None else case_images(truth_dir)
             grid = images.get(name)
-        scored = _score_pair(pred, truth, args.class_names, label_values, grid, _structures_option(args))
+        try:
+            scored = _score_pair(pred, truth, args.class_names, label_values, grid, _structures_option(args))
+        except MissingStructureError as exc:  # a case without one of --structures: not scored, as fine-tuning skips it
+            incomplete.append((truth, exc))
+            continue
         cases.append({"name": name, "pred": str(pred), "truth": str(truth), **scored})
+    _leave_out(incomplete, bool(cases), "the case is not scored")
+    incomplete = [truth for truth, _ in incomplete]
     result = summarise_cases(cases)
     result |= {"cases": cases, "unmatched_predictions": [str(p) for p in unmatched],
                "missing_predictions": [str(p) for p in missing]}
+    if incomplete:
+        result["without_structures"] = [str(p) for p in incomplete]
     width = max(12, *(len(c["name"]) for c in cases))
     lines = [f"{'case':<{width}} {'Dice':>7} {'HD95 mm':>9}"]
     lines += [f"{c['name']:<{width}} {c['mean_dice']:7.3f} {c['mean_hd95']:9.2f}" for c in cases]
@@ -968,7 +1001,8 @@ def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
     lines += _score_lines(result)
     lines += _missed_lines(result, "case")
     for files, what in ((unmatched, "prediction(s) without reference labels"),
-                        (missing, "reference label file(s) without a prediction")):
+                        (missing, "reference label file(s) without a prediction"),
+                        ([Path(p) for p in incomplete], "case(s) without every structure of --structures")):
         if files:
             shown = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
             lines.append(f"not scored: {len(files)} {what} ({shown})")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coral_core.errors import OffGridError, UserError
+from coral_core.errors import MissingStructureError, OffGridError, UserError
 from coral_core.fileio import atomic_target, check_output_path
 from coral_core.volume import _NOT_IMAGES as _NOT_IMAGE_MODALITIES
 from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_like_dicom, _short, is_dicom_file,
@@ -361,8 +361,8 @@ def pick_structures(available: list[str], wanted: list[str], p) -> list[int]:
     missing = [" or ".join(map(repr, alternatives(name))) for name, i in zip(wanted, found) if i is None]
     if missing:
         held = ", ".join(available) if available else "no named structures"
-        raise UserError(f"{p}: holds no structure named {', '.join(missing)}; it holds {held} (names are "
-                        "matched without regard to case)")
+        raise MissingStructureError(f"{p}: holds no structure named {', '.join(missing)}; it holds {held} (names "
+                                    "are matched without regard to case)")
     for k, i in enumerate(found):
         if i in found[:k]:
             raise UserError(f"{p}: {wanted[found.index(i)]!r} and {wanted[k]!r} both name its structure "

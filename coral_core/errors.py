@@ -1,4 +1,4 @@
-"""Exceptions for mistakes a user can make and fix: UserError, and the one kind of it a caller may act on."""
+"""Exceptions for mistakes a user can make and fix: UserError, and the kinds of it a caller may act on."""
 
 
 class UserError(Exception):
@@ -9,3 +9,8 @@ class UserError(Exception):
 
 class OffGridError(UserError):
     """Labels (a DICOM SEG) whose slices do not lie on the voxel grid of the image given with them."""
+
+
+class MissingStructureError(UserError):
+    """Labels that hold no structure (ROI, segment, named class) of a name asked for: a dataset's case may be left
+    out for it."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from coral_core.augment import AugmentConfig
-from coral_core.errors import UserError
+from coral_core.errors import MissingStructureError, UserError
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
 from coral_core.levers import Levers
@@ -243,24 +243,35 @@ def load_labelled_cases(data: str | None, phantom: int, seed: int = 0, phantom_c
     (:func:`coral_core.volume.load_labels_like`).
 
     For ACDC every labelled frame (end-diastole and end-systole) is a case of its patient; the
-    folds split patients, never frames of one patient.
+    folds split patients, never frames of one patient. A case whose labels lack one of ``structures`` is left out
+    with a warning.
     """
     from coral_core.data import discover_volumes, label_map
     from coral_core.phantom import make_cohort
     from coral_core.volume import load_labels_like, load_volume
 
     cases: list[LabelledCase] = []
+    incomplete: list[MissingStructureError] = []
     if data:
         for case in discover_volumes([data]):
             if case.label is None:
                 continue
             image = load_volume(case.image)
-            labels = load_labels_like(case.label, image, structures)  # a DICOM SEG: placed on the image's grid
+            try:
+                labels = load_labels_like(case.label, image, structures)  # a DICOM SEG: placed on the image's grid
+            except MissingStructureError as exc:  # a case without one of the structures: left out, as coral finetune does
+                incomplete.append(exc)
+                continue
             if image.shape != labels.shape:
                 raise UserError(f"{case.label}: labels of shape {labels.shape} do not match {case.image} of shape {image.shape}")
             # classes as uint8: an eighth of int64's memory, for a cohort held whole (CT-sized scans add up)
             classes = label_map(labels.array, case.label, label_values)
             cases.append(LabelledCase(case.subject, image.array, classes, image.spacing))
+        if not cases and incomplete:
+            raise UserError(f"{incomplete[0]}, nor does any other case; give names that every case holds (NAME|OTHER "
+                            "for a structure named two ways)")
+        for exc in incomplete:
+            warnings.warn(f"{exc}; the case is left out", stacklevel=2)
         if not cases:
             raise UserError(f"{data}: no image with a label file found; expected an ACDC folder, imagesTr and labelsTr folders, "
                             "or files such as ct_1001_image.nii.gz and ct_1001_label.nii.gz side by side")

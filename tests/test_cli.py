@@ -1382,6 +1382,45 @@ def test_segment_a_dicom_series_into_an_rt_structure_set(tmp_path):
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "y").exists()
 
 
+def test_a_dataset_case_without_a_structure_is_left_out_with_one_line(tmp_path):
+    """In a dataset folder, a case whose labels lack one of --structures (not contoured in that patient) is left out
+    of fine-tuning and of evaluation with one warning line each, as a case without labels is; none left: exit 2. A
+    label file named with --labels must hold them all."""
+    root = tmp_path / "rt"
+    root.mkdir()
+    for k in range(3):
+        img, lab = make_phantom(40 + k, n_slices=5)
+        save_volume(root / f"ct_100{k + 1}_image.nii.gz", img.array, np.eye(4))
+        names = ["background", "RV", "myocardium", "LV" if k != 1 else "Aorta"]  # case 2 has no LV
+        save_volume(root / f"ct_100{k + 1}_label.nii.gz", lab.array, np.eye(4), names)
+    missing = root / "ct_1002_label.nii.gz"
+    proc = coral("finetune", root, "--structures", "LV,RV", "--steps", 1, *TINY, "--out", tmp_path / "m.safetensors",
+                 "--json")
+    res = json.loads(proc.stdout)
+    assert [Path(p).name for p in res["images"]] == ["ct_1001_image.nii.gz", "ct_1003_image.nii.gz"]
+    assert res["skipped_without_structures"] == [str(missing)]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")] == [
+        f"warning: {missing}: holds no structure named 'LV'; it holds RV, myocardium, Aorta (names are matched "
+        "without regard to case); the case is left out"]
+    text = coral("finetune", root, "--structures", "LV,RV", "--steps", 1, *TINY, "--out", tmp_path / "m.safetensors").stdout
+    assert "(1 case without every structure left out)" in text
+    user_error(coral("finetune", root, "--structures", "Lung", "--steps", 1, *TINY, "--out", tmp_path / "x.safetensors",
+                     check=False), "ct_1001_label.nii.gz: holds no structure named 'Lung'",
+               "(names are matched without regard to case), nor does any other case; give names that every case holds")
+    user_error(coral("finetune", root / "ct_1002_image.nii.gz", "--labels", missing, "--structures", "LV", "--steps", 1,
+                     *TINY, "--out", tmp_path / "x.safetensors", check=False), "holds no structure named 'LV'")
+    assert not (tmp_path / "x.safetensors").exists()
+    coral("segment", root, "--model", tmp_path / "m.safetensors", "--out-dir", tmp_path / "seg")
+    proc = coral("evaluate", tmp_path / "seg", root, "--structures", "LV,RV", "--json")
+    res = json.loads(proc.stdout)
+    assert len(res["cases"]) == 2 and res["without_structures"] == [str(missing)]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")] == [
+        f"warning: {missing}: holds no structure named 'LV'; it holds RV, myocardium, Aorta (names are matched "
+        "without regard to case); the case is not scored"]
+    assert "not scored: 1 case(s) without every structure of --structures (ct_1002_label.nii.gz)" in coral(
+        "evaluate", tmp_path / "seg", root, "--structures", "LV,RV").stdout
+
+
 def test_structures_picked_by_name_for_finetune_and_evaluate(tmp_path):
     """`--structures LV,RV` takes those ROIs of an RT structure set (any others, here a body outline drawn first,
     left out) as classes 1, 2 in that order: `coral finetune` trains a model of those classes, named so, and `coral

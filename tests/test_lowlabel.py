@@ -365,3 +365,24 @@ def test_paired_differences_are_also_counted_by_pretraining():
         "coral", "3/4", "(p", "0.62)"]
     # rows written before the count by seed existed (a continued table's "paired") are left out, not failed on
     assert format_paired_by_seed([{k: v for k, v in row.items() if not k.startswith("seed")}]) == ""
+
+
+def test_a_case_without_a_structure_is_left_out_of_the_benchmark(tmp_path):
+    """`coral bench lowlabel --data DIR --structures ...`: a case whose labels lack one of the structures is left out
+    with one warning (the others are the cohort); none left: one sentence."""
+    from coral_core.phantom import make_phantom
+    from coral_core.volume import save_volume
+
+    for k in range(3):
+        img, lab = make_phantom(50 + k, n_slices=4)
+        save_volume(tmp_path / f"ct_{k}_image.nii.gz", img.array, np.eye(4))
+        save_volume(tmp_path / f"ct_{k}_label.nii.gz", lab.array, np.eye(4),
+                    ["background", "RV", "myocardium", "LV" if k else "Aorta"])
+    with pytest.warns(UserWarning, match=r"ct_0_label.nii.gz: holds no structure named 'LV'; it holds RV, myocardium, "
+                                         r"Aorta .*; the case is left out"):
+        cases = load_labelled_cases(str(tmp_path), 0, structures=["LV", "RV"])
+    assert [c.name for c in cases] == ["ct_1", "ct_2"]
+    img, lab = make_phantom(51, n_slices=4)
+    np.testing.assert_array_equal(cases[0].labels, np.select([lab.array == 3, lab.array == 1], [1, 2], 0))
+    with pytest.raises(UserError, match="holds no structure named 'Lung'.*, nor does any other case"):
+        load_labelled_cases(str(tmp_path), 0, structures=["Lung"])
