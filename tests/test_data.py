@@ -199,8 +199,10 @@ def test_discover_dicom_series_with_their_dicom_seg_labels(tmp_path):
     assert [(c.name, c.labels.max()) for c in loaded] == [("ct_a", 1), ("ct_b", 2), ("ct_d", 1)]
     np.testing.assert_array_equal(loaded[1].labels, labels["ct_b"])
     assert loaded[2].labels.sum() == 12 and loaded[2].labels[1, 2:6, 2:5].all()  # voxels i 2..4, j 2..5
-    with pytest.raises(UserError, match=r"RS1.dcm: holds no structure named 'y'; it holds GTV"):  # picked by name
-        load_labelled_cases(str(study), 0, structures=["y"])  # (ct_a and ct_b hold segments x, y and z)
+    with pytest.warns(UserWarning, match=r"RS1.dcm: holds no structure named 'y'; it holds GTV .*; the case is left "
+                                         "out"):  # picked by name: ct_a and ct_b hold segments x, y and z
+        picked = load_labelled_cases(str(study), 0, structures=["y"])
+    assert [c.name for c in picked] == ["ct_a", "ct_b"]
 
     tcia = tmp_path / "tcia"  # patient / study / series, as TCIA exports a collection: each patient a subject
     for n, patient in enumerate(("LUNG1-001", "LUNG1-002")):
