@@ -348,16 +348,22 @@ def alternatives(name: str) -> list[str]:
     return [one.strip() for one in name.split("|") if one.strip()]
 
 
+def find_structures(available: list[str], wanted: list[str]) -> list[int | None]:
+    """The position in ``available`` (names) of each ``wanted`` name, matched without regard to case, an entry ``A|B``
+    by the first of its names that is there (:func:`alternatives`); None for one that is not there."""
+    index: dict[str, int] = {}
+    for i, name in enumerate(available):
+        index.setdefault(name.strip().casefold(), i)
+    return [next((index[one.casefold()] for one in alternatives(name) if one.casefold() in index), None)
+            for name in wanted]
+
+
 def pick_structures(available: list[str], wanted: list[str], p) -> list[int]:
     """The positions in ``available`` (a label file's classes, a SEG's segments or a structure set's ROIs, by name)
     of the ``wanted`` names, in their order, matched without regard to case, an entry ``A|B`` by the first of its
     names that is there (:func:`alternatives`); one sentence naming the file and what it holds when a name is not
     there, or when two entries would take one structure."""
-    index = {}
-    for i, name in enumerate(available):
-        index.setdefault(name.strip().casefold(), i)
-    found = [next((index[one.casefold()] for one in alternatives(name) if one.casefold() in index), None)
-             for name in wanted]
+    found = find_structures(available, wanted)
     missing = [" or ".join(map(repr, alternatives(name))) for name, i in zip(wanted, found) if i is None]
     if missing:
         held = ", ".join(available) if available else "no named structures"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coral_core.dicomlabels import alternatives
+from coral_core.dicomlabels import alternatives, find_structures
 from coral_core.errors import UserError
 
 
@@ -34,14 +34,6 @@ def parse_classes(text: str) -> list[str] | None:
     if len(names) > 254:
         raise UserError(f"Classes: {len(names)} classes listed; a model holds at most 254 besides background")
     return names
-
-
-def _index(layer_names: list[str]) -> dict[str, int]:
-    """A layer's class names (background first) -> label value, matched without regard to case."""
-    index: dict[str, int] = {}
-    for value, name in enumerate(layer_names[1:], 1):
-        index.setdefault(name.strip().casefold(), value)
-    return index
 
 
 @dataclass
@@ -114,9 +106,7 @@ def _mapping(wanted: list[str], layer: str, layer_names: list[str] | None, chose
     the classes; one sentence when its names contradict the wanted classes."""
     if not layer_names:
         return None
-    index = _index(layer_names)
-    found = [next((index[one.casefold()] for one in alternatives(name) if one.casefold() in index), None)
-             for name in wanted]
+    found = [None if i is None else i + 1 for i in find_structures(layer_names[1:], wanted)]  # label values
     if all(value is not None for value in found):
         mapping = {value: cls for cls, value in enumerate(found, 1)}
         return None if all(v == c for v, c in mapping.items()) and len(layer_names) <= len(wanted) + 1 else mapping

@@ -307,8 +307,9 @@ class FinetuneWidget(QWidget):
             plan = self.class_plan([layer] if layer is not None else [])
             text = describe_plan(plan, model.config.class_names, self.session.pretrained_only,
                                  layer.name if layer is not None else None)
-            if layer is not None and plan.mappings.get(layer.name) is not None and source_file(layer) is not None:
-                text += (f"; slices not painted since it was opened are filled from {source_file(layer).name} one "
+            source = source_file(layer) if layer is not None and plan.mappings.get(layer.name) is not None else None
+            if source is not None:
+                text += (f"; slices not painted since it was opened are filled from {source.name} one "
                          "structure at a time, so one drawn over another keeps its voxels")
         except UserError as exc:
             text = str(exc)
@@ -647,12 +648,12 @@ def source_file(labels) -> Path | None:
     return Path(source)
 
 
-def _fill_from_source(labels, slices: list[int], plan, lab: np.ndarray) -> int:
+def _fill_from_source(labels, slices: list[int], plan, lab: np.ndarray) -> None:
     """Where classes are picked by name from a layer read from a DICOM SEG or RT structure set, its annotated slices
     that are still as read take them from the file, each structure filled alone (as ``coral finetune --structures``
     does), not from the layer, where a structure drawn over another (a PTV over the heart) has taken its voxels.
-    Slices painted since keep what the layer holds. Returns how many slices came from the file (none when the file
-    cannot be read as it was: the layer's labels are used)."""
+    Slices painted since keep what the layer holds; when the file cannot be read as it was, the layer's labels are
+    used throughout."""
     import warnings
 
     from coral_core.volume import Volume, load_labels_like
@@ -660,23 +661,22 @@ def _fill_from_source(labels, slices: list[int], plan, lab: np.ndarray) -> int:
 
     source = source_file(labels)
     if source is None or plan.mappings.get(labels.name) is None:
-        return 0
+        return
     read = labels.metadata["coral_slice_digests"]
     if len(read) != labels.data.shape[0]:
-        return 0
+        return
     now = slice_digests(labels.data[z] for z in slices)
     unchanged = [z for z, digest in zip(slices, now) if digest == read[z]]
     if not unchanged:
-        return 0
+        return
     like = Volume(np.broadcast_to(np.uint8(0), labels.data.shape), np.asarray(labels.metadata["affine"]), source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # picked structures drawn over one another: the later one's, as read
             alone = load_labels_like(source, like, plan.entries).array
     except (UserError, OSError, ValueError):
-        return 0
+        return
     lab[unchanged] = alone[unchanged]
-    return len(unchanged)
 
 
 def _snapshot(data, layer: str, slices: list[int], plan, name: str | None = None) -> np.ndarray:
