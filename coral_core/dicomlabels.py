@@ -376,10 +376,11 @@ def pick_structures(available: list[str], wanted: list[str], p) -> list[int]:
     return found
 
 
-def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> np.ndarray:
+def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None, *, quiet: bool = False) -> np.ndarray:
     """A DICOM SEG file's segments on the voxel grid of the image ``like`` (segment n: label n; drawn over one
     another, the highest number's, with a warning); :class:`OffGridError` when a frame does not lie on it.
-    ``structures``: only the segments of these labels, in this order (label 1, 2, ...; :func:`pick_structures`)."""
+    ``structures``: only the segments of these labels, in this order (label 1, 2, ...; :func:`pick_structures`).
+    ``quiet``: no warning for segments drawn over one another."""
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
     frames = []
     seg_frames, segments = _seg_frames(str(p), os.stat(p).st_mtime_ns)
@@ -401,7 +402,7 @@ def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> n
         k, view = place
         drawn = view(labels[k])  # a view: writing to it writes the labels
         over = int(np.count_nonzero(mask & (drawn != 0) & (drawn != number)))
-        if over:
+        if over and not quiet:
             import warnings
 
             warnings.warn(f"{p}: {over} voxels of slice {k} belong to more than one segment; each takes the highest "
@@ -501,7 +502,8 @@ def structure_names(p: Path) -> list[str]:
     return [name for _, name, _, _ in _structures(str(p), os.stat(p).st_mtime_ns)]
 
 
-def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None, *,
+                     quiet: bool = False) -> tuple[np.ndarray, list[str]]:
     """A DICOM RT structure set's closed planar contours filled on the voxel grid of the image ``like``: (labels,
     the ROIs' names). Its regions, in ROI number order, are labels 1, 2, ...: the ROIs with closed contours, and those
     with no contours at all (a structure drawn nowhere: a label no voxel has, so that the labels of a structure set
@@ -511,7 +513,7 @@ def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None)
     EXTERNAL ROIs (the body outline) are filled first, the others over them in order; other overlaps warn in one
     sentence (the later ROI takes the voxel). Raises :class:`OffGridError` for a contour that does not lie in one of
     the image's slices. ``structures``: only the ROIs of these names, in this order (labels 1, 2, ...;
-    :func:`pick_structures`), the others not filled at all."""
+    :func:`pick_structures`), the others not filled at all. ``quiet``: no warning for overlaps."""
     rois = _structures(str(p), os.stat(p).st_mtime_ns)
     if structures is not None:
         rois = [rois[i] for i in pick_structures([name for _, name, _, _ in rois], structures, p)]
@@ -542,7 +544,7 @@ def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None)
                 held = labels[k][mask]
                 over += int(np.count_nonzero((held != 0) & ~np.isin(held, _external_values(rois))))
             labels[k][mask] = value
-    if over:
+    if over and not quiet:
         import warnings
 
         warnings.warn(f"{p}: {over} voxels lie inside the contours of more than one ROI; each takes the later ROI's "

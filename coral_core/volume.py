@@ -753,14 +753,16 @@ def is_dicom_labels(path: str | os.PathLike) -> bool:
     return is_dicom_file(path) and _modality(path) in _LABEL_MODALITIES
 
 
-def load_labels_like(path: str | os.PathLike, like: Volume, structures: list[str] | None = None) -> Volume:
+def load_labels_like(path: str | os.PathLike, like: Volume, structures: list[str] | None = None, *,
+                     quiet: bool = False) -> Volume:
     """Labels for the image ``like``: a label file or DICOM folder as :func:`load_volume` reads it (its shape is the
     caller's to check); a DICOM SEG file placed on the image's voxel grid, each segment's voxels labelled with its
     segment number (segments drawn over one another: the highest number's, with a warning); or a DICOM RT structure
     set's closed contours filled on the grid, ROI n of its regions labelled n
     (:func:`coral_core.dicomlabels.contours_on_grid`). Raises :class:`OffGridError` with one sentence for a SEG or
     contours that do not lie on the image's grid. ``structures``: only the classes, segments or ROIs of these names,
-    labelled 1, 2, ... in this order (a label file must name its classes; one sentence says what a file lacks)."""
+    labelled 1, 2, ... in this order (a label file must name its classes; one sentence says what a file lacks).
+    ``quiet``: no warning for structures drawn over one another (a caller that has said so already)."""
     modality = _modality(path) if is_dicom_file(path) else ""
     if modality not in _LABEL_MODALITIES:
         volume = load_volume(path)
@@ -769,9 +771,9 @@ def load_labels_like(path: str | os.PathLike, like: Volume, structures: list[str
     from coral_core.dicomlabels import contours_on_grid, seg_on_grid
 
     if modality == "SEG":
-        labels = seg_on_grid(Path(path), like, structures)
+        labels = seg_on_grid(Path(path), like, structures, quiet=quiet)
     else:
-        labels = contours_on_grid(Path(path), like, structures)[0]
+        labels = contours_on_grid(Path(path), like, structures, quiet=quiet)[0]
     return Volume(labels, like.affine, Path(path))
 
 

@@ -205,7 +205,8 @@ class Job:
     (the spec's "data") by the job's own thread before the training starts, not by the
     caller's: on napari's GUI thread that write took 0.8-2.9 s per GB. An array may be a
     :class:`napari_coral._layers.LayerArray`, a layer's data not read yet (a lazy layer is read
-    from disk here too); one that cannot be read ends the job with an error naming the layer.
+    from disk here too; one that cannot be read ends the job with an error naming the layer), or a
+    :class:`napari_coral._layers.SourceFilled`, labels filled from their DICOM file here.
     """
 
     def __init__(self, kind: str, spec: dict, mode: str = "process",
@@ -304,11 +305,12 @@ class Job:
 
 def write_inputs(folder: Path, **arrays) -> Path:
     """Save the arrays a job needs as one .npz in ``folder``, reading each
-    :class:`~napari_coral._layers.LayerArray` first (a UserError names a layer that cannot be read)."""
-    from napari_coral._layers import LayerArray
+    :class:`~napari_coral._layers.LayerArray` first (a UserError names a layer that cannot be read) and filling
+    each :class:`~napari_coral._layers.SourceFilled` from its file."""
+    from napari_coral._layers import LayerArray, SourceFilled
 
     path = folder / "inputs.npz"
-    np.savez(path, **{k: v.read() if isinstance(v, LayerArray) else v for k, v in arrays.items()})
+    np.savez(path, **{k: v.read() if isinstance(v, (LayerArray, SourceFilled)) else v for k, v in arrays.items()})
     return path
 
 

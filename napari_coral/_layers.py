@@ -158,3 +158,29 @@ class LayerArray:
         except Exception as exc:
             raise UserError(f"could not read the data of layer {self.name!r} ({type(exc).__name__}: {exc}); "
                             "check that the files it was opened from are still there") from exc
+
+
+class SourceFilled:
+    """Labels picked by name from a layer read from a DICOM SEG or RT structure set, filled from that file when the
+    job reads them, not on napari's thread (filling an RT structure set of 1,100-1,200 contours on 200 slices of
+    512 x 512 took 0.7-0.9 s on a 2-core CPU, benchmarks/dicom_labels.py): ``painted`` is the snapshot as the layer shows it, and ``read()`` gives it with the ``slices`` still
+    as read taken from ``source``, each of the structures ``entries`` filled alone (as ``coral finetune
+    --structures`` does), so one drawn over another (a PTV over the heart) keeps its voxels. When the file cannot be
+    read as it was, ``read()`` gives ``painted``."""
+
+    def __init__(self, painted: np.ndarray, source, affine: np.ndarray, entries: list[str], slices: list[int]) -> None:
+        self.painted, self.source, self.affine, self.entries, self.slices = painted, source, affine, entries, slices
+        self.shape = painted.shape
+
+    def read(self) -> np.ndarray:
+        from coral_core.errors import UserError
+        from coral_core.volume import load_labels_like
+
+        like = Volume(np.broadcast_to(np.uint8(0), self.shape), self.affine, self.source)
+        try:  # picked structures drawn over one another: the later one's, as the reader said when it opened the file
+            alone = load_labels_like(self.source, like, self.entries, quiet=True).array
+        except (UserError, OSError, ValueError):
+            return self.painted
+        filled = self.painted.copy()
+        filled[self.slices] = alone[self.slices]
+        return filled

@@ -5,6 +5,8 @@ as well as our reader; RT structure sets and SEG files read onto an image's grid
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pydicom
 import pytest
@@ -215,6 +217,9 @@ def test_what_an_rt_structure_set_cannot_label_is_one_sentence(tmp_path):
                                          r"the later ROI's label"):
         labels = load_labels_like(rs, image).array
     assert labels[2, 4, 4] == 2 and labels[2, 1, 1] == 1 and labels[2, 8, 8] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quiet: the same labels, no warning
+        np.testing.assert_array_equal(load_labels_like(rs, image, quiet=True).array, labels)
     between = write_rt_structure_set(tmp_path / "between.dcm", image.affine,
                                      (("LV", "ORGAN", [(1.5, _box(1, 5, 1, 5))]),))
     with pytest.raises(OffGridError,

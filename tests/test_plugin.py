@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -615,8 +616,8 @@ def test_finetune_trains_classes_named_in_the_panel_and_picks_a_layer_s_structur
     assert start.config.class_names == ["background", "BODY", "Right ventricle", "Myocardium", "LV"]
 
 
-def test_structures_picked_from_an_opened_structure_set_are_filled_alone_where_not_painted(tmp_path,
-                                                                                           make_napari_viewer):
+def test_structures_picked_from_an_opened_structure_set_are_filled_alone_where_not_painted(
+        tmp_path, make_napari_viewer, qtbot, monkeypatch, coral_home):
     """An RT structure set opened in napari is one Labels layer, where a PTV drawn over the heart has taken the
     heart's voxels. Picked by name under Classes, the heart is filled from the file on its own (as coral finetune
     --structures does) on the slices not painted since; a slice painted since trains as painted."""
@@ -645,14 +646,33 @@ def test_structures_picked_from_an_opened_structure_set_are_filled_alone_where_n
         "picked by name from 'RS': Heart (its label 1) as 1; its other labels are background; a new head for "
         "these classes; slices not painted since it was opened are filled from RS.dcm one structure at a time, so "
         "one drawn over another keeps its voxels")
+    import coral_core.volume
+
+    reads = []  # the threads that read the structure set: the job's, never napari's
+    load_labels_like = coral_core.volume.load_labels_like
+    monkeypatch.setattr(coral_core.volume, "load_labels_like",
+                        lambda *a, **k: reads.append(threading.current_thread()) or load_labels_like(*a, **k))
     _, scans, _, model, _, _, _ = widget._inputs()
     assert model.config.class_names == ["background", "Heart"]
-    np.testing.assert_array_equal(scans[0][2], heart)  # the whole heart, under the PTV too
+    assert not reads  # napari's thread only noted which slices are still as read
+    under_ptv = heart.copy()
+    under_ptv[1:3, 5:8, 5:8] = 0
+    np.testing.assert_array_equal(scans[0][2].painted, under_ptv)  # as the layer shows it
+    np.testing.assert_array_equal(scans[0][2].read(), heart)  # the whole heart, under the PTV too
     widget.classes.setText("Cardiac|heart")  # a class that scans name either way: the first name it has here
     assert widget.classes_label.text().startswith("picked by name from 'RS': Cardiac (its label 1) as 1;")
     _, scans, _, model, _, _, _ = widget._inputs()
     assert model.config.class_names == ["background", "Cardiac"]
-    np.testing.assert_array_equal(scans[0][2], heart)
+    np.testing.assert_array_equal(scans[0][2].read(), heart)
+    reads.clear()
+    widget.steps.setValue(2)
+    runner = widget.finetune(mode="thread")  # the job's thread fills the heart from the file before training
+    assert runner.job.spec["training"]["structures"] == ["Cardiac"]
+    with qtbot.waitSignal(runner.finished, timeout=120_000):
+        pass
+    assert reads and threading.main_thread() not in reads
+    with np.load(runner.job.spec["data"]) as trained:
+        np.testing.assert_array_equal(trained["labels"], heart)
     rs.data_setitem((np.array([2]), np.array([0]), np.array([0])), np.array([1], rs.data.dtype))  # slice 2 painted
     _, scans, _, _, _, _, _ = widget._inputs()
     assert widget.annotated_slices() == [2]  # once something is painted, the slices painted are the annotation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 
 import numpy as np
 import pydicom
@@ -205,6 +206,9 @@ def test_a_dicom_seg_is_read_onto_its_images_grid(tmp_path):
                                          r"the highest segment number"):
         drawn = load_labels_like(seg, image).array
     assert (drawn[1][over] == 2).all() and (drawn == 1).sum() == (labels == 1).sum() - 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quiet: the same labels, no warning (the caller said so when it opened it)
+        np.testing.assert_array_equal(load_labels_like(seg, image, quiet=True).array, drawn)
     moved = affine.copy()
     moved[:3, 3] += affine[:3, 0] * 0.5  # half a voxel along x: not this image's grid
     shifted = Volume(image.array, moved, image.path)

@@ -387,8 +387,8 @@ class FinetuneWidget(QWidget):
         return pairs
 
     def _inputs(self):
-        """What a fine-tuning trains on: the chosen image, the scans (name, image reader, labels snapshot,
-        training slices) with the chosen pair's first (for a cine, the frame holding the validation slices,
+        """What a fine-tuning trains on: the chosen image, the scans (name, image reader, labels snapshot or
+        :class:`napari_coral._layers.SourceFilled`, training slices) with the chosen pair's first (for a cine, the frame holding the validation slices,
         or the frame shown if annotated), the validation slices of that first scan, the model, every
         Labels layer to save, the readers of unlabelled images, and the classes' plan (the model is set up for
         its classes: :func:`coral_core.model.for_classes`)."""
@@ -518,7 +518,7 @@ class FinetuneWidget(QWidget):
         if model.config.pixel_spacing is not None:  # the job trains on the square where most of the paint is
             from coral_core.data import field_of_view
 
-            outside = sum(field_of_view(model.config, lab.shape, reader.spacing).around(lab).outside(lab)
+            outside = sum(field_of_view(model.config, lab.shape, reader.spacing).around(_painted(lab)).outside(_painted(lab))
                           for _, reader, lab, _ in scans)
             left_out = f"; {outside} painted voxels lie beyond it and are left out" if outside else ""
             also += (f", in millimetres (a {model.config.image_size * model.config.pixel_spacing:.4g} mm square of each "
@@ -631,8 +631,7 @@ def _scans(image, labels, keys: list, plan, first: int | None = None) -> list[tu
     """(name, image reader, labels snapshot as ``plan``'s classes, slices) for a pair of layers: one scan, or in a
     cine one per annotated frame (frame ``first`` first, when given), named "IMAGE frame T"."""
     if image.ndim == 3:
-        lab = _snapshot(labels.data, labels.name, keys, plan)
-        _fill_from_source(labels, keys, plan, lab)
+        lab = _from_source(labels, keys, plan, _snapshot(labels.data, labels.name, keys, plan))
         return [(image.name, LayerArray(image, np.float32), lab, keys)]
     frames = _by_frame(keys)
     return [(f"{image.name} frame {t}", LayerArray(image, np.float32, frame=t),
@@ -648,35 +647,30 @@ def source_file(labels) -> Path | None:
     return Path(source)
 
 
-def _fill_from_source(labels, slices: list[int], plan, lab: np.ndarray) -> None:
-    """Where classes are picked by name from a layer read from a DICOM SEG or RT structure set, its annotated slices
-    that are still as read take them from the file, each structure filled alone (as ``coral finetune --structures``
-    does), not from the layer, where a structure drawn over another (a PTV over the heart) has taken its voxels.
-    Slices painted since keep what the layer holds; when the file cannot be read as it was, the layer's labels are
-    used throughout."""
-    import warnings
-
-    from coral_core.volume import Volume, load_labels_like
-    from napari_coral._layers import slice_digests
+def _from_source(labels, slices: list[int], plan, lab: np.ndarray):
+    """``lab``, or where classes are picked by name from a layer read from a DICOM SEG or RT structure set, a
+    :class:`napari_coral._layers.SourceFilled` that the job fills from the file on its own thread: on the annotated
+    slices still as read (told here, from the digests the reader kept, before painting goes on), each structure
+    alone, not as the layer shows them, where a structure drawn over another (a PTV over the heart) has taken its
+    voxels. Slices painted since keep what the layer holds."""
+    from napari_coral._layers import SourceFilled, slice_digests
 
     source = source_file(labels)
     if source is None or plan.mappings.get(labels.name) is None:
-        return
+        return lab
     read = labels.metadata["coral_slice_digests"]
     if len(read) != labels.data.shape[0]:
-        return
+        return lab
     now = slice_digests(labels.data[z] for z in slices)
     unchanged = [z for z, digest in zip(slices, now) if digest == read[z]]
     if not unchanged:
-        return
-    like = Volume(np.broadcast_to(np.uint8(0), labels.data.shape), np.asarray(labels.metadata["affine"]), source)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # picked structures drawn over one another: the later one's, as read
-            alone = load_labels_like(source, like, plan.entries).array
-    except (UserError, OSError, ValueError):
-        return
-    lab[unchanged] = alone[unchanged]
+        return lab
+    return SourceFilled(lab, source, np.asarray(labels.metadata["affine"]), plan.entries, unchanged)
+
+
+def _painted(lab) -> np.ndarray:
+    """A scan's labels as the layer shows them (a :class:`SourceFilled`'s before the file fills them)."""
+    return getattr(lab, "painted", lab)
 
 
 def _snapshot(data, layer: str, slices: list[int], plan, name: str | None = None) -> np.ndarray:
