@@ -340,13 +340,15 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
                      structures: list[str] | None = None) -> list[tuple[str, str, tuple]]:
     """The annotated scans of one image and the label volume drawn on it, checked, each as (name, the
     labels' name, pair) with the pair as :func:`_annotated_pair` gives it: a 3-D image is one scan named by its path; a 4-D
-    (cine) image with 4-D labels gives one scan per frame that holds labels, named "IMAGE frame T", as
+    (cine) image with 4-D labels (or a DICOM SEG or RT structure set drawn on its frames) gives one scan per frame
+    that holds labels, named "IMAGE frame T", as
     the plugin's Fine-tune panel trains on a cine layer. ``mm``: the model's pixel spacing, whose field of
     view (:class:`coral_core.data.FieldOfView`, ``size`` pixels at ``mm``), placed on the scan's labels, is
     cut from each scan first; the pair then carries how many labelled voxels lay outside it. ``structures``: the
     classes (SEG segments, RT structure set ROIs) of these names only, as classes 1, 2, ..."""
     from coral_core.data import FieldOfView
-    from coral_core.volume import Volume, frame_count, load_frames, load_labels_like, load_volume, pick_classes
+    from coral_core.volume import (Volume, frame_count, is_dicom_labels, load_frames, load_labels_like, load_volume,
+                                   pick_classes)
 
     def pair(image, labels, names, slices):
         image_array, labels_array, outside = image.array, labels.array, 0
@@ -366,12 +368,16 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     if slices_text:
         raise UserError(f"{image_path}: --slices names slices of one volume, and this is a series of {series} frames; "
                         "leave --slices out to train on the slices that hold labels in each frame")
-    if frame_count(labels_path) != series:
-        raise UserError(f"{labels_path}: holds {_count_of(frame_count(labels_path), 'frame')} but {image_path} is a "
-                        f"series of {series} frames; give the 4-D labels drawn on this series")
-    images, labels = load_frames(image_path), load_frames(labels_path)
-    if structures is not None:
-        labels = [Volume(pick_classes(lab.array, labels_path, structures), lab.affine, lab.path) for lab in labels]
+    images = load_frames(image_path)
+    if is_dicom_labels(labels_path):  # a SEG or structure set of the cine: each frame's labels on that frame
+        labels = dicom_labels_frames(labels_path, images, structures)
+    else:
+        if frame_count(labels_path) != series:
+            raise UserError(f"{labels_path}: holds {_count_of(frame_count(labels_path), 'frame')} but {image_path} is "
+                            f"a series of {series} frames; give the 4-D labels drawn on this series")
+        labels = load_frames(labels_path)
+        if structures is not None:
+            labels = [Volume(pick_classes(lab.array, labels_path, structures), lab.affine, lab.path) for lab in labels]
     out = []
     for t, (image, lab) in enumerate(zip(images, labels)):
         if lab.array.any():  # the frames nobody painted are not training data
@@ -665,7 +671,7 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     from coral_core.data import _stem, discover_volumes, output_name
     from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name
     from coral_core.fileio import check_output_path
-    from coral_core.volume import VOLUME_SUFFIXES, frame_count, is_volume_path
+    from coral_core.volume import VOLUME_SUFFIXES, is_volume_path
 
     if (args.out is None) == (args.out_dir is None):
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
@@ -684,9 +690,6 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         out = check_output_path(args.out)
         if is_dicom_seg_name(out):  # DICOM labels refer to the DICOM images they label: only for a DICOM input
             check_dicom_seg_source(args.images[0], out, what)
-            if frame_count(args.images[0]) > 1:
-                raise UserError(f"{out}: a {what} is written for a 3-D image, and {args.images[0]} is a cine series; "
-                                "end the output's name with .nii.gz, .mha or .nrrd")
         return [(Path(args.images[0]), out)]
     out_dir = Path(args.out_dir)
     targets: dict[Path, Path] = {}
@@ -696,9 +699,8 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         # one file each, in the image's format (a cine's labels: one 4-D file); DICOM (a series' folder, a
         # multi-frame file) -> NIfTI
         suffix = {".mhd": ".mha", ".nhdr": ".nrrd"}.get(suffix, suffix if suffix in VOLUME_SUFFIXES else ".nii.gz")
-        if ((args.dicom_seg or args.rt_struct) and suffix == ".nii.gz" and _dicom_source(case.image)
-                and frame_count(case.image) == 1):
-            suffix = ".dcm"  # a DICOM SEG (or RT structure set) on the series' images
+        if (args.dicom_seg or args.rt_struct) and suffix == ".nii.gz" and _dicom_source(case.image):
+            suffix = ".dcm"  # a DICOM SEG (or RT structure set) on the series' images (a cine's: every frame's)
         out = out_dir / f"{output_name(case)}_labels{suffix}"
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
@@ -708,6 +710,19 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     except OSError as exc:
         raise UserError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc}); choose another --out-dir") from None
     return [(image, check_output_path(out)) for out, image in targets.items()]
+
+
+def dicom_labels_frames(path, frames: list, structures: list[str] | None = None) -> list:
+    """A DICOM SEG or RT structure set on the voxel grid of an image's frames, one volume per frame (a cine's each
+    frame placed by the images it names: :func:`coral_core.volume.load_labels_like`)."""
+    import numpy as np
+
+    from coral_core.volume import Volume, load_labels_like
+
+    if len(frames) == 1:
+        return [load_labels_like(path, frames[0], structures)]
+    like = Volume(np.broadcast_to(np.uint8(0), (len(frames), *frames[0].shape)), frames[0].affine, frames[0].path)
+    return [Volume(array, frames[0].affine, Path(path)) for array in load_labels_like(path, like, structures).array]
 
 
 def _dicom_source(path) -> bool:
@@ -868,13 +883,16 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
 
     from coral_core.data import label_map
     from coral_core.metrics import evaluate_segmentation
-    from coral_core.volume import (Volume, is_dicom_labels, load_frames, load_labels_like, load_volume, pick_classes,
-                                   read_class_names)
+    from coral_core.volume import Volume, is_dicom_labels, load_frames, pick_classes, read_class_names
 
     def frames_of(path, like=None, picked=False) -> list:
-        """A file's labels (a DICOM SEG or structure set on ``like``'s grid), the structures picked where asked."""
+        """A file's labels (a DICOM SEG or structure set on the grid of ``like``, an image's frames), the structures
+        picked where asked."""
         if is_dicom_labels(path):
-            return [load_labels_like(path, like, structures)]
+            if len(like) > 1 and not _dicom_source(like[0].path):
+                raise UserError(f"{path}: DICOM labels of a cine series name the DICOM image of each frame, which "
+                                f"{like[0].path} is not; give the series they were drawn on with --image IMAGE")
+            return dicom_labels_frames(path, like, structures)
         frames = load_frames(path)
         if structures and (picked or read_class_names(path)):
             frames = [Volume(pick_classes(f.array, path, structures), f.affine, f.path) for f in frames]
@@ -882,18 +900,18 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
 
     # a cine series (4-D files, as coral segment writes one) is scored frame by frame; a DICOM SEG or RT structure
     # set is placed on the grid of the other file
-    if is_dicom_labels(pred) and is_dicom_labels(truth) and grid is not None:
-        image = load_volume(grid)
+    image = load_frames(grid) if grid is not None and (is_dicom_labels(pred) or is_dicom_labels(truth)) else None
+    if is_dicom_labels(pred) and is_dicom_labels(truth) and image is not None:
         preds, truths = frames_of(pred, image), frames_of(truth, image)
     elif is_dicom_labels(pred) and is_dicom_labels(truth):
         raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG or RT structure set files, which hold no voxel grid "
                         "of their own; give the image they were drawn on with --image IMAGE")
     elif is_dicom_labels(truth):
         preds = frames_of(pred)
-        truths = frames_of(truth, preds[0]) if len(preds) == 1 else load_frames(truth)
+        truths = frames_of(truth, image or preds)
     elif is_dicom_labels(pred):
         truths = frames_of(truth, picked=True)
-        preds = frames_of(pred, truths[0]) if len(truths) == 1 else load_frames(pred)
+        preds = frames_of(pred, image or truths)
     else:
         preds, truths = frames_of(pred), frames_of(truth, picked=True)
     if len(preds) != len(truths) or preds[0].shape != truths[0].shape:
@@ -1583,11 +1601,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ".nii.gz, or with --dicom-seg a DICOM SEG, with --rt-struct an RT structure set); the model is "
                         "loaded once")
     p.add_argument("--dicom-seg", action="store_true",
-                   help="with --out-dir: write the labels of each 3-D DICOM input as a DICOM SEG on its images "
-                        "(NAME_labels.dcm); other inputs as without it")
+                   help="with --out-dir: write the labels of each DICOM input (a cine's: every frame's) as a DICOM "
+                        "SEG on its images (NAME_labels.dcm); other inputs as without it")
     p.add_argument("--rt-struct", action="store_true",
                    help="DICOM labels as an RT structure set (closed contours, as radiotherapy planning systems "
-                        "import them) instead of a SEG: --out NAME.dcm, or with --out-dir each 3-D DICOM input's as "
+                        "import them) instead of a SEG: --out NAME.dcm, or with --out-dir each DICOM input's as "
                         "NAME_labels.dcm")
     p.add_argument("--batch-size", type=_positive_int, default=16,
                    help="slices per forward pass (default 16; halved by itself if the device runs out of memory)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,8 @@ class _Plane:
     spacing: tuple[float, float]  # mm between rows, between columns
     rows: int
     columns: int
+    series: str = ""  # its Series Instance UID
+    phase: int = 0  # the frame of a cine it belongs to, as the image reader orders them (0 in a 3-D series)
 
 
 def check_dicom_seg_source(source: str | os.PathLike | None, out: str | os.PathLike, what: str = "DICOM SEG") -> Path:
@@ -80,22 +82,24 @@ def check_dicom_seg_source(source: str | os.PathLike | None, out: str | os.PathL
 
 
 def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, class_names: list[str] | None = None,
-                   *, series_uid: str | None = None, algorithm: str = "AUTOMATIC",
+                   *, series_uid: str | list[str] | None = None, algorithm: str = "AUTOMATIC",
                    description: str = "napari-coral segmentation") -> Path:
     """Write ``labels`` ((z, y, x), the shape of ``like``, which was read from a DICOM series folder or multi-frame
-    file) as a BINARY DICOM SEG referring to ``like``'s source images, atomically. ``series_uid`` picks the series of
-    a folder that holds several (napari's ``dicom_series``); ``algorithm`` is one of :data:`SEG_ALGORITHMS`.
-    Raises :class:`UserError` with one sentence for an image not read from DICOM, a cine, or labels whose grid is
-    not the source images'."""
+    file; of a cine, (t, z, y, x): every frame, each image's labels on it) as a BINARY DICOM SEG referring to
+    ``like``'s source images, atomically; a cine's frames also carry their temporal position index (t + 1), a
+    dimension of the SEG. ``series_uid`` picks the series of a folder that holds several (napari's
+    ``dicom_series``: a UID, or the UIDs of a cine stack exported one series per slice position);
+    ``algorithm`` is one of :data:`SEG_ALGORITHMS`. Raises :class:`UserError` with one sentence for an image not
+    read from DICOM, labels of another count of frames, or labels whose grid is not the source images'."""
     from pydicom.pixels import pack_bits
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid
 
-    p, header, planes, sampled = _labels_on_sources(path, labels, like, series_uid, algorithm, "DICOM SEG")
+    p, header, planes, sampled, places = _labels_on_sources(path, labels, like, series_uid, algorithm, "DICOM SEG")
     names = [str(n) for n in (class_names or ["background"])]
     count = max(len(names) - 1, int(labels.max(initial=0)))
     held = [np.unique(plane_labels) for plane_labels in sampled]  # the values on each plane
-    frames = sorted((int(n), index) for index, values in enumerate(held) for n in values if n > 0)
+    frames = sorted((int(n), index) for index, values in enumerate(held) for n in values if n > 0)  # (segment, plane)
     if not frames:  # nothing labelled: one empty frame, as a SEG holds at least one
         frames = [(1, 0)]
     count = max(count, 1)
@@ -119,6 +123,12 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
               FunctionalGroupPointer=0x0062000A, DimensionDescriptionLabel="ReferencedSegmentNumber"),
         _item(DimensionOrganizationUID=organisation, DimensionIndexPointer=0x00200032,
               FunctionalGroupPointer=0x00209113, DimensionDescriptionLabel="ImagePositionPatient")])
+    cine = np.ndim(labels) == 4
+    if cine:  # frames at one position told apart by their phase
+        ds.DimensionIndexSequence.append(_item(
+            DimensionOrganizationUID=organisation, DimensionIndexPointer=0x00209128, FunctionalGroupPointer=0x00209111,
+            DimensionDescriptionLabel="TemporalPositionIndex"))
+    position_index = {k: i + 1 for i, k in enumerate(sorted({k for _, k in places}))}  # of the positions, from 1
     first = planes[0]
     columns = like.affine[:3, :3]
     normal = np.cross(columns[:, 0], columns[:, 1])
@@ -136,20 +146,24 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
         image.SpatialLocationsPreserved = "YES"  # the frame is the source image's own pixel grid
         image.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM", "Source image for image processing "
                                                                                 "operation")])
+        t, k = places[index]
+        content = _item(DimensionIndexValues=[n, position_index[k], *([t + 1] if cine else [])])
+        if cine:
+            content.TemporalPositionIndex = t + 1
         per_frame.append(_item(
             DerivationImageSequence=Sequence([_item(SourceImageSequence=Sequence([image]),
                                                     DerivationCodeSequence=Sequence([_code("113076", "DCM",
                                                                                            "Segmentation")]))]),
-            FrameContentSequence=Sequence([_item(DimensionIndexValues=[n, index + 1])]),
+            FrameContentSequence=Sequence([content]),
             PlanePositionSequence=Sequence([_item(ImagePositionPatient=_ds(plane.position, 6))]),
             SegmentIdentificationSequence=Sequence([_item(ReferencedSegmentNumber=n)])))
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
     ds.NumberOfFrames = len(frames)
-    instances = {(plane.sop_class, plane.sop_instance): None for plane in planes}
     ds.ReferencedSeriesSequence = Sequence([_item(
-        SeriesInstanceUID=str(header.get("SeriesInstanceUID", "")),
+        SeriesInstanceUID=series,
         ReferencedInstanceSequence=Sequence([_item(ReferencedSOPClassUID=c, ReferencedSOPInstanceUID=i)
-                                             for c, i in instances]))])
+                                             for c, i in instances]))
+        for series, instances in _by_series(planes).items()])
     masks = np.stack([sampled[index] == n for n, index in frames]).astype(np.uint8)
     ds.PixelData = pack_bits(masks)  # frames packed one after another, padded to an even length
     with atomic_target(p, suffix=".dcm") as tmp:
@@ -158,10 +172,11 @@ def save_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, cl
 
 
 def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Volume,
-                          class_names: list[str] | None = None, *, series_uid: str | None = None,
+                          class_names: list[str] | None = None, *, series_uid: str | list[str] | None = None,
                           algorithm: str = "AUTOMATIC", description: str = "napari-coral segmentation") -> Path:
     """Write ``labels`` ((z, y, x), the shape of ``like``, which was read from a DICOM series folder or multi-frame
-    file) as a DICOM RT structure set on ``like``'s source images, atomically: label n is ROI n, named
+    file; of a cine, (t, z, y, x)) as a DICOM RT structure set on ``like``'s source images, atomically (a cine's
+    contours each on the image of its frame): label n is ROI n, named
     ``class_names[n]``, with napari's colour for n; each of its pieces on a source image is a CLOSED_PLANAR contour
     referring to that image, and a hole in a piece is a contour inside it (read even-odd, as
     :func:`contours_on_grid` and planning systems read them). A contour runs through the midpoints between the
@@ -173,8 +188,8 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
 
     from coral_core.plotting import LABEL_COLOURS
 
-    p, header, planes, sampled = _labels_on_sources(path, labels, like, series_uid, algorithm,
-                                                    "DICOM RT structure set")
+    p, header, planes, sampled, _ = _labels_on_sources(path, labels, like, series_uid, algorithm,
+                                                       "DICOM RT structure set")
     names = [str(n) for n in (class_names or ["background"])]
     count = max(len(names) - 1, int(labels.max(initial=0)), 1)
     ds = _new_object(header, RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", description, names)
@@ -191,8 +206,9 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
         RTReferencedStudySequence=Sequence([_item(
             ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1",  # the study, as structure sets name it
             ReferencedSOPInstanceUID=ds.get("StudyInstanceUID", ""),
-            RTReferencedSeriesSequence=Sequence([_item(SeriesInstanceUID=str(header.get("SeriesInstanceUID", "")),
-                                                       ContourImageSequence=Sequence(images))]))]))])
+            RTReferencedSeriesSequence=Sequence([_item(SeriesInstanceUID=series, ContourImageSequence=Sequence(
+                [_image_reference(plane) for plane in planes if plane.series == series]))
+                for series in _by_series(planes)]))]))])
     pieces = [_pieces(plane_labels, count) for plane_labels in sampled]  # {n: (box, mask)} of each plane
     rois, outlines, observations = [], [], []
     for n in range(1, count + 1):
@@ -224,26 +240,36 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
     return p
 
 
-def _labels_on_sources(path, labels: np.ndarray, like: Volume, series_uid: str | None, algorithm: str,
+def _labels_on_sources(path, labels: np.ndarray, like: Volume, series_uid, algorithm: str,
                        what: str) -> tuple:
-    """The checks both writers make, then (output path, first source header, the source planes in slice order, the
-    labels on each in its own rows and columns)."""
+    """The checks both writers make, then (output path, first source header, the source planes in slice order (a
+    cine's frame by frame), the labels on each in its own rows and columns, the (frame, slice) of each)."""
     p = check_output_path(path)
     source = check_dicom_seg_source(like.path, p, what)
     if algorithm not in SEG_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {SEG_ALGORITHMS}, not {algorithm!r}")
     labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise UserError(f"{p}: a {what} is written here for a 3-D image, and these labels have {labels.ndim} "
-                        "dimensions (a cine); end the output's name with .nii.gz, .mha or .nrrd")
-    if labels.shape != like.shape:
+    if labels.ndim not in (3, 4):
+        raise UserError(f"{p}: a {what} is written for a 3-D image or a cine's frames, and these labels have "
+                        f"{labels.ndim} dimensions; end the output's name with .nii.gz, .mha or .nrrd")
+    if labels.shape[-3:] != like.shape[-3:]:
         raise ValueError(f"labels shape {labels.shape} differs from the image's {like.shape}")
     if labels.min(initial=0) < 0:
         raise UserError(f"{p}: labels hold negative values, which no {what} can hold; clear them first")
     header, planes = _source_planes(source, series_uid, p)
     placed = _on_planes(labels, like, planes, p, source)  # each plane's slice, and labels in its rows and columns
-    order = sorted(range(len(planes)), key=lambda index: placed[index][0])  # the planes in slice order
-    return p, header, [planes[index] for index in order], [placed[index][1] for index in order]
+    order = sorted(range(len(planes)), key=lambda index: placed[index][0])  # in slice order, a cine's frame by frame
+    return (p, header, [planes[index] for index in order], [placed[index][1] for index in order],
+            [placed[index][0] for index in order])
+
+
+def _by_series(planes: list[_Plane]) -> dict[str, dict[tuple, None]]:
+    """The planes' images (SOP class, instance), each once, by series in the order the planes name them (a cine
+    stack exported one series per slice position spans several)."""
+    found: dict[str, dict[tuple, None]] = {}
+    for plane in planes:
+        found.setdefault(plane.series, {})[(plane.sop_class, plane.sop_instance)] = None
+    return found
 
 
 def _new_object(header, sop_class: str, modality: str, description: str, names=()):
@@ -378,7 +404,9 @@ def pick_structures(available: list[str], wanted: list[str], p) -> list[int]:
 
 def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None, *, quiet: bool = False) -> np.ndarray:
     """A DICOM SEG file's segments on the voxel grid of the image ``like`` (segment n: label n; drawn over one
-    another, the highest number's, with a warning); :class:`OffGridError` when a frame does not lie on it.
+    another, the highest number's, with a warning); :class:`OffGridError` when a frame does not lie on it. On a cine
+    (``like`` of shape (t, z, y, x), read from DICOM), each frame is placed in the cine's frame of the source image
+    it names (:class:`OffGridError` when it names none of them).
     ``structures``: only the segments of these labels, in this order (label 1, 2, ...; :func:`pick_structures`).
     ``quiet``: no warning for segments drawn over one another."""
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
@@ -391,24 +419,48 @@ def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None, *, q
         seg_frames = [(renumber[number], *rest) for number, *rest in seg_frames if number in renumber]
     top = max((number for number, *_ in seg_frames), default=0)
     labels = np.zeros(like.shape, np.uint8 if top < 256 else np.uint16)
-    for number, position, axes, mask in seg_frames:
+    phase = _phase_finder(p, like, [frame[4] for frame in seg_frames], "DICOM SEG frames")
+    for number, position, axes, mask, source in seg_frames:
         start = (to_voxel @ np.array([*position, 1.0]))[:3]
         steps = to_voxel[:3, :3] @ axes  # one column, one row: in voxels
-        frames.append((number, _plane_on_grid(start, steps[:, 0], steps[:, 1], *mask.shape, like.shape), mask))
-    for number, place, mask in sorted(frames, key=lambda f: f[0]):
+        frames.append((number, _plane_on_grid(start, steps[:, 0], steps[:, 1], *mask.shape, like.shape[-3:]), mask,
+                       phase(source)))
+    for number, place, mask, t in sorted(frames, key=lambda f: f[0]):
         if place is None:
             raise OffGridError(f"{p}: DICOM SEG frames do not lie on the voxel grid of {like.path} (orientation, "
                                "spacing or position differ); give the segmentation drawn on this image")
         k, view = place
-        drawn = view(labels[k])  # a view: writing to it writes the labels
+        drawn = view((labels[t] if labels.ndim == 4 else labels)[k])  # a view: writing to it writes the labels
         over = int(np.count_nonzero(mask & (drawn != 0) & (drawn != number)))
         if over and not quiet:
             import warnings
 
-            warnings.warn(f"{p}: {over} voxels of slice {k} belong to more than one segment; each takes the highest "
-                          "segment number", stacklevel=3)
+            of_frame = f" of frame {t}" if labels.ndim == 4 else ""
+            warnings.warn(f"{p}: {over} voxels of slice {k}{of_frame} belong to more than one segment; each takes the "
+                          "highest segment number", stacklevel=3)
         drawn[mask] = number
     return labels
+
+
+def _phase_finder(p: Path, like: Volume, references: list, what: str):
+    """For DICOM labels on ``like``: a function from a source image reference (:func:`_reference_key`) to the frame
+    of ``like`` it lies in: 0 for a 3-D image; for a cine (t, z, y, x), the frame of the image it names, read from
+    ``like``'s DICOM source; :class:`OffGridError` (``what``: the labels' parts, as the sentence names them) when
+    they name no image of it."""
+    if len(like.shape) != 4:
+        return lambda reference: 0
+    named = [reference for reference in references if reference is not None]
+    source = Path(like.path) if like.path is not None else None
+    phases = _reference_phases(source, named) if named and source is not None and source.exists() else {}
+
+    def phase(reference) -> int:
+        t = phases.get(reference, phases.get((reference[0], None))) if reference is not None else None
+        if t is None:
+            raise OffGridError(f"{p}: {what} name no image of the cine series {like.path} (each must name the image "
+                               "it was drawn on), so their frames cannot be told; give the labels drawn on this series")
+        return t
+
+    return phase
 
 
 def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple | None:
@@ -442,7 +494,8 @@ def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple 
 @functools.lru_cache(maxsize=2)
 def _seg_frames(name: str, mtime: int) -> tuple[list[tuple], dict[int, str]]:
     """A DICOM SEG file's frames, each (segment number, position in LPS, the LPS steps of one column and one row as a
-    (3, 2) array, mask as bool), and its segments' labels by number, read once while the file stays the same (napari
+    (3, 2) array, mask as bool, the source image it names as (SOP instance UID, frame number or None), or None),
+    and its segments' labels by number, read once while the file stays the same (napari
     tries it on each open image). A LABELMAP SEG (each frame's pixels the numbers of their segments, 0 none) gives a
     frame for each segment a frame holds; a BINARY or FRACTIONAL one names each frame's segment."""
     import pydicom
@@ -471,13 +524,44 @@ def _seg_frames(name: str, mtime: int) -> tuple[list[tuple], dict[int, str]]:
         o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
         axes = np.stack([o[:3] * column, o[3:] * row], 1)
         where = np.array([float(v) for v in position[:3]])
+        source = _source_image(frame)
         if kind == "LABELMAP":  # the segments' numbers in the pixels
-            frames.extend((int(n), where, axes, mask == n) for n in np.unique(mask) if n > 0)
+            frames.extend((int(n), where, axes, mask == n, source) for n in np.unique(mask) if n > 0)
         else:
-            frames.append((int(number), where, axes, mask.astype(bool)))
+            frames.append((int(number), where, axes, mask.astype(bool), source))
     segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment {s.SegmentNumber}")
                 for s in ds.get("SegmentSequence", []) if int(s.SegmentNumber) > 0}  # a LABELMAP's 0: background
     return frames, segments
+
+
+def _source_image(frame) -> tuple | None:
+    """The source image a SEG frame's functional groups name (its derivation's first source image): (SOP instance
+    UID, frame number in a multi-frame source or None); None when it names none."""
+    try:
+        image = frame.DerivationImageSequence[0].SourceImageSequence[0]
+    except (AttributeError, IndexError):
+        return None
+    return _reference_key(image)
+
+
+def _contour_image(contour) -> tuple | None:
+    """The image an RT contour names (its contour image sequence's first), as :func:`_reference_key` gives it."""
+    images = contour.get("ContourImageSequence") or []
+    return _reference_key(images[0]) if len(images) else None
+
+
+def _reference_key(image) -> tuple | None:
+    """(SOP instance UID, frame number or None) of a DICOM image reference item; None without an instance."""
+    uid = str(image.get("ReferencedSOPInstanceUID", "") or "")
+    if not uid:
+        return None
+    number = image.get("ReferencedFrameNumber")
+    if number is not None and not isinstance(number, (int, float, str)):  # several values: the first
+        number = number[0] if len(number) else None
+    try:
+        return uid, int(number) if number not in (None, "") else None
+    except (TypeError, ValueError):
+        return uid, None
 
 
 def referenced_series(path: str | os.PathLike) -> str:
@@ -505,7 +589,8 @@ def structure_names(p: Path) -> list[str]:
 def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None, *,
                      quiet: bool = False) -> tuple[np.ndarray, list[str]]:
     """A DICOM RT structure set's closed planar contours filled on the voxel grid of the image ``like``: (labels,
-    the ROIs' names). Its regions, in ROI number order, are labels 1, 2, ...: the ROIs with closed contours, and those
+    the ROIs' names); on a cine (``like`` (t, z, y, x), read from DICOM), each contour in the frame of the image it
+    names. Its regions, in ROI number order, are labels 1, 2, ...: the ROIs with closed contours, and those
     with no contours at all (a structure drawn nowhere: a label no voxel has, so that the labels of a structure set
     keep their numbers whichever of its ROIs are empty); an ROI of points or open lines only, or an empty one of a
     point's type (a marker, an isocentre), is none. A voxel is inside a contour
@@ -522,28 +607,31 @@ def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None,
                         "outlines the structures")
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS -> the image's voxel (i, j, k)
     labels = np.zeros(like.shape, np.uint8 if len(rois) < 256 else np.uint16)
-    rows, columns = like.shape[1:]
+    depth, rows, columns = like.shape[-3:]
+    phase = _phase_finder(p, like, [reference for *_, contours in rois for _, reference in contours], "its contours")
     over = 0
     for value in sorted(range(1, len(rois) + 1), key=lambda n: rois[n - 1][2] != "EXTERNAL"):  # stable: ROI order
         number, name, kind, contours = rois[value - 1]
-        filled: dict[int, np.ndarray] = {}
-        for points in contours:
+        filled: dict[tuple, np.ndarray] = {}  # (frame, slice) -> inside
+        for points, reference in contours:
             voxels = (to_voxel @ np.c_[points, np.ones(len(points))].T).T[:, :3]  # (n, 3): i, j, k
             k = int(np.round(voxels[:, 2].mean()))
-            if not (np.allclose(voxels[:, 2], k, atol=0.1) and 0 <= k < like.shape[0]):
+            if not (np.allclose(voxels[:, 2], k, atol=0.1) and 0 <= k < depth):
                 raise OffGridError(f"{p}: contours of ROI {name!r} do not lie in the slices of {like.path} (another "
                                    "orientation or slice position); give the structure set drawn on this image")
+            t = phase(reference)
             drawn = _polygon_centres(voxels[:, :2], rows, columns)
             if drawn is None:
                 continue  # around no voxel centre of the slice
             box, inside = drawn
-            mask = filled.setdefault(k, np.zeros((rows, columns), bool))
+            mask = filled.setdefault((t, k), np.zeros((rows, columns), bool))
             mask[box] ^= inside
-        for k, mask in filled.items():
+        for (t, k), mask in filled.items():
+            grid = labels[t] if labels.ndim == 4 else labels
             if kind != "EXTERNAL":
-                held = labels[k][mask]
+                held = grid[k][mask]
                 over += int(np.count_nonzero((held != 0) & ~np.isin(held, _external_values(rois))))
-            labels[k][mask] = value
+            grid[k][mask] = value
     if over and not quiet:
         import warnings
 
@@ -592,7 +680,8 @@ def _external_values(rois: list) -> list[int]:
 
 @functools.lru_cache(maxsize=2)
 def _structures(name: str, mtime: int) -> list[tuple]:
-    """(ROI number, name, interpreted type in upper case, closed planar contours as (n, 3) LPS arrays) of each region
+    """(ROI number, name, interpreted type in upper case, closed planar contours as ((n, 3) LPS array, the image it
+    names as :func:`_reference_key` gives it, or None)) of each region
     ROI of an RT structure set (with such contours, or with none at all), by ROI number; read once while the file
     stays the same."""
     import pydicom
@@ -608,7 +697,8 @@ def _structures(name: str, mtime: int) -> list[tuple]:
         for item in ds.get("ROIContourSequence", []):
             number = int(item.ReferencedROINumber)
             drawn = item.get("ContourSequence", []) or []
-            contours = [points for c in drawn if str(c.get("ContourGeometricType", "")).upper() in _CLOSED
+            contours = [(points, _contour_image(c)) for c in drawn
+                        if str(c.get("ContourGeometricType", "")).upper() in _CLOSED
                         and len(points := _contour_points(c)) >= 3]
             if contours or not drawn and kinds.get(number, "") not in _POINT_TYPES:  # a region, drawn or empty
                 rois.append((number, names.get(number, f"ROI {number}"), kinds.get(number, ""), contours))
@@ -617,13 +707,40 @@ def _structures(name: str, mtime: int) -> list[tuple]:
     return sorted(rois, key=lambda roi: roi[0])
 
 
-def _source_planes(source: Path, series_uid: str | None, out: Path) -> tuple:
-    """(the first source header, the source's image planes) of a DICOM series folder (the files of ``series_uid``,
-    else of the one image series it holds) or of a multi-frame file."""
+def _source_planes(source: Path, series_uid, out: Path) -> tuple:
+    """(the first source header, the source's image planes, each with its series and its frame of a cine as the
+    image reader orders them) of a DICOM series folder (the files of ``series_uid``, a Series Instance UID or the
+    UIDs of a cine stack exported one series per slice position; else of the one image series or stack it holds)
+    or of a multi-frame file."""
+    from coral_core.volume import dicom_cine_stack, dicom_phases
+
+    wanted = {series_uid} if isinstance(series_uid, str) else set(series_uid) if series_uid else None
+    found = [(f, ds) for f, ds in _image_headers(source) if wanted is None or ds.SeriesInstanceUID in wanted]
+    series = sorted({str(ds.SeriesInstanceUID) for _, ds in found})
+    if not found or len(series) > 1 and not (source.is_dir() and dicom_cine_stack(source, series) == series):
+        raise UserError(f"{out}: {source} holds {'no DICOM image' if not found else f'{len(series)} DICOM series'} "
+                        "to refer the labels to; give the folder of one image series")
+    phases = dicom_phases(source, series if len(series) > 1 else series[0])
+    planes = []
+    try:
+        for f, ds in found:
+            for plane in _planes(ds):
+                phase = phases.get(plane.frame if plane.frame is not None else str(f.resolve()), 0)
+                planes.append(replace(plane, series=str(ds.SeriesInstanceUID), phase=phase))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UserError(f"{out}: the DICOM images in {source} give no position, orientation or pixel spacing "
+                        f"({_short(exc)}); DICOM labels cannot be placed on them, write .nii.gz instead") from None
+    keep = main_orientation([plane.orientation for plane in planes])  # no localizer: the image leaves them out too
+    return found[0][1], [plane for plane, kept in zip(planes, keep) if kept]
+
+
+def _image_headers(source: Path) -> list[tuple]:
+    """(file, header without pixels) of each DICOM image of a folder (SEGs, structure sets and other objects that
+    are no image left out), or of a multi-frame file."""
     import pydicom
 
     files = sorted(f for f in source.iterdir() if f.is_file() and _looks_like_dicom(f)) if source.is_dir() else [source]
-    headers = []
+    found = []
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
@@ -631,22 +748,26 @@ def _source_planes(source: Path, series_uid: str | None, out: Path) -> tuple:
             continue
         if str(ds.get("Modality", "")).upper() in _NOT_IMAGES or "SOPInstanceUID" not in ds:
             continue
-        if series_uid is not None and str(ds.get("SeriesInstanceUID", "")) != series_uid:
-            continue
-        headers.append(ds)
-    series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
-    if not headers or len(series) > 1:
-        raise UserError(f"{out}: {source} holds {'no DICOM image' if not headers else f'{len(series)} DICOM series'} "
-                        "to refer the labels to; give the folder of one image series")
-    planes = []
-    try:
-        for ds in headers:
-            planes.extend(_planes(ds))
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
-        raise UserError(f"{out}: the DICOM images in {source} give no position, orientation or pixel spacing "
-                        f"({_short(exc)}); DICOM labels cannot be placed on them, write .nii.gz instead") from None
-    keep = main_orientation([plane.orientation for plane in planes])  # no localizer: the image leaves them out too
-    return headers[0], [plane for plane, kept in zip(planes, keep) if kept]
+        ds.SeriesInstanceUID = str(ds.get("SeriesInstanceUID", ""))
+        found.append((f, ds))
+    return found
+
+
+def _reference_phases(source: Path, references) -> dict:
+    """{(SOP instance UID, frame number or None): the frame of the cine read from ``source`` that image is} for the
+    images of the series that ``references`` (such pairs, from DICOM labels) name; {} when they name none of it."""
+    from coral_core.volume import dicom_phases
+
+    uids = {uid for uid, _ in references}
+    headers = _image_headers(source)
+    series = sorted({ds.SeriesInstanceUID for _, ds in headers if str(ds.SOPInstanceUID) in uids})
+    if not series:
+        return {}
+    phases = dicom_phases(source, series if len(series) > 1 else series[0])
+    if not source.is_dir():
+        return {(str(ds.SOPInstanceUID), frame): t for _, ds in headers for frame, t in phases.items()}
+    return {(str(ds.SOPInstanceUID), None): phases[str(f.resolve())] for f, ds in headers
+            if str(f.resolve()) in phases}
 
 
 def _planes(ds) -> list[_Plane]:
@@ -671,24 +792,34 @@ def _planes(ds) -> list[_Plane]:
 
 
 def _on_planes(labels: np.ndarray, like: Volume, planes: list[_Plane], out: Path, source: Path) -> list[tuple]:
-    """(slice k, the labels there in the plane's own rows and columns) of each source plane (the image reader may
-    have flipped or swapped the stored axes); raises :class:`UserError` when a plane does not lie on ``like``'s voxel
-    grid, or two lie on one slice (a cine)."""
+    """((frame t, slice k), the labels there in the plane's own rows and columns) of each source plane (the image
+    reader may have flipped or swapped the stored axes), for labels (z, y, x) of a 3-D image or (t, z, y, x) of a
+    cine's frames; raises :class:`UserError` when a plane does not lie on ``like``'s voxel grid, two lie on one slice
+    of a frame, or the labels have another count of frames than the source."""
+    frames = max((plane.phase for plane in planes), default=0) + 1
+    if (labels.shape[0] if labels.ndim == 4 else 1) != frames:
+        held = f"have {labels.shape[0]} frames" if labels.ndim == 4 else "are one volume"
+        are = "are one volume" if frames == 1 else f"are a cine of {frames} frames"
+        raise UserError(f"{out}: these labels {held} and the DICOM images in {source} {are}; give labels of each of "
+                        "its frames, or end the output's name with .nii.gz, .mha or .nrrd")
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS -> the image's voxel (i, j, k)
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     sampled = []
     for plane in planes:
         start = (to_voxel @ np.array([*plane.position, 1.0]))[:3]
         column = to_voxel[:3, :3] @ (plane.orientation[:3] * plane.spacing[1])  # one column to the right
         row = to_voxel[:3, :3] @ (plane.orientation[3:] * plane.spacing[0])  # one row down
-        place = _plane_on_grid(start, column, row, plane.rows, plane.columns, like.shape)
-        if place is None or place[0] in seen:
-            what = "a grid other than the image's" if place is None else "two images at one slice position (a cine)"
+        place = _plane_on_grid(start, column, row, plane.rows, plane.columns, like.shape[-3:])
+        if place is None or (plane.phase, place[0]) in seen:
+            what = ("a grid other than the image's" if place is None else
+                    "two images at one slice position, a cine whose frames cannot be told apart" if frames == 1 else
+                    f"two images at one slice position of one of its {frames} frames")
             raise UserError(f"{out}: the DICOM images in {source} lie on {what}, so the labels cannot be placed on "
                             "them; write .nii.gz instead")
         k, view = place
-        seen.add(k)
-        sampled.append((k, np.ascontiguousarray(view(labels[k]))))
+        seen.add((plane.phase, k))
+        sampled.append(((plane.phase, k), np.ascontiguousarray(view((labels[plane.phase] if labels.ndim == 4
+                                                                    else labels)[k]))))
     return sampled
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "load_dicom_series",
     "dicom_series_title",
     "dicom_cine_stack",
+    "dicom_phases",
     "is_dicom_seg",
     "is_rt_structure_set",
     "is_dicom_labels",
@@ -312,6 +313,32 @@ def _per_slice_cine(folder: Path, ids) -> list[list] | None:
         return None
     every = [f for series, _ in files for f in series]
     return _dicom_frames(every, folder, [k for _, keys in files for k in keys])
+
+
+def dicom_phases(source: str | os.PathLike, series=None) -> dict:
+    """Which frame (phase) ``t`` of a DICOM cine, as :func:`load_frames` reads it, each of its images is: {resolved
+    file path: t} for a series folder (the files of ``series``, a Series Instance UID or the UIDs of a cine stack
+    exported one series per slice position, else of the folder's one series or stack), {frame number, from 1: t} for
+    an enhanced multi-frame file. Every image of a plain (3-D) series is frame 0; {} for a source these do not
+    describe (the DICOM label writers and readers then refuse a cine in one sentence)."""
+    import SimpleITK as sitk
+
+    source = Path(source)
+    try:
+        if not source.is_dir():
+            layout = _multiframe_layout(source)
+            return {} if layout is None else {i + 1: t for t, phase in enumerate(layout[0]) for i in phase}
+        ids = list(_series_ids(source))
+        wanted = [series] if isinstance(series, str) and series else list(series or ids)
+        if len(wanted) > 1:
+            frames = _per_slice_cine(source, ids) if set(wanted) == set(ids) else None
+        elif wanted:
+            frames = _dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), wanted[0])), source)
+        else:
+            frames = None
+    except (UserError, OSError, RuntimeError):  # not readable as the reader reads it
+        return {}
+    return {} if frames is None else {str(Path(f).resolve()): t for t, frame in enumerate(frames) for f in frame}
 
 
 def dicom_cine_stack(folder: str | os.PathLike, uids) -> list[str] | None:

@@ -62,8 +62,8 @@ def read_volume(path):
 
 
 def _seg_layer(path) -> tuple:
-    """A DICOM SEG file (or RT structure set) as a Labels layer on an open 3-D image whose voxel grid its frames
-    (contours) lie on (it holds only what it labels, so it needs the image's grid), placed as that image is: the
+    """A DICOM SEG file (or RT structure set) as a Labels layer on an open 3-D image or cine series whose voxel grid
+    its frames (contours) lie on (on a cine, each in the frame of the image it names) (it holds only what it labels, so it needs the image's grid), placed as that image is: the
     image read from the series it refers to, else the topmost in the layer list that fits. Contours fit any image
     with their slices; when several such images are open, a notification names the one they were filled on."""
     from napari import current_viewer
@@ -73,7 +73,7 @@ def _seg_layer(path) -> tuple:
 
     viewer = current_viewer()
     images = [layer for layer in (viewer.layers if viewer is not None else [])
-              if isinstance(layer, Image) and layer.ndim == 3 and "affine" in layer.metadata]
+              if isinstance(layer, Image) and layer.ndim in (3, 4) and "affine" in layer.metadata]
     series = referenced_series(path)
     images = sorted(reversed(images), key=lambda layer: not series or layer.metadata.get("dicom_series") != series)
     fits = []
@@ -96,8 +96,8 @@ def _seg_layer(path) -> tuple:
                       f"{layer.name!r}, the topmost in the layer list")
         data, kwargs, kind = volume_to_layer(labels, as_labels=True, name=Path(path).stem)
         kwargs.update(scale=tuple(layer.scale), translate=tuple(layer.translate))
-        # the Fine-tune panel fills structures picked by name from the file one by one on the slices not painted since
-        kwargs["metadata"]["coral_slice_digests"] = slice_digests(data)
+        if data.ndim == 3:  # Fine-tune fills structures picked by name from the file one by one where not painted since
+            kwargs["metadata"]["coral_slice_digests"] = slice_digests(data)
         return data, kwargs, kind
     what = ("a DICOM SEG segmentation, which holds only the slices it labels" if is_dicom_seg(path) else
             "a DICOM RT structure set, which holds only contours")

@@ -76,7 +76,7 @@ def _write_dicom_labels(path: str, data, meta: dict, save, what: str) -> list[st
     like = Volume(np.broadcast_to(np.uint8(0), array.shape), affine,
                   Path(info["source_path"]) if info.get("source_path") else None)
     save(path, array, like, layer_class_names(meta.get("features")),  # UserError: napari shows it
-         series_uid=series if isinstance(series, str) and series else None,
+         series_uid=series or None,  # a UID, or a cine stack's UIDs (one series per slice position)
          algorithm="SEMIAUTOMATIC" if info.get("coral_prediction") else "MANUAL")
     return [path]
 

@@ -1316,7 +1316,7 @@ def test_an_rt_structure_set_as_labels(tmp_path):
 def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
     """`coral segment SERIES --out x.dcm` writes the labels as a DICOM SEG on the series' images, its segments named
     after the model's classes: the labels it writes to NIfTI, as an independent reader (highdicom) and `coral
-    evaluate` see them. A SEG for an image not read from DICOM, or for a cine, is refused before the model runs."""
+    evaluate` see them. A SEG for an image not read from DICOM is refused before the model runs."""
     hd = pytest.importorskip("highdicom")
     from helpers import write_dicom_series
 
@@ -1338,8 +1338,6 @@ def test_segment_a_dicom_series_into_a_dicom_seg(tmp_path):
     save_volume(tmp_path / "img.nii.gz", img.array, np.eye(4))
     user_error(coral("segment", tmp_path / "img.nii.gz", "--out", tmp_path / "x.dcm", check=False),
                "x.dcm: a DICOM SEG refers to the DICOM images it labels", "img.nii.gz is not a DICOM image series")
-    cine = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 8)))
-    user_error(coral("segment", cine, "--out", tmp_path / "x.dcm", check=False), "cine is a cine series")
     assert not list(tmp_path.glob("*x.dcm*"))
 
 
@@ -1376,10 +1374,43 @@ def test_segment_a_dicom_series_into_an_rt_structure_set(tmp_path):
                "give --dicom-seg or --rt-struct, not both")
     user_error(coral("segment", tmp_path / "pred.nii.gz", "--out", tmp_path / "x.dcm", "--rt-struct", check=False),
                "x.dcm: a DICOM RT structure set refers to the DICOM images it labels")
-    cine = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 8)))
-    user_error(coral("segment", cine, "--out", tmp_path / "x.dcm", "--rt-struct", check=False),
-               "x.dcm: a DICOM RT structure set is written for a 3-D image, and", "cine is a cine series")
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "y").exists()
+
+
+def test_a_cine_dicom_series_segments_into_dicom_labels_that_evaluate_and_train_frame_by_frame(tmp_path):
+    """`coral segment CINE --out x.dcm` (or --rt-struct) writes every frame's labels on the images of that frame, as
+    an independent reader (highdicom) sees them; `coral evaluate` scores them against the 4-D NIfTI given the cine
+    with --image (without it, one sentence), and `coral finetune CINE --labels x.dcm` trains on each labelled frame."""
+    hd = pytest.importorskip("highdicom")
+    from helpers import write_dicom_series
+
+    img, _ = make_phantom(11, n_slices=5)
+    frames = np.stack([img.array, np.roll(img.array, 4, axis=-1)])  # the heart moved in the second phase
+    uid = "1.2.826.0.1.3680043.2.1125.1.4246"
+    cine = write_dicom_series(tmp_path / "cine", np.round(frames * 1000), spacing_zyx=(10.0, 1.8, 1.8), series_uid=uid)
+    done = json.loads(coral("segment", cine, "--out", tmp_path / "pred.dcm", "--json").stdout)
+    assert done["shape"] == [2, 5, 128, 128]
+    coral("segment", cine, "--out", tmp_path / "pred.nii.gz")
+    labels = load_frames(tmp_path / "pred.nii.gz")
+    labels = np.stack([frame.array for frame in labels])
+    assert labels.shape == (2, 5, 128, 128) and set(np.unique(labels)) == {0, 1, 2, 3}
+    by_source = hd.seg.segread(tmp_path / "pred.dcm").get_pixels_by_source_instance(
+        [f"{uid}.{n + 1}" for n in range(10)], combine_segments=True)  # file n: frame n // 5, slice n % 5
+    np.testing.assert_array_equal(by_source, labels.reshape(10, 128, 128))
+    scores = json.loads(coral("evaluate", tmp_path / "pred.dcm", tmp_path / "pred.nii.gz", "--image", cine,
+                              "--json").stdout)
+    assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0} and len(scores["frames"]) == 2
+    user_error(coral("evaluate", tmp_path / "pred.dcm", tmp_path / "pred.nii.gz", check=False),
+               "pred.dcm: DICOM labels of a cine series name the DICOM image of each frame, which",
+               "pred.nii.gz is not; give the series they were drawn on with --image IMAGE")
+    coral("segment", cine, "--out", tmp_path / "rs.dcm", "--rt-struct")
+    scores = json.loads(coral("evaluate", tmp_path / "rs.dcm", tmp_path / "pred.dcm", "--image", cine,
+                              "--json").stdout)
+    assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
+    run = json.loads(coral("finetune", cine, "--labels", tmp_path / "rs.dcm", "--steps", 2, *TINY,
+                           "--out", tmp_path / "m.safetensors", "--json").stdout)
+    assert run["images"] == [f"{cine} frame 0", f"{cine} frame 1"]
+    assert run["slices"] == [[k for k in range(5) if labels[t, k].any()] for t in range(2)]
 
 
 def test_a_dataset_case_without_a_structure_is_left_out_with_one_line(tmp_path):

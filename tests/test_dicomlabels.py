@@ -135,8 +135,8 @@ def test_nothing_labelled_is_one_empty_frame_and_a_series_is_picked_by_uid(tmp_p
 
 
 def test_what_cannot_be_written_as_a_dicom_seg_is_one_sentence_and_no_file(tmp_path):
-    """An image not read from DICOM, a cine, or labels on another grid than the source images: one sentence each,
-    and nothing written."""
+    """An image not read from DICOM, labels of another count of frames than the source images (a cine's, or a
+    volume's), or labels on another grid than theirs: one sentence each, and nothing written."""
     write_nifti_ijk(tmp_path / "img.nii.gz", np.zeros((8, 8, 4), np.float32), np.eye(4))
     nifti = load_volume(tmp_path / "img.nii.gz")
     cine = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 8)))
@@ -145,9 +145,11 @@ def test_what_cannot_be_written_as_a_dicom_seg_is_one_sentence_and_no_file(tmp_p
     shifted.affine[0, 3] += 0.4  # half a voxel aside: not the source images' grid
     cases = [(nifti, np.zeros((4, 8, 8), np.uint8),
               "img.nii.gz is not a DICOM image series; end the output's name with .nii.gz, .mha or .nrrd"),
-             (load_frames(cine)[0], np.zeros((3, 4, 8, 8), np.uint8), "these labels have 4 dimensions (a cine)"),
+             (load_frames(cine)[0], np.zeros((2, 4, 8, 8), np.uint8),
+              "these labels have 2 frames and the DICOM images in"),
              (Volume(np.zeros((4, 8, 8)), load_frames(cine)[0].affine, cine), np.zeros((4, 8, 8), np.uint8),
-              "lie on two images at one slice position (a cine)"),
+              "cine are a cine of 3 frames; give labels of each of its frames"),
+             (series, np.zeros((2, 4, 8, 8), np.uint8), "ct are one volume; give labels of each of its frames"),
              (shifted, np.zeros((4, 8, 8), np.uint8), "lie on a grid other than the image's")]
     for like, labels, words in cases:
         with pytest.raises(UserError) as info:
@@ -577,3 +579,106 @@ def test_closedplanar_xor_contours_are_filled_as_closed_planar_ones(tmp_path):
     ds.save_as(tmp_path / "xor.dcm")
     np.testing.assert_array_equal(load_labels_like(tmp_path / "xor.dcm", image).array, load_labels_like(rs, image).array)
     assert load_labels_like(rs, image).array[1, 2, 2] == 1 and load_labels_like(rs, image).array[1, 5, 5] == 0
+
+
+# --------------------------------------------------------------------------- cine series
+
+
+def _cine_labels(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = (rng.integers(1, 4, shape) * (rng.random(shape) > 0.6)).astype(np.uint8)
+    labels[1, 2] = 0  # a slice of a frame with nothing on it
+    return labels
+
+
+def test_a_cine_s_labels_lie_on_the_images_of_their_frames(tmp_path):
+    """A cine's labels (t, z, y, x) as a DICOM SEG: each frame on the source image of its phase and slice (the images
+    stored in a scrambled order), with its temporal position index; as an RT structure set, each contour on that
+    image; both read back frame by frame, and on an image of one frame of the cine refused in one sentence."""
+    from pydicom.sr.codedict import codes
+
+    order = [int(n) for n in np.random.default_rng(5).permutation(12)]
+    folder = write_dicom_series(tmp_path / "cine", np.zeros((3, 4, 8, 10)), spacing_zyx=(8.0, 0.8, 0.8),
+                                file_order=order, extra={"0020|0052": "1.2.826.0.1.3680043.2.1125.1.77"})
+    frame = load_frames(folder)[0]
+    like = Volume(np.zeros((3, 4, 8, 10)), frame.affine, folder)
+    labels = _cine_labels(like.shape)
+    sources = {(t, k): f"{SERIES}.{order[t * 4 + k] + 1}" for t in range(3) for k in range(4)}  # file n: t-major
+
+    out = save_dicom_seg(tmp_path / "seg.dcm", labels, frame, NAMES)  # a frame as the image: as coral segment gives it
+    seg = hd.seg.segread(out)
+    by_source = seg.get_pixels_by_source_instance(list(sources.values()), combine_segments=True)
+    np.testing.assert_array_equal(by_source, labels.reshape(12, 8, 10))
+    assert [d.DimensionDescriptionLabel for d in seg.DimensionIndexSequence][-1] == "TemporalPositionIndex"
+    phase_of = {uid: t for (t, _), uid in sources.items()}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert item.FrameContentSequence[0].TemporalPositionIndex == phase_of[uid] + 1
+    np.testing.assert_array_equal(load_labels_like(out, like).array, labels)
+    with pytest.raises(UserError, match=r"seg2.dcm: these labels are one volume and the DICOM images in .*cine are a "
+                                        r"cine of 3 frames; give labels of each of its frames"):
+        save_dicom_seg(tmp_path / "seg2.dcm", labels[0], frame, NAMES)
+
+    rs = save_rt_structure_set(tmp_path / "RS.dcm", labels, like, NAMES)
+    filled = _outlined(rs, _source_headers(sorted(folder.iterdir())), 8, 10)
+    for (t, k), uid in sources.items():
+        for n in (1, 2, 3):
+            np.testing.assert_array_equal(filled.get((n, uid), np.zeros((8, 10), bool)), labels[t, k] == n,
+                                          err_msg=f"label {n}, frame {t}, slice {k}")
+    np.testing.assert_array_equal(load_labels_like(rs, like).array, labels)
+
+    # a SEG made elsewhere (highdicom) on the images of frame 1 alone: read into frame 1 of the cine
+    images = sorted((pydicom.dcmread(folder / f"slice{order[4 + k]:03d}.dcm") for k in range(4)),
+                    key=lambda ds: float(ds.ImagePositionPatient[2]))
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="LV", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    other = hd.seg.Segmentation(
+        source_images=images, pixel_array=(labels[1] == 3), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1")
+    other.save_as(tmp_path / "frame1.dcm")
+    expected = np.zeros_like(labels)
+    expected[1] = labels[1] == 3
+    np.testing.assert_array_equal(load_labels_like(tmp_path / "frame1.dcm", like).array, expected)
+    from coral_core.errors import OffGridError
+
+    elsewhere = Volume(like.array, like.affine, tmp_path / "cine.nii.gz")  # the grid, but not these DICOM images
+    with pytest.raises(OffGridError, match=r"frame1.dcm: DICOM SEG frames name no image of the cine series .*cine.nii"
+                                           r".gz \(each must name the image it was drawn on\), so their frames cannot"):
+        load_labels_like(tmp_path / "frame1.dcm", elsewhere)
+
+
+def test_labels_of_an_enhanced_cine_and_of_a_cine_stack_refer_to_their_frames(tmp_path):
+    """An enhanced multi-frame cine (its frames stored in any order): each SEG frame names the source frame of its
+    phase and slice. A cine stack exported one series per slice position: the SEG refers to every series, each
+    frame to the image of its phase at its position; both read back frame by frame."""
+    order = [int(n) for n in np.random.default_rng(6).permutation(12)]
+    path = write_enhanced_dicom(tmp_path / "cine.dcm", np.zeros((3, 4, 8, 10), np.int16), oblique_affine((0.8, 0.9, 6.0)),
+                                frame_order=order)
+    like = Volume(np.zeros((3, 4, 8, 10)), load_frames(path)[0].affine, path)
+    labels = _cine_labels(like.shape, seed=1)
+    out = save_dicom_seg(tmp_path / "seg.dcm", labels, like, NAMES)
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    by_frame = hd.seg.segread(out).get_pixels_by_source_frame(
+        uid, source_frame_numbers=[order.index(t * 4 + k) + 1 for t in range(3) for k in range(4)], combine_segments=True)
+    np.testing.assert_array_equal(by_frame, labels.reshape(12, 8, 10))
+    np.testing.assert_array_equal(load_labels_like(out, like).array, labels)
+    np.testing.assert_array_equal(load_labels_like(save_rt_structure_set(tmp_path / "RS.dcm", labels, like), like).array,
+                                  labels)
+
+    stack = tmp_path / "stack"
+    for k in (2, 0, 3, 1):
+        write_dicom_series(stack, np.zeros((3, 1, 8, 10)), spacing_zyx=(8.0, 0.8, 0.8), first_slice=k,
+                           series_uid=f"1.2.3.{k}", prefix=f"s{k}_")
+    like = Volume(np.zeros((3, 4, 8, 10)), load_frames(stack)[0].affine, stack)
+    out = save_dicom_seg(tmp_path / "stack_seg.dcm", labels, like, NAMES)
+    seg = hd.seg.segread(out)
+    assert sorted(s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence) == [f"1.2.3.{k}" for k in range(4)]
+    sources = [f"1.2.3.{k}.{t + 1}" for t in range(3) for k in range(4)]
+    np.testing.assert_array_equal(seg.get_pixels_by_source_instance(sources, combine_segments=True),
+                                  labels.reshape(12, 8, 10))
+    np.testing.assert_array_equal(load_labels_like(out, like).array, labels)
+    rs = save_rt_structure_set(tmp_path / "stack_rs.dcm", labels, like, NAMES)
+    np.testing.assert_array_equal(load_labels_like(rs, like).array, labels)

@@ -161,6 +161,44 @@ def test_labels_drawn_on_a_dicom_series_save_as_a_dicom_seg(tmp_path, make_napar
     assert "truth.nii.gz is not a DICOM image series" in str(info.value) and not list(tmp_path.glob("*alone*"))
 
 
+def test_labels_drawn_on_a_cine_dicom_series_save_as_a_dicom_seg_and_open_on_its_frames(tmp_path, make_napari_viewer,
+                                                                                        qtbot):
+    """Segment's labels of a cine DICOM series (one 4-D layer, its frames on the slider), corrected in one frame, save
+    as a DICOM SEG whose frames lie on the images of their phases, and open again on the cine as the same 4-D layer;
+    a structure set saved from it opens likewise."""
+    hd = pytest.importorskip("highdicom")
+    from coral_core.phantom import make_phantom
+    from helpers import write_dicom_series
+    from napari_coral._writer import write_rt_structure_set
+
+    frames = np.stack([np.round(make_phantom(seed, n_slices=5)[0].array * 1000) for seed in (21, 21)])
+    frames[1] = np.roll(frames[1], 3, axis=-1)  # the heart moved in the second phase
+    uid = "1.2.826.0.1.3680043.2.1125.1.4245"
+    series = write_dicom_series(tmp_path / "cine", frames, spacing_zyx=(10.0, 1.8, 1.8), series_uid=uid,
+                                extra={"0020|0052": "1.2.826.0.1.3680043.2.1125.1.78"})
+    viewer = make_napari_viewer()
+    image, = viewer.open(str(series), plugin="napari-coral")
+    assert image.data.shape[:2] == (2, 5)
+    dock(viewer, "Segment").segment()
+    qtbot.waitUntil(lambda: f"{image.name} labels" in viewer.layers, timeout=60_000)
+    layer = viewer.layers[f"{image.name} labels"]
+    assert layer.data.shape == image.data.shape
+    layer.data[1, 2, :6, :6] = 3  # a correction painted in the second frame
+    layer.save(str(tmp_path / "pred.dcm"), plugin="napari-coral")
+    sources = [f"{uid}.{t * 5 + k + 1}" for t in range(2) for k in range(5)]  # write_dicom_series: file n, t-major
+    seg = hd.seg.segread(tmp_path / "pred.dcm")
+    np.testing.assert_array_equal(seg.get_pixels_by_source_instance(sources, combine_segments=True),
+                                  np.asarray(layer.data).reshape(10, *layer.data.shape[2:]))
+    reopened, = viewer.open(str(tmp_path / "pred.dcm"), plugin="napari-coral")
+    assert reopened.data.shape == layer.data.shape and tuple(reopened.scale) == tuple(image.scale)
+    np.testing.assert_array_equal(reopened.data, layer.data)
+    assert list(reopened.features["class"]) == ["background", "RV", "myocardium", "LV"]
+    write_rt_structure_set(str(tmp_path / "rs.dcm"), layer.data, {"metadata": layer.metadata, "scale": layer.scale,
+                                                                 "features": layer.features})
+    as_contours, = viewer.open(str(tmp_path / "rs.dcm"), plugin="napari-coral")
+    np.testing.assert_array_equal(as_contours.data, layer.data)
+
+
 def test_labels_drawn_on_a_dicom_series_save_as_an_rt_structure_set_from_the_save_dialog(
         tmp_path, make_napari_viewer, qtbot, monkeypatch):
     """File > Save Selected Layers offers "RT structure set" for a Labels layer; chosen, with a .dcm name, it writes
