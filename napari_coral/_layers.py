@@ -30,8 +30,9 @@ def layer_metadata(volume: Volume) -> dict:
 
 
 def slice_digests(data) -> list[str]:
-    """A short digest of each slice of a (z, y, x) array: kept in the metadata of a Labels layer read from a DICOM
-    SEG or RT structure set, so the slices still as read can be told from those painted since."""
+    """A short digest of each slice of a (z, y, x) array (a cine's slices frame by frame): kept in the metadata of a
+    Labels layer read from a DICOM SEG or RT structure set, so the slices still as read can be told from those
+    painted since."""
     import hashlib
 
     return [hashlib.blake2b(np.ascontiguousarray(np.asarray(plane)).tobytes(), digest_size=8).hexdigest()
@@ -166,21 +167,31 @@ class SourceFilled:
     512 x 512 took 0.7-0.9 s on a 2-core CPU, benchmarks/dicom_labels.py): ``painted`` is the snapshot as the layer shows it, and ``read()`` gives it with the ``slices`` still
     as read taken from ``source``, each of the structures ``entries`` filled alone (as ``coral finetune
     --structures`` does), so one drawn over another (a PTV over the heart) keeps its voxels. When the file cannot be
-    read as it was, ``read()`` gives ``painted``."""
+    read as it was, ``read()`` gives ``painted``. Of a cine: ``painted`` is frame ``frame`` of a layer of shape
+    ``grid`` (t, z, y, x) drawn on the images read from ``image_source`` (each frame's labels are in the file's
+    frame of the images they name)."""
 
-    def __init__(self, painted: np.ndarray, source, affine: np.ndarray, entries: list[str], slices: list[int]) -> None:
+    def __init__(self, painted: np.ndarray, source, affine: np.ndarray, entries: list[str], slices: list[int],
+                 frame: int | None = None, grid: tuple | None = None, image_source=None) -> None:
         self.painted, self.source, self.affine, self.entries, self.slices = painted, source, affine, entries, slices
+        self.frame, self.grid, self.image_source = frame, grid, image_source
         self.shape = painted.shape
 
     def read(self) -> np.ndarray:
+        from pathlib import Path
+
         from coral_core.errors import UserError
         from coral_core.volume import load_labels_like
 
-        like = Volume(np.broadcast_to(np.uint8(0), self.shape), self.affine, self.source)
+        cine = self.frame is not None
+        like = Volume(np.broadcast_to(np.uint8(0), self.grid if cine else self.shape), self.affine,
+                      Path(self.image_source) if cine and self.image_source else self.source)
         try:  # picked structures drawn over one another: the later one's, as the reader said when it opened the file
             alone = load_labels_like(self.source, like, self.entries, quiet=True).array
         except (UserError, OSError, ValueError):
             return self.painted
+        if cine:
+            alone = alone[self.frame]
         filled = self.painted.copy()
         filled[self.slices] = alone[self.slices]
         return filled

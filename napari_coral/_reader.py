@@ -96,8 +96,9 @@ def _seg_layer(path) -> tuple:
                       f"{layer.name!r}, the topmost in the layer list")
         data, kwargs, kind = volume_to_layer(labels, as_labels=True, name=Path(path).stem)
         kwargs.update(scale=tuple(layer.scale), translate=tuple(layer.translate))
-        if data.ndim == 3:  # Fine-tune fills structures picked by name from the file one by one where not painted since
-            kwargs["metadata"]["coral_slice_digests"] = slice_digests(data)
+        # Fine-tune fills structures picked by name from the file one by one where not painted since (a cine's: each
+        # frame's slices in turn)
+        kwargs["metadata"]["coral_slice_digests"] = slice_digests(data.reshape(-1, *data.shape[-2:]))
         return data, kwargs, kind
     what = ("a DICOM SEG segmentation, which holds only the slices it labels" if is_dicom_seg(path) else
             "a DICOM RT structure set, which holds only contours")

@@ -125,7 +125,8 @@ def write_rt_structure_set(path: Path, affine: np.ndarray | None = None, rois: t
     """A DICOM RT structure set (contours, no image) for an image of geometry ``affine`` (voxel (i, j, k) -> RAS):
     ``rois``, each (name, interpreted type such as "ORGAN" or "EXTERNAL", [(slice k, [(i, j), ...] the polygon's
     corners in voxel coordinates), ...]), written as CLOSED_PLANAR contours in patient coordinates (LPS mm), ROI
-    numbers 1, 2, ...; ``referenced_series``: the image series it names. Without ``rois``: a bare header."""
+    numbers 1, 2, ... (a polygon given as (k, corners, SOP instance UID) names that image as its contour image);
+    ``referenced_series``: the image series it names. Without ``rois``: a bare header."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -144,8 +145,12 @@ def write_rt_structure_set(path: Path, affine: np.ndarray | None = None, rois: t
         outline.ReferencedROINumber = observation.ReferencedROINumber = number
         observation.ObservationNumber, observation.RTROIInterpretedType = number, kind
         items = []
-        for k, corners in polygons:
+        for k, corners, *image in polygons:
             item = Dataset()
+            if image:
+                reference = Dataset()
+                reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4", image[0]
+                item.ContourImageSequence = Sequence([reference])
             points = [(lps @ np.array([i, j, k, 1.0]))[:3] for i, j in corners]
             item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
             item.ContourData = [f"{v:.6g}" for point in points for v in point]

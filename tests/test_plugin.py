@@ -721,6 +721,42 @@ def test_structures_picked_from_an_opened_structure_set_are_filled_alone_where_n
     np.testing.assert_array_equal(scans[0][2], painted)
 
 
+def test_structures_picked_from_a_cine_s_structure_set_are_filled_alone_in_their_frame(tmp_path, make_napari_viewer):
+    """A structure set drawn on one phase of a cine DICOM series opens as a 4-D layer with the contours in that
+    frame; picked by name under Classes, the heart is filled from the file on its own there too (the PTV over it in
+    the layer notwithstanding)."""
+    from coral_core.volume import load_frames
+    from helpers import write_dicom_series, write_rt_structure_set
+
+    def box(i0, i1, j0, j1):
+        return [(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)]
+
+    uid = "1.2.826.0.1.3680043.2.1125.1.4247"
+    cine = write_dicom_series(tmp_path / "cine", np.random.default_rng(0).integers(0, 500, (2, 3, 12, 12)),
+                              spacing_zyx=(8.0, 1.5, 1.5), series_uid=uid)
+    affine = load_frames(cine)[0].affine
+    image_of = {(t, k): f"{uid}.{t * 3 + k + 1}" for t in range(2) for k in range(3)}  # file n: frame n // 3
+    write_rt_structure_set(tmp_path / "RS.dcm", affine, (
+        ("Heart", "ORGAN", [(k, box(2, 7, 2, 7), image_of[1, k]) for k in (1, 2)]),
+        ("PTV", "PTV", [(k, box(5, 10, 5, 10), image_of[1, k]) for k in (1, 2)])))
+    viewer = make_napari_viewer()
+    viewer.open(str(cine), plugin="napari-coral")
+    with pytest.warns(UserWarning, match="more than one ROI"):
+        rs, = viewer.open(str(tmp_path / "RS.dcm"), plugin="napari-coral")
+    assert rs.data.shape == (2, 3, 12, 12) and not rs.data[0].any()  # drawn on the second phase only
+    assert rs.data[1, 1, 6, 6] == 2 and rs.data[1, 1, 3, 3] == 1
+    widget = dock(viewer, "Fine-tune")
+    widget.image_picker.setCurrentText("cine")
+    widget.labels_picker.setCurrentText("RS")
+    widget.classes.setText("heart")
+    assert "are filled from RS.dcm one structure at a time" in widget.classes_label.text()
+    _, scans, _, model, _, _, _ = widget._inputs()
+    assert model.config.class_names == ["background", "Heart"] and [scan[0] for scan in scans] == ["cine frame 1"]
+    heart = np.zeros((3, 12, 12), np.uint8)
+    heart[1:3, 2:8, 2:8] = 1
+    np.testing.assert_array_equal(scans[0][2].read(), heart)  # the whole heart of frame 1, under the PTV too
+
+
 def test_finetune_without_annotations_says_what_to_do(viewer):
     widget = dock(viewer, "Fine-tune")
     viewer.add_labels(np.zeros_like(viewer.layers["phantom ground truth"].data), name="empty")

@@ -635,7 +635,9 @@ def _scans(image, labels, keys: list, plan, first: int | None = None) -> list[tu
         return [(image.name, LayerArray(image, np.float32), lab, keys)]
     frames = _by_frame(keys)
     return [(f"{image.name} frame {t}", LayerArray(image, np.float32, frame=t),
-             _snapshot(labels.data[t], labels.name, frames[t], plan, f"{labels.name} frame {t}"), frames[t])
+             _from_source(labels, frames[t], plan,
+                          _snapshot(labels.data[t], labels.name, frames[t], plan, f"{labels.name} frame {t}"), t, image),
+             frames[t])
             for t in sorted(frames, key=lambda t: (t != first, t))]
 
 
@@ -647,25 +649,30 @@ def source_file(labels) -> Path | None:
     return Path(source)
 
 
-def _from_source(labels, slices: list[int], plan, lab: np.ndarray):
+def _from_source(labels, slices: list[int], plan, lab: np.ndarray, frame: int | None = None, image=None):
     """``lab``, or where classes are picked by name from a layer read from a DICOM SEG or RT structure set, a
     :class:`napari_coral._layers.SourceFilled` that the job fills from the file on its own thread: on the annotated
     slices still as read (told here, from the digests the reader kept, before painting goes on), each structure
     alone, not as the layer shows them, where a structure drawn over another (a PTV over the heart) has taken its
-    voxels. Slices painted since keep what the layer holds."""
+    voxels. Slices painted since keep what the layer holds. Of a cine: ``lab`` is frame ``frame`` of the layer,
+    drawn on the Image layer ``image``."""
     from napari_coral._layers import SourceFilled, slice_digests
 
     source = source_file(labels)
     if source is None or plan.mappings.get(labels.name) is None:
         return lab
     read = labels.metadata["coral_slice_digests"]
-    if len(read) != labels.data.shape[0]:
+    shape = labels.data.shape
+    if len(read) != int(np.prod(shape[:-2])) or (frame is None) != (len(shape) == 3):
         return lab
-    now = slice_digests(labels.data[z] for z in slices)
-    unchanged = [z for z, digest in zip(slices, now) if digest == read[z]]
+    data = labels.data if frame is None else labels.data[frame]
+    first = 0 if frame is None else frame * shape[1]  # the digests run frame by frame
+    now = slice_digests(data[z] for z in slices)
+    unchanged = [z for z, digest in zip(slices, now) if digest == read[first + z]]
     if not unchanged:
         return lab
-    return SourceFilled(lab, source, np.asarray(labels.metadata["affine"]), plan.entries, unchanged)
+    return SourceFilled(lab, source, np.asarray(labels.metadata["affine"]), plan.entries, unchanged, frame,
+                        tuple(shape), image.metadata.get("source_path") if image is not None else None)
 
 
 def _painted(lab) -> np.ndarray:
