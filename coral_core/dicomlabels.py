@@ -720,16 +720,18 @@ def _source_planes(source: Path, series_uid, out: Path) -> tuple:
     if not found or len(series) > 1 and not (source.is_dir() and dicom_cine_stack(source, series) == series):
         raise UserError(f"{out}: {source} holds {'no DICOM image' if not found else f'{len(series)} DICOM series'} "
                         "to refer the labels to; give the folder of one image series")
-    phases = dicom_phases(source, series if len(series) > 1 else series[0])
     planes = []
     try:
         for f, ds in found:
-            for plane in _planes(ds):
-                phase = phases.get(plane.frame if plane.frame is not None else str(f.resolve()), 0)
-                planes.append(replace(plane, series=str(ds.SeriesInstanceUID), phase=phase))
+            planes.extend((f, replace(plane, series=str(ds.SeriesInstanceUID))) for plane in _planes(ds))
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise UserError(f"{out}: the DICOM images in {source} give no position, orientation or pixel spacing "
                         f"({_short(exc)}); DICOM labels cannot be placed on them, write .nii.gz instead") from None
+    if len({tuple(np.round(plane.position, 2)) for _, plane in planes}) < len(planes):  # positions repeat: a cine
+        phases = dicom_phases(source, series if len(series) > 1 else series[0])
+        planes = [(f, replace(plane, phase=phases.get(plane.frame if plane.frame is not None else str(f.resolve()), 0)))
+                  for f, plane in planes]
+    planes = [plane for _, plane in planes]
     keep = main_orientation([plane.orientation for plane in planes])  # no localizer: the image leaves them out too
     return found[0][1], [plane for plane, kept in zip(planes, keep) if kept]
 
