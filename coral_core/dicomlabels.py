@@ -207,7 +207,7 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
             ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1",  # the study, as structure sets name it
             ReferencedSOPInstanceUID=ds.get("StudyInstanceUID", ""),
             RTReferencedSeriesSequence=Sequence([_item(SeriesInstanceUID=series, ContourImageSequence=Sequence(
-                [_image_reference(plane) for plane in planes if plane.series == series]))
+                [image for plane, image in zip(planes, images) if plane.series == series]))
                 for series in _by_series(planes)]))]))])
     pieces = [_pieces(plane_labels, count) for plane_labels in sampled]  # {n: (box, mask)} of each plane
     rois, outlines, observations = [], [], []
@@ -411,7 +411,7 @@ def seg_on_grid(p: Path, like: Volume, structures: list[str] | None = None, *, q
     ``quiet``: no warning for segments drawn over one another."""
     to_voxel = np.linalg.inv(_LPS_TO_RAS @ like.affine)  # LPS (DICOM's) -> the image's voxel (i, j, k)
     frames = []
-    seg_frames, segments = _seg_frames(str(p), os.stat(p).st_mtime_ns)
+    seg_frames, segments = _seg_frames(str(p), os.stat(p).st_mtime_ns, len(like.shape) == 4)
     if structures is not None:  # renumbered: the picked segments 1, 2, ... in the order asked, the others left out
         numbers = sorted(segments)
         picked = pick_structures([segments[n] for n in numbers], structures, p)
@@ -491,11 +491,12 @@ def _plane_on_grid(start, column, row, rows: int, columns: int, shape) -> tuple 
     return int(origin[2]), (lambda image: image[cut[0], cut[1]] if rows_along_j else image[cut[0], cut[1]].T)
 
 
-@functools.lru_cache(maxsize=2)
-def _seg_frames(name: str, mtime: int) -> tuple[list[tuple], dict[int, str]]:
+@functools.lru_cache(maxsize=4)
+def _seg_frames(name: str, mtime: int, sources: bool = False) -> tuple[list[tuple], dict[int, str]]:
     """A DICOM SEG file's frames, each (segment number, position in LPS, the LPS steps of one column and one row as a
-    (3, 2) array, mask as bool, the source image it names as (SOP instance UID, frame number or None), or None),
-    and its segments' labels by number, read once while the file stays the same (napari
+    (3, 2) array, mask as bool, with ``sources`` the source image it names as (SOP instance UID, frame number or
+    None), else None: looking them up took a third of the read of a 340-frame SEG), and its segments' labels by
+    number, read once while the file stays the same (napari
     tries it on each open image). A LABELMAP SEG (each frame's pixels the numbers of their segments, 0 none) gives a
     frame for each segment a frame holds; a BINARY or FRACTIONAL one names each frame's segment."""
     import pydicom
@@ -524,7 +525,7 @@ def _seg_frames(name: str, mtime: int) -> tuple[list[tuple], dict[int, str]]:
         o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
         axes = np.stack([o[:3] * column, o[3:] * row], 1)
         where = np.array([float(v) for v in position[:3]])
-        source = _source_image(frame)
+        source = _source_image(frame) if sources else None
         if kind == "LABELMAP":  # the segments' numbers in the pixels
             frames.extend((int(n), where, axes, mask == n, source) for n in np.unique(mask) if n > 0)
         else:
@@ -583,7 +584,7 @@ def referenced_series(path: str | os.PathLike) -> str:
 def structure_names(p: Path) -> list[str]:
     """The names of an RT structure set's region ROIs (those with closed contours, or none), in the order
     :func:`contours_on_grid` labels them (label n: the n-th)."""
-    return [name for _, name, _, _ in _structures(str(p), os.stat(p).st_mtime_ns)]
+    return [name for _, name, _, _ in _structures(str(p), os.stat(p).st_mtime_ns, False)]  # as a 3-D read asks
 
 
 def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None, *,
@@ -599,7 +600,7 @@ def contours_on_grid(p: Path, like: Volume, structures: list[str] | None = None,
     sentence (the later ROI takes the voxel). Raises :class:`OffGridError` for a contour that does not lie in one of
     the image's slices. ``structures``: only the ROIs of these names, in this order (labels 1, 2, ...;
     :func:`pick_structures`), the others not filled at all. ``quiet``: no warning for overlaps."""
-    rois = _structures(str(p), os.stat(p).st_mtime_ns)
+    rois = _structures(str(p), os.stat(p).st_mtime_ns, len(like.shape) == 4)
     if structures is not None:
         rois = [rois[i] for i in pick_structures([name for _, name, _, _ in rois], structures, p)]
     if not any(contours for *_, contours in rois):
@@ -678,10 +679,10 @@ def _external_values(rois: list) -> list[int]:
     return [n for n, roi in enumerate(rois, 1) if roi[2] == "EXTERNAL"]
 
 
-@functools.lru_cache(maxsize=2)
-def _structures(name: str, mtime: int) -> list[tuple]:
-    """(ROI number, name, interpreted type in upper case, closed planar contours as ((n, 3) LPS array, the image it
-    names as :func:`_reference_key` gives it, or None)) of each region
+@functools.lru_cache(maxsize=4)
+def _structures(name: str, mtime: int, images: bool = False) -> list[tuple]:
+    """(ROI number, name, interpreted type in upper case, closed planar contours as ((n, 3) LPS array, with
+    ``images`` the image it names as :func:`_reference_key` gives it, else None)) of each region
     ROI of an RT structure set (with such contours, or with none at all), by ROI number; read once while the file
     stays the same."""
     import pydicom
@@ -697,7 +698,7 @@ def _structures(name: str, mtime: int) -> list[tuple]:
         for item in ds.get("ROIContourSequence", []):
             number = int(item.ReferencedROINumber)
             drawn = item.get("ContourSequence", []) or []
-            contours = [(points, _contour_image(c)) for c in drawn
+            contours = [(points, _contour_image(c) if images else None) for c in drawn
                         if str(c.get("ContourGeometricType", "")).upper() in _CLOSED
                         and len(points := _contour_points(c)) >= 3]
             if contours or not drawn and kinds.get(number, "") not in _POINT_TYPES:  # a region, drawn or empty
