@@ -1411,6 +1411,10 @@ def test_a_cine_dicom_series_segments_into_dicom_labels_that_evaluate_and_train_
                            "--out", tmp_path / "m.safetensors", "--json").stdout)
     assert run["images"] == [f"{cine} frame 0", f"{cine} frame 1"]
     assert run["slices"] == [[k for k in range(5) if labels[t, k].any()] for t in range(2)]
+    coral("segment", cine, "--out-dir", tmp_path / "out", "--dicom-seg")  # one SEG per DICOM input, a cine's too
+    again = hd.seg.segread(tmp_path / "out" / "cine_labels.dcm")
+    np.testing.assert_array_equal(again.get_pixels_by_source_instance([f"{uid}.{n + 1}" for n in range(10)],
+                                                                      combine_segments=True), by_source)
 
 
 def test_a_dataset_case_without_a_structure_is_left_out_with_one_line(tmp_path):
