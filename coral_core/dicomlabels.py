@@ -9,6 +9,9 @@ folder, or a multi-frame file). A SEG frame is one segment on one source image (
 source), in that image's own rows and columns, with the image's position, orientation and pixel spacing; frames
 that label nothing are left out. Label value n becomes segment n (ROI n of a structure set), named by
 ``class_names[n]``. The patient, study and frame of reference are the source's; the series is new.
+
+A cine's labels (t, z, y, x) go frame by frame onto the images of each phase, and are read back onto a cine by the
+image each SEG frame or contour names (:func:`coral_core.volume.dicom_phases` says which phase an image is).
 """
 
 from __future__ import annotations
