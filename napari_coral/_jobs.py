@@ -207,14 +207,17 @@ class Job:
     :class:`napari_coral._layers.LayerArray`, a layer's data not read yet (a lazy layer is read
     from disk here too; one that cannot be read ends the job with an error naming the layer), or a
     :class:`napari_coral._layers.SourceFilled`, labels filled from their DICOM file here.
+    ``before``: a function the job's thread calls first (the Fine-tune panel saves the annotations with it); a
+    UserError it raises ends the job with its sentence.
     """
 
     def __init__(self, kind: str, spec: dict, mode: str = "process",
-                 inputs: tuple[Path, dict[str, np.ndarray]] | None = None) -> None:
+                 inputs: tuple[Path, dict[str, np.ndarray]] | None = None, before=None) -> None:
         if mode not in ("process", "thread"):
             raise ValueError(f"mode must be 'process' or 'thread', got {mode!r}")
         self.kind, self.spec, self.mode = kind, {**spec, "kind": kind}, mode
         self._inputs = inputs[1] if inputs is not None else None
+        self._before = before
         if inputs is not None:
             self.spec["data"] = str(Path(inputs[0]) / "inputs.npz")
         self._messages: queue_module.Queue = queue_module.Queue()
@@ -230,6 +233,14 @@ class Job:
         return self
 
     def _work(self) -> None:
+        if self._before is not None:  # even when cancelled at once: what the user made is saved first
+            try:
+                self._before()
+            except UserError as exc:
+                self._messages.put(("error", str(exc)))
+                return
+            finally:
+                self._before = None
         if self._inputs is not None:
             try:
                 write_inputs(Path(self.spec["data"]).parent, **self._inputs)

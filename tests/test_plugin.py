@@ -481,7 +481,8 @@ def test_finetune_works_with_default_choices_on_the_sample(viewer, qtbot):
     assert widget.annotated_slices() == []  # a prediction counts only where corrected
 
 
-def test_finetune_trains_on_annotated_slices_of_other_scans_too(viewer, qtbot, coral_home):
+def test_finetune_trains_on_annotated_slices_of_other_scans_too(viewer, qtbot, coral_home, monkeypatch):
+    import napari_coral._widgets.finetune as finetune_module
     from coral_core.phantom import make_phantom
 
     _fresh_model(viewer)
@@ -506,11 +507,19 @@ def test_finetune_trains_on_annotated_slices_of_other_scans_too(viewer, qtbot, c
     idx = np.nonzero(truth[k])
     layer.data_setitem((np.full_like(idx[0], k), *idx), truth[k][idx])
     widget.steps.setValue(3)
+    writers = []  # the threads that write the annotations: the job's, before it trains, never napari's
+    write_labels = finetune_module.write_labels
+    monkeypatch.setattr(finetune_module, "write_labels",
+                        lambda *a: writers.append(threading.current_thread()) or write_labels(*a))
+    pressed = layer.data.copy()
     runner = widget.finetune(mode="thread")
     assert runner is not None, widget.status.text()
+    layer.data_setitem((np.array([0]), np.array([0]), np.array([0])), np.array([1], layer.data.dtype))  # painted on
     assert runner.job.spec["training"]["images"] == ["phantom", "second"]
     assert runner.job.spec["training"]["slices"] == [[k], [1, 4]]
     qtbot.waitUntil(lambda: not runner.running, timeout=120_000)
+    assert len(writers) == 2 and threading.main_thread() not in writers
+    np.testing.assert_array_equal(load_volume(widget.autosaved).array, pressed)  # as the layer was at the press
     assert "failed" not in widget.status.text(), widget.status.text()
     inputs = np.load(runner.job.spec["data"])
     assert inputs["image_1"].shape == second.shape and inputs["slices_1"].tolist() == [1, 4]

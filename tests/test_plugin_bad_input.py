@@ -394,6 +394,31 @@ def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_v
     assert not (session_for(viewer).meta.get("training") or {})  # the model was not touched
 
 
+def test_annotations_that_cannot_be_saved_stop_the_fine_tuning_before_it_trains(tmp_path, make_napari_viewer, qtbot):
+    """The job saves the annotations before it trains; where they cannot be written (the annotations folder is a
+    file here), it stops with one sentence naming the file, nothing is trained and the model is kept."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.rand(6, 32, 32).astype(np.float32), name="scan")
+    _small_model(viewer, n_classes=3)
+    session = session_for(viewer)
+    model = session.model
+    labels = viewer.add_labels(np.zeros((6, 32, 32), np.uint8), name="painted")
+    labels.data[2, 5:10, 5:10] = 1
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "annotations").write_text("not a folder")
+    widget = _dock(viewer, "Fine-tune")
+    widget.image_picker.setCurrentText("scan")
+    widget.labels_picker.setCurrentText("painted")
+    widget.steps.setValue(2)
+    runner = widget.finetune(mode="thread")
+    with qtbot.waitSignal(runner.failed, timeout=60_000) as failed:
+        pass
+    one_sentence(failed.args[0], "could not save the annotations to", "painted-", "NAPARI_CORAL_HOME",
+                 "nothing was trained")
+    assert session.model is model and not widget.losses
+    assert "The previous model is kept." in widget.status.text() and widget.finetune_button.isEnabled()
+
+
 def test_gzip_bomb_like_header_is_refused(tmp_path):
     """A .nii.gz whose header claims a huge volume but holds no data: refused, not allocated."""
     import nibabel as nib
