@@ -164,12 +164,12 @@ class LayerArray:
 class SourceFilled:
     """Labels picked by name from a layer read from a DICOM SEG or RT structure set, filled from that file when the
     job reads them, not on napari's thread (filling an RT structure set of 1,100-1,200 contours on 200 slices of
-    512 x 512 took 0.7-0.9 s on a 2-core CPU, benchmarks/dicom_labels.py): ``painted`` is the snapshot as the layer shows it, and ``read()`` gives it with the ``slices`` still
-    as read taken from ``source``, each of the structures ``entries`` filled alone (as ``coral finetune
-    --structures`` does), so one drawn over another (a PTV over the heart) keeps its voxels. When the file cannot be
-    read as it was, ``read()`` gives ``painted``. Of a cine: ``painted`` is frame ``frame`` of a layer of shape
-    ``grid`` (t, z, y, x) drawn on the images read from ``image_source`` (each frame's labels are in the file's
-    frame of the images they name)."""
+    512 x 512 took 0.7-0.9 s on a 2-core CPU, benchmarks/dicom_labels.py): ``painted`` is the snapshot as the layer
+    shows it, and ``read()`` gives it with the ``slices`` still as read taken from ``source``, each of the structures
+    ``entries`` filled alone (as ``coral finetune --structures`` does), so one drawn over another (a PTV over the
+    heart) keeps its voxels. When the file cannot be read as it was, ``read()`` gives ``painted``. Of a cine:
+    ``painted`` is frame ``frame`` of a layer of shape ``grid`` (t, z, y, x) drawn on the images read from
+    ``image_source`` (each frame's labels are in the file's frame of the images they name)."""
 
     def __init__(self, painted: np.ndarray, source, affine: np.ndarray, entries: list[str], slices: list[int],
                  frame: int | None = None, grid: tuple | None = None, image_source=None) -> None:

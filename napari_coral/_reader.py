@@ -63,8 +63,9 @@ def read_volume(path):
 
 def _seg_layer(path) -> tuple:
     """A DICOM SEG file (or RT structure set) as a Labels layer on an open 3-D image or cine series whose voxel grid
-    its frames (contours) lie on (on a cine, each in the frame of the image it names) (it holds only what it labels, so it needs the image's grid), placed as that image is: the
-    image read from the series it refers to, else the topmost in the layer list that fits. Contours fit any image
+    its frames (contours) lie on (it holds only what it labels, so it needs the image's grid; on a cine, each goes in
+    the frame of the image it names), placed as that image is: the image read from the series it refers to, else
+    the topmost in the layer list that fits. Contours fit any image
     with their slices; when several such images are open, a notification names the one they were filled on."""
     from napari import current_viewer
     from napari.layers import Image

@@ -389,8 +389,9 @@ class FinetuneWidget(QWidget):
 
     def _inputs(self):
         """What a fine-tuning trains on: the chosen image, the scans (name, image reader, labels snapshot or
-        :class:`napari_coral._layers.SourceFilled`, training slices) with the chosen pair's first (for a cine, the frame holding the validation slices,
-        or the frame shown if annotated), the validation slices of that first scan, the model, every
+        :class:`napari_coral._layers.SourceFilled`, training slices) with the chosen pair's first (for a cine,
+        the frame holding the validation slices, or the frame shown if annotated), the validation slices of that
+        first scan, the model, every
         Labels layer to save, the readers of unlabelled images, and the classes' plan (the model is set up for
         its classes: :func:`coral_core.model.for_classes`)."""
         image, labels = self._pair()
