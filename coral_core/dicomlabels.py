@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -829,15 +830,42 @@ def _on_planes(labels: np.ndarray, like: Volume, planes: list[_Plane], out: Path
     return sampled
 
 
+@functools.lru_cache(maxsize=None)
+def _property_types() -> dict[str, tuple]:
+    """DICOM's segmentation property types of anatomical structures (CID 7151) and of tissues (CID 7166), as pydicom
+    carries them: {name in lower case without spaces: (category code, type code)}, each code (value, scheme,
+    meaning); a tissue's entry (category Tissue) wins where both list a name (adipose tissue, blood)."""
+    from pydicom.sr.codedict import codes
+
+    found = {}
+    for group, category in ((codes.cid7151, codes.cid7150.AnatomicalStructure), (codes.cid7166, codes.cid7150.Tissue)):
+        for key in group.dir():
+            code = getattr(group, key)
+            found[key.lower()] = tuple((c.value, c.scheme_designator, c.meaning) for c in (category, code))
+    return found
+
+
+def segment_codes(name: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """(category, type) codes, each (value, scheme, meaning), of a segment named ``name``: the anatomical structure
+    or tissue of that name in DICOM's segmentation property types (CID 7151, 7166; "Liver", "left ventricle",
+    "Spinal_Cord", "adipose tissue": case, spaces, hyphens and underscores aside), so that viewers that go by the codes
+    (3D Slicer's terminologies, OHIF) know it; else the generic Tissue, Tissue (abbreviations such as "LV" included:
+    in ACDC's labels it is the cavity, not the whole ventricle)."""
+    key = "".join(part for part in re.split(r"[\s_\-]+", name.strip().lower()) if part)
+    tissue = ("85756007", "SCT", "Tissue")
+    return _property_types().get(key, (tissue, tissue))
+
+
 def _segment(number: int, name: str, algorithm: str):
     from pydicom.sequence import Sequence
 
     from coral_core.plotting import LABEL_COLOURS
 
     colour = LABEL_COLOURS[number] if number < len(LABEL_COLOURS) else "#ffffff"  # napari's and the figures'
+    category, kind = segment_codes(name)
     segment = _item(SegmentNumber=number, SegmentLabel=name[:64], SegmentAlgorithmType=algorithm,
-                    SegmentedPropertyCategoryCodeSequence=Sequence([_code("85756007", "SCT", "Tissue")]),
-                    SegmentedPropertyTypeCodeSequence=Sequence([_code("85756007", "SCT", "Tissue")]),
+                    SegmentedPropertyCategoryCodeSequence=Sequence([_code(*category)]),
+                    SegmentedPropertyTypeCodeSequence=Sequence([_code(*kind)]),
                     RecommendedDisplayCIELabValue=dicom_lab(colour))
     if algorithm != "MANUAL":
         segment.SegmentAlgorithmName = "napari-coral"

@@ -76,6 +76,27 @@ def test_segments_carry_the_colours_napari_shows_them_in(tmp_path):
         np.testing.assert_allclose(dicom_lab(colour), reference, atol=2, err_msg=colour)
 
 
+def test_segments_named_after_an_anatomical_structure_or_tissue_carry_its_dicom_codes(tmp_path):
+    """A segment named as DICOM's segmentation property types name an anatomical structure (CID 7151) or a tissue
+    (CID 7166), whatever the case, spaces, hyphens or underscores, is coded as that structure (SNOMED CT) in that
+    category, as highdicom reads it; any other name (an abbreviation such as RV) keeps the generic Tissue."""
+    image = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12))))
+    names = ["background", "Liver", "left_ventricle", "Spinal cord", "adipose tissue", "RV", "blob"]
+    labels = np.zeros(image.shape, np.uint8)
+    for n in range(1, 7):
+        labels[n - 1, n, n] = n
+    seg = hd.seg.segread(save_dicom_seg(tmp_path / "coded.dcm", labels, image, names))
+    coded = [(d.segmented_property_category.value, d.segmented_property_category.scheme_designator,
+              d.segmented_property_type.value, d.segmented_property_type.meaning)
+             for d in (seg.get_segment_description(n) for n in range(1, 7))]
+    anatomy, tissue = "91723000", "85756007"
+    assert coded == [(anatomy, "SCT", "10200004", "Liver"), (anatomy, "SCT", "87878005", "Left ventricle"),
+                     (anatomy, "SCT", "2748008", "Spinal cord"), (tissue, "SCT", "55603005", "Fat"),
+                     (tissue, "SCT", tissue, "Tissue"), (tissue, "SCT", tissue, "Tissue")]
+    assert [seg.get_segment_description(n).segment_label for n in range(1, 7)] == names[1:]  # the names as given
+    assert read_class_names(tmp_path / "coded.dcm") == names
+
+
 def _held_other_ways(image, labels) -> dict:
     """{how: (the affine of ``image`` held that way, ``labels`` held that way)}: i and k reversed, i and j exchanged."""
     flip = np.diag([-1.0, 1.0, -1.0, 1.0])
