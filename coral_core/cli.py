@@ -1645,7 +1645,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "classes): " + STRUCTURES_HELP)
     p.add_argument("--image", default=None, metavar="IMAGE",
                    help="the image PRED and TRUTH were drawn on, when both are DICOM SEG or RT structure set files "
-                        "(which hold no voxel grid of their own)")
+                        "(which hold no voxel grid of their own), or when one is and the image is a DICOM cine series "
+                        "(the other file cannot say which images are which phase)")
 
     p = command("info", "Describe model files: classes, architecture, scale, and how each was trained.", cmd_info,
                 device_help="taken as every command takes it, and unused: a model file is read on the CPU")
