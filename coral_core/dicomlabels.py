@@ -216,8 +216,8 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
     pieces = [_pieces(plane_labels, count) for plane_labels in sampled]  # {n: (box, mask)} of each plane
     rois, outlines, observations = [], [], []
     for n in range(1, count + 1):
-        rois.append(_item(ROINumber=n, ReferencedFrameOfReferenceUID=frame_of_reference,
-                          ROIName=(names[n] if n < len(names) else f"class {n}")[:64],
+        name = (names[n] if n < len(names) else f"class {n}")[:64]
+        rois.append(_item(ROINumber=n, ReferencedFrameOfReferenceUID=frame_of_reference, ROIName=name,
                           ROIGenerationAlgorithm=algorithm))
         colour = LABEL_COLOURS[n] if n < len(LABEL_COLOURS) else "#ffffff"
         outline = _item(ReferencedROINumber=n, ROIDisplayColor=[int(colour[i:i + 2], 16) for i in (1, 3, 5)])
@@ -234,7 +234,7 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
         if contours:  # none: an ROI no voxel holds
             outline.ContourSequence = Sequence(contours)
         outlines.append(outline)
-        observations.append(_item(ObservationNumber=n, ReferencedROINumber=n, RTROIInterpretedType="ORGAN",
+        observations.append(_item(ObservationNumber=n, ReferencedROINumber=n, RTROIInterpretedType=roi_type(name),
                                   ROIInterpreter=""))
     ds.StructureSetROISequence = Sequence(rois)
     ds.ROIContourSequence = Sequence(outlines)
@@ -242,6 +242,17 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
     with atomic_target(p, suffix=".dcm") as tmp:
         ds.save_as(str(tmp), enforce_file_format=True)
     return p
+
+
+def roi_type(name: str) -> str:
+    """The RT ROI interpreted type a structure set gives an ROI of this name: EXTERNAL for the body outline ("External",
+    "Body", as radiotherapy names it), GTV, CTV or PTV for a target volume whose name starts so ("PTV_70", "GTVp",
+    "ctv"), ORGAN otherwise. Planning systems take the EXTERNAL ROI as the patient's outline, and
+    :func:`contours_on_grid` fills it first, under the others."""
+    key = name.strip().upper()
+    if key in ("EXTERNAL", "BODY"):
+        return "EXTERNAL"
+    return next((kind for kind in ("GTV", "CTV", "PTV") if key.startswith(kind)), "ORGAN")
 
 
 def _labels_on_sources(path, labels: np.ndarray, like: Volume, series_uid, algorithm: str,

@@ -428,6 +428,25 @@ def test_a_series_labels_written_as_an_rt_structure_set_outline_them_on_its_imag
     assert read_class_names(out) == ["background", "RV", "myocardium", "LV"]
 
 
+def test_rt_rois_are_typed_by_their_names_and_a_body_outline_comes_back_under_the_organs(tmp_path):
+    """Written ROIs take the interpreted type their names give (the body outline EXTERNAL, target volumes GTV, CTV or
+    PTV, the rest ORGAN); the body label, which surrounds the organs in a label map, is outlined with them as holes
+    and, read back (EXTERNAL filled first), gives the same labels."""
+    folder = write_dicom_series(tmp_path / "ct", np.zeros((3, 16, 16), np.int16), spacing_zyx=(3.0, 0.7, 0.9))
+    image = load_volume(folder)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[:, 1:15, 1:15] = 3  # the body
+    labels[1, 4:8, 4:8] = 1  # the heart inside it
+    labels[1, 9:12, 9:12] = 2  # a target inside it
+    labels[2, 3:6, 8:12] = 4
+    labels[0, 5:9, 5:9] = 5
+    names = ["background", "Heart", "PTV_60", "BODY", "GTVp", "ctv"]
+    out = save_rt_structure_set(tmp_path / "RS.dcm", labels, image, names)
+    rs = pydicom.dcmread(out)
+    assert [o.RTROIInterpretedType for o in rs.RTROIObservationsSequence] == ["ORGAN", "PTV", "EXTERNAL", "GTV", "CTV"]
+    np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
+
+
 def test_an_rt_structure_set_of_an_image_held_flipped_or_transposed_outlines_the_right_pixels(tmp_path):
     """The contours follow the source images' stored rows and columns, whatever axes the image was held in; drawn by
     hand: MANUAL."""
