@@ -33,7 +33,7 @@ from coral_core.volume import (_LPS_TO_RAS, Volume, _functional_value, _looks_li
 
 __all__ = ["save_dicom_seg", "save_rt_structure_set", "seg_on_grid", "contours_on_grid", "structure_names",
            "referenced_series", "check_dicom_seg_source", "is_dicom_seg_name", "dicom_lab", "SEG_ALGORITHMS",
-           "pick_structures"]
+           "pick_structures", "segment_codes", "roi_type"]
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage SOP class
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
