@@ -76,7 +76,7 @@ def _seg_layer(path) -> tuple:
     images = [layer for layer in (viewer.layers if viewer is not None else [])
               if isinstance(layer, Image) and layer.ndim in (3, 4) and "affine" in layer.metadata]
     series = referenced_series(path)
-    images = sorted(reversed(images), key=lambda layer: not series or layer.metadata.get("dicom_series") != series)
+    images = sorted(reversed(images), key=lambda layer: not _holds_series(layer, series))
     fits = []
     for layer in images:
         like = Volume(np.broadcast_to(np.uint8(0), layer.data.shape), np.asarray(layer.metadata["affine"]),
@@ -86,7 +86,7 @@ def _seg_layer(path) -> tuple:
         except OffGridError:  # drawn on another grid: try the next image
             continue
         fits.append((layer, labels))
-        if is_dicom_seg(path) or layer.metadata.get("dicom_series") == series:  # a SEG's grid is exact
+        if is_dicom_seg(path) or _holds_series(layer, series):  # a SEG's grid is exact
             break
     if fits:
         layer, labels = fits[0]
@@ -147,9 +147,12 @@ def _series_open(folder: str, uid: str) -> bool:
     from napari import current_viewer
 
     viewer = current_viewer()
-    def holds(series) -> bool:  # a series' UID, or a stack's list of them
-        return series == uid or (isinstance(series, (list, tuple)) and uid in series)
-
     return viewer is not None and any(
-        layer.metadata.get("source_path") == folder and holds(layer.metadata.get("dicom_series"))
-        for layer in viewer.layers)
+        layer.metadata.get("source_path") == folder and _holds_series(layer, uid) for layer in viewer.layers)
+
+
+def _holds_series(layer, uid: str) -> bool:
+    """Whether a layer was read from the DICOM series ``uid`` (its ``dicom_series``: the UID, or a cine stack's list
+    of them, a series per slice position)."""
+    series = layer.metadata.get("dicom_series")
+    return bool(uid) and (series == uid or (isinstance(series, (list, tuple)) and uid in series))

@@ -199,6 +199,34 @@ def test_labels_drawn_on_a_cine_dicom_series_save_as_a_dicom_seg_and_open_on_its
     np.testing.assert_array_equal(as_contours.data, layer.data)
 
 
+def test_a_structure_set_of_a_cine_stack_opens_on_the_stack_it_refers_to(tmp_path, make_napari_viewer):
+    """A cine stack exported one series per slice position opens from one of its files as one 4-D image; a structure
+    set written on it refers to each of its series and opens on the stack, not on another open image whose slices
+    its contours also lie in (the one on top)."""
+    from coral_core.dicomlabels import save_rt_structure_set
+    from coral_core.volume import Volume, load_frames
+    from helpers import write_dicom_series
+
+    stack = tmp_path / "stack"
+    intensities = np.random.default_rng(0).integers(0, 900, (3, 4, 8, 10))
+    for k in range(4):
+        write_dicom_series(stack, intensities[:, k:k + 1], spacing_zyx=(8.0, 0.8, 0.8), first_slice=k,
+                           series_uid=f"1.2.3.{k}", prefix=f"s{k}_")
+    viewer = make_napari_viewer()
+    image, = viewer.open(str(stack / "s2_000.dcm"), plugin="napari-coral")  # one of its files: the whole stack
+    assert image.data.shape == (3, 4, 8, 10) and sorted(image.metadata["dicom_series"]) == [f"1.2.3.{k}" for k in range(4)]
+    frame = load_frames(stack)[0]
+    labels = np.zeros((3, 4, 8, 10), np.uint8)
+    labels[0, 1, 2:5, 2:6] = 1
+    labels[2, 1, 4:7, 5:9] = 1  # the structure moved by the third phase
+    save_rt_structure_set(tmp_path / "RS.dcm", labels, Volume(labels, frame.affine, stack), ["background", "LV"])
+    viewer.add_image(np.zeros((4, 8, 10), np.float32), name="one phase",
+                     metadata={"affine": frame.affine.tolist()})  # on top, with the stack's slices
+    rs, = viewer.open(str(tmp_path / "RS.dcm"), plugin="napari-coral")
+    assert rs.data.shape == (3, 4, 8, 10)
+    np.testing.assert_array_equal(rs.data, labels)
+
+
 def test_labels_drawn_on_a_dicom_series_save_as_an_rt_structure_set_from_the_save_dialog(
         tmp_path, make_napari_viewer, qtbot, monkeypatch):
     """File > Save Selected Layers offers "RT structure set" for a Labels layer; chosen, with a .dcm name, it writes
