@@ -45,6 +45,7 @@ __all__ = [
     "dicom_series_title",
     "dicom_cine_stack",
     "dicom_phases",
+    "dicom_folder_series",
     "is_dicom_seg",
     "is_rt_structure_set",
     "is_dicom_labels",
@@ -339,6 +340,22 @@ def dicom_phases(source: str | os.PathLike, series=None) -> dict:
     except (UserError, OSError, RuntimeError):  # not readable as the reader reads it
         return {}
     return {} if frames is None else {str(Path(f).resolve()): t for t, frame in enumerate(frames) for f in frame}
+
+
+def dicom_folder_series(folder: str | os.PathLike) -> str | list[str] | None:
+    """What a DICOM series folder holds, as a reader of it records it: the Series Instance UID of its one image
+    series, the UIDs (sorted) of a cine stack exported one series per slice position, or None (not a DICOM folder,
+    or several series that make no stack)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    try:
+        ids = list(_series_ids(folder))
+    except Exception:  # noqa: BLE001 - GDCM could not read the folder: no series to name
+        return None
+    if len(ids) == 1:
+        return ids[0]
+    return dicom_cine_stack(folder, ids) if ids else None
 
 
 def dicom_cine_stack(folder: str | os.PathLike, uids) -> list[str] | None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from coral_core.errors import OffGridError, UserError
-from coral_core.volume import (Volume, dicom_cine_stack, dicom_series_title, dicom_slice_series, is_dicom_file,
-                               is_dicom_labels, is_dicom_seg, is_volume_path, load_dicom_series, load_frames,
-                               load_labels_like, read_class_names)
+from coral_core.volume import (Volume, dicom_cine_stack, dicom_folder_series, dicom_series_title, dicom_slice_series,
+                               is_dicom_file, is_dicom_labels, is_dicom_seg, is_volume_path, load_dicom_series,
+                               load_frames, load_labels_like, read_class_names)
 from napari_coral._layers import slice_digests, volume_to_layer
 
 _NOTIFIED: dict[tuple[str, str], float] = {}  # (folder, series UID) -> when "already open" was last said
@@ -49,6 +49,9 @@ def read_volume(path):
             data, kwargs, kind = _seg_layer(path)
         else:
             data, kwargs, kind = _frames_layer(load_frames(path))
+            series = dicom_folder_series(path)  # a DICOM folder: its series, as a file of it records them
+            if series:
+                kwargs["metadata"]["dicom_series"] = series
     except UserError as exc:
         # napari shows reader exceptions as a notification; keep it to the one sentence.
         raise ValueError(str(exc)) from None

@@ -164,6 +164,12 @@ def test_one_or_all_slice_files_of_a_dicom_series_open_the_series_once(tmp_path,
     viewer.layers.remove(stack)
     picked = sorted(str(f) for f in (tmp_path / "sax").glob("s[13]_*.dcm"))  # files of two of its series, one by one
     assert len(viewer.open(picked, plugin="napari-coral")) == 1 and viewer.layers[-1].name == "sax"
+    # a folder opened whole records its series as a file of it does: a file of it then adds nothing
+    viewer.layers.clear()
+    for name, series in (("cine", "1.2.826.0.1.3680043.2.1125.1.12345"), ("sax", [f"1.2.3.{k}" for k in range(4)])):
+        whole, = viewer.open(str(tmp_path / name), plugin="napari-coral")
+        assert whole.metadata["dicom_series"] == series
+        assert viewer.open(str(next((tmp_path / name).glob("s*.dcm"))), plugin="napari-coral") == []
 
 
 def test_a_dicom_seg_opens_on_the_image_it_was_drawn_on(tmp_path, make_napari_viewer, monkeypatch):
