@@ -900,18 +900,23 @@ def _score_pair(pred, truth, class_names: str | None, label_values: list[int] | 
 
     # a cine series (4-D files, as coral segment writes one) is scored frame by frame; a DICOM SEG or RT structure
     # set is placed on the grid of the other file
-    image = load_frames(grid) if grid is not None and (is_dicom_labels(pred) or is_dicom_labels(truth)) else None
-    if is_dicom_labels(pred) and is_dicom_labels(truth) and image is not None:
+    def grid_of(other: list) -> list:
+        """The frames DICOM labels are placed on: the other file's, or for a cine (whose DICOM images alone say
+        which image is which phase) and where the other file is DICOM labels too, ``grid``'s."""
+        return load_frames(grid) if grid is not None and (not other or len(other) > 1) else other
+
+    if is_dicom_labels(pred) and is_dicom_labels(truth) and grid is not None:
+        image = grid_of([])
         preds, truths = frames_of(pred, image), frames_of(truth, image)
     elif is_dicom_labels(pred) and is_dicom_labels(truth):
         raise UserError(f"{pred}: PRED and TRUTH are both DICOM SEG or RT structure set files, which hold no voxel grid "
                         "of their own; give the image they were drawn on with --image IMAGE")
     elif is_dicom_labels(truth):
         preds = frames_of(pred)
-        truths = frames_of(truth, image or preds)
+        truths = frames_of(truth, grid_of(preds))
     elif is_dicom_labels(pred):
         truths = frames_of(truth, picked=True)
-        preds = frames_of(pred, image or truths)
+        preds = frames_of(pred, grid_of(truths))
     else:
         preds, truths = frames_of(pred), frames_of(truth, picked=True)
     if len(preds) != len(truths) or preds[0].shape != truths[0].shape:
@@ -995,7 +1000,7 @@ def _evaluate_folders(args, label_values: list[int] | None) -> tuple[dict, str]:
     cases, images, incomplete = [], None, []
     for name, pred, truth in pairs:
         grid = None
-        if is_dicom_labels(pred) and is_dicom_labels(truth):  # neither has a grid: the case's image's
+        if is_dicom_labels(pred) or is_dicom_labels(truth):  # neither has a grid, or a cine's phases: the case's image's
             images = images if images is not None else case_images(truth_dir)
             grid = images.get(name)
         try:

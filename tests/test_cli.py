@@ -1415,6 +1415,12 @@ def test_a_cine_dicom_series_segments_into_dicom_labels_that_evaluate_and_train_
     again = hd.seg.segread(tmp_path / "out" / "cine_labels.dcm")
     np.testing.assert_array_equal(again.get_pixels_by_source_instance([f"{uid}.{n + 1}" for n in range(10)],
                                                                       combine_segments=True), by_source)
+    # a dataset folder of the cine and its 4-D labels: each case's SEG is placed on its own cine's frames
+    (tmp_path / "ds").mkdir()
+    cine.rename(tmp_path / "ds" / "cine")
+    (tmp_path / "pred.nii.gz").rename(tmp_path / "ds" / "cine_labels.nii.gz")
+    scores = json.loads(coral("evaluate", tmp_path / "out", tmp_path / "ds", "--json").stdout)
+    assert scores["dice"] == {"RV": 1.0, "myocardium": 1.0, "LV": 1.0}
 
 
 def test_a_dataset_case_without_a_structure_is_left_out_with_one_line(tmp_path):
