@@ -835,6 +835,7 @@ def cmd_embed(args) -> tuple[dict, str]:
     from coral_core.embedding import project_trajectories
     from coral_core.fileio import atomic_target, check_output_path
     from coral_core.infer import embed_volume
+    from coral_core.phantom import make_phantom
     from coral_core.plotting import save_trajectory_png
     from coral_core.volume import load_volume
 
@@ -844,8 +845,10 @@ def cmd_embed(args) -> tuple[dict, str]:
         check_output_path(args.plot)
     device = resolve_device(args.device)
     model, _ = _load_model(args.model, device)
+    if not args.images and not args.phantom:
+        raise UserError("no input volumes; give image files or folders, or --phantom N")
     features, names = [], []
-    for case in discover_volumes(args.images, args.all_frames):  # files, DICOM series and dataset folders
+    for case in discover_volumes(args.images, args.all_frames) if args.images else []:  # files, DICOM series, datasets
         if case.frames:  # --all-frames: each frame a volume, named SUBJECT_t00, SUBJECT_t01, ...
             for name, frame in case_volumes(case):
                 features.append(embed_volume(model, frame.array, device, spacing=frame.spacing))
@@ -855,6 +858,10 @@ def cmd_embed(args) -> tuple[dict, str]:
         features.append(embed_volume(model, volume.array, device, spacing=volume.spacing))
         names.append(volume.name)
         del volume
+    for i in range(args.phantom):  # made one at a time, as read files are
+        volume, _ = make_phantom(args.seed + i)
+        features.append(embed_volume(model, volume.array, device, spacing=volume.spacing))
+        names.append(f"phantom{args.seed + i}")
     direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
     trajectories, _, score = project_trajectories(features, names, direction)
     with atomic_target(args.out, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -1621,7 +1628,10 @@ def build_parser() -> argparse.ArgumentParser:
     _lever_options(p, inference=True)
 
     p = command("embed", "Per-slice embeddings, their 2-D trajectory and ordinal consistency.", cmd_embed)
-    p.add_argument("images", nargs="+", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
+    p.add_argument("images", nargs="*", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
+    p.add_argument("--phantom", type=_count, default=0, metavar="N",
+                   help="add N synthetic phantom subjects (phantomS, phantomS+1, ... for --seed S)")
+    p.add_argument("--seed", type=int, default=0, help="the first phantom subject's seed (default 0)")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--out", required=True, metavar="TABLE.csv",
                    help="table to write: a row per slice (volume, slice, position, axis1, axis2, volume_score)")

@@ -737,6 +737,12 @@ def test_segment_and_embed_default_to_the_bundled_demo_model(tmp_path):
     assert same.mean() > 0.999
     emb = json.loads(coral("embed", tmp_path / "img.nii.gz", "--out", tmp_path / "e.csv", "--json").stdout)
     assert emb["axis"] == "coral"
+    # --phantom N embeds the subjects that --seed names, as their files embed
+    made = json.loads(coral("embed", "--phantom", 1, "--seed", 4242, "--out", tmp_path / "p.csv", "--json").stdout)
+    assert list(made["volumes"]) == ["phantom4242"] and made["ordinal_consistency"] == emb["ordinal_consistency"]
+    rows = [line.split(",", 1)[1] for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    assert rows == [line.split(",", 1)[1] for line in (tmp_path / "e.csv").read_text().splitlines()[1:]]
+    user_error(coral("embed", "--out", tmp_path / "none.csv", check=False), "no input volumes", "--phantom N")
 
 
 def _interrupt_when(proc, path, timeout=300):
