@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -728,6 +729,7 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
             if p.stat().st_size == 0:
                 raise UserError(f"{p}: file is empty; re-export the volume")
             _check_detached_data(p)
+            _check_itk_size(p)
             img = sitk.ReadImage(str(p))
     except UserError:
         raise
@@ -912,6 +914,74 @@ def _check_detached_data(p: Path) -> None:
             return
 
 
+def _itk_header(p: Path) -> tuple[dict[str, str], int]:
+    """The fields of an MHA/MHD or NRRD/NHDR header (names lower-cased) and the byte offset at which voxels
+    that follow it in the same file start."""
+    with open(p, "rb") as f:
+        head = f.read(65536)
+    fields: dict[str, str] = {}
+    offset = 0
+    meta = p.suffix.lower() in (".mha", ".mhd")
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        text = line.decode("latin-1").strip()
+        if not meta and not text:  # NRRD: a blank line ends the header
+            break
+        name, sep, value = text.partition("=" if meta else ":")
+        if sep and not (not meta and value.startswith("=")):  # NRRD "key:=value" lines are key/value pairs
+            fields[name.strip().lower()] = value.strip()
+        if meta and name.strip().lower() == "elementdatafile":  # MetaImage: the last header line
+            break
+    return fields, offset
+
+
+def _check_itk_size(p: Path) -> None:
+    """Refuse an MHA/MHD or NRRD/NHDR file whose header claims more voxels than this machine's memory holds, or
+    whose voxels are cut short (an interrupted copy), before ITK reads it (ITK then prints MetaImage's complaint
+    to the terminal and names no cause). Measured: raw voxels, and MetaImage's compressed ones (whose header gives
+    their length); NRRD's gzip-compressed voxels are left to ITK."""
+    import SimpleITK as sitk
+
+    if p.suffix.lower() not in (".mha", ".mhd", ".nrrd", ".nhdr"):
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()  # the header only
+    shape = tuple(int(n) for n in reader.GetSize())
+    one = sitk.Image([1] * len(shape), reader.GetPixelID(), reader.GetNumberOfComponents())
+    claimed = (int(np.prod(shape, dtype=np.float64)) * reader.GetNumberOfComponents()
+               * sitk.GetArrayViewFromImage(one).dtype.itemsize)
+    if claimed > host_memory():
+        raise UserError(
+            f"{p}: header claims a {' x '.join(map(str, shape[::-1]))} volume ({claimed / 2**30:.0f} GiB), more than "
+            "this machine's memory; the file is damaged or needs a bigger machine"
+        )
+    fields, offset = _itk_header(p)
+    if p.suffix.lower() in (".mha", ".mhd"):
+        raw = fields.get("compresseddata", "false").lower() != "true"
+        data_file, skip = fields.get("elementdatafile", ""), fields.get("headersize", "0")
+        if not raw and fields.get("compresseddatasize", "").isdigit():  # zlib-compressed, its length given
+            raw, claimed = True, int(fields["compresseddatasize"])
+    else:
+        raw = fields.get("encoding", "").lower() == "raw"
+        data_file = fields.get("data file", fields.get("datafile", "LOCAL"))
+        skip = fields.get("byte skip", fields.get("byteskip", "0"))
+        if fields.get("line skip", fields.get("lineskip", "0")) != "0":
+            return  # lines of text to skip before the voxels: their length is not known here
+    if not raw or not skip.lstrip("-").isdigit() or int(skip) < 0:  # -1: the voxels are the file's last bytes
+        return
+    if data_file.upper() == "LOCAL" or not data_file:
+        holds, needs, what = p.stat().st_size, offset + int(skip) + claimed, "file"
+    elif data_file.upper() == "LIST" or "%" in data_file or " " in data_file:
+        return  # voxels spread over several files
+    else:
+        data = Path(data_file) if Path(data_file).is_absolute() else p.parent / data_file
+        holds, needs, what = data.stat().st_size, int(skip) + claimed, f"voxel file {data_file}"
+    if holds < needs:
+        where = "file is" if what == "file" else f"its {what} is"
+        raise UserError(f"{p}: {where} truncated (holds {holds} of {needs} bytes); re-export the volume")
+
+
 def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:
     if array.ndim == 2:
         array = array[None]
@@ -937,9 +1007,21 @@ def _as_zyx_3d(array: np.ndarray, p: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+_ITK_PREFIX = re.compile(r"^(?:sitk::ERROR|ITK ERROR):\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?")
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:120] if text else type(exc).__name__
+    """The first line of an error that says what went wrong, for a one-sentence message: SimpleITK's
+    "Exception thrown in SimpleITK ...: /path/of/its/source.cxx:99:" line is left out, and ITK's
+    "sitk::ERROR:" / "ITK ERROR: MetaImageIO(0x...):" prefixes dropped; of NRRD's reader, the cause it names last."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    lines = [_ITK_PREFIX.sub("", line) for line in lines if not line.startswith("Exception thrown in SimpleITK")]
+    if lines and lines[0].startswith("Unable to determine ImageIO reader"):
+        return "no image format that SimpleITK reads recognises its content"
+    teem = [line for line in lines if line.startswith("[nrrd]") and not line.rstrip().endswith((":", "trouble"))]
+    if teem:  # NRRD's reader (teem) stacks its callers' "trouble" lines above the cause: the last line
+        return re.sub(r"^\[nrrd\]\s*\w+:\s*", "", teem[-1])[:120]
+    return lines[0][:120] if lines else type(exc).__name__
 
 
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,

@@ -41,6 +41,10 @@ def files(tmp_path_factory):
     write_nifti_ijk(d / "complex.nii.gz", np.ones((32, 32, 4), np.complex64), img.affine)  # raw MRI, not magnitude
     write_nifti_ijk(d / "blank.nii.gz", np.full((32, 32, 4), np.nan, np.float32), img.affine)
     write_dicom_seg(d / "seg.dcm", lab.array, img.affine, ["RV", "myocardium", "LV"])  # a segmentation, as a scan
+    save_volume(d / "img.mha", img.array, img.affine)
+    raw = (d / "img.mha").read_bytes()
+    (d / "cut.mha").write_bytes(raw[: len(raw) // 2])  # an interrupted copy (ITK printed MetaImage's complaint too)
+    (d / "text.nrrd").write_text("patient notes, not an image")
     return d
 
 
@@ -56,6 +60,8 @@ def _no_partial_files(folder) -> None:
         ("empty.nii.gz", ["empty.nii.gz", "empty"]),
         ("text.nii.gz", ["text.nii.gz", "not a readable NIfTI"]),
         ("truncated.nii.gz", ["truncated.nii.gz", "not a readable NIfTI"]),
+        ("cut.mha", ["cut.mha: file is truncated (holds", "re-export"]),
+        ("text.nrrd", ["text.nrrd: not a readable volume (no image format that SimpleITK reads recognises"]),
         ("cine.nii.gz", ["cine.nii.gz", "4-D series with 5 frames"]),
         ("complex.nii.gz", ["complex.nii.gz", "complex numbers", "save their magnitude"]),
         ("blank.nii.gz", ["blank.nii.gz", "every voxel is NaN or infinite"]),

@@ -380,6 +380,31 @@ def test_headers_claiming_more_than_the_file_or_the_machine_are_refused_before_r
         fh.write(header.binaryblock + b"\x00" * 4)
     with pytest.raises(UserError, match="header claims a 30000 x 30000 x 30000 volume .* more than this machine's memory"):
         load_volume(tmp_path / "huge.nii.gz")
+    # MHA/MHD and NRRD/NHDR: voxels in the file or beside it cut short, or a header claiming too much, are refused
+    # from the header, before ITK reads (and prints MetaImage's complaint to the terminal)
+    import SimpleITK as sitk
+
+    volume = sitk.GetImageFromArray(np.random.rand(6, 20, 30).astype(np.float32))
+    for name, data in (("v.mha", "v.mha"), ("v.nrrd", "v.nrrd"), ("v.mhd", "v.raw"), ("v.nhdr", "v.raw")):
+        sitk.WriteImage(volume, str(tmp_path / name))
+        assert load_volume(tmp_path / name).shape == (6, 20, 30)
+        whole = (tmp_path / data).read_bytes()
+        (tmp_path / data).write_bytes(whole[:-1])
+        where = "file is" if data == name else f"its voxel file {data} is"
+        with pytest.raises(UserError, match=rf"{name}: {where} truncated \(holds \d+ of \d+ bytes\); re-export"):
+            load_volume(tmp_path / name)
+    for name in ("z.mha", "z.nrrd"):  # compressed: MetaImage gives their length, NRRD leaves it to ITK's reader
+        sitk.WriteImage(volume, str(tmp_path / name), useCompression=True)
+        np.testing.assert_array_equal(load_volume(tmp_path / name).array, sitk.GetArrayFromImage(volume))
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(whole[: len(whole) - 100])
+        cause = "file is truncated" if name == "z.mha" else r"not a readable volume \(expected 14400 bytes but received"
+        with pytest.raises(UserError, match=rf"{name}: {cause}"):
+            load_volume(tmp_path / name)
+    (tmp_path / "huge.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 30000 30000 30000\n"
+                                       "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    with pytest.raises(UserError, match="huge.mha: header claims a 30000 x 30000 x 30000 volume .* more than this"):
+        load_volume(tmp_path / "huge.mha")
 
 
 @pytest.mark.parametrize("kind", ["series", "multiframe"])
