@@ -828,12 +828,10 @@ def cmd_segment(args) -> tuple[dict, str]:
 
 
 def cmd_embed(args) -> tuple[dict, str]:
-    import csv
-
     from coral_core.data import case_volumes, discover_volumes
     from coral_core.device import resolve_device
-    from coral_core.embedding import project_trajectories
-    from coral_core.fileio import atomic_target, check_output_path
+    from coral_core.embedding import project_trajectories, write_trajectory_table
+    from coral_core.fileio import check_output_path
     from coral_core.infer import embed_volume
     from coral_core.phantom import make_phantom
     from coral_core.plotting import save_trajectory_png
@@ -864,12 +862,7 @@ def cmd_embed(args) -> tuple[dict, str]:
         names.append(f"phantom{args.seed + i}")
     direction = model.canonical_direction.cpu().numpy() if model.has_direction else None
     trajectories, _, score = project_trajectories(features, names, direction)
-    with atomic_target(args.out, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["volume", "slice", "position", "axis1", "axis2", "volume_score"])
-        for t in trajectories:
-            for i, ((x, y), p) in enumerate(zip(t.xy, t.positions)):
-                writer.writerow([t.name, i, f"{p:.6f}", f"{x:.6f}", f"{y:.6f}", f"{t.score:.6f}"])
+    write_trajectory_table(args.out, trajectories)
     if args.plot:
         save_trajectory_png(args.plot, trajectories, score, direction is not None)
     out = {"table": str(args.out), "plot": args.plot, "ordinal_consistency": score,

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
-__all__ = ["Trajectory", "project_trajectories", "ordinal_consistency", "suggest_slices"]
+__all__ = ["Trajectory", "project_trajectories", "ordinal_consistency", "suggest_slices", "write_trajectory_table",
+           "TABLE_COLUMNS"]
+
+TABLE_COLUMNS = ("volume", "slice", "position", "axis1", "axis2", "volume_score")  # write_trajectory_table's
 
 
 @dataclass
@@ -110,3 +113,18 @@ def suggest_slices(features: np.ndarray, annotated: list[int], k: int = 3,
         picks.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(f - f[nxt], axis=1))
     return picks[:k]
+
+
+def write_trajectory_table(path, trajectories: list[Trajectory]) -> None:
+    """A CSV row per slice (:data:`TABLE_COLUMNS`: the volume, the slice's index and relative position, its two
+    coordinates in the 2-D view, the volume's ordinal consistency), written atomically."""
+    import csv
+
+    from coral_core.fileio import atomic_target
+
+    with atomic_target(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(TABLE_COLUMNS)
+        for t in trajectories:
+            for i, ((x, y), p) in enumerate(zip(t.xy, t.positions)):
+                writer.writerow([t.name, i, f"{p:.6f}", f"{x:.6f}", f"{y:.6f}", f"{t.score:.6f}"])

@@ -991,12 +991,17 @@ def test_segmenting_into_a_label_file_keeps_its_labelled_slices_annotated(viewer
 # --------------------------------------------------------------------------- embedding
 
 
-def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
+def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot, tmp_path, monkeypatch):
+    import csv
+
+    import napari_coral._widgets.embedding as embedding_module
     from matplotlib.backend_bases import MouseEvent
 
     widget = dock(viewer, "Embedding")
     assert widget.plot.hint is not None  # says what will appear instead of showing empty axes
     viewer.layers.remove("phantom ground truth")
+    assert not widget.save_button.isEnabled() and widget.save_results(tmp_path / "early.png") is None
+    assert "press Embed first" in widget.status.text() and not (tmp_path / "early.png").exists()
     worker = widget.embed()
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
@@ -1004,6 +1009,20 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot):
     t = widget.trajectories[0]
     assert t.xy.shape == (viewer.layers["phantom"].data.shape[0], 2)
     assert widget.score > 0.5  # the demo model was CORAL-pretrained
+    # Save...: the figure, or the table as `coral embed --out` writes it (the name typed without a suffix takes the
+    # file type chosen in the dialog)
+    assert widget.save_button.isEnabled()
+    monkeypatch.setattr(embedding_module.QFileDialog, "getSaveFileName",
+                        lambda *a, **k: (str(tmp_path / "points"), "Table (*.csv)"))
+    widget.save_button.click()
+    rows = list(csv.DictReader(open(tmp_path / "points.csv")))
+    assert [r["volume"] for r in rows] == ["phantom"] * len(t.xy) and [int(r["slice"]) for r in rows] == list(range(len(t.xy)))
+    np.testing.assert_allclose([[float(r["axis1"]), float(r["axis2"])] for r in rows], t.xy, atol=1e-6)
+    assert float(rows[0]["volume_score"]) == pytest.approx(t.score, abs=1e-6)
+    assert widget.save_results(tmp_path / "figure.png") == tmp_path / "figure.png"
+    assert (tmp_path / "figure.png").read_bytes()[:4] == b"\x89PNG" and "Saved" in widget.status.text()
+    assert widget.save_results(tmp_path / "figure.pdf") is None and ".png for the figure or .csv" in widget.status.text()
+    assert widget.save_results(tmp_path / "missing" / "f.png") is None and "does not exist" in widget.status.text()
     assert widget.plot.hint is None
     widget.plot.canvas.draw()
     name_box = next(a for a in widget.plot.ax.texts if a.get_text() == "phantom").get_window_extent()
@@ -1183,7 +1202,7 @@ def test_pretraining_takes_every_frame_of_a_cine_layer(viewer, qtbot):
     assert session.meta["training"]["slices"] == 20 and session.meta["training"]["volumes"] == ["cine"]
 
 
-def test_a_cine_fine_tunes_on_every_annotated_frame_and_embeds_the_frame_shown(viewer, qtbot):
+def test_a_cine_fine_tunes_on_every_annotated_frame_and_embeds_the_frame_shown(viewer, qtbot, tmp_path):
     """A cine series and its 4-D Labels layer: each annotated frame trains as a scan; validation slices
     are those of the frame shown; re-segmenting labels every frame. Embedding takes the frame shown, and
     moving to a point's slice moves within it (a volume's slice too, while a cine is open)."""
@@ -1243,6 +1262,8 @@ def test_a_cine_fine_tunes_on_every_annotated_frame_and_embeds_the_frame_shown(v
     assert embedding.frames == {"cine": 1}
     cine = next(t for t in embedding.trajectories if t.name == "cine")
     assert cine.xy.shape == (6, 2) and "cine frame 1" in embedding.status.text()
+    embedding.save_results(tmp_path / "cine.csv")  # the table names the frame embedded
+    assert {line.split(",")[0] for line in (tmp_path / "cine.csv").read_text().splitlines()[1:]} == {"cine frame 1", "phantom"}
     embedding.go_to("cine", 4)
     assert shown_index(viewer, image) == (1, 4) and embedding._current_slice("cine") == 4
     embedding.go_to("phantom", 2)  # the volume's slice axis is the viewer's second while the cine is open

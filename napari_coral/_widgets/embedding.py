@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QHBoxLayout, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import (QFileDialog, QHBoxLayout, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QSpinBox,
+                            QVBoxLayout, QWidget)
 
 from coral_core.data import parse_slices
-from coral_core.embedding import Trajectory, project_trajectories, suggest_slices
+from coral_core.embedding import Trajectory, project_trajectories, suggest_slices, write_trajectory_table
 from coral_core.errors import UserError
 from napari_coral._layers import LayerArray, show_index, shown_index
 from napari_coral._session import session_for
@@ -34,6 +36,11 @@ class EmbeddingWidget(QWidget):
         self.n_suggest = QSpinBox()
         self.n_suggest.setRange(1, 20)
         self.n_suggest.setValue(3)
+        self.save_button = QPushButton("Save...")
+        self.save_button.setToolTip("Save the plot as a PNG figure, or every slice's point as a CSV table\n"
+                                    "(the table and figure coral embed writes)")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(self._ask_save)
         self.suggest_within = QLineEdit()
         self.suggest_within.setPlaceholderText("suggest within slices: all; e.g. 3-15, where the structures are")
         self.suggest_within.setToolTip(
@@ -48,6 +55,7 @@ class EmbeddingWidget(QWidget):
         row.addWidget(self.embed_button)
         row.addWidget(self.suggest_button)
         row.addWidget(self.n_suggest)
+        row.addWidget(self.save_button)
         layout = QVBoxLayout(self)
         layout.addWidget(self.volumes)
         layout.addWidget(self.device_picker)
@@ -61,6 +69,7 @@ class EmbeddingWidget(QWidget):
         self.features: dict[str, np.ndarray] = {}
         self.frames: dict[str, int] = {}  # the frame embedded of each cine layer
         self.score = float("nan")
+        self.has_direction = False
         self.worker = None
         self._artists = []
         self._highlight = []
@@ -93,8 +102,10 @@ class EmbeddingWidget(QWidget):
         def done(result):
             self.features, (self.trajectories, _, self.score) = result[0], result[1]
             self.frames = frames
+            self.has_direction = direction is not None
             self.embed_button.setEnabled(True)
-            self.draw(direction is not None)
+            self.save_button.setEnabled(True)
+            self.draw(self.has_direction)
 
         self.embed_button.setEnabled(False)
         self.status.setText("Embedding slices...")
@@ -160,6 +171,41 @@ class EmbeddingWidget(QWidget):
                 (ring,) = self.plot.ax.plot(t.xy[k, 0], t.xy[k, 1], "o", ms=11, mfc="none", mec="red", mew=1.6, zorder=3)
                 self._highlight.append(ring)
         self.plot.draw()
+
+    # ------------------------------------------------------------------ saving
+    def save_results(self, path: str) -> Path | None:
+        """Write what the panel shows: a ``.png`` path gets the figure of the trajectories (as ``coral embed --plot``
+        draws it), a ``.csv`` path the table of every slice's point (as ``coral embed --out`` writes it); a cine's
+        volume is named with its frame. Returns the path written, or None (the status line says why)."""
+        from napari.utils.notifications import show_error
+
+        from coral_core.plotting import save_trajectory_png
+
+        p = Path(path)
+        trajectories = [dataclasses.replace(t, name=self._title(t.name)) for t in self.trajectories]
+        try:
+            if not trajectories:
+                raise UserError("press Embed first; there is nothing to save yet")
+            if p.suffix.lower() == ".png":
+                save_trajectory_png(p, trajectories, self.score, self.has_direction)
+            elif p.suffix.lower() == ".csv":
+                write_trajectory_table(p, trajectories)
+            else:
+                raise UserError(f"{p.name}: end the name with .png for the figure or .csv for the table")
+        except (UserError, OSError) as exc:
+            self.status.setText(f"Not saved: {exc}")
+            show_error(f"Not saved: {exc}")
+            return None
+        self.status.setText(f"Saved {p}.")
+        return p
+
+    def _ask_save(self) -> None:
+        path, chosen = QFileDialog.getSaveFileName(self, "Save the embedding", "coral-embedding.png",
+                                                   "Figure (*.png);;Table (*.csv)")
+        if path:
+            if not Path(path).suffix:  # a name typed without one: the file type chosen in the dialog
+                path += ".csv" if "csv" in chosen else ".png"
+            self.save_results(path)
 
     # ------------------------------------------------------------------ navigation
     def go_to(self, name: str, index: int) -> None:
