@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -421,6 +422,8 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     assert "failed" not in widget.status.text() and "stopped" not in widget.status.text(), widget.status.text()
     qtbot.waitUntil(lambda: "phantom labels" in viewer.layers, timeout=60_000)  # re-segmented
     heartbeat.stop()
+    # the job's files (a copy of the image, the start and result models) went once its model was loaded
+    assert widget._tmp is None and not Path(runner.job.spec["out"]).parent.exists()
 
     longest_pause = max(np.diff(beats))
     assert longest_pause < 0.25, f"event loop paused {longest_pause * 1000:.0f} ms"
@@ -485,7 +488,7 @@ def test_cancel_keeps_the_previous_model(viewer, qtbot, coral_home):
     assert f"Continued from step {widget.continued_from}" in widget.status.text()
     with qtbot.waitSignal(runner.finished, timeout=60_000):
         widget.cancel()
-    assert session.model is previous
+    assert session.model is previous and not Path(runner.job.spec["out"]).parent.exists()  # its files went
     assert not list(coral_home.glob("models/*"))  # a stopped fine-tuning's model is not kept as a model
 
 
@@ -1015,7 +1018,7 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot, tmp
     monkeypatch.setattr(embedding_module.QFileDialog, "getSaveFileName",
                         lambda *a, **k: (str(tmp_path / "points"), "Table (*.csv)"))
     widget.save_button.click()
-    rows = list(csv.DictReader(open(tmp_path / "points.csv")))
+    rows = list(csv.DictReader((tmp_path / "points.csv").read_text().splitlines()))
     assert [r["volume"] for r in rows] == ["phantom"] * len(t.xy) and [int(r["slice"]) for r in rows] == list(range(len(t.xy)))
     np.testing.assert_allclose([[float(r["axis1"]), float(r["axis2"])] for r in rows], t.xy, atol=1e-6)
     assert float(rows[0]["volume_score"]) == pytest.approx(t.score, abs=1e-6)
@@ -1108,6 +1111,7 @@ def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):
     assert list((tmp_path / "home" / "resume").iterdir()) == []  # ... until the job is done
     kept = list((tmp_path / "home" / "models").glob("pretrained-coral-*.safetensors"))
     assert len(kept) == 1 and f"The model is kept in {kept[0]}." in widget.pretrain_status.text()
+    assert widget._tmp is None and not Path(runner.job.spec["out"]).parent.exists()  # the job's files went
     saved = widget.save_model_file(str(tmp_path / "pre.safetensors"))
     widget.use_demo_model()
     assert session.source == "bundled demo model"

@@ -13,6 +13,15 @@ from coral_core.device import resolve_device
 from napari_coral._jobs import Job
 
 
+def drop_job_files(widget) -> None:
+    """Remove ``widget._tmp``, the temporary folder of its job's files (a copy of every image the job read, its
+    start and result models), once the job has ended and its model is loaded: a large scan's copy would otherwise
+    stay in the temporary folder until the next run or until napari closes."""
+    if widget._tmp is not None:
+        widget._tmp.cleanup()
+        widget._tmp = None
+
+
 def follow_layer_list(viewer, callback) -> None:
     """Call ``callback`` whenever a layer is added, removed, moved or renamed."""
     events = viewer.layers.events

@@ -25,7 +25,8 @@ from napari_coral._classes import describe_plan, parse_classes, plan_classes
 from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, extent_mm, full_resolution, shown_index
 from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
-from napari_coral._widgets._common import DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, status_label
+from napari_coral._widgets._common import (DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, drop_job_files,
+                                           status_label)
 from napari_coral._widgets.segment import kept_slices_text, removed_text, start_segmentation
 from napari_coral._writer import layer_class_names, write_labels
 
@@ -577,6 +578,7 @@ class FinetuneWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self._draw_curve()
         if stopped:
+            drop_job_files(self)
             self.finetune_button.setEnabled(True)
             self.status.setText(f"Cancelled; kept the previous model ({self.session.source}). Annotations are in "
                                 f"{self.autosaved}. Fine-tune again with the same annotations and settings to "
@@ -593,6 +595,7 @@ class FinetuneWidget(QWidget):
 
         def loaded(result):
             model, meta, kept = result
+            drop_job_files(self)  # read and kept: the job's files can go
             self.session.set_model(model, meta, f"fine-tuned on {image.name}")
             if not alive(self):  # the dock was closed while the model loaded
                 return
@@ -606,12 +609,14 @@ class FinetuneWidget(QWidget):
             )
 
         loader.returned.connect(loaded)
-        loader.errored.connect(lambda exc: alive(self) and self._failed(f"could not load the fine-tuned model: {exc}."))
+        loader.errored.connect(lambda exc: (drop_job_files(self), alive(self) and self._failed(
+            f"could not load the fine-tuned model: {exc}.")))
         loader.start()
 
     def _failed(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
+        drop_job_files(self)
         self.finetune_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.status.setText(f"{message} The previous model is kept.")

@@ -25,7 +25,7 @@ from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray, extent_mm
 from napari_coral._session import data_home, keep_model_sentence, session_for
 from napari_coral._widgets._common import (
-    DevicePicker, JobRunner, VolumeChecklist, any_job_running, on_job_events, status_label,
+    DevicePicker, JobRunner, VolumeChecklist, any_job_running, drop_job_files, on_job_events, status_label,
 )
 
 
@@ -244,6 +244,7 @@ class ModelWidget(QWidget):
         self.pretrain_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         if stopped:
+            drop_job_files(self)
             self.pretrain_status.setText("Pretraining cancelled; the previous model is kept. Pretrain the same images "
                                          "with the same settings to continue where it stopped.")
             return
@@ -253,10 +254,12 @@ class ModelWidget(QWidget):
         self.pretrain_status.setText(f"Pretraining finished. Paint a few slices and fine-tune (name your classes "
                                      f"under Classes in the Fine-tune panel). "
                                      f"{keep_model_sentence(path, 'pretrained', method)}")
+        drop_job_files(self)  # read and kept: the job's files can go
 
     def _failed(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
+        drop_job_files(self)
         self.pretrain_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.pretrain_status.setText(message)
