@@ -89,6 +89,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def _read_checkpoint(p: Path) -> tuple[dict, dict]:
     """A checkpoint file's tensors, as stored, and its metadata."""
+    if p.is_dir():
+        models = sorted(f.name for f in p.glob("*.safetensors"))
+        which = f" (it holds {', '.join(models[:3])}{', ...' if len(models) > 3 else ''})" if models else ""
+        raise UserError(f"{p}: is a folder, not a model{which}; give the model's .safetensors file")
     if not p.is_file():
         raise UserError(f"{p}: no such checkpoint file; check the path")
     kind = _image_kind(p)

@@ -280,6 +280,9 @@ def test_info_describes_each_model_and_how_it_was_trained(workflow, tmp_path):
     user_error(coral("info", tmp_path / "none.safetensors", check=False), "none.safetensors: no such checkpoint file")
     (tmp_path / "empty").mkdir()
     user_error(coral("info", tmp_path / "empty", check=False), "empty: folder holds no .safetensors or .pth model")
+    # where one model is expected, a folder is named as one, with the models in it
+    user_error(coral("segment", d / "img.nii.gz", "--model", models, "--out", tmp_path / "s.nii.gz", check=False),
+               "models: is a folder, not a model (it holds a.safetensors, b.safetensors); give the model's .safetensors")
 
 
 def test_finetune_repeats_with_the_same_seed(workflow, tmp_path):

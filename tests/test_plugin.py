@@ -386,7 +386,8 @@ def _fresh_model(viewer):
     return session
 
 
-def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewer, qtbot, coral_home, tmp_path):
+def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewer, qtbot, coral_home, tmp_path,
+                                                                            monkeypatch):
     from coral_core.infer import segment_volume
 
     session = _fresh_model(viewer)
@@ -447,6 +448,14 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     assert all(torch.equal(a, b) for a, b in zip(kept_model.state_dict().values(), session.model.state_dict().values()))
     saved = widget.save_model_file(str(tmp_path / "mine.safetensors"))
     assert saved.is_file()
+    # a folder that is missing: not saved, said in a notification, nothing raised into Qt's slot
+    assert widget.save_model_file(str(tmp_path / "gone" / "m.safetensors")) is None
+    # Save model: a name typed without a suffix gets .safetensors
+    from qtpy.QtWidgets import QFileDialog
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "typed"), "Models (*.safetensors)"))
+    widget.save_button.click()
+    assert load_checkpoint(tmp_path / "typed.safetensors")[1]["training"]["stage"] == "finetune"
 
 
 def test_cancel_keeps_the_previous_model(viewer, qtbot, coral_home):

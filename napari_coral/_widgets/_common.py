@@ -13,6 +13,34 @@ from coral_core.device import resolve_device
 from napari_coral._jobs import Job
 
 
+def save_model_as(session, path):
+    """Write the session's model, with how it was trained, to ``path``; says where in a notification, or why not
+    in one sentence (a folder that is missing or not writable, a full disk), and returns the path or None."""
+    from napari.utils.notifications import show_error, show_info
+
+    from coral_core.checkpoint import save_checkpoint
+    from coral_core.errors import UserError
+
+    try:
+        saved = save_checkpoint(path, session.ensure_model(), dict(session.meta.get("training") or {}))
+    except (UserError, OSError) as exc:
+        show_error(f"The model was not saved: {exc}")
+        return None
+    show_info(f"Saved the model to {saved}.")
+    return saved
+
+
+def ask_model_path(parent, default: str) -> str:
+    """A file name from napari's save dialog for a model, ending in .safetensors when typed without a suffix;
+    "" when the dialog is cancelled."""
+    from pathlib import Path
+
+    from qtpy.QtWidgets import QFileDialog
+
+    path, _ = QFileDialog.getSaveFileName(parent, "Save model", default, "Models (*.safetensors)")
+    return path + ".safetensors" if path and not Path(path).suffix else path
+
+
 def drop_job_files(widget) -> None:
     """Remove ``widget._tmp``, the temporary folder of its job's files (a copy of every image the job read, its
     start and result models), once the job has ended and its model is loaded: a large scan's copy would otherwise

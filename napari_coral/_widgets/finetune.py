@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
-    QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QSpinBox, QVBoxLayout,
+    QCheckBox, QFormLayout, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QSpinBox, QVBoxLayout,
     QWidget,
 )
 
@@ -25,8 +25,8 @@ from napari_coral._classes import describe_plan, parse_classes, plan_classes
 from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, extent_mm, full_resolution, shown_index
 from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
-from napari_coral._widgets._common import (DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, drop_job_files,
-                                           status_label)
+from napari_coral._widgets._common import (DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, ask_model_path,
+                                           drop_job_files, save_model_as, status_label)
 from napari_coral._widgets.segment import kept_slices_text, removed_text, start_segmentation
 from napari_coral._writer import layer_class_names, write_labels
 
@@ -622,11 +622,11 @@ class FinetuneWidget(QWidget):
         self.status.setText(f"{message} The previous model is kept.")
         show_error(message)
 
-    def save_model_file(self, path: str) -> Path:
-        return save_checkpoint(path, self.session.ensure_model(), self.session.meta.get("training", {}))
+    def save_model_file(self, path: str) -> Path | None:
+        return save_model_as(self.session, path)
 
     def _ask_save(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save model", "coral-finetuned.safetensors", "Models (*.safetensors)")
+        path = ask_model_path(self, "coral-finetuned.safetensors")
         if path:
             self.save_model_file(path)
 

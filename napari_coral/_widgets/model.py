@@ -18,14 +18,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from coral_core.checkpoint import load_checkpoint, save_checkpoint
+from coral_core.checkpoint import load_checkpoint
 from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig, budget_advice, pretraining_steps
 from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray, extent_mm
 from napari_coral._session import data_home, keep_model_sentence, session_for
 from napari_coral._widgets._common import (
-    DevicePicker, JobRunner, VolumeChecklist, any_job_running, drop_job_files, on_job_events, status_label,
+    DevicePicker, JobRunner, VolumeChecklist, any_job_running, ask_model_path, drop_job_files, on_job_events,
+    save_model_as, status_label,
 )
 
 
@@ -128,10 +129,8 @@ class ModelWidget(QWidget):
         self.session.set_model(model, meta, Path(path).name)
         return True
 
-    def save_model_file(self, path: str) -> Path:
-        model = self.session.ensure_model()
-        training = dict(self.session.meta.get("training", {}))
-        return save_checkpoint(path, model, training)
+    def save_model_file(self, path: str) -> Path | None:
+        return save_model_as(self.session, path)
 
     def _ask_load(self) -> None:
         kept = data_home() / "models"  # where the plugin keeps the models it trained
@@ -141,7 +140,7 @@ class ModelWidget(QWidget):
             self.load_checkpoint_file(path)
 
     def _ask_save(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save model", "coral-model.safetensors", "Models (*.safetensors)")
+        path = ask_model_path(self, "coral-model.safetensors")
         if path:
             self.save_model_file(path)
 
