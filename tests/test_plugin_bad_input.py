@@ -371,6 +371,35 @@ def test_2d_layers_are_not_offered_and_a_cine_series_segments_frame_by_frame(tmp
     assert reopened.name in [finetune.labels_picker.itemText(i) for i in range(finetune.labels_picker.count())]
 
 
+def test_a_device_this_computer_lacks_is_greyed_out_and_refused_in_one_sentence(make_napari_viewer):
+    """Apple MPS is never available on Linux: its item is greyed out in every dock's device picker, and chosen all
+    the same (as a setting carried over could be), each button says so in its status line and starts nothing."""
+    import sys
+
+    if sys.platform == "darwin":
+        pytest.skip("MPS may be available on macOS")
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.rand(6, 32, 32).astype(np.float32), name="scan")
+    labels = viewer.add_labels(np.zeros((6, 32, 32), np.uint8), name="painted")
+    labels.data[2, 5:10, 5:10] = 1
+    _small_model(viewer, n_classes=3)
+    docks = {name: _dock(viewer, name) for name in ("Segment", "Embedding", "Model", "Fine-tune")}
+    fine = docks["Fine-tune"]
+    fine.image_picker.setCurrentText("scan")
+    fine.labels_picker.setCurrentText("painted")
+    presses = {"Segment": ("segment", "status"), "Embedding": ("embed", "status"),
+               "Model": ("pretrain", "pretrain_status"), "Fine-tune": ("finetune", "status")}
+    for name, widget in docks.items():
+        picker = widget.device_picker
+        mps = picker.findText("mps")
+        assert not picker.model().item(mps).isEnabled() and picker.model().item(picker.findText("cpu")).isEnabled()
+        picker.setCurrentIndex(mps)
+        press, status = presses[name]
+        assert getattr(widget, press)() is None, name
+        one_sentence(getattr(widget, status).text(), "Device mps: not available on this computer; choose auto or cpu")
+    assert "scan labels" not in viewer.layers and not docks["Embedding"].trajectories
+
+
 def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(np.random.rand(6, 32, 32).astype(np.float32), name="scan")

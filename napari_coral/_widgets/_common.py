@@ -141,15 +141,35 @@ class VolumeChecklist(QListWidget):
 
 
 class DevicePicker(QComboBox):
-    """auto (CUDA, then MPS, then CPU) or a named device."""
+    """auto (CUDA, then MPS, then CPU) or a named device; a device this computer lacks is greyed out."""
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.addItems(["auto", "cpu", "cuda", "mps"])
         self.setToolTip(f"auto uses {resolve_device('auto').type} on this machine")
+        for i in range(self.count()):
+            if not _available(self.itemText(i)):
+                item = self.model().item(i)
+                item.setEnabled(False)
+                item.setToolTip("not available on this computer")
 
     def device(self):
+        """The chosen torch device; a UserError in one sentence when this computer lacks it."""
+        from coral_core.errors import UserError
+
+        if not _available(self.currentText()):
+            raise UserError(f"Device {self.currentText()}: not available on this computer; choose auto or cpu.")
         return resolve_device(self.currentText())
+
+
+def _available(name: str) -> bool:
+    from coral_core.errors import UserError
+
+    try:
+        resolve_device(name)
+    except UserError:
+        return False
+    return True
 
 
 class JobRunner(QObject):

@@ -87,8 +87,13 @@ class EmbeddingWidget(QWidget):
         if not names:
             show_error("Check at least one open 3-D image to embed.")
             return None
+        try:
+            device = self.device_picker.device()
+        except UserError as exc:
+            show_error(str(exc))
+            self.status.setText(str(exc))
+            return None
         model = self.session.ensure_model()
-        device = self.device_picker.device()
         layers = {n: self.viewer.layers[n] for n in names}
         frames = {n: shown_index(self.viewer, layer)[0] for n, layer in layers.items() if layer.ndim == 4}
         arrays = {n: LayerArray(layer, frame=frames.get(n)) for n, layer in layers.items()}  # read in the worker

@@ -198,6 +198,7 @@ class ModelWidget(QWidget):
             device = self.device_picker.device()
         except UserError as exc:
             show_error(str(exc))
+            self.pretrain_status.setText(str(exc))
             return None
         base = self.session.ensure_model().config
         if self.physical_scale.isChecked() and base.pixel_spacing is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
+from coral_core.errors import UserError
 from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, napari_has_units
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
@@ -173,8 +174,9 @@ class SegmentWidget(QWidget):
             return None
         try:
             device = self.device_picker.device()
-        except Exception as exc:
+        except UserError as exc:
             show_error(str(exc))
+            self.status.setText(str(exc))
             return None
         self.segment_button.setEnabled(False)
         self.status.setText(f"Segmenting {image.name} on {device.type}...")
