@@ -234,8 +234,12 @@ def save_rt_structure_set(path: str | os.PathLike, labels: np.ndarray, like: Vol
         if contours:  # none: an ROI no voxel holds
             outline.ContourSequence = Sequence(contours)
         outlines.append(outline)
-        observations.append(_item(ObservationNumber=n, ReferencedROINumber=n, RTROIInterpretedType=roi_type(name),
-                                  ROIInterpreter=""))
+        observation = _item(ObservationNumber=n, ReferencedROINumber=n, RTROIInterpretedType=roi_type(name),
+                            ROIInterpreter="")
+        kind = segment_codes(name)[1]
+        if kind[0] != _TISSUE[0]:  # a structure DICOM names: its code, as the SEG's segment carries it
+            observation.RTROIIdentificationCodeSequence = Sequence([_code(*kind)])
+        observations.append(observation)
     ds.StructureSetROISequence = Sequence(rois)
     ds.ROIContourSequence = Sequence(outlines)
     ds.RTROIObservationsSequence = Sequence(observations)
@@ -863,8 +867,10 @@ def segment_codes(name: str) -> tuple[tuple[str, str, str], tuple[str, str, str]
     (3D Slicer's terminologies, OHIF) know it; else the generic Tissue, Tissue (abbreviations such as "LV" included:
     in ACDC's labels it is the cavity, not the whole ventricle)."""
     key = "".join(part for part in re.split(r"[\s_\-]+", name.strip().lower()) if part)
-    tissue = ("85756007", "SCT", "Tissue")
-    return _property_types().get(key, (tissue, tissue))
+    return _property_types().get(key, (_TISSUE, _TISSUE))
+
+
+_TISSUE = ("85756007", "SCT", "Tissue")  # the generic code of a segment named otherwise
 
 
 def _segment(number: int, name: str, algorithm: str):

@@ -444,6 +444,10 @@ def test_rt_rois_are_typed_by_their_names_and_a_body_outline_comes_back_under_th
     out = save_rt_structure_set(tmp_path / "RS.dcm", labels, image, names)
     rs = pydicom.dcmread(out)
     assert [o.RTROIInterpretedType for o in rs.RTROIObservationsSequence] == ["ORGAN", "PTV", "EXTERNAL", "GTV", "CTV"]
+    # an ROI named as DICOM names an anatomical structure carries its SNOMED CT code; the others none
+    codes = [[(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in o.get("RTROIIdentificationCodeSequence", [])]
+             for o in rs.RTROIObservationsSequence]
+    assert codes == [[("80891009", "SCT", "Heart")], [], [], [], []]
     np.testing.assert_array_equal(load_labels_like(out, image).array, labels)
 
 
