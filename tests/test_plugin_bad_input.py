@@ -44,6 +44,9 @@ def _bad_files(tmp_path):
     (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
     write_nifti_ijk(tmp_path / "complex.nii.gz", np.ones((16, 16, 8), np.complex64), np.eye(4))
     write_nifti_ijk(tmp_path / "nan.nii.gz", np.full((16, 16, 8), np.nan, np.float32), np.eye(4))
+    save_volume(tmp_path / "good.mha", np.random.rand(8, 16, 16).astype(np.float32), np.eye(4))
+    raw = (tmp_path / "good.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(raw[: len(raw) - 10])
     return [
         ("missing", tmp_path / "missing.nii.gz", ["missing.nii.gz", "no such file"]),
         ("empty", tmp_path / "empty.nii.gz", ["empty.nii.gz", "empty"]),
@@ -51,6 +54,7 @@ def _bad_files(tmp_path):
         ("truncated", tmp_path / "truncated.nii.gz", ["truncated.nii.gz"]),
         ("complex", tmp_path / "complex.nii.gz", ["complex.nii.gz", "complex numbers", "magnitude"]),
         ("nan", tmp_path / "nan.nii.gz", ["nan.nii.gz", "every voxel is NaN or infinite"]),
+        ("cut", tmp_path / "cut.mha", ["cut.mha: file is truncated (holds"]),
     ]
 
 
