@@ -59,6 +59,9 @@ def keep_model_sentence(path: str | os.PathLike, kind: str, name: str) -> str:
         return f"Could not keep a copy of the model ({exc}); save it with Save model."
 
 
+MODELS_REMEMBERED = 5  # models a session keeps in memory to go back to (the demo model's 2 M parameters: 8 MB each)
+
+
 @dataclass
 class CoralSession:
     model: UNet | None = None
@@ -69,6 +72,8 @@ class CoralSession:
     largest_component: bool = False
     # weak references to the Fine-tune panels' counters: Labels layer -> its annotated slices, or None
     annotation_counters: list = field(default_factory=list)
+    # the models replaced, (model, meta, source), the latest last: Previous model goes back to them
+    history: list = field(default_factory=list)
     _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def ensure_model(self) -> UNet:
@@ -82,6 +87,21 @@ class CoralSession:
         self.set_model(model, meta, "bundled demo model")
 
     def set_model(self, model: UNet, meta: dict, source: str) -> None:
+        """Make ``model`` the current one; the one it replaces is remembered (the last
+        :data:`MODELS_REMEMBERED`), for :meth:`previous_model`."""
+        if self.model is not None and model is not self.model:
+            self.history.append((self.model, self.meta, self.source))
+            del self.history[:-MODELS_REMEMBERED]
+        self._show(model, meta, source)
+
+    def previous_model(self) -> bool:
+        """Go back to the model the current one replaced (again: the one before it); False when there is none."""
+        if not self.history:
+            return False
+        self._show(*self.history.pop())
+        return True
+
+    def _show(self, model: UNet, meta: dict, source: str) -> None:
         self.model, self.meta, self.source = model.eval(), meta, source
         for listener in list(self._listeners):
             listener()

@@ -439,6 +439,7 @@ def test_finetune_improves_unannotated_slices_and_keeps_the_gui_responsive(viewe
     after = mean_dice(viewer.layers["phantom labels"].data, truth, unannotated)
     assert after > before + 0.2, (before, after)
     assert session.source == "fine-tuned on phantom"
+    assert session.history[-1][2] == "fresh test model"  # what Previous model goes back to
     # kept without asking, so that loading or training another model cannot lose it
     kept = list((coral_home / "models").glob("finetuned-phantom-*.safetensors"))
     assert len(kept) == 1 and f"The model is kept in {kept[0]}." in widget.status.text()
@@ -1082,6 +1083,31 @@ def test_a_blank_volume_embeds_without_a_score_of_rounding_noise(viewer, qtbot):
 
 
 # --------------------------------------------------------------------------- model
+
+
+def test_previous_model_goes_back_through_the_models_replaced(viewer, tmp_path):
+    """Previous model restores the model the current one replaced, and again the one before it, down to the last
+    five kept in memory; loading a checkpoint counts as a replacement."""
+    from napari_coral._session import MODELS_REMEMBERED
+
+    widget = dock(viewer, "Model")
+    session = session_for(viewer)
+    assert widget.previous_button.isEnabled() == bool(session.history)  # enabled only with a model to go back to
+    widget.use_demo_model()
+    session.history.clear()  # whatever the docks loaded before: the demo model is where this test starts
+    for i in range(MODELS_REMEMBERED + 1):
+        session.set_model(build_model(UNetConfig(base_filters=4, depth=2, image_size=32)), {"training": {}}, f"model {i}")
+    widget.save_model_file(str(tmp_path / "saved.safetensors"))
+    assert widget.load_checkpoint_file(str(tmp_path / "saved.safetensors"))
+    assert session.source == "saved.safetensors" and len(session.history) == MODELS_REMEMBERED
+    assert widget.previous_button.isEnabled() and "model 5" in widget.previous_button.toolTip()
+    went = []
+    while widget.previous_button.isEnabled():
+        widget.previous_button.click()
+        went.append(session.source)
+        assert widget.current.text().startswith(f"Current model: {session.source}")
+    assert went == ["model 5", "model 4", "model 3", "model 2", "model 1"]
+    assert widget.use_previous_model() is False and session.source == "model 1"
 
 
 def test_model_widget_pretrains_loads_and_saves(viewer, qtbot, tmp_path):

@@ -23,7 +23,7 @@ from coral_core.errors import UserError
 from coral_core.pretrain import METHODS, PretrainConfig, budget_advice, pretraining_steps
 from napari_coral._jobs import Job, config_dict, resume_folder, stopped_runs
 from napari_coral._layers import LayerArray, extent_mm
-from napari_coral._session import data_home, keep_model_sentence, session_for
+from napari_coral._session import MODELS_REMEMBERED, data_home, keep_model_sentence, session_for
 from napari_coral._widgets._common import (
     DevicePicker, JobRunner, VolumeChecklist, any_job_running, ask_model_path, drop_job_files, on_job_events,
     save_model_as, status_label,
@@ -46,6 +46,11 @@ class ModelWidget(QWidget):
         buttons = QHBoxLayout()
         for b in (self.demo_button, self.load_button, self.save_button):
             buttons.addWidget(b)
+        self.previous_button = QPushButton("Previous model")
+        self.previous_button.clicked.connect(self.use_previous_model)
+        back = QHBoxLayout()
+        back.addWidget(self.previous_button)
+        back.addStretch(1)
 
         self.method = QComboBox()
         self.method.addItems(list(METHODS))
@@ -92,6 +97,7 @@ class ModelWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(self.current)
         layout.addLayout(buttons)
+        layout.addLayout(back)
         layout.addWidget(group)
         layout.addStretch(1)
 
@@ -114,9 +120,20 @@ class ModelWidget(QWidget):
         if self.session.model is not None:  # how it was made, as `coral info` says it
             text += f"\nTrained: {training_summary(self.session.meta.get('training') or {})}."
         self.current.setText(text)
+        history = self.session.history
+        self.previous_button.setEnabled(bool(history))
+        self.previous_button.setToolTip(
+            f"Back to the model used before this one: {history[-1][2]} ({len(history)} earlier model"
+            f"{'' if len(history) == 1 else 's'} kept in memory, the last {MODELS_REMEMBERED})" if history
+            else "Back to the model used before this one (none yet)")
 
     def use_demo_model(self) -> None:
         self.session.use_bundled_model()
+
+    def use_previous_model(self) -> bool:
+        """Back to the model the current one replaced (a fine-tuning that did worse, a checkpoint loaded by mistake);
+        pressed again, to the one before it."""
+        return self.session.previous_model()
 
     def load_checkpoint_file(self, path: str) -> bool:
         from napari.utils.notifications import show_error
