@@ -161,6 +161,19 @@ class DevicePicker(QComboBox):
             raise UserError(f"Device {self.currentText()}: not available on this computer; choose auto or cpu.")
         return resolve_device(self.currentText())
 
+    def device_or_none(self, status):
+        """:meth:`device`, or None with the reason in a notification and in the ``status`` label."""
+        from napari.utils.notifications import show_error
+
+        from coral_core.errors import UserError
+
+        try:
+            return self.device()
+        except UserError as exc:
+            show_error(str(exc))
+            status.setText(str(exc))
+            return None
+
 
 def _available(name: str) -> bool:
     from coral_core.errors import UserError

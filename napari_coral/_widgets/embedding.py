@@ -87,11 +87,8 @@ class EmbeddingWidget(QWidget):
         if not names:
             show_error("Check at least one open 3-D image to embed.")
             return None
-        try:
-            device = self.device_picker.device()
-        except UserError as exc:
-            show_error(str(exc))
-            self.status.setText(str(exc))
+        device = self.device_picker.device_or_none(self.status)
+        if device is None:
             return None
         model = self.session.ensure_model()
         layers = {n: self.viewer.layers[n] for n in names}

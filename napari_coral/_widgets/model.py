@@ -211,11 +211,8 @@ class ModelWidget(QWidget):
         if not names:
             show_error("Check at least one open 3-D image to pretrain on.")
             return None
-        try:
-            device = self.device_picker.device()
-        except UserError as exc:
-            show_error(str(exc))
-            self.pretrain_status.setText(str(exc))
+        device = self.device_picker.device_or_none(self.pretrain_status)
+        if device is None:
             return None
         base = self.session.ensure_model().config
         if self.physical_scale.isChecked() and base.pixel_spacing is None:

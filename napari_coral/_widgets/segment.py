@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
-from coral_core.errors import UserError
 from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, napari_has_units
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
@@ -172,11 +171,8 @@ class SegmentWidget(QWidget):
             self.status.setText(message)
             show_error(message)
             return None
-        try:
-            device = self.device_picker.device()
-        except UserError as exc:
-            show_error(str(exc))
-            self.status.setText(str(exc))
+        device = self.device_picker.device_or_none(self.status)
+        if device is None:
             return None
         self.segment_button.setEnabled(False)
         self.status.setText(f"Segmenting {image.name} on {device.type}...")
