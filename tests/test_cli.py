@@ -862,7 +862,7 @@ def test_bench_lowlabel_workers_give_the_runs_of_one_process(tmp_path):
 def test_bench_lowlabel_ctrl_c_keeps_the_finished_runs(tmp_path, workers):
     table = tmp_path / "t.json"
     args = ["bench", "lowlabel", "--quick", "--phantom", 4, "--folds", 2, "--seeds", 3, "--labeled", "1",
-            "--methods", "random", "--finetune-steps", 150, "--device", "cpu", "--workers", workers,
+            "--methods", "random", "--finetune-steps", 60, "--device", "cpu", "--workers", workers,
             "--table", table, "--json"]
     proc = _popen_coral(*args)
     err = _interrupt_when(proc, table)
