@@ -28,6 +28,36 @@ def test_hd95_uses_spacing():
     assert result["mean_dice"] == pytest.approx(1 / 3) and result["hd95"]["fg"] == pytest.approx(6.0)
 
 
+def _direct_hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    """HD95 as plainly defined: the surface voxels of each mask (in it, with a face neighbour outside it or beyond the
+    array), every one's distance in mm to the nearest surface voxel of the other, both ways, their 95th percentile."""
+    def surface(mask):
+        points = []
+        for z, y, x in zip(*np.nonzero(mask)):
+            for dz, dy, dx in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)):
+                n = (z + dz, y + dy, x + dx)
+                if not all(0 <= i < size for i, size in zip(n, mask.shape)) or not mask[n]:
+                    points.append((z, y, x))
+                    break
+        return np.array(points, float) * np.asarray(spacing)
+
+    a, b = surface(pred), surface(truth)
+    between = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))  # every pair of surface voxels
+    return float(np.percentile(np.concatenate([between.min(1), between.min(0)]), 95))
+
+
+def test_hd95_equals_its_direct_definition_on_random_shapes():
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        shape = (5 + trial % 3, 9, 11)
+        spacing = (rng.uniform(1, 8), rng.uniform(0.5, 2), rng.uniform(0.5, 2))
+        truth = rng.integers(0, 3, shape) * (rng.random(shape) < 0.6)
+        pred = np.where(rng.random(shape) < 0.3, rng.integers(0, 3, shape), truth)
+        got = hd95_per_class(pred, truth, 3, spacing=spacing)
+        for c in (1, 2):
+            assert got[c] == pytest.approx(_direct_hd95(pred == c, truth == c, spacing), rel=1e-9), (trial, c)
+
+
 def test_summaries_count_infinite_distances_down_to_the_frames():
     """A class in only one of the two files has no finite HD95: the summary's means leave it out and hd95_missed
     counts it, a case that is itself a summary (a cine series' frames) bringing its own count."""
