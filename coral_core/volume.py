@@ -174,6 +174,8 @@ def load_dicom_series(paths: str | os.PathLike | list) -> list[Volume]:
     except Exception:  # noqa: BLE001 - GDCM could not sort the folder: fall back to the files as named
         ordered = []
     given = set(files) if len(files) > 1 else None
+    if given is None and ordered:  # the whole series, from the folder
+        _warn_unread(folder, uid, ordered)
     ordered = [f for f in ordered if given is None or f in given] or sorted(files)
     try:
         array, affine = _read_dicom_files(ordered, folder)
@@ -540,6 +542,42 @@ def _quietly(run):
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+def _warn_unread(folder: Path, uid: str, listed: list, ids=None) -> None:
+    """Warn (one sentence) when files of series ``uid`` lie in ``folder`` but GDCM left them out of ``listed``, the
+    series' files it can read (a copy cut short, a damaged file): the volume then lacks their slices. Only the
+    files that no series of the folder (``ids``, else looked up) lists are opened, their headers alone."""
+    import SimpleITK as sitk
+
+    known = {Path(f).name for f in listed}
+    extras = [f for f in Path(folder).iterdir() if f.is_file() and f.name not in known]
+    if not extras:
+        return
+    try:
+        for other in ids if ids is not None else _series_ids(Path(folder)):
+            if other != uid:
+                known |= {Path(f).name for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), other)}
+    except Exception:  # noqa: BLE001 - GDCM could not scan the folder again: the files left are read below
+        pass
+    import pydicom
+
+    unread = []
+    for f in sorted(extras):
+        if f.name in known:
+            continue
+        try:
+            header = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:  # noqa: BLE001 - not DICOM, or not even its header readable: nothing to name it by
+            continue
+        if str(header.get("SeriesInstanceUID", "")) == uid:
+            unread.append(f.name)
+    if unread:
+        import warnings
+
+        warnings.warn(f"{folder}: left out {len(unread)} file(s) of the series that could not be read, cut short or "
+                      f"damaged ({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}); the volume lacks their "
+                      "slices: copy or export them again", stacklevel=3)
+
+
 def _warn_uneven_gaps(coordinates: list, names: list, where: Path) -> None:
     """Warn (one sentence) when a plain series' slices are not evenly spaced along the stack: the volume's spacing
     is then wrong somewhere, usually because a slice is missing. ``names``: each slice's (its file's name, or
@@ -724,6 +762,7 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
             files = list(reader.GetGDCMSeriesFileNames(str(p), ids[0]))
             if files:
                 _refuse_non_image(files[0], p)
+            _warn_unread(p, ids[0], files, ids)
             return _read_dicom_files(files, p)
         else:
             if p.stat().st_size == 0:

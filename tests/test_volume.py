@@ -485,6 +485,30 @@ def test_a_stack_along_its_normal_keeps_its_geometry_without_a_word(tmp_path):
     save_dicom_seg(tmp_path / "seg.dcm", np.ones(frames.shape, np.uint8), frames)  # its far frames were off the grid
 
 
+def test_slice_files_cut_short_are_named_as_left_out(tmp_path):
+    """A slice file cut short (an interrupted copy) is left out of the series by GDCM: one sentence names it, from
+    the folder and from a slice file of a folder that holds another series too (whose files, and a notes file, are
+    not named); the volume holds the other slices."""
+    folder = write_dicom_series(tmp_path / "ct", np.random.rand(6, 16, 16) * 1000, spacing_zyx=(3.0, 0.7, 0.7))
+    write_dicom_series(folder, np.random.rand(3, 16, 16) * 1000, series_uid="1.2.3.4.5", prefix="other")
+    (folder / "notes.txt").write_text("exported on Monday")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # whole: nothing said
+        assert load_dicom_series(folder / "slice000.dcm")[0].shape == (6, 16, 16)
+    cut = (folder / "slice003.dcm").read_bytes()
+    (folder / "slice003.dcm").write_bytes(cut[: len(cut) - 200])
+    with pytest.warns(UserWarning) as caught:
+        assert load_dicom_series(folder / "slice000.dcm")[0].shape == (5, 16, 16)
+    said = [str(w.message) for w in caught]
+    assert said[0] == (f"{folder}: left out 1 file(s) of the series that could not be read, cut short or damaged "
+                       "(slice003.dcm); the volume lacks their slices: copy or export them again")
+    assert "a slice may be missing" in said[1] and len(said) == 2
+    for f in folder.glob("other*.dcm"):
+        f.unlink()
+    with pytest.warns(UserWarning, match=r"ct: left out 1 file\(s\) of the series .* \(slice003.dcm\)"):
+        assert load_volume(folder).shape == (5, 16, 16)
+
+
 def test_a_localizer_among_a_series_slices_is_left_out_in_one_sentence(tmp_path):
     """A localizer (scout) image exported with a series' slices, in another orientation, is not a slice: the volume
     holds the others, its geometry theirs (it was read as a seventh slice, spacing and tilt made up from it), one
