@@ -1001,6 +1001,43 @@ def test_segmenting_into_a_label_file_keeps_its_labelled_slices_annotated(viewer
     assert widget.annotated_slices() == [2, 6]
 
 
+def test_segmenting_again_keeps_the_slices_painted_since_without_a_fine_tune_panel(viewer, qtbot):
+    """No Fine-tune panel watches the layer: the slices of Segment's layer edited by hand (one painted, one cleared)
+    keep what the user made at the next Segment and at every one after; a label file opened under the layer's name
+    keeps its labelled slices too."""
+    segment = dock(viewer, "Segment")
+
+    def run():
+        worker = segment.segment()
+        with qtbot.waitSignal(worker.finished, timeout=60_000):
+            pass
+        qtbot.waitUntil(lambda: segment.segment_button.isEnabled() and "Wrote" in segment.status.text(), timeout=10_000)
+        return viewer.layers["phantom labels"]
+
+    layer = run()
+    predicted = layer.data.copy()
+    layer.data[3] = 0
+    layer.data[3, 10:20, 10:20] = 2  # painted
+    layer.data[5] = 0  # cleared: background, as the user says
+    edited = layer.data.copy()
+    for _ in range(2):  # kept at the next run, and at the one after
+        layer = run()
+        assert "keeping the 2 annotated slices as painted" in segment.status.text()
+        np.testing.assert_array_equal(layer.data[[3, 5]], edited[[3, 5]])
+        others = [k for k in range(len(predicted)) if k not in (3, 5)]
+        np.testing.assert_array_equal(layer.data[others], predicted[others])
+    viewer.layers.remove(layer)  # deleted: a fresh prediction everywhere
+    np.testing.assert_array_equal(run().data, predicted)
+    viewer.layers.remove("phantom labels")
+    truth = viewer.layers["phantom ground truth"].data
+    partial = np.zeros_like(truth)
+    partial[[1, 8]] = truth[[1, 8]]
+    viewer.add_labels(partial, name="phantom labels")  # a label file of the user's, under that name
+    layer = run()
+    assert "keeping the 2 annotated slices as painted" in segment.status.text()
+    np.testing.assert_array_equal(layer.data[[1, 8]], truth[[1, 8]])
+
+
 # --------------------------------------------------------------------------- embedding
 
 

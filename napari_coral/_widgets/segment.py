@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
-from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, napari_has_units
+from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, napari_has_units, slice_digests
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
 
@@ -14,23 +14,46 @@ def labels_layer_name(image_name: str) -> str:
     return f"{image_name} labels"
 
 
-def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]) -> tuple[object, int]:
+def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], digests: list | None = None
+               ) -> tuple[object, int]:
     """Add, or update in place, the Labels layer that belongs to ``image_layer``; returns it and how many
-    slices were kept. Slices the Fine-tune panel counts as annotated in that layer keep what the user painted
-    (a fine-tuning trains on them again; a prediction must not take their place)."""
+    slices were kept. What the user painted in that layer is kept, so that nothing painted is lost to a prediction
+    (a fine-tuning trains on it again): the slices the Fine-tune panel counts as annotated, the slices edited since
+    Segment last wrote the layer (told by the digests it keeps in the layer's metadata, ``coral_written``), in a
+    layer Segment did not write (a label file opened under that name) every slice that holds a label, and the slices
+    kept so by earlier runs (``coral_painted``; a fresh prediction everywhere takes deleting the layer). ``digests``:
+    :func:`napari_coral._layers.slice_digests` of ``labels``, when the caller computed them off napari's thread."""
     name = labels_layer_name(image_layer.name)
     features = {"class": list(class_names)}
-    kept = 0
+    kept, keep = 0, set()
+    flat = labels.reshape(-1, *labels.shape[-2:])  # a cine's slices frame by frame, as the digests go
+    if digests is None:
+        digests = slice_digests(flat)
+    digests = list(digests)
     if name in viewer.layers:
         layer = viewer.layers[name]
-        annotated = session_for(viewer).annotated_in(layer)
-        if annotated and tuple(layer.data.shape) == labels.shape:
-            index = tuple(np.array(axis) for axis in zip(*annotated)) if isinstance(annotated[0], tuple) else (np.array(annotated),)
-            old = np.asarray(layer.data[index])
-            if old.size and old.max() > np.iinfo(labels.dtype).max:
-                labels = labels.astype(old.dtype)
-            labels[index] = old
-            kept = len(annotated)
+        if tuple(layer.data.shape) == labels.shape:
+            old = np.asarray(layer.data).reshape(flat.shape)
+            keep = set(_flat_indices(session_for(viewer).annotated_in(layer), labels.shape))
+            keep |= {i for i in layer.metadata.get("coral_painted", ()) if i < len(old)}  # kept by earlier runs
+            written = layer.metadata.get("coral_written")
+            if not layer.metadata.get("coral_prediction"):  # not Segment's: its labelled slices are the user's
+                keep |= {i for i in range(len(old)) if old[i].any()}
+            elif written is not None and len(written) == len(old):  # Segment's: the slices edited since it wrote them
+                now = slice_digests(old)
+                keep |= {i for i, (a, b) in enumerate(zip(now, written)) if a != b}
+            if keep:
+                index = np.array(sorted(keep))
+                widen = old[index].max(initial=0) > np.iinfo(flat.dtype).max  # painted values the prediction's lacks
+                flat = flat.astype(old.dtype) if widen else flat if flat.flags.writeable else flat.copy()
+                flat[index] = old[index]
+                labels = flat.reshape(labels.shape)
+                if widen:  # every slice's bytes changed with the type
+                    digests = slice_digests(flat)
+                else:
+                    for i, digest in zip(index, slice_digests(flat[index])):  # as stored, in the layer's type
+                        digests[i] = digest
+                kept = len(keep)
         layer.data = labels
     else:
         units = {"units": image_layer.units} if napari_has_units() else {}
@@ -41,7 +64,14 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str]) 
     layer.colormap = class_colormap(len(class_names))
     layer.features = features
     layer.metadata["coral_prediction"] = True  # its unannotated slices are predictions
+    layer.metadata["coral_written"] = digests  # what each slice held as written: an edit since shows as a change
+    layer.metadata["coral_painted"] = sorted(int(i) for i in keep) if kept else []  # the user's, kept at every run
     return layer, kept
+
+
+def _flat_indices(annotated: list, shape: tuple) -> list[int]:
+    """Annotated slices (numbers, or a cine's (frame, slice) pairs) as indices of the slices frame by frame."""
+    return [t * shape[-3] + z for t, z in annotated] if annotated and isinstance(annotated[0], tuple) else list(annotated)
 
 
 def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None):
@@ -69,18 +99,19 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
                                                 spacing=volume.spacing):
             yield done  # handed to the GUI thread, which advances the bar
         labels = labels if data.ndim == 4 else labels[0]
-        return keep_largest_components(labels) if largest else (labels, None)
+        labels, removed = keep_largest_components(labels) if largest else (labels, None)
+        return labels, removed, slice_digests(labels.reshape(-1, *labels.shape[-2:]))  # hashed here, not in napari
 
     worker = work()
     worker.yielded.connect(lambda done: bar.update(done - bar.n))
 
     def finished(result):
-        labels, removed = result
+        labels, removed, digests = result
         bar.update(n_slices - bar.n)
         bar.close()
         if image_layer not in viewer.layers:  # closed or removed while segmenting
             return
-        layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names)
+        layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names, digests)
         if on_done:
             on_done(layer, kept, removed)
 
