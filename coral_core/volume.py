@@ -997,7 +997,8 @@ def _check_itk_size(p: Path) -> None:
         )
     fields, offset = _itk_header(p)
     if p.suffix.lower() in (".mha", ".mhd"):
-        raw = fields.get("compresseddata", "false").lower() != "true"
+        raw = (fields.get("compresseddata", "false").lower() != "true"  # binary voxels (BinaryData = False: text)
+               and fields.get("binarydata", "true").lower() != "false")
         data_file, skip = fields.get("elementdatafile", ""), fields.get("headersize", "0")
         if not raw and fields.get("compresseddatasize", "").isdigit():  # zlib-compressed, its length given
             raw, claimed = True, int(fields["compresseddatasize"])

@@ -401,6 +401,10 @@ def test_headers_claiming_more_than_the_file_or_the_machine_are_refused_before_r
         cause = "file is truncated" if name == "z.mha" else r"not a readable volume \(expected 14400 bytes but received"
         with pytest.raises(UserError, match=rf"{name}: {cause}"):
             load_volume(tmp_path / name)
+    # voxels written as text (BinaryData = False) take other lengths than binary ones: not measured, read
+    (tmp_path / "text.mha").write_text("ObjectType = Image\nNDims = 3\nBinaryData = False\nDimSize = 3 2 2\n"
+                                       "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n0 1 2 3 4 5 6 7 8 9 10 11\n")
+    np.testing.assert_array_equal(load_volume(tmp_path / "text.mha").array.ravel(), np.arange(12))
     (tmp_path / "huge.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 30000 30000 30000\n"
                                        "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
     with pytest.raises(UserError, match="huge.mha: header claims a 30000 x 30000 x 30000 volume .* more than this"):
