@@ -157,9 +157,11 @@ class DevicePicker(QComboBox):
         """The chosen torch device; a UserError in one sentence when this computer lacks it."""
         from coral_core.errors import UserError
 
-        if not _available(self.currentText()):
-            raise UserError(f"Device {self.currentText()}: not available on this computer; choose auto or cpu.")
-        return resolve_device(self.currentText())
+        try:
+            return resolve_device(self.currentText())
+        except UserError:  # resolve_device words it for the command line (--device ...)
+            name = self.currentText()
+            raise UserError(f"Device {name}: not available on this computer; choose auto or cpu.") from None
 
     def device_or_none(self, status):
         """:meth:`device`, or None with the reason in a notification and in the ``status`` label."""

@@ -25,7 +25,7 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], 
     :func:`napari_coral._layers.slice_digests` of ``labels``, when the caller computed them off napari's thread."""
     name = labels_layer_name(image_layer.name)
     features = {"class": list(class_names)}
-    kept, keep = 0, set()
+    keep = set()
     flat = labels.reshape(-1, *labels.shape[-2:])  # a cine's slices frame by frame, as the digests go
     if digests is None:
         digests = slice_digests(flat)
@@ -53,7 +53,6 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], 
                 else:
                     for i, digest in zip(index, slice_digests(flat[index])):  # as stored, in the layer's type
                         digests[i] = digest
-                kept = len(keep)
         layer.data = labels
     else:
         units = {"units": image_layer.units} if napari_has_units() else {}
@@ -65,13 +64,15 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], 
     layer.features = features
     layer.metadata["coral_prediction"] = True  # its unannotated slices are predictions
     layer.metadata["coral_written"] = digests  # what each slice held as written: an edit since shows as a change
-    layer.metadata["coral_painted"] = sorted(int(i) for i in keep) if kept else []  # the user's, kept at every run
-    return layer, kept
+    layer.metadata["coral_painted"] = sorted(int(i) for i in keep)  # the user's, kept at every run
+    return layer, len(keep)
 
 
 def _flat_indices(annotated: list, shape: tuple) -> list[int]:
     """Annotated slices (numbers, or a cine's (frame, slice) pairs) as indices of the slices frame by frame."""
-    return [t * shape[-3] + z for t, z in annotated] if annotated and isinstance(annotated[0], tuple) else list(annotated)
+    if annotated and isinstance(annotated[0], tuple):
+        return [t * shape[-3] + z for t, z in annotated]
+    return list(annotated)
 
 
 def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None):
