@@ -50,13 +50,40 @@ def drop_job_files(widget) -> None:
         widget._tmp = None
 
 
-def follow_layer_list(viewer, callback) -> None:
-    """Call ``callback`` whenever a layer is added, removed, moved or renamed."""
+def while_alive(widget, method_name: str):
+    """A function that calls ``widget.<method_name>(*args)`` while Qt has not deleted the widget (its dock closed),
+    and does nothing after, to connect to napari's events in place of the widget's bound method: napari drops a
+    deleted widget's bound method when an event reaches it, but napari 0.5.0 raises doing so (it compares the method
+    with the event's other callbacks, and comparing a deleted Qt object raises), failing whatever emitted the event
+    (adding a layer, say). Holds the widget weakly; napari ignores the same function connected twice."""
+    ref = weakref.ref(widget)
+
+    def call(*args):
+        target = ref()
+        if target is not None and alive(target):
+            getattr(target, method_name)(*args)
+
+    return call
+
+
+def follow_layer_list(viewer, widget) -> None:
+    """Call ``widget.refresh`` whenever a layer is added, removed, moved or renamed. napari 0.5.0's layer list has
+    no 'renamed' event: there each layer's own name event is followed, by :func:`follow_layer_names`, which
+    ``refresh`` calls each time."""
+    widget._follow = while_alive(widget, "refresh")
     events = viewer.layers.events
-    for name in ("inserted", "removed", "reordered", "renamed"):  # 'renamed': napari's LayerList event
+    for name in ("inserted", "removed", "reordered", "renamed"):
         emitter = getattr(events, name, None)
         if emitter is not None:
-            emitter.connect(callback)
+            emitter.connect(widget._follow)
+
+
+def follow_layer_names(viewer, widget) -> None:
+    """Where the layer list has no 'renamed' event (napari 0.5.0), follow each layer's own name event with
+    ``widget.refresh`` (see :func:`follow_layer_list`); again for layers added since."""
+    if getattr(viewer.layers.events, "renamed", None) is None:
+        for layer in viewer.layers:
+            layer.events.name.connect(widget._follow)
 
 
 class LayerPicker(QComboBox):
@@ -67,7 +94,7 @@ class LayerPicker(QComboBox):
         super().__init__(parent)
         self.viewer, self.layer_type, self.cine = viewer, layer_type, cine
         self._shown: list = []  # the layers listed, in the combo's order
-        follow_layer_list(viewer, self.refresh)
+        follow_layer_list(viewer, self)
         self.refresh()
 
     def layers(self):
@@ -79,6 +106,7 @@ class LayerPicker(QComboBox):
                 and not getattr(layer, "rgb", False)]
 
     def refresh(self, *_):
+        follow_layer_names(self.viewer, self)
         index = self.currentIndex()
         current = self._shown[index] if 0 <= index < len(self._shown) else None
         self.blockSignals(True)
@@ -107,13 +135,14 @@ class VolumeChecklist(QListWidget):
         self.viewer, self.cine = viewer, cine
         self.setMaximumHeight(85)
         self._shown: list = []  # the layers listed, in the list's order
-        follow_layer_list(viewer, self.refresh)
+        follow_layer_list(viewer, self)
         self.itemChanged.connect(lambda *_: self.changed.emit())
         self.refresh()
 
     def refresh(self, *_):
         from napari.layers import Image
 
+        follow_layer_names(self.viewer, self)
         before = [(layer, self.item(i).checkState()) for i, layer in enumerate(self._shown) if i < self.count()]
         self.clear()
         self._shown = []

@@ -16,7 +16,8 @@ from coral_core.embedding import Trajectory, project_trajectories, suggest_slice
 from coral_core.errors import UserError
 from napari_coral._layers import LayerArray, show_index, shown_index
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, PlotCanvas, VolumeChecklist, alive, status_label
+from napari_coral._widgets._common import (DevicePicker, PlotCanvas, VolumeChecklist, alive, status_label,
+                                           while_alive)
 
 
 class EmbeddingWidget(QWidget):
@@ -74,7 +75,7 @@ class EmbeddingWidget(QWidget):
         self._artists = []
         self._highlight = []
         self.plot.canvas.mpl_connect("pick_event", self._picked)
-        napari_viewer.dims.events.current_step.connect(self._highlight_current)
+        napari_viewer.dims.events.current_step.connect(while_alive(self, "_highlight_current"))
 
     # ------------------------------------------------------------------ computing
     def embed(self):

@@ -26,7 +26,7 @@ from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, extent_mm, full_resolution, shown_index
 from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
 from napari_coral._widgets._common import (DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, ask_model_path,
-                                           drop_job_files, save_model_as, status_label)
+                                           drop_job_files, save_model_as, status_label, while_alive)
 from napari_coral._widgets.segment import kept_slices_text, removed_text, start_segmentation
 from napari_coral._writer import layer_class_names, write_labels
 
@@ -181,6 +181,8 @@ class FinetuneWidget(QWidget):
         self.continued_from: int | None = None  # the step a continued fine-tuning started after (0: from scratch)
         self.val_dice: list[tuple[int, float]] = []
         self._watched = None
+        self._on_layer = {"paint": while_alive(self, "_labels_edited"), "data": while_alive(self, "_labels_replaced"),
+                          "features": while_alive(self, "_show_classes")}  # the watched layer's events
         self._baseline: np.ndarray | None = None
         self._touched: set = set()  # slice numbers, or (frame, slice) pairs in a cine
         self._debounce = QTimer(self)
@@ -203,16 +205,14 @@ class FinetuneWidget(QWidget):
         if layer is not None and self._watched is not None and layer == self._watched:
             return  # the layer list changed around the same layer: keep what was painted
         if self._watched is not None:
-            self._watched.events.paint.disconnect(self._labels_edited)
-            self._watched.events.data.disconnect(self._labels_replaced)
-            self._watched.events.features.disconnect(self._show_classes)
+            for name, call in self._on_layer.items():
+                getattr(self._watched.events, name).disconnect(call)
         self._watched = layer
         self._touched = set()
         self._baseline = None if layer is None else np.array(layer.data, copy=True)
         if layer is not None:
-            layer.events.paint.connect(self._labels_edited)
-            layer.events.data.connect(self._labels_replaced)
-            layer.events.features.connect(self._show_classes)  # Segment names the classes of its layer
+            for name, call in self._on_layer.items():  # features: Segment names the classes of its layer
+                getattr(layer.events, name).connect(call)
         self._show_annotated()
         self._show_classes()
 
