@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import re
 
 import numpy as np
@@ -39,16 +37,8 @@ def slice_digests(data) -> list[str]:
             for plane in data]
 
 
-@functools.cache
-def napari_has_units() -> bool:
-    """Whether this napari's layers take ``units`` (napari 0.6 and later)."""
-    from napari.layers import Image
-
-    return "units" in inspect.signature(Image).parameters
-
-
 def mm_per_unit(unit) -> float | None:
-    """Millimetres in one ``unit`` (a pint unit, as napari 0.6 and later give each axis of a layer), or None
+    """Millimetres in one ``unit`` (a pint unit, as napari gives each axis of a layer), or None
     for one that is not a length: napari's default, 'pixel', or none at all (older napari)."""
     if unit is None:
         return None

@@ -18,7 +18,7 @@ from coral_core.metrics import dice_per_class  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
 from coral_core.volume import load_volume, read_class_names  # noqa: E402
 from helpers import oblique_affine, write_nifti_ijk  # noqa: E402
-from napari_coral._layers import has_spacing, layer_spacing_mm, napari_has_units  # noqa: E402
+from napari_coral._layers import has_spacing, layer_spacing_mm  # noqa: E402
 from napari_coral._reader import get_reader  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
 from napari_coral._widgets._common import alive, class_colormap  # noqa: E402
@@ -67,14 +67,10 @@ def test_reader_keeps_anisotropic_spacing_and_opens_label_maps_as_labels(tmp_pat
     image, seg = viewer.layers
     assert image.scale == pytest.approx([3.5, 0.9, 0.7], abs=1e-5)
     assert type(seg).__name__ == "Labels"
-    if napari_has_units():  # the default unit (read as mm): napari warns while layers' units differ
-        assert [str(u) for u in image.units] == ["pixel"] * 3
+    assert [str(u) for u in image.units] == ["pixel"] * 3  # the default (read as mm): napari warns while units differ
 
 
-needs_units = pytest.mark.skipif(not napari_has_units(), reason="napari before 0.6 has no layer units")
 
-
-@needs_units
 def test_a_layer_in_micrometres_is_read_and_written_in_mm(tmp_path, make_napari_viewer):
     """A layer whose axes say micrometres (napari's units) has its scale converted to mm, where the plugin
     reads it (a model's physical scale, the field of view) and where it writes a file; 'pixel', napari's default,
@@ -890,14 +886,14 @@ def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_layer(viewe
         assert (tiled in segment.status.text()) == (name == "wide")
     seg, wide = viewer.layers["phantom labels"].data, viewer.layers["wide labels"].data
     assert wide.shape == (truth.shape[0], 192, 192) and seg.shape == truth.shape
-    if napari_has_units():  # the same scan with its scale in micrometres: the same anatomy in the model's square
-        viewer.add_image(phantom.data, name="micro", scale=[1000 * s for s in phantom.scale], units="um")
-        segment.image_picker.setCurrentText("micro")
-        segment.segment()
-        qtbot.waitUntil(lambda: segment.status.text().startswith("Wrote micro labels"), timeout=60_000)
-        assert "windows" not in segment.status.text() and "no spacing" not in segment.status.text()
-        np.testing.assert_array_equal(viewer.layers["micro labels"].data, seg)
-        assert [str(u) for u in viewer.layers["micro labels"].units] == ["micrometer"] * 3
+    # the same scan with its scale in micrometres: the same anatomy in the model's square
+    viewer.add_image(phantom.data, name="micro", scale=[1000 * s for s in phantom.scale], units="um")
+    segment.image_picker.setCurrentText("micro")
+    segment.segment()
+    qtbot.waitUntil(lambda: segment.status.text().startswith("Wrote micro labels"), timeout=60_000)
+    assert "windows" not in segment.status.text() and "no spacing" not in segment.status.text()
+    np.testing.assert_array_equal(viewer.layers["micro labels"].data, seg)
+    assert [str(u) for u in viewer.layers["micro labels"].units] == ["micrometer"] * 3
     viewer.add_image(phantom.data, name="plain")  # a plain array: scale 1, read as 1 mm, and the status says so
     segment.image_picker.setCurrentText("plain")
     segment.segment()

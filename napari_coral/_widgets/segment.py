@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
-from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, napari_has_units, slice_digests
+from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, slice_digests
 from napari_coral._session import session_for
 from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
 
@@ -55,10 +55,9 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], 
                         digests[i] = digest
         layer.data = labels
     else:
-        units = {"units": image_layer.units} if napari_has_units() else {}
         layer = viewer.add_labels(
             labels, name=name, scale=image_layer.scale, translate=image_layer.translate,
-            metadata={**image_layer.metadata}, **units,
+            metadata={**image_layer.metadata}, units=image_layer.units,
         )
     layer.colormap = class_colormap(len(class_names))
     layer.features = features
