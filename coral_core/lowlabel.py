@@ -660,14 +660,18 @@ def _run_in_workers(work: _Work, units: list, workers: int, take, say) -> None:
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")
-    manager = context.Manager()
-    messages = manager.Queue()
-    threads = max(1, torch.get_num_threads() // workers)
-    say(f"{len(units)} units of work in {workers} processes, {threads} CPU thread(s) each")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
-                               initargs=(work, messages, threads))
+    manager = pool = None
     try:
-        futures = [pool.submit(_worker_unit, *unit) for unit in units]
+        # A Ctrl-C while a process starts is taken once it has: one that came while the parent was still writing a
+        # spawned process's start-up data left that process to print a traceback of its own (EOFError).
+        with _sigint_deferred():
+            manager = context.Manager()
+            messages = manager.Queue()
+            threads = max(1, torch.get_num_threads() // workers)
+            say(f"{len(units)} units of work in {workers} processes, {threads} CPU thread(s) each")
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
+                                       initargs=(work, messages, threads))
+            futures = [pool.submit(_worker_unit, *unit) for unit in units]  # the workers start here
         pending = set(futures)
         while True:
             try:
@@ -686,6 +690,8 @@ def _run_in_workers(work: _Work, units: list, workers: int, take, say) -> None:
                 say(message[1])
         pool.shutdown()
     except BaseException:  # an error, or Ctrl-C: stop the other workers now, not after their units
+        if pool is None:
+            raise
         with _sigint_ignored():  # a second Ctrl-C must not cut this short (it left a traceback and workers)
             processes = list(getattr(pool, "_processes", {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
@@ -696,8 +702,26 @@ def _run_in_workers(work: _Work, units: list, workers: int, take, say) -> None:
             pool.shutdown(wait=True)  # the pool's thread, joined now rather than at exit, where Ctrl-C could break in
         raise
     finally:
-        with _sigint_ignored():
-            manager.shutdown()
+        if manager is not None:
+            with _sigint_ignored():
+                manager.shutdown()
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """A Ctrl-C (SIGINT) inside is raised as KeyboardInterrupt when the block ends (in the main thread; elsewhere
+    signals cannot be set and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
