@@ -39,7 +39,7 @@ def slice_digests(data) -> list[str]:
 
 def mm_per_unit(unit) -> float | None:
     """Millimetres in one ``unit`` (a pint unit, as napari gives each axis of a layer), or None
-    for one that is not a length: napari's default, 'pixel', or none at all (older napari)."""
+    for one that is not a length: napari's default, 'pixel', or none at all."""
     if unit is None:
         return None
     try:

@@ -70,7 +70,6 @@ def test_reader_keeps_anisotropic_spacing_and_opens_label_maps_as_labels(tmp_pat
     assert [str(u) for u in image.units] == ["pixel"] * 3  # the default (read as mm): napari warns while units differ
 
 
-
 def test_a_layer_in_micrometres_is_read_and_written_in_mm(tmp_path, make_napari_viewer):
     """A layer whose axes say micrometres (napari's units) has its scale converted to mm, where the plugin
     reads it (a model's physical scale, the field of view) and where it writes a file; 'pixel', napari's default,
