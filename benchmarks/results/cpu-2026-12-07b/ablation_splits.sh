@@ -1,10 +1,10 @@
 #!/bin/bash
 # Run from this folder. The ablations RAL (RAL only) and OAL (OAL only), pretrained for 512 steps as every other
-# method, fine-tuned twice per run at M = 1 in the 2-fold splits 0 and 1 (--fold-seed), 20 seeds each, on the draws
+# method, fine-tuned twice per run at M = 1 in the 2-fold splits 0 to 4 (--fold-seed), 20 seeds each, on the draws
 # where random init, CORAL, PCL, GCL and SimCLR were fine-tuned twice. Each run of a method and split stops by SIGINT
 # at 40 minutes, keeping its runs; the same command continues its table.
 set -u
-for F in 0 1; do
+for F in 0 1 2 3 4; do
   for M in ral oal; do
     S=$(date +%s)
     timeout -s INT 2400 /work/main/.venv/bin/coral bench lowlabel --quick --seeds 20 --fold-seed $F --methods $M \
