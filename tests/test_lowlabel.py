@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -386,3 +388,19 @@ def test_a_case_without_a_structure_is_left_out_of_the_benchmark(tmp_path):
     np.testing.assert_array_equal(cases[0].labels, np.select([lab.array == 3, lab.array == 1], [1, 2], 0))
     with pytest.raises(UserError, match="holds no structure named 'Lung'.*, nor does any other case"):
         load_labelled_cases(str(tmp_path), 0, structures=["Lung"])
+
+
+def test_a_ctrl_c_while_the_workers_start_is_taken_once_they_have():
+    """`--workers`: the pool and its processes start inside `_sigint_deferred`; a Ctrl-C there lets the start-up
+    finish (a spawned worker cut off mid start-up printed a traceback), then stops the benchmark as before."""
+    before = signal.getsignal(signal.SIGINT)
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with lowlabel._sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
+            finished.append("started")
+    assert finished == ["started"]
+    assert signal.getsignal(signal.SIGINT) is before
+    with lowlabel._sigint_deferred():  # no Ctrl-C: nothing raised
+        finished.append("again")
+    assert finished == ["started", "again"] and signal.getsignal(signal.SIGINT) is before
