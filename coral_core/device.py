@@ -9,9 +9,13 @@ import torch
 
 from coral_core.errors import UserError
 
-__all__ = ["resolve_device", "mixed_precision", "DEVICE_CHOICES", "host_memory", "free_host_memory", "cpu_name"]
+__all__ = ["resolve_device", "mixed_precision", "DEVICE_CHOICES", "host_memory", "free_host_memory", "cpu_name",
+           "OutOfMemoryError"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+# A device out-of-memory error: torch.OutOfMemoryError where torch has it (2.2 has not), else CUDA's own class.
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -193,7 +193,7 @@ class _EagerIfCompileFails:
         self.eager, self.compiled, self.state = eager, compiled, "untried"
 
     def __call__(self, *args, **kwargs):
-        import torch
+        from coral_core.device import OutOfMemoryError
 
         if self.state == "works":
             return self.compiled(*args, **kwargs)
@@ -201,7 +201,7 @@ class _EagerIfCompileFails:
             return self.eager(*args, **kwargs)
         try:
             out = self.compiled(*args, **kwargs)
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             raise  # the step's own out-of-memory handling decides
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager module still works
             import warnings

@@ -32,9 +32,10 @@ def resume_path(out: str | os.PathLike) -> Path:
 
 
 def _plain(value):
-    """JSON-ready copy of an optimiser/scheduler setting (tuples become lists)."""
+    """JSON-ready copy of an optimiser/scheduler setting (tuples become lists; functions, which older torch's
+    OneCycleLR keeps in its state and its constructor makes again, left out)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v) for k, v in value.items() if not callable(v)}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, torch.Tensor):

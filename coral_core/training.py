@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from coral_core.device import free_host_memory, mixed_precision, resolve_device
+from coral_core.device import OutOfMemoryError, free_host_memory, mixed_precision, resolve_device
 from coral_core.errors import UserError
 from coral_core.resume import ResumeState
 
@@ -184,7 +184,7 @@ def fit_cpu_batch(run: "TrainingRun", n: int, item_bytes: int, item: str = "slic
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """A device out-of-memory error (CUDA or MPS), which a smaller batch can avoid."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
+    return isinstance(exc, OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and "mps" in str(exc).lower()
     )
 

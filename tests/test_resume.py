@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from coral_core.device import OutOfMemoryError
 from coral_core.errors import UserError
 from coral_core.finetune import FinetuneConfig, annotated_from_labels, finetune
 from coral_core.infer import embed_volume, segment_volume
@@ -108,7 +109,7 @@ class _SmallDevice:
         def forward(encoder, x):
             self.sizes.append(x.shape[0])
             if x.shape[0] > limit:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return original_forward(encoder, x)
 
         monkeypatch.setattr(Encoder, "forward", forward)
@@ -141,7 +142,7 @@ def test_out_of_memory_under_ddp_is_an_error_not_a_lone_halving():
 
     def step_loss(part, w):
         calls.append(part)
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(UserError, match="ran out of memory with 16 samples per process; lower --batch-size"):
         accumulate(run, torch.optim.SGD([weight], lr=0.1), 16, step_loss, distributed=True)
