@@ -32,7 +32,7 @@ def resume_path(out: str | os.PathLike) -> Path:
 
 
 def _plain(value):
-    """JSON-ready copy of an optimiser/scheduler setting (tuples become lists; functions, which older torch's
+    """JSON-ready copy of an optimiser/scheduler setting (tuples become lists; functions, which torch 2.2's
     OneCycleLR keeps in its state and its constructor makes again, left out)."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items() if not callable(v)}

@@ -334,7 +334,7 @@ def test_cpu_bf16_is_on_by_default_only_where_the_cpu_has_amx(monkeypatch):
         assert Levers(cpu_bf16=None).cpu_bf16_on(cpu) is has_amx
     assert Levers(cpu_bf16=True).cpu_bf16_on(cpu) and not Levers(cpu_bf16=False).cpu_bf16_on(cpu)
     assert not Levers(cpu_bf16=True).cpu_bf16_on(cuda)  # CUDA takes the configs' amp flag, as before
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch 2.3 and later
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch 2.2 has none
     assert cpu_has_amx() is (bool(probe()) if probe else False)  # the real probe, not the fixture's
     # what `coral bench speed --levers` compares on a CPU with AMX: the defaults in float32 and in bf16
     from dataclasses import replace
