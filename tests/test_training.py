@@ -178,7 +178,7 @@ def test_the_encoder_learning_rate_scale_scales_the_encoders_steps_only(cohort):
         cfg = FinetuneConfig(steps=10, batch_size=4, device="cpu", validate_every=0, encoder_lr_scale=scale)
         tuned = finetune(cfg, model, [img.array], [lab.array], slices, callback=lambda *_: stop.set(),
                          stop_event=stop).model
-        return ({n: p - dict(model.named_parameters())[n] for n, p in tuned.named_parameters()})
+        return {n: (p - dict(model.named_parameters())[n]).detach() for n, p in tuned.named_parameters()}
 
     full, tenth = first_step(1.0), first_step(0.1)
     enc = [n for n in full if n.startswith("encoder.")]
