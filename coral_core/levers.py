@@ -173,7 +173,7 @@ def set_channel_padding(module: torch.nn.Module, on: bool, channels_last: bool =
 def apply_compile(module: torch.nn.Module, levers: Levers | None, pretraining: bool = False, work: float = 0):
     """``torch.compile(module)`` in the mode the levers give for this run (see
     :meth:`Levers.compile_mode`), or ``module`` itself when that is "off". Under "auto" a
-    compile that fails on the first call leaves the run eager, with a warning."""
+    compile that fails on the first call, forward or backward, leaves the run eager, with a warning."""
     import torch
 
     levers = levers or Levers()
@@ -187,7 +187,12 @@ def apply_compile(module: torch.nn.Module, levers: Levers | None, pretraining: b
 
 class _EagerIfCompileFails:
     """Calls the compiled module; if its first call fails (no Triton for this GPU, no C
-    compiler, an operator the compiler cannot handle), warns and calls the eager one from then on."""
+    compiler, an operator the compiler cannot handle, C++ the compiler wrote and g++ rejects), warns and calls
+    the eager one from then on. torch compiles the backward at the first backward, after this call has returned:
+    when the first call builds a graph, a forward and backward of its own are tried first (their gradients and
+    BatchNorm statistics thrown away), so that a backward that fails to compile is caught too (torch 2.7.1's C++
+    for this U-Net's backward did not compile on a CPU with AVX-512). The try has a graph of its own: a second
+    backward through the caller's graph (``retain_graph``) gave wrong gradients in torch 2.13's compiled backward."""
 
     def __init__(self, eager, compiled) -> None:
         self.eager, self.compiled, self.state = eager, compiled, "untried"
@@ -199,13 +204,18 @@ class _EagerIfCompileFails:
             return self.compiled(*args, **kwargs)
         if self.state == "failed":
             return self.eager(*args, **kwargs)
+        buffers = [(b, b.clone()) for b in self.eager.buffers()]  # BatchNorm's statistics: a failed try undone
         try:
+            self._compile_backward(*args, **kwargs)
+            self._restore(buffers)
             out = self.compiled(*args, **kwargs)
         except OutOfMemoryError:
+            self._restore(buffers)
             raise  # the step's own out-of-memory handling decides
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager module still works
             import warnings
 
+            self._restore(buffers)
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             warnings.warn(f"torch.compile failed ({reason}); going on without it (--compile off skips trying)",
                           RuntimeWarning, stacklevel=2)
@@ -213,6 +223,40 @@ class _EagerIfCompileFails:
             return self.eager(*args, **kwargs)
         self.state = "works"
         return out
+
+    def _compile_backward(self, *args, **kwargs) -> None:
+        """A forward and backward of the compiled module when gradients are being recorded, the gradients thrown
+        away: torch compiles the backward here."""
+        import torch
+
+        params = [p for p in self.eager.parameters() if p.requires_grad]
+        if not (params and torch.is_grad_enabled()):
+            return
+        # under DDP the gradients asked for here run no hook: nothing is reduced across processes
+        outputs = [t for t in _tensors(self.compiled(*args, **kwargs)) if t.requires_grad]
+        if outputs:
+            torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs], allow_unused=True)
+
+    @staticmethod
+    def _restore(buffers: list) -> None:
+        import torch
+
+        with torch.no_grad():
+            for buffer, before in buffers:
+                buffer.copy_(before)
+
+
+def _tensors(out) -> list:
+    """The tensors in a module's output: a tensor, or tuples, lists and dicts of them."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _tensors(item)]
+    return []
 
 
 def apply_levers(module: torch.nn.Module, levers: Levers | None):
