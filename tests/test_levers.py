@@ -332,16 +332,14 @@ class _BackwardFails(torch.autograd.Function):
 
 def test_auto_compile_whose_backward_fails_goes_on_eagerly(monkeypatch):
     """torch compiles the backward at the first backward, after the compiled module's call: "auto" tries a
-    forward and backward of its own in that call, so that a backward that does not compile costs a warning, not the run. The failed try counts no
-    BatchNorm statistics and leaves no gradient."""
+    forward and backward of its own in that call, so that a backward that does not compile costs a warning, not
+    the run. The failed try counts no BatchNorm statistics and leaves no gradient."""
     torch.manual_seed(0)
     model = build_model(TINY).encoder.train()
     x = torch.rand(4, 1, TINY.image_size, TINY.image_size)
     reference = copy.deepcopy(model)
-    expected = reference(x)[-1]
-    expected.sum().backward()
+    reference(x)[-1].sum().backward()
     monkeypatch.setattr(Levers, "compile_mode", lambda self, *a, **k: "default")
-
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: lambda v: [_BackwardFails.apply(t) for t in module(v)])
     run = apply_compile(model, Levers())
     with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(CppCompileError: C\+\+ compile error\)"):
