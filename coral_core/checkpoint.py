@@ -37,7 +37,7 @@ def bundled_model_path() -> Path:
 def pretrained_only(meta: dict) -> bool:
     """Whether a checkpoint's metadata says it comes straight from pretraining: an encoder (and
     projection head) trained on slice positions, whose segmentation head has not been trained."""
-    return meta.get("training", {}).get("stage") == "pretrain"
+    return (meta.get("training") or {}).get("stage") == "pretrain"
 
 
 def save_checkpoint(
@@ -99,16 +99,26 @@ def _read_checkpoint(p: Path) -> tuple[dict, dict]:
     if kind:
         raise UserError(f"{p}: this is {kind}, not a model; give a .safetensors model that coral pretrain or "
                         "coral finetune wrote")
-    if p.suffix == ".pth" or p.suffix == ".pt":
-        return _read_legacy(p)
-    return _read_safetensors(p)
+    state, meta = _read_legacy(p) if p.suffix in (".pth", ".pt") else _read_safetensors(p)
+    if not isinstance(meta, dict):
+        raise UserError(f"{p}: checkpoint description is not a JSON object; the file is damaged")
+    training = meta.get("training")
+    if training is not None and not isinstance(training, dict):  # provenance only: the weights are still good
+        import warnings
+
+        warnings.warn(f"{p}: its training record is not a JSON object; the model is read without it", stacklevel=3)
+        meta = {**meta, "training": {}}
+    return state, meta
 
 
 def _model_from(p: Path, state: dict, meta: dict) -> UNet:
     """The U-Net that ``meta`` describes, holding ``state``; refused when the tensors do not fit it."""
     config = _config_from(meta, p)
-    model = UNet(config)
-    expected = model.state_dict()
+    try:
+        with torch.device("meta"):  # shapes only: a damaged header's huge architecture allocates nothing
+            expected = UNet(config).state_dict()
+    except (RuntimeError, OverflowError) as exc:  # sizes past what torch can count
+        raise UserError(f"{p}: checkpoint architecture is invalid ({str(exc)[:80]}); the file is damaged") from None
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected.keys() & state.keys() if tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -117,6 +127,7 @@ def _model_from(p: Path, state: dict, meta: dict) -> UNet:
             f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected else f"wrong shapes for {wrong[:3]}"
         )
         raise UserError(f"{p}: tensors do not match the architecture its header describes ({what}); the file is damaged or not a napari-coral model")
+    model = UNet(config)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model
 
@@ -150,6 +161,13 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
 
 def training_summary(training: dict) -> str:
     """A checkpoint's ``training`` record in a sentence: what stage made it, from what, on how much."""
+    try:
+        return _summary(training)
+    except (TypeError, ValueError, AttributeError):  # a record edited or written by another program
+        return "a training record not in napari-coral's form"
+
+
+def _summary(training: dict) -> str:
     stage = training.get("stage")
     if stage == "pretrain":
         word = "subject" if "subjects" in training else "volume"
@@ -174,7 +192,7 @@ def training_summary(training: dict) -> str:
             text += f" by {training['command']}"
         pre = training.get("pretrain")
         if isinstance(pre, dict):
-            return text + f", from {training_summary({'stage': 'pretrain', **pre})}"
+            return text + f", from {_summary({'stage': 'pretrain', **pre})}"
         init = training.get("init")
         if init == "random":
             return text + ", from random weights"

@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from coral_core.errors import MissingStructureError, UserError
+from coral_core.errors import MissingStructureError, UserError, naming
 
 # --------------------------------------------------------------------------- helpers
 
@@ -119,7 +119,8 @@ def _read_inputs(inputs: list[str], phantom: int, seed: int, requested_size: int
         array = volume.array  # (S, H, W)
         shapes.append(tuple(array.shape))
         if mm is not None:
-            array = FieldOfView.of(array.shape[1:], volume.spacing[1:], mm, requested_size).crop(array)
+            with naming(volume.path or name):
+                array = FieldOfView.of(array.shape[1:], volume.spacing[1:], mm, requested_size).crop(array)
         wide = max(array.shape[1:]) > AUTO_IMAGE_SIZE_MAX  # the automatic size will be the cap
         target = requested_size or (AUTO_IMAGE_SIZE_MAX if wide else None)
         volumes.append(resize_slices(array, target) if target else array)
@@ -353,7 +354,8 @@ def _annotated_pairs(image_path: str, labels_path: str, slices_text: str | None,
     def pair(image, labels, names, slices):
         image_array, labels_array, outside = image.array, labels.array, 0
         if mm is not None:
-            fov = FieldOfView.of(image.shape[1:], image.spacing[1:], mm, size)
+            with naming(names[0]):
+                fov = FieldOfView.of(image.shape[1:], image.spacing[1:], mm, size)
             if labels.shape == image.shape:  # another shape is refused by _annotated_pair, naming both
                 fov = fov.around(labels_array)  # where it holds the most labels
                 outside = fov.outside(labels_array)
@@ -760,7 +762,7 @@ def cmd_segment(args) -> tuple[dict, str]:
             image, n = frames[0], frames[0].shape[0]
             bar, _ = _progress(n * len(frames), "segment" if len(targets) == 1 else image_path.name, args.json)
             t0 = time.perf_counter()
-            with bar:
+            with bar, naming(image_path):
                 for slices_done, labels in iter_segment_series(model, [f.array for f in frames], device,
                                                                args.batch_size, _levers(args), image.spacing):
                     bar.update(slices_done - bar.n)
@@ -849,11 +851,13 @@ def cmd_embed(args) -> tuple[dict, str]:
     for case in discover_volumes(args.images, args.all_frames) if args.images else []:  # files, DICOM series, datasets
         if case.frames:  # --all-frames: each frame a volume, named SUBJECT_t00, SUBJECT_t01, ...
             for name, frame in case_volumes(case):
-                features.append(embed_volume(model, frame.array, device, spacing=frame.spacing))
+                with naming(name):
+                    features.append(embed_volume(model, frame.array, device, spacing=frame.spacing))
                 names.append(name)
             continue
         volume = load_volume(case.image)  # one volume in memory at a time
-        features.append(embed_volume(model, volume.array, device, spacing=volume.spacing))
+        with naming(case.image):
+            features.append(embed_volume(model, volume.array, device, spacing=volume.spacing))
         names.append(volume.name)
         del volume
     for i in range(args.phantom):  # made one at a time, as read files are

@@ -8,6 +8,7 @@ position, partition index, volume id); ``LabelledSlices`` carries slices with la
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -20,7 +21,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from coral_core.errors import UserError
+from coral_core.errors import ScaleError, UserError
 from coral_core.losses import partition_index
 from coral_core.volume import (VOLUME_SUFFIXES, Volume, dicom_slice_series, is_dicom_file, is_dicom_labels,
                                is_volume_path, load_frames, load_volume, normalise_intensity)
@@ -160,9 +161,10 @@ class FieldOfView:
     def of(cls, shape, spacing, mm: float, size: int) -> "FieldOfView":
         """The centred field of view of a model of input ``size`` at ``mm`` per pixel on slices of (H, W)
         ``shape`` whose in-plane spacing is ``spacing`` (y, x) in mm."""
-        sy, sx = (float(v) for v in spacing)
-        if mm <= 0 or sy <= 0 or sx <= 0:
-            raise ValueError(f"pixel spacings must be above 0, got {mm} and ({sy}, {sx})")
+        if mm <= 0:
+            raise ValueError(f"the model's pixel spacing must be above 0, got {mm}")
+        check_scale(spacing, mm)
+        sy, sx = (float(v) for v in spacing[-2:])
         side = size * mm
         return cls((int(shape[0]), int(shape[1])), (max(1, round(side / sy)), max(1, round(side / sx))))
 
@@ -259,6 +261,29 @@ class FieldOfView:
         return [FieldOfView(self.shape, self.window, (y, x)) for y in per_axis[0] for x in per_axis[1]]
 
 
+# How much finer or coarser than a model's millimetres per pixel an image's may be. Finer: the model's square is
+# that many times its input size in the image's pixels (memory, where the slice is smaller than the square; "In
+# millimetres" on a 4096-pixel slice and a 128-pixel input is 32). Coarser: the square is that many times smaller
+# than the input, and a slice is segmented in ever more windows of ever fewer pixels.
+MAX_FINER, MAX_COARSER = 32, 8
+
+
+def check_scale(spacing, mm: float) -> None:
+    """Refuse an in-plane ``spacing`` ((y, x) mm, the last two of a (z, y, x) one) that a model of ``mm`` per pixel
+    cannot see an image at: not a positive size, or more than :data:`MAX_FINER` times finer or :data:`MAX_COARSER`
+    times coarser than ``mm`` (metres or microns written as millimetres: the model's square would need millions of
+    pixels, or one pixel would hold it). Raises :class:`ScaleError`."""
+    sy, sx = (float(v) for v in spacing[-2:])
+    if not all(math.isfinite(s) and s > 0 for s in (sy, sx)):
+        raise ScaleError(f"its pixel spacing {sy:g} x {sx:g} mm is not a size; fix the spacing in its header")
+    finer, coarser = mm / min(sy, sx), max(sy, sx) / mm
+    if finer > MAX_FINER or coarser > MAX_COARSER:
+        how = f"{finer:.3g} times finer" if finer > MAX_FINER else f"{coarser:.3g} times coarser"
+        raise ScaleError(f"its pixels of {sy:.4g} x {sx:.4g} mm are {how} than the model's {mm:g} mm (at most "
+                         f"{MAX_FINER} times finer or {MAX_COARSER} times coarser); check the spacing in its header "
+                         "(metres or microns written as millimetres?), or use a model without a physical scale")
+
+
 def field_of_view(config, shape, spacing) -> FieldOfView | None:
     """The :class:`FieldOfView` a model of ``config`` (a UNetConfig) sees on slices of (H, W) ``shape``
     at in-plane ``spacing`` (y, x) mm; None for a model without a physical scale, or a slice of
@@ -301,6 +326,7 @@ def at_pixel_spacing(image: np.ndarray, spacing, mm: float, size: int, labels: n
     many foreground label voxels the crop cut away)."""
     if mm <= 0:
         raise ValueError("mm must be above 0")
+    check_scale(spacing, mm)
     image = np.asarray(image)
     sz, sy, sx = (float(v) for v in spacing)
     grid = (max(1, round(image.shape[1] * sy / mm)), max(1, round(image.shape[2] * sx / mm)))

@@ -522,11 +522,16 @@ def _seg_frames(name: str, mtime: int, sources: bool = False) -> tuple[list[tupl
 
     p = Path(name)
     try:
-        ds = pydicom.dcmread(name)
-        masks = ds.pixel_array
-        per = ds.PerFrameFunctionalGroupsSequence
-    except Exception as exc:  # noqa: BLE001
+        return _read_seg_frames(pydicom.dcmread(name), p, sources)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's and NumPy's many errors for a damaged file
         raise UserError(f"{p}: DICOM SEG is not readable ({_short(exc)}); re-export it") from None
+
+
+def _read_seg_frames(ds, p: Path, sources: bool) -> tuple[list[tuple], dict[int, str]]:
+    masks = ds.pixel_array
+    per = ds.PerFrameFunctionalGroupsSequence
     masks = masks.reshape(-1, *masks.shape[-2:])
     kind = str(ds.get("SegmentationType", "BINARY")).upper()
     if kind == "FRACTIONAL":  # a probability or occupancy per pixel
@@ -541,9 +546,9 @@ def _seg_frames(name: str, mtime: int, sources: bool = False) -> tuple[list[tupl
         if position is None or orientation is None or pixel is None or (number is None and kind != "LABELMAP"):
             raise UserError(f"{p}: DICOM SEG frame {frame_index + 1} gives no position, orientation, "
                             "pixel spacing or segment number; re-export it")
-        o, (row, column) = np.array([float(v) for v in orientation[:6]]), (float(v) for v in pixel[:2])
+        o, (row, column) = _floats(orientation, 6), _floats(pixel, 2)
         axes = np.stack([o[:3] * column, o[3:] * row], 1)
-        where = np.array([float(v) for v in position[:3]])
+        where = _floats(position, 3)
         source = _source_image(frame) if sources else None
         if kind == "LABELMAP":  # the segments' numbers in the pixels
             frames.extend((int(n), where, axes, mask == n, source) for n in np.unique(mask) if n > 0)
@@ -916,7 +921,9 @@ def _item(**values):
 
 
 def _floats(values, n: int) -> np.ndarray:
-    out = np.array([float(v) for v in list(values)[:n]])
+    """The first ``n`` numbers of a DICOM multi-valued field (pydicom gives one value alone, not in a list)."""
+    items = [values] if isinstance(values, (int, float, str, bytes)) else list(values)
+    out = np.array([float(v) for v in items[:n]])
     if len(out) != n:
         raise ValueError(f"{n} numbers expected, {len(out)} given")
     return out

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from coral_core.augment import AugmentConfig
-from coral_core.errors import MissingStructureError, UserError
+from coral_core.errors import MissingStructureError, UserError, naming
 from coral_core.finetune import FinetuneConfig, finetune
 from coral_core.infer import segment_volume
 from coral_core.levers import Levers
@@ -302,9 +302,10 @@ def load_cine_frames(data: str, image_size: int, pixel_spacing: float | None = N
         movie = load_frames(case.image) if case.frames and frame_count(case.image) > 1 else []  # header first
         if len(movie) > 1:
             skip = held.get(case.subject, set())
-            frames.extend(resize_slices(at_pixel_spacing(f.array, f.spacing, pixel_spacing, image_size)[0]
-                                        if pixel_spacing else f.array, image_size)
-                          for t, f in enumerate(movie) if t + 1 not in skip)
+            with naming(case.image):
+                frames.extend(resize_slices(at_pixel_spacing(f.array, f.spacing, pixel_spacing, image_size)[0]
+                                            if pixel_spacing else f.array, image_size)
+                              for t, f in enumerate(movie) if t + 1 not in skip)
     if not frames:
         raise UserError(f"{data}: holds no 4-D cine files (ACDC: patientXXX/patientXXX_4d.nii.gz) to pretrain on; "
                         "leave --pretrain-cine out")
@@ -319,7 +320,8 @@ def at_pixel_spacing_cases(cases: list[LabelledCase], mm: float, size: int) -> l
 
     out = []
     for case in cases:
-        image, labels, spacing, cut = at_pixel_spacing(case.image, case.spacing, mm, size, case.labels)
+        with naming(case.name):
+            image, labels, spacing, cut = at_pixel_spacing(case.image, case.spacing, mm, size, case.labels)
         if cut:
             field_mm = size * mm
             raise UserError(f"{case.name}: at {mm:g} mm per pixel a {size} x {size} crop ({field_mm:g} mm) cuts away "

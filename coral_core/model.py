@@ -7,6 +7,7 @@ decoder and segmentation head are trained during fine-tuning.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -36,6 +37,15 @@ class UNetConfig:
     pixel_spacing: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("in_channels", "n_classes", "base_filters", "depth", "embedding_dim", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if not isinstance(self.class_names, (list, tuple)) or not all(isinstance(n, str) for n in self.class_names):
+            raise ValueError(f"class_names must be a list of names, got {self.class_names!r}")
+        if self.pixel_spacing is not None and (isinstance(self.pixel_spacing, bool)
+                                               or not isinstance(self.pixel_spacing, numbers.Real)):
+            raise ValueError(f"pixel_spacing must be a number of millimetres, got {self.pixel_spacing!r}")
         if self.norm not in ("batch", "instance"):
             raise ValueError(f"norm must be 'batch' or 'instance', got {self.norm!r}")
         if len(self.class_names) != self.n_classes:

@@ -648,12 +648,7 @@ def frame_count(path: str | os.PathLike) -> int:
 
             shape = nib.load(str(p)).shape
         elif p.is_file() and p.name.lower().endswith(ITK_SUFFIXES):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(p))
-            reader.ReadImageInformation()
-            shape = reader.GetSize()
+            shape = _itk_information(p).GetSize()
         elif p.is_dir() and is_volume_path(p):  # a DICOM series: a cine holds several images at each position
             import SimpleITK as sitk
 
@@ -698,7 +693,18 @@ def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
         raise UserError(
             f"{p}: unknown volume format; use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM folder"
         )
+    _check_geometry(p, affine)
     return p, array, affine
+
+
+def _check_geometry(p: Path, affine: np.ndarray) -> None:
+    """Refuse voxel geometry no slice can be placed by: a NaN or infinite number, an axis of no length, or axes that
+    lie along one another (a damaged header; nibabel then cannot even write labels for it)."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sizes = np.linalg.norm(axes, axis=0) if np.isfinite(affine).all() else np.zeros(3)
+    if not (sizes > 0).all() or abs(np.linalg.det(axes)) <= 1e-6 * np.prod(sizes):
+        raise UserError(f"{p}: its header's voxel geometry is not usable (a spacing or orientation that is NaN, "
+                        "infinite, zero or flat); fix the header or re-export the volume")
 
 
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -974,6 +980,27 @@ def _itk_header(p: Path) -> tuple[dict[str, str], int]:
     return fields, offset
 
 
+def _itk_information(p: Path):
+    """A SimpleITK reader that has read the header of the MHA/MHD or NRRD/NHDR file ``p`` (size, pixel type, fields),
+    after refusing a MetaImage header whose NDims is not a dimension count: ITK's MetaImage reader crashes the process
+    on a negative or huge one (seen with SimpleITK 2.5: NDims = -1 a segmentation fault, 65 an abort)."""
+    import SimpleITK as sitk
+
+    if p.suffix.lower() in (".mha", ".mhd"):
+        fields = _itk_header(p)[0]
+        ndims = fields.get("ndims")
+        if ndims is not None and not (ndims.isdigit() and 1 <= int(ndims) <= _MAX_META_DIMS):
+            raise UserError(f"{p}: header's NDims = {ndims[:20]!r} is not a dimension count from 1 to "
+                            f"{_MAX_META_DIMS}; the file is damaged, re-export the volume")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()
+    return reader
+
+
+_MAX_META_DIMS = 10  # MetaImage's NDims above this is damage (ITK reads up to 10-D here, crashes on 65)
+
+
 def _check_itk_size(p: Path) -> None:
     """Refuse an MHA/MHD or NRRD/NHDR file whose header claims more voxels than this machine's memory holds, or
     whose voxels are cut short (an interrupted copy), before ITK reads it (ITK then prints MetaImage's complaint
@@ -983,9 +1010,7 @@ def _check_itk_size(p: Path) -> None:
 
     if p.suffix.lower() not in (".mha", ".mhd", ".nrrd", ".nhdr"):
         return
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    reader.ReadImageInformation()  # the header only
+    reader = _itk_information(p)  # the header only
     shape = tuple(int(n) for n in reader.GetSize())
     one = sitk.Image([1] * len(shape), reader.GetPixelID(), reader.GetNumberOfComponents())
     claimed = (int(np.prod(shape, dtype=np.float64)) * reader.GetNumberOfComponents()
@@ -1074,6 +1099,7 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
     (a label map's, background first: label value i is named ``class_names[i]``) go into the header.
     """
     names = None if class_names is None else [str(n) for n in class_names]
+    affine = np.asarray(affine, dtype=np.float64)  # np.diag([1, 1, 3, 1]) is integers
     p = Path(path)
     lower = p.name.lower()
     if not lower.endswith(VOLUME_SUFFIXES) or lower.endswith((".mhd", ".nhdr")):
@@ -1110,11 +1136,7 @@ def read_class_names(path: str | os.PathLike) -> list[str] | None:
                 if ext.get_code() == 6 and ext.get_content().startswith(b'{"napari_coral"'):  # a comment: ours
                     names = json.loads(ext.get_content())["napari_coral"]["class_names"]
         elif p.is_file() and p.name.lower().endswith(ITK_SUFFIXES):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(p))
-            reader.ReadImageInformation()
+            reader = _itk_information(p)
             if reader.HasMetaDataKey(_CLASS_NAMES_KEY):
                 names = json.loads(reader.GetMetaData(_CLASS_NAMES_KEY))
         elif is_dicom_seg(p):  # its segments' labels, when they are numbered 1, 2, ...

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coral_core.errors import UserError
+from coral_core.errors import UserError, naming
 
 
 def _finetune(spec: dict, messages, stop) -> None:
@@ -84,8 +84,11 @@ def _pretrain(spec: dict, messages, stop) -> None:
     arrays = {k: data[k] for k in sorted(data.files)}
     cfg = PretrainConfig(**spec["config"])
     spacings = spec.get("spacings") or {}  # a model with a physical scale pretrains on the square of each it sees
-    volumes = [frame if name not in spacings else field_of_view(cfg.model, frame.shape, spacings[name]).crop(frame)
-               for name, v in arrays.items() for frame in (v if v.ndim == 4 else [v])]  # a cine: each frame
+    volumes = []
+    for name, v in arrays.items():
+        with naming(name):  # an image the model's physical scale cannot see at its spacing
+            volumes += [frame if name not in spacings else field_of_view(cfg.model, frame.shape, spacings[name]).crop(
+                frame) for frame in (v if v.ndim == 4 else [v])]  # a cine: each frame
     # progress kept at every epoch's end and when stopped; a later job with the same images and
     # settings continues from it. Its name hashes every voxel (about 1 s per GB): done here, in the
     # job, not on napari's GUI thread.

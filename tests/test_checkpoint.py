@@ -137,6 +137,52 @@ def test_wrong_shapes_and_unknown_version_are_refused(tmp_path):
         load_checkpoint(tmp_path / "foreign.safetensors")
 
 
+def test_a_damaged_description_is_refused_in_a_sentence_or_read_without_its_training_record(tmp_path):
+    """What benchmarks/fuzz_readers.py found: an architecture field of the wrong type or size, or a description that
+    is not a JSON object, raised NumPy's or torch's errors (a huge base_filters asked for terabytes before the tensors
+    were compared); a training record that is not an object stopped the model from loading at all. The first are one
+    sentence, as `coral info` prints them; a model with a broken training record loads, with a warning, and is
+    described as having none; a record of unexpected field types is summarised as such."""
+    import subprocess
+    import sys
+
+    src = save_checkpoint(tmp_path / "good.safetensors", _model(), {"stage": "finetune", "steps": 5})
+    for name, change, fragment in (
+        ("negative", lambda m: m["architecture"].update(base_filters=-1), "base_filters must be a whole number"),
+        ("text", lambda m: m["architecture"].update(in_channels="1"), "in_channels must be a whole number"),
+        ("names", lambda m: m["architecture"].update(class_names=5), "class_names must be a list of names"),
+        ("spacing", lambda m: m["architecture"].update(pixel_spacing=[1]), "pixel_spacing must be a number"),
+        ("large", lambda m: m["architecture"].update(base_filters=2**20), "do not match the architecture"),
+        ("huge", lambda m: m["architecture"].update(base_filters=2**40), "checkpoint architecture is invalid"),
+    ):
+        _rewrite_meta(src, tmp_path / f"{name}.safetensors", change)
+        for read in (load_checkpoint, describe_checkpoint):
+            with pytest.raises(UserError, match=fragment):
+                read(tmp_path / f"{name}.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(src)), str(tmp_path / "list.safetensors"), metadata={"coral": "[1, 2]"})
+    with pytest.raises(UserError, match="list.safetensors: checkpoint description is not a JSON object; the file is"):
+        load_checkpoint(tmp_path / "list.safetensors")
+    _rewrite_meta(src, tmp_path / "record.safetensors", lambda m: m.update(training=[1, 2]))
+    with pytest.warns(UserWarning, match="record.safetensors: its training record is not a JSON object; the model is "
+                                         "read without it"):
+        model, meta = load_checkpoint(tmp_path / "record.safetensors")
+    assert meta["training"] == {} and model.config == SMALL
+    _rewrite_meta(src, tmp_path / "odd.safetensors", lambda m: m["training"].update(images=5, slices=3))
+    odd = describe_checkpoint(tmp_path / "odd.safetensors")
+    assert odd["trained"] == "a training record not in napari-coral's form"
+    proc = subprocess.run([sys.executable, "-m", "coral_core.cli", "info", tmp_path / "record.safetensors"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "its training record is not a JSON object" in proc.stderr
+    assert "record.safetensors: no training record" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "coral_core.cli", "info", tmp_path / "huge.safetensors"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "huge.safetensors: checkpoint architecture is invalid" in proc.stderr
+
+
 def test_for_classes_keeps_the_head_of_the_same_classes_and_draws_one_for_others():
     m = _model()
     with torch.no_grad():

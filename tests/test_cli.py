@@ -1175,6 +1175,40 @@ def test_finetune_a_cine_series_trains_on_each_annotated_frame(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_scan_whose_spacing_a_model_cannot_see_at_is_refused_by_name(tmp_path):
+    """A scan whose header gives metres as millimetres (or one of pixels a metre wide), given to a model with a
+    physical scale: each command that would see it at that scale exits 2 naming the file (it ran out of memory, or
+    tiled each slice into one-pixel windows); the same voxels at a plausible spacing segment."""
+    from coral_core.checkpoint import save_checkpoint
+    from coral_core.model import UNet
+
+    config = UNetConfig(n_classes=2, base_filters=4, depth=2, embedding_dim=8, image_size=32,
+                        class_names=["background", "LV"], pixel_spacing=1.5)
+    save_checkpoint(tmp_path / "mm.safetensors", UNet(config), {"stage": "finetune"})
+    image = np.random.default_rng(0).random((3, 24, 20)).astype(np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1, 5:10, 5:10] = 1
+    for name, mm in (("metres", 0.0015), ("wide", 1000.0), ("fine", 1.0)):
+        save_volume(tmp_path / f"{name}.nii.gz", image, np.diag([mm, mm, 3.0, 1.0]))
+        save_volume(tmp_path / f"{name}_gt.nii.gz", labels, np.diag([mm, mm, 3.0, 1.0]))
+    model = ("--model", tmp_path / "mm.safetensors")
+    metres = str(tmp_path / "metres.nii.gz")
+    finer = "its pixels of 0.0015 x 0.0015 mm are 1e+03 times finer than the model's 1.5 mm"
+    user_error(coral("segment", metres, *model, "--out", tmp_path / "s.nii.gz", check=False), metres, finer,
+               "metres or microns written as millimetres?")
+    user_error(coral("embed", metres, *model, "--out", tmp_path / "e.csv", check=False), metres, finer)
+    user_error(coral("finetune", metres, "--labels", tmp_path / "metres_gt.nii.gz", "--init",
+                     tmp_path / "mm.safetensors", "--steps", 1, "--out", tmp_path / "f.safetensors", check=False),
+               metres, finer)
+    user_error(coral("pretrain", tmp_path / "fine.nii.gz", metres, "--pixel-spacing", 1.5, "--image-size", 32,
+                     "--base-filters", 4, "--epochs", 1, "--out", tmp_path / "p.safetensors", check=False), metres,
+               finer)
+    wide = str(tmp_path / "wide.nii.gz")
+    user_error(coral("segment", tmp_path / "fine.nii.gz", wide, *model, "--out-dir", tmp_path / "segs", check=False),
+               wide, "its pixels of 1000 x 1000 mm are 667 times coarser", "stopped after segmenting the 1 volume")
+    assert load_volume(tmp_path / "segs" / "fine_labels.nii.gz").shape == (3, 24, 20)
+
+
 def test_a_model_at_a_pixel_spacing_sees_the_same_anatomy_in_a_wider_field_of_view(tmp_path):
     """--pixel-spacing gives a model a physical scale: a scan acquired with a wider field of view at the
     same spacing (the same slices padded by 32 pixels on every side) fine-tunes to the same weights and

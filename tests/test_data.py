@@ -1,5 +1,7 @@
 """Slice datasets and dataset-folder discovery, on files the tests write."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -350,6 +352,31 @@ def test_at_pixel_spacing_keeps_millimetres_and_centres_the_crop():
     out, none, _, cut = at_pixel_spacing(image, (8.0, 1.5, 3.0), 1.5, 80)  # anisotropic: columns doubled
     assert none is None and cut == 0 and np.count_nonzero(out[0] == 1.0) > 0
     assert np.count_nonzero(out[0] >= 0.99) == pytest.approx(2 * np.count_nonzero(image[0] >= 0.99), rel=0.1)
+
+
+def test_a_spacing_a_model_cannot_see_at_is_refused_before_any_memory_is_asked_for():
+    """Metres or microns written as millimetres: a model at 1.5 mm on pixels of 0.001 mm asked NumPy for 34 GiB to pad
+    a 24 x 20 slice to its 48000-pixel square, and pixels of 1000 mm were segmented in 480 windows of one pixel each.
+    Refused in one sentence, by the field of view and by the resampling to the model's millimetres alike; the limits
+    themselves pass."""
+    from coral_core.data import MAX_COARSER, MAX_FINER, FieldOfView, at_pixel_spacing, check_scale
+    from coral_core.errors import ScaleError
+
+    image = np.zeros((2, 24, 20), np.float32)
+    for spacing, fragment in (((3.0, 0.001, 0.001), "its pixels of 0.001 x 0.001 mm are 1.5e+03 times finer than "
+                                                    "the model's 1.5 mm (at most 32 times finer or 8 times coarser)"),
+                              ((3.0, 1.0, 1000.0), "its pixels of 1 x 1000 mm are 667 times coarser"),
+                              ((3.0, float("nan"), 1.0), "its pixel spacing nan x 1 mm is not a size"),
+                              ((3.0, 1.0, 0.0), "its pixel spacing 1 x 0 mm is not a size")):
+        for call in (lambda: FieldOfView.of(image.shape[1:], spacing[1:], 1.5, 32),
+                     lambda: at_pixel_spacing(image, spacing, 1.5, 32)):
+            with pytest.raises(ScaleError, match=re.escape(fragment)):
+                call()
+    check_scale((1.5 / MAX_FINER, 1.5 / MAX_FINER), 1.5)
+    check_scale((1.5 * MAX_COARSER, 1.5), 1.5)
+    assert FieldOfView.of((24, 20), (1.5 * MAX_COARSER, 1.5 * MAX_COARSER), 1.5, 32).window == (4, 4)
+    with pytest.raises(ScaleError, match="times coarser"):
+        check_scale((1.5 * MAX_COARSER * 1.01, 1.5), 1.5)
 
 
 def test_field_of_view_cuts_pads_and_puts_back_the_centred_square():

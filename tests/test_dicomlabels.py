@@ -59,6 +59,26 @@ def test_a_series_labels_written_as_a_dicom_seg_lie_on_its_images(tmp_path):
     assert read_class_names(out) == NAMES
 
 
+@pytest.mark.parametrize("sequence, field, value", [
+    ("PlaneOrientationSequence", "ImageOrientationPatient", "1\\0\\0"),  # three numbers of six
+    ("PlanePositionSequence", "ImagePositionPatient", "0\\0"),
+    ("PixelMeasuresSequence", "PixelSpacing", "0.8"),
+])
+def test_a_seg_frame_of_too_few_numbers_is_one_sentence(tmp_path, sequence, field, value):
+    """A SEG whose frame gives its plane in too few numbers (a damaged or careless writer's; found by
+    benchmarks/fuzz_readers.py, which also put a letter in a position) is refused in one sentence, not a NumPy error."""
+    image = load_volume(write_dicom_series(tmp_path / "ct", np.zeros((6, 10, 12), np.int16)))
+    out = save_dicom_seg(tmp_path / "pred.dcm", _labels(image.shape), image, NAMES)
+    ds = pydicom.dcmread(out)
+    groups = ds.PerFrameFunctionalGroupsSequence[0]
+    item = (groups if sequence in groups else ds.SharedFunctionalGroupsSequence[0])[sequence][0]
+    setattr(item, field, value)
+    ds.save_as(tmp_path / "damaged.dcm")
+    with pytest.raises(UserError, match=r"damaged.dcm: DICOM SEG is not readable \(\d numbers expected, \d given\); "
+                                        r"re-export it"):
+        load_labels_like(tmp_path / "damaged.dcm", image)
+
+
 def test_segments_carry_the_colours_napari_shows_them_in(tmp_path):
     """Each segment's recommended display colour is its napari (and figures') colour in DICOM's scaled CIE L*a*b*,
     as scikit-image converts sRGB (D65), to within rounding."""

@@ -433,6 +433,33 @@ def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_v
     assert not (session_for(viewer).meta.get("training") or {})  # the model was not touched
 
 
+def test_a_layer_whose_scale_a_model_cannot_see_at_is_named_by_segment_and_fine_tune(make_napari_viewer, qtbot):
+    """A layer of pixels 0.0015 mm wide (metres as millimetres) and a model at 1.5 mm: Segment says so naming the
+    layer (it asked for gigabytes to pad each slice to the model's square), and Fine-tune refuses it before anything
+    is saved or trained."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((4, 24, 20)).astype(np.float32), name="metres",
+                     scale=(3.0, 0.0015, 0.0015))
+    model = build_model(UNetConfig(base_filters=4, depth=2, image_size=32, n_classes=2,
+                                   class_names=["background", "LV"], pixel_spacing=1.5))
+    session_for(viewer).set_model(model, {"training": {}}, "tiny test model at 1.5 mm")
+    finer = "metres: its pixels of 0.0015 x 0.0015 mm are 1e+03 times finer than the model's 1.5 mm"
+    widget = _dock(viewer, "Segment")
+    widget.segment()
+    qtbot.waitUntil(lambda: "failed" in widget.status.text(), timeout=60_000)
+    assert widget.status.text().startswith(f"Segmentation failed: {finer}")
+    assert "metres labels" not in viewer.layers
+    paint = np.zeros((4, 24, 20), np.uint8)
+    paint[1, 5:10, 5:10] = 1
+    viewer.add_labels(paint, name="paint", scale=(3.0, 0.0015, 0.0015))
+    tune = _dock(viewer, "Fine-tune")
+    tune.image_picker.setCurrentText("metres")
+    tune.labels_picker.setCurrentText("paint")
+    assert tune.finetune() is None
+    one_sentence(tune.status.text(), finer, "check the spacing in its header")
+    assert tune.runner is None  # nothing started
+
+
 def test_annotations_that_cannot_be_saved_stop_the_fine_tuning_before_it_trains(tmp_path, make_napari_viewer, qtbot):
     """The job saves the annotations before it trains; where they cannot be written (the annotations folder is a
     file here), it stops with one sentence naming the file, nothing is trained and the model is kept."""

@@ -412,6 +412,66 @@ def test_headers_claiming_more_than_the_file_or_the_machine_are_refused_before_r
         load_volume(tmp_path / "huge.mha")
 
 
+def test_voxel_geometry_no_slice_can_be_placed_by_is_one_sentence(tmp_path):
+    """A NIfTI whose sform holds a NaN, a zero-length axis or two axes along one another (found by
+    benchmarks/fuzz_readers.py: it read, segmented, then nibabel failed to write its labels) is refused as read."""
+    import struct
+
+    good = write_nifti_ijk(tmp_path / "good.nii", np.ones((6, 5, 4), np.float32), np.diag([0.8, 0.9, 3.0, 1.0]))
+    raw = good.read_bytes()
+    assert struct.unpack_from("<h", raw, 254)[0] > 0  # sform_code: the sform (srow_x, _y, _z at 280, 296, 312) rules
+    for name, offset, values in (("nan", 304, (float("nan"),)), ("flat", 280, (0.0, 0.0, 0.0)),
+                                 ("along", 296, (0.9, 0.0, 0.0))):  # srow_y[2]; column i; column j along column i
+        damaged = bytearray(raw)
+        struct.pack_into(f"<{len(values)}f", damaged, offset, *values)
+        if name == "along":
+            struct.pack_into("<3f", damaged, 280, 0.0, 0.0, 0.0)  # x: nothing; y: i and j both
+            struct.pack_into("<2f", damaged, 296, 0.8, 0.9)
+        (tmp_path / f"{name}.nii").write_bytes(bytes(damaged))
+        with pytest.raises(UserError, match=rf"{name}.nii: its header's voxel geometry is not usable \(a spacing or "
+                                            r"orientation that is NaN, infinite, zero or flat\)"):
+            load_volume(tmp_path / f"{name}.nii")
+    assert load_volume(good).spacing == pytest.approx((3.0, 0.9, 0.8))
+
+
+def test_a_metaimage_whose_ndims_crashes_itk_is_refused_and_the_header_looks_say_nothing(tmp_path):
+    """ITK's MetaImage reader crashes the process (a segmentation fault, an abort) on a negative or huge NDims, as a
+    damaged file holds it (found by benchmarks/fuzz_readers.py): refused from our own reading of the header, by the
+    reader and by the header looks napari's reader and the CLI make first. Run in a child process, so that a crash
+    fails this test, not the whole run."""
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5), np.float32)), str(tmp_path / "good.mha"))
+    good = (tmp_path / "good.mha").read_bytes()
+    assert b"NDims = 3\n" in good
+    for value in ("-1", "65", "99999999999", "abc"):
+        (tmp_path / f"n{value}.mha").write_bytes(good.replace(b"NDims = 3\n", f"NDims = {value}\n".encode()))
+    code = (
+        "import sys\n"
+        "from coral_core.errors import UserError\n"
+        "from coral_core.volume import frame_count, load_volume, read_class_names\n"
+        "for path in sys.argv[1:]:\n"
+        "    print(frame_count(path), read_class_names(path))\n"
+        "    try:\n"
+        "        load_volume(path)\n"
+        "    except UserError as exc:\n"
+        "        print(exc)\n"
+        "print(load_volume(sys.argv[1].replace('n-1', 'good')).shape)\n"
+    )
+    paths = [str(tmp_path / f"n{value}.mha") for value in ("-1", "65", "99999999999", "abc")]
+    done = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "(3, 4, 5)"  # the intact file still reads
+    for i, value in enumerate(("-1", "65", "99999999999", "abc")):
+        assert lines[2 * i] == "1 None"  # unreadable: one frame, no class names, no exception
+        assert lines[2 * i + 1] == (f"{tmp_path / f'n{value}.mha'}: header's NDims = {value!r} is not a dimension "
+                                    "count from 1 to 10; the file is damaged, re-export the volume")
+
+
 @pytest.mark.parametrize("kind", ["series", "multiframe"])
 def test_a_gantry_tilted_dicom_stack_keeps_each_slice_where_it_was(tmp_path, kind):
     """CT slices acquired with a tilted gantry step along a direction that is not their normal. Each slice is kept

@@ -13,7 +13,7 @@ from qtpy.QtWidgets import (QFileDialog, QHBoxLayout, QLineEdit, QListWidget, QL
 
 from coral_core.data import parse_slices
 from coral_core.embedding import Trajectory, project_trajectories, suggest_slices, write_trajectory_table
-from coral_core.errors import UserError
+from coral_core.errors import UserError, naming
 from napari_coral._layers import LayerArray, show_index, shown_index
 from napari_coral._session import session_for
 from napari_coral._widgets._common import (DevicePicker, PlotCanvas, VolumeChecklist, alive, status_label,
@@ -99,7 +99,10 @@ class EmbeddingWidget(QWidget):
 
         @thread_worker(ignore_errors=True)  # reported by the errored handler below
         def work():
-            feats = {n: embed_volume(model, a.read(), device, spacing=a.spacing) for n, a in arrays.items()}
+            feats = {}
+            for n, a in arrays.items():
+                with naming(n):  # an image a model with a physical scale cannot see at its spacing
+                    feats[n] = embed_volume(model, a.read(), device, spacing=a.spacing)
             return feats, project_trajectories(list(feats.values()), list(feats), direction)
 
         def done(result):

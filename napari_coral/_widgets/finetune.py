@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
 from coral_core.augment import WIDER_ZOOM
 from coral_core.checkpoint import load_checkpoint, save_checkpoint
 from coral_core.data import parse_slices
-from coral_core.errors import UserError
+from coral_core.errors import UserError, naming
 from coral_core.finetune import FinetuneConfig
 from coral_core.model import for_classes
 from napari_coral._classes import describe_plan, parse_classes, plan_classes
@@ -480,6 +480,17 @@ class FinetuneWidget(QWidget):
 
             # the image's whole field of view fills the input, at the model's input size
             model = with_pixel_spacing(model, extent_mm(image) / model.config.image_size)
+        if model.config.pixel_spacing is not None:  # each scan seen at the model's scale: checked before anything runs
+            from coral_core.data import check_scale
+
+            try:
+                for name, reader in [(scan[0], scan[1]) for scan in scans] + [(r.name, r) for r in unlabelled]:
+                    with naming(name):
+                        check_scale(reader.spacing, model.config.pixel_spacing)
+            except UserError as exc:
+                show_error(str(exc))
+                self.status.setText(str(exc))
+                return None
         saves = [self.annotations_save(layer) for layer in labels_layers]  # written by the job, before it trains
         self.autosaved = saves[0][0]
 

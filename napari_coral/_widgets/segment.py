@@ -82,6 +82,7 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     from napari.qt.threading import thread_worker
     from napari.utils import progress
 
+    from coral_core.errors import naming
     from coral_core.infer import iter_segment_series, keep_largest_components
 
     session = session_for(viewer)
@@ -95,9 +96,10 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     def work():
         data = volume.read()
         labels = None
-        for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device,
-                                                spacing=volume.spacing):
-            yield done  # handed to the GUI thread, which advances the bar
+        with naming(image_layer.name):  # an image a model with a physical scale cannot see at its spacing
+            for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device,
+                                                    spacing=volume.spacing):
+                yield done  # handed to the GUI thread, which advances the bar
         labels = labels if data.ndim == 4 else labels[0]
         labels, removed = keep_largest_components(labels) if largest else (labels, None)
         return labels, removed, slice_digests(labels.reshape(-1, *labels.shape[-2:]))  # hashed here, not in napari
