@@ -434,9 +434,9 @@ def test_finetune_widget_refuses_mismatched_or_out_of_range_labels(make_napari_v
 
 
 def test_a_layer_whose_scale_a_model_cannot_see_at_is_named_by_segment_and_fine_tune(make_napari_viewer, qtbot):
-    """A layer of pixels 0.0015 mm wide (metres as millimetres) and a model at 1.5 mm: Segment says so naming the
-    layer (it asked for gigabytes to pad each slice to the model's square), and Fine-tune refuses it before anything
-    is saved or trained."""
+    """A layer of pixels 0.0015 mm wide (metres as millimetres) and a model at 1.5 mm: Segment and Embedding say so
+    naming the layer (Segment asked for gigabytes to pad each slice to the model's square), and Fine-tune refuses it
+    before anything is saved or trained."""
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).random((4, 24, 20)).astype(np.float32), name="metres",
                      scale=(3.0, 0.0015, 0.0015))
@@ -458,6 +458,11 @@ def test_a_layer_whose_scale_a_model_cannot_see_at_is_named_by_segment_and_fine_
     assert tune.finetune() is None
     one_sentence(tune.status.text(), finer, "check the spacing in its header")
     assert tune.runner is None  # nothing started
+    embedding = _dock(viewer, "Embedding")
+    qtbot.waitUntil(lambda: embedding.volumes.checked() == ["metres"], timeout=5_000)
+    embedding.embed()
+    qtbot.waitUntil(lambda: "failed" in embedding.status.text(), timeout=60_000)
+    assert embedding.status.text().startswith(f"Embedding failed: {finer}")
 
 
 def test_annotations_that_cannot_be_saved_stop_the_fine_tuning_before_it_trains(tmp_path, make_napari_viewer, qtbot):
