@@ -5,7 +5,8 @@ is wrong (``UserError``), never a traceback, a crash, a hang or a runaway alloca
     python benchmarks/fuzz_readers.py --cases 50 --formats mha,seg --show 5
 
 Each format starts from a small valid file written by the product's own writers (NIfTI, gzipped NIfTI, MetaImage,
-NRRD, a DICOM series folder, a DICOM SEG and an RT structure set written on that series, a checkpoint) and is read by
+NRRD, a DICOM series folder, a DICOM SEG and an RT structure set written on that series, a checkpoint, and cines of 3
+phases: a 4-D NIfTI, a DICOM cine series folder and an enhanced multi-frame DICOM file) and is read by
 what the CLI and the plugin call: ``frame_count`` and ``read_class_names`` (header looks, which must never raise),
 then ``load_frames``, and what ``coral segment`` does next with each volume read (segmented by a tiny untrained
 model without and with a physical scale, at the spacing read, and the labels saved as NIfTI); ``referenced_series``
@@ -48,7 +49,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
-FORMATS = ("nii", "nii.gz", "mha", "nrrd", "dicom", "seg", "rtstruct", "checkpoint")
+FORMATS = ("nii", "nii.gz", "mha", "nrrd", "dicom", "seg", "rtstruct", "checkpoint", "nii-cine", "dicom-cine",
+           "enhanced")
 EXTREMES = (0, -1, 2**31 - 1, -(2**31), 2**63 - 1)
 TEXT_VALUES = ("-1", "0", "1e30", "99999999999", "nan", "", "abc", "1 2", "-0.0")
 
@@ -67,7 +69,7 @@ def make_models() -> None:
 
 def make_seeds(folder: Path) -> dict[str, Path]:
     """One small valid file of each format (and the series a SEG or structure set lies on)."""
-    from helpers import write_dicom_series
+    from helpers import write_dicom_series, write_enhanced_dicom
 
     from coral_core.checkpoint import save_checkpoint
     from coral_core.dicomlabels import save_dicom_seg, save_rt_structure_set
@@ -92,6 +94,10 @@ def make_seeds(folder: Path) -> dict[str, Path]:
     model = UNet(UNetConfig(n_classes=3, base_filters=4, depth=2, embedding_dim=8, image_size=32,
                                 class_names=["background", "Liver", "Heart"]))
     seeds["checkpoint"] = save_checkpoint(folder / "seed.safetensors", model, {"method": "coral"})
+    cine = np.stack([np.roll(image[:4], t, axis=1) for t in range(3)])  # (t, z, y, x): 3 phases of 4 slices
+    seeds["nii-cine"] = save_volume(folder / "seed-cine.nii", cine, affine)
+    seeds["dicom-cine"] = write_dicom_series(folder / "cine", cine.astype(np.int16))
+    seeds["enhanced"] = write_enhanced_dicom(folder / "enhanced.dcm", cine.astype(np.int16), affine)
     return seeds
 
 
@@ -236,7 +242,7 @@ def _mutate_checkpoint_meta(data: bytes, rng: random.Random) -> tuple[bytes, str
 def damage(fmt: str, seed: Path, work: Path, case: int) -> tuple[Path, str]:
     """A damaged copy of ``seed`` in ``work`` under a name of its own (the readers cache by name and time)."""
     rng = random.Random(f"{fmt}:{case}")
-    if fmt == "dicom":
+    if fmt in ("dicom", "dicom-cine"):
         target = work / f"series{case}"
         shutil.copytree(seed, target)
         files = sorted(target.iterdir())
@@ -247,10 +253,11 @@ def damage(fmt: str, seed: Path, work: Path, case: int) -> tuple[Path, str]:
             data, what = _mutate_bytes(f.read_bytes(), rng, "dicom")
         f.write_bytes(data)
         return target, what
-    suffix = {"seg": ".dcm", "rtstruct": ".dcm", "checkpoint": ".safetensors"}.get(fmt, "." + fmt)
+    suffix = {"seg": ".dcm", "rtstruct": ".dcm", "enhanced": ".dcm", "checkpoint": ".safetensors",
+              "nii-cine": ".nii"}.get(fmt, "." + fmt)
     target = work / f"case{case}{suffix}"
     data = seed.read_bytes()
-    if fmt in ("seg", "rtstruct") and rng.random() < 0.5:
+    if fmt in ("seg", "rtstruct", "enhanced") and rng.random() < 0.5:
         data, what = _mutate_dicom_element(data, rng)
     elif fmt == "checkpoint" and rng.random() < 0.4:
         data, what = _mutate_checkpoint_meta(data, rng)

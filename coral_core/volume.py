@@ -462,7 +462,8 @@ def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
             delay = value(frame, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime")
             times.append((math.inf if index is None else float(index), math.inf if delay is None else float(delay), i))
         pixel = value(per[0], "PixelMeasuresSequence", "PixelSpacing")
-        thickness = value(per[0], "PixelMeasuresSequence", "SliceThickness")
+        row, column = (float(pixel[0]), float(pixel[1])) if pixel else (1.0, 1.0)
+        thickness = float(value(per[0], "PixelMeasuresSequence", "SliceThickness") or 1.0)
     except Exception:  # noqa: BLE001 - not readable this way: ITK's reading stands
         return None
     if len(orientations) != 1:
@@ -473,8 +474,7 @@ def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
     phases = _phases(coordinates, times, f"{p}: DICOM file holds {len(per)} frames", "phase")
     stack = [coordinates[i] for i in phases[0]]
     _warn_uneven_gaps(stack, [f"frame {i + 1}" for i in phases[0]], p)
-    gap = float(np.median(np.diff(stack))) if len(stack) > 1 else float(thickness or 1.0)
-    row, column = ((float(v) for v in pixel[:2]) if pixel else (1.0, 1.0))
+    gap = float(np.median(np.diff(stack))) if len(stack) > 1 else thickness
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = o[:3] * column, o[3:] * row, normal * gap
     lps[:3, 3] = positions[phases[0][0]]
@@ -681,6 +681,7 @@ def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
         array, affine = _read_itk(p, dicom=False)
     elif _looks_like_dicom(p):  # a multi-frame DICOM file holds a volume; a single slice is a series' part
         _refuse_non_image(p, p)
+        _check_pixel_bytes(p)
         array, affine = _read_itk(p, dicom=False)
         if array.ndim < 3 or array.shape[0] == 1:
             raise UserError(f"{p}: one DICOM file, a single slice of a series; give the folder that holds the series "
@@ -705,6 +706,29 @@ def _check_geometry(p: Path, affine: np.ndarray) -> None:
     if not (sizes > 0).all() or abs(np.linalg.det(axes)) <= 1e-6 * np.prod(sizes):
         raise UserError(f"{p}: its header's voxel geometry is not usable (a spacing or orientation that is NaN, "
                         "infinite, zero or flat); fix the header or re-export the volume")
+
+
+def _check_pixel_bytes(p: Path) -> None:
+    """Refuse a DICOM file smaller than the uncompressed pixels its rows, columns, frames and bits ask for (cut short,
+    or a damaged size): ITK then read past its end, an image of 65535 columns from a file of 20."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            return
+        def number(name: str, default=None) -> int:  # a damaged header may repeat a value: ITK takes the first
+            value = ds.get(name, default)
+            return int((value[0] if isinstance(value, (list, tuple)) or hasattr(value, "append") else value) or 1)
+
+        frames, rows, columns = number("NumberOfFrames", 1), number("Rows"), number("Columns")
+        needs = (frames * rows * columns * number("SamplesPerPixel", 1) * number("BitsAllocated") + 7) // 8
+    except Exception:  # noqa: BLE001 - what ITK makes of it stands
+        return
+    holds = p.stat().st_size
+    if holds < needs:
+        raise UserError(f"{p}: DICOM header gives {frames} frames of {rows} x {columns} pixels ({needs} bytes), more "
+                        f"than the file's {holds} bytes; the file is damaged or cut short, re-export it")
 
 
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -1107,6 +1131,9 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
     if array.ndim not in (3, 4):
         raise ValueError(f"save_volume needs a (z, y, x) or (t, z, y, x) array, got shape {array.shape}")
     suffix = next(s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if lower.endswith(s))
+    if suffix in NIFTI_SUFFIXES and max(array.shape) > 32767:  # its header's sizes are 16-bit
+        raise UserError(f"{p}: a NIfTI file holds at most 32767 voxels along an axis, and this volume is "
+                        f"{' x '.join(map(str, array.shape))}; end the name with .mha or .nrrd")
     with atomic_target(p, suffix=suffix) as tmp:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(tmp, array, affine, names)

@@ -332,6 +332,30 @@ def test_unreadable_files_give_one_sentence(tmp_path):
 def test_save_refuses_missing_folder_without_leaving_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         save_volume(tmp_path / "nope" / "seg.nii.gz", np.zeros((2, 3, 4), np.uint8), np.eye(4))
+    # NIfTI's header holds 16-bit sizes: nibabel's HeaderDataError became one sentence pointing to MHA and NRRD
+    with pytest.raises(UserError, match=r"seg.nii.gz: a NIfTI file holds at most 32767 voxels along an axis, and this "
+                                        r"volume is 1 x 2 x 40000; end the name with .mha or .nrrd"):
+        save_volume(tmp_path / "seg.nii.gz", np.zeros((1, 2, 40000), np.uint8), np.eye(4))
+    assert save_volume(tmp_path / "seg.mha", np.zeros((1, 2, 40000), np.uint8), np.eye(4)).is_file()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["seg.mha"]
+
+
+def test_a_multiframe_dicom_file_smaller_than_its_header_says_is_one_sentence(tmp_path):
+    """Rows or Columns of a multi-frame file damaged to 65535 (found by benchmarks/fuzz_readers.py): ITK read past the
+    file's end into an image of 65535 columns, which then could not even be saved as NIfTI; refused from the header."""
+    from helpers import write_enhanced_dicom
+
+    good = write_enhanced_dicom(tmp_path / "good.dcm", np.zeros((2, 4, 24, 20), np.int16), np.diag([0.8, 0.9, 3, 1.0]))
+    assert [f.shape for f in load_frames(good)] == [(4, 24, 20)] * 2
+    for field, value in (("Columns", 65535), ("Rows", [65535, 65535])):  # a value repeated: ITK takes the first
+        ds = pydicom.dcmread(good)
+        setattr(ds, field, value)
+        ds.save_as(tmp_path / f"{field}.dcm")
+        size = (tmp_path / f"{field}.dcm").stat().st_size
+        shape = "24 x 65535" if field == "Columns" else "65535 x 20"
+        with pytest.raises(UserError, match=rf"{field}.dcm: DICOM header gives 8 frames of {shape} pixels "
+                                            rf"\(\d+ bytes\), more than the file's {size} bytes; the file is damaged"):
+            load_frames(tmp_path / f"{field}.dcm")
 
 
 def test_normalisation_survives_nan_inf_and_constant_images():
