@@ -165,12 +165,9 @@ def load_dicom_series(paths: str | os.PathLike | list) -> list[Volume]:
     if len(uids) > 1 or len(folders) > 1:
         raise UserError(f"{files[0]}: the {len(files)} files given belong to {max(len(uids), len(folders))} DICOM "
                         "series or folders; open one series at a time")
-    import SimpleITK as sitk
-
     folder, uid = folders.pop(), uids.pop()
-    reader = sitk.ImageSeriesReader()
     try:
-        ordered = [Path(f).resolve() for f in reader.GetGDCMSeriesFileNames(str(folder), uid)] if uid else []
+        ordered = [Path(f).resolve() for f in _series_file_names(folder, uid)] if uid else []
     except Exception:  # noqa: BLE001 - GDCM could not sort the folder: fall back to the files as named
         ordered = []
     given = set(files) if len(files) > 1 else None
@@ -235,10 +232,42 @@ def _image_key(f) -> tuple | None:
     else:
         key = (coordinate, tuple(_header_number(info, tag) for tag in _DICOM_TIME_TAGS), orientation,
                info.GetMetaData("0020|000e").strip() if info.HasMetaDataKey("0020|000e") else "")
+        number = info.GetMetaData("0020|0013").strip() if info.HasMetaDataKey("0020|0013") else ""
+        _NUMBERED[name] = number.lstrip("+-").isdigit()
     if len(_HEADER_KEYS) >= 100_000:  # a long session of many folders: start again
         _HEADER_KEYS.clear()
+        _NUMBERED.clear()
     _HEADER_KEYS[name] = (stamp, key)
     return key
+
+
+_NUMBERED: dict = {}  # file -> whether its header gives an instance number (read with its key)
+
+
+def _series_file_names(folder, uid: str) -> list[str]:
+    """The files of series ``uid`` in ``folder`` as GDCM sorts them (``ImageSeriesReader.GetGDCMSeriesFileNames``);
+    for a cine series (several images at one slice position) in which a file gives no instance number, sorted here
+    by position, time and name instead: GDCM then sorts by instance number, and crashed the process in 9 of 20 tries
+    (SimpleITK 2.5.7; a plain series did not). The frames are told apart by their positions and times either way
+    (:func:`_dicom_frames`)."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    members, at, unnumbered = [], {}, False
+    for f in sorted(folder.iterdir()):
+        key = _image_key(f) if f.is_file() else None
+        if key is None or key[3] != uid:
+            continue
+        members.append((f, key))
+        at[key[0]] = at.get(key[0], 0) + 1
+        unnumbered |= not _NUMBERED.get(str(f), True)
+    if unnumbered and max(at.values()) > 1:
+        try:
+            return [str(f) for f, key in sorted(members, key=lambda m: (m[1][0], m[1][1], m[0].name))]
+        except TypeError:  # positions of other kinds (some with orientation, some without): no order to give
+            raise UserError(f"{folder}: a DICOM file of this cine series gives no instance number, and its images' "
+                            "positions cannot be ordered; re-export the series") from None
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
 
 
 def main_orientation(orientations: list) -> list[bool]:
@@ -325,8 +354,6 @@ def dicom_phases(source: str | os.PathLike, series=None) -> dict:
     exported one series per slice position, else of the folder's one series or stack), {frame number, from 1: t} for
     an enhanced multi-frame file. Every image of a plain (3-D) series is frame 0; {} for a source these do not
     describe (the DICOM label writers and readers then refuse a cine in one sentence)."""
-    import SimpleITK as sitk
-
     source = Path(source)
     try:
         if not source.is_dir():
@@ -337,7 +364,7 @@ def dicom_phases(source: str | os.PathLike, series=None) -> dict:
         if len(wanted) > 1:
             frames = _per_slice_cine(source, ids) if set(wanted) == set(ids) else None
         elif wanted:
-            frames = _dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), wanted[0])), source)
+            frames = _dicom_frames(_series_file_names(source, wanted[0]), source)
         else:
             frames = None
     except (UserError, OSError, RuntimeError):  # not readable as the reader reads it
@@ -546,8 +573,6 @@ def _warn_unread(folder: Path, uid: str, listed: list, ids=None) -> None:
     """Warn (one sentence) when files of series ``uid`` lie in ``folder`` but GDCM left them out of ``listed``, the
     series' files it can read (a copy cut short, a damaged file): the volume then lacks their slices. Only the
     files that no series of the folder (``ids``, else looked up) lists are opened, their headers alone."""
-    import SimpleITK as sitk
-
     known = {Path(f).name for f in listed}
     extras = [f for f in Path(folder).iterdir() if f.is_file() and f.name not in known]
     if not extras:
@@ -555,7 +580,7 @@ def _warn_unread(folder: Path, uid: str, listed: list, ids=None) -> None:
     try:
         for other in ids if ids is not None else _series_ids(Path(folder)):
             if other != uid:
-                known |= {Path(f).name for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), other)}
+                known |= {Path(f).name for f in _series_file_names(folder, other)}
     except Exception:  # noqa: BLE001 - GDCM could not scan the folder again: the files left are read below
         pass
     import pydicom
@@ -599,13 +624,10 @@ def dicom_series_title(folder: str | os.PathLike, uid: str) -> str:
     """A name for one DICOM series of a folder, as a layer's name: the folder's name when the series is the folder's
     only one; else the folder's name and the series' description (0008|103e), or its number (0020|0011), or its first
     file's name when its header holds neither, so that two series of one folder are told apart by name."""
-    import SimpleITK as sitk
-
     folder = Path(folder)
-    reader = sitk.ImageSeriesReader()
     try:
         ids = _series_ids(folder)
-        files = reader.GetGDCMSeriesFileNames(str(folder), uid) if uid else []
+        files = _series_file_names(folder, uid) if uid else []
     except Exception:  # noqa: BLE001 - GDCM could not scan the folder: its name alone
         return folder.name
     if len(ids) < 2 or not files:
@@ -650,12 +672,10 @@ def frame_count(path: str | os.PathLike) -> int:
         elif p.is_file() and p.name.lower().endswith(ITK_SUFFIXES):
             shape = _itk_information(p).GetSize()
         elif p.is_dir() and is_volume_path(p):  # a DICOM series: a cine holds several images at each position
-            import SimpleITK as sitk
-
             ids = _series_ids(p)
             if len(ids) > 1:  # a cine stack exported one series per slice position, or a folder load_frames refuses
                 return len(_per_slice_cine(p, ids) or [None])
-            return len(_dicom_frames(list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])), p)) if ids else 1
+            return len(_dicom_frames(_series_file_names(p, ids[0]), p)) if ids else 1
         elif is_dicom_file(p):  # a multi-frame file: an enhanced cine's frames hold several phases (a SEG's, segments)
             layout = None if _modality(p) == "SEG" else _multiframe_layout(p)
             return len(layout[0]) if layout else 1
@@ -789,7 +809,7 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
                     return _read_frames(frames, p)
                 raise UserError(f"{p}: folder holds {len(ids)} DICOM series ({_describe_series(reader, p, ids)}); put "
                                 "each series in its own folder, or open one of its files in napari")
-            files = list(reader.GetGDCMSeriesFileNames(str(p), ids[0]))
+            files = _series_file_names(p, ids[0])
             if files:
                 _refuse_non_image(files[0], p)
             _warn_unread(p, ids[0], files, ids)
@@ -933,7 +953,7 @@ def _describe_series(reader, folder: Path, ids) -> str:
     """Each series of a folder as its file count and its first file's modality and description, the first three."""
     parts = []
     for uid in ids[:3]:
-        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        files = _series_file_names(folder, uid)
         words = _header_fields(files[0], ("0008|0060", "0008|103e")).values()
         parts.append(" ".join([f"{len(files)} files", *(w for w in words if w)]) + f" from {Path(files[0]).name}")
     return "; ".join(parts) + ("; ..." if len(ids) > 3 else "")
