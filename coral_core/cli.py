@@ -244,12 +244,11 @@ def cmd_pretrain(args) -> tuple[dict, str]:
 
     from coral_core.checkpoint import save_checkpoint
     from coral_core.data import PretrainSlices
-    from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig
     from coral_core.pretrain import PretrainConfig, budget_advice, pretrain, pretraining_steps
     from coral_core.training import check_optimiser_settings
 
-    check_output_path(args.out)
+    _check_model_output(args.out, "--out", args.inputs)
     _check_pixel_spacing(args.pixel_spacing)
     check_optimiser_settings(args.lr, 0.0)  # these, before any volume is read
     if args.pixel_spacing is not None and not args.image_size:  # the field of view is the input size times it
@@ -493,13 +492,14 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.checkpoint import load_checkpoint, pretrained_only, save_checkpoint
     from coral_core.data import parse_label_values
     from coral_core.finetune import FinetuneConfig, finetune
-    from coral_core.fileio import check_output_path
     from coral_core.model import UNetConfig, build_model, resize_head
     from coral_core.training import check_optimiser_settings
     from coral_core.volume import read_class_names
 
-    check_output_path(args.out)
+    _check_model_output(args.out, "--out", [*args.image, *(args.labels or []), *(args.unlabelled or [])])
     check_optimiser_settings(args.lr, 0.0)  # these, before any volume is read
+    if args.classes is not None and args.classes > 256:
+        raise UserError(f"--classes {args.classes}: label maps of up to 255 classes and background are supported")
     if not 0 <= args.embedding_weight < math.inf:  # NaN too
         raise UserError(f"--embedding-weight {args.embedding_weight:g}: give a finite weight of 0 (off) or more, e.g. 0.1")
     if args.unlabelled and args.embedding_weight <= 0:
@@ -672,10 +672,13 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
     volumes of every INPUT (files, DICOM folders, dataset folders), each written there as NAME_labels."""
     from coral_core.data import _stem, discover_volumes, output_name
     from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name
-    from coral_core.fileio import check_output_path
+    from coral_core.fileio import check_not_an_input, check_output_path, same_file
     from coral_core.volume import VOLUME_SUFFIXES, is_volume_path
 
-    if (args.out is None) == (args.out_dir is None):
+    if args.out is not None and args.out_dir is not None:
+        raise UserError("give --out LABELS or --out-dir DIR, not both: --out writes one image's labels, --out-dir "
+                        "every image's")
+    if args.out is None and args.out_dir is None:
         raise UserError("give --out LABELS for one image, or --out-dir DIR for several images or folders")
     if args.dicom_seg and args.out is not None:
         raise UserError("--dicom-seg goes with --out-dir; with --out, end the file's name with .dcm for a DICOM SEG")
@@ -690,12 +693,14 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         if Path(args.images[0]).is_dir() and not is_volume_path(args.images[0]):
             raise UserError(f"{args.images[0]}: a folder of volumes, not one volume; use --out-dir DIR instead of --out")
         out = check_output_path(args.out)
+        check_not_an_input(out, [args.images[0], args.model])
         if is_dicom_seg_name(out):  # DICOM labels refer to the DICOM images they label: only for a DICOM input
             check_dicom_seg_source(args.images[0], out, what)
         return [(Path(args.images[0]), out)]
     out_dir = Path(args.out_dir)
     targets: dict[Path, Path] = {}
-    for case in discover_volumes(args.images):
+    cases = discover_volumes(args.images)
+    for case in cases:
         stem = _stem(case.image)
         suffix = case.image.name[len(stem):].lower()
         # one file each, in the image's format (a cine's labels: one 4-D file); DICOM (a series' folder, a
@@ -707,6 +712,12 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         if out in targets:
             raise UserError(f"{targets[out]} and {case.image} would both be written to {out}; segment them in separate runs")
         targets[out] = case.image
+    for out in targets:  # a case's own labels, named as segment names its output (CASE_labels), are the user's
+        check_not_an_input(out, [args.model, *(c.image for c in cases)])
+        for case in cases:
+            if same_file(out, case.label):
+                raise UserError(f"{out}: holds the labels of {case.image}, which segmenting into {out_dir} would "
+                                "replace; choose another --out-dir")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -833,16 +844,18 @@ def cmd_embed(args) -> tuple[dict, str]:
     from coral_core.data import case_volumes, discover_volumes
     from coral_core.device import resolve_device
     from coral_core.embedding import project_trajectories, write_trajectory_table
-    from coral_core.fileio import check_output_path
+    from coral_core.fileio import check_not_an_input, check_output_path
     from coral_core.infer import embed_volume
     from coral_core.phantom import make_phantom
     from coral_core.plotting import save_trajectory_png
     from coral_core.volume import load_volume
 
     check_output_path(args.out)
+    check_not_an_input(args.out, [*args.images, args.model])
     if args.plot:
         _check_png(args.plot)
         check_output_path(args.plot)
+        check_not_an_input(args.plot, [*args.images, args.model])
     device = resolve_device(args.device)
     model, _ = _load_model(args.model, device)
     if not args.images and not args.phantom:
@@ -1107,6 +1120,8 @@ def cmd_demo(args) -> tuple[dict, str]:
     from coral_core.demo import DemoConfig, run_demo
     from coral_core.fileio import check_output_path
 
+    if args.save_model:  # before the demo's minutes of work, not after, and before its folder is made
+        _check_model_output(args.save_model, "--save-model")
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1331,6 +1346,9 @@ def cmd_bench_speed(args) -> tuple[dict, str]:
     from coral_core.device import resolve_device
     from coral_core.speedbench import SpeedConfig, format_levers_table, format_speed_table, run_levers, run_speed
 
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
+        raise UserError(f"--peak-tflops {args.peak_tflops:g}: give the device's peak in TFLOP/s, a number above 0 "
+                        "(an H100 SXM's dense bf16: 989.4)")
     options = {"device": args.device, "baseline": not args.no_baseline, "peak_tflops": args.peak_tflops,
                "levers": _levers(args)}
     quick = args.quick or resolve_device(args.device).type != "cuda"
@@ -1362,7 +1380,7 @@ def _phantom_appearance(args):
     config = PhantomConfig()
     changed = []
     if args.phantom_bias is not None:
-        if args.phantom_bias < 0:
+        if not 0 <= args.phantom_bias < float("inf"):
             raise UserError(f"--phantom-bias {args.phantom_bias}: give a peak-to-peak range of 0 or more, e.g. 1.0")
         config.bias = float(args.phantom_bias)
         changed.append(f"bias {config.bias:g}")
@@ -1388,8 +1406,12 @@ def _count_of(n: int, thing: str) -> str:
     return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
+_LARGEST = 2**31 - 1  # a whole number beyond it is no size or count a tensor or a run can have
+
+
 def _whole_number(minimum: int, what: str):
-    """An argparse type: a whole number of at least ``minimum`` (``what``: what it counts, for its docstring)."""
+    """An argparse type: a whole number of at least ``minimum`` and at most 2**31 - 1 (``what``: what it counts,
+    for its docstring)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -1398,6 +1420,8 @@ def _whole_number(minimum: int, what: str):
         if value < minimum:
             bound = "0 or more" if minimum == 0 else f"at least {minimum}"
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {bound}")
+        if value > _LARGEST:
+            raise argparse.ArgumentTypeError(f"{text!r} is too large: give a whole number up to {_LARGEST}")
         return value
 
     parse.__doc__ = f"argparse type of {what}: a whole number of at least {minimum}."
@@ -1405,7 +1429,28 @@ def _whole_number(minimum: int, what: str):
 
 
 _positive_int = _whole_number(1, "a size (filters, embedding width, batch) or a count that cannot be 0")
-_count = _whole_number(0, "a number of things (phantom subjects)")
+_count = _whole_number(0, "a number of things (phantom subjects, steps, folds)")
+
+
+def _seed(text: str) -> int:
+    """argparse type of a seed: a whole number from 0 to 2**32 - 1, which NumPy's and torch's generators all take."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give a whole number from 0 to {2**32 - 1}")
+    return value
+
+
+def _check_model_output(path: str, option: str, inputs=()) -> None:
+    """A model is written as one .safetensors file, into a folder that exists, over none of the command's inputs."""
+    from coral_core.fileio import check_not_an_input, check_output_path
+
+    if not str(path).lower().endswith(".safetensors"):
+        raise UserError(f"{option} {path}: models are written as safetensors; end the name with .safetensors")
+    check_output_path(path)
+    check_not_an_input(path, inputs)
 
 
 def _check_png(path: str) -> None:
@@ -1420,7 +1465,7 @@ def _float_range(text: str, option: str, example: str, zero_allowed: bool = Fals
         low, high = (float(x) for x in text.split(","))
     except ValueError:
         low, high = float("nan"), float("nan")
-    if not ((0 <= low if zero_allowed else 0 < low) and low <= high):
+    if not ((0 <= low if zero_allowed else 0 < low) and low <= high < float("inf")):
         raise UserError(f"{option} {text!r}: give LOW,HIGH with {'0 <=' if zero_allowed else '0 <'} LOW <= HIGH, "
                         f"e.g. {example}")
     return low, high
@@ -1532,7 +1577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM", help=PIXEL_SPACING_HELP)
     p.add_argument("--embedding-dim", type=_positive_int, default=128,
                    help="size of the slice embedding that the objectives compare (default 128)")
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--ddp", action="store_true",
                    help="distributed over the processes torchrun starts (--batch-size is the global batch)")
@@ -1593,7 +1638,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--pixel-spacing; with --init, the model's own)")
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
                    help=PIXEL_SPACING_HELP + "; with --init, the model's own, if it has one")
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _lever_options(p)
 
@@ -1628,7 +1673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="INPUT", help="volume files, DICOM folders or dataset folders")
     p.add_argument("--phantom", type=_count, default=0, metavar="N",
                    help="add N synthetic phantom subjects (phantomS, phantomS+1, ... for --seed S)")
-    p.add_argument("--seed", type=int, default=0, help="the first phantom subject's seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="the first phantom subject's seed (default 0)")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--out", required=True, metavar="TABLE.csv",
                    help="table to write: a row per slice (volume, slice, position, axis1, axis2, volume_score)")
@@ -1673,7 +1718,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CORAL pretraining epochs (default 6: 42 steps with the default cohort, a demonstration; the "
                         "demo says how many would reach the 500 after which pretraining helped on phantoms)")
     p.add_argument("--steps", type=_positive_int, default=200, help="fine-tuning steps (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cohort, the pretraining and the fine-tuning")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the cohort, the pretraining and the fine-tuning")
     p.add_argument("--save-model", default=None, metavar="CKPT", help="also save the fine-tuned model")
     _cpu_bf16_option(p)
 
@@ -1690,21 +1735,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structures", default=None, metavar="NAME,NAME,...", help=STRUCTURES_HELP + " (with --data)")
     p.add_argument("--phantom", type=_count, default=None, metavar="N", help="N phantom subjects (default without --data: 20 quick, 100 full)")
     p.add_argument("--labeled", default=None, help="labelled volumes per fold, e.g. 1,2,6 (default: 1 quick; 1,2,6 full)")
-    p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
-    p.add_argument("--fold-seed", type=int, default=None, metavar="N",
+    p.add_argument("--folds", type=_count, default=None, help="cross-validation folds (default: 2 quick, 5 full)")
+    p.add_argument("--fold-seed", type=_seed, default=None, metavar="N",
                    help="seed of the split into folds, one split shared by every run (default 0); another N gives "
                         "another split, a separate table")
-    p.add_argument("--seeds", type=int, default=None, help="repeats with seeds 0..S-1 (default: 3)")
+    p.add_argument("--seeds", type=_count, default=None, help="repeats with seeds 0..S-1 (default: 3)")
     p.add_argument("--methods", default=None, help="comma-separated subset of random,simclr,gcl,pcl,coral,ral,oal")
-    p.add_argument("--pretrain-epochs", type=int, default=None,
+    p.add_argument("--pretrain-epochs", type=_count, default=None,
                    help="pretraining epochs, for every method (default: 8 quick, 50 full; 8 under-train CORAL, which "
                         "in the quick setting needed 64 before its pretraining showed: docs/results.md)")
     p.add_argument("--pretrain-lr", type=float, default=None,
                    help="pretraining learning rate, for every method (default 0.001; cosine decay over the epochs)")
-    p.add_argument("--pretrain-batch", type=int, default=None, metavar="B",
+    p.add_argument("--pretrain-batch", type=_count, default=None, metavar="B",
                    help="pretraining batch in slices, for every method (default: 32 quick, 64 full); an epoch is "
                         "the cohort's slices // B steps")
-    p.add_argument("--finetune-steps", type=int, default=None,
+    p.add_argument("--finetune-steps", type=_count, default=None,
                    help="fine-tuning steps of every run (default: 300 quick, 1000 full)")
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
@@ -1712,7 +1757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="fine-tune the decoder and head only, the encoder as pretrained (or as randomly initialised): "
                         "what each encoder holds by itself")
-    p.add_argument("--freeze-encoder-steps", type=int, default=None, metavar="N",
+    p.add_argument("--freeze-encoder-steps", type=_count, default=None, metavar="N",
                    help="keep the encoder frozen for the first N fine-tuning steps, then train it with the rest "
                         "(linear probing, then fine-tuning), for every method (default 0)")
     p.add_argument("--finetune-repeats", type=_positive_int, default=None, metavar="R",
@@ -1721,14 +1766,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-lr-scale", type=float, default=None, metavar="F",
                    help="fine-tune the encoder at F times the learning rate, the decoder and head at the full rate "
                         "(default 1)")
-    p.add_argument("--labeled-slices", type=int, default=None, metavar="K",
+    p.add_argument("--labeled-slices", type=_count, default=None, metavar="K",
                    help="annotated slices per labelled volume, evenly spaced from base to apex, as a user paints a "
                         "few (default 0: every slice)")
     p.add_argument("--finetune-scale", default=None, metavar="LOW,HIGH",
                    help="zoom range of the fine-tuning's augmentation (default 0.85,1.15)")
     p.add_argument("--finetune-shift", type=float, default=None, metavar="F",
                    help="largest shift of the fine-tuning's augmentation, a fraction of the input (default 0.08)")
-    p.add_argument("--score-every", type=int, default=None, metavar="K",
+    p.add_argument("--score-every", type=_count, default=None, metavar="K",
                    help="also score the test fold every K fine-tuning steps, and print what keeping each run's best "
                         "checkpoint on it would report, as the published code keeps its best epoch (optimistic: it "
                         "picks on the test data; the runs' own Dice stay those at the end)")
@@ -1752,13 +1797,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom-fov", default=None, metavar="LOW,HIGH",
                    help="range of each phantom's field of view, a factor of its 230 mm at the same 1.8 mm spacing (the "
                         "centre cut out, or background noise around it), as scanners' protocols differ (default: 1,1)")
-    p.add_argument("--image-size", type=int, default=None, help="model input size (default: 64 quick, 128 full)")
+    p.add_argument("--image-size", type=_count, default=None, help="model input size (default: 64 quick, 128 full)")
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
                    help="resample every scan in-plane to MM per pixel and centre-crop or pad it to --image-size, and "
                         "score there, as the published code prepares ACDC (1.25 mm, --image-size 352); default: each "
                         "slice resized whole, scored at the scan's own resolution")
     _cpu_bf16_option(p, benchmark=True)
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=_count, default=None, metavar="N",
                    help="run N (seed, method) units side by side in processes that split the CPU threads and share "
                         "the GPU (default: 2 quick, 1 full); a run does not depend on the process that ran it")
     p.add_argument("--table", default=None, metavar="FILE.json",
@@ -1770,7 +1815,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", type=_positive_int, default=20, metavar="N", help="phantom subjects to pretrain on")
     p.add_argument("--epochs", type=_positive_int, default=8, help="pretraining epochs of both methods (default 8)")
     p.add_argument("--show", type=_positive_int, default=5, help="unseen subjects drawn")
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p = command("speed", "Pretraining and inference slices/s and fine-tuning time, ours next to a published-code-like baseline.",
                 cmd_bench_speed, bench_sub)
     p.add_argument("--quick", action="store_true", help="small images and model: about 2 minutes on a 2-core CPU (the default without CUDA)")
@@ -1823,6 +1868,11 @@ def _run(argv: list[str] | None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _host_out_of_memory(exc):
+            raise
+        print(f"error: {_out_of_memory_sentence(args, exc)}", file=sys.stderr)
+        return 2
     except _Interrupted as exc:
         _ignore_further_ctrl_c()
         print(f"error: {exc}", file=sys.stderr)
@@ -1839,6 +1889,25 @@ def _run(argv: list[str] | None) -> int:
         except BrokenPipeError:  # the reader left early (coral evaluate ... | head -3): the work is done
             return _stdout_closed()
     return 0
+
+
+def _host_out_of_memory(exc: BaseException) -> bool:
+    """The machine's memory refused an allocation: Python's MemoryError, or torch's CPU allocator giving up (a
+    model or a batch far larger than the machine, as a slip of the keyboard asks: --base-filters 4800)."""
+    return isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
+def _out_of_memory_sentence(args, exc: BaseException) -> str:
+    """What ran out of memory and which of the command's own options make it smaller."""
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    size = f" (an allocation of {int(asked.group(1)) / 2**30:.1f} GiB failed)" if asked else ""
+    levers = [f"--{dest.replace('_', '-')}" for dest in ("batch_size", "image_size", "base_filters", "embedding_dim")
+              if hasattr(args, dest)]
+    what = f"a smaller {', '.join(levers[:-1])}{' or ' if len(levers) > 1 else ''}{levers[-1]}, or " if levers else ""
+    command = " ".join(w for w in (args.command, getattr(args, "bench", None)) if w)
+    return f"coral {command} ran out of this machine's memory{size}; use {what}a machine with more memory"
 
 
 def _stdout_closed() -> int:

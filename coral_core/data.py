@@ -405,6 +405,12 @@ def parse_slices(text: str, n_slices: int, source: str = "the image") -> list[in
         try:
             if "-" in part:
                 lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise UserError(f"slices {text!r}: the range {part} runs backwards; write it low to high, "
+                                    f"{hi}-{lo}")
+                if not (0 <= lo and hi < n_slices):  # checked before the range is listed: 1-99999999999 is not
+                    bad = [i for i in (lo, hi) if not 0 <= i < n_slices]
+                    raise UserError(f"slices {bad}: outside the {n_slices} slices (0..{n_slices - 1}) of {source}")
                 out.extend(range(lo, hi + 1))
             elif part:
                 out.append(int(part))

@@ -25,6 +25,25 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike | None) -> bool:
+    """Whether two names are one existing file (links and relative names included)."""
+    try:
+        return b is not None and Path(a).is_file() and os.path.samefile(a, b)
+    except OSError:  # missing, or not reachable: not this file
+        return False
+
+
+def check_not_an_input(path: str | os.PathLike, inputs) -> None:
+    """Refuse an output that is one of the files the command reads (the same file, by any name): writing it
+    would replace the user's scan, labels or model with what the command makes (``coral segment scan.nii.gz
+    --out scan.nii.gz``). ``inputs``: paths, or ``None`` for an option not given."""
+    out = Path(path)
+    for given in inputs:
+        if same_file(out, given):
+            what = "is also an input of this command" if Path(given) == out else f"is the same file as the input {given}"
+            raise UserError(f"{out}: {what}; give the output another name, so that the input is not replaced")
+
+
 @contextlib.contextmanager
 def atomic_target(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.

@@ -96,6 +96,9 @@ class FinetuneConfig:
         if not (self.encoder_lr_scale > 0 and np.isfinite(self.encoder_lr_scale)):
             raise UserError("the encoder's learning-rate scale must be a number above 0; to keep the encoder as it "
                             "is, freeze it instead")
+        if self.lr * self.encoder_lr_scale > 1:
+            raise UserError(f"the encoder's learning rate, {self.lr:g} x {self.encoder_lr_scale:g}, would be above 1; "
+                            "give a smaller learning-rate scale")
 
 
 @dataclass

@@ -191,6 +191,9 @@ class LowLabelConfig:
             raise UserError("the benchmark needs --finetune-steps >= 1 and --pretrain-epochs >= 1")
         if not 0 < self.finetune_encoder_lr_scale < float("inf"):
             raise UserError("--encoder-lr-scale must be above 0 (use --freeze-encoder to keep the encoder as it is)")
+        if self.finetune_lr * self.finetune_encoder_lr_scale > 1:
+            raise UserError(f"--encoder-lr-scale {self.finetune_encoder_lr_scale:g}: the encoder's learning rate "
+                            f"(--finetune-lr {self.finetune_lr:g} times it) would be above 1; give a smaller scale")
         if self.pretrain_extra < 0:
             raise UserError("--pretrain-phantom must be 0 (none) or more")
         if not 0 <= self.finetune_encoder_frozen_steps < self.finetune_steps:

@@ -26,9 +26,10 @@ def trains_in_bf16(device: torch.device, amp: bool, levers=None) -> bool:
 
 
 def check_optimiser_settings(lr: float, weight_decay: float, lr_option: str = "--lr") -> None:
-    """A learning rate above 0 and a weight decay of 0 or more, both finite, or one clear sentence."""
-    if not (np.isfinite(lr) and lr > 0):
-        raise UserError(f"{lr_option} {lr:g}: the learning rate must be a number above 0, e.g. 3e-3")
+    """A learning rate above 0 and at most 1 (AdamW's steps would move every weight by more than a unit) and a
+    weight decay of 0 or more, finite, or one clear sentence."""
+    if not (np.isfinite(lr) and 0 < lr <= 1):
+        raise UserError(f"{lr_option} {lr:g}: the learning rate must be a number above 0 and at most 1, e.g. 3e-3")
     if not (np.isfinite(weight_decay) and weight_decay >= 0):
         raise UserError(f"weight decay {weight_decay:g}: must be a number of 0 or more")
 

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -725,6 +726,66 @@ def test_user_mistakes_exit_2_with_one_sentence(subject, tmp_path):
     assert FINETUNE_BASE_FILTERS == UNetConfig().base_filters
     assert not list(tmp_path.glob("s.nii.gz")) and not list(tmp_path.glob("x.safetensors"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_odd_option_values_found_by_fuzz_options(subject, tmp_path):
+    """Values that benchmarks/fuzz_options.py found ending in a traceback, each now one sentence."""
+    d, out = subject, tmp_path / "p.safetensors"
+    for argv, value, fragment in ((("pretrain", "--phantom", 2, "--out", out), "-1", "not a seed"),
+                                  (("demo", "--out-dir", tmp_path / "demo"), "99999999999999999999", "0 to 4294967295"),
+                                  (("bench", "embedding", "--out", tmp_path / "x.png"), "-5", "not a seed")):
+        user_error(coral(*argv, "--seed", value, check=False), "--seed", fragment)
+    user_error(coral("pretrain", "--phantom", 2, "--base-filters", "99999999999999999999", "--out", out, check=False),
+               "--base-filters", "too large")
+    user_error(coral("pretrain", "--phantom", 2, "--lr", "1e300", "--out", out, check=False), "--lr 1e+300", "at most 1")
+    user_error(coral("bench", "lowlabel", "--quick", "--encoder-lr-scale", "1e300", check=False),
+               "--encoder-lr-scale 1e+300", "above 1")
+    user_error(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--phantom-noise", "inf,inf", check=False),
+               "--phantom-noise 'inf,inf'")
+    user_error(coral("bench", "speed", "--quick", "--peak-tflops", "nan", check=False), "--peak-tflops nan", "above 0")
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--classes", 2**31 - 1, "--out", out,
+                     check=False), "--classes 2147483647", "up to 255 classes")
+    user_error(coral("segment", d / "img.nii.gz", "--out", tmp_path / "s.nii.gz", "--out-dir", tmp_path, check=False),
+               "--out LABELS or --out-dir DIR, not both")
+    # a model far larger than the machine: torch's allocator refuses it (an address-space limit makes that certain)
+    limit = 16 << 30
+    proc = subprocess.run([sys.executable, "-m", "coral_core.cli", "pretrain", "--phantom", "2", "--epochs", "1",
+                           "--base-filters", "100000", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    user_error(proc, "coral pretrain ran out of this machine's memory (an allocation of", "--base-filters")
+    assert not out.exists() and not list(tmp_path.glob("s.nii.gz"))
+
+
+def test_outputs_never_replace_the_inputs(subject, tmp_path):
+    """An output named as one of the command's inputs is refused before any work (these used to write over the scan,
+    the labels drawn on it, or the model, found by benchmarks/fuzz_options.py)."""
+    import shutil
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("img.nii.gz", "lab.nii.gz"):
+        shutil.copy(subject / name, d / name)
+    model = tmp_path / "m.safetensors"
+    shutil.copy(Path(coral_core.__file__).parent / "assets" / "demo_model.safetensors", model)
+    before = {p.name: p.read_bytes() for p in [*d.iterdir(), model]}
+    user_error(coral("segment", d / "img.nii.gz", "--model", model, "--out", d / "img.nii.gz", check=False),
+               "img.nii.gz: is also an input of this command", "give the output another name")
+    os.link(d / "img.nii.gz", tmp_path / "hard.nii.gz")  # the same file by another name
+    user_error(coral("segment", d / "img.nii.gz", "--model", model, "--out", tmp_path / "hard.nii.gz", check=False),
+               "hard.nii.gz: is the same file as the input")
+    user_error(coral("embed", d / "img.nii.gz", "--model", model, "--out", model, check=False),
+               "m.safetensors: is also an input")
+    user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--out", d / "lab.nii.gz",
+                     check=False), "--out", "lab.nii.gz", "end the name with .safetensors")
+    user_error(coral("pretrain", d / "img.nii.gz", "--out", tmp_path / "p.pt", check=False), "p.pt", ".safetensors")
+    # a folder's images beside their labels, named as coral segment names its output (CASE_labels)
+    (d / "lab.nii.gz").rename(d / "img_labels.nii.gz")
+    before["img_labels.nii.gz"] = before.pop("lab.nii.gz")
+    user_error(coral("segment", d, "--model", model, "--out-dir", d, check=False),
+               "img_labels.nii.gz: holds the labels of", "choose another --out-dir")
+    assert {p.name: p.read_bytes() for p in [*d.iterdir(), model]} == before
+    coral("segment", d, "--model", model, "--out-dir", tmp_path / "predicted")
+    assert (tmp_path / "predicted" / "img_labels.nii.gz").is_file()
 
 
 def test_segment_and_embed_default_to_the_bundled_demo_model(tmp_path):

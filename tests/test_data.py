@@ -12,6 +12,7 @@ from coral_core.data import (
     discover_pairs,
     discover_volumes,
     evaluation_pairs,
+    parse_slices,
     output_name,
     slice_positions,
 )
@@ -479,3 +480,13 @@ def test_a_physical_scale_model_finds_anatomy_anywhere_in_a_wider_slice():
         assert (labels[:, top : top + 128, left : left + 128] == alone).mean() > 0.99
         labels[:, top : top + 128, left : left + 128] = 0
         assert not labels.any()
+
+
+def test_slice_lists_and_ranges_are_checked_before_they_are_listed():
+    assert parse_slices("0, 2-4,4", 8) == [0, 2, 3, 4]
+    with pytest.raises(UserError, match=r"the range 5-2 runs backwards; write it low to high, 2-5"):
+        parse_slices("5-2", 8)
+    with pytest.raises(UserError, match=r"slices \[99999999999\]: outside the 8 slices \(0..7\) of scan"):
+        parse_slices("1-99999999999", 8, "scan")  # was listed first: 800 GB of numbers, then the check
+    with pytest.raises(UserError, match=r"slices \[8\]: outside"):
+        parse_slices("3-8", 8)
