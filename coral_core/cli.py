@@ -722,6 +722,14 @@ def _segment_targets(args) -> list[tuple[Path, Path]]:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc}); choose another --out-dir") from None
+    beside = [out for out, image in targets.items()
+              if image.is_file() and out.parent.resolve() == image.parent.resolve()]
+    if beside:  # named as a dataset folder names an image's labels: read back as ground truth next time
+        whose = "its image" if len(beside) == 1 else "their images"
+        print(f"warning: {_count_of(len(beside), 'label file')} will lie beside {whose} in {out_dir} ({beside[0].name}"
+              f"{', ...' if len(beside) > 1 else ''}), where coral finetune, evaluate and bench lowlabel --data read "
+              "NAME_labels files as an image's ground truth; keep predictions in a folder of their own",
+              file=sys.stderr)
     return [(image, check_output_path(out)) for out, image in targets.items()]
 
 

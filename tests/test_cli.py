@@ -786,6 +786,11 @@ def test_outputs_never_replace_the_inputs(subject, tmp_path):
     assert {p.name: p.read_bytes() for p in [*d.iterdir(), model]} == before
     coral("segment", d, "--model", model, "--out-dir", tmp_path / "predicted")
     assert (tmp_path / "predicted" / "img_labels.nii.gz").is_file()
+    # predictions written beside their images are said to be read back as ground truth next time
+    (d / "img_labels.nii.gz").unlink()
+    stderr = coral("segment", d, "--model", model, "--out-dir", d).stderr
+    assert "warning: 1 label file will lie beside its image in" in stderr and "img_labels.nii.gz" in stderr, stderr
+    assert "keep predictions in a folder of their own" in stderr
 
 
 def test_segment_and_embed_default_to_the_bundled_demo_model(tmp_path):
