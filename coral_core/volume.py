@@ -734,9 +734,11 @@ def _check_pixel_bytes(p: Path) -> None:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=[  # not the per-frame groups, read already
+            "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated"])
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             return
+
         def number(name: str, default=None) -> int:  # a damaged header may repeat a value: ITK takes the first
             value = ds.get(name, default)
             return int((value[0] if isinstance(value, (list, tuple)) or hasattr(value, "append") else value) or 1)
@@ -795,7 +797,6 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         if dicom:
-            reader = sitk.ImageSeriesReader()
             ids = _series_ids(p)
             if not ids:
                 for f in sorted(p.iterdir())[:20]:  # DICOM files, but no image among them: a SEG or contours?
@@ -807,7 +808,7 @@ def _read_itk(p: Path, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
                 frames = _per_slice_cine(p, ids)
                 if frames is not None:  # a cine stack, one series per slice position
                     return _read_frames(frames, p)
-                raise UserError(f"{p}: folder holds {len(ids)} DICOM series ({_describe_series(reader, p, ids)}); put "
+                raise UserError(f"{p}: folder holds {len(ids)} DICOM series ({_describe_series(p, ids)}); put "
                                 "each series in its own folder, or open one of its files in napari")
             files = _series_file_names(p, ids[0])
             if files:
@@ -949,7 +950,7 @@ def _header_fields(path, tags: tuple) -> dict[str, str]:
     return {tag: info.GetMetaData(tag).strip() for tag in tags if info.HasMetaDataKey(tag)}
 
 
-def _describe_series(reader, folder: Path, ids) -> str:
+def _describe_series(folder: Path, ids) -> str:
     """Each series of a folder as its file count and its first file's modality and description, the first three."""
     parts = []
     for uid in ids[:3]:
