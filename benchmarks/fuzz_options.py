@@ -22,18 +22,16 @@ for the next case), out of memory, killed by a signal. Exits 1 when there is a d
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import signal
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from forked import run_forked  # noqa: E402
 
 WHOLE = ("0", "-1", "-99999999999999999999", "99999999999999999999", "1.5", "1e3", "abc", "")
 NUMBER = ("0", "-1", "nan", "inf", "-inf", "1e300", "1e-300", "abc", "")
@@ -131,50 +129,23 @@ def run_case(argv: list[str], work: Path, timeout: float, memory_gib: float) -> 
     outdir.mkdir()
     argv = [a.replace("OUT", str(outdir)) for a in argv]
     report, stderr = work / "report.json", work / "stderr.txt"
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.chdir(outdir)  # what a relative name writes is the case's own, and counted if left by a refusal
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT), 2)
-            used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-            limit = used + int(memory_gib * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            from coral_core.cli import main
 
-            try:
-                result = {"status": main(argv)}
-            except SystemExit as exc:  # argparse: --help, or a bad command line
-                result = {"status": exc.code if isinstance(exc.code, int) else 2}
-            except MemoryError:
-                result = {"outcome": "out of memory"}
-            except BaseException as exc:  # noqa: BLE001 - the defect being counted
-                frames = traceback.extract_tb(exc.__traceback__)
-                ours = [fr for fr in frames if "coral_core" in fr.filename] or frames
-                where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
-                result = {"outcome": "exception", "message": f"{type(exc).__name__}: {str(exc)[:200]}",
-                          "where": where}
+    def prepare() -> None:
+        os.chdir(outdir)  # what a relative name writes is the case's own, and counted if left by a refusal
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT), 2)
+
+    def command() -> dict:
+        from coral_core.cli import main
+
+        try:
+            return {"status": main(argv)}
+        except SystemExit as exc:  # argparse: --help, or a bad command line
+            return {"status": exc.code if isinstance(exc.code, int) else 2}
+        finally:
             sys.stderr.flush()
-            report.write_text(json.dumps(result))
-        except BaseException:  # noqa: BLE001
-            code = 3
-        os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return {"outcome": "ran on"}
-        time.sleep(0.01)
-    if os.WIFSIGNALED(status):
-        return {"outcome": "killed", "message": signal.Signals(os.WTERMSIG(status)).name}
-    if not report.exists():
-        return {"outcome": "killed", "message": f"exit status {os.WEXITSTATUS(status)}"}
-    result = json.loads(report.read_text())
+
+    result = run_forked(command, report, timeout, memory_gib, prepare=prepare, timed_out="ran on")
     if "outcome" in result:
         return result
     text = stderr.read_text(errors="replace")

@@ -33,13 +33,10 @@ import gzip
 import json
 import os
 import random
-import resource
 import shutil
-import signal
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -48,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
+
+from forked import run_forked  # noqa: E402
 
 FORMATS = ("nii", "nii.gz", "mha", "nrrd", "dicom", "seg", "rtstruct", "checkpoint", "nii-cine", "dicom-cine",
            "enhanced")
@@ -302,51 +301,22 @@ def read(fmt: str, path: Path, seeds: dict[str, Path]) -> None:
 
 def run_case(fmt: str, path: Path, seeds: dict, timeout: float, memory_gib: float, out: Path) -> dict:
     """Read ``path`` in a forked child; what happened, as a dict."""
-    pid = os.fork()
-    if pid == 0:  # the child: limits, read, report, leave without cleanup
-        code = 0
-        try:
-            quiet = os.open(os.devnull, os.O_WRONLY)  # the readers' own complaints (ITK, GDCM) go nowhere
-            os.dup2(quiet, 1)
-            os.dup2(quiet, 2)
-            used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-            limit = used + int(memory_gib * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            from coral_core.errors import UserError
+    def quiet() -> None:  # the readers' own complaints (ITK, GDCM) go nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
 
-            warnings.simplefilter("ignore")
-            try:
-                read(fmt, path, seeds)
-                result = {"outcome": "read"}
-            except UserError as exc:
-                result = {"outcome": "refused", "message": str(exc)}
-            except MemoryError:
-                result = {"outcome": "out of memory"}
-            except Exception as exc:  # noqa: BLE001 - the defect being counted
-                frames = traceback.extract_tb(exc.__traceback__)
-                ours = [f for f in frames if "coral_core" in f.filename] or frames
-                where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
-                result = {"outcome": "exception", "message": f"{type(exc).__name__}: {str(exc)[:200]}",
-                          "where": where}
-            out.write_text(json.dumps(result))
-        except BaseException:  # noqa: BLE001
-            code = 3
-        os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return {"outcome": "timed out"}
-        time.sleep(0.005)
-    if os.WIFSIGNALED(status):
-        return {"outcome": "killed", "message": signal.Signals(os.WTERMSIG(status)).name}
-    if not out.exists():
-        return {"outcome": "killed", "message": f"exit status {os.WEXITSTATUS(status)}"}
-    return json.loads(out.read_text())
+    def work() -> dict:
+        from coral_core.errors import UserError
+
+        warnings.simplefilter("ignore")
+        try:
+            read(fmt, path, seeds)
+        except UserError as exc:
+            return {"outcome": "refused", "message": str(exc)}
+        return {"outcome": "read"}
+
+    return run_forked(work, out, timeout, memory_gib, prepare=quiet)
 
 
 DEFECTS = ("exception", "out of memory", "killed", "timed out")
