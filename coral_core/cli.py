@@ -496,6 +496,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from coral_core.training import check_optimiser_settings
     from coral_core.volume import read_class_names
 
+    # (--init is not among the inputs guarded: a model fine-tuned further may replace the one it started from)
     _check_model_output(args.out, "--out", [*args.image, *(args.labels or []), *(args.unlabelled or [])])
     check_optimiser_settings(args.lr, 0.0)  # these, before any volume is read
     if args.classes is not None and args.classes > 256:
@@ -1432,7 +1433,7 @@ def _whole_number(minimum: int, what: str):
             raise argparse.ArgumentTypeError(f"{text!r} is too large: give a whole number up to {_LARGEST}")
         return value
 
-    parse.__doc__ = f"argparse type of {what}: a whole number of at least {minimum}."
+    parse.__doc__ = f"argparse type of {what}: a whole number from {minimum} to {_LARGEST}."
     return parse
 
 
