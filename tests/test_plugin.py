@@ -1102,7 +1102,7 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot, tmp
     widget.suggest_within.setText(f"2-{n + 4}")  # beyond the volume: one sentence, the last suggestions kept
     assert widget.suggest() == [] and widget.suggestions.count() == 3
     assert f"outside the {n} slices" in widget.status.text() and "of phantom" in widget.status.text()
-    widget.suggest_within.setText("1-99999999999")  # was listed before it was checked: napari's memory filled up
+    widget.suggest_within.setText("1-99999999999")  # was listed (10**11 numbers) before it was checked
     assert widget.suggest() == [] and "slices [99999999999]: outside" in widget.status.text()
     widget.suggest_within.setText("")
 
