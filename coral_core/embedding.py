@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
+from coral_core.errors import UserError
+
 __all__ = ["Trajectory", "project_trajectories", "ordinal_consistency", "suggest_slices", "write_trajectory_table",
            "TABLE_COLUMNS"]
 
@@ -54,6 +56,11 @@ def project_trajectories(
     oriented so that the score is not negative.
     """
     names = names or [f"volume {i}" for i in range(len(features))]
+    for name, f in zip(names, features):  # NaN features stop the principal axes' SVD with a LinAlgError
+        broken = int((~np.isfinite(f)).any(axis=1).sum())
+        if broken:
+            raise UserError(f"{name}: the model gives NaN or infinite features for {broken} of its {len(f)} slices "
+                            "(its weights may hold such values, as after a training that diverged); use another model")
     pooled = np.concatenate(features).astype(np.float64)
     centre = pooled.mean(0)
     centred = pooled - centre

@@ -205,7 +205,10 @@ def finetune(
     size = model.config.image_size
     n_classes = model.config.n_classes
     for lab in labels:
-        if np.prod(lab.shape) and (lab.min() < 0 or lab.max() >= n_classes):
+        if np.prod(lab.shape) and lab.min() < 0:
+            raise UserError(f"labels hold the value {int(lab.min())}, below 0 (background); labels are 0 to "
+                            f"{n_classes - 1} for this model's {n_classes} classes: fix the labels")
+        if np.prod(lab.shape) and lab.max() >= n_classes:
             raise UserError(
                 f"labels hold values up to {int(lab.max())} but the model has {n_classes} classes "
                 f"(0..{n_classes - 1}); use a model with more classes or fix the labels"

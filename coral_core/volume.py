@@ -1266,6 +1266,11 @@ def intensity_bounds(array: np.ndarray, low: float = 0.5, high: float = 99.5) ->
     return (float(lo), float(hi)) if hi > lo else None
 
 
+def _too_wide(lo: float, hi: float) -> bool:
+    """Whether ``x - lo`` for x up to ``hi`` may overflow float32 (to infinity, and the scaled image to NaN)."""
+    return hi - lo >= float(np.finfo(np.float32).max) / 2
+
+
 def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5, chunk: int = 8,
                         bounds: tuple[float, float] | None = None) -> np.ndarray:
     """Scale intensities to about [0, 1] by robust percentiles, as float32.
@@ -1273,8 +1278,8 @@ def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5,
     NaN and infinite voxels become the lowest finite value; a constant (or all non-finite)
     image becomes zeros instead of dividing by zero. ``bounds``: (lo, hi) to scale by instead of the
     image's own percentiles (:func:`intensity_bounds` of another part of it). The scaling runs ``chunk``
-    slices at a time (in float64, as NumPy promotes it), so a large scan needs about three float32 copies
-    of itself at the peak rather than ten.
+    slices at a time, in float32, so a large scan needs about three float32 copies of itself at the peak
+    rather than ten; a range wider than float32 holds (-3e38 to 3e38) is scaled from halves of its values.
     """
     a = np.asarray(array, dtype=np.float32)
     if bounds is None:
@@ -1285,10 +1290,11 @@ def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5,
     finite = np.isfinite(a)
     all_finite = bool(finite.all())
     out = np.empty(a.shape, dtype=np.float32)
+    wide = _too_wide(lo, hi)
     for start in range(0, max(a.shape[0], 1) if a.ndim else 1, chunk):
         part = np.s_[start : start + chunk] if a.ndim else ()
-        values = a[part] if all_finite else np.where(finite[part], a[part], lo)
-        out[part] = (np.clip(values, lo, hi) - lo) / (hi - lo)
+        values = np.clip(a[part] if all_finite else np.where(finite[part], a[part], lo), lo, hi)
+        out[part] = (values / 2 - lo / 2) / ((hi - lo) / 2) if wide else (values - lo) / (hi - lo)
     return out
 
 
@@ -1323,5 +1329,7 @@ def normalise_intensity_tensor(x: torch.Tensor, low: float = 0.5, high: float = 
         lo, hi = values.min(), values.max()
     if not bool(hi > lo):
         return torch.zeros_like(x)
-    out = x if all_finite else torch.where(finite, x, lo)
-    return (out.clamp(lo, hi) - lo) / (hi - lo)
+    out = (x if all_finite else torch.where(finite, x, lo)).clamp(lo, hi)
+    if _too_wide(float(lo), float(hi)):  # scaled from halves, as on the host
+        return (out / 2 - lo / 2) / (hi / 2 - lo / 2)
+    return (out - lo) / (hi - lo)

@@ -49,6 +49,10 @@ class ClassPlan:
     def convert(self, lab: np.ndarray, layer: str, name: str | None = None) -> np.ndarray:
         """A snapshot of ``layer``'s labels (``name``: the scan it is, "LAYER frame T" in a cine) as the
         plan's classes: picked by name (other labels background), or checked to hold no label beyond them."""
+        low = int(lab.min(initial=0))
+        if low < 0:  # as an index it would pick a class from the end of the table below
+            raise UserError(f"labels layer {name or layer!r} uses label {low}; labels are 0 (background) or a class's "
+                            "value from 1 up: paint those voxels with 0 or a class")
         mapping = self.mappings.get(layer)
         if mapping is not None:
             lut = np.zeros(max(int(lab.max(initial=0)), max(mapping)) + 1, np.uint8)

@@ -25,9 +25,12 @@ def data_home() -> Path:
     return home
 
 
-def file_name_part(name: str) -> str:
-    """A layer's name as part of a file name: letters, digits, '-' and '_' kept, anything else '_'."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+def file_name_part(name: str, limit: int = 100) -> str:
+    """A layer's name as part of a file name: letters, digits, '-' and '_' kept, anything else '_', cut to ``limit``
+    bytes of UTF-8 (a file name holds 255, and the part comes with a time stamp and a suffix); "layer" for a name
+    left empty."""
+    part = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return part.encode()[:limit].decode(errors="ignore") or "layer"
 
 
 def keep_model(path: str | os.PathLike, kind: str, name: str) -> Path:

@@ -129,6 +129,19 @@ def test_identical_slices_get_no_score_rather_than_their_rounding_noise():
     assert np.isnan(ordinal_consistency(np.array([1.0, 1.0 + 1e-9]), np.array([0.5, 1.0]), tol=1e-6))
 
 
+def test_non_finite_features_are_one_sentence_naming_the_volume():
+    """A model whose weights went NaN gives NaN features; the principal axes' SVD then raised "SVD did not
+    converge" (LinAlgError) in the Embedding panel and `coral embed`."""
+    from coral_core.errors import UserError
+
+    broken = np.ones((5, 8))
+    broken[[1, 3], 2] = np.nan
+    broken[4, 0] = np.inf
+    with pytest.raises(UserError, match=r"^b: the model gives NaN or infinite features for 3 of its 5 slices .*; "
+                                        r"use another model$"):
+        project_trajectories([np.random.default_rng(0).random((4, 8)), broken], ["a", "b"])
+
+
 def test_shuffled_slices_score_near_zero():
     rng = np.random.default_rng(1)
     assert abs(ordinal_consistency(rng.normal(size=200), np.linspace(0, 1, 200))) < 0.2

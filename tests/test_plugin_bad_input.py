@@ -14,7 +14,7 @@ pytest.importorskip("napari")
 
 from coral_core.errors import UserError  # noqa: E402
 from coral_core.model import UNetConfig, build_model  # noqa: E402
-from coral_core.volume import save_volume  # noqa: E402
+from coral_core.volume import load_volume, save_volume  # noqa: E402
 from helpers import oblique_affine, write_dicom_series, write_nifti_ijk  # noqa: E402
 from napari_coral._reader import get_reader, read_volume  # noqa: E402
 from napari_coral._session import session_for  # noqa: E402
@@ -329,6 +329,41 @@ def test_segment_widget_gives_a_labels_layer_for_odd_images(make_napari_viewer, 
     assert labels.shape == data.shape and labels.max() < 4
 
 
+def test_segment_leaves_a_layer_of_its_name_that_cannot_take_the_labels_and_writes_beside_it(
+        make_napari_viewer, qtbot):
+    """Found by benchmarks/fuzz_layers.py: a layer named "scan labels" that is an image, points, a multiscale Labels
+    layer (each raised in napari's thread, and the Segment button stayed greyed out) or labels of another shape (the
+    user's, replaced) is left as it is; the labels go to "scan labels 2" (or the next name free), which later runs
+    update in place. A prediction of another shape (an earlier scan's of that name) is still replaced."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32), name="scan")
+    _small_model(viewer, n_classes=3)
+    widget = _dock(viewer, "Segment")
+    widget.image_picker.setCurrentText("scan")
+    users = np.zeros((6, 32, 30), np.uint8)
+    users[2, 4:9, 4:9] = 2
+    for kind, add in [("Image", lambda: viewer.add_image(np.ones((6, 32, 32), np.float32), name="scan labels")),
+                      ("Points", lambda: viewer.add_points(np.array([[1.0, 2.0, 3.0]]), name="scan labels")),
+                      ("Labels", lambda: viewer.add_labels([np.ones((6, 32, 32), np.uint8), np.ones((6, 16, 16), np.uint8)],
+                                                           multiscale=True,
+                                                           name="scan labels")),
+                      ("Labels", lambda: viewer.add_labels(users, name="scan labels"))]:
+        add()
+        widget.segment()
+        qtbot.waitUntil(lambda: widget.segment_button.isEnabled(), timeout=60_000)
+        one_sentence(widget.status.text(), "Wrote scan labels 2 (tiny test model)")
+        assert type(viewer.layers["scan labels"]).__name__ == kind
+        written = viewer.layers["scan labels 2"]
+        assert type(written).__name__ == "Labels" and written.data.shape == (6, 32, 32) and written.data.max() < 3
+        viewer.layers.remove("scan labels")
+        viewer.layers.remove("scan labels 2")
+    np.testing.assert_array_equal(users[2, 4:9, 4:9], 2)  # not written into
+    earlier = viewer.add_labels(np.ones((6, 20, 20), np.uint8), name="scan labels", metadata={"coral_prediction": True})
+    widget.segment()
+    qtbot.waitUntil(lambda: widget.segment_button.isEnabled(), timeout=60_000)
+    assert earlier.data.shape == (6, 32, 32) and "scan labels 2" not in viewer.layers
+
+
 def test_2d_layers_are_not_offered_and_a_cine_series_segments_frame_by_frame(tmp_path, make_napari_viewer, qtbot):
     from unittest.mock import patch
 
@@ -487,7 +522,35 @@ def test_annotations_that_cannot_be_saved_stop_the_fine_tuning_before_it_trains(
     one_sentence(failed.args[0], "could not save the annotations to", "painted-", "NAPARI_CORAL_HOME",
                  "nothing was trained")
     assert session.model is model and not widget.losses
-    assert "The previous model is kept." in widget.status.text() and widget.finetune_button.isEnabled()
+    assert widget.status.text().endswith("nothing was trained. The previous model is kept.")  # two sentences
+    assert widget.finetune_button.isEnabled()
+
+
+def test_a_multiscale_labels_layer_with_a_long_name_fine_tunes_and_negative_labels_are_named(
+        tmp_path, make_napari_viewer, qtbot):
+    """Found by benchmarks/fuzz_layers.py: Fine-tune read a multiscale Labels layer's levels as one array (TypeError);
+    a layer's name of 300 letters made the annotations' file name too long for the disk, said as "free some disk
+    space"; label -1 was refused by the job as "values up to 1 but the model has 3 classes"."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32), name="scan")
+    _small_model(viewer, n_classes=3)
+    paint = np.zeros((6, 32, 32), np.uint8)
+    paint[2, 5:12, 5:12] = 1
+    viewer.add_labels([paint, paint[:, ::2, ::2]], multiscale=True, name="x" * 300)
+    widget = _dock(viewer, "Fine-tune")
+    widget.image_picker.setCurrentText("scan")
+    widget.labels_picker.setCurrentText("x" * 300)
+    widget.steps.setValue(2)
+    runner = widget.finetune(mode="thread")
+    with qtbot.waitSignal(runner.finished, timeout=60_000):
+        pass
+    assert widget.autosaved.name == f"{'x' * 100}{widget.autosaved.name[100:]}" and len(widget.autosaved.name) < 140
+    np.testing.assert_array_equal(load_volume(widget.autosaved).array, paint)  # the full-resolution level
+    negative = viewer.add_labels(paint.astype(np.int8) * -1, name="minus one")
+    widget.labels_picker.setCurrentText("minus one")
+    assert widget.finetune() is None
+    one_sentence(widget.status.text(), "labels layer 'minus one' uses label -1", "paint those voxels with 0 or a class")
+    assert negative.data.min() == -1
 
 
 def test_gzip_bomb_like_header_is_refused(tmp_path):

@@ -392,6 +392,11 @@ def test_labels_beyond_the_model_classes_are_refused(cohort):
     img, lab = cohort[0]
     with pytest.raises(UserError, match="4 classes"):
         finetune(FinetuneConfig(steps=1, device="cpu"), build_model(TINY), [img.array], [lab.array + 2], [[0]])
+    below = lab.array.astype(np.int16)
+    below[0, 0, 0] = -1  # was told as "labels hold values up to 3 but the model has 4 classes", which is no fault
+    with pytest.raises(UserError, match=r"^labels hold the value -1, below 0 \(background\); labels are 0 to 3 for "
+                                        r"this model's 4 classes: fix the labels$"):
+        finetune(FinetuneConfig(steps=1, device="cpu"), build_model(TINY), [img.array], [below], [[0]])
 
 
 def test_augmentation_moves_labels_with_images_and_repeats_with_a_seed():

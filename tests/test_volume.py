@@ -12,7 +12,7 @@ import pytest
 from coral_core.errors import UserError
 from coral_core.volume import (
     dicom_cine_stack, dicom_series_title, dicom_slice_series, frame_count, load_dicom_series, load_frames, load_volume,
-    normalise_intensity, normalise_intensity_tensor, read_class_names, save_like, save_volume,
+    intensity_bounds, normalise_intensity, normalise_intensity_tensor, read_class_names, save_like, save_volume,
 )
 from helpers import oblique_affine, write_dicom_series, write_nifti_ijk
 
@@ -368,7 +368,24 @@ def test_normalisation_survives_nan_inf_and_constant_images():
     assert ramp.min() == 0.0 and ramp.max() == 1.0
 
 
-@pytest.mark.parametrize("case", ["normal", "nan_inf", "constant", "all_nan", "ramp", "int16", "two_values"])
+def test_normalisation_of_a_range_wider_than_float32_holds_is_finite_and_exact():
+    """Intensities from -3e38 to 3e38 (a float32 scan of noise at the type's limits): ``x - lo`` overflowed to
+    infinity in float32 and the scaled image held infinities and NaN, whose features stopped the Embedding panel
+    with "SVD did not converge" (benchmarks/fuzz_layers.py). The scaling, done in float64 here, is what it gives."""
+    import warnings
+
+    a = (np.random.default_rng(0).random((4, 20, 20)).astype(np.float32) * 2 - 1) * np.finfo(np.float32).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way either
+        out = normalise_intensity(a)
+    lo, hi = intensity_bounds(a)
+    direct = (np.clip(a.astype(np.float64), lo, hi) - lo) / (hi - lo)
+    assert np.isfinite(out).all() and out.min() == 0.0 and 1 - 1e-6 <= out.max() <= 1.0
+    np.testing.assert_allclose(out, direct, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["normal", "nan_inf", "constant", "all_nan", "ramp", "int16", "two_values",
+                                  "float32_limits"])
 def test_normalisation_on_a_tensor_equals_the_numpy_one(case):
     """The GPU inference path normalises with torch; it must match the host's NumPy version."""
     import torch
@@ -382,10 +399,11 @@ def test_normalisation_on_a_tensor_equals_the_numpy_one(case):
         "ramp": np.arange(1000, dtype=np.float32).reshape(10, 10, 10),
         "int16": rng.integers(-1024, 3000, (4, 30, 30)).astype(np.int16),
         "two_values": np.where(rng.random((3, 9, 9)) < 0.999, 0, 5).astype(np.uint8),
+        "float32_limits": (rng.random((3, 9, 9)).astype(np.float32) * 2 - 1) * np.finfo(np.float32).max,
     }[case]
     expected = normalise_intensity(a)
     got = normalise_intensity_tensor(torch.from_numpy(np.ascontiguousarray(a))).numpy()
-    assert got.dtype == np.float32 and got.shape == a.shape
+    assert got.dtype == np.float32 and got.shape == a.shape and np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 

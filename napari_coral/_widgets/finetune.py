@@ -209,7 +209,7 @@ class FinetuneWidget(QWidget):
                 getattr(self._watched.events, name).disconnect(call)
         self._watched = layer
         self._touched = set()
-        self._baseline = None if layer is None else np.array(layer.data, copy=True)
+        self._baseline = None if layer is None else np.array(full_resolution(layer), copy=True)
         if layer is not None:
             for name, call in self._on_layer.items():  # features: Segment names the classes of its layer
                 getattr(layer.events, name).connect(call)
@@ -226,7 +226,7 @@ class FinetuneWidget(QWidget):
         self._debounce.stop()
         layer = self._watched
         if layer is not None:
-            self._baseline = np.array(layer.data, copy=True)
+            self._baseline = np.array(full_resolution(layer), copy=True)
         self._show_annotated()
 
     def annotated_in(self, layer) -> list | None:
@@ -249,7 +249,7 @@ class FinetuneWidget(QWidget):
         layer = self._watched
         if layer is None or self._baseline is None:
             return []
-        data = np.asarray(layer.data)
+        data = np.asarray(full_resolution(layer))
         if data.shape != self._baseline.shape:
             self._baseline = np.zeros_like(data)
         self._touched |= _slice_keys((data != self._baseline).reshape(*data.shape[:-2], -1).any(axis=-1))
@@ -260,9 +260,9 @@ class FinetuneWidget(QWidget):
         """Slices listed in ``text`` (as "3,7" or "2-5") of ``layer``; in a cine, (frame, slice) pairs of
         the frame the viewer shows."""
         if layer.ndim == 3:
-            return parse_slices(text, layer.data.shape[0], layer.name)
+            return parse_slices(text, full_resolution(layer).shape[0], layer.name)
         t = shown_index(self.viewer, layer)[0]
-        return [(t, z) for z in parse_slices(text, layer.data.shape[1], f"{layer.name} frame {t}")]
+        return [(t, z) for z in parse_slices(text, full_resolution(layer).shape[1], f"{layer.name} frame {t}")]
 
     def annotated_slices(self) -> list:
         """The annotated slices of the chosen Labels layer: slice numbers, or (frame, slice) pairs in a cine."""
@@ -272,7 +272,7 @@ class FinetuneWidget(QWidget):
             extra = self.shown_slices(self.extra_slices.text(), layer)
         touched = self._touched
         if not touched and layer is not None and not layer.metadata.get("coral_prediction"):
-            data = np.asarray(layer.data)
+            data = np.asarray(full_resolution(layer))
             touched = _slice_keys(data.reshape(*data.shape[:-2], -1).any(axis=-1))
         return sorted(touched | set(extra))
 
@@ -363,9 +363,9 @@ class FinetuneWidget(QWidget):
         labels = self.labels_picker.layer() if labels is None else labels
         if image is None or labels is None:
             raise UserError("choose an image layer and the Labels layer painted on it")
-        shape = tuple(full_resolution(image).shape)
-        if shape != tuple(labels.data.shape):
-            raise UserError(f"labels layer {labels.name!r} has shape {labels.data.shape} but image {image.name!r} has {shape}")
+        shape, painted = tuple(full_resolution(image).shape), tuple(full_resolution(labels).shape)
+        if shape != painted:
+            raise UserError(f"labels layer {labels.name!r} has shape {painted} but image {image.name!r} has {shape}")
         return image, labels
 
     def _is_open(self, layer) -> bool:
@@ -383,7 +383,8 @@ class FinetuneWidget(QWidget):
                 raise UserError(f"layer {closed[0]!r} under 'Other scans' is closed; open it again and add the pair, "
                                 "or remove it")
             image, labels = self._pair(image, labels)
-            if labels.ndim != np.ndim(slices[0]) + 3 or any(np.greater_equal(k, labels.data.shape[:-2]).any() for k in slices):
+            stack = full_resolution(labels).shape[:-2]
+            if labels.ndim != np.ndim(slices[0]) + 3 or any(np.greater_equal(k, stack).any() for k in slices):
                 raise UserError(f"labels layer {labels.name!r} has fewer slices than when it was added; add it again")
             pairs.append((image, labels, slices))
         return pairs
@@ -410,7 +411,7 @@ class FinetuneWidget(QWidget):
             raise UserError("every annotated slice is a validation slice; keep at least one for training")
         other_pairs = self._other_pairs((image, labels))
         other_labels = [pair[1] for pair in other_pairs]
-        top = max(int(np.asarray(layer.data[k]).max(initial=0))  # names a pretrained-only model's classes
+        top = max(int(np.asarray(full_resolution(layer)[k]).max(initial=0))  # names a pretrained-only model's classes
                   for layer, keys in [(labels, slices), *((pair[1], pair[2]) for pair in other_pairs)] for k in keys)
         plan = self.class_plan([labels, *other_labels], top)
         start = self.session.ensure_model()
@@ -433,7 +434,8 @@ class FinetuneWidget(QWidget):
             annotated = {image.name, *(other_image.name for other_image, _, _ in self._other)}  # every pair trains
             unlabelled = [reader for layer in self.image_picker.layers() if layer.name not in annotated
                           for reader in ([LayerArray(layer, np.float32)] if layer.ndim == 3 else
-                                         [LayerArray(layer, np.float32, frame=t) for t in range(layer.data.shape[0])])]
+                                         [LayerArray(layer, np.float32, frame=t)
+                                          for t in range(full_resolution(layer).shape[0])])]
             if not unlabelled:
                 raise UserError("no other image is open to learn from; open unlabelled scans, or uncheck 'Also "
                                 "learn from the other open images'")
@@ -630,7 +632,8 @@ class FinetuneWidget(QWidget):
         drop_job_files(self)
         self.finetune_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        self.status.setText(f"{message} The previous model is kept.")
+        said = message.rstrip(".") + "."  # a job's sentence (a UserError's) ends without a full stop
+        self.status.setText(said if "previous model is kept" in said else f"{said} The previous model is kept.")
         show_error(message)
 
     def save_model_file(self, path: str) -> Path | None:
@@ -667,12 +670,12 @@ def _scans(image, labels, keys: list, plan, first: int | None = None) -> list[tu
     """(name, image reader, labels snapshot as ``plan``'s classes, slices) for a pair of layers: one scan, or in a
     cine one per annotated frame (frame ``first`` first, when given), named "IMAGE frame T"."""
     if image.ndim == 3:
-        lab = _from_source(labels, keys, plan, _snapshot(labels.data, labels.name, keys, plan))
+        lab = _from_source(labels, keys, plan, _snapshot(full_resolution(labels), labels.name, keys, plan))
         return [(image.name, LayerArray(image, np.float32), lab, keys)]
-    frames = _by_frame(keys)
+    frames, painted = _by_frame(keys), full_resolution(labels)
     return [(f"{image.name} frame {t}", LayerArray(image, np.float32, frame=t),
              _from_source(labels, frames[t], plan,
-                          _snapshot(labels.data[t], labels.name, frames[t], plan, f"{labels.name} frame {t}"), t, image),
+                          _snapshot(painted[t], labels.name, frames[t], plan, f"{labels.name} frame {t}"), t, image),
              frames[t])
             for t in sorted(frames, key=lambda t: (t != first, t))]
 
@@ -698,10 +701,11 @@ def _from_source(labels, slices: list[int], plan, lab: np.ndarray, frame: int | 
     if source is None or plan.mappings.get(labels.name) is None:
         return lab
     read = labels.metadata["coral_slice_digests"]
-    shape = labels.data.shape
+    painted = full_resolution(labels)
+    shape = painted.shape
     if len(read) != int(np.prod(shape[:-2])) or (frame is None) != (len(shape) == 3):
         return lab
-    data = labels.data if frame is None else labels.data[frame]
+    data = painted if frame is None else painted[frame]
     first = 0 if frame is None else frame * shape[1]  # the digests run frame by frame
     now = slice_digests(data[z] for z in slices)
     unchanged = [z for z, digest in zip(slices, now) if digest == read[first + z]]

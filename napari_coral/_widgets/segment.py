@@ -14,6 +14,29 @@ def labels_layer_name(image_name: str) -> str:
     return f"{image_name} labels"
 
 
+def _writable(layer, shape: tuple) -> bool:
+    """Whether Segment may write labels of ``shape`` into ``layer``: a Labels layer of one level, of that shape, or
+    of another shape holding nothing but an earlier prediction (no painted slice kept in it)."""
+    from napari.layers import Labels
+
+    if not isinstance(layer, Labels) or layer.multiscale:
+        return False
+    if tuple(layer.data.shape) == tuple(shape):
+        return True
+    return bool(layer.metadata.get("coral_prediction")) and not layer.metadata.get("coral_painted")
+
+
+def labels_target(viewer, image_name: str, shape: tuple) -> str:
+    """The layer Segment writes an image's labels (of ``shape``) into: "IMAGE labels", or where a layer of that
+    name cannot take them (an image, points, a multiscale layer, labels of another shape that are not an earlier
+    prediction: the user's, left as they are), the first of "IMAGE labels 2", "IMAGE labels 3", ... that can."""
+    base = labels_layer_name(image_name)
+    name, n = base, 2
+    while name in viewer.layers and not _writable(viewer.layers[name], shape):
+        name, n = f"{base} {n}", n + 1
+    return name
+
+
 def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], digests: list | None = None
                ) -> tuple[object, int]:
     """Add, or update in place, the Labels layer that belongs to ``image_layer``; returns it and how many
@@ -23,7 +46,7 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], 
     layer Segment did not write (a label file opened under that name) every slice that holds a label, and the slices
     kept so by earlier runs (``coral_painted``; a fresh prediction everywhere takes deleting the layer). ``digests``:
     :func:`napari_coral._layers.slice_digests` of ``labels``, when the caller computed them off napari's thread."""
-    name = labels_layer_name(image_layer.name)
+    name = labels_target(viewer, image_layer.name, labels.shape)
     features = {"class": list(class_names)}
     keep = set()
     flat = labels.reshape(-1, *labels.shape[-2:])  # a cine's slices frame by frame, as the digests go
@@ -113,7 +136,14 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
         bar.close()
         if image_layer not in viewer.layers:  # closed or removed while segmenting
             return
-        layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names, digests)
+        try:
+            layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names, digests)
+        except Exception as exc:  # said as a failure (the panel's button comes back), its traceback logged
+            import traceback
+
+            traceback.print_exc()
+            errored(exc)
+            return
         if on_done:
             on_done(layer, kept, removed)
 
