@@ -1,18 +1,21 @@
 """Odd napari layers through every panel of the plugin, in a real viewer: what the user can open or make.
 
-Each case is one layer (an image, or a Labels layer painted on a plain scan) added to a new viewer with a tiny model,
-and pressed through the panels a user would press it through: Segment, Embedding's Embed, Fine-tune (5 steps, on
-the layer's own painted slice, in a training process as the panel starts it) and the Model panel's Pretrain
-(1 epoch). Every press ends as
+Each case is one layer added to a new viewer with a tiny model: an image (dtypes, values, shapes, geometry, lazy and
+multiscale data, names), a Labels layer painted on a plain scan, or a layer already named "scan labels" (which
+Segment writes into). It is pressed through the panels as a user would: Segment, Embedding's Embed, then Suggest
+slices with each suggestion clicked (the viewer must show that slice), Fine-tune (5 steps, on a slice painted in
+its Labels layer, in a training process as the panel starts it, then the re-segmenting) and the Model panel's
+Pretrain (1 epoch). Every press ends as
 
-* ``ran``: its result is there and right (a Labels layer of the image's shape with the model's classes, a finite
-  trajectory per checked image, a fine-tuned model that re-segmented the image, a pretrained model), or
-* ``refused``: one sentence in the panel's status line, nothing made,
+* ``ran``: its result is there and right (a Labels layer of the image's shape with the model's classes outside the
+  slices kept as painted, a finite trajectory of every slice, the suggested slices shown, a fine-tuned model that
+  re-segmented the image, a pretrained model), or
+* ``refused``: one sentence in the panel's status line or error notification, nothing made,
 
 or as a defect: an exception that is not the product's own sentence (raised by the press, by a worker, by a Qt slot,
 or a job's "training failed: TypeError: ..."), a training process that died, a status that is not one sentence, a
-result of the wrong shape or with non-finite values, a press that never finished (timed out). A layer napari itself
-does not take is listed as ``napari refused`` and not pressed.
+result of the wrong kind, shape or values, a press that never finished (timed out). A layer napari itself does not
+take is listed as ``napari refused`` and not pressed.
 
 Each case runs in its own Python process (a crash loses one case), under the caller's display:
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-ACTIONS = ("segment", "embed", "finetune", "pretrain")
+ACTIONS = ("segment", "embed", "suggest", "finetune", "pretrain")
 N_CLASSES = 3
 
 
@@ -321,6 +324,26 @@ def _labels_check(viewer, image, name: str) -> dict | None:
     return None
 
 
+def _went_to(viewer, embedding, image) -> dict:
+    """Each suggested slice, as the Embedding panel lists it, clicked: the viewer must show that slice of the image
+    (of the frame embedded, in a cine)."""
+    from qtpy.QtCore import Qt
+
+    from napari_coral._layers import shown_index
+
+    suggested = [embedding.suggestions.item(i) for i in range(embedding.suggestions.count())]
+    if not suggested:
+        return {"outcome": "no result", "message": f"no slice listed; status {embedding.status.text()!r}"}
+    for item in suggested:
+        name, index = item.data(Qt.ItemDataRole.UserRole)
+        embedding.go_to(name, index)
+        want = (embedding.frames[name], index) if name in embedding.frames else (index,)
+        shown = shown_index(viewer, image)
+        if shown != want:
+            return {"outcome": "wrong result", "message": f"went to slice {want}, the viewer shows {shown}"}
+    return {"outcome": "ran"}
+
+
 def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
     os.environ["NAPARI_CORAL_HOME"] = str(home)
     import napari
@@ -406,6 +429,9 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
         results["embed"] = _press(pump, press_embed, lambda: embedding.embed_button.isEnabled(),
                                   embedding.status.text, embedded, timeout,
                                   extra_exc=lambda: [e for e in embed_errors if not _is_user_error(e)])
+        if results["embed"]["outcome"] == "ran":
+            results["suggest"] = _press(pump, lambda: embedding.suggest() or None, lambda: True,
+                                        embedding.status.text, lambda: _went_to(viewer, embedding, image), timeout)
     if labels is not None:
         finetune.steps.setValue(5)
         finetune.image_picker.setCurrentText(image.name)
@@ -494,7 +520,7 @@ def main(argv=None) -> int:
                 result = {a: {"outcome": "timed out", "message": "the case's process"} for a in ACTIONS}
             seconds = time.monotonic() - t0
         if "napari" in result:
-            rows.append((name, "napari refused", "", "", "", seconds))
+            rows.append((name, "napari refused", *[""] * (len(ACTIONS) - 1), seconds))
             if args.show:
                 print(f"  {name}: napari: {result['napari']}")
             continue
@@ -506,15 +532,15 @@ def main(argv=None) -> int:
             if outcome and args.show:
                 where = f" [{outcome['where']}]" if outcome.get("where") else ""
                 print(f"  {name} / {action}: {outcome['outcome']}: {outcome.get('message', '')}{where}")
-        print(f"{name:<30} {'  '.join(f'{c:<12}' for c in rows[-1][1:5])} {seconds:5.1f} s", flush=True)
+        print(f"{name:<30} {'  '.join(f'{c:<12}' for c in rows[-1][1:-1])} {seconds:5.1f} s", flush=True)
     print()
     print(f"| case | {' | '.join(ACTIONS)} |")
     print("|---|" + "---|" * len(ACTIONS))
     for row in rows:
-        print(f"| {row[0]!r} | " + " | ".join(row[1:5]) + " |")
+        print(f"| {row[0]!r} | " + " | ".join(row[1:-1]) + " |")
     counts = {}
     for row in rows:
-        for cell in row[1:5]:
+        for cell in row[1:-1]:
             if cell:
                 counts[cell] = counts.get(cell, 0) + 1
     print()
