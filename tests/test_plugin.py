@@ -1104,6 +1104,10 @@ def test_embedding_plot_click_moves_the_viewer_and_follows_it(viewer, qtbot, tmp
     assert f"outside the {n} slices" in widget.status.text() and "of phantom" in widget.status.text()
     widget.suggest_within.setText("1-99999999999")  # was listed (10**11 numbers) before it was checked
     assert widget.suggest() == [] and "slices [99999999999]: outside" in widget.status.text()
+    widget.suggest_within.setText("0")  # only annotated slices left: said, not "Suggested 0 slice(s): click one"
+    assert widget.suggest() == [] and widget.status.text() == (
+        "Nothing to suggest: every slice listed under 'suggest within' is annotated already, or looks to the model "
+        "just like one that is.")
     widget.suggest_within.setText("")
 
 

@@ -255,6 +255,11 @@ class EmbeddingWidget(QWidget):
                 item.setData(Qt.ItemDataRole.UserRole, (name, int(k)))
                 self.suggestions.addItem(item)
                 out.append((name, int(k)))
+        if not out:  # the only ones left are annotated: it said "Suggested 0 slice(s): click one to go there."
+            where = "every slice listed under 'suggest within'" if within else "every slice"
+            self.status.setText(f"Nothing to suggest: {where} is annotated already, or looks to the model just like "
+                                "one that is.")
+            return out
         ends = not within and any(k in (0, len(self.features[name]) - 1) for name, k in out)
         self.status.setText(
             f"Suggested {len(out)} slice(s): click one to go there."
