@@ -108,10 +108,14 @@ def shown_index(viewer, layer) -> tuple[int, ...]:
 
 def show_index(viewer, layer, index: tuple[int, ...]) -> None:
     """Move the viewer to slice ``index`` of ``layer`` (``(z,)``, or ``(t, z)`` for a cine). The layer's
-    axes are the viewer's last ones: a volume's z is the viewer's second axis while a cine is open."""
-    world = layer.data_to_world((*index, *[0] * (layer.ndim - len(index))))
+    axes are the viewer's last ones: a volume's z is the viewer's second axis while a cine is open. The point
+    keeps its place in the slice: where the layer is sheared or rotated out of its slices' plane, the world's
+    slice position depends on it too (taking the slice's corner, a sheared layer showed another slice)."""
     offset = viewer.dims.ndim - layer.ndim
-    for i in range(len(index)):
+    here = np.asarray(layer.world_to_data(viewer.dims.point), dtype=float)[-layer.ndim:]
+    here[: len(index)] = index
+    world = layer.data_to_world(here)
+    for i in range(layer.ndim):
         viewer.dims.set_point(offset + i, world[i])
 
 

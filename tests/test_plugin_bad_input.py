@@ -565,3 +565,24 @@ def test_gzip_bomb_like_header_is_refused(tmp_path):
     with pytest.raises(ValueError) as info:
         read_volume(str(tmp_path / "huge.nii.gz"))
     one_sentence(str(info.value), "huge.nii.gz", "header claims a 30000 x 30000 x 30000 volume")
+
+
+@pytest.mark.parametrize("transform", [{"shear": (0.3, 0.0, 0.2)},
+                                       {"affine": np.array([[0.9, 0.3, 0, 0], [-0.3, 0.9, 0, 0], [0, 0, 1, 0],
+                                                            [0, 0, 0, 1.0]])},
+                                       {"scale": (-2.0, 1.0, -1.0), "rotate": 30}])
+def test_going_to_a_slice_shows_it_in_a_sheared_or_tilted_layer(make_napari_viewer, transform):
+    """Found by benchmarks/fuzz_layers.py: a suggested slice of a sheared layer, clicked, showed slice 0 (the
+    viewer was moved to where the slice's corner lies, and a shear out of the slices' plane puts the point shown
+    elsewhere); where the layer is tilted so, the point keeps its place in the slice."""
+    import warnings
+
+    from napari_coral._layers import show_index, shown_index
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.random.default_rng(0).random((6, 40, 40)).astype(np.float32), **transform)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # napari: non-orthogonal slicing is not fully supported
+        for k in [5, 0, 3, 4]:
+            show_index(viewer, layer, (k,))
+            assert shown_index(viewer, layer) == (k,)
