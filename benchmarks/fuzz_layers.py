@@ -197,7 +197,8 @@ def existing_cases() -> dict:
         "into labels read-only": lambda v: v.add_labels(_readonly(_painted(shape)), name="scan labels"),
         "into an image": lambda v: v.add_image(_random(shape, 5), name="scan labels"),
         "into points": lambda v: v.add_points(np.array([[1, 2, 3]]), name="scan labels"),
-        "into shapes": lambda v: v.add_shapes([np.array([[1, 2, 3], [1, 5, 3], [1, 5, 8]])], name="scan labels"),
+        "into shapes": lambda v: v.add_shapes([np.array([[1, 2, 3], [1, 5, 3], [1, 5, 8]])], shape_type="polygon",
+                                              name="scan labels"),
     }
 
 
@@ -269,20 +270,23 @@ def _exception_outcome(exc: BaseException) -> dict:
     return {"outcome": "exception", "message": result["message"], "where": result["where"]}
 
 
-def _press(pump, press, settled, status, check, timeout: float, extra_exc=None) -> dict:
-    """Press (call ``press()``), wait for ``settled()``, then say what happened."""
-    before, said = len(pump.exceptions), len(pump.errors_shown)
+def _press(pump, press, settled, status, check, timeout: float) -> dict:
+    """Press (call ``press()``), wait for ``settled()``, then say what happened. The exceptions of a napari worker
+    that the press returns count too (a panel reports them in its status line; any but the product's is a defect)."""
+    before, said, errors = len(pump.exceptions), len(pump.errors_shown), []
     try:
         started = press()
     except Exception as exc:  # a defect unless it is the product's sentence
         return _exception_outcome(exc)
+    if hasattr(started, "errored"):  # connected before the worker's signal can be delivered: events run below
+        started.errored.connect(errors.append)
     if started is None:  # the panel said no: in an error notification, and mostly in its status line too
         outcome = {"outcome": "refused", "message": (pump.errors_shown[said:] or [status()])[-1]}
     elif not pump.until(settled, timeout):
         outcome = {"outcome": "timed out", "message": status()}
     else:
         outcome = check()
-    caught = pump.exceptions[before:] + (extra_exc() if extra_exc else [])
+    caught = pump.exceptions[before:] + [e for e in errors if not _is_user_error(e)]
     if caught and outcome["outcome"] != "exception":
         outcome = _exception_outcome(caught[0]) | {"status": status()}
         if outcome["outcome"] == "refused":  # a UserError that reached Qt instead of the status line
@@ -394,27 +398,11 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
         def segmented():
             bad = _labels_check(viewer, image, labels_target(viewer, image.name, _layer_shape(image)))
             return bad or {"outcome": "ran"}
-        segment_errors = []
-
-        def press_segment():
-            worker = segment.segment()
-            if worker is not None:
-                worker.errored.connect(segment_errors.append)
-            return worker
-        results["segment"] = _press(pump, press_segment, lambda: segment.segment_button.isEnabled(),
+        results["segment"] = _press(pump, segment.segment, lambda: segment.segment_button.isEnabled(),
                                     segment.status.text, lambda: segmented() if "failed" not in segment.status.text()
-                                    else {"outcome": "refused", "message": segment.status.text()}, timeout,
-                                    extra_exc=lambda: [e for e in segment_errors if not _is_user_error(e)])
+                                    else {"outcome": "refused", "message": segment.status.text()}, timeout)
         if labels_layer_name(image.name) in viewer.layers and kind == "image":
             viewer.layers.remove(labels_layer_name(image.name))
-        embed_errors = []
-
-        def press_embed():
-            worker = embedding.embed()
-            if worker is not None:
-                worker.errored.connect(embed_errors.append)
-            return worker
-
         def embedded():
             if "failed" in embedding.status.text():
                 return {"outcome": "refused", "message": embedding.status.text()}
@@ -426,9 +414,8 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
                 return {"outcome": "wrong result", "message": f"a trajectory of {mine[0].xy.shape} points, "
                                                               f"{int(np.isfinite(mine[0].xy).all(1).sum())} finite"}
             return {"outcome": "ran"}
-        results["embed"] = _press(pump, press_embed, lambda: embedding.embed_button.isEnabled(),
-                                  embedding.status.text, embedded, timeout,
-                                  extra_exc=lambda: [e for e in embed_errors if not _is_user_error(e)])
+        results["embed"] = _press(pump, embedding.embed, lambda: embedding.embed_button.isEnabled(),
+                                  embedding.status.text, embedded, timeout)
         if results["embed"]["outcome"] == "ran":
             results["suggest"] = _press(pump, lambda: embedding.suggest() or None, lambda: True,
                                         embedding.status.text, lambda: _went_to(viewer, embedding, image), timeout)

@@ -586,3 +586,39 @@ def test_going_to_a_slice_shows_it_in_a_sheared_or_tilted_layer(make_napari_view
         for k in [5, 0, 3, 4]:
             show_index(viewer, layer, (k,))
             assert shown_index(viewer, layer) == (k,)
+
+
+def test_torch_s_error_while_segmenting_is_said_and_the_panel_comes_back(make_napari_viewer, qtbot, monkeypatch,
+                                                                         capsys):
+    """A RuntimeError (torch's errors: out of memory, a device's failure) raised while segmenting: superqt takes a
+    generator worker's RuntimeError for a deleted worker and emitted nothing, so the panel stayed at "Segmenting..."
+    with its button greyed out for good. It is said in one line, type and first line, its traceback in the log."""
+    import coral_core.infer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has a total capacity of 8 GiB")
+        yield
+
+    monkeypatch.setattr(coral_core.infer, "iter_segment_series", out_of_memory)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32), name="scan")
+    _small_model(viewer, n_classes=3)
+    widget = _dock(viewer, "Segment")
+    widget.segment()
+    qtbot.waitUntil(lambda: widget.segment_button.isEnabled(), timeout=30_000)
+    assert widget.status.text() == "Segmentation failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "Traceback" in capsys.readouterr().err and "scan labels" not in viewer.layers
+    # Fine-tune's re-segmenting with the new model: its status stayed "Fine-tuned. Loading the model and
+    # re-segmenting the volume..." when that failed
+    paint = np.zeros((6, 32, 32), np.uint8)
+    paint[2, 5:12, 5:12] = 1
+    viewer.add_labels(paint, name="paint")
+    tune = _dock(viewer, "Fine-tune")
+    tune.image_picker.setCurrentText("scan")
+    tune.labels_picker.setCurrentText("paint")
+    tune.steps.setValue(2)
+    tune.finetune(mode="thread")
+    qtbot.waitUntil(lambda: "re-segmenting failed" in tune.status.text(), timeout=60_000)
+    one_sentence(tune.status.text(), "Fine-tuned, but re-segmenting failed: RuntimeError: CUDA out of memory.",
+                 "The model is kept in", "Press Segment in the Segment panel to try again.")
+    assert session_for(viewer).source == "fine-tuned on scan" and tune.finetune_button.isEnabled()

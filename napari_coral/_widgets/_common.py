@@ -13,6 +13,28 @@ from coral_core.device import resolve_device
 from napari_coral._jobs import Job
 
 
+class WorkerError(Exception):
+    """A RuntimeError raised in a napari generator worker (torch's errors, out of memory among them), passed on as
+    another type: superqt takes a generator's RuntimeError for a sign that its worker was deleted and emits neither
+    ``errored`` nor ``finished``, which left the Segment panel at "Segmenting..." with its button greyed out for good.
+    Its cause is the error."""
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a panel says of an exception that ended its work: a UserError's sentence; of anything else (torch's
+    error, a bug), its type and first line, its traceback printed to napari's log (stderr)."""
+    import traceback
+
+    from coral_core.errors import UserError
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    traceback.print_exception(type(exc), exc, exc.__traceback__)
+    cause = exc.__cause__ if isinstance(exc, WorkerError) and exc.__cause__ is not None else exc
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
 def save_model_as(session, path):
     """Write the session's model, with how it was trained, to ``path``; says where in a notification, or why not
     in one sentence (a folder that is missing or not writable, a full disk), and returns the path or None."""

@@ -16,7 +16,7 @@ from coral_core.embedding import Trajectory, project_trajectories, suggest_slice
 from coral_core.errors import UserError, naming
 from napari_coral._layers import LayerArray, show_index, shown_index
 from napari_coral._session import session_for
-from napari_coral._widgets._common import (DevicePicker, PlotCanvas, VolumeChecklist, alive, status_label,
+from napari_coral._widgets._common import (DevicePicker, PlotCanvas, VolumeChecklist, alive, failure_text, status_label,
                                            while_alive)
 
 
@@ -127,8 +127,9 @@ class EmbeddingWidget(QWidget):
         if not alive(self):
             return
         self.embed_button.setEnabled(True)
-        self.status.setText(f"Embedding failed: {exc}")
-        show_error(f"Embedding failed: {exc}")
+        message = f"Embedding failed: {failure_text(exc)}"
+        self.status.setText(message)
+        show_error(message)
 
     # ------------------------------------------------------------------ drawing
     def draw(self, has_direction: bool) -> None:

@@ -26,7 +26,7 @@ from napari_coral._jobs import Job, config_dict, resume_folder
 from napari_coral._layers import LayerArray, extent_mm, full_resolution, shown_index
 from napari_coral._session import data_home, file_name_part, keep_model_sentence, session_for
 from napari_coral._widgets._common import (DevicePicker, JobRunner, LayerPicker, PlotCanvas, alive, ask_model_path,
-                                           drop_job_files, save_model_as, status_label, while_alive)
+                                           drop_job_files, failure_text, save_model_as, status_label, while_alive)
 from napari_coral._widgets.segment import kept_slices_text, removed_text, start_segmentation
 from napari_coral._writer import layer_class_names, write_labels
 
@@ -619,12 +619,23 @@ class FinetuneWidget(QWidget):
                 on_done=lambda layer, n_kept, removed: alive(self) and self.status.setText(
                     f"Fine-tuned and re-segmented into {layer.name}{kept_slices_text(n_kept)}{removed_text(removed)}. "
                     f"{kept} Save the model if it looks right."),
+                on_error=lambda exc: self._resegment_failed(exc, kept),
             )
 
         loader.returned.connect(loaded)
         loader.errored.connect(lambda exc: (drop_job_files(self), alive(self) and self._failed(
             f"could not load the fine-tuned model: {exc}.")))
         loader.start()
+
+    def _resegment_failed(self, exc: BaseException, kept: str) -> None:
+        """The fine-tuned model is in use; segmenting the image with it failed (the status said it was still
+        re-segmenting)."""
+        from napari.utils.notifications import show_error
+
+        message = f"Fine-tuned, but re-segmenting failed: {failure_text(exc)}"
+        show_error(message)
+        if alive(self):
+            self.status.setText(f"{message.rstrip('.')}. {kept} Press Segment in the Segment panel to try again.")
 
     def _failed(self, message: str) -> None:
         from napari.utils.notifications import show_error

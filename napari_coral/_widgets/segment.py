@@ -7,7 +7,8 @@ from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWi
 
 from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, slice_digests
 from napari_coral._session import session_for
-from napari_coral._widgets._common import DevicePicker, LayerPicker, alive, class_colormap, status_label
+from napari_coral._widgets._common import (DevicePicker, LayerPicker, WorkerError, alive, class_colormap, failure_text,
+                                          status_label)
 
 
 def labels_layer_name(image_name: str) -> str:
@@ -117,15 +118,18 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
 
     @thread_worker(ignore_errors=True)  # errors are reported below, not re-raised in napari's event loop
     def work():
-        data = volume.read()
-        labels = None
-        with naming(image_layer.name):  # an image a model with a physical scale cannot see at its spacing
-            for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device,
-                                                    spacing=volume.spacing):
-                yield done  # handed to the GUI thread, which advances the bar
-        labels = labels if data.ndim == 4 else labels[0]
-        labels, removed = keep_largest_components(labels) if largest else (labels, None)
-        return labels, removed, slice_digests(labels.reshape(-1, *labels.shape[-2:]))  # hashed here, not in napari
+        try:
+            data = volume.read()
+            labels = None
+            with naming(image_layer.name):  # an image a model with a physical scale cannot see at its spacing
+                for done, labels in iter_segment_series(model, data if data.ndim == 4 else data[None], device,
+                                                        spacing=volume.spacing):
+                    yield done  # handed to the GUI thread, which advances the bar
+            labels = labels if data.ndim == 4 else labels[0]
+            labels, removed = keep_largest_components(labels) if largest else (labels, None)
+            return labels, removed, slice_digests(labels.reshape(-1, *labels.shape[-2:]))  # hashed here, not in napari
+        except RuntimeError as exc:  # torch's errors, out of memory among them: passed on as another type
+            raise WorkerError(exc) from exc
 
     worker = work()
     worker.yielded.connect(lambda done: bar.update(done - bar.n))
@@ -139,9 +143,6 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
         try:
             layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names, digests)
         except Exception as exc:  # said as a failure (the panel's button comes back), its traceback logged
-            import traceback
-
-            traceback.print_exc()
             errored(exc)
             return
         if on_done:
@@ -154,7 +155,7 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
         else:
             from napari.utils.notifications import show_error
 
-            show_error(f"Segmentation failed: {exc}")
+            show_error(f"Segmentation failed: {failure_text(exc)}")
 
     worker.returned.connect(finished)
     worker.errored.connect(errored)
@@ -252,8 +253,9 @@ class SegmentWidget(QWidget):
             if not alive(self):
                 return
             self.segment_button.setEnabled(True)
-            self.status.setText(f"Segmentation failed: {exc}")
-            show_error(f"Segmentation failed: {exc}")
+            message = f"Segmentation failed: {failure_text(exc)}"
+            self.status.setText(message)
+            show_error(message)
 
         self.worker = start_segmentation(self.viewer, image, device, done, failed)
         return self.worker
