@@ -14,7 +14,9 @@ Pretrain (1 epoch). Every press ends as
 
 or as a defect: an exception that is not the product's own sentence (raised by the press, by a worker, by a Qt slot,
 or a job's "training failed: TypeError: ..."), a training process that died, a status that is not one sentence, a
-result of the wrong kind, shape or values, a press that never finished (timed out). A layer napari itself does not
+result of the wrong kind, shape or values, a layer of the user's already named "scan labels" written over (a Labels
+layer of the scan's shape may take the prediction outside its painted slice), a press that never finished (timed
+out). A layer napari itself does not
 take is listed as ``napari refused`` and not pressed.
 
 Each case runs in its own Python process (a crash loses one case), under the caller's display:
@@ -328,6 +330,19 @@ def _labels_check(viewer, image, name: str) -> dict | None:
     return None
 
 
+def _lost(layer, users: np.ndarray) -> dict | None:
+    """A defect where the user's layer already named "scan labels" lost what it held: a Labels layer of the scan's
+    shape its painted slice (1), any other layer anything."""
+    now = np.asarray(_full(layer))
+    same_shape = type(layer).__name__ == "Labels" and users.shape == (6, 40, 40) and not layer.multiscale
+    if same_shape and now.shape == users.shape and np.array_equal(now[1], users[1]):
+        return None
+    if not same_shape and now.shape == users.shape and np.array_equal(now, users):
+        return None
+    return {"outcome": "user's layer lost", "message": f"the user's {type(layer).__name__} layer {layer.name!r} was "
+                                                       f"written over ({users.shape} -> {now.shape})"}
+
+
 def _went_to(viewer, embedding, image) -> dict:
     """Each suggested slice, as the Embedding panel lists it, clicked: the viewer must show that slice of the image
     (of the frame embedded, in a cine)."""
@@ -381,8 +396,9 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
             labels = viewer.add_labels(data, **({"name": name} | kwargs))
         else:  # Segment writes into the layer named "scan labels"; Fine-tune trains on "paint" and writes there too
             image = viewer.add_image(_random((6, 40, 40)), name="scan")
-            existing_cases()[name](viewer)
+            existing = existing_cases()[name](viewer)
             labels = viewer.add_labels(_painted((6, 40, 40)), name="paint")
+            users = np.array(_full(existing), copy=True)  # what must stay (a Labels layer's painted slice, else all)
     except Exception as exc:
         return {"napari": f"{type(exc).__name__}: {str(exc)[:160]}"}
 
@@ -397,7 +413,7 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
 
         def segmented():
             bad = _labels_check(viewer, image, labels_target(viewer, image.name, _layer_shape(image)))
-            return bad or {"outcome": "ran"}
+            return bad or (kind == "existing" and _lost(existing, users)) or {"outcome": "ran"}
         results["segment"] = _press(pump, segment.segment, lambda: segment.segment_button.isEnabled(),
                                     segment.status.text, lambda: segmented() if "failed" not in segment.status.text()
                                     else {"outcome": "refused", "message": segment.status.text()}, timeout)
@@ -433,7 +449,7 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
             text = finetune.status.text()
             if text.startswith("Fine-tuned and re-segmented"):
                 bad = _labels_check(viewer, image, labels_target(viewer, image.name, _layer_shape(image)))
-                return bad or {"outcome": "ran"}
+                return bad or (kind == "existing" and _lost(existing, users)) or {"outcome": "ran"}
             if text.startswith("Fine-tuned."):
                 return {"outcome": "no result", "message": f"status left as {text!r}"}
             return {"outcome": "refused", "message": text}
@@ -461,7 +477,8 @@ def _is_user_error(exc) -> bool:
 
 # ----------------------------------------------------------------------------- the table
 
-DEFECTS = {"exception", "job failed", "bad message", "timed out", "no result", "wrong result", "crashed"}
+DEFECTS = {"exception", "job failed", "bad message", "timed out", "no result", "wrong result", "crashed",
+           "user's layer lost"}
 
 
 def _cell(outcome: dict | None) -> str:

@@ -362,6 +362,13 @@ def test_segment_leaves_a_layer_of_its_name_that_cannot_take_the_labels_and_writ
     widget.segment()
     qtbot.waitUntil(lambda: widget.segment_button.isEnabled(), timeout=60_000)
     assert earlier.data.shape == (6, 32, 32) and "scan labels 2" not in viewer.layers
+    viewer.layers.remove("scan labels")
+    minus = np.zeros((6, 32, 32), np.int8)
+    minus[3, 2:6, 2:6] = -1  # painted in an int8 layer of the user's: kept, where it came back as 255
+    viewer.add_labels(minus, name="scan labels")
+    widget.segment()
+    qtbot.waitUntil(lambda: widget.segment_button.isEnabled(), timeout=60_000)
+    np.testing.assert_array_equal(viewer.layers["scan labels"].data[3], minus[3])
 
 
 def test_2d_layers_are_not_offered_and_a_cine_series_segments_frame_by_frame(tmp_path, make_napari_viewer, qtbot):

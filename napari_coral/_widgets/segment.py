@@ -68,8 +68,11 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], 
                 keep |= {i for i, (a, b) in enumerate(zip(now, written)) if a != b}
             if keep:
                 index = np.array(sorted(keep))
-                widen = old[index].max(initial=0) > np.iinfo(flat.dtype).max  # painted values the prediction's lacks
-                flat = flat.astype(old.dtype) if widen else flat if flat.flags.writeable else flat.copy()
+                painted, room = old[index], np.iinfo(flat.dtype)
+                # painted values the prediction's type lacks (above 255, or -1 of an int8 layer: it became 255)
+                widen = painted.max(initial=0) > room.max or painted.min(initial=0) < room.min
+                flat = (flat.astype(np.promote_types(flat.dtype, old.dtype)) if widen
+                        else flat if flat.flags.writeable else flat.copy())
                 flat[index] = old[index]
                 labels = flat.reshape(labels.shape)
                 if widen:  # every slice's bytes changed with the type
