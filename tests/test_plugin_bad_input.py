@@ -380,7 +380,17 @@ def test_2d_layers_are_not_offered_and_a_cine_series_segments_frame_by_frame(tmp
     assert widget.image_picker.count() == 0
     with patch("napari.utils.notifications.show_error") as shown:
         assert widget.segment() is None
-    one_sentence(shown.call_args.args[0], "3-D image")
+    one_sentence(shown.call_args.args[0], "No open image is a 3-D volume or a 4-D cine series ('photo' is 2-D)")
+    viewer.add_image(np.random.rand(2, 2, 3, 8, 8).astype(np.float32), name="5d")
+    viewer.add_image(np.random.rand(8, 8, 3).astype(np.float32), name="colour", rgb=True)
+    embedding, model = _dock(viewer, "Embedding"), _dock(viewer, "Model")
+    for press, status in [(widget.segment, widget.status), (embedding.embed, embedding.status),
+                          (model.pretrain, model.pretrain_status)]:
+        assert press() is None  # said in the status line too (napari's notification is patched out in no test here)
+        assert status.text() == ("No open image is a 3-D volume or a 4-D cine series ('photo' is 2-D, '5d' is 5-D, "
+                                 "'colour' is RGB); open one (File > Open, or File > Open Sample > Cardiac phantom).")
+    viewer.layers.remove("5d")
+    viewer.layers.remove("colour")
     # a cine series opens as one (t, z, y, x) image, a slider for its 5 frames, scaled like a frame; Segment
     # labels every frame into one 4-D Labels layer; Fine-tune offers it too (test_plugin.py fine-tunes a cine)
     write_nifti_ijk(tmp_path / "cine.nii.gz", np.random.rand(24, 20, 4, 5).astype(np.float32), np.diag([1.5, 1.5, 8, 1]))

@@ -35,6 +35,20 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
 
 
+def no_volume_text(viewer, otherwise: str) -> str:
+    """Why a panel has no image to work on, where images are open but none is a volume (a 3-D image, or a 4-D cine
+    series): what each is; else ``otherwise``."""
+    from napari.layers import Image
+
+    images = [layer for layer in viewer.layers if isinstance(layer, Image)]
+    if not images or any(layer.ndim in (3, 4) and not layer.rgb for layer in images):
+        return otherwise
+    kinds = ", ".join(f"{layer.name!r} is {'RGB' if layer.rgb else f'{layer.ndim}-D'}" for layer in images[:3])
+    more = f" and {len(images) - 3} more" if len(images) > 3 else ""
+    return (f"No open image is a 3-D volume or a 4-D cine series ({kinds}{more}); open one (File > Open, or "
+            "File > Open Sample > Cardiac phantom).")
+
+
 def save_model_as(session, path):
     """Write the session's model, with how it was trained, to ``path``; says where in a notification, or why not
     in one sentence (a folder that is missing or not writable, a full disk), and returns the path or None."""

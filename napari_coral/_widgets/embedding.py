@@ -17,7 +17,7 @@ from coral_core.errors import UserError, naming
 from napari_coral._layers import LayerArray, show_index, shown_index
 from napari_coral._session import session_for
 from napari_coral._widgets._common import (DevicePicker, PlotCanvas, VolumeChecklist, alive, failure_text, status_label,
-                                           while_alive)
+                                           no_volume_text, while_alive)
 
 
 class EmbeddingWidget(QWidget):
@@ -86,7 +86,9 @@ class EmbeddingWidget(QWidget):
 
         names = self.volumes.checked()
         if not names:
-            show_error("Check at least one open 3-D image to embed.")
+            message = no_volume_text(self.viewer, "Check at least one open 3-D image to embed.")
+            self.status.setText(message)
+            show_error(message)
             return None
         device = self.device_picker.device_or_none(self.status)
         if device is None:

@@ -26,7 +26,7 @@ from napari_coral._layers import LayerArray, extent_mm
 from napari_coral._session import MODELS_REMEMBERED, data_home, keep_model_sentence, session_for
 from napari_coral._widgets._common import (
     DevicePicker, JobRunner, VolumeChecklist, any_job_running, ask_model_path, drop_job_files, on_job_events,
-    save_model_as, status_label,
+    no_volume_text, save_model_as, status_label,
 )
 
 
@@ -209,7 +209,9 @@ class ModelWidget(QWidget):
 
         names = self.volumes.checked()
         if not names:
-            show_error("Check at least one open 3-D image to pretrain on.")
+            message = no_volume_text(self.viewer, "Check at least one open 3-D image to pretrain on.")
+            self.pretrain_status.setText(message)
+            show_error(message)
             return None
         device = self.device_picker.device_or_none(self.pretrain_status)
         if device is None:

@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWi
 from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, slice_digests
 from napari_coral._session import session_for
 from napari_coral._widgets._common import (DevicePicker, LayerPicker, WorkerError, alive, class_colormap, failure_text,
-                                          status_label)
+                                          no_volume_text, status_label)
 
 
 def labels_layer_name(image_name: str) -> str:
@@ -228,7 +228,10 @@ class SegmentWidget(QWidget):
 
         image = self.image_picker.layer()
         if image is None:
-            show_error("Open a 3-D image first (File > Open, or File > Open Sample > Cardiac phantom).")
+            message = no_volume_text(self.viewer, "Open a 3-D image first (File > Open, or File > Open Sample > "
+                                                  "Cardiac phantom).")
+            self.status.setText(message)
+            show_error(message)
             return None
         self.session.ensure_model()
         if self.session.pretrained_only:
