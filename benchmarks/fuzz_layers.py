@@ -496,7 +496,14 @@ def main(argv=None) -> int:
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = run_case(*args.child, args.timeout, Path(args.home))
+        try:
+            result = run_case(*args.child, args.timeout, Path(args.home))
+        except Exception as exc:  # outside the presses (the case's set-up, the viewer's closing): the case crashed
+            import traceback
+
+            sys.__excepthook__(type(exc), exc, exc.__traceback__)  # the pump's hook would keep it to itself
+            message = f"outside the presses: {''.join(traceback.format_exception_only(exc)).strip()[:300]}"
+            result = {a: {"outcome": "crashed", "message": message} for a in ACTIONS}
         print("@fuzz " + json.dumps(result), flush=True)
         os._exit(0)  # leave without Qt's teardown
     cases = ([("image", n) for n in image_cases()] + [("labels", n) for n in labels_cases()]

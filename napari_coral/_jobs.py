@@ -85,8 +85,9 @@ def _pretrain(spec: dict, messages, stop) -> None:
     cfg = PretrainConfig(**spec["config"])
     spacings = spec.get("spacings") or {}  # a model with a physical scale pretrains on the square of each it sees
     volumes = []
+    layers = dict(zip(arrays, spec.get("training", {}).get("volumes", [])))  # v0000, ...: the layers' names in order
     for name, v in arrays.items():
-        with naming(name):  # an image the model's physical scale cannot see at its spacing
+        with naming(layers.get(name, name)):  # an image the model's physical scale cannot see at its spacing
             volumes += [frame if name not in spacings else field_of_view(cfg.model, frame.shape, spacings[name]).crop(
                 frame) for frame in (v if v.ndim == 4 else [v])]  # a cine: each frame
     # progress kept at every epoch's end and when stopped; a later job with the same images and

@@ -639,3 +639,18 @@ def test_torch_s_error_while_segmenting_is_said_and_the_panel_comes_back(make_na
     one_sentence(tune.status.text(), "Fine-tuned, but re-segmenting failed: RuntimeError: CUDA out of memory.",
                  "The model is kept in", "Press Segment in the Segment panel to try again.")
     assert session_for(viewer).source == "fine-tuned on scan" and tune.finetune_button.isEnabled()
+
+
+def test_pretraining_names_the_layer_whose_spacing_a_model_in_millimetres_cannot_use(make_napari_viewer, qtbot):
+    """The job's sentence named the image by its key in the job's file (`v0000: its pixel spacing ...`)."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32), name="flipped",
+                     scale=(2.0, 1.0, -1.0))
+    _small_model(viewer, n_classes=3)
+    widget = _dock(viewer, "Model")
+    widget.physical_scale.setChecked(True)
+    widget.epochs.setValue(1)
+    runner = widget.pretrain(mode="thread")
+    with qtbot.waitSignal(runner.failed, timeout=60_000) as failed:
+        pass
+    one_sentence(failed.args[0], "flipped: its pixel spacing 1 x -1 mm is not a size")
