@@ -57,8 +57,9 @@ def spacing_mm(scale, units=None) -> tuple[float, ...]:
 
 
 def layer_spacing_mm(layer) -> tuple[float, ...]:
-    """``layer``'s scale in mm per voxel, every axis (see :func:`spacing_mm`)."""
-    return spacing_mm(layer.scale, getattr(layer, "units", None))
+    """``layer``'s voxel size in mm, every axis (see :func:`spacing_mm`): its scale's magnitude, as a negative
+    scale is napari's way of showing an axis flipped (it was refused as "not a size" by a model in millimetres)."""
+    return tuple(abs(v) for v in spacing_mm(layer.scale, getattr(layer, "units", None)))
 
 
 def has_spacing(layer) -> bool:

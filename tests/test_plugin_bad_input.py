@@ -642,10 +642,14 @@ def test_torch_s_error_while_segmenting_is_said_and_the_panel_comes_back(make_na
 
 
 def test_pretraining_names_the_layer_whose_spacing_a_model_in_millimetres_cannot_use(make_napari_viewer, qtbot):
-    """The job's sentence named the image by its key in the job's file (`v0000: its pixel spacing ...`)."""
+    """The job's sentence named the image by its key in the job's file (`v0001: its pixel spacing ...`). A layer
+    flipped by a negative scale has pixels of its scale's size (it was refused: "pixel spacing 1 x -1 mm is not a
+    size")."""
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32), name="flipped",
                      scale=(2.0, 1.0, -1.0))
+    viewer.add_image(np.random.default_rng(1).random((6, 32, 32)).astype(np.float32), name="metres",
+                     scale=(2.0, 0.001, 0.001))
     _small_model(viewer, n_classes=3)
     widget = _dock(viewer, "Model")
     widget.physical_scale.setChecked(True)
@@ -653,4 +657,4 @@ def test_pretraining_names_the_layer_whose_spacing_a_model_in_millimetres_cannot
     runner = widget.pretrain(mode="thread")
     with qtbot.waitSignal(runner.failed, timeout=60_000) as failed:
         pass
-    one_sentence(failed.args[0], "flipped: its pixel spacing 1 x -1 mm is not a size")
+    one_sentence(failed.args[0], "metres: its pixels of 0.001 x 0.001 mm are 1e+03 times finer than the model's 1 mm")
