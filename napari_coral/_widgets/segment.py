@@ -73,7 +73,7 @@ def put_labels(viewer, image_layer, labels: np.ndarray, class_names: list[str], 
                 widen = painted.max(initial=0) > room.max or painted.min(initial=0) < room.min
                 flat = (flat.astype(np.promote_types(flat.dtype, old.dtype)) if widen
                         else flat if flat.flags.writeable else flat.copy())
-                flat[index] = old[index]
+                flat[index] = painted
                 labels = flat.reshape(labels.shape)
                 if widen:  # every slice's bytes changed with the type
                     digests = slice_digests(flat)
