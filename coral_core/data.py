@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 
 from coral_core.errors import ScaleError, UserError
 from coral_core.losses import partition_index
-from coral_core.volume import (VOLUME_SUFFIXES, Volume, dicom_slice_series, is_dicom_file, is_dicom_labels,
-                               is_volume_path, load_frames, load_volume, normalise_intensity)
+from coral_core.volume import (VOLUME_SUFFIXES, Volume, as_float32, dicom_slice_series, float32_scale,
+                               is_dicom_file, is_dicom_labels, is_volume_path, load_frames, load_volume,
+                               normalise_intensity)
 
 __all__ = [
     "slice_positions",
@@ -322,8 +323,8 @@ def at_pixel_spacing(image: np.ndarray, spacing, mm: float, size: int, labels: n
     ``spacing`` is the volume's (z, y, x) spacing in mm; the slices are kept. The image is resampled
     bilinearly (antialiased when shrinking) and padded with its lowest value; ``labels`` (classes),
     if given, class by class as soft masks that the largest wins, which keeps thin structures better
-    than nearest neighbour. Returns (image as float32, labels as uint8 or None, the new spacing, how
-    many foreground label voxels the crop cut away)."""
+    than nearest neighbour. Returns (image as float32, times a power of two if float32 cannot hold its values,
+    labels as uint8 or None, the new spacing, how many foreground label voxels the crop cut away)."""
     if mm <= 0:
         raise ValueError("mm must be above 0")
     check_scale(spacing, mm)
@@ -350,9 +351,10 @@ def at_pixel_spacing(image: np.ndarray, spacing, mm: float, size: int, labels: n
         return F.interpolate(x, size=grid, mode="bilinear", align_corners=False, antialias=True)
 
     out = np.empty((image.shape[0], size, size), np.float32)
-    fill = float(np.nanmin(image)) if image.size else 0.0
+    scale = float32_scale(image)  # 1.0 but for float64 values float32 cannot hold: those are scaled down
+    fill = float(np.nanmin(image)) * scale if image.size else 0.0
     for start in range(0, image.shape[0], chunk):
-        part = torch.from_numpy(np.ascontiguousarray(image[start : start + chunk], dtype=np.float32)).unsqueeze(1)
+        part = torch.from_numpy(np.ascontiguousarray(as_float32(image[start : start + chunk], scale))).unsqueeze(1)
         out[start : start + chunk] = crop_or_pad(resample(part), fill)[:, 0].numpy()
     new_spacing = (sz, mm, mm)
     if labels is None:

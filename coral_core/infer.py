@@ -19,7 +19,7 @@ from coral_core.data import field_of_view, resample_slices, resize_slices
 from coral_core.device import mixed_precision
 from coral_core.levers import Levers, apply_layout, apply_levers, fits_on_device, for_inference
 from coral_core.model import UNet
-from coral_core.volume import normalise_intensity_tensor
+from coral_core.volume import as_float32, normalise_intensity_tensor
 
 __all__ = ["segment_volume", "iter_segment_volume", "iter_segment_series", "embed_volume", "preprocess_on_device",
            "keep_largest_components"]
@@ -40,7 +40,7 @@ def preprocess_on_device(volume: np.ndarray, device: torch.device) -> bool:
 
 def _device_volume(volume: np.ndarray, device: torch.device) -> torch.Tensor:
     """(S, 1, H, W) normalised float32 slices of the whole volume, on ``device``."""
-    array = volume if volume.dtype in _DEVICE_DTYPES else volume.astype(np.float32)
+    array = volume if volume.dtype in _DEVICE_DTYPES else as_float32(volume)
     x = torch.from_numpy(np.ascontiguousarray(array)).to(device)
     return normalise_intensity_tensor(x).unsqueeze(1)
 

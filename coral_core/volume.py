@@ -39,6 +39,8 @@ __all__ = [
     "intensity_bounds",
     "normalise_intensity",
     "normalise_intensity_tensor",
+    "float32_scale",
+    "as_float32",
     "is_volume_path",
     "is_dicom_file",
     "dicom_slice_series",
@@ -1250,11 +1252,42 @@ def _write_itk(p: Path, array: np.ndarray, affine: np.ndarray, class_names: list
     sitk.WriteImage(img, str(p), useCompression=True)
 
 
+_FLOAT32_ROOM = float(np.finfo(np.float32).max) / 4  # room left for differences and interpolation
+
+
+def float32_scale(array: np.ndarray, chunk: int = 8) -> float:
+    """The power of two that brings the finite values of a float64 (or wider) array within float32's range:
+    1.0 unless some exceed a quarter of it (3.4e38), where casting would make them infinite and the image blank.
+    Scaling by a power of two is exact, and every use here (percentile scaling, resampling) is unchanged by it."""
+    a = np.asarray(array)
+    if a.dtype.kind != "f" or a.dtype.itemsize <= 4 or a.size == 0:
+        return 1.0
+    largest = 0.0
+    for start in range(0, a.shape[0] if a.ndim else 1, chunk):
+        part = a[start : start + chunk] if a.ndim else a
+        largest = max(largest, float(np.max(np.abs(part), initial=0.0, where=np.isfinite(part))))
+    if largest <= _FLOAT32_ROOM:
+        return 1.0
+    return 2.0 ** -math.ceil(math.log2(largest / _FLOAT32_ROOM))
+
+
+def as_float32(array: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """``array`` as float32, multiplied by ``scale`` (by default :func:`float32_scale`: 1.0 but for values
+    float32 cannot hold)."""
+    a = np.asarray(array)
+    scale = float32_scale(a) if scale is None else scale
+    if scale == 1.0:
+        return np.asarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        return (a * scale).astype(np.float32)
+
+
 def intensity_bounds(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float] | None:
     """The robust (lo, hi) that :func:`normalise_intensity` maps to 0 and 1: the ``low`` and ``high``
     percentiles of the finite voxels (their minimum and maximum if those percentiles are equal); None for
-    a constant or all non-finite image."""
-    a = np.asarray(array, dtype=np.float32)
+    a constant or all non-finite image. In the array's own units, also for values beyond float32's range."""
+    scale = float32_scale(array)
+    a = as_float32(array, scale)
     finite = np.isfinite(a)
     all_finite = bool(finite.all())
     if not all_finite and not finite.any():
@@ -1263,7 +1296,7 @@ def intensity_bounds(array: np.ndarray, low: float = 0.5, high: float = 99.5) ->
     lo, hi = np.percentile(values, [low, high], overwrite_input=True)
     if not hi > lo:
         lo, hi = values.min(), values.max()
-    return (float(lo), float(hi)) if hi > lo else None
+    return (float(lo) / scale, float(hi) / scale) if hi > lo else None
 
 
 def _too_wide(lo: float, hi: float) -> bool:
@@ -1279,11 +1312,15 @@ def normalise_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5,
     image becomes zeros instead of dividing by zero. ``bounds``: (lo, hi) to scale by instead of the
     image's own percentiles (:func:`intensity_bounds` of another part of it). The scaling runs ``chunk``
     slices at a time, in float32, so a large scan needs about three float32 copies of itself at the peak
-    rather than ten; a range wider than float32 holds (-3e38 to 3e38) is scaled from halves of its values.
+    rather than ten; a range wider than float32 holds (-3e38 to 3e38) is scaled from halves of its values, and
+    float64 values beyond it from the values times a power of two (:func:`float32_scale`).
     """
-    a = np.asarray(array, dtype=np.float32)
+    scale = float32_scale(array)
+    a = as_float32(array, scale)
     if bounds is None:
         bounds = intensity_bounds(a, low, high)
+    elif scale != 1.0:
+        bounds = (bounds[0] * scale, bounds[1] * scale)
     if bounds is None:
         return np.zeros_like(a)
     lo, hi = bounds

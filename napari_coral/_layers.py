@@ -133,7 +133,8 @@ class LayerArray:
     ``frame``: one frame of a cine series (t, z, y, x), the others never read. ``spacing`` is the
     layer's in-plane (y, x) scale in mm: the mm per pixel a model with a physical scale needs.
 
-    ``read()`` returns the NumPy array (in ``dtype`` if given), or raises a UserError that names
+    ``read()`` returns the NumPy array (in ``dtype`` if given; float32 from float64 values beyond its range is
+    scaled by a power of two, :func:`coral_core.volume.as_float32`), or raises a UserError that names
     the layer when its data cannot be read."""
 
     def __init__(self, layer, dtype=None, frame: int | None = None) -> None:
@@ -146,8 +147,11 @@ class LayerArray:
     def read(self) -> np.ndarray:
         from coral_core.errors import UserError
 
+        from coral_core.volume import as_float32
+
         try:
-            return np.asarray(self.data, dtype=self.dtype)
+            wide = self.dtype == np.float32 and self.data.dtype.kind == "f" and self.data.dtype.itemsize > 4
+            return as_float32(self.data) if wide else np.asarray(self.data, dtype=self.dtype)
         except MemoryError as exc:
             raise UserError(f"layer {self.name!r} {self.shape} does not fit in this computer's memory; "
                             "crop or downsample it first") from exc

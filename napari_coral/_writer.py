@@ -11,7 +11,7 @@ import numpy as np
 
 from coral_core.dicomlabels import check_dicom_seg_source, is_dicom_seg_name, save_dicom_seg, save_rt_structure_set
 from coral_core.errors import UserError
-from coral_core.volume import Volume, save_volume
+from coral_core.volume import Volume, float32_scale, save_volume
 from napari_coral._layers import affine_from_layer, spacing_mm
 
 
@@ -100,4 +100,5 @@ def _dicom_image_like(shape, affine) -> dict | None:
 
 
 def write_image(path: str, data, meta: dict) -> list[str]:
-    return _write(path, data, meta, np.float32)
+    array = np.asarray(data)  # float32, but float64 where float32 cannot hold the values (they would be infinite)
+    return _write(path, array, meta, np.float64 if float32_scale(array) != 1.0 else np.float32)

@@ -1399,6 +1399,27 @@ def test_a_multiscale_layer_is_read_at_full_resolution(viewer):
     np.testing.assert_array_equal(data.read(), full)
 
 
+def test_a_float64_layer_beyond_float32_is_read_for_training_and_saved_without_infinities(tmp_path):
+    """Fine-tune reads image layers as float32: a float64 layer with values near 1e300 became infinite (a blank
+    image to train on); it is read times a power of two instead. Saving such a layer keeps float64."""
+    from napari.layers import Image
+
+    from coral_core.volume import load_volume, normalise_intensity
+    from napari_coral._layers import LayerArray
+    from napari_coral._writer import write_image
+
+    small = np.random.default_rng(0).random((3, 8, 8))
+    layer = Image(small * 1e300, name="huge")
+    read = LayerArray(layer, np.float32).read()
+    assert read.dtype == np.float32 and np.isfinite(read).all()
+    np.testing.assert_allclose(normalise_intensity(read), normalise_intensity(small), atol=1e-6)
+    assert LayerArray(Image(small), np.float32).read().dtype == np.float32  # others as before
+    write_image(str(tmp_path / "huge.nii.gz"), layer.data, {"scale": layer.scale, "metadata": {}})
+    back = load_volume(tmp_path / "huge.nii.gz").array
+    assert np.isfinite(back).all()
+    np.testing.assert_allclose(back, layer.data, rtol=1e-12)
+
+
 def test_model_widget_offers_to_discard_stopped_runs(make_napari_viewer, qtbot, coral_home, monkeypatch):
     import napari_coral._widgets.model as model_dock
 

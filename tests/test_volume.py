@@ -384,6 +384,60 @@ def test_normalisation_of_a_range_wider_than_float32_holds_is_finite_and_exact()
     np.testing.assert_allclose(out, direct, rtol=0, atol=1e-6)
 
 
+def test_float64_values_beyond_float32_are_scaled_by_a_power_of_two_not_made_infinite():
+    """A float64 scan with values near 1e300: cast to float32 they became infinite, and the image was segmented
+    as blank without a word (benchmarks/fuzz_layers.py). Scaled by a power of two first, every step that does not
+    depend on units (percentile scaling, resampling to a pixel spacing) gives what the same scan in small units does."""
+    from coral_core.data import at_pixel_spacing
+    from coral_core.volume import as_float32, float32_scale
+
+    small = np.random.default_rng(1).random((5, 24, 20)) * 2 - 1
+    big = small * 1e300
+    assert float32_scale(small) == 1.0 and float32_scale(big.astype(np.float32)) == 1.0
+    scale = float32_scale(big)
+    assert np.log2(scale).is_integer() and np.isfinite(as_float32(big)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalise_intensity(big)
+    np.testing.assert_allclose(out, normalise_intensity(small), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(intensity_bounds(big), np.multiply(intensity_bounds(small), 1e300), rtol=1e-6)
+    # bounds from a part of the scan (a model's central window), in the scan's own units
+    part = np.s_[:, 6:18, 5:15]
+    np.testing.assert_allclose(normalise_intensity(big, bounds=intensity_bounds(big[part])),
+                               normalise_intensity(small, bounds=intensity_bounds(small[part])), rtol=0, atol=1e-6)
+    resampled, _, _, _ = at_pixel_spacing(big, (2.0, 0.5, 0.5), 1.0, 16)
+    assert np.isfinite(resampled).all()
+    np.testing.assert_allclose(normalise_intensity(resampled),
+                               normalise_intensity(at_pixel_spacing(small, (2.0, 0.5, 0.5), 1.0, 16)[0]), atol=1e-5)
+    edges = np.array([[[np.inf, -np.inf, np.nan, 1e300, -1e300, 0.0]]])  # non-finite voxels as before
+    assert np.isfinite(normalise_intensity(edges)).all() and normalise_intensity(edges)[0, 0, 3] == 1.0
+
+
+@pytest.mark.parametrize("pixel_spacing", [None, 0.5])
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_float64_scan_beyond_float32_segments_and_embeds_as_in_small_units(pixel_spacing, on_device):
+    """The segmentation and the slice features of that scan: the host path, the on-device (tensor) path, and a
+    model with a physical scale segmenting in windows, each equal to the same scan's in units float32 holds."""
+    import torch
+
+    from coral_core.infer import embed_volume, segment_volume
+    from coral_core.model import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(n_classes=3, class_names=["background", "a", "b"], base_filters=4, depth=2,
+                            image_size=16, pixel_spacing=pixel_spacing)).eval()
+    with torch.no_grad():  # an untrained head says background everywhere; this one says each class somewhere
+        model.decoder.head.weight.mul_(50)
+        model.decoder.head.bias.zero_()
+    small = np.random.default_rng(2).random((4, 24, 24)).astype(np.float64)
+    spacing = (1.0, 0.5, 0.5) if pixel_spacing else None
+    expected = segment_volume(model, small, on_device=on_device, spacing=spacing)
+    got = segment_volume(model, small * 1e300, on_device=on_device, spacing=spacing)
+    assert np.array_equal(got, expected) and len(np.unique(expected)) > 1
+    np.testing.assert_allclose(embed_volume(model, small * 1e300, spacing=spacing),
+                               embed_volume(model, small, spacing=spacing), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["normal", "nan_inf", "constant", "all_nan", "ramp", "int16", "two_values",
                                   "float32_limits"])
 def test_normalisation_on_a_tensor_equals_the_numpy_one(case):
