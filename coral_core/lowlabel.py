@@ -76,6 +76,9 @@ class LabelledCase:
     spacing: tuple[float, float, float]  # per array axis, mm
 
 
+MOST_RUNS = 100_000  # fine-tuning runs one benchmark may ask for: about four days of a GPU at 3-4 s a run
+
+
 @dataclass
 class LowLabelConfig:
     """One benchmark run. The defaults are the full protocol; :meth:`quick` fits a 2-core CPU."""
@@ -168,6 +171,13 @@ class LowLabelConfig:
             raise UserError("--labeled counts must be at least 1")
         if self.folds < 2 or self.seeds < 1:
             raise UserError("the benchmark needs --folds >= 2 and --seeds >= 1")
+        runs = self.seeds * len(self.methods) * len(self.labeled) * self.folds
+        if runs > MOST_RUNS:  # listing them alone would fill the memory (--seeds 2147483647)
+            counts = " x ".join(f"{n} {what}{'' if n == 1 else 's'}" for n, what in (
+                (self.seeds, "seed"), (len(self.methods), "method"), (len(self.labeled), "labelled count"),
+                (self.folds, "fold")))
+            raise UserError(f"{counts} make {runs:,} fine-tuning runs, more than the benchmark takes "
+                            f"({MOST_RUNS:,}; the full protocol is 315); give fewer --seeds, --folds or methods")
         if self.workers < 1:
             raise UserError("--workers must be at least 1")
         if self.fold_seed < 0:

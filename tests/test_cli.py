@@ -743,6 +743,10 @@ def test_odd_option_values_found_by_fuzz_options(subject, tmp_path):
     user_error(coral("bench", "lowlabel", "--quick", "--phantom", 4, "--phantom-noise", "inf,inf", check=False),
                "--phantom-noise 'inf,inf'")
     user_error(coral("bench", "speed", "--quick", "--peak-tflops", "nan", check=False), "--peak-tflops nan", "above 0")
+    # the runs were listed before anything said how many: out of memory, said as "use a smaller --image-size ..."
+    user_error(coral("bench", "lowlabel", "--quick", "--seeds", 2**31 - 1, check=False),
+               "2147483647 seeds x 7 methods x 1 labelled count x 2 folds make 30,064,771,058 fine-tuning runs",
+               "give fewer --seeds")
     user_error(coral("finetune", d / "img.nii.gz", "--labels", d / "lab.nii.gz", "--classes", 2**31 - 1, "--out", out,
                      check=False), "--classes 2147483647", "up to 255 classes")
     user_error(coral("segment", d / "img.nii.gz", "--out", tmp_path / "s.nii.gz", "--out-dir", tmp_path, check=False),
