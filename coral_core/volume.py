@@ -461,12 +461,14 @@ def _read_frames(frames: list[list], where: Path) -> tuple[np.ndarray, np.ndarra
     return (arrays[0], affine) if len(arrays) == 1 else (np.stack(arrays, -1), affine)
 
 
-def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
+def _multiframe_layout(p: Path, why: list | None = None) -> tuple[list[list[int]], np.ndarray] | None:
     """How an enhanced (multi-frame) DICOM file's frames make a volume, from its per-frame functional groups: the
     frame numbers of each phase in slice order along the normal of their orientation (one phase for a plain volume;
     a cine holds several frames at each position, ordered by temporal position index, trigger delay, then number),
     and the RAS affine of a phase. None for a file whose frames give no positions or lie in several orientations:
-    it is read as ITK reads it."""
+    it is read as ITK reads it, and why is appended to ``why`` (a list, if given); None without a reason for a file
+    of fewer than two per-frame groups (not enhanced)."""
+    per = None
     try:
         import pydicom
 
@@ -484,6 +486,9 @@ def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
             position = value(frame, "PlanePositionSequence", "ImagePositionPatient")
             orientation = value(frame, "PlaneOrientationSequence", "ImageOrientationPatient")
             if position is None or orientation is None:
+                if why is not None:
+                    why.append(f"its frame {i + 1} has no {'position' if position is None else 'orientation'} in its "
+                               "per-frame headers")
                 return None
             positions.append(np.array([float(v) for v in position[:3]]))
             orientations.add(tuple(round(float(v), 4) for v in orientation[:6]))
@@ -493,9 +498,14 @@ def _multiframe_layout(p: Path) -> tuple[list[list[int]], np.ndarray] | None:
         pixel = value(per[0], "PixelMeasuresSequence", "PixelSpacing")
         row, column = (float(pixel[0]), float(pixel[1])) if pixel else (1.0, 1.0)
         thickness = float(value(per[0], "PixelMeasuresSequence", "SliceThickness") or 1.0)
-    except Exception:  # noqa: BLE001 - not readable this way: ITK's reading stands
+    except Exception as exc:  # noqa: BLE001 - not readable this way: ITK's reading stands
+        if why is not None and per is not None and len(per) >= 2:
+            said = str(exc).splitlines()[0][:120] if str(exc) else ""
+            why.append(f"its per-frame headers could not be read ({type(exc).__name__}{': ' if said else ''}{said})")
         return None
     if len(orientations) != 1:
+        if why is not None:
+            why.append(f"its frames lie in {len(orientations)} orientations")
         return None
     o = np.array(orientations.pop())
     normal = np.cross(o[:3], o[3:])
@@ -708,10 +718,19 @@ def _read(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
         if array.ndim < 3 or array.shape[0] == 1:
             raise UserError(f"{p}: one DICOM file, a single slice of a series; give the folder that holds the series "
                             f"({p.parent})")
-        layout = _multiframe_layout(p)  # an enhanced file's frames in slice order, a cine's phase by phase
+        why = []
+        layout = _multiframe_layout(p, why)  # an enhanced file's frames in slice order, a cine's phase by phase
         if layout is not None and array.ndim == 3 and sum(map(len, layout[0])) == len(array):
             phases, affine = layout
             array = array[phases[0]] if len(phases) == 1 else np.stack([array[phase] for phase in phases], -1)
+        elif layout is not None and array.ndim == 3:
+            why.append(f"its per-frame headers describe {sum(map(len, layout[0]))} frames where it holds {len(array)}")
+        if why and array.ndim == 3:
+            import warnings
+
+            warnings.warn(f"{p}: {why[0]}; its {len(array)} frames are read in the order it stores them, as one volume "
+                          "(a cine's phases would be mixed in it), and placed by its first frame's geometry",
+                          stacklevel=3)
     else:
         raise UserError(
             f"{p}: unknown volume format; use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM folder"

@@ -340,6 +340,39 @@ def test_save_refuses_missing_folder_without_leaving_files(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["seg.mha"]
 
 
+def test_an_enhanced_dicom_file_whose_frames_cannot_be_placed_is_read_in_file_order_with_a_warning(tmp_path):
+    """An enhanced cine whose per-frame headers lack a frame's position, or put frames in two orientations, cannot be
+    laid out phase by phase: it is read as ITK reads it, every frame in the order stored, as one volume. That used to
+    happen without a word, the phases mixed in one stack; now a warning says so and why."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from helpers import write_enhanced_dicom
+
+    cine = (np.arange(2 * 3 * 6 * 8).reshape(2, 3, 6, 8) % 300).astype(np.int16)  # 2 phases x 3 slices
+    affine = oblique_affine(spacing_xyz=(0.8, 0.9, 8.0))
+    path = write_enhanced_dicom(tmp_path / "cine.dcm", cine, affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file that can be laid out: no warning
+        assert len(load_frames(path)) == 2
+    ds = pydicom.dcmread(path)
+    del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+    ds.save_as(tmp_path / "no_position.dcm")
+    ds = pydicom.dcmread(path)
+    tilted = Dataset()
+    tilted.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.PerFrameFunctionalGroupsSequence[4].PlaneOrientationSequence = Sequence([tilted])
+    ds.save_as(tmp_path / "two_orientations.dcm")
+    for name, why in (("no_position", "its frame 3 has no position in its per-frame headers"),
+                      ("two_orientations", "its frames lie in 2 orientations")):
+        with pytest.warns(UserWarning, match=rf"{name}.dcm: {why}; its 6 frames are read in the order it stores them, "
+                                             r"as one volume \(a cine's phases would be mixed in it\)"):
+            frames = load_frames(tmp_path / f"{name}.dcm")
+        assert len(frames) == 1 and frames[0].shape == (6, 6, 8)
+        np.testing.assert_array_equal(frames[0].array, cine.reshape(6, 6, 8))  # as stored: phase by phase here
+
+
 def test_a_multiframe_dicom_file_smaller_than_its_header_says_is_one_sentence(tmp_path):
     """Rows or Columns of a multi-frame file damaged to 65535 (found by benchmarks/fuzz_readers.py): ITK read past the
     file's end into an image of 65535 columns, which then could not even be saved as NIfTI; refused from the header."""
