@@ -21,7 +21,12 @@ take is listed as ``napari refused`` and not pressed.
 
 Each case runs in its own Python process (a crash loses one case), under the caller's display:
 
-    xvfb-run -a python benchmarks/fuzz_layers.py [--cases NAME,...] [--show] [--timeout S]
+    xvfb-run -a python benchmarks/fuzz_layers.py [--cases NAME,...] [--show] [--timeout S] [--options]
+
+``--options`` checks every option box of the panels first (Segment's "Keep each class's largest piece"; Fine-tune's
+"Keep the embedding in slice order", "Balance classes", "For other scans", "In millimetres" and "Also learn from the
+other open images", with a plain scan "other scan" opened beside the case's layers for it, unless the case's image
+is not a volume; the Model panel's "In millimetres"); by default they are left as they start.
 
 The table lists every case and press; defects are listed again after it, and the exit status is 1 when there is one.
 """
@@ -343,9 +348,9 @@ def _lost(layer, users: np.ndarray) -> dict | None:
                                                        f"written over ({users.shape} -> {now.shape})"}
 
 
-def _went_to(viewer, embedding, image) -> dict:
+def _went_to(viewer, embedding) -> dict:
     """Each suggested slice, as the Embedding panel lists it, clicked: the viewer must show that slice of the image
-    (of the frame embedded, in a cine)."""
+    it names (of the frame embedded, in a cine)."""
     from qtpy.QtCore import Qt
 
     from napari_coral._layers import shown_index
@@ -357,13 +362,13 @@ def _went_to(viewer, embedding, image) -> dict:
         name, index = item.data(Qt.ItemDataRole.UserRole)
         embedding.go_to(name, index)
         want = (embedding.frames[name], index) if name in embedding.frames else (index,)
-        shown = shown_index(viewer, image)
+        shown = shown_index(viewer, viewer.layers[name])  # the case's image, or "other scan" beside it
         if shown != want:
-            return {"outcome": "wrong result", "message": f"went to slice {want}, the viewer shows {shown}"}
+            return {"outcome": "wrong result", "message": f"went to slice {want} of {name!r}, the viewer shows {shown}"}
     return {"outcome": "ran"}
 
 
-def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
+def run_case(kind: str, name: str, timeout: float, home: Path, options: bool = False) -> dict:
     os.environ["NAPARI_CORAL_HOME"] = str(home)
     import napari
     from qtpy.QtWidgets import QApplication
@@ -399,6 +404,8 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
             existing = existing_cases()[name](viewer)
             labels = viewer.add_labels(_painted((6, 40, 40)), name="paint")
             users = np.array(_full(existing), copy=True)  # what must stay (a Labels layer's painted slice, else all)
+        if options and (kind != "image" or labels is not None):  # for "Also learn from the other open images"
+            viewer.add_image(_random((6, 40, 40)), name="other scan")  # (none beside an image that is no volume)
     except Exception as exc:
         return {"napari": f"{type(exc).__name__}: {str(exc)[:160]}"}
 
@@ -408,6 +415,10 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
     segment, embedding, finetune, model_panel = (dock(p) for p in ("Segment", "Embedding", "Fine-tune", "Model"))
     for w in (segment, embedding, finetune, model_panel):
         w.device_picker.setCurrentText("cpu")
+    if options:
+        for box in (segment.largest_box, finetune.keep_embedding, finetune.balance_classes, finetune.wider_zoom,
+                    finetune.physical_scale, finetune.use_unlabelled, model_panel.physical_scale):
+            box.setChecked(True)
     if kind in ("image", "existing"):
         segment.image_picker.setCurrentText(image.name)
 
@@ -434,7 +445,7 @@ def run_case(kind: str, name: str, timeout: float, home: Path) -> dict:
                                   embedding.status.text, embedded, timeout)
         if results["embed"]["outcome"] == "ran":
             results["suggest"] = _press(pump, lambda: embedding.suggest() or None, lambda: True,
-                                        embedding.status.text, lambda: _went_to(viewer, embedding, image), timeout)
+                                        embedding.status.text, lambda: _went_to(viewer, embedding), timeout)
     if labels is not None:
         finetune.steps.setValue(5)
         finetune.image_picker.setCurrentText(image.name)
@@ -492,12 +503,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", help="comma-separated case names (default: all)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a press may take (training: 3x)")
     parser.add_argument("--show", action="store_true", help="print every outcome's message")
+    parser.add_argument("--options", action="store_true", help="check every option box of the panels first")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         try:
-            result = run_case(*args.child, args.timeout, Path(args.home))
+            result = run_case(*args.child, args.timeout, Path(args.home), args.options)
         except Exception as exc:  # outside the presses (the case's set-up, the viewer's closing): the case crashed
             import traceback
 
@@ -521,7 +533,8 @@ def main(argv=None) -> int:
             t0 = time.monotonic()
             try:
                 proc = subprocess.run([sys.executable, __file__, "--child", kind, name, "--home", home,
-                                       "--timeout", str(args.timeout)], capture_output=True, text=True,
+                                       "--timeout", str(args.timeout), *(["--options"] if args.options else [])],
+                                      capture_output=True, text=True,
                                       timeout=12 * args.timeout + 120)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@fuzz ")]
                 result = json.loads(lines[-1][6:]) if lines else {

@@ -1126,6 +1126,20 @@ def test_a_blank_volume_embeds_without_a_score_of_rounding_noise(viewer, qtbot):
     assert "blank: none (one slice, or all alike)" in widget.status.text() and "nan" not in widget.status.text()
 
 
+def test_embedding_again_redraws_the_plot_and_its_current_slice_ring(viewer, qtbot):
+    """Pressing Embed a second time raised "cannot remove artist" in napari's thread: the red ring of the slice
+    shown had gone with the axes the new plot cleared, and was removed again (found by benchmarks/fuzz_midjob.py)."""
+    widget = dock(viewer, "Embedding")
+    for _ in range(2):
+        with qtbot.waitSignal(widget.embed().finished, timeout=60_000):
+            pass
+        qtbot.waitUntil(lambda: widget.embed_button.isEnabled(), timeout=10_000)
+    assert len(widget._highlight) == len(widget.trajectories) == 1
+    assert widget._highlight[0] in widget.plot.ax.lines  # drawn on the new plot
+    viewer.dims.set_current_step(0, 3)  # and it follows the viewer still
+    assert widget._highlight[0] in widget.plot.ax.lines and len(widget._highlight) == 1
+
+
 # --------------------------------------------------------------------------- model
 
 

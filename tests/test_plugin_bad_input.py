@@ -658,3 +658,64 @@ def test_pretraining_names_the_layer_whose_spacing_a_model_in_millimetres_cannot
     with qtbot.waitSignal(runner.failed, timeout=60_000) as failed:
         pass
     one_sentence(failed.args[0], "metres: its pixels of 0.001 x 0.001 mm are 1e+03 times finer than the model's 1 mm")
+
+
+@pytest.mark.parametrize("action", ["remove the scan", "replace its data", "load another model"])
+def test_what_the_user_changes_while_segmenting_is_said_and_the_panel_comes_back(make_napari_viewer, qtbot,
+                                                                                 monkeypatch, action):
+    """Found by benchmarks/fuzz_midjob.py: the scan removed while it was segmented left the Segment panel at
+    "Segmenting..." with its button greyed out for good (and Fine-tune's status at "re-segmenting" after it); labels of
+    the old shape went into "scan labels" after the scan was given data of another shape; a model loaded meanwhile
+    was named in the status as the one that segmented."""
+    import threading
+
+    import coral_core.infer
+
+    go, real = threading.Event(), coral_core.infer.iter_segment_series
+
+    def held(*args, **kwargs):  # the segmentation waits until the user has acted
+        go.wait(30)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(coral_core.infer, "iter_segment_series", held)
+    viewer = make_napari_viewer()
+    scan = viewer.add_image(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32), name="scan")
+    _small_model(viewer, n_classes=3)
+    widget = _dock(viewer, "Segment")
+    assert widget.segment() is not None
+    assert widget.segment() is None  # called again while it runs, as its greyed-out button cannot be
+    if action == "remove the scan":
+        viewer.layers.remove(scan)
+    elif action == "replace its data":
+        scan.data = np.zeros((4, 20, 20), np.float32)
+    else:
+        session_for(viewer).set_model(build_model(UNetConfig(base_filters=4, depth=2, image_size=32, n_classes=3,
+                                                             class_names=["background", "x", "y"])), {}, "another")
+    go.set()
+    qtbot.waitUntil(widget.segment_button.isEnabled, timeout=60_000)
+    text = widget.status.text()
+    if action == "remove the scan":
+        assert text == "Segmentation failed: layer 'scan' was closed while it was segmented, so nothing was written"
+    elif action == "replace its data":
+        assert text == ("Segmentation failed: layer 'scan' changed from 6 x 32 x 32 to 4 x 20 x 20 while it was "
+                        "segmented, so nothing was written; segment it again")
+    else:
+        assert text == "Wrote scan labels (tiny test model)."
+        assert list(viewer.layers["scan labels"].features["class"]) == ["background", "c1", "c2"]
+    assert ("scan labels" in viewer.layers) == (action == "load another model")
+
+
+def test_pretrain_called_again_while_it_runs_starts_nothing(make_napari_viewer, qtbot):
+    """A second press while pretraining ran (its button is greyed out, so only by calling the panel) made a new job
+    folder in place of the running job's, which removed it: that job then failed, saying "napari-coral-...: output
+    folder does not exist; create it first" (benchmarks/fuzz_midjob.py)."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32), name="scan")
+    _small_model(viewer, n_classes=3)
+    widget = _dock(viewer, "Model")
+    widget.epochs.setValue(1)
+    runner = widget.pretrain(mode="thread")
+    assert runner is not None and widget.pretrain(mode="thread") is None
+    with qtbot.waitSignal(runner.finished, timeout=120_000):
+        pass
+    assert widget.pretrain_status.text().startswith("Pretraining finished.")

@@ -84,6 +84,8 @@ class EmbeddingWidget(QWidget):
 
         from coral_core.infer import embed_volume
 
+        if not self.embed_button.isEnabled():  # called again while it runs, as its greyed-out button is not
+            return None
         names = self.volumes.checked()
         if not names:
             message = no_volume_text(self.viewer, "Check at least one open 3-D image to embed.")
@@ -137,7 +139,7 @@ class EmbeddingWidget(QWidget):
     def draw(self, has_direction: bool) -> None:
         ax = self.plot.ax
         self.plot.clear()
-        self._artists = []
+        self._artists, self._highlight = [], []  # the rings went with the axes' other artists
         for t in self.trajectories:
             ax.plot(t.xy[:, 0], t.xy[:, 1], "-", color="0.65", lw=0.8, zorder=1)
             sc = ax.scatter(t.xy[:, 0], t.xy[:, 1], c=t.positions, cmap="viridis", vmin=0, vmax=1, s=22, zorder=2, picker=True, pickradius=6)

@@ -207,6 +207,8 @@ class ModelWidget(QWidget):
     def pretrain(self, mode: str = "process"):
         from napari.utils.notifications import show_error
 
+        if self.runner is not None and self.runner.running:  # called again while it runs: it would take its folder
+            return None
         names = self.volumes.checked()
         if not names:
             message = no_volume_text(self.viewer, "Check at least one open 3-D image to pretrain on.")

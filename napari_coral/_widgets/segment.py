@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
-from napari_coral._layers import LayerArray, has_spacing, layer_spacing_mm, slice_digests
+from napari_coral._layers import LayerArray, full_resolution, has_spacing, layer_spacing_mm, slice_digests
 from napari_coral._session import session_for
 from napari_coral._widgets._common import (DevicePicker, LayerPicker, WorkerError, alive, class_colormap, failure_text,
                                           no_volume_text, status_label)
@@ -141,7 +141,15 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
         labels, removed, digests = result
         bar.update(n_slices - bar.n)
         bar.close()
-        if image_layer not in viewer.layers:  # closed or removed while segmenting
+        from coral_core.errors import UserError
+
+        if image_layer not in viewer.layers:  # closed or removed while segmenting: the panel must come back
+            errored(UserError(f"layer {image_layer.name!r} was closed while it was segmented, so nothing was written"))
+            return
+        now = tuple(full_resolution(image_layer).shape)
+        if now != volume.shape:  # its data replaced: labels of the old shape would not fit it
+            errored(UserError(f"layer {image_layer.name!r} changed from {_shape_text(volume.shape)} to "
+                              f"{_shape_text(now)} while it was segmented, so nothing was written; segment it again"))
             return
         try:
             layer, kept = put_labels(viewer, image_layer, labels, model.config.class_names, digests)
@@ -164,6 +172,10 @@ def start_segmentation(viewer, image_layer, device, on_done=None, on_error=None)
     worker.errored.connect(errored)
     worker.start()
     return worker
+
+
+def _shape_text(shape: tuple) -> str:
+    return " x ".join(str(n) for n in shape)
 
 
 def removed_text(removed: int | None) -> str:
@@ -226,6 +238,8 @@ class SegmentWidget(QWidget):
     def segment(self):
         from napari.utils.notifications import show_error
 
+        if not self.segment_button.isEnabled():  # called again while it runs, as its greyed-out button is not
+            return None
         image = self.image_picker.layer()
         if image is None:
             message = no_volume_text(self.viewer, "Open a 3-D image first (File > Open, or File > Open Sample > "
@@ -246,14 +260,14 @@ class SegmentWidget(QWidget):
             return None
         self.segment_button.setEnabled(False)
         self.status.setText(f"Segmenting {image.name} on {device.type}...")
+        model, source = self.session.model, self.session.source  # the model that segments, whatever is loaded since
 
         def done(layer, kept, removed):
             if not alive(self):
                 return
             self.segment_button.setEnabled(True)
-            self.status.setText(f"Wrote {layer.name} ({self.session.source}){kept_slices_text(kept)}"
-                                f"{removed_text(removed)}."
-                                f"{scale_note(self.session.model, image)}")
+            self.status.setText(f"Wrote {layer.name} ({source}){kept_slices_text(kept)}{removed_text(removed)}."
+                                f"{scale_note(model, image)}")
 
         def failed(exc):
             if not alive(self):
