@@ -68,7 +68,7 @@ class ModelWidget(QWidget):
         self.pretrain_button = QPushButton("Pretrain")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.pretrain_button.clicked.connect(self.pretrain)
+        self.pretrain_button.clicked.connect(lambda: self.pretrain())  # not clicked's `checked` (False) as its mode
         self.cancel_button.clicked.connect(self.cancel)
         self.pretrain_status = status_label("Self-supervised: no labels needed. Uses the checked image layers (each frame of "
                                              "a cine series).")
