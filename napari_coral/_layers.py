@@ -146,7 +146,6 @@ class LayerArray:
 
     def read(self) -> np.ndarray:
         from coral_core.errors import UserError
-
         from coral_core.volume import as_float32
 
         try:
