@@ -91,25 +91,16 @@ def run_case(job: str, action: str, timeout: float, home: Path) -> dict:
     segment.image_picker.setCurrentText("scan")
     finetune.image_picker.setCurrentText("scan")
     finetune.labels_picker.setCurrentText("scan labels")
-    panel = {"segment": segment, "embed": embedding, "finetune": finetune, "pretrain": model_panel}[job]
+    panels = {"segment": segment, "embed": embedding, "finetune": finetune, "pretrain": model_panel}
+    panel = panels[job]
     panel_name = {"segment": "Segment", "embed": "Embedding", "finetune": "Fine-tune", "pretrain": "Model"}[job]
     presses = {"segment": segment.segment, "embed": embedding.embed, "finetune": finetune.finetune,
                "pretrain": model_panel.pretrain}
-    buttons = {"segment": lambda: segment.segment_button, "embed": lambda: embedding.embed_button,
-               "finetune": lambda: finetune.finetune_button, "pretrain": lambda: model_panel.pretrain_button}
-    statuses = {"segment": lambda: segment.status, "embed": lambda: embedding.status,
-                "finetune": lambda: finetune.status, "pretrain": lambda: model_panel.pretrain_status}
-    workers = []  # napari workers and job runners started, by the job and by the action
-
-    def track(started):
-        if started is None:
-            return
-        if hasattr(started, "finished") and hasattr(started, "start") and not hasattr(started, "cancel"):
-            done = {"flag": False}
-            started.finished.connect(lambda *_: done.__setitem__("flag", True))
-            workers.append(lambda: done["flag"])
-        else:  # a JobRunner
-            workers.append(lambda: not started.running)
+    buttons = {"segment": segment.segment_button, "embed": embedding.embed_button,
+               "finetune": finetune.finetune_button, "pretrain": model_panel.pretrain_button}
+    statuses = {"segment": segment.status, "embed": embedding.status, "finetune": finetune.status,
+                "pretrain": model_panel.pretrain_status}
+    ended = {"flag": True}  # the job's napari worker (Segment, Embed); the runners are asked in all_done
 
     def resegmenting_done():  # Fine-tune's re-segmenting worker, once its model is loaded
         w = getattr(finetune, "segment_worker", None)
@@ -117,16 +108,14 @@ def run_case(job: str, action: str, timeout: float, home: Path) -> dict:
 
     def all_done() -> bool:
         runners = [w for w in (finetune.runner, model_panel.runner) if w is not None]
-        return (all(done() for done in workers) and not any(r.running for r in runners) and resegmenting_done()
-                and all(_panel_settled(p) for p in (segment, embedding, finetune, model_panel)))
+        return (ended["flag"] and not any(r.running for r in runners) and resegmenting_done()
+                and all(_panel_settled(name) for name in panels))
 
-    def _panel_settled(w) -> bool:
-        if not alive(w):
+    def _panel_settled(name) -> bool:
+        if not alive(panels[name]):
             return True
-        name = [k for k, v in {"segment": segment, "embed": embedding, "finetune": finetune,
-                               "pretrain": model_panel}.items() if v is w][0]
-        text = statuses[name]().text()
-        return buttons[name]().isEnabled() and not any(text.startswith(s) for s in WORKING)
+        text = statuses[name].text()
+        return buttons[name].isEnabled() and not any(text.startswith(s) for s in WORKING)
 
     before = len(pump.exceptions)
     try:
@@ -134,8 +123,10 @@ def run_case(job: str, action: str, timeout: float, home: Path) -> dict:
     except Exception as exc:
         return {"outcome": "exception", "message": f"the press: {type(exc).__name__}: {exc}"}
     if started is None:
-        return {"outcome": "refused", "message": statuses[job]().text()}
-    track(started)
+        return {"outcome": "refused", "message": statuses[job].text()}
+    if job in ("segment", "embed"):
+        ended["flag"] = False
+        started.finished.connect(lambda *_: ended.__setitem__("flag", True))
     if job == "finetune":
         pump.until(lambda: finetune.losses or not finetune.runner.running, 3 * timeout)
     elif job == "pretrain":
@@ -166,11 +157,11 @@ def run_case(job: str, action: str, timeout: float, home: Path) -> dict:
         elif action == "load another model":
             session.set_model(other_model, {"training": {}}, "another model")
         elif action == "press again":  # clicked as a user clicks: a greyed-out button does nothing
-            buttons[job]().click()
+            buttons[job].click()
         elif action == "press the other panels":
             for other in presses:
                 if other != job:
-                    buttons[other]().click()
+                    buttons[other].click()
         elif action == "close the panel":
             viewer.window.remove_dock_widget(docks[panel_name][0])
         elif action == "remove every layer":
@@ -181,17 +172,16 @@ def run_case(job: str, action: str, timeout: float, home: Path) -> dict:
     for _ in range(50):  # what the ends' handlers queue
         pump.app.processEvents()
         time.sleep(0.01)
-    status = statuses[job]().text() if alive(panel) else "(panel closed)"
+    status = statuses[job].text() if alive(panel) else "(panel closed)"
     result = {"mid_job": mid_job, "status": status, "layers": [f"{type(la).__name__} {la.name!r}" for la in viewer.layers]}
     caught = pump.exceptions[before:]
     if caught:
         return result | fl._exception_outcome(caught[0]) | {"outcome": "exception"}
     if not settled:
-        stuck = [n for n, w in {"segment": segment, "embed": embedding, "finetune": finetune,
-                                "pretrain": model_panel}.items() if not _panel_settled(w)]
+        stuck = [name for name in panels if not _panel_settled(name)]
         return result | {"outcome": "stuck", "message": f"panels not back: {stuck}; status {status!r}"}
-    for name, w in {"segment": segment, "embed": embedding, "finetune": finetune, "pretrain": model_panel}.items():
-        text = statuses[name]().text() if alive(w) else ""
+    for name, w in panels.items():
+        text = statuses[name].text() if alive(w) else ""
         problem = text and fl._one_sentence_problem(text)
         if problem and not text.startswith(("Choose", "Paint")):
             return result | {"outcome": "bad message", "message": f"{name}: {problem}: {text!r}"}
